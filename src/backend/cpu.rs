@@ -1,0 +1,431 @@
+//! CPU reference kernels: matrixmultiply for GEMMs, rayon across rows, heads and batches.
+//! Every kernel is generic over `T: Float` (f32 for training, f64 for gradient checks).
+
+use rayon::prelude::*;
+
+use crate::dtype::Float;
+use crate::storage::Storage;
+
+/// Rows handed to one rayon task in row-wise kernels.
+const ROW_GRAIN: usize = 16;
+/// Elements converted per tile when a stored (bf16/f16/f32-for-f64) matrix feeds a GEMM.
+const TILE_ELEMS: usize = 1 << 16;
+
+// ---------------------------------------------------------------------------------------------
+// GEMM
+// ---------------------------------------------------------------------------------------------
+
+/// C[m×n] = alpha·op(A)·op(B) + beta·C, with op(A) = A [m×k] or Aᵀ (A stored [k×m]) when `ta`,
+/// op(B) = B [k×n] or Bᵀ (B stored [n×k]) when `tb`. With beta = 0, C is not read.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<T: Float>(c: &mut [T], a: &[T], b: &[T], m: usize, k: usize, n: usize, ta: bool, tb: bool, alpha: T, beta: T) {
+    gemm_ld(c, n, a, b, m, k, n, ta, tb, alpha, beta)
+}
+
+/// As [`gemm`], but C has row stride `ldc` (to write a column block of a wider matrix).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_ld<T: Float>(c: &mut [T], ldc: usize, a: &[T], b: &[T], m: usize, k: usize, n: usize, ta: bool, tb: bool, alpha: T, beta: T) {
+    debug_assert!(a.len() >= m * k && b.len() >= k * n);
+    debug_assert!(m == 0 || c.len() >= (m - 1) * ldc + n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            c[i * ldc..i * ldc + n].iter_mut().for_each(|x| *x = if beta == T::ZERO { T::ZERO } else { *x * beta });
+        }
+        return;
+    }
+    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the slices cover the strided extents (asserted above); C does not alias A or B
+    // because it is borrowed mutably.
+    unsafe { T::gemm_raw(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), ldc as isize, 1) }
+}
+
+/// C[m×n] = op(A)·op(B) + beta·C where B is a stored matrix of any dtype beginning at element
+/// `b_start` of `b` (stored [k×n], or [n×k] when `tb`). Used in place when B is already `[T]`;
+/// otherwise converted per row-tile of the stored matrix, so no full converted copy exists.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_stored<T: Float>(c: &mut [T], a: &[T], b: &Storage, b_start: usize, m: usize, k: usize, n: usize, ta: bool, tb: bool, beta: T) {
+    if let Some(bs) = b.slice::<T>() {
+        return gemm(c, a, &bs[b_start..b_start + k * n], m, k, n, ta, tb, T::ONE, beta);
+    }
+    // The stored matrix has `rows` rows of `cols` elements.
+    let (rows, cols) = if tb { (n, k) } else { (k, n) };
+    let tile_rows = (TILE_ELEMS / cols.max(1)).clamp(1, rows.max(1));
+    let mut tile = vec![T::ZERO; tile_rows * cols];
+    let mut r0 = 0;
+    while r0 < rows {
+        let r1 = (r0 + tile_rows).min(rows);
+        let nr = r1 - r0;
+        let t = &mut tile[..nr * cols];
+        b.read_into(b_start + r0 * cols, t);
+        if tb {
+            // Columns r0..r1 of C: C[:, r0..r1] = op(A) · tileᵀ.
+            gemm_ld(&mut c[r0..], n, a, t, m, k, nr, ta, true, T::ONE, beta);
+        } else {
+            // Rows r0..r1 of B are the k-slice r0..r1: C += op(A)[:, r0..r1] · tile.
+            let beta = if r0 == 0 { beta } else { T::ONE };
+            if ta {
+                // op(A) = Aᵀ with A stored [k×m]: the k-slice is rows r0..r1 of A.
+                gemm(c, &a[r0 * m..r1 * m], t, m, nr, n, true, false, T::ONE, beta);
+            } else {
+                gemm_cols(c, a, k, r0, r1, t, m, n, beta);
+            }
+        }
+        r0 = r1;
+    }
+}
+
+/// C[m×n] = A[:, k0..k1] · Bt[(k1−k0)×n] + beta·C, A stored [m×lda].
+#[allow(clippy::too_many_arguments)]
+fn gemm_cols<T: Float>(c: &mut [T], a: &[T], lda: usize, k0: usize, k1: usize, bt: &[T], m: usize, n: usize, beta: T) {
+    let kk = k1 - k0;
+    // SAFETY: A[:, k0..k1] with row stride lda lies within `a` (m rows of lda elements).
+    unsafe { T::gemm_raw(m, kk, n, T::ONE, a[k0..].as_ptr(), lda as isize, 1, bt.as_ptr(), n as isize, 1, beta, c.as_mut_ptr(), n as isize, 1) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise
+// ---------------------------------------------------------------------------------------------
+
+/// y = a + b, b broadcast over leading dims (b.len() divides a.len()).
+pub fn add_fwd<T: Float>(y: &mut [T], a: &[T], b: &[T]) {
+    let nb = b.len();
+    y.par_chunks_mut(nb).zip(a.par_chunks(nb)).for_each(|(y, a)| y.iter_mut().zip(a).zip(b).for_each(|((y, a), b)| *y = *a + *b));
+}
+
+/// y = a ⊙ b, b broadcast over leading dims.
+pub fn mul_fwd<T: Float>(y: &mut [T], a: &[T], b: &[T]) {
+    let nb = b.len();
+    y.par_chunks_mut(nb).zip(a.par_chunks(nb)).for_each(|(y, a)| y.iter_mut().zip(a).zip(b).for_each(|((y, a), b)| *y = *a * *b));
+}
+
+/// db = Σ_leading dy (the broadcast operand's gradient), db.len() divides dy.len().
+pub fn sum_leading<T: Float>(db: &mut [T], dy: &[T]) {
+    db.iter_mut().for_each(|x| *x = T::ZERO);
+    for row in dy.chunks(db.len()) {
+        db.iter_mut().zip(row).for_each(|(d, g)| *d += *g);
+    }
+}
+
+/// db = Σ_leading dy ⊙ a (gradient of a broadcast multiplier).
+pub fn sum_leading_mul<T: Float>(db: &mut [T], dy: &[T], a: &[T]) {
+    let n = db.len();
+    db.iter_mut().for_each(|x| *x = T::ZERO);
+    for (g, a) in dy.chunks(n).zip(a.chunks(n)) {
+        db.iter_mut().zip(g).zip(a).for_each(|((d, g), a)| *d += *g * *a);
+    }
+}
+
+/// y = s·x.
+pub fn scale<T: Float>(y: &mut [T], x: &[T], s: T) {
+    y.par_iter_mut().zip(x.par_iter()).for_each(|(y, x)| *y = *x * s);
+}
+
+#[inline]
+fn sigmoid<T: Float>(x: T) -> T {
+    T::ONE / (T::ONE + (-x).exp())
+}
+
+/// y = silu(x) = x·σ(x).
+pub fn silu_fwd<T: Float>(y: &mut [T], x: &[T]) {
+    y.par_iter_mut().zip(x.par_iter()).for_each(|(y, x)| *y = *x * sigmoid(*x));
+}
+
+/// dx = dy · σ(x)·(1 + x·(1 − σ(x))).
+pub fn silu_bwd<T: Float>(dx: &mut [T], dy: &[T], x: &[T]) {
+    dx.par_iter_mut().zip(dy.par_iter().zip(x.par_iter())).for_each(|(dx, (dy, x))| {
+        let s = sigmoid(*x);
+        *dx = *dy * s * (T::ONE + *x * (T::ONE - s));
+    });
+}
+
+/// y = silu(g) ⊙ u (the SwiGLU gate of a Llama MLP).
+pub fn swiglu_fwd<T: Float>(y: &mut [T], g: &[T], u: &[T]) {
+    y.par_iter_mut().zip(g.par_iter().zip(u.par_iter())).for_each(|(y, (g, u))| *y = *g * sigmoid(*g) * *u);
+}
+
+/// dg = dy ⊙ u ⊙ silu'(g), du = dy ⊙ silu(g).
+pub fn swiglu_bwd<T: Float>(dg: &mut [T], du: &mut [T], dy: &[T], g: &[T], u: &[T]) {
+    dg.par_iter_mut().zip(du.par_iter_mut()).zip(dy.par_iter().zip(g.par_iter().zip(u.par_iter()))).for_each(|((dg, du), (dy, (g, u)))| {
+        let s = sigmoid(*g);
+        *dg = *dy * *u * s * (T::ONE + *g * (T::ONE - s));
+        *du = *dy * *g * s;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+// ---------------------------------------------------------------------------------------------
+
+/// y = x·r ⊙ w per row, r = 1/√(mean(x²) + eps); saves r per row. x, y: [rows, c]; w: [c].
+pub fn rms_norm_fwd<T: Float>(y: &mut [T], rstd: &mut [T], x: &[T], w: &[T], c: usize, eps: T) {
+    y.par_chunks_mut(c).zip(rstd.par_iter_mut()).zip(x.par_chunks(c)).with_min_len(ROW_GRAIN).for_each(|((y, r), x)| {
+        let ms = x.iter().map(|v| *v * *v).sum::<T>() / T::from_f64(c as f64);
+        *r = T::ONE / (ms + eps).sqrt();
+        y.iter_mut().zip(x).zip(w).for_each(|((y, x), w)| *y = *x * *r * *w);
+    });
+}
+
+/// With x̂ = x·r and g = dy ⊙ w:  dx = r·(g − x̂·mean(g ⊙ x̂));  dw = Σ_rows dy ⊙ x̂ (if wanted).
+pub fn rms_norm_bwd<T: Float>(dx: Option<&mut [T]>, dw: Option<&mut [T]>, dy: &[T], x: &[T], w: &[T], rstd: &[T], c: usize) {
+    if let Some(dx) = dx {
+        dx.par_chunks_mut(c).zip(dy.par_chunks(c).zip(x.par_chunks(c))).zip(rstd.par_iter()).with_min_len(ROW_GRAIN).for_each(|((dx, (dy, x)), r)| {
+            let dot = dy.iter().zip(x).zip(w).map(|((g, x), w)| *g * *w * *x * *r).sum::<T>() / T::from_f64(c as f64);
+            dx.iter_mut().zip(dy.iter().zip(x)).zip(w).for_each(|((dx, (g, x)), w)| *dx = *r * (*g * *w - *x * *r * dot));
+        });
+    }
+    if let Some(dw) = dw {
+        dw.iter_mut().for_each(|v| *v = T::ZERO);
+        for ((dy, x), r) in dy.chunks(c).zip(x.chunks(c)).zip(rstd) {
+            dw.iter_mut().zip(dy.iter().zip(x)).for_each(|(dw, (g, x))| *dw += *g * *x * *r);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE (HF rotate-half layout)
+// ---------------------------------------------------------------------------------------------
+
+/// Rotary embedding on x [b, t, h, hd] (half = hd/2), angle θ = pos·inv_freq[i]:
+///   y[i] = x[i]·cos θ − x[i+half]·sin θ,   y[i+half] = x[i+half]·cos θ + x[i]·sin θ.
+/// `pos` holds one position per (b, t) row. With `inverse`, rotates by −θ: that is the backward
+/// (a rotation's adjoint is its inverse), dx = R(−θ)·dy.
+pub fn rope<T: Float>(y: &mut [T], x: &[T], pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, inverse: bool) {
+    let half = hd / 2;
+    let row = h * hd;
+    y.par_chunks_mut(row).zip(x.par_chunks(row)).zip(pos.par_iter()).for_each(|((y, x), &p)| {
+        let sc: Vec<(T, T)> = inv_freq
+            .iter()
+            .map(|f| {
+                let (s, c) = (p as f64 * f).sin_cos();
+                (T::from_f64(if inverse { -s } else { s }), T::from_f64(c))
+            })
+            .collect();
+        for (y, x) in y.chunks_mut(hd).zip(x.chunks(hd)) {
+            for (i, &(s, c)) in sc.iter().enumerate().take(half) {
+                let (a, b) = (x[i], x[i + half]);
+                y[i] = a * c - b * s;
+                y[i + half] = b * c + a * s;
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention: causal SDPA with grouped KV heads, key padding mask, logsumexp saved
+// ---------------------------------------------------------------------------------------------
+
+/// Dimensions of one attention call. q: [b, t, nh, hd]; k, v: [b, s, nkv, hd]; nh = nkv·group.
+/// With `causal`, query i (absolute position s − t + i) sees keys j ≤ s − t + i.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub b: usize,
+    pub t: usize,
+    pub s: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+    pub causal: bool,
+    pub scale: f64,
+}
+
+impl AttnDims {
+    /// Number of keys query `i` may see (before the padding mask).
+    #[inline]
+    fn visible(&self, i: usize) -> usize {
+        if self.causal {
+            (self.s - self.t + i + 1).min(self.s)
+        } else {
+            self.s
+        }
+    }
+}
+
+#[inline]
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).map(|(x, y)| *x * *y).sum()
+}
+
+/// o = softmax(scale·q·kᵀ + mask)·v per head; lse [b, t, nh] = logsumexp of the masked scores
+/// (−∞ and o = 0 for a query that sees no key). `mask` [b, s]: true = key is real.
+pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: &[T], mask: Option<&[bool]>, d: AttnDims) {
+    let AttnDims { t, s, nh, nkv, hd, .. } = d;
+    let group = nh / nkv;
+    let scale = T::from_f64(d.scale);
+    o.par_chunks_mut(nh * hd).zip(lse.par_chunks_mut(nh)).enumerate().for_each(|(row, (o, lse))| {
+        let (bi, i) = (row / t, row % t);
+        let vis = d.visible(i);
+        let mut p = vec![T::ZERO; s];
+        for h in 0..nh {
+            let kh = h / group;
+            let qv = &q[(row * nh + h) * hd..][..hd];
+            let mut m = T::NEG_INFINITY;
+            for (j, pj) in p.iter_mut().enumerate().take(vis) {
+                if mask.is_some_and(|mk| !mk[bi * s + j]) {
+                    *pj = T::NEG_INFINITY;
+                    continue;
+                }
+                let kv = &k[((bi * s + j) * nkv + kh) * hd..][..hd];
+                *pj = scale * dot(qv, kv);
+                m = m.max(*pj);
+            }
+            let oh = &mut o[h * hd..(h + 1) * hd];
+            oh.iter_mut().for_each(|x| *x = T::ZERO);
+            if m == T::NEG_INFINITY {
+                lse[h] = T::NEG_INFINITY;
+                continue;
+            }
+            let mut l = T::ZERO;
+            for (j, pj) in p.iter_mut().enumerate().take(vis) {
+                if *pj == T::NEG_INFINITY {
+                    continue;
+                }
+                let e = (*pj - m).exp();
+                l += e;
+                let vv = &v[((bi * s + j) * nkv + kh) * hd..][..hd];
+                oh.iter_mut().zip(vv).for_each(|(o, v)| *o += e * *v);
+            }
+            oh.iter_mut().for_each(|x| *x /= l);
+            lse[h] = m + l.ln();
+        }
+    });
+}
+
+/// Backward of [`attention_fwd`], recomputing P = exp(scale·q·kᵀ − lse) instead of storing it:
+///   D_i = dO_i·O_i;  dV_j = Σ_i P_ij dO_i;  dS_ij = P_ij (dO_i·v_j − D_i);
+///   dQ_i = scale Σ_j dS_ij k_j;  dK_j = scale Σ_i dS_ij q_i.
+/// Parallel over (batch, kv head): each task owns its kv head's dK/dV and its query heads' dQ.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd<T: Float>(dq: &mut [T], dk: &mut [T], dv: &mut [T], dout: &[T], q: &[T], k: &[T], v: &[T], o: &[T], lse: &[T], mask: Option<&[bool]>, d: AttnDims) {
+    let AttnDims { b, t, s, nh, nkv, hd, .. } = d;
+    let group = nh / nkv;
+    let scale = T::from_f64(d.scale);
+    // Each task returns (dq for its heads [t, group, hd], dk [s, hd], dv [s, hd]).
+    let parts: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..b * nkv)
+        .into_par_iter()
+        .map(|task| {
+            let (bi, kh) = (task / nkv, task % nkv);
+            let mut ldq = vec![T::ZERO; t * group * hd];
+            let mut ldk = vec![T::ZERO; s * hd];
+            let mut ldv = vec![T::ZERO; s * hd];
+            for gi in 0..group {
+                let h = kh * group + gi;
+                for i in 0..t {
+                    let row = bi * t + i;
+                    let l = lse[row * nh + h];
+                    if l == T::NEG_INFINITY {
+                        continue;
+                    }
+                    let qv = &q[(row * nh + h) * hd..][..hd];
+                    let dov = &dout[(row * nh + h) * hd..][..hd];
+                    let ov = &o[(row * nh + h) * hd..][..hd];
+                    let di = dot(dov, ov);
+                    let dqi = &mut ldq[(i * group + gi) * hd..][..hd];
+                    for j in 0..d.visible(i) {
+                        if mask.is_some_and(|mk| !mk[bi * s + j]) {
+                            continue;
+                        }
+                        let kv = &k[((bi * s + j) * nkv + kh) * hd..][..hd];
+                        let vv = &v[((bi * s + j) * nkv + kh) * hd..][..hd];
+                        let p = (scale * dot(qv, kv) - l).exp();
+                        ldv[j * hd..(j + 1) * hd].iter_mut().zip(dov).for_each(|(x, g)| *x += p * *g);
+                        let ds = p * (dot(dov, vv) - di) * scale;
+                        dqi.iter_mut().zip(kv).for_each(|(x, kk)| *x += ds * *kk);
+                        ldk[j * hd..(j + 1) * hd].iter_mut().zip(qv).for_each(|(x, qq)| *x += ds * *qq);
+                    }
+                }
+            }
+            (ldq, ldk, ldv)
+        })
+        .collect();
+    for (task, (ldq, ldk, ldv)) in parts.into_iter().enumerate() {
+        let (bi, kh) = (task / nkv, task % nkv);
+        for i in 0..t {
+            for gi in 0..group {
+                let h = kh * group + gi;
+                dq[((bi * t + i) * nh + h) * hd..][..hd].copy_from_slice(&ldq[(i * group + gi) * hd..][..hd]);
+            }
+        }
+        for j in 0..s {
+            dk[((bi * s + j) * nkv + kh) * hd..][..hd].copy_from_slice(&ldk[j * hd..][..hd]);
+            dv[((bi * s + j) * nkv + kh) * hd..][..hd].copy_from_slice(&ldv[j * hd..][..hd]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax cross-entropy
+// ---------------------------------------------------------------------------------------------
+
+/// Per row r of logits [rows, vocab]: lse_r = log Σ_j exp(x_rj); loss_r = lse_r − x_r,target
+/// (0 where the target is ignored). Returns Σ_r loss_r.
+pub fn cross_entropy_fwd<T: Float>(lse: &mut [T], logits: &[T], targets: &[i64], ignore_index: i64, vocab: usize) -> f64 {
+    lse.par_iter_mut()
+        .zip(logits.par_chunks(vocab))
+        .zip(targets.par_iter())
+        .map(|((l, x), &tg)| {
+            let m = x.iter().fold(T::NEG_INFINITY, |m, v| m.max(*v));
+            let s: T = x.iter().map(|v| (*v - m).exp()).sum();
+            *l = m + s.ln();
+            if tg == ignore_index {
+                0.0
+            } else {
+                (*l - x[tg as usize]).to_f64()
+            }
+        })
+        .sum()
+}
+
+/// dlogits_rj = g·(softmax_rj − [j = target_r]) for counted rows, 0 for ignored ones.
+/// Writes in place over `x` (the logits), so a chunked caller needs no second buffer.
+pub fn cross_entropy_bwd_inplace<T: Float>(x: &mut [T], lse: &[T], targets: &[i64], ignore_index: i64, vocab: usize, g: T) {
+    x.par_chunks_mut(vocab).zip(lse.par_iter()).zip(targets.par_iter()).for_each(|((x, l), &tg)| {
+        if tg == ignore_index {
+            x.iter_mut().for_each(|v| *v = T::ZERO);
+            return;
+        }
+        x.iter_mut().for_each(|v| *v = g * (*v - *l).exp());
+        x[tg as usize] -= g;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding
+// ---------------------------------------------------------------------------------------------
+
+/// y[i, :] = table[ids[i], :], table stored in any dtype (converted per row).
+pub fn embedding_fwd<T: Float>(y: &mut [T], table: &Storage, ids: &[u32], dim: usize) {
+    y.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(y, &id)| table.read_into(id as usize * dim, y));
+}
+
+/// dtable[ids[i], :] += dy[i, :] (dtable must be zeroed by the caller).
+pub fn embedding_bwd<T: Float>(dtable: &mut [T], dy: &[T], ids: &[u32], dim: usize) {
+    for (g, &id) in dy.chunks(dim).zip(ids) {
+        dtable[id as usize * dim..][..dim].iter_mut().zip(g).for_each(|(d, g)| *d += *g);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW
+// ---------------------------------------------------------------------------------------------
+
+/// One AdamW step on a flat parameter (decoupled weight decay, bias-corrected moments):
+///   m = β1 m + (1−β1) g;  v = β2 v + (1−β2) g²;
+///   p −= lr·( m/(1−β1^t) / (√(v/(1−β2^t)) + eps) + wd·p ).
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step<T: Float>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], lr: f64, beta1: f64, beta2: f64, eps: f64, wd: f64, step: u64) {
+    let bc1 = 1.0 - beta1.powi(step as i32);
+    let bc2 = 1.0 - beta2.powi(step as i32);
+    let (b1, b2) = (T::from_f64(beta1), T::from_f64(beta2));
+    let (lr_t, eps_t, wd_t) = (T::from_f64(lr), T::from_f64(eps), T::from_f64(wd));
+    let (ibc1, ibc2) = (T::from_f64(1.0 / bc1), T::from_f64(1.0 / bc2));
+    p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g).for_each(|(((p, m), v), g)| {
+        *m = b1 * *m + (T::ONE - b1) * *g;
+        *v = b2 * *v + (T::ONE - b2) * *g * *g;
+        let upd = (*m * ibc1) / ((*v * ibc2).sqrt() + eps_t);
+        *p -= lr_t * (upd + wd_t * *p);
+    });
+}

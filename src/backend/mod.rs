@@ -1,0 +1,13 @@
+//! The kernel interface.
+//!
+//! A kernel is a free function on contiguous, row-major buffers with explicit dimensions, in
+//! llm.c's argument order: outputs first, then saved buffers, then inputs, then dims. Forward and
+//! backward kernels of one family sit side by side. `cpu` holds the readable reference kernels,
+//! generic over [`Float`](crate::Float) so gradient checks can run them in f64. The CUDA
+//! backend (feature `cuda`) mirrors these names in `cuda/<family>.cu`.
+//!
+//! Conventions: a kernel never allocates its outputs (the op layer does), never checks user
+//! input (the op layer has validated shapes; kernels only `debug_assert!`), and writes its
+//! outputs with `=` unless its doc says it accumulates.
+
+pub mod cpu;

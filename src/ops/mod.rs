@@ -1,0 +1,104 @@
+//! Differentiable ops, one file per family, forward and backward side by side.
+//!
+//! Each public op: validates shapes and dtypes at its boundary (returning an [`Error`] that names
+//! the op and the shapes), allocates its output, calls the kernels in [`crate::backend`], and
+//! records a backward step only when an input needs a gradient, saving only what that step needs.
+//! Inputs that need a gradient must have the compute dtype (f32 or f64) of the op; frozen inputs
+//! (weights) may be stored in any dtype and are converted per use.
+
+mod adapter;
+mod attention;
+mod elementwise;
+mod embedding;
+mod loss;
+mod matmul;
+mod norm;
+mod reduce;
+mod rope;
+
+pub use adapter::{lora_linear, speclora_linear, SpecRows};
+pub use attention::{attention, AttnOptions};
+pub use elementwise::{add, mul, scale, silu, swiglu};
+pub use embedding::embedding;
+pub use loss::{cross_entropy, linear_cross_entropy, CeOptions};
+pub use matmul::{linear, matmul};
+pub use norm::rms_norm;
+pub use reduce::{mean, sum};
+pub use rope::{rope, Rope};
+
+use std::borrow::Cow;
+
+use crate::autograd::{record, Backward, GradStore};
+use crate::dtype::{DType, Float};
+use crate::error::{Error, Result};
+use crate::shape::Shape;
+use crate::storage::{host_from_vec, Storage};
+use crate::tensor::Tensor;
+
+/// Wraps a freshly computed buffer as a constant tensor (the op layer attaches the graph link).
+pub(crate) fn out<T: Float>(v: Vec<T>, shape: impl Into<Shape>) -> Tensor {
+    let shape = shape.into();
+    debug_assert_eq!(v.len(), shape.numel());
+    Tensor::from_storage(Storage::Host(host_from_vec(v)), shape)
+}
+
+/// Elements of `g` as `[T]`: borrowed when stored as T (host, or aligned map), else converted.
+pub(crate) fn vals<'a, T: Float>(g: &'a Storage) -> Cow<'a, [T]> {
+    match g.slice::<T>() {
+        Some(s) => Cow::Borrowed(s),
+        None => {
+            let mut v = vec![T::ZERO; g.len()];
+            g.read_into(0, &mut v);
+            Cow::Owned(v)
+        }
+    }
+}
+
+/// Checks that `t` has a compute dtype and returns it.
+pub(crate) fn compute_dtype(op: &'static str, arg: &'static str, t: &Tensor) -> Result<DType> {
+    if t.dtype().is_compute() {
+        Ok(t.dtype())
+    } else {
+        Err(Error::dtype(op, arg, "f32 or f64", t.dtype()))
+    }
+}
+
+/// Checks that `t` (a second activation, or a trainable input) has the op's compute dtype `dt`.
+/// Frozen inputs that need no gradient are exempt: they are converted per use.
+pub(crate) fn check_dtype(op: &'static str, arg: &'static str, t: &Tensor, dt: DType, strict: bool) -> Result<()> {
+    if (strict || t.requires_grad()) && t.dtype() != dt {
+        return Err(Error::dtype(op, arg, dt, t.dtype()));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_shape(op: &'static str, arg: &'static str, t: &Tensor, expected: &[usize]) -> Result<()> {
+    if t.dims() != expected {
+        return Err(Error::shape(op, arg, Shape::new(expected), t.shape()));
+    }
+    Ok(())
+}
+
+/// Reshape (same elements, row-major). Shares storage; backward reshapes the gradient back.
+pub fn reshape(x: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
+    let shape = shape.into();
+    if shape.numel() != x.numel() {
+        return Err(Error::shape("reshape", "shape", format!("{} elements (from {})", x.numel(), x.shape()), shape));
+    }
+    let y = x.detach().with_shape(shape);
+    let from = x.shape().clone();
+    Ok(record(y, &[x], |_| Box::new(ReshapeBwd { from })))
+}
+
+struct ReshapeBwd {
+    from: Shape,
+}
+impl Backward for ReshapeBwd {
+    fn name(&self) -> &'static str {
+        "reshape"
+    }
+    /// dx = dy viewed with x's shape.
+    fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(dy.detach().with_shape(self.from.clone()))])
+    }
+}

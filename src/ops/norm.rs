@@ -1,0 +1,54 @@
+//! Fused RMSNorm over the last dim: y = x / √(mean(x²) + eps) ⊙ w (Llama's norm; no mean
+//! subtraction, no bias). Saves x and the per-row 1/rms; w may be a frozen weight in any dtype.
+
+use super::{check_dtype, compute_dtype, out, vals};
+use crate::autograd::{record, Backward, GradStore};
+use crate::backend::cpu;
+use crate::device::with_float;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// x: [.., c], w: [c].
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = compute_dtype("rms_norm", "x", x)?;
+    check_dtype("rms_norm", "w", w, dt, false)?;
+    let c = x.shape().last();
+    if x.dims().is_empty() || w.dims() != [c] {
+        return Err(Error::shape("rms_norm", "w", format!("[{c}]"), w.shape()));
+    }
+    if !(eps >= 0.0 && eps.is_finite()) {
+        return Err(Error::invalid("rms_norm", format!("eps must be finite and ≥ 0, got {eps}")));
+    }
+    let rows = x.shape().rows();
+    let (y, rstd) = with_float!(dt, "rms_norm", |T| {
+        let mut y = vec![T::ZERO; x.numel()];
+        let mut rstd = vec![T::ZERO; rows];
+        cpu::rms_norm_fwd(&mut y, &mut rstd, &vals::<T>(&x.read()), &vals::<T>(&w.read()), c, T::from_f64(eps));
+        Ok((out(y, x.shape().clone()), out(rstd, [rows])))
+    })?;
+    Ok(record(y, &[x, w], |needs| Box::new(RmsNormBwd { x: x.detach(), w: w.detach(), rstd, need_w: needs[1] })))
+}
+
+struct RmsNormBwd {
+    x: Tensor,
+    w: Tensor,
+    rstd: Tensor,
+    need_w: bool,
+}
+impl Backward for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms_norm"
+    }
+    /// With x̂ = x·r, r = (mean(x²)+eps)^(−½), g = dy ⊙ w:
+    ///   dx = r·(g − x̂·mean(g ⊙ x̂)),   dw = Σ_rows dy ⊙ x̂.
+    fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
+        with_float!(dy.dtype(), "rms_norm.backward", |T| {
+            let c = self.x.shape().last();
+            let (xg, wg, rg, gg) = (self.x.read(), self.w.read(), self.rstd.read(), dy.read());
+            let mut dx = needs[0].then(|| vec![T::ZERO; self.x.numel()]);
+            let mut dw = self.need_w.then(|| vec![T::ZERO; c]);
+            cpu::rms_norm_bwd(dx.as_deref_mut(), dw.as_deref_mut(), &vals::<T>(&gg), &vals::<T>(&xg), &vals::<T>(&wg), &vals::<T>(&rg), c);
+            Ok(vec![dx.map(|v| out(v, self.x.shape().clone())), dw.map(|v| out(v, [c]))])
+        })
+    }
+}

@@ -1,0 +1,201 @@
+//! Where a tensor's elements live.
+//!
+//! - [`HostData`]: owned host memory, one variant per dtype.
+//! - [`Storage::Mapped`]: a read-only byte range of a memory-mapped checkpoint file. Frozen
+//!   weights stay here; an f32 weight is used in place when aligned (zero copy), other dtypes are
+//!   converted per use, a tile at a time (see [`Storage::read_into`]).
+//!
+//! A device buffer variant arrives with the CUDA backend (feature `cuda`).
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+
+use crate::dtype::{DType, Float};
+
+/// Owned host memory.
+#[derive(Clone, Debug)]
+pub enum HostData {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl HostData {
+    pub fn dtype(&self) -> DType {
+        match self {
+            HostData::F32(_) => DType::F32,
+            HostData::F64(_) => DType::F64,
+            HostData::BF16(_) => DType::BF16,
+            HostData::F16(_) => DType::F16,
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            HostData::F32(v) => v.len(),
+            HostData::F64(v) => v.len(),
+            HostData::BF16(v) => v.len(),
+            HostData::F16(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A byte range inside a shared read-only memory map.
+#[derive(Clone)]
+pub struct MappedBytes {
+    map: Arc<Mmap>,
+    offset: usize,
+    len: usize,
+}
+
+impl MappedBytes {
+    /// Returns `None` if `offset..offset+len` is not inside the map.
+    pub fn new(map: Arc<Mmap>, offset: usize, len: usize) -> Option<Self> {
+        let end = offset.checked_add(len)?;
+        (end <= map.len()).then_some(MappedBytes { map, offset, len })
+    }
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.offset..self.offset + self.len]
+    }
+    /// Address of the first byte (used by tests to prove zero-copy use).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.bytes().as_ptr()
+    }
+}
+
+/// The elements of one tensor.
+pub enum Storage {
+    Host(HostData),
+    Mapped { bytes: MappedBytes, dtype: DType },
+}
+
+/// Reinterprets little-endian bytes as `[T]` when the dtype matches and the address is aligned.
+fn cast_bytes<T: Float>(bytes: &[u8]) -> Option<&[T]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: f32/f64 have no invalid bit patterns; align_to only yields a middle slice whose
+    // address is aligned for T.
+    let (pre, mid, post) = unsafe { bytes.align_to::<T>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+impl Storage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::Host(h) => h.dtype(),
+            Storage::Mapped { dtype, .. } => *dtype,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Storage::Host(h) => h.len(),
+            Storage::Mapped { bytes, dtype } => bytes.len / dtype.size(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Zero-copy view as `[T]`: host data of dtype T, or an aligned mapped range of dtype T.
+    pub fn slice<T: Float>(&self) -> Option<&[T]> {
+        match self {
+            Storage::Host(h) => host_slice::<T>(h),
+            Storage::Mapped { bytes, dtype } if *dtype == T::DTYPE => cast_bytes::<T>(bytes.bytes()),
+            Storage::Mapped { .. } => None,
+        }
+    }
+
+    pub fn slice_mut<T: Float>(&mut self) -> Option<&mut [T]> {
+        match self {
+            Storage::Host(h) => host_slice_mut::<T>(h),
+            Storage::Mapped { .. } => None,
+        }
+    }
+
+    /// Converts elements `start .. start + out.len()` to `T` into `out`: the per-use conversion
+    /// for frozen weights stored as bf16/f16 (or f32 read by an f64 kernel). The caller checks
+    /// the range against `len()`.
+    pub fn read_into<T: Float>(&self, start: usize, out: &mut [T]) {
+        let end = start + out.len();
+        if let Some(s) = self.slice::<T>() {
+            out.copy_from_slice(&s[start..end]);
+            return;
+        }
+        match self {
+            Storage::Host(HostData::F32(v)) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = T::from_f64(*x as f64)),
+            Storage::Host(HostData::F64(v)) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = T::from_f64(*x)),
+            Storage::Host(HostData::BF16(v)) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = T::from_bf16(*x)),
+            Storage::Host(HostData::F16(v)) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = T::from_f16(*x)),
+            Storage::Mapped { bytes, dtype } => {
+                let s = dtype.size();
+                let b = &bytes.bytes()[start * s..end * s];
+                match dtype {
+                    DType::BF16 => b
+                        .chunks_exact(2)
+                        .zip(out.iter_mut())
+                        .for_each(|(c, o)| *o = T::from_bf16(bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))),
+                    DType::F16 => b
+                        .chunks_exact(2)
+                        .zip(out.iter_mut())
+                        .for_each(|(c, o)| *o = T::from_f16(f16::from_bits(u16::from_le_bytes([c[0], c[1]])))),
+                    _ => out.iter_mut().enumerate().for_each(|(i, o)| *o = T::from_f64(dtype.decode_le(b, i))),
+                }
+            }
+        }
+    }
+
+    /// True if the storage is a memory-mapped file range.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, Storage::Mapped { .. })
+    }
+
+    /// Address of the first element, for zero-copy checks in tests.
+    pub fn data_ptr(&self) -> *const u8 {
+        match self {
+            Storage::Host(HostData::F32(v)) => v.as_ptr() as *const u8,
+            Storage::Host(HostData::F64(v)) => v.as_ptr() as *const u8,
+            Storage::Host(HostData::BF16(v)) => v.as_ptr() as *const u8,
+            Storage::Host(HostData::F16(v)) => v.as_ptr() as *const u8,
+            Storage::Mapped { bytes, .. } => bytes.as_ptr(),
+        }
+    }
+}
+
+fn host_slice<T: Float>(h: &HostData) -> Option<&[T]> {
+    let any: &dyn std::any::Any = match h {
+        HostData::F32(v) => v,
+        HostData::F64(v) => v,
+        _ => return None,
+    };
+    any.downcast_ref::<Vec<T>>().map(|v| v.as_slice())
+}
+
+fn host_slice_mut<T: Float>(h: &mut HostData) -> Option<&mut [T]> {
+    let any: &mut dyn std::any::Any = match h {
+        HostData::F32(v) => v,
+        HostData::F64(v) => v,
+        _ => return None,
+    };
+    any.downcast_mut::<Vec<T>>().map(|v| v.as_mut_slice())
+}
+
+/// Wraps a `Vec<T>` of a compute type as host data.
+pub fn host_from_vec<T: Float>(v: Vec<T>) -> HostData {
+    let mut slot = Some(v);
+    let any: &mut dyn std::any::Any = &mut slot;
+    if let Some(v) = any.downcast_mut::<Option<Vec<f32>>>() {
+        return HostData::F32(v.take().unwrap_or_default());
+    }
+    if let Some(v) = any.downcast_mut::<Option<Vec<f64>>>() {
+        return HostData::F64(v.take().unwrap_or_default());
+    }
+    unreachable!("Float is implemented only for f32 and f64")
+}

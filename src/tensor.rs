@@ -1,0 +1,241 @@
+//! The tensor handle: an id, a shape, a dtype, shared storage and its place in the autograd graph.
+//!
+//! A `Tensor` is a cheap `Arc` handle. Its storage is shared by [`Tensor::detach`] and by the
+//! handles saved for backward, so saving a tensor never copies it. Only trainable leaves
+//! (created by [`Tensor::param`]) are ever written in place, by the optimizer.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use memmap2::Mmap;
+
+use crate::autograd::Node;
+use crate::dtype::{DType, Float};
+use crate::error::{Error, Result};
+use crate::shape::Shape;
+use crate::storage::{host_from_vec, HostData, MappedBytes, Storage};
+
+/// Unique identity of a tensor handle; gradients are keyed by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    pub(crate) fn fresh() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// How a tensor takes part in autograd.
+#[derive(Clone)]
+pub(crate) enum GradLink {
+    /// Constant: frozen weights, data, anything produced without tracked inputs.
+    None,
+    /// A trainable leaf: its gradient lands in the `GradStore` under its id.
+    Leaf,
+    /// The output of a recorded op.
+    Node(Arc<Node>),
+}
+
+struct Inner {
+    id: TensorId,
+    shape: Shape,
+    dtype: DType,
+    storage: Arc<RwLock<Storage>>,
+    link: GradLink,
+}
+
+#[derive(Clone)]
+pub struct Tensor(Arc<Inner>);
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor(id={:?}, shape={}, dtype={}, grad={})", self.0.id, self.0.shape, self.0.dtype, self.grad_kind())
+    }
+}
+
+impl Tensor {
+    pub(crate) fn from_storage(storage: Storage, shape: Shape) -> Tensor {
+        let dtype = storage.dtype();
+        debug_assert_eq!(storage.len(), shape.numel());
+        Tensor(Arc::new(Inner {
+            id: TensorId::fresh(),
+            shape,
+            dtype,
+            storage: Arc::new(RwLock::new(storage)),
+            link: GradLink::None,
+        }))
+    }
+
+    /// A new handle on the same storage with a different autograd link (and a fresh id).
+    pub(crate) fn relink(&self, link: GradLink) -> Tensor {
+        Tensor(Arc::new(Inner {
+            id: TensorId::fresh(),
+            shape: self.0.shape.clone(),
+            dtype: self.0.dtype,
+            storage: self.0.storage.clone(),
+            link,
+        }))
+    }
+
+    /// A constant handle on the same storage viewed with another shape of equal size.
+    pub(crate) fn with_shape(&self, shape: Shape) -> Tensor {
+        debug_assert_eq!(shape.numel(), self.numel());
+        Tensor(Arc::new(Inner { id: TensorId::fresh(), shape, dtype: self.0.dtype, storage: self.0.storage.clone(), link: GradLink::None }))
+    }
+
+    /// A constant tensor from a vector of a compute type (f32 or f64).
+    pub fn from_vec<T: Float>(data: Vec<T>, shape: impl Into<Shape>) -> Result<Tensor> {
+        Self::from_host(host_from_vec(data), shape)
+    }
+
+    /// A constant tensor from host data of any dtype (bf16/f16 included).
+    pub fn from_host(data: HostData, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if data.len() != shape.numel() {
+            return Err(Error::shape("Tensor::from_host", "data", format!("{} elements for {shape}", shape.numel()), format!("{} elements", data.len())));
+        }
+        Ok(Self::from_storage(Storage::Host(data), shape))
+    }
+
+    /// A tensor of zeros of compute type `T`.
+    pub fn zeros<T: Float>(shape: impl Into<Shape>) -> Tensor {
+        let shape = shape.into();
+        Self::from_storage(Storage::Host(host_from_vec(vec![T::ZERO; shape.numel()])), shape)
+    }
+
+    /// A tensor filled with `value`.
+    pub fn full<T: Float>(value: T, shape: impl Into<Shape>) -> Tensor {
+        let shape = shape.into();
+        Self::from_storage(Storage::Host(host_from_vec(vec![value; shape.numel()])), shape)
+    }
+
+    /// A frozen tensor viewing `shape.numel()` elements of `dtype` at byte `offset` of a memory
+    /// map. Nothing is copied. `name` is used in the error if the range is out of bounds.
+    pub fn from_mmap(map: Arc<Mmap>, offset: usize, dtype: DType, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        let shape = shape.into();
+        let len = shape.numel().checked_mul(dtype.size()).ok_or_else(|| Error::invalid("Tensor::from_mmap", format!("{name}: {shape} overflows")))?;
+        let map_len = map.len();
+        let bytes = MappedBytes::new(map, offset, len).ok_or_else(|| Error::Format {
+            path: Path::new(name).to_path_buf(),
+            msg: format!("tensor data at bytes {offset}..{} lies outside the {map_len}-byte file", offset as u128 + len as u128),
+        })?;
+        Ok(Self::from_storage(Storage::Mapped { bytes, dtype }, shape))
+    }
+
+    /// Marks this tensor's values as a trainable leaf (an adapter parameter). Returns a new handle
+    /// (fresh id) sharing the storage. Only host tensors of a compute dtype can be trained.
+    pub fn param(&self) -> Result<Tensor> {
+        if !self.dtype().is_compute() || self.read().is_mapped() {
+            return Err(Error::dtype("Tensor::param", "tensor", "host f32 or f64", format!("{} ({})", self.dtype(), if self.read().is_mapped() { "mapped" } else { "host" })));
+        }
+        let data = self.read_storage_clone();
+        Ok(Self::from_storage(Storage::Host(data), self.shape().clone()).relink(GradLink::Leaf))
+    }
+
+    fn read_storage_clone(&self) -> HostData {
+        match &*self.read() {
+            Storage::Host(h) => h.clone(),
+            Storage::Mapped { .. } => unreachable!("checked by caller"),
+        }
+    }
+
+    /// A handle on the same storage that does not take part in autograd.
+    pub fn detach(&self) -> Tensor {
+        self.relink(GradLink::None)
+    }
+
+    pub fn id(&self) -> TensorId {
+        self.0.id
+    }
+    pub fn shape(&self) -> &Shape {
+        &self.0.shape
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.0.shape.dims()
+    }
+    pub fn numel(&self) -> usize {
+        self.0.shape.numel()
+    }
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
+    /// True if gradients flow to or through this tensor.
+    pub fn requires_grad(&self) -> bool {
+        !matches!(self.0.link, GradLink::None)
+    }
+    /// True for trainable leaves created by [`Tensor::param`].
+    pub fn is_param(&self) -> bool {
+        matches!(self.0.link, GradLink::Leaf)
+    }
+    pub(crate) fn link(&self) -> &GradLink {
+        &self.0.link
+    }
+    fn grad_kind(&self) -> &'static str {
+        match &self.0.link {
+            GradLink::None => "none",
+            GradLink::Leaf => "param",
+            GradLink::Node(_) => "node",
+        }
+    }
+    /// Name of the op that produced this tensor, if it was recorded.
+    pub fn op_name(&self) -> Option<&'static str> {
+        match &self.0.link {
+            GradLink::Node(n) => Some(n.name()),
+            _ => None,
+        }
+    }
+
+    /// Shared read access to the storage.
+    pub fn read(&self) -> RwLockReadGuard<'_, Storage> {
+        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Storage> {
+        self.0.storage.write().unwrap_or_else(|e| e.into_inner())
+    }
+    /// True if this handle is the only one on its storage (safe to update in place).
+    pub(crate) fn is_exclusive(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.0.storage) == 1
+    }
+    /// True if two handles share one storage.
+    pub fn same_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.0.storage, &other.0.storage)
+    }
+
+    /// All elements converted to `T`.
+    pub fn to_vec<T: Float>(&self) -> Vec<T> {
+        let mut out = vec![T::ZERO; self.numel()];
+        self.read().read_into(0, &mut out);
+        out
+    }
+    pub fn to_vec_f64(&self) -> Vec<f64> {
+        self.to_vec::<f64>()
+    }
+    pub fn to_vec_f32(&self) -> Vec<f32> {
+        self.to_vec::<f32>()
+    }
+    /// The value of a one-element tensor.
+    pub fn item(&self) -> Result<f64> {
+        if self.numel() != 1 {
+            return Err(Error::shape("Tensor::item", "tensor", "one element", self.shape()));
+        }
+        Ok(self.to_vec_f64()[0])
+    }
+
+    /// Overwrites a trainable tensor's values (used by optimizers and checkpoint loading).
+    pub fn set_values<T: Float>(&self, values: &[T]) -> Result<()> {
+        if values.len() != self.numel() {
+            return Err(Error::shape("Tensor::set_values", "values", self.numel(), values.len()));
+        }
+        let mut g = self.write();
+        let dtype = g.dtype();
+        match g.slice_mut::<T>() {
+            Some(s) => {
+                s.copy_from_slice(values);
+                Ok(())
+            }
+            None => Err(Error::dtype("Tensor::set_values", "tensor", T::DTYPE, format!("{dtype} (or not host memory)"))),
+        }
+    }
+}
