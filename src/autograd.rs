@@ -63,7 +63,7 @@ impl Node {
 }
 
 /// Gradients of the trainable leaves, keyed by tensor id.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct GradStore {
     grads: HashMap<TensorId, Tensor>,
 }
@@ -123,13 +123,7 @@ impl GradStore {
 /// `acc + g`, in place when `acc` owns its storage exclusively.
 fn add_grads(acc: Tensor, g: &Tensor) -> Result<Tensor> {
     if acc.shape() != g.shape() || acc.dtype() != g.dtype() {
-        return Err(Error::Autograd(format!(
-            "cannot accumulate a {} {} gradient into a {} {} one",
-            g.dtype(),
-            g.shape(),
-            acc.dtype(),
-            acc.shape()
-        )));
+        return Err(Error::Autograd(format!("cannot accumulate a {} {} gradient into a {} {} one", g.dtype(), g.shape(), acc.dtype(), acc.shape())));
     }
     with_float!(acc.dtype(), "accumulate", |T| {
         let gv = g.read();

@@ -138,14 +138,10 @@ impl Storage {
                 let s = dtype.size();
                 let b = &bytes.bytes()[start * s..end * s];
                 match dtype {
-                    DType::BF16 => b
-                        .chunks_exact(2)
-                        .zip(out.iter_mut())
-                        .for_each(|(c, o)| *o = T::from_bf16(bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))),
-                    DType::F16 => b
-                        .chunks_exact(2)
-                        .zip(out.iter_mut())
-                        .for_each(|(c, o)| *o = T::from_f16(f16::from_bits(u16::from_le_bytes([c[0], c[1]])))),
+                    DType::BF16 => {
+                        b.chunks_exact(2).zip(out.iter_mut()).for_each(|(c, o)| *o = T::from_bf16(bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))))
+                    }
+                    DType::F16 => b.chunks_exact(2).zip(out.iter_mut()).for_each(|(c, o)| *o = T::from_f16(f16::from_bits(u16::from_le_bytes([c[0], c[1]])))),
                     _ => out.iter_mut().enumerate().for_each(|(i, o)| *o = T::from_f64(dtype.decode_le(b, i))),
                 }
             }

@@ -59,24 +59,12 @@ impl Tensor {
     pub(crate) fn from_storage(storage: Storage, shape: Shape) -> Tensor {
         let dtype = storage.dtype();
         debug_assert_eq!(storage.len(), shape.numel());
-        Tensor(Arc::new(Inner {
-            id: TensorId::fresh(),
-            shape,
-            dtype,
-            storage: Arc::new(RwLock::new(storage)),
-            link: GradLink::None,
-        }))
+        Tensor(Arc::new(Inner { id: TensorId::fresh(), shape, dtype, storage: Arc::new(RwLock::new(storage)), link: GradLink::None }))
     }
 
     /// A new handle on the same storage with a different autograd link (and a fresh id).
     pub(crate) fn relink(&self, link: GradLink) -> Tensor {
-        Tensor(Arc::new(Inner {
-            id: TensorId::fresh(),
-            shape: self.0.shape.clone(),
-            dtype: self.0.dtype,
-            storage: self.0.storage.clone(),
-            link,
-        }))
+        Tensor(Arc::new(Inner { id: TensorId::fresh(), shape: self.0.shape.clone(), dtype: self.0.dtype, storage: self.0.storage.clone(), link }))
     }
 
     /// A constant handle on the same storage viewed with another shape of equal size.
@@ -128,7 +116,12 @@ impl Tensor {
     /// (fresh id) sharing the storage. Only host tensors of a compute dtype can be trained.
     pub fn param(&self) -> Result<Tensor> {
         if !self.dtype().is_compute() || self.read().is_mapped() {
-            return Err(Error::dtype("Tensor::param", "tensor", "host f32 or f64", format!("{} ({})", self.dtype(), if self.read().is_mapped() { "mapped" } else { "host" })));
+            return Err(Error::dtype(
+                "Tensor::param",
+                "tensor",
+                "host f32 or f64",
+                format!("{} ({})", self.dtype(), if self.read().is_mapped() { "mapped" } else { "host" }),
+            ));
         }
         let data = self.read_storage_clone();
         Ok(Self::from_storage(Storage::Host(data), self.shape().clone()).relink(GradLink::Leaf))

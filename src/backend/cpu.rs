@@ -299,7 +299,19 @@ pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: 
 ///   dQ_i = scale Σ_j dS_ij k_j;  dK_j = scale Σ_i dS_ij q_i.
 /// Parallel over (batch, kv head): each task owns its kv head's dK/dV and its query heads' dQ.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_bwd<T: Float>(dq: &mut [T], dk: &mut [T], dv: &mut [T], dout: &[T], q: &[T], k: &[T], v: &[T], o: &[T], lse: &[T], mask: Option<&[bool]>, d: AttnDims) {
+pub fn attention_bwd<T: Float>(
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    dout: &[T],
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    lse: &[T],
+    mask: Option<&[bool]>,
+    d: AttnDims,
+) {
     let AttnDims { b, t, s, nh, nkv, hd, .. } = d;
     let group = nh / nkv;
     let scale = T::from_f64(d.scale);

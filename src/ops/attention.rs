@@ -58,9 +58,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Resu
         Ok((out(o, q.shape().clone()), out(lse, [b, t, nh])))
     })?;
     let saved_o = o.detach();
-    Ok(record(o, &[q, k, v], |_| {
-        Box::new(AttentionBwd { q: q.detach(), k: k.detach(), v: v.detach(), o: saved_o, lse, mask: opts.key_mask.clone(), d })
-    }))
+    Ok(record(o, &[q, k, v], |_| Box::new(AttentionBwd { q: q.detach(), k: k.detach(), v: v.detach(), o: saved_o, lse, mask: opts.key_mask.clone(), d })))
 }
 
 struct AttentionBwd {

@@ -71,9 +71,7 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         cpu::mul_fwd(&mut y, &vals::<T>(&ag), &vals::<T>(&bg));
         Ok(out(y, a.shape().clone()))
     })?;
-    Ok(record(y, &[a, b], |needs| {
-        Box::new(MulBwd { a: needs[1].then(|| a.detach()), b: needs[0].then(|| b.detach()), b_shape: b.shape().clone(), broadcast })
-    }))
+    Ok(record(y, &[a, b], |needs| Box::new(MulBwd { a: needs[1].then(|| a.detach()), b: needs[0].then(|| b.detach()), b_shape: b.shape().clone(), broadcast })))
 }
 
 struct MulBwd {

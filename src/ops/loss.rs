@@ -66,9 +66,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i64], opts: &CeOptions) -> Resu
         let total = cpu::cross_entropy_fwd(&mut lse, &vals::<T>(&logits.read()), targets, opts.ignore_index, vocab);
         Ok((out(vec![T::from_f64(total / denom)], Shape::scalar()), out(lse, [rows])))
     })?;
-    Ok(record(y, &[logits], |_| {
-        Box::new(CrossEntropyBwd { logits: logits.detach(), lse, targets: targets.to_vec(), ignore_index: opts.ignore_index, denom })
-    }))
+    Ok(record(y, &[logits], |_| Box::new(CrossEntropyBwd { logits: logits.detach(), lse, targets: targets.to_vec(), ignore_index: opts.ignore_index, denom })))
 }
 
 struct CrossEntropyBwd {

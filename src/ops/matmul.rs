@@ -70,7 +70,18 @@ pub fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
         } else {
             for i in 0..d.batch {
                 let b0 = if d.b_batched { i * d.k * d.n } else { 0 };
-                cpu::gemm_stored(&mut c[i * d.m * d.n..(i + 1) * d.m * d.n], &av[i * d.m * d.k..(i + 1) * d.m * d.k], &bg, b0, d.m, d.k, d.n, d.ta, d.tb, T::ZERO);
+                cpu::gemm_stored(
+                    &mut c[i * d.m * d.n..(i + 1) * d.m * d.n],
+                    &av[i * d.m * d.k..(i + 1) * d.m * d.k],
+                    &bg,
+                    b0,
+                    d.m,
+                    d.k,
+                    d.n,
+                    d.ta,
+                    d.tb,
+                    T::ZERO,
+                );
             }
         }
         Ok(out(c, shape))
@@ -147,7 +158,8 @@ impl Backward for MatmulBwd {
                     for i in 0..nb {
                         let ai = &av[i * mm * k..(i + 1) * mm * k];
                         let gi = &g[i * mm * n..(i + 1) * mm * n];
-                        let (dbi, beta) = if b_batched { (&mut db[i * bn..(i + 1) * bn], T::ZERO) } else { (&mut db[..], if i == 0 { T::ZERO } else { T::ONE }) };
+                        let (dbi, beta) =
+                            if b_batched { (&mut db[i * bn..(i + 1) * bn], T::ZERO) } else { (&mut db[..], if i == 0 { T::ZERO } else { T::ONE }) };
                         if tb {
                             cpu::gemm(dbi, gi, ai, n, mm, k, true, ta, T::ONE, beta);
                         } else {

@@ -54,8 +54,17 @@ pub(crate) fn vals<'a, T: Float>(g: &'a Storage) -> Cow<'a, [T]> {
     }
 }
 
-/// Checks that `t` has a compute dtype and returns it.
+/// Rejects tensors with a zero-sized dimension (empty tensors are not supported by the ops).
+pub(crate) fn nonempty(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {
+    if t.dims().contains(&0) {
+        return Err(Error::shape(op, arg, "no zero-sized dimension", t.shape()));
+    }
+    Ok(())
+}
+
+/// Checks that `t` is non-empty and has a compute dtype, and returns the dtype.
 pub(crate) fn compute_dtype(op: &'static str, arg: &'static str, t: &Tensor) -> Result<DType> {
+    nonempty(op, arg, t)?;
     if t.dtype().is_compute() {
         Ok(t.dtype())
     } else {
@@ -66,6 +75,7 @@ pub(crate) fn compute_dtype(op: &'static str, arg: &'static str, t: &Tensor) -> 
 /// Checks that `t` (a second activation, or a trainable input) has the op's compute dtype `dt`.
 /// Frozen inputs that need no gradient are exempt: they are converted per use.
 pub(crate) fn check_dtype(op: &'static str, arg: &'static str, t: &Tensor, dt: DType, strict: bool) -> Result<()> {
+    nonempty(op, arg, t)?;
     if (strict || t.requires_grad()) && t.dtype() != dt {
         return Err(Error::dtype(op, arg, dt, t.dtype()));
     }

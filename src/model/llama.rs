@@ -1,0 +1,361 @@
+//! A Llama-style decoder (Llama, Qwen2, Mistral and SmolLM share this graph):
+//!
+//!   h = embed(ids)
+//!   per layer:  h += o(attn(rope(q(n)), rope(k(n)), v(n)))   with n = rms_norm(h)
+//!               h += down(swiglu(gate(n'), up(n')))          with n' = rms_norm(h)
+//!   loss = cross_entropy(rms_norm(h)·W_headᵀ, targets)       (W_head = embed when tied)
+//!
+//! All weights are frozen tensors (any stored dtype, usually memory-mapped); only adapters
+//! attached to the seven linears are trainable. Activations are [b·t, hidden] row-major, and
+//! q/k/v are viewed as [b, t, heads, head_dim] so no transposes are ever needed.
+
+use crate::autograd::checkpoint;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::gradcheck::SplitMix;
+use crate::ops::{self, AttnOptions, CeOptions, Rope, SpecRows};
+use crate::peft::{Adapter, LoraConfig};
+use crate::tensor::Tensor;
+
+/// Shape hyper-parameters of a Llama-family model (HF config.json names).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// Checks the relations between the sizes.
+    pub fn validate(&self) -> Result<()> {
+        let op = "LlamaConfig";
+        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(Error::invalid(
+                op,
+                format!("num_attention_heads ({}) must be a multiple of num_key_value_heads ({})", self.num_attention_heads, self.num_key_value_heads),
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return Err(Error::invalid(op, format!("head_dim must be even and > 0, got {}", self.head_dim)));
+        }
+        if [self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers].contains(&0) {
+            return Err(Error::invalid(op, "vocab_size, hidden_size, intermediate_size and num_hidden_layers must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// The seven adaptable linears of a decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] = [Target::Q, Target::K, Target::V, Target::O, Target::Gate, Target::Up, Target::Down];
+    /// HF module name (`q_proj`, …, `down_proj`).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+}
+
+/// A frozen linear layer, with an optional bias and an optional adapter.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// [out, in], frozen.
+    pub weight: Tensor,
+    /// [out], frozen (Qwen2's q/k/v).
+    pub bias: Option<Tensor>,
+    pub adapter: Option<Adapter>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.adapter {
+            Some(ad) => ad.forward(x, &self.weight)?,
+            None => ops::linear(x, &self.weight)?,
+        };
+        match &self.bias {
+            Some(b) => ops::add(&y, b),
+            None => Ok(y),
+        }
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub input_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub post_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Layer {
+    pub fn linear(&self, t: Target) -> &Linear {
+        match t {
+            Target::Q => &self.q,
+            Target::K => &self.k,
+            Target::V => &self.v,
+            Target::O => &self.o,
+            Target::Gate => &self.gate,
+            Target::Up => &self.up,
+            Target::Down => &self.down,
+        }
+    }
+    pub fn linear_mut(&mut self, t: Target) -> &mut Linear {
+        match t {
+            Target::Q => &mut self.q,
+            Target::K => &mut self.k,
+            Target::V => &mut self.v,
+            Target::O => &mut self.o,
+            Target::Gate => &mut self.gate,
+            Target::Up => &mut self.up,
+            Target::Down => &mut self.down,
+        }
+    }
+}
+
+/// Per-call inputs that every layer needs.
+#[derive(Clone)]
+struct Ctx {
+    cfg: LlamaConfig,
+    rope: Rope,
+    b: usize,
+    t: usize,
+    positions: Vec<usize>,
+    attn: AttnOptions,
+}
+
+/// A Llama-family decoder.
+#[derive(Clone, Debug)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    /// [vocab, hidden], frozen.
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    /// [hidden], frozen.
+    pub norm: Tensor,
+    /// [vocab, hidden]; `None` when tied to `embed`.
+    pub lm_head: Option<Tensor>,
+    rope: Rope,
+    /// Compute dtype of activations (f32 for training, f64 for gradient checks).
+    pub dtype: DType,
+    /// Activation checkpointing per decoder layer.
+    pub checkpointing: bool,
+}
+
+impl Llama {
+    /// Builds the model from HF-named weights supplied by `get` (e.g. `model.layers.0.self_attn.q_proj.weight`),
+    /// validating each tensor's shape against the config before any compute.
+    pub fn from_weights(cfg: LlamaConfig, dtype: DType, mut get: impl FnMut(&str) -> Result<Tensor>) -> Result<Llama> {
+        cfg.validate()?;
+        let (h, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (qd, kvd) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let mut fetch = |name: String, dims: &[usize]| -> Result<Tensor> {
+            let t = get(&name)?;
+            if t.dims() != dims {
+                return Err(Error::shape("Llama::from_weights", "weight", format!("{name} {:?}", dims), t.shape()));
+            }
+            if t.requires_grad() {
+                return Err(Error::invalid("Llama::from_weights", format!("{name} must be a frozen tensor")));
+            }
+            Ok(t)
+        };
+        let embed = fetch("model.embed_tokens.weight".into(), &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut lin = |name: &str, o: usize, i: usize| -> Result<Linear> {
+                Ok(Linear { weight: fetch(format!("{p}.{name}.weight"), &[o, i])?, bias: None, adapter: None })
+            };
+            let q = lin("self_attn.q_proj", qd, h)?;
+            let k = lin("self_attn.k_proj", kvd, h)?;
+            let v = lin("self_attn.v_proj", kvd, h)?;
+            let o = lin("self_attn.o_proj", h, qd)?;
+            let gate = lin("mlp.gate_proj", f, h)?;
+            let up = lin("mlp.up_proj", f, h)?;
+            let down = lin("mlp.down_proj", h, f)?;
+            layers.push(Layer {
+                input_norm: fetch(format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: fetch(format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = fetch("model.norm.weight".into(), &[h])?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(fetch("lm_head.weight".into(), &[cfg.vocab_size, h])?) };
+        let rope = Rope::new(hd, cfg.rope_theta)?;
+        Ok(Llama { cfg, embed, layers, norm, lm_head, rope, dtype, checkpointing: false })
+    }
+
+    /// A model with random frozen weights (tests and benchmarks): linears ~ U(−1/√in, 1/√in),
+    /// embeddings ~ U(−1, 1), norm weights ~ U(0.9, 1.1).
+    pub fn random(cfg: LlamaConfig, dtype: DType, seed: u64) -> Result<Llama> {
+        cfg.validate()?;
+        let mut rng = SplitMix::new(seed);
+        let mut weights = std::collections::HashMap::new();
+        for (name, dims) in expected_weights(&cfg) {
+            let n: usize = dims.iter().product();
+            let v = if name.ends_with("norm.weight") {
+                rng.vec(n, 0.9, 1.1)
+            } else if name.contains("embed") || name.starts_with("lm_head") {
+                rng.vec(n, -1.0, 1.0)
+            } else {
+                let bound = 1.0 / (dims[1] as f64).sqrt();
+                rng.vec(n, -bound, bound)
+            };
+            let t = crate::device::with_float!(dtype, "Llama::random", |T| {
+                Tensor::from_vec(v.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>(), dims.clone())
+            })?;
+            weights.insert(name, t);
+        }
+        Self::from_weights(cfg, dtype, |name| weights.get(name).cloned().ok_or_else(|| Error::invalid("Llama::random", format!("no weight {name}"))))
+    }
+
+    /// Attaches LoRA (`spec_k = None`) or SpecLoRA (`Some(k)`, k clamped to each weight's rows,
+    /// positional top-k rows) to the `targets` linears of every layer.
+    pub fn attach_adapters(&mut self, targets: &[Target], lora: &LoraConfig, spec_k: Option<usize>, seed: u64) -> Result<()> {
+        let mut rng = SplitMix::new(seed);
+        let dtype = self.dtype;
+        for layer in &mut self.layers {
+            for &t in targets {
+                let lin = layer.linear_mut(t);
+                let (o, i) = (lin.out_features(), lin.in_features());
+                lin.adapter = Some(match spec_k {
+                    None => Adapter::lora(o, i, lora, dtype, &mut rng)?,
+                    Some(k) => Adapter::speclora(o, i, lora, SpecRows::Top(k.min(o)), dtype, &mut rng)?,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Every trainable tensor (adapter parameters), layer by layer.
+    pub fn trainable_params(&self) -> Vec<Tensor> {
+        self.layers.iter().flat_map(|l| Target::ALL.iter().filter_map(move |&t| l.linear(t).adapter.as_ref().map(|a| a.params()))).flatten().collect()
+    }
+
+    /// Final hidden states [b·t, hidden] for token ids [b·t] (row-major [b, t]). `key_mask`
+    /// ([b·t], true = real token) masks padding keys.
+    pub fn hidden_states(&self, ids: &[u32], b: usize, t: usize, key_mask: Option<&[bool]>) -> Result<Tensor> {
+        if ids.len() != b * t || b == 0 || t == 0 {
+            return Err(Error::shape("Llama::forward", "ids", format!("{b}×{t} ids (b, t > 0)"), ids.len()));
+        }
+        let ctx = Ctx {
+            cfg: self.cfg.clone(),
+            rope: self.rope.clone(),
+            b,
+            t,
+            positions: (0..t).collect(),
+            attn: AttnOptions { causal: true, key_mask: key_mask.map(|m| m.to_vec()), scale: None },
+        };
+        let mut h = ops::embedding(&self.embed, ids, self.dtype)?;
+        for layer in &self.layers {
+            h = if self.checkpointing {
+                let (layer, ctx) = (layer.clone(), ctx.clone());
+                checkpoint(&h, move |x| layer_forward(&layer, &ctx, x))?
+            } else {
+                layer_forward(layer, &ctx, &h)?
+            };
+        }
+        ops::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// The LM head weight [vocab, hidden] (the embedding when tied).
+    pub fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Logits [b·t, vocab].
+    pub fn logits(&self, ids: &[u32], b: usize, t: usize, key_mask: Option<&[bool]>) -> Result<Tensor> {
+        let h = self.hidden_states(ids, b, t, key_mask)?;
+        ops::linear(&h, self.head())
+    }
+
+    /// Mean next-token cross-entropy over counted targets (targets [b·t], −100 = ignored),
+    /// through the chunked fused LM-head loss.
+    pub fn loss(&self, ids: &[u32], targets: &[i64], b: usize, t: usize, key_mask: Option<&[bool]>, opts: &CeOptions) -> Result<Tensor> {
+        let h = self.hidden_states(ids, b, t, key_mask)?;
+        ops::linear_cross_entropy(&h, self.head(), targets, opts)
+    }
+}
+
+/// Every weight a model of this config needs, with its HF name and shape.
+pub fn expected_weights(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (qd, kvd) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        v.push((format!("{p}.self_attn.q_proj.weight"), vec![qd, h]));
+        v.push((format!("{p}.self_attn.k_proj.weight"), vec![kvd, h]));
+        v.push((format!("{p}.self_attn.v_proj.weight"), vec![kvd, h]));
+        v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, qd]));
+        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        v.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
+        v.push((format!("{p}.mlp.up_proj.weight"), vec![f, h]));
+        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, f]));
+    }
+    v.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        v.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+    }
+    v
+}
+
+/// One decoder layer: pre-norm attention and SwiGLU MLP, each with a residual.
+fn layer_forward(l: &Layer, c: &Ctx, x: &Tensor) -> Result<Tensor> {
+    let cfg = &c.cfg;
+    let (b, t, hd) = (c.b, c.t, cfg.head_dim);
+    let n = ops::rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
+    let q = ops::reshape(&l.q.forward(&n)?, [b, t, cfg.num_attention_heads, hd])?;
+    let k = ops::reshape(&l.k.forward(&n)?, [b, t, cfg.num_key_value_heads, hd])?;
+    let v = ops::reshape(&l.v.forward(&n)?, [b, t, cfg.num_key_value_heads, hd])?;
+    let q = ops::rope(&q, &c.rope, &c.positions)?;
+    let k = ops::rope(&k, &c.rope, &c.positions)?;
+    let a = ops::attention(&q, &k, &v, &c.attn)?;
+    let a = ops::reshape(&a, [b * t, cfg.num_attention_heads * hd])?;
+    let x = ops::add(x, &l.o.forward(&a)?)?;
+    let n = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
+    let g = ops::swiglu(&l.gate.forward(&n)?, &l.up.forward(&n)?)?;
+    ops::add(&x, &l.down.forward(&g)?)
+}

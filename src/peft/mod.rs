@@ -1,0 +1,70 @@
+//! Adapter methods on a frozen linear layer: initialization, forward (through the fused ops in
+//! [`crate::ops`]) and merge. Every method is the identity at init (adapted layer == frozen
+//! layer, bit-exactly for LoRA and SpecLoRA: B = 0 and d = 1 make the deltas exact zeros).
+
+mod lora;
+mod speclora;
+
+pub use lora::LoraConfig;
+pub use speclora::top_rows_by_norm;
+
+use crate::error::Result;
+use crate::gradcheck::SplitMix;
+use crate::ops::{self, SpecRows};
+use crate::tensor::Tensor;
+use crate::DType;
+
+/// The trainable part attached to one frozen linear.
+#[derive(Clone, Debug)]
+pub enum Adapter {
+    /// y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ;  A [r, in], B [out, r].
+    Lora { a: Tensor, b: Tensor, scale: f64 },
+    /// y = x·(Γ⊙W)ᵀ + s·(x·Aᵀ)·Bᵀ with d [k] on the selected rows.
+    SpecLora { d: Tensor, rows: SpecRows, a: Tensor, b: Tensor, scale: f64 },
+}
+
+impl Adapter {
+    /// LoRA as HF PEFT initializes it: A ~ Kaiming-uniform(a = √5) = U(−1/√in, 1/√in), B = 0.
+    pub fn lora(out_features: usize, in_features: usize, cfg: &LoraConfig, dtype: DType, rng: &mut SplitMix) -> Result<Adapter> {
+        let (a, b) = lora::init(out_features, in_features, cfg, dtype, rng)?;
+        Ok(Adapter::Lora { a, b, scale: cfg.scale() })
+    }
+
+    /// SpecLoRA: LoRA plus d = 1 on `rows` (k clamped to the row count by the caller).
+    pub fn speclora(out_features: usize, in_features: usize, cfg: &LoraConfig, rows: SpecRows, dtype: DType, rng: &mut SplitMix) -> Result<Adapter> {
+        let (a, b) = lora::init(out_features, in_features, cfg, dtype, rng)?;
+        let d = speclora::init_d(&rows, dtype)?;
+        Ok(Adapter::SpecLora { d, rows, a, b, scale: cfg.scale() })
+    }
+
+    /// y for input x [.., in] through frozen `w` [out, in] with this adapter.
+    pub fn forward(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match self {
+            Adapter::Lora { a, b, scale } => ops::lora_linear(x, w, a, b, *scale),
+            Adapter::SpecLora { d, rows, a, b, scale } => ops::speclora_linear(x, w, d, rows, a, b, *scale),
+        }
+    }
+
+    /// The trainable tensors, in a fixed order.
+    pub fn params(&self) -> Vec<Tensor> {
+        match self {
+            Adapter::Lora { a, b, .. } => vec![a.clone(), b.clone()],
+            Adapter::SpecLora { d, a, b, .. } => vec![d.clone(), a.clone(), b.clone()],
+        }
+    }
+
+    /// The merged dense weight W' (f64, [out, in]) such that x·W'ᵀ equals the adapted forward.
+    pub fn merged_weight(&self, w: &Tensor) -> Result<Vec<f64>> {
+        let (out_f, in_f) = (w.dims()[0], w.dims()[1]);
+        let mut wm = w.to_vec_f64();
+        let (a, b, scale) = match self {
+            Adapter::Lora { a, b, scale } => (a, b, *scale),
+            Adapter::SpecLora { d, rows, a, b, scale } => {
+                speclora::scale_rows(&mut wm, out_f, in_f, rows, &d.to_vec_f64())?;
+                (a, b, *scale)
+            }
+        };
+        lora::add_delta(&mut wm, out_f, in_f, &a.to_vec_f64(), &b.to_vec_f64(), a.dims()[0], scale);
+        Ok(wm)
+    }
+}

@@ -1,0 +1,213 @@
+//! Property-based gradient checks: every differentiable op, random shapes (1 and odd sizes
+//! included) and values, analytic gradients vs central finite differences in f64.
+
+use proptest::prelude::*;
+use spectune::gradcheck::{gradcheck, GradcheckOptions, SplitMix};
+use spectune::ops::{self, AttnOptions, CeOptions, Rope, SpecRows};
+use spectune::storage::HostData;
+use spectune::{checkpoint, Result, Tensor};
+
+fn param(rng: &mut SplitMix, dims: &[usize], lo: f64, hi: f64) -> Tensor {
+    let n = dims.iter().product();
+    Tensor::from_vec(rng.vec(n, lo, hi), dims.to_vec()).unwrap().param().unwrap()
+}
+
+fn constant(rng: &mut SplitMix, dims: &[usize], lo: f64, hi: f64) -> Tensor {
+    let n = dims.iter().product();
+    Tensor::from_vec(rng.vec(n, lo, hi), dims.to_vec()).unwrap()
+}
+
+fn check(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) -> std::result::Result<(), TestCaseError> {
+    check_opts(name, inputs, f, &GradcheckOptions::default())
+}
+
+fn check_opts(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, opts: &GradcheckOptions) -> std::result::Result<(), TestCaseError> {
+    let bad = gradcheck(name, inputs, f, opts).map_err(|e| TestCaseError::fail(format!("{name}: {e}")))?;
+    if let Some(first) = bad.first() {
+        let shapes: Vec<String> = inputs.iter().map(|t| t.shape().to_string()).collect();
+        return Err(TestCaseError::fail(format!("{first} ({} mismatches; input shapes {shapes:?})", bad.len())));
+    }
+    Ok(())
+}
+
+fn dim() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(1usize), 2usize..6, Just(7usize)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn matmul_2d_and_batched(m in dim(), k in dim(), n in dim(), batch in 0usize..3, ta: bool, tb: bool, shared: bool, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let bdims: Vec<usize> = (0..batch).map(|i| i + 2).collect();
+        let mut ad = bdims.clone();
+        ad.extend(if ta { [k, m] } else { [m, k] });
+        let mut bd = if shared || batch == 0 { vec![] } else { bdims.clone() };
+        bd.extend(if tb { [n, k] } else { [k, n] });
+        let a = param(&mut rng, &ad, -1.0, 1.0);
+        let b = param(&mut rng, &bd, -1.0, 1.0);
+        check("matmul", &[a, b], |x| ops::matmul(&x[0], &x[1], ta, tb))?;
+    }
+
+    #[test]
+    fn matmul_frozen_stored_rhs(m in dim(), k in dim(), n in dim(), tb: bool, half: bool, seed: u64) {
+        // A frozen right-hand side stored as f32 or bf16, converted per tile for an f64 GEMM.
+        let mut rng = SplitMix::new(seed);
+        let a = param(&mut rng, &[m, k], -1.0, 1.0);
+        let bdims = if tb { [n, k] } else { [k, n] };
+        let vals: Vec<f32> = rng.vec(k * n, -1.0, 1.0).into_iter().map(|v| v as f32).collect();
+        let b = if half {
+            Tensor::from_host(HostData::BF16(vals.iter().map(|&v| half::bf16::from_f32(v)).collect()), bdims).unwrap()
+        } else {
+            Tensor::from_host(HostData::F32(vals), bdims).unwrap()
+        };
+        check("matmul(frozen rhs)", &[a, b], |x| ops::matmul(&x[0], &x[1], false, tb))?;
+    }
+
+    #[test]
+    fn linear_op(rows in dim(), i in dim(), o in dim(), seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let x = param(&mut rng, &[2, rows, i], -1.0, 1.0);
+        let w = param(&mut rng, &[o, i], -1.0, 1.0);
+        check("linear", &[x, w], |x| ops::linear(&x[0], &x[1]))?;
+    }
+
+    #[test]
+    fn add_mul_broadcast(r in dim(), c in dim(), broadcast: bool, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let a = param(&mut rng, &[r, c], -2.0, 2.0);
+        let b = if broadcast { param(&mut rng, &[c], -2.0, 2.0) } else { param(&mut rng, &[r, c], -2.0, 2.0) };
+        check("add", &[a.clone(), b.clone()], |x| ops::add(&x[0], &x[1]))?;
+        check("mul", &[a, b], |x| ops::mul(&x[0], &x[1]))?;
+    }
+
+    #[test]
+    fn unary_ops(r in dim(), c in dim(), s in -3.0f64..3.0, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let x = param(&mut rng, &[r, c], -4.0, 4.0);
+        check("scale", std::slice::from_ref(&x), |x| ops::scale(&x[0], s))?;
+        check("silu", std::slice::from_ref(&x), |x| ops::silu(&x[0]))?;
+        check("sum", std::slice::from_ref(&x), |x| ops::sum(&x[0]))?;
+        check("mean", std::slice::from_ref(&x), |x| ops::mean(&x[0]))?;
+        check("reshape", std::slice::from_ref(&x), |x| ops::reshape(&x[0], [c, r]))?;
+    }
+
+    #[test]
+    fn swiglu_op(r in dim(), c in dim(), seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let g = param(&mut rng, &[r, c], -4.0, 4.0);
+        let u = param(&mut rng, &[r, c], -2.0, 2.0);
+        check("swiglu", &[g, u], |x| ops::swiglu(&x[0], &x[1]))?;
+    }
+
+    #[test]
+    fn rms_norm_op(r in dim(), c in dim(), seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let x = param(&mut rng, &[r, c], -2.0, 2.0);
+        let w = param(&mut rng, &[c], 0.5, 1.5);
+        check("rms_norm", &[x, w], |x| ops::rms_norm(&x[0], &x[1], 1e-5))?;
+    }
+
+    #[test]
+    fn rope_op(b in 1usize..3, t in dim(), h in 1usize..4, half in 1usize..5, per_row: bool, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let hd = 2 * half;
+        let x = param(&mut rng, &[b, t, h, hd], -1.0, 1.0);
+        let table = Rope::new(hd, 10000.0).unwrap();
+        let n = if per_row { b * t } else { t };
+        let pos: Vec<usize> = (0..n).map(|_| (rng.next_u64() % 4096) as usize).collect();
+        check("rope", &[x], |x| ops::rope(&x[0], &table, &pos))?;
+    }
+
+    #[test]
+    fn attention_op(b in 1usize..3, t in dim(), extra in 0usize..3, nkv in 1usize..3, group in 1usize..4, hd in 1usize..5,
+                    causal: bool, masked: bool, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let s = t + extra;
+        let nh = nkv * group;
+        let q = param(&mut rng, &[b, t, nh, hd], -1.5, 1.5);
+        let k = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
+        let v = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
+        let key_mask = masked.then(|| (0..b * s).map(|_| rng.next_u64() % 4 != 0).collect());
+        let opts = AttnOptions { causal, key_mask, scale: None };
+        check("attention", &[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], &opts))?;
+    }
+
+    #[test]
+    fn embedding_op(vocab in dim(), d in dim(), n in dim(), seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let table = param(&mut rng, &[vocab, d], -1.0, 1.0);
+        let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
+        check("embedding", &[table], |x| ops::embedding(&x[0], &ids, spectune::DType::F64))?;
+    }
+
+    #[test]
+    fn cross_entropy_op(rows in dim(), vocab in 2usize..9, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let logits = param(&mut rng, &[rows, vocab], -3.0, 3.0);
+        let targets: Vec<i64> = (0..rows).map(|i| if i % 3 == 2 { -100 } else { (rng.next_u64() % vocab as u64) as i64 }).collect();
+        let opts = CeOptions::default();
+        check("cross_entropy", &[logits], |x| ops::cross_entropy(&x[0], &targets, &opts))?;
+    }
+
+    #[test]
+    fn linear_cross_entropy_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let h = param(&mut rng, &[rows, d], -1.0, 1.0);
+        let w = param(&mut rng, &[vocab, d], -1.0, 1.0);
+        let targets: Vec<i64> = (0..rows).map(|i| if i % 4 == 3 { -100 } else { (rng.next_u64() % vocab as u64) as i64 }).collect();
+        let opts = CeOptions { chunk_rows: Some(chunk), denominator: Some(3.0), ..CeOptions::default() };
+        check("linear_cross_entropy", &[h, w], |x| ops::linear_cross_entropy(&x[0], &x[1], &targets, &opts))?;
+    }
+
+    #[test]
+    fn lora_linear_op(rows in dim(), n in dim(), m in dim(), r in 1usize..4, s in 0.1f64..3.0, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let x = param(&mut rng, &[rows, n], -1.0, 1.0);
+        let w = constant(&mut rng, &[m, n], -1.0, 1.0);
+        let a = param(&mut rng, &[r, n], -1.0, 1.0);
+        // B non-zero so dA is exercised (at init B = 0 makes dA vanish).
+        let b = param(&mut rng, &[m, r], -1.0, 1.0);
+        check("lora_linear", &[x, w, a, b], |x| ops::lora_linear(&x[0], &x[1], &x[2], &x[3], s))?;
+    }
+
+    #[test]
+    fn speclora_linear_op(rows in dim(), n in dim(), m in dim(), r in 1usize..4, by_index: bool, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let k = 1 + (rng.next_u64() as usize) % m;
+        let rows_sel = if by_index {
+            // k distinct rows in a scrambled order.
+            let mut ix: Vec<u32> = (0..m as u32).collect();
+            for i in (1..ix.len()).rev() { ix.swap(i, (rng.next_u64() as usize) % (i + 1)); }
+            SpecRows::Indices(ix[..k].to_vec())
+        } else {
+            SpecRows::Top(k)
+        };
+        let x = param(&mut rng, &[1, rows, n], -1.0, 1.0);
+        let w = constant(&mut rng, &[m, n], -1.0, 1.0);
+        let d = param(&mut rng, &[k], 0.5, 1.5);
+        let a = param(&mut rng, &[r, n], -1.0, 1.0);
+        let b = param(&mut rng, &[m, r], -1.0, 1.0);
+        check("speclora_linear", &[x, w, d, a, b], |x| ops::speclora_linear(&x[0], &x[1], &x[2], &rows_sel, &x[3], &x[4], 0.5))?;
+    }
+
+    #[test]
+    fn checkpointed_block(rows in dim(), c in dim(), seed: u64) {
+        // A residual block with a parameter inside, run under activation checkpointing: the
+        // gradients of both the block input and the captured parameter must be exact.
+        let mut rng = SplitMix::new(seed);
+        let x = param(&mut rng, &[rows, c], -1.0, 1.0);
+        let w = param(&mut rng, &[c, c], -1.0, 1.0);
+        let g = param(&mut rng, &[c], 0.5, 1.5);
+        check("checkpoint", &[x, w, g], |t| {
+            let (w, g) = (t[1].clone(), t[2].clone());
+            let h = checkpoint(&t[0], move |x| {
+                let n = ops::rms_norm(x, &g, 1e-6)?;
+                let y = ops::silu(&ops::matmul(&n, &w, false, true)?)?;
+                ops::add(x, &y)
+            })?;
+            ops::mul(&h, &h)
+        })?;
+    }
+}
