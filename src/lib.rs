@@ -1,4 +1,62 @@
-//! spectune: a lean tensor engine with reverse-mode autograd for parameter-efficient fine-tuning.
+//! # spectune
+//!
+//! A lean tensor engine with reverse-mode autograd, specialized for parameter-efficient
+//! fine-tuning (PEFT) of transformers: LoRA and SpecLoRA (learnable rescaling of the top rows of
+//! each frozen weight, plus LoRA) on Llama-family decoders.
+//!
+//! - Frozen weights are constant tensors: host or memory-mapped, f32/bf16/f16, converted per use,
+//!   never given a gradient or optimizer state ([`Tensor::from_mmap`]).
+//! - Trainable tensors are adapter parameters ([`Tensor::param`]); [`backward`] returns a
+//!   [`GradStore`] holding gradients for exactly those, and [`AdamW`] keeps state only for them.
+//! - Every op in [`ops`] has its backward beside its forward and a finite-difference check
+//!   ([`gradcheck`]); CPU kernels ([`backend::cpu`]) are generic over f32 and f64.
+//! - [`checkpoint`] trades compute for memory: a block keeps only its input and is recomputed
+//!   during backward.
+//!
+//! ## Training adapters from a program
+//!
+//! ```
+//! use spectune::model::{Llama, LlamaConfig, Target};
+//! use spectune::ops::CeOptions;
+//! use spectune::peft::LoraConfig;
+//! use spectune::{backward, clip_grad_norm, AdamW, AdamWConfig, DType};
+//!
+//! // A small Llama-style model with random frozen weights (real checkpoints load through
+//! // `Llama::from_weights`, which takes each HF-named tensor and validates its shape).
+//! let cfg = LlamaConfig {
+//!     vocab_size: 64, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
+//!     num_attention_heads: 4, num_key_value_heads: 2, head_dim: 8,
+//!     rms_norm_eps: 1e-5, rope_theta: 10000.0, tie_word_embeddings: true,
+//! };
+//! let mut model = Llama::random(cfg, DType::F32, 0)?;
+//! model.checkpointing = true; // recompute each layer in backward
+//!
+//! // SpecLoRA (k = 8 rows per weight) plus rank-4 LoRA on all seven linears of every layer.
+//! let lora = LoraConfig { rank: 4, alpha: 8.0, rslora: false };
+//! model.attach_adapters(&Target::ALL, &lora, Some(8), 1)?;
+//! let params = model.trainable_params();
+//! let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-2, ..AdamWConfig::default() })?;
+//! assert_eq!(opt.state_numel(), 2 * params.iter().map(|p| p.numel()).sum::<usize>());
+//!
+//! // One batch of 2 sequences × 8 tokens; targets are the next tokens, -100 = ignored.
+//! let ids: Vec<u32> = (0..16).map(|i| (i * 5 % 64) as u32).collect();
+//! let targets: Vec<i64> = (0..16).map(|i| if i % 8 == 7 { -100 } else { ids[i + 1] as i64 }).collect();
+//! let mut losses = Vec::new();
+//! for _ in 0..10 {
+//!     let loss = model.loss(&ids, &targets, 2, 8, None, &CeOptions::default())?;
+//!     losses.push(loss.item()?);
+//!     let mut grads = backward(&loss)?;
+//!     clip_grad_norm(&mut grads, 1.0)?;
+//!     opt.step(&grads, 1e-2)?;
+//! }
+//! assert!(losses[9] < losses[0]);
+//!
+//! // The trained adapter values and the optimizer state, ready to be written out.
+//! let adapter: Vec<Vec<f32>> = params.iter().map(|p| p.to_vec_f32()).collect();
+//! let state = opt.state();
+//! assert_eq!(adapter.len(), state.params.len());
+//! # Ok::<(), spectune::Error>(())
+//! ```
 pub mod autograd;
 pub mod backend;
 pub mod device;

@@ -226,8 +226,8 @@ impl Llama {
         Ok(Llama { cfg, embed, layers, norm, lm_head, rope, dtype, checkpointing: false })
     }
 
-    /// A model with random frozen weights (tests and benchmarks): linears ~ U(−1/√in, 1/√in),
-    /// embeddings ~ U(−1, 1), norm weights ~ U(0.9, 1.1).
+    /// A model with random frozen weights (tests and benchmarks): linears and embeddings
+    /// ~ U(−1/√in, 1/√in), norm weights ~ U(0.9, 1.1).
     pub fn random(cfg: LlamaConfig, dtype: DType, seed: u64) -> Result<Llama> {
         cfg.validate()?;
         let mut rng = SplitMix::new(seed);
@@ -237,7 +237,8 @@ impl Llama {
             let v = if name.ends_with("norm.weight") {
                 rng.vec(n, 0.9, 1.1)
             } else if name.contains("embed") || name.starts_with("lm_head") {
-                rng.vec(n, -1.0, 1.0)
+                let bound = 1.0 / (dims[1] as f64).sqrt();
+                rng.vec(n, -bound, bound)
             } else {
                 let bound = 1.0 / (dims[1] as f64).sqrt();
                 rng.vec(n, -bound, bound)
