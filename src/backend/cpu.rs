@@ -51,9 +51,16 @@ pub fn gemm_stored<T: Float>(c: &mut [T], a: &[T], b: &Storage, b_start: usize, 
     if let Some(bs) = b.slice::<T>() {
         return gemm(c, a, &bs[b_start..b_start + k * n], m, k, n, ta, tb, T::ONE, beta);
     }
+    gemm_tiled(c, a, b, b_start, m, k, n, ta, tb, beta, TILE_ELEMS)
+}
+
+/// The converting path of [`gemm_stored`], with the tile size as a parameter (tests use tiny
+/// tiles to exercise the tile seams).
+#[allow(clippy::too_many_arguments)]
+fn gemm_tiled<T: Float>(c: &mut [T], a: &[T], b: &Storage, b_start: usize, m: usize, k: usize, n: usize, ta: bool, tb: bool, beta: T, tile_elems: usize) {
     // The stored matrix has `rows` rows of `cols` elements.
     let (rows, cols) = if tb { (n, k) } else { (k, n) };
-    let tile_rows = (TILE_ELEMS / cols.max(1)).clamp(1, rows.max(1));
+    let tile_rows = (tile_elems / cols.max(1)).clamp(1, rows.max(1));
     let mut tile = vec![T::ZERO; tile_rows * cols];
     let mut r0 = 0;
     while r0 < rows {
@@ -440,4 +447,35 @@ pub fn adamw_step<T: Float>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], lr: 
         let upd = (*m * ibc1) / ((*v * ibc2).sqrt() + eps_t);
         *p -= lr_t * (upd + wd_t * *p);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::HostData;
+
+    #[test]
+    fn tiled_stored_gemm_matches_plain_gemm_across_tile_seams() {
+        let (m, k, n) = (5, 7, 6);
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+        let bv: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let b64: Vec<f64> = bv.iter().map(|&v| v as f64).collect();
+        let stored = Storage::Host(HostData::F32(bv));
+        for ta in [false, true] {
+            for tb in [false, true] {
+                for beta in [0.0, 1.0] {
+                    for tile in [1, 5, 7, 13, 1000] {
+                        let c0: Vec<f64> = (0..m * n).map(|i| i as f64 * 0.01).collect();
+                        let mut want = c0.clone();
+                        gemm(&mut want, &a, &b64, m, k, n, ta, tb, 1.0, beta);
+                        let mut got = c0.clone();
+                        gemm_tiled(&mut got, &a, &stored, 0, m, k, n, ta, tb, beta, tile);
+                        for (w, g) in want.iter().zip(&got) {
+                            assert!((w - g).abs() < 1e-12, "ta={ta} tb={tb} beta={beta} tile={tile}: {w} vs {g}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
