@@ -35,7 +35,10 @@
 //! let lora = LoraConfig { rank: 4, alpha: 8.0, rslora: false };
 //! model.attach_adapters(&Target::ALL, &lora, Some(8), 1)?;
 //! let params = model.trainable_params();
-//! let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-2, ..AdamWConfig::default() })?;
+//! let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..AdamWConfig::default() })?;
+//! for d in model.no_decay_params() {
+//!     opt.set_weight_decay(&d, false)?; // SpecLoRA's d scales W: never decay it toward 0
+//! }
 //! assert_eq!(opt.state_numel(), 2 * params.iter().map(|p| p.numel()).sum::<usize>());
 //!
 //! // One batch of 2 sequences × 8 tokens; targets are the next tokens, -100 = ignored.

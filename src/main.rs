@@ -125,7 +125,10 @@ fn train_tiny(
     let params = model.trainable_params();
     let trainable: usize = params.iter().map(|p| p.numel()).sum();
     let frozen: usize = spectune::model::llama::expected_weights(&cfg).iter().map(|(_, d)| d.iter().product::<usize>()).sum();
-    let mut opt = AdamW::new(&params, AdamWConfig { lr, ..AdamWConfig::default() })?;
+    let mut opt = AdamW::new(&params, AdamWConfig { lr, weight_decay: 0.01, ..AdamWConfig::default() })?;
+    for p in model.no_decay_params() {
+        opt.set_weight_decay(&p, false)?;
+    }
     let schedule = LrSchedule::WarmupCosine { warmup: (steps / 10) as u64, total: steps as u64, min_ratio: 0.1 };
     println!(
         "model: {layers} layers, hidden {hidden}, {heads}/{kv_heads} heads, {} frozen weights; method {}: {trainable} trainable values, optimizer state {} values",

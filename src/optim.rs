@@ -74,13 +74,15 @@ struct Slot {
     step: u64,
     m: Storage,
     v: Storage,
+    /// Whether decoupled weight decay applies to this parameter.
+    decay: bool,
 }
 
 impl Slot {
     fn zeros(param: Tensor) -> Result<Slot> {
         let n = param.numel();
         let (m, v) = with_float!(param.dtype(), "AdamW::new", |T| { Ok((host_from_vec(vec![T::ZERO; n]), host_from_vec(vec![T::ZERO; n]))) })?;
-        Ok(Slot { param, step: 0, m: Storage::Host(m), v: Storage::Host(v) })
+        Ok(Slot { param, step: 0, m: Storage::Host(m), v: Storage::Host(v), decay: true })
     }
 
     fn describe(&self, index: usize) -> String {
@@ -138,6 +140,21 @@ impl AdamW {
             slots.push(Slot::zeros(p.clone())?);
         }
         Ok(AdamW { config, slots, step: 0 })
+    }
+
+    /// Turns weight decay on or off for one parameter (on by default). Decay pulls a parameter
+    /// toward 0, which suits LoRA's A and B but not a multiplicative scale such as SpecLoRA's d,
+    /// whose identity value is 1: exclude those (see `Llama::no_decay_params`).
+    pub fn set_weight_decay(&mut self, param: &Tensor, on: bool) -> Result<()> {
+        match self.slots.iter_mut().find(|s| s.param.id() == param.id()) {
+            Some(s) => {
+                s.decay = on;
+                Ok(())
+            }
+            None => {
+                Err(Error::invalid("AdamW::set_weight_decay", format!("tensor {} {} is not one of this optimizer's parameters", param.shape(), param.dtype())))
+            }
+        }
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -222,7 +239,8 @@ impl AdamW {
                 };
                 let mut pw = s.param.write();
                 let p = pw.slice_mut::<T>().ok_or_else(host)?;
-                cpu::adamw_step(p, m, v, gs, lr, beta1, beta2, eps, weight_decay, t);
+                let wd = if s.decay { weight_decay } else { 0.0 };
+                cpu::adamw_step(p, m, v, gs, lr, beta1, beta2, eps, wd, t);
                 Ok(())
             })?;
             s.step = t;

@@ -375,3 +375,19 @@ fn adamw_converges_on_a_quadratic() {
         assert!((a - b).abs() < 0.05, "{a} vs target {b}");
     }
 }
+
+#[test]
+fn weight_decay_can_be_turned_off_per_parameter() {
+    // With a zero gradient, AdamW's update is pure decay: p ← p − lr·wd·p.
+    let a = spectune::Tensor::from_vec(vec![1.0f64, 2.0], [2]).unwrap().param().unwrap();
+    let d = spectune::Tensor::from_vec(vec![1.0f64, 1.0], [2]).unwrap().param().unwrap();
+    let mut opt = spectune::AdamW::new(&[a.clone(), d.clone()], spectune::AdamWConfig { lr: 0.1, weight_decay: 0.5, ..Default::default() }).unwrap();
+    opt.set_weight_decay(&d, false).unwrap();
+    let loss = spectune::ops::sum(&spectune::ops::add(&spectune::ops::scale(&a, 0.0).unwrap(), &spectune::ops::scale(&d, 0.0).unwrap()).unwrap()).unwrap();
+    let g = spectune::backward(&loss).unwrap();
+    opt.step(&g, 0.1).unwrap();
+    assert_eq!(a.to_vec_f64(), vec![1.0 - 0.05, 2.0 - 0.1]);
+    assert_eq!(d.to_vec_f64(), vec![1.0, 1.0], "excluded parameter must not decay");
+    let frozen = spectune::Tensor::from_vec(vec![1.0f64], [1]).unwrap();
+    assert!(opt.set_weight_decay(&frozen, false).is_err());
+}

@@ -274,6 +274,11 @@ impl Llama {
         self.layers.iter().flat_map(|l| Target::ALL.iter().filter_map(move |&t| l.linear(t).adapter.as_ref().map(|a| a.params()))).flatten().collect()
     }
 
+    /// The trainable tensors that should be excluded from weight decay (SpecLoRA's d).
+    pub fn no_decay_params(&self) -> Vec<Tensor> {
+        self.layers.iter().flat_map(|l| Target::ALL.iter().filter_map(move |&t| l.linear(t).adapter.as_ref().map(|a| a.no_decay_params()))).flatten().collect()
+    }
+
     /// Final hidden states [b·t, hidden] for token ids [b·t] (row-major [b, t]). `key_mask`
     /// ([b·t], true = real token) masks padding keys.
     pub fn hidden_states(&self, ids: &[u32], b: usize, t: usize, key_mask: Option<&[bool]>) -> Result<Tensor> {

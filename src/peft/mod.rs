@@ -53,6 +53,14 @@ impl Adapter {
         }
     }
 
+    /// Parameters that must not get weight decay: multiplicative scales whose identity is 1.
+    pub fn no_decay_params(&self) -> Vec<Tensor> {
+        match self {
+            Adapter::Lora { .. } => Vec::new(),
+            Adapter::SpecLora { d, .. } => vec![d.clone()],
+        }
+    }
+
     /// The merged dense weight W' (f64, [out, in]) such that x·W'ᵀ equals the adapted forward.
     pub fn merged_weight(&self, w: &Tensor) -> Result<Vec<f64>> {
         let (out_f, in_f) = (w.dims()[0], w.dims()[1]);
