@@ -9,7 +9,7 @@ use crate::storage::Storage;
 /// Rows handed to one rayon task in row-wise kernels.
 const ROW_GRAIN: usize = 16;
 /// Elements converted per tile when a stored (bf16/f16/f32-for-f64) matrix feeds a GEMM.
-const TILE_ELEMS: usize = 1 << 16;
+const TILE_ELEMS: usize = 1 << 18;
 
 // ---------------------------------------------------------------------------------------------
 // GEMM
@@ -67,7 +67,8 @@ fn gemm_tiled<T: Float>(c: &mut [T], a: &[T], b: &Storage, b_start: usize, m: us
         let r1 = (r0 + tile_rows).min(rows);
         let nr = r1 - r0;
         let t = &mut tile[..nr * cols];
-        b.read_into(b_start + r0 * cols, t);
+        // Convert the tile's rows in parallel (the conversion is memory-bound and serial otherwise).
+        t.par_chunks_mut(cols).enumerate().with_min_len(8).for_each(|(i, row)| b.read_into(b_start + (r0 + i) * cols, row));
         if tb {
             // Columns r0..r1 of C: C[:, r0..r1] = op(A) · tileᵀ.
             gemm_ld(&mut c[r0..], n, a, t, m, k, nr, ta, true, T::ONE, beta);
@@ -97,16 +98,29 @@ fn gemm_cols<T: Float>(c: &mut [T], a: &[T], lda: usize, k0: usize, k1: usize, b
 // Elementwise
 // ---------------------------------------------------------------------------------------------
 
+/// Elements per rayon task in elementwise kernels.
+const ELEM_GRAIN: usize = 1 << 14;
+
+/// y = f(a, b) elementwise, b broadcast over leading dims (b.len() divides a.len()).
+fn zip_broadcast<T: Float>(y: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) {
+    let nb = b.len();
+    if nb == a.len() {
+        y.par_chunks_mut(ELEM_GRAIN).zip(a.par_chunks(ELEM_GRAIN).zip(b.par_chunks(ELEM_GRAIN))).for_each(|(y, (a, b))| {
+            y.iter_mut().zip(a).zip(b).for_each(|((y, a), b)| *y = f(*a, *b));
+        });
+    } else {
+        y.par_chunks_mut(nb).zip(a.par_chunks(nb)).for_each(|(y, a)| y.iter_mut().zip(a).zip(b).for_each(|((y, a), b)| *y = f(*a, *b)));
+    }
+}
+
 /// y = a + b, b broadcast over leading dims (b.len() divides a.len()).
 pub fn add_fwd<T: Float>(y: &mut [T], a: &[T], b: &[T]) {
-    let nb = b.len();
-    y.par_chunks_mut(nb).zip(a.par_chunks(nb)).for_each(|(y, a)| y.iter_mut().zip(a).zip(b).for_each(|((y, a), b)| *y = *a + *b));
+    zip_broadcast(y, a, b, |a, b| a + b)
 }
 
 /// y = a ⊙ b, b broadcast over leading dims.
 pub fn mul_fwd<T: Float>(y: &mut [T], a: &[T], b: &[T]) {
-    let nb = b.len();
-    y.par_chunks_mut(nb).zip(a.par_chunks(nb)).for_each(|(y, a)| y.iter_mut().zip(a).zip(b).for_each(|((y, a), b)| *y = *a * *b));
+    zip_broadcast(y, a, b, |a, b| a * b)
 }
 
 /// db = Σ_leading dy (the broadcast operand's gradient), db.len() divides dy.len().

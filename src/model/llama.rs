@@ -236,9 +236,6 @@ impl Llama {
             let n: usize = dims.iter().product();
             let v = if name.ends_with("norm.weight") {
                 rng.vec(n, 0.9, 1.1)
-            } else if name.contains("embed") || name.starts_with("lm_head") {
-                let bound = 1.0 / (dims[1] as f64).sqrt();
-                rng.vec(n, -bound, bound)
             } else {
                 let bound = 1.0 / (dims[1] as f64).sqrt();
                 rng.vec(n, -bound, bound)

@@ -22,7 +22,8 @@ pub struct CeOptions {
     pub ignore_index: i64,
     /// Divide the summed loss by this; default: the number of counted targets (at least 1).
     pub denominator: Option<f64>,
-    /// Rows per chunk in [`linear_cross_entropy`]; default keeps a chunk near 4M logits.
+    /// Most rows per chunk in [`linear_cross_entropy`] (chunks are balanced); default keeps a
+    /// chunk near 8M logits.
     pub chunk_rows: Option<usize>,
 }
 
@@ -106,7 +107,10 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[i64], opts: &CeOp
     }
     let (rows, d, vocab) = (hd[0], hd[1], wd[0]);
     let denom = check_targets("linear_cross_entropy", targets, rows, vocab, opts)?;
-    let chunk = opts.chunk_rows.unwrap_or((1 << 22) / vocab.max(1)).clamp(1, rows.max(1));
+    // Default: about 8M logits per chunk (32 MiB in f32), chunks balanced so that no small tail
+    // chunk re-reads the whole head for a handful of rows.
+    let budget = opts.chunk_rows.unwrap_or((1 << 23) / vocab.max(1)).clamp(1, rows.max(1));
+    let chunk = rows.div_ceil(rows.div_ceil(budget));
     let (y, lse) = with_float!(dt, "linear_cross_entropy", |T| {
         let (hg, wg) = (h.read(), w.read());
         let hv = vals::<T>(&hg);
