@@ -68,10 +68,21 @@ impl MappedBytes {
     }
 }
 
+/// A logical-to-physical row mapping: logical row i of a mapped matrix is stored as physical
+/// row `perm[i]`. Used to undo llama.cpp's q/k row permutation without copying the weight.
+#[derive(Clone, Debug)]
+pub struct RowMap {
+    /// Elements per row (a whole number of blocks for quantized dtypes).
+    pub row_len: usize,
+    pub perm: std::sync::Arc<[u32]>,
+}
+
 /// The elements of one tensor.
 pub enum Storage {
     Host(HostData),
-    Mapped { bytes: MappedBytes, dtype: DType },
+    /// `numel` elements of `dtype` (block-quantized dtypes included) in a mapped byte range,
+    /// optionally read through a row permutation.
+    Mapped { bytes: MappedBytes, dtype: DType, numel: usize, rows: Option<RowMap> },
 }
 
 /// Reinterprets little-endian bytes as `[T]` when the dtype matches and the address is aligned.
@@ -96,7 +107,7 @@ impl Storage {
     pub fn len(&self) -> usize {
         match self {
             Storage::Host(h) => h.len(),
-            Storage::Mapped { bytes, dtype } => bytes.len / dtype.size(),
+            Storage::Mapped { numel, .. } => *numel,
         }
     }
 
@@ -108,7 +119,7 @@ impl Storage {
     pub fn slice<T: Float>(&self) -> Option<&[T]> {
         match self {
             Storage::Host(h) => host_slice::<T>(h),
-            Storage::Mapped { bytes, dtype } if *dtype == T::DTYPE => cast_bytes::<T>(bytes.bytes()),
+            Storage::Mapped { bytes, dtype, rows: None, .. } if *dtype == T::DTYPE => cast_bytes::<T>(bytes.bytes()),
             Storage::Mapped { .. } => None,
         }
     }
@@ -134,15 +145,18 @@ impl Storage {
             Storage::Host(HostData::F64(v)) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = T::from_f64(*x)),
             Storage::Host(HostData::BF16(v)) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = T::from_bf16(*x)),
             Storage::Host(HostData::F16(v)) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = T::from_f16(*x)),
-            Storage::Mapped { bytes, dtype } => {
-                let s = dtype.size();
-                let b = &bytes.bytes()[start * s..end * s];
-                match dtype {
-                    DType::BF16 => {
-                        b.chunks_exact(2).zip(out.iter_mut()).for_each(|(c, o)| *o = T::from_bf16(bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))))
-                    }
-                    DType::F16 => b.chunks_exact(2).zip(out.iter_mut()).for_each(|(c, o)| *o = T::from_f16(f16::from_bits(u16::from_le_bytes([c[0], c[1]])))),
-                    _ => out.iter_mut().enumerate().for_each(|(i, o)| *o = T::from_f64(dtype.decode_le(b, i))),
+            Storage::Mapped { bytes, dtype, rows: None, .. } => decode_range(bytes.bytes(), *dtype, start, out),
+            Storage::Mapped { bytes, dtype, rows: Some(map), .. } => {
+                // Split the logical range at row boundaries and read each piece from its
+                // physical row.
+                let (mut pos, mut done) = (start, 0);
+                while done < out.len() {
+                    let (row, col) = (pos / map.row_len, pos % map.row_len);
+                    let n = (map.row_len - col).min(out.len() - done);
+                    let phys = map.perm[row] as usize * map.row_len + col;
+                    decode_range(bytes.bytes(), *dtype, phys, &mut out[done..done + n]);
+                    pos += n;
+                    done += n;
                 }
             }
         }
@@ -161,6 +175,45 @@ impl Storage {
             Storage::Host(HostData::BF16(v)) => v.as_ptr() as *const u8,
             Storage::Host(HostData::F16(v)) => v.as_ptr() as *const u8,
             Storage::Mapped { bytes, .. } => bytes.as_ptr(),
+        }
+    }
+}
+
+/// Decodes elements `start .. start + out.len()` of little-endian `bytes` holding `dtype`.
+fn decode_range<T: Float>(bytes: &[u8], dtype: DType, start: usize, out: &mut [T]) {
+    let end = start + out.len();
+    match dtype {
+        DType::BF16 => bytes[start * 2..end * 2]
+            .chunks_exact(2)
+            .zip(out.iter_mut())
+            .for_each(|(c, o)| *o = T::from_bf16(bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))),
+        DType::F16 => bytes[start * 2..end * 2]
+            .chunks_exact(2)
+            .zip(out.iter_mut())
+            .for_each(|(c, o)| *o = T::from_f16(f16::from_bits(u16::from_le_bytes([c[0], c[1]])))),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+            let (bs, bb) = (dtype.block_size(), dtype.size());
+            let mut blk = [T::ZERO; 32];
+            let mut i = start;
+            while i < end {
+                let b = i / bs;
+                let off = i % bs;
+                let n = (bs - off).min(end - i);
+                let o = &mut out[i - start..i - start + n];
+                if off == 0 && n == bs {
+                    let dst: &mut [T; 32] = o.try_into().expect("a whole block is 32 elements");
+                    dtype.dequantize_block(&bytes[b * bb..(b + 1) * bb], dst);
+                } else {
+                    dtype.dequantize_block(&bytes[b * bb..(b + 1) * bb], &mut blk);
+                    o.copy_from_slice(&blk[off..off + n]);
+                }
+                i += n;
+            }
+        }
+        _ => {
+            let s = dtype.size();
+            let b = &bytes[start * s..end * s];
+            out.iter_mut().enumerate().for_each(|(i, o)| *o = T::from_f64(dtype.decode_le(b, i)));
         }
     }
 }

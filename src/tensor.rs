@@ -14,7 +14,7 @@ use crate::autograd::Node;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::shape::Shape;
-use crate::storage::{host_from_vec, HostData, MappedBytes, Storage};
+use crate::storage::{host_from_vec, HostData, MappedBytes, RowMap, Storage};
 
 /// Unique identity of a tensor handle; gradients are keyed by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,13 +103,54 @@ impl Tensor {
     /// map. Nothing is copied. `name` is used in the error if the range is out of bounds.
     pub fn from_mmap(map: Arc<Mmap>, offset: usize, dtype: DType, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
         let shape = shape.into();
-        let len = shape.numel().checked_mul(dtype.size()).ok_or_else(|| Error::invalid("Tensor::from_mmap", format!("{name}: {shape} overflows")))?;
+        let len = dtype.storage_bytes(shape.numel()).ok_or_else(|| {
+            Error::invalid("Tensor::from_mmap", format!("{name}: {shape} ({} elements) is not a whole number of {dtype} blocks of {}", shape.numel(), dtype.block_size()))
+        })?;
         let map_len = map.len();
         let bytes = MappedBytes::new(map, offset, len).ok_or_else(|| Error::Format {
             path: Path::new(name).to_path_buf(),
             msg: format!("tensor data at bytes {offset}..{} lies outside the {map_len}-byte file", offset as u128 + len as u128),
         })?;
-        Ok(Self::from_storage(Storage::Mapped { bytes, dtype }, shape))
+        Ok(Self::from_storage(Storage::Mapped { bytes, dtype, numel: shape.numel(), rows: None }, shape))
+    }
+
+    /// A frozen view of this matrix [rows, cols] whose logical row i is row `perm[i]` of this
+    /// one. Mapped storage is not copied (rows are remapped on every read); host storage is
+    /// reordered into a new buffer. `perm` must be a permutation of 0..rows.
+    pub fn permute_rows(&self, perm: &[u32]) -> Result<Tensor> {
+        const OP: &str = "Tensor::permute_rows";
+        if self.dims().len() != 2 {
+            return Err(Error::shape(OP, "tensor", "[rows, cols]", self.shape()));
+        }
+        let (rows, cols) = (self.dims()[0], self.dims()[1]);
+        let mut seen = vec![false; rows];
+        if perm.len() != rows || !perm.iter().all(|&p| (p as usize) < rows && !std::mem::replace(&mut seen[p as usize], true)) {
+            return Err(Error::invalid(OP, format!("perm must be a permutation of 0..{rows}")));
+        }
+        if self.dtype().is_quantized() && cols % self.dtype().block_size() != 0 {
+            return Err(Error::invalid(OP, format!("rows of {cols} elements split {} blocks", self.dtype())));
+        }
+        let storage = match &*self.read() {
+            Storage::Mapped { bytes, dtype, numel, rows: None } => {
+                Storage::Mapped { bytes: bytes.clone(), dtype: *dtype, numel: *numel, rows: Some(RowMap { row_len: cols, perm: perm.into() }) }
+            }
+            Storage::Mapped { bytes, dtype, numel, rows: Some(m) } => {
+                let composed: Vec<u32> = perm.iter().map(|&p| m.perm[p as usize]).collect();
+                Storage::Mapped { bytes: bytes.clone(), dtype: *dtype, numel: *numel, rows: Some(RowMap { row_len: cols, perm: composed.into() }) }
+            }
+            Storage::Host(h) => {
+                fn gather<E: Copy>(v: &[E], perm: &[u32], cols: usize) -> Vec<E> {
+                    perm.iter().flat_map(|&p| v[p as usize * cols..(p as usize + 1) * cols].iter().copied()).collect()
+                }
+                Storage::Host(match h {
+                    HostData::F32(v) => HostData::F32(gather(v, perm, cols)),
+                    HostData::F64(v) => HostData::F64(gather(v, perm, cols)),
+                    HostData::BF16(v) => HostData::BF16(gather(v, perm, cols)),
+                    HostData::F16(v) => HostData::F16(gather(v, perm, cols)),
+                })
+            }
+        };
+        Ok(Self::from_storage(storage, self.shape().clone()))
     }
 
     /// Marks this tensor's values as a trainable leaf (an adapter parameter). Returns a new handle

@@ -231,3 +231,71 @@ fn zero_sized_and_mismatched_shapes_never_panic() {
         }
     }
 }
+
+/// Writes `bytes` to a temp file and maps it.
+fn map_bytes(bytes: &[u8]) -> (tempfile::NamedTempFile, Arc<memmap2::Mmap>) {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(bytes).unwrap();
+    f.flush().unwrap();
+    let map = Arc::new(unsafe { memmap2::Mmap::map(f.as_file()).unwrap() });
+    (f, map)
+}
+
+#[test]
+fn ggml_block_quantized_weights_dequantize_per_use() {
+    // Two rows of 64 values = 4 blocks of 32, per dtype. Expected values from the GGML formulas.
+    let h = |x: f32| half::f16::from_f32(x).to_bits().to_le_bytes();
+    let mut q8 = Vec::new();
+    let mut q40 = Vec::new();
+    let mut q41 = Vec::new();
+    let (mut e8, mut e40, mut e41) = (Vec::new(), Vec::new(), Vec::new());
+    for b in 0..4 {
+        let d = 0.5 + b as f32 * 0.25;
+        let m = -1.0 + b as f32 * 0.5;
+        q8.extend(h(d));
+        let qs: Vec<i8> = (0..32).map(|i| (i as i8 - 16) * (b as i8 + 1)).collect();
+        q8.extend(qs.iter().map(|&q| q as u8));
+        e8.extend(qs.iter().map(|&q| d * q as f32));
+        q40.extend(h(d));
+        q41.extend(h(d));
+        q41.extend(h(m));
+        let nib: Vec<u8> = (0..32).map(|i| ((i * 7 + b) % 16) as u8).collect();
+        let packed: Vec<u8> = (0..16).map(|j| nib[j] | (nib[j + 16] << 4)).collect();
+        q40.extend(&packed);
+        q41.extend(&packed);
+        e40.extend(nib.iter().map(|&q| d * (q as i32 - 8) as f32));
+        e41.extend(nib.iter().map(|&q| d * q as f32 + m));
+    }
+    for (dtype, bytes, want) in [(DType::Q8_0, q8, e8), (DType::Q4_0, q40, e40), (DType::Q4_1, q41, e41)] {
+        let (_f, map) = map_bytes(&bytes);
+        let t = Tensor::from_mmap(map.clone(), 0, dtype, [2, 64], "q").unwrap();
+        assert_eq!(t.to_vec_f32(), want, "{dtype}");
+        // A read that starts and ends inside blocks.
+        let mut part = vec![0.0f32; 40];
+        t.read().read_into(5, &mut part);
+        assert_eq!(part, want[5..45].to_vec(), "{dtype} partial read");
+        // The same values through a GEMM (converted per tile): x = e_0 picks row 0 of W.
+        let x = Tensor::from_vec(vec![1.0f32, 0.0], [1, 2]).unwrap();
+        let y = ops::matmul(&x, &t, false, false).unwrap().to_vec_f32();
+        assert_eq!(y, want[..64].to_vec());
+        // Row permutation without a copy: logical row 0 = physical row 1.
+        let p = t.permute_rows(&[1, 0]).unwrap();
+        assert!(p.read().is_mapped());
+        let pv = p.to_vec_f32();
+        assert_eq!(&pv[..64], &want[64..]);
+        assert_eq!(&pv[64..], &want[..64]);
+        // Size that is not a whole number of blocks, and a range beyond the file.
+        assert!(Tensor::from_mmap(map.clone(), 0, dtype, [2, 60], "q").is_err());
+        assert!(Tensor::from_mmap(map, 1, dtype, [2, 64], "q.trunc").is_err());
+        assert!(p.param().is_err(), "quantized weights cannot be trained");
+    }
+}
+
+#[test]
+fn permute_rows_validates_and_reorders_host_tensors() {
+    let t = t32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2]);
+    assert_eq!(t.permute_rows(&[2, 0, 1]).unwrap().to_vec_f32(), vec![5.0, 6.0, 1.0, 2.0, 3.0, 4.0]);
+    assert!(t.permute_rows(&[0, 0, 1]).is_err());
+    assert!(t.permute_rows(&[0, 1]).is_err());
+    assert!(t.permute_rows(&[0, 1, 3]).is_err());
+}
