@@ -27,6 +27,7 @@
 //!     vocab_size: 64, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
 //!     num_attention_heads: 4, num_key_value_heads: 2, head_dim: 8,
 //!     rms_norm_eps: 1e-5, rope_theta: 10000.0, tie_word_embeddings: true,
+//!     attention_bias: false, max_position_embeddings: 128,
 //! };
 //! let mut model = Llama::random(cfg, DType::F32, 0)?;
 //! model.checkpointing = true; // recompute each layer in backward
@@ -65,6 +66,7 @@ pub mod backend;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod fetch;
 pub mod gradcheck;
 pub mod model;
 pub mod ops;
@@ -73,6 +75,7 @@ pub mod peft;
 pub mod shape;
 pub mod storage;
 pub mod tensor;
+pub mod tokenizer;
 
 pub use autograd::{backward, checkpoint, no_grad, GradStore};
 pub use dtype::{DType, Float};

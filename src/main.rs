@@ -117,6 +117,8 @@ fn train_tiny(
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
         tie_word_embeddings: true,
+        attention_bias: false,
+        max_position_embeddings: seq_len,
     };
     let mut model = Llama::random(cfg.clone(), DType::F32, seed)?;
     model.checkpointing = checkpointing;

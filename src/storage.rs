@@ -82,7 +82,12 @@ pub enum Storage {
     Host(HostData),
     /// `numel` elements of `dtype` (block-quantized dtypes included) in a mapped byte range,
     /// optionally read through a row permutation.
-    Mapped { bytes: MappedBytes, dtype: DType, numel: usize, rows: Option<RowMap> },
+    Mapped {
+        bytes: MappedBytes,
+        dtype: DType,
+        numel: usize,
+        rows: Option<RowMap>,
+    },
 }
 
 /// Reinterprets little-endian bytes as `[T]` when the dtype matches and the address is aligned.
@@ -187,10 +192,9 @@ fn decode_range<T: Float>(bytes: &[u8], dtype: DType, start: usize, out: &mut [T
             .chunks_exact(2)
             .zip(out.iter_mut())
             .for_each(|(c, o)| *o = T::from_bf16(bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))),
-        DType::F16 => bytes[start * 2..end * 2]
-            .chunks_exact(2)
-            .zip(out.iter_mut())
-            .for_each(|(c, o)| *o = T::from_f16(f16::from_bits(u16::from_le_bytes([c[0], c[1]])))),
+        DType::F16 => {
+            bytes[start * 2..end * 2].chunks_exact(2).zip(out.iter_mut()).for_each(|(c, o)| *o = T::from_f16(f16::from_bits(u16::from_le_bytes([c[0], c[1]]))))
+        }
         DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
             let (bs, bb) = (dtype.block_size(), dtype.size());
             let mut blk = [T::ZERO; 32];

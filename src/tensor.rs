@@ -104,7 +104,10 @@ impl Tensor {
     pub fn from_mmap(map: Arc<Mmap>, offset: usize, dtype: DType, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
         let shape = shape.into();
         let len = dtype.storage_bytes(shape.numel()).ok_or_else(|| {
-            Error::invalid("Tensor::from_mmap", format!("{name}: {shape} ({} elements) is not a whole number of {dtype} blocks of {}", shape.numel(), dtype.block_size()))
+            Error::invalid(
+                "Tensor::from_mmap",
+                format!("{name}: {shape} ({} elements) is not a whole number of {dtype} blocks of {}", shape.numel(), dtype.block_size()),
+            )
         })?;
         let map_len = map.len();
         let bytes = MappedBytes::new(map, offset, len).ok_or_else(|| Error::Format {

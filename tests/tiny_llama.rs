@@ -20,6 +20,8 @@ fn tiny(tie: bool) -> LlamaConfig {
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
         tie_word_embeddings: tie,
+        attention_bias: false,
+        max_position_embeddings: 64,
     }
 }
 
@@ -87,8 +89,9 @@ fn checkpointing_gives_identical_training() {
 
 #[test]
 fn whole_model_adapter_gradients_match_finite_differences() {
-    for (spec, tie) in [(None, true), (Some(3), false)] {
-        let mut m = Llama::random(tiny(tie), DType::F64, 21).unwrap();
+    for (spec, tie, bias) in [(None, true, false), (Some(3), false, true)] {
+        let cfg = LlamaConfig { attention_bias: bias, ..tiny(tie) };
+        let mut m = Llama::random(cfg, DType::F64, 21).unwrap();
         m.attach_adapters(&Target::ALL, &LoraConfig { rank: 2, alpha: 4.0, rslora: false }, spec, 23).unwrap();
         // Move B and d away from their init so every adapter gradient is non-trivial.
         let mut rng = SplitMix::new(99);

@@ -30,6 +30,10 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub tie_word_embeddings: bool,
+    /// q/k/v projections carry a bias (Qwen2).
+    pub attention_bias: bool,
+    /// Longest sequence the model was trained for (generation stops there).
+    pub max_position_embeddings: usize,
 }
 
 impl LlamaConfig {
@@ -198,16 +202,19 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let mut lin = |name: &str, o: usize, i: usize| -> Result<Linear> {
-                Ok(Linear { weight: fetch(format!("{p}.{name}.weight"), &[o, i])?, bias: None, adapter: None })
+            let mut lin = |name: &str, o: usize, i: usize, bias: bool| -> Result<Linear> {
+                let weight = fetch(format!("{p}.{name}.weight"), &[o, i])?;
+                let bias = if bias { Some(fetch(format!("{p}.{name}.bias"), &[o])?) } else { None };
+                Ok(Linear { weight, bias, adapter: None })
             };
-            let q = lin("self_attn.q_proj", qd, h)?;
-            let k = lin("self_attn.k_proj", kvd, h)?;
-            let v = lin("self_attn.v_proj", kvd, h)?;
-            let o = lin("self_attn.o_proj", h, qd)?;
-            let gate = lin("mlp.gate_proj", f, h)?;
-            let up = lin("mlp.up_proj", f, h)?;
-            let down = lin("mlp.down_proj", h, f)?;
+            let qkv_bias = cfg.attention_bias;
+            let q = lin("self_attn.q_proj", qd, h, qkv_bias)?;
+            let k = lin("self_attn.k_proj", kvd, h, qkv_bias)?;
+            let v = lin("self_attn.v_proj", kvd, h, qkv_bias)?;
+            let o = lin("self_attn.o_proj", h, qd, false)?;
+            let gate = lin("mlp.gate_proj", f, h, false)?;
+            let up = lin("mlp.up_proj", f, h, false)?;
+            let down = lin("mlp.down_proj", h, f, false)?;
             layers.push(Layer {
                 input_norm: fetch(format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: fetch(format!("{p}.post_attention_layernorm.weight"), &[h])?,
@@ -234,7 +241,9 @@ impl Llama {
         let mut weights = std::collections::HashMap::new();
         for (name, dims) in expected_weights(&cfg) {
             let n: usize = dims.iter().product();
-            let v = if name.ends_with("norm.weight") {
+            let v = if name.ends_with(".bias") {
+                rng.vec(n, -0.1, 0.1)
+            } else if name.ends_with("norm.weight") {
                 rng.vec(n, 0.9, 1.1)
             } else {
                 let bound = 1.0 / (dims[1] as f64).sqrt();
@@ -332,6 +341,11 @@ pub fn expected_weights(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         v.push((format!("{p}.self_attn.q_proj.weight"), vec![qd, h]));
         v.push((format!("{p}.self_attn.k_proj.weight"), vec![kvd, h]));
         v.push((format!("{p}.self_attn.v_proj.weight"), vec![kvd, h]));
+        if cfg.attention_bias {
+            v.push((format!("{p}.self_attn.q_proj.bias"), vec![qd]));
+            v.push((format!("{p}.self_attn.k_proj.bias"), vec![kvd]));
+            v.push((format!("{p}.self_attn.v_proj.bias"), vec![kvd]));
+        }
         v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, qd]));
         v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
         v.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
