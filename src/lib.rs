@@ -68,6 +68,7 @@ pub mod dtype;
 pub mod error;
 pub mod fetch;
 pub mod gradcheck;
+pub mod io;
 pub mod model;
 pub mod ops;
 pub mod optim;

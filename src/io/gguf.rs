@@ -1,0 +1,1 @@
+//! GGUF (v3) reader: metadata, tensor table, mapped tensors, llama.cpp → HF names.

@@ -1,0 +1,1 @@
+//! HF safetensors checkpoints over a memory map: single files and sharded folders.
