@@ -137,3 +137,39 @@ fn only_adapter_parameters_are_trainable() {
         }
     }
 }
+
+#[test]
+fn kv_cache_decoding_matches_the_full_forward() {
+    use spectune::model::KvCache;
+    let m = Llama::random(tiny(false), DType::F64, 31).unwrap();
+    let (ids, _) = batch(3, 1, 9, 37);
+    let full = m.hidden_states(&ids, 1, 9, None).unwrap().to_vec_f64();
+    let mut cache = KvCache::new();
+    let mut inc = m.forward_cached(&ids[..4], 1, 4, &mut cache).unwrap().to_vec_f64();
+    for i in 4..9 {
+        inc.extend(m.forward_cached(&ids[i..i + 1], 1, 1, &mut cache).unwrap().to_vec_f64());
+    }
+    assert_eq!(cache.len, 9);
+    for (a, b) in full.iter().zip(&inc) {
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn greedy_generation_is_deterministic_and_stops() {
+    use spectune::model::{generate, GenerateOptions};
+    let m = Llama::random(tiny(true), DType::F32, 32).unwrap();
+    let opts = GenerateOptions { max_new_tokens: 6, ..Default::default() };
+    let a = generate(&m, &[1, 2, 3], &opts, |_| Ok(())).unwrap();
+    let b = generate(&m, &[1, 2, 3], &opts, |_| Ok(())).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.len(), 6);
+    // Stopping on the first generated token.
+    let stop = GenerateOptions { stop_ids: vec![a[0]], ..opts.clone() };
+    assert_eq!(generate(&m, &[1, 2, 3], &stop, |_| Ok(())).unwrap(), vec![a[0]]);
+    // Sampling with a seed is reproducible; bad options are errors.
+    let s = GenerateOptions { greedy: false, temperature: 0.8, top_p: 0.9, seed: 5, ..opts.clone() };
+    assert_eq!(generate(&m, &[1, 2, 3], &s, |_| Ok(())).unwrap(), generate(&m, &[1, 2, 3], &s, |_| Ok(())).unwrap());
+    assert!(generate(&m, &[1], &GenerateOptions { greedy: false, temperature: 0.0, ..opts.clone() }, |_| Ok(())).is_err());
+    assert!(generate(&m, &[], &opts, |_| Ok(())).is_err());
+}

@@ -303,9 +303,9 @@ impl Llama {
         for layer in &self.layers {
             h = if self.checkpointing {
                 let (layer, ctx) = (layer.clone(), ctx.clone());
-                checkpoint(&h, move |x| layer_forward(&layer, &ctx, x))?
+                checkpoint(&h, move |x| layer_forward(&layer, &ctx, x, None))?
             } else {
-                layer_forward(layer, &ctx, &h)?
+                layer_forward(layer, &ctx, &h, None)?
             };
         }
         ops::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
@@ -359,8 +359,77 @@ pub fn expected_weights(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
-/// One decoder layer: pre-norm attention and SwiGLU MLP, each with a residual.
-fn layer_forward(l: &Layer, c: &Ctx, x: &Tensor) -> Result<Tensor> {
+/// Keys and values of the positions already processed, per layer ([b, s, nkv, hd] each, after
+/// RoPE), for incremental decoding.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Option<Tensor>, Option<Tensor>)>,
+    /// Positions already in the cache.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Concatenates [b, s1, h, d] and [b, s2, h, d] along the sequence axis.
+fn concat_seq(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (ad, bd) = (a.dims(), b.dims());
+    if ad.len() != 4 || bd.len() != 4 || ad[0] != bd[0] || ad[2..] != bd[2..] || a.dtype() != b.dtype() {
+        return Err(Error::shape("kv_cache", "new keys", format!("[{}, s, {}, {}] {}", ad[0], ad[2], ad[3], a.dtype()), b.shape()));
+    }
+    let (bs, row) = (ad[0], ad[2] * ad[3]);
+    crate::device::with_float!(a.dtype(), "kv_cache", |T| {
+        let (av, bv) = (a.to_vec::<T>(), b.to_vec::<T>());
+        let mut out = Vec::with_capacity(av.len() + bv.len());
+        for i in 0..bs {
+            out.extend_from_slice(&av[i * ad[1] * row..(i + 1) * ad[1] * row]);
+            out.extend_from_slice(&bv[i * bd[1] * row..(i + 1) * bd[1] * row]);
+        }
+        Tensor::from_vec(out, [bs, ad[1] + bd[1], ad[2], ad[3]])
+    })
+}
+
+impl Llama {
+    /// Runs `ids` ([b·t], the tokens after those already in `cache`) through the model without
+    /// recording a graph, appending their keys/values to `cache`. Returns the final hidden
+    /// states [b·t, hidden].
+    pub fn forward_cached(&self, ids: &[u32], b: usize, t: usize, cache: &mut KvCache) -> Result<Tensor> {
+        if ids.len() != b * t || b == 0 || t == 0 {
+            return Err(Error::shape("Llama::forward_cached", "ids", format!("{b}×{t} ids (b, t > 0)"), ids.len()));
+        }
+        let start = cache.len;
+        if start + t > self.cfg.max_position_embeddings {
+            return Err(Error::invalid(
+                "Llama::forward_cached",
+                format!("position {} exceeds max_position_embeddings {}", start + t, self.cfg.max_position_embeddings),
+            ));
+        }
+        crate::autograd::no_grad(|| {
+            let ctx = Ctx {
+                cfg: self.cfg.clone(),
+                rope: self.rope.clone(),
+                b,
+                t,
+                positions: (start..start + t).collect(),
+                attn: AttnOptions { causal: true, key_mask: None, scale: None },
+            };
+            cache.layers.resize(self.layers.len(), (None, None));
+            let mut h = ops::embedding(&self.embed, ids, self.dtype)?;
+            for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                h = layer_forward(layer, &ctx, &h, Some(kv))?;
+            }
+            cache.len = start + t;
+            ops::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
+        })
+    }
+}
+
+/// One decoder layer: pre-norm attention and SwiGLU MLP, each with a residual. With `kv`, the
+/// new keys/values are appended to the cache and attention runs over all cached positions.
+fn layer_forward(l: &Layer, c: &Ctx, x: &Tensor, kv: Option<&mut (Option<Tensor>, Option<Tensor>)>) -> Result<Tensor> {
     let cfg = &c.cfg;
     let (b, t, hd) = (c.b, c.t, cfg.head_dim);
     let n = ops::rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
@@ -368,7 +437,16 @@ fn layer_forward(l: &Layer, c: &Ctx, x: &Tensor) -> Result<Tensor> {
     let k = ops::reshape(&l.k.forward(&n)?, [b, t, cfg.num_key_value_heads, hd])?;
     let v = ops::reshape(&l.v.forward(&n)?, [b, t, cfg.num_key_value_heads, hd])?;
     let q = ops::rope(&q, &c.rope, &c.positions)?;
-    let k = ops::rope(&k, &c.rope, &c.positions)?;
+    let mut k = ops::rope(&k, &c.rope, &c.positions)?;
+    let mut v = v;
+    if let Some((ck, cv)) = kv {
+        if let (Some(pk), Some(pv)) = (ck.as_ref(), cv.as_ref()) {
+            k = concat_seq(pk, &k)?;
+            v = concat_seq(pv, &v)?;
+        }
+        *ck = Some(k.clone());
+        *cv = Some(v.clone());
+    }
     let a = ops::attention(&q, &k, &v, &c.attn)?;
     let a = ops::reshape(&a, [b * t, cfg.num_attention_heads * hd])?;
     let x = ops::add(x, &l.o.forward(&a)?)?;

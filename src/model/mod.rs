@@ -1,6 +1,8 @@
 //! Transformer models built from [`crate::ops`] only.
 
 pub mod config;
+pub mod generate;
 pub mod llama;
 
-pub use llama::{Llama, LlamaConfig, Target};
+pub use generate::{generate, GenerateOptions};
+pub use llama::{KvCache, Llama, LlamaConfig, Target};
