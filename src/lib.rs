@@ -33,7 +33,7 @@
 //! model.checkpointing = true; // recompute each layer in backward
 //!
 //! // SpecLoRA (k = 8 rows per weight) plus rank-4 LoRA on all seven linears of every layer.
-//! let lora = LoraConfig { rank: 4, alpha: 8.0, rslora: false };
+//! let lora = LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 };
 //! model.attach_adapters(&Target::ALL, &lora, Some(8), 1)?;
 //! let params = model.trainable_params();
 //! let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..AdamWConfig::default() })?;

@@ -123,7 +123,7 @@ fn train_tiny(
     let mut model = Llama::random(cfg.clone(), DType::F32, seed)?;
     model.checkpointing = checkpointing;
     let spec_k = matches!(method, Method::Speclora).then_some(k);
-    model.attach_adapters(&Target::ALL, &LoraConfig { rank, alpha, rslora: false }, spec_k, seed + 1)?;
+    model.attach_adapters(&Target::ALL, &LoraConfig { rank, alpha, rslora: false, dropout: 0.0 }, spec_k, seed + 1)?;
     let params = model.trainable_params();
     let trainable: usize = params.iter().map(|p| p.numel()).sum();
     let frozen: usize = spectune::model::llama::expected_weights(&cfg).iter().map(|(_, d)| d.iter().product::<usize>()).sum();

@@ -176,6 +176,22 @@ proptest! {
     }
 
     #[test]
+    fn adapter_linear_with_dropout(rows in dim(), n in dim(), m in dim(), r in 1usize..4, p in 0.0f64..0.7, spec: bool, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let x = param(&mut rng, &[rows, n], -1.0, 1.0);
+        let w = constant(&mut rng, &[m, n], -1.0, 1.0);
+        let d = param(&mut rng, &[1], 0.5, 1.5);
+        let a = param(&mut rng, &[r, n], -1.0, 1.0);
+        let b = param(&mut rng, &[m, r], -1.0, 1.0);
+        let dr = Some(ops::Dropout { p, seed });
+        let rows_sel = SpecRows::Top(1);
+        check("adapter_linear(dropout)", &[x, w, d, a, b], |x| {
+            let spec = spec.then_some((&x[2], &rows_sel));
+            ops::adapter_linear(&x[0], &x[1], spec, &x[3], &x[4], 1.5, dr)
+        })?;
+    }
+
+    #[test]
     fn speclora_linear_op(rows in dim(), n in dim(), m in dim(), r in 1usize..4, by_index: bool, seed: u64) {
         let mut rng = SplitMix::new(seed);
         let k = 1 + (rng.next_u64() as usize) % m;

@@ -45,7 +45,7 @@ fn adapters_are_identity_at_init_bit_exact() {
         let y0 = base.logits(&ids, 2, 5, None).unwrap().to_vec_f32();
         for spec in [None, Some(3)] {
             let mut m = base.clone();
-            m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false }, spec, 7).unwrap();
+            m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, spec, 7).unwrap();
             let y = m.logits(&ids, 2, 5, None).unwrap().to_vec_f32();
             assert_eq!(bits(&y0), bits(&y), "tie={tie} spec={spec:?}: adapted model differs from the base at init");
         }
@@ -55,7 +55,7 @@ fn adapters_are_identity_at_init_bit_exact() {
 fn train_losses(spec: Option<usize>, checkpointing: bool, steps: usize) -> Vec<f64> {
     let mut m = Llama::random(tiny(false), DType::F32, 3).unwrap();
     m.checkpointing = checkpointing;
-    m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false }, spec, 11).unwrap();
+    m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, spec, 11).unwrap();
     let params = m.trainable_params();
     let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-2, ..AdamWConfig::default() }).unwrap();
     let (ids, targets) = batch(5, 2, 8, 37);
@@ -92,7 +92,7 @@ fn whole_model_adapter_gradients_match_finite_differences() {
     for (spec, tie, bias) in [(None, true, false), (Some(3), false, true)] {
         let cfg = LlamaConfig { attention_bias: bias, ..tiny(tie) };
         let mut m = Llama::random(cfg, DType::F64, 21).unwrap();
-        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 2, alpha: 4.0, rslora: false }, spec, 23).unwrap();
+        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, spec, 23).unwrap();
         // Move B and d away from their init so every adapter gradient is non-trivial.
         let mut rng = SplitMix::new(99);
         for layer in &m.layers {
@@ -120,7 +120,7 @@ fn whole_model_adapter_gradients_match_finite_differences() {
 #[test]
 fn only_adapter_parameters_are_trainable() {
     let mut m = Llama::random(tiny(true), DType::F32, 4).unwrap();
-    m.attach_adapters(&[Target::Q, Target::V], &LoraConfig { rank: 2, alpha: 4.0, rslora: false }, Some(3), 5).unwrap();
+    m.attach_adapters(&[Target::Q, Target::V], &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, Some(3), 5).unwrap();
     let params = m.trainable_params();
     // 2 layers × 2 targets × (d, A, B)
     assert_eq!(params.len(), 12);
@@ -172,4 +172,31 @@ fn greedy_generation_is_deterministic_and_stops() {
     assert_eq!(generate(&m, &[1, 2, 3], &s, |_| Ok(())).unwrap(), generate(&m, &[1, 2, 3], &s, |_| Ok(())).unwrap());
     assert!(generate(&m, &[1], &GenerateOptions { greedy: false, temperature: 0.0, ..opts.clone() }, |_| Ok(())).is_err());
     assert!(generate(&m, &[], &opts, |_| Ok(())).is_err());
+}
+
+#[test]
+fn adapter_dropout_is_reproduced_exactly_by_checkpoint_recompute() {
+    let grads = |ckpt: bool, training: bool| {
+        let mut m = Llama::random(tiny(false), DType::F32, 41).unwrap();
+        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.3 }, Some(3), 42).unwrap();
+        for p in m.trainable_params() {
+            let n = p.numel();
+            p.set_values(&SplitMix::new(n as u64).vec(n, -0.2, 0.2).into_iter().map(|v| v as f32 + 1.0).collect::<Vec<_>>()).unwrap();
+        }
+        m.checkpointing = ckpt;
+        m.training = training;
+        m.dropout_seed = 1234;
+        let (ids, targets) = batch(6, 2, 5, 37);
+        let loss = m.loss(&ids, &targets, 2, 5, None, &CeOptions::default()).unwrap();
+        let l = loss.item().unwrap();
+        let g = backward(&loss).unwrap();
+        let gv: Vec<Vec<f32>> = m.trainable_params().iter().map(|p| g.get(p).unwrap().to_vec_f32()).collect();
+        (l, gv)
+    };
+    let (l0, g0) = grads(false, true);
+    let (l1, g1) = grads(true, true);
+    assert_eq!(l0, l1);
+    assert_eq!(g0, g1, "checkpoint recompute must see the same dropout masks");
+    let (le, _) = grads(false, false);
+    assert_ne!(l0, le, "dropout is active only in training mode");
 }

@@ -95,9 +95,10 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `dropout_seed`: Some while training (adapter dropout on), None for evaluation.
+    pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let y = match &self.adapter {
-            Some(ad) => ad.forward(x, &self.weight)?,
+            Some(ad) => ad.forward(x, &self.weight, dropout_seed)?,
             None => ops::linear(x, &self.weight)?,
         };
         match &self.bias {
@@ -161,6 +162,8 @@ struct Ctx {
     t: usize,
     positions: Vec<usize>,
     attn: AttnOptions,
+    /// Adapter-dropout seed of this forward (None: evaluation).
+    seed: Option<u64>,
 }
 
 /// A Llama-family decoder.
@@ -179,6 +182,10 @@ pub struct Llama {
     pub dtype: DType,
     /// Activation checkpointing per decoder layer.
     pub checkpointing: bool,
+    /// Training mode: adapter dropout is active, seeded by `dropout_seed` (set it anew each
+    /// step; the same seed gives the same masks, which checkpoint recomputation relies on).
+    pub training: bool,
+    pub dropout_seed: u64,
 }
 
 impl Llama {
@@ -230,7 +237,7 @@ impl Llama {
         let norm = fetch("model.norm.weight".into(), &[h])?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(fetch("lm_head.weight".into(), &[cfg.vocab_size, h])?) };
         let rope = Rope::new(hd, cfg.rope_theta)?;
-        Ok(Llama { cfg, embed, layers, norm, lm_head, rope, dtype, checkpointing: false })
+        Ok(Llama { cfg, embed, layers, norm, lm_head, rope, dtype, checkpointing: false, training: false, dropout_seed: 0 })
     }
 
     /// A model with random frozen weights (tests and benchmarks): linears and embeddings
@@ -298,14 +305,15 @@ impl Llama {
             t,
             positions: (0..t).collect(),
             attn: AttnOptions { causal: true, key_mask: key_mask.map(|m| m.to_vec()), scale: None },
+            seed: self.training.then_some(self.dropout_seed),
         };
         let mut h = ops::embedding(&self.embed, ids, self.dtype)?;
-        for layer in &self.layers {
+        for (li, layer) in self.layers.iter().enumerate() {
             h = if self.checkpointing {
                 let (layer, ctx) = (layer.clone(), ctx.clone());
-                checkpoint(&h, move |x| layer_forward(&layer, &ctx, x, None))?
+                checkpoint(&h, move |x| layer_forward(&layer, li, &ctx, x, None))?
             } else {
-                layer_forward(layer, &ctx, &h, None)?
+                layer_forward(layer, li, &ctx, &h, None)?
             };
         }
         ops::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
@@ -415,11 +423,12 @@ impl Llama {
                 t,
                 positions: (start..start + t).collect(),
                 attn: AttnOptions { causal: true, key_mask: None, scale: None },
+                seed: None,
             };
             cache.layers.resize(self.layers.len(), (None, None));
             let mut h = ops::embedding(&self.embed, ids, self.dtype)?;
-            for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                h = layer_forward(layer, &ctx, &h, Some(kv))?;
+            for (li, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+                h = layer_forward(layer, li, &ctx, &h, Some(kv))?;
             }
             cache.len = start + t;
             ops::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
@@ -429,13 +438,15 @@ impl Llama {
 
 /// One decoder layer: pre-norm attention and SwiGLU MLP, each with a residual. With `kv`, the
 /// new keys/values are appended to the cache and attention runs over all cached positions.
-fn layer_forward(l: &Layer, c: &Ctx, x: &Tensor, kv: Option<&mut (Option<Tensor>, Option<Tensor>)>) -> Result<Tensor> {
+fn layer_forward(l: &Layer, li: usize, c: &Ctx, x: &Tensor, kv: Option<&mut (Option<Tensor>, Option<Tensor>)>) -> Result<Tensor> {
     let cfg = &c.cfg;
     let (b, t, hd) = (c.b, c.t, cfg.head_dim);
+    // A distinct dropout stream per (layer, module).
+    let seed = |m: u64| c.seed.map(|s| s ^ ((li as u64) << 8 | m).wrapping_mul(0xd134_2543_de82_ef95));
     let n = ops::rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
-    let q = ops::reshape(&l.q.forward(&n)?, [b, t, cfg.num_attention_heads, hd])?;
-    let k = ops::reshape(&l.k.forward(&n)?, [b, t, cfg.num_key_value_heads, hd])?;
-    let v = ops::reshape(&l.v.forward(&n)?, [b, t, cfg.num_key_value_heads, hd])?;
+    let q = ops::reshape(&l.q.forward(&n, seed(0))?, [b, t, cfg.num_attention_heads, hd])?;
+    let k = ops::reshape(&l.k.forward(&n, seed(1))?, [b, t, cfg.num_key_value_heads, hd])?;
+    let v = ops::reshape(&l.v.forward(&n, seed(2))?, [b, t, cfg.num_key_value_heads, hd])?;
     let q = ops::rope(&q, &c.rope, &c.positions)?;
     let mut k = ops::rope(&k, &c.rope, &c.positions)?;
     let mut v = v;
@@ -449,8 +460,8 @@ fn layer_forward(l: &Layer, c: &Ctx, x: &Tensor, kv: Option<&mut (Option<Tensor>
     }
     let a = ops::attention(&q, &k, &v, &c.attn)?;
     let a = ops::reshape(&a, [b * t, cfg.num_attention_heads * hd])?;
-    let x = ops::add(x, &l.o.forward(&a)?)?;
+    let x = ops::add(x, &l.o.forward(&a, seed(3))?)?;
     let n = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
-    let g = ops::swiglu(&l.gate.forward(&n)?, &l.up.forward(&n)?)?;
-    ops::add(&x, &l.down.forward(&g)?)
+    let g = ops::swiglu(&l.gate.forward(&n, seed(4))?, &l.up.forward(&n, seed(5))?)?;
+    ops::add(&x, &l.down.forward(&g, seed(6))?)
 }

@@ -49,17 +49,53 @@ impl SpecRows {
     }
 }
 
+/// Dropout on the input of the LoRA branch (as PEFT's `lora_dropout`): each element of x is kept
+/// with probability 1 − p and scaled by 1/(1 − p). The mask is a pure function of `seed` and the
+/// element index, so a recomputation (activation checkpointing) sees the same mask; callers
+/// change the seed every step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+impl Dropout {
+    /// The multiplier of element `i`: 0 (dropped) or 1/(1 − p).
+    #[inline]
+    fn factor(&self, i: usize) -> f64 {
+        let mut z = self.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+        if u < self.p {
+            0.0
+        } else {
+            1.0 / (1.0 - self.p)
+        }
+    }
+}
+
 /// LoRA on a frozen W: x [.., n], w [m, n], a [r, n], b [m, r] → [.., m].
 pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    adapter_linear("lora_linear", x, w, None, a, b, scale)
+    adapter_linear(x, w, None, a, b, scale, None)
 }
 
 /// SpecLoRA on a frozen W: as [`lora_linear`] with the selected rows of W scaled by d [k].
 pub fn speclora_linear(x: &Tensor, w: &Tensor, d: &Tensor, rows: &SpecRows, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    adapter_linear("speclora_linear", x, w, Some((d, rows)), a, b, scale)
+    adapter_linear(x, w, Some((d, rows)), a, b, scale, None)
 }
 
-fn adapter_linear(op: &'static str, x: &Tensor, w: &Tensor, spec: Option<(&Tensor, &SpecRows)>, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+/// The general adapter linear: LoRA, or SpecLoRA when `spec` = (d, rows), with optional dropout
+/// on the LoRA branch input.
+pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Option<(&Tensor, &SpecRows)>, a: &Tensor, b: &Tensor, s: f64, dropout: Option<Dropout>) -> Result<Tensor> {
+    let op = if spec.is_some() { "speclora_linear" } else { "lora_linear" };
+    if let Some(dr) = dropout {
+        if !(0.0..1.0).contains(&dr.p) {
+            return Err(Error::invalid(op, format!("dropout p must be in [0, 1), got {}", dr.p)));
+        }
+    }
+    let dropout = dropout.filter(|d| d.p > 0.0);
     let dt = compute_dtype(op, "x", x)?;
     if w.requires_grad() {
         return Err(Error::invalid(op, "the base weight W requires grad; adapters keep W frozen (use matmul to train W densely)"));
@@ -91,7 +127,7 @@ fn adapter_linear(op: &'static str, x: &Tensor, w: &Tensor, spec: Option<(&Tenso
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank checked above") = m;
     let dims = LinDims { nrows, m, n, r, s };
-    let (y, h, zk) = with_float!(dt, op, |T| {
+    let (y, h, zk, xd) = with_float!(dt, op, |T| {
         let (xg, wg, ag, bg) = (x.read(), w.read(), a.read(), b.read());
         let xv = vals::<T>(&xg);
         // Z = X·Wᵀ  [N, m]
@@ -113,11 +149,13 @@ fn adapter_linear(op: &'static str, x: &Tensor, w: &Tensor, spec: Option<(&Tenso
             }
             _ => None,
         };
-        // H = X·Aᵀ [N, r];  Y += s·H·Bᵀ
+        // X̃ = dropout(X) for the LoRA branch only;  H = X̃·Aᵀ [N, r];  Y += s·H·Bᵀ
+        let xd: Option<Vec<T>> = dropout.map(|dr| xv.iter().enumerate().map(|(i, &v)| v * T::from_f64(dr.factor(i))).collect());
+        let xa: &[T] = xd.as_deref().unwrap_or(&xv);
         let mut h = vec![T::ZERO; nrows * r];
-        cpu::gemm(&mut h, &xv, &vals::<T>(&ag), nrows, n, r, false, true, T::ONE, T::ZERO);
+        cpu::gemm(&mut h, xa, &vals::<T>(&ag), nrows, n, r, false, true, T::ONE, T::ZERO);
         cpu::gemm(&mut y, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::from_f64(s), T::ONE);
-        Ok((out(y, Shape::new(out_dims.clone())), out(h, [nrows, r]), zk))
+        Ok((out(y, Shape::new(out_dims.clone())), out(h, [nrows, r]), zk, xd.map(|v| out(v, [nrows, n]))))
     })?;
     let inputs: Vec<&Tensor> = match spec {
         Some((d, _)) => vec![x, d, a, b],
@@ -128,7 +166,9 @@ fn adapter_linear(op: &'static str, x: &Tensor, w: &Tensor, spec: Option<(&Tenso
         Box::new(AdapterBwd {
             name: op,
             x_shape: x.shape().clone(),
-            x: na.then(|| x.detach()),
+            // dA = s·Gᵀ·X̃ needs the dropped-out input when dropout is on.
+            x: na.then(|| xd.unwrap_or_else(|| x.detach())),
+            dropout,
             w: nx.then(|| w.detach()),
             a: (nx).then(|| a.detach()),
             b: (nx || na).then(|| b.detach()),
@@ -168,14 +208,16 @@ struct AdapterBwd {
     idx: Option<Vec<usize>>,
     spec: bool,
     dims: LinDims,
+    dropout: Option<Dropout>,
 }
 
 impl Backward for AdapterBwd {
     fn name(&self) -> &'static str {
         self.name
     }
-    /// With G = dY·B [N, r] and dYΓ = dY with its selected columns scaled by d:
-    ///   dX = dYΓ·W + s·G·A;   dA = s·Gᵀ·X;   dB = s·dYᵀ·H;   dd_j = Σ_t dY[t, i_j]·Z[t, i_j].
+    /// With G = dY·B [N, r], dYΓ = dY with its selected columns scaled by d, and X̃ = dropout(X)
+    /// (X̃ = X, mask = 1 without dropout):
+    ///   dX = dYΓ·W + s·(G·A) ⊙ mask/(1−p);  dA = s·Gᵀ·X̃;  dB = s·dYᵀ·H;  dd_j = Σ_t dY[t, i_j]·Z[t, i_j].
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         let LinDims { nrows, m, n, r, s } = self.dims;
         let (nx, nd, na, nb) = if self.spec { (needs[0], needs[1], needs[2], needs[3]) } else { (needs[0], false, needs[1], needs[2]) };
@@ -205,7 +247,15 @@ impl Backward for AdapterBwd {
                         }
                         _ => cpu::gemm_stored(&mut dx, &gy, &w.read(), 0, nrows, m, n, false, false, T::ZERO),
                     }
-                    cpu::gemm(&mut dx, g, &vals::<T>(&a.read()), nrows, r, n, false, false, st, T::ONE);
+                    match self.dropout {
+                        // dX += s·(G·A) ⊙ mask/(1 − p)
+                        Some(dr) => {
+                            let mut ga = vec![T::ZERO; nrows * n];
+                            cpu::gemm(&mut ga, g, &vals::<T>(&a.read()), nrows, r, n, false, false, st, T::ZERO);
+                            dx.iter_mut().zip(&ga).enumerate().for_each(|(i, (d, v))| *d += *v * T::from_f64(dr.factor(i)));
+                        }
+                        None => cpu::gemm(&mut dx, g, &vals::<T>(&a.read()), nrows, r, n, false, false, st, T::ONE),
+                    }
                     Some(out(dx, self.x_shape.clone()))
                 }
                 _ => None,

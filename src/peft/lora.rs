@@ -13,11 +13,13 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// rsLoRA: scale α/√r instead of α/r.
     pub rslora: bool,
+    /// Dropout probability on the LoRA branch input while training (PEFT's `lora_dropout`).
+    pub dropout: f64,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        LoraConfig { rank: 16, alpha: 32.0, rslora: false }
+        LoraConfig { rank: 16, alpha: 32.0, rslora: false, dropout: 0.0 }
     }
 }
 

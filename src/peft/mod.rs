@@ -17,31 +17,33 @@ use crate::DType;
 /// The trainable part attached to one frozen linear.
 #[derive(Clone, Debug)]
 pub enum Adapter {
-    /// y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ;  A [r, in], B [out, r].
-    Lora { a: Tensor, b: Tensor, scale: f64 },
-    /// y = x·(Γ⊙W)ᵀ + s·(x·Aᵀ)·Bᵀ with d [k] on the selected rows.
-    SpecLora { d: Tensor, rows: SpecRows, a: Tensor, b: Tensor, scale: f64 },
+    /// y = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ;  A [r, in], B [out, r].
+    Lora { a: Tensor, b: Tensor, scale: f64, dropout: f64 },
+    /// y = x·(Γ⊙W)ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ with d [k] on the selected rows.
+    SpecLora { d: Tensor, rows: SpecRows, a: Tensor, b: Tensor, scale: f64, dropout: f64 },
 }
 
 impl Adapter {
     /// LoRA as HF PEFT initializes it: A ~ Kaiming-uniform(a = √5) = U(−1/√in, 1/√in), B = 0.
     pub fn lora(out_features: usize, in_features: usize, cfg: &LoraConfig, dtype: DType, rng: &mut SplitMix) -> Result<Adapter> {
         let (a, b) = lora::init(out_features, in_features, cfg, dtype, rng)?;
-        Ok(Adapter::Lora { a, b, scale: cfg.scale() })
+        Ok(Adapter::Lora { a, b, scale: cfg.scale(), dropout: cfg.dropout })
     }
 
     /// SpecLoRA: LoRA plus d = 1 on `rows` (k clamped to the row count by the caller).
     pub fn speclora(out_features: usize, in_features: usize, cfg: &LoraConfig, rows: SpecRows, dtype: DType, rng: &mut SplitMix) -> Result<Adapter> {
         let (a, b) = lora::init(out_features, in_features, cfg, dtype, rng)?;
         let d = speclora::init_d(&rows, dtype)?;
-        Ok(Adapter::SpecLora { d, rows, a, b, scale: cfg.scale() })
+        Ok(Adapter::SpecLora { d, rows, a, b, scale: cfg.scale(), dropout: cfg.dropout })
     }
 
-    /// y for input x [.., in] through frozen `w` [out, in] with this adapter.
-    pub fn forward(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    /// y for input x [.., in] through frozen `w` [out, in] with this adapter. `dropout_seed`
+    /// switches the branch dropout on (training); `None` means evaluation (no dropout).
+    pub fn forward(&self, x: &Tensor, w: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let drop = |p: f64| dropout_seed.filter(|_| p > 0.0).map(|seed| ops::Dropout { p, seed });
         match self {
-            Adapter::Lora { a, b, scale } => ops::lora_linear(x, w, a, b, *scale),
-            Adapter::SpecLora { d, rows, a, b, scale } => ops::speclora_linear(x, w, d, rows, a, b, *scale),
+            Adapter::Lora { a, b, scale, dropout } => ops::adapter_linear(x, w, None, a, b, *scale, drop(*dropout)),
+            Adapter::SpecLora { d, rows, a, b, scale, dropout } => ops::adapter_linear(x, w, Some((d, rows)), a, b, *scale, drop(*dropout)),
         }
     }
 
@@ -66,8 +68,8 @@ impl Adapter {
         let (out_f, in_f) = (w.dims()[0], w.dims()[1]);
         let mut wm = w.to_vec_f64();
         let (a, b, scale) = match self {
-            Adapter::Lora { a, b, scale } => (a, b, *scale),
-            Adapter::SpecLora { d, rows, a, b, scale } => {
+            Adapter::Lora { a, b, scale, .. } => (a, b, *scale),
+            Adapter::SpecLora { d, rows, a, b, scale, .. } => {
                 speclora::scale_rows(&mut wm, out_f, in_f, rows, &d.to_vec_f64())?;
                 (a, b, *scale)
             }
