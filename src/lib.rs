@@ -18,7 +18,7 @@
 //! ```
 //! use spectune::model::{Llama, LlamaConfig, Target};
 //! use spectune::ops::CeOptions;
-//! use spectune::peft::LoraConfig;
+//! use spectune::peft::{LoraConfig, Method};
 //! use spectune::{backward, clip_grad_norm, AdamW, AdamWConfig, DType};
 //!
 //! // A small Llama-style model with random frozen weights (real checkpoints load through
@@ -34,7 +34,7 @@
 //!
 //! // SpecLoRA (k = 8 rows per weight) plus rank-4 LoRA on all seven linears of every layer.
 //! let lora = LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 };
-//! model.attach_adapters(&Target::ALL, &lora, Some(8), 1)?;
+//! model.attach_adapters(&Target::ALL, &lora, &Method::SpecLora { k: 8, by_norm: false }, 1)?;
 //! let params = model.trainable_params();
 //! let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..AdamWConfig::default() })?;
 //! for d in model.no_decay_params() {
@@ -75,6 +75,7 @@ pub mod optim;
 pub mod peft;
 pub mod shape;
 pub mod storage;
+pub mod svd;
 pub mod tensor;
 pub mod tokenizer;
 

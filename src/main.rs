@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use spectune::gradcheck::SplitMix;
 use spectune::model::{Llama, LlamaConfig, Target};
 use spectune::ops::CeOptions;
-use spectune::peft::LoraConfig;
+use spectune::peft::{LoraConfig, Method as AdapterMethod};
 use spectune::{backward, clip_grad_norm, AdamW, AdamWConfig, DType, LrSchedule};
 
 #[derive(Parser)]
@@ -24,6 +24,8 @@ struct Cli {
 enum Method {
     Lora,
     Speclora,
+    #[value(name = "speclora-svd")]
+    SpecloraSvd,
 }
 
 #[derive(Subcommand)]
@@ -122,8 +124,12 @@ fn train_tiny(
     };
     let mut model = Llama::random(cfg.clone(), DType::F32, seed)?;
     model.checkpointing = checkpointing;
-    let spec_k = matches!(method, Method::Speclora).then_some(k);
-    model.attach_adapters(&Target::ALL, &LoraConfig { rank, alpha, rslora: false, dropout: 0.0 }, spec_k, seed + 1)?;
+    let adapter = match method {
+        Method::Lora => AdapterMethod::Lora,
+        Method::Speclora => AdapterMethod::SpecLora { k, by_norm: false },
+        Method::SpecloraSvd => AdapterMethod::SpecLoraSvd { k },
+    };
+    model.attach_adapters(&Target::ALL, &LoraConfig { rank, alpha, rslora: false, dropout: 0.0 }, &adapter, seed + 1)?;
     let params = model.trainable_params();
     let trainable: usize = params.iter().map(|p| p.numel()).sum();
     let frozen: usize = spectune::model::llama::expected_weights(&cfg).iter().map(|(_, d)| d.iter().product::<usize>()).sum();
@@ -135,7 +141,11 @@ fn train_tiny(
     println!(
         "model: {layers} layers, hidden {hidden}, {heads}/{kv_heads} heads, {} frozen weights; method {}: {trainable} trainable values, optimizer state {} values",
         frozen,
-        if spec_k.is_some() { "speclora" } else { "lora" },
+        match method {
+            Method::Lora => "lora",
+            Method::Speclora => "speclora",
+            Method::SpecloraSvd => "speclora-svd",
+        },
         opt.state_numel()
     );
     // A fixed batch of a repeating pattern: memorizing it drives the loss down.

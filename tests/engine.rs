@@ -310,13 +310,13 @@ fn lora_dropout_masks_the_branch_input_reproducibly() {
     let a = t32(&eye, &[n, n]).param().unwrap();
     let b = t32(&eye, &[n, n]).param().unwrap();
     let dr = Some(ops::Dropout { p: 0.25, seed: 7 });
-    let y1 = ops::adapter_linear(&x, &w, None, &a, &b, 1.0, dr).unwrap().to_vec_f32();
-    let y2 = ops::adapter_linear(&x, &w, None, &a, &b, 1.0, dr).unwrap().to_vec_f32();
+    let y1 = ops::adapter_linear(&x, &w, ops::Spectral::None, &a, &b, 1.0, dr).unwrap().to_vec_f32();
+    let y2 = ops::adapter_linear(&x, &w, ops::Spectral::None, &a, &b, 1.0, dr).unwrap().to_vec_f32();
     assert_eq!(y1, y2, "same seed, same mask");
     assert!(y1.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
     let dropped = y1.iter().filter(|&&v| v == 0.0).count();
     assert!((4..=32).contains(&dropped), "{dropped} of {n} dropped at p = 0.25");
-    let y3 = ops::adapter_linear(&x, &w, None, &a, &b, 1.0, Some(ops::Dropout { p: 0.25, seed: 8 })).unwrap().to_vec_f32();
+    let y3 = ops::adapter_linear(&x, &w, ops::Spectral::None, &a, &b, 1.0, Some(ops::Dropout { p: 0.25, seed: 8 })).unwrap().to_vec_f32();
     assert_ne!(y1, y3, "another seed, another mask");
-    assert!(ops::adapter_linear(&x, &w, None, &a, &b, 1.0, Some(ops::Dropout { p: 1.0, seed: 0 })).is_err());
+    assert!(ops::adapter_linear(&x, &w, ops::Spectral::None, &a, &b, 1.0, Some(ops::Dropout { p: 1.0, seed: 0 })).is_err());
 }

@@ -186,9 +186,24 @@ proptest! {
         let dr = Some(ops::Dropout { p, seed });
         let rows_sel = SpecRows::Top(1);
         check("adapter_linear(dropout)", &[x, w, d, a, b], |x| {
-            let spec = spec.then_some((&x[2], &rows_sel));
-            ops::adapter_linear(&x[0], &x[1], spec, &x[3], &x[4], 1.5, dr)
+            let sp = if spec { ops::Spectral::Rows { d: &x[2], rows: &rows_sel } } else { ops::Spectral::None };
+            ops::adapter_linear(&x[0], &x[1], sp, &x[3], &x[4], 1.5, dr)
         })?;
+    }
+
+    #[test]
+    fn speclora_svd_linear_op(rows in dim(), n in dim(), m in dim(), r in 1usize..4, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let k = 1 + (rng.next_u64() as usize) % m.min(n);
+        let x = param(&mut rng, &[rows, n], -1.0, 1.0);
+        let w = constant(&mut rng, &[m, n], -1.0, 1.0);
+        let u = constant(&mut rng, &[m, k], -1.0, 1.0);
+        let sigma = constant(&mut rng, &[k], 0.5, 3.0);
+        let v = constant(&mut rng, &[n, k], -1.0, 1.0);
+        let d = param(&mut rng, &[k], 0.5, 1.5);
+        let a = param(&mut rng, &[r, n], -1.0, 1.0);
+        let b = param(&mut rng, &[m, r], -1.0, 1.0);
+        check("speclora_svd_linear", &[x, w, u, sigma, v, d, a, b], |x| ops::speclora_svd_linear(&x[0], &x[1], &x[5], &x[2], &x[3], &x[4], &x[6], &x[7], 0.7))?;
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use spectune::gradcheck::{gradcheck, GradcheckOptions, SplitMix};
 use spectune::model::{Llama, LlamaConfig, Target};
 use spectune::ops::CeOptions;
-use spectune::peft::{Adapter, LoraConfig};
+use spectune::peft::{Adapter, LoraConfig, Method};
 use spectune::{backward, AdamW, AdamWConfig, DType};
 
 fn tiny(tie: bool) -> LlamaConfig {
@@ -43,19 +43,19 @@ fn adapters_are_identity_at_init_bit_exact() {
         let base = Llama::random(tiny(tie), DType::F32, 1).unwrap();
         let (ids, _) = batch(2, 2, 5, 37);
         let y0 = base.logits(&ids, 2, 5, None).unwrap().to_vec_f32();
-        for spec in [None, Some(3)] {
+        for spec in [Method::Lora, Method::SpecLora { k: 3, by_norm: false }, Method::SpecLora { k: 5, by_norm: true }, Method::SpecLoraSvd { k: 4 }] {
             let mut m = base.clone();
-            m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, spec, 7).unwrap();
+            m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, &spec, 7).unwrap();
             let y = m.logits(&ids, 2, 5, None).unwrap().to_vec_f32();
             assert_eq!(bits(&y0), bits(&y), "tie={tie} spec={spec:?}: adapted model differs from the base at init");
         }
     }
 }
 
-fn train_losses(spec: Option<usize>, checkpointing: bool, steps: usize) -> Vec<f64> {
+fn train_losses(spec: Method, checkpointing: bool, steps: usize) -> Vec<f64> {
     let mut m = Llama::random(tiny(false), DType::F32, 3).unwrap();
     m.checkpointing = checkpointing;
-    m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, spec, 11).unwrap();
+    m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, &spec, 11).unwrap();
     let params = m.trainable_params();
     let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-2, ..AdamWConfig::default() }).unwrap();
     let (ids, targets) = batch(5, 2, 8, 37);
@@ -73,8 +73,8 @@ fn train_losses(spec: Option<usize>, checkpointing: bool, steps: usize) -> Vec<f
 
 #[test]
 fn loss_falls_over_50_adamw_steps() {
-    for spec in [None, Some(5)] {
-        let l = train_losses(spec, false, 50);
+    for spec in [Method::Lora, Method::SpecLora { k: 5, by_norm: false }, Method::SpecLoraSvd { k: 5 }] {
+        let l = train_losses(spec.clone(), false, 50);
         assert!(l.iter().all(|v| v.is_finite()));
         assert!(l[49] < 0.5 * l[0], "spec={spec:?}: loss went from {} to {} in 50 steps", l[0], l[49]);
     }
@@ -82,24 +82,26 @@ fn loss_falls_over_50_adamw_steps() {
 
 #[test]
 fn checkpointing_gives_identical_training() {
-    let a = train_losses(Some(5), false, 6);
-    let b = train_losses(Some(5), true, 6);
+    let a = train_losses(Method::SpecLora { k: 5, by_norm: false }, false, 6);
+    let b = train_losses(Method::SpecLora { k: 5, by_norm: false }, true, 6);
     assert_eq!(a, b, "activation checkpointing changed the losses");
 }
 
 #[test]
 fn whole_model_adapter_gradients_match_finite_differences() {
-    for (spec, tie, bias) in [(None, true, false), (Some(3), false, true)] {
+    for (spec, tie, bias) in
+        [(Method::Lora, true, false), (Method::SpecLora { k: 3, by_norm: false }, false, true), (Method::SpecLoraSvd { k: 3 }, false, false)]
+    {
         let cfg = LlamaConfig { attention_bias: bias, ..tiny(tie) };
         let mut m = Llama::random(cfg, DType::F64, 21).unwrap();
-        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, spec, 23).unwrap();
+        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, &spec, 23).unwrap();
         // Move B and d away from their init so every adapter gradient is non-trivial.
         let mut rng = SplitMix::new(99);
         for layer in &m.layers {
             for t in Target::ALL {
                 match layer.linear(t).adapter.as_ref().unwrap() {
                     Adapter::Lora { b, .. } => b.set_values(&rng.vec(b.numel(), -0.3, 0.3)).unwrap(),
-                    Adapter::SpecLora { d, b, .. } => {
+                    Adapter::SpecLora { d, b, .. } | Adapter::SpecLoraSvd { d, b, .. } => {
                         b.set_values(&rng.vec(b.numel(), -0.3, 0.3)).unwrap();
                         d.set_values(&rng.vec(d.numel(), 0.7, 1.3)).unwrap();
                     }
@@ -120,7 +122,8 @@ fn whole_model_adapter_gradients_match_finite_differences() {
 #[test]
 fn only_adapter_parameters_are_trainable() {
     let mut m = Llama::random(tiny(true), DType::F32, 4).unwrap();
-    m.attach_adapters(&[Target::Q, Target::V], &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, Some(3), 5).unwrap();
+    m.attach_adapters(&[Target::Q, Target::V], &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, &Method::SpecLora { k: 3, by_norm: false }, 5)
+        .unwrap();
     let params = m.trainable_params();
     // 2 layers × 2 targets × (d, A, B)
     assert_eq!(params.len(), 12);
@@ -178,7 +181,8 @@ fn greedy_generation_is_deterministic_and_stops() {
 fn adapter_dropout_is_reproduced_exactly_by_checkpoint_recompute() {
     let grads = |ckpt: bool, training: bool| {
         let mut m = Llama::random(tiny(false), DType::F32, 41).unwrap();
-        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.3 }, Some(3), 42).unwrap();
+        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.3 }, &Method::SpecLora { k: 3, by_norm: false }, 42)
+            .unwrap();
         for p in m.trainable_params() {
             let n = p.numel();
             p.set_values(&SplitMix::new(n as u64).vec(n, -0.2, 0.2).into_iter().map(|v| v as f32 + 1.0).collect::<Vec<_>>()).unwrap();
@@ -199,4 +203,31 @@ fn adapter_dropout_is_reproduced_exactly_by_checkpoint_recompute() {
     assert_eq!(g0, g1, "checkpoint recompute must see the same dropout masks");
     let (le, _) = grads(false, false);
     assert_ne!(l0, le, "dropout is active only in training mode");
+}
+
+#[test]
+fn merged_weights_reproduce_the_adapted_forward() {
+    // methods.md §6 case 9: for every method, x·W_mergedᵀ equals the un-merged forward.
+    let base = Llama::random(tiny(false), DType::F64, 51).unwrap();
+    let mut rng = SplitMix::new(52);
+    for method in [Method::Lora, Method::SpecLora { k: 5, by_norm: false }, Method::SpecLora { k: 7, by_norm: true }, Method::SpecLoraSvd { k: 4 }] {
+        let mut m = base.clone();
+        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 3, alpha: 6.0, rslora: true, dropout: 0.0 }, &method, 53).unwrap();
+        for p in m.trainable_params() {
+            let n = p.numel();
+            p.set_values(&rng.vec(n, 0.5, 1.5)).unwrap();
+        }
+        for t in Target::ALL {
+            let lin = m.layers[1].linear(t);
+            let (o, i) = (lin.out_features(), lin.in_features());
+            let x = spectune::Tensor::from_vec(rng.vec(3 * i, -1.0, 1.0), [3, i]).unwrap();
+            let y = lin.forward(&x, None).unwrap().to_vec_f64();
+            let wm = spectune::Tensor::from_vec(lin.adapter.as_ref().unwrap().merged_weight(&lin.weight).unwrap(), [o, i]).unwrap();
+            let ym = spectune::ops::linear(&x, &wm).unwrap().to_vec_f64();
+            let scale = ym.iter().fold(1.0f64, |a, v| a.max(v.abs()));
+            for (a, b) in y.iter().zip(&ym) {
+                assert!((a - b).abs() <= 1e-12 * scale, "{method:?} {t:?}: {a} vs {b}");
+            }
+        }
+    }
 }

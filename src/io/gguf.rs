@@ -1,1 +1,1096 @@
-//! GGUF (v3) reader: metadata, tensor table, mapped tensors, llama.cpp → HF names.
+//! GGUF (versions 2 and 3) reader: metadata, tensor table, memory-mapped tensors, and the mapping
+//! from llama.cpp tensor names back to HF names (undoing the converter's q/k row permutation).
+//!
+//! # The format, as read here
+//!
+//! All integers are little-endian.
+//!
+//! ```text
+//! header   magic "GGUF" | u32 version (2 or 3) | u64 tensor_count | u64 metadata_kv_count
+//! kv       string key | u32 value_type | value                      (metadata_kv_count times)
+//! tensor   string name | u32 n_dims | u64 ne[n_dims] | u32 ggml_type | u64 offset
+//!                                                                   (tensor_count times)
+//! padding  up to the next multiple of `general.alignment` (default 32)
+//! data     tensor bytes; each tensor at data_start + offset, offset a multiple of the alignment
+//! string   u64 length | UTF-8 bytes (no terminator)
+//! value    u8 i8 u16 i16 u32 i32 f32 bool(u8 0/1) string | array | u64 i64 f64
+//!          (value types 0..=12 in that order; array = 9)
+//! array    u32 element_type | u64 count | count elements (arrays may nest)
+//! ```
+//!
+//! `ne` lists dimensions fastest-varying first, so a GGUF tensor with `ne = [in, out]` is the
+//! row-major `[out, in]` matrix of HF and spectune: [`GgufTensorInfo::dims`] is `ne` reversed.
+//!
+//! Version 1 (32-bit counts and lengths) is rejected. Every read is bounds-checked against the
+//! file; lengths and counts are checked against the bytes left before anything is allocated, so
+//! a malformed file yields an [`Error::Format`] naming the file and the key or tensor at fault,
+//! never a panic or an out-of-bounds read.
+//!
+//! # Tensor types
+//!
+//! [`GgufFile::tensor`] maps F32 (0), F16 (1), Q4_0 (2), Q4_1 (3), Q8_0 (8) and BF16 (30) without
+//! copying. Files holding other types (Q4_K = 12, Q6_K = 14, …) still open and list; asking for
+//! such a tensor is an error naming the type.
+//!
+//! # llama.cpp's q/k row permutation
+//!
+//! llama.cpp applies rotary embeddings to adjacent pairs `(x[2i], x[2i+1])` of each head, while
+//! HF Llama rotates `(x[i], x[i + d/2])` (rotate_half). Its converter therefore reorders the rows
+//! of `q_proj` and `k_proj` (and their biases) per head with
+//! `w.reshape(n_head, 2, d/2, in).swapaxes(1, 2).reshape(out, in)`, where `d` = rows per head:
+//!
+//! ```text
+//! gguf row  h·d + 2i + s   =   HF row  h·d + s·d/2 + i        (s ∈ {0, 1}, i < d/2)
+//! ```
+//!
+//! i.e. within each head the first half and second half of the HF rows are interleaved. For
+//! `k_proj` the converter uses `n_head = head_count_kv`. [`GgufFile::hf_tensor`] undoes this
+//! with [`Tensor::permute_rows`] (logical HF row `h·d + s·d/2 + i` reads physical row
+//! `h·d + 2i + s`; see [`unpermute_qk_rows`]), which keeps mapped weights mapped. Only the
+//! `llama` and `mistral` architectures are permuted; `qwen2` (NeoX-style rope in llama.cpp) is
+//! stored in HF order.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::LlamaConfig;
+use crate::storage::HostData;
+use crate::tensor::Tensor;
+use crate::tokenizer::GgufVocab;
+
+/// The four bytes every GGUF file starts with.
+pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
+/// Alignment of the data section and of every tensor offset when `general.alignment` is absent.
+pub const DEFAULT_ALIGNMENT: u64 = 32;
+/// Most dimensions a GGML tensor can have.
+pub const MAX_DIMS: usize = 4;
+/// Deepest nesting of arrays inside arrays this reader accepts (guards the stack).
+const MAX_ARRAY_DEPTH: usize = 8;
+
+/// GGUF metadata value type ids.
+mod vt {
+    pub const U8: u32 = 0;
+    pub const I8: u32 = 1;
+    pub const U16: u32 = 2;
+    pub const I16: u32 = 3;
+    pub const U32: u32 = 4;
+    pub const I32: u32 = 5;
+    pub const F32: u32 = 6;
+    pub const BOOL: u32 = 7;
+    pub const STRING: u32 = 8;
+    pub const ARRAY: u32 = 9;
+    pub const U64: u32 = 10;
+    pub const I64: u32 = 11;
+    pub const F64: u32 = 12;
+}
+
+/// Name of a GGUF metadata value type id.
+fn value_type_name(t: u32) -> &'static str {
+    match t {
+        vt::U8 => "u8",
+        vt::I8 => "i8",
+        vt::U16 => "u16",
+        vt::I16 => "i16",
+        vt::U32 => "u32",
+        vt::I32 => "i32",
+        vt::F32 => "f32",
+        vt::BOOL => "bool",
+        vt::STRING => "string",
+        vt::ARRAY => "array",
+        vt::U64 => "u64",
+        vt::I64 => "i64",
+        vt::F64 => "f64",
+        _ => "unknown",
+    }
+}
+
+/// Smallest encoded size of one value of type `t` (used to cap counts by the bytes left).
+fn min_value_bytes(t: u32) -> Option<u64> {
+    Some(match t {
+        vt::U8 | vt::I8 | vt::BOOL => 1,
+        vt::U16 | vt::I16 => 2,
+        vt::U32 | vt::I32 | vt::F32 => 4,
+        vt::U64 | vt::I64 | vt::F64 | vt::STRING => 8,
+        vt::ARRAY => 12,
+        _ => return None,
+    })
+}
+
+/// One metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GgufValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    /// Elements all of one type (arrays may nest).
+    Array(Vec<GgufValue>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl GgufValue {
+    /// The GGUF type name: "u8", "i32", "f32", "bool", "string", "array", …
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            GgufValue::U8(_) => "u8",
+            GgufValue::I8(_) => "i8",
+            GgufValue::U16(_) => "u16",
+            GgufValue::I16(_) => "i16",
+            GgufValue::U32(_) => "u32",
+            GgufValue::I32(_) => "i32",
+            GgufValue::F32(_) => "f32",
+            GgufValue::Bool(_) => "bool",
+            GgufValue::String(_) => "string",
+            GgufValue::Array(_) => "array",
+            GgufValue::U64(_) => "u64",
+            GgufValue::I64(_) => "i64",
+            GgufValue::F64(_) => "f64",
+        }
+    }
+    /// Any integer that is ≥ 0 (of any width or signedness), as u64.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            GgufValue::U8(v) => Some(v as u64),
+            GgufValue::U16(v) => Some(v as u64),
+            GgufValue::U32(v) => Some(v as u64),
+            GgufValue::U64(v) => Some(v),
+            GgufValue::I8(v) => u64::try_from(v).ok(),
+            GgufValue::I16(v) => u64::try_from(v).ok(),
+            GgufValue::I32(v) => u64::try_from(v).ok(),
+            GgufValue::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+    /// Any integer that fits in i64.
+    pub fn as_i64(&self) -> Option<i64> {
+        match *self {
+            GgufValue::U8(v) => Some(v as i64),
+            GgufValue::U16(v) => Some(v as i64),
+            GgufValue::U32(v) => Some(v as i64),
+            GgufValue::U64(v) => i64::try_from(v).ok(),
+            GgufValue::I8(v) => Some(v as i64),
+            GgufValue::I16(v) => Some(v as i64),
+            GgufValue::I32(v) => Some(v as i64),
+            GgufValue::I64(v) => Some(v),
+            _ => None,
+        }
+    }
+    /// Any number (integer or float), as f64.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            GgufValue::F32(v) => Some(v as f64),
+            GgufValue::F64(v) => Some(v),
+            GgufValue::U64(v) => Some(v as f64),
+            GgufValue::I64(v) => Some(v as f64),
+            _ => self.as_i64().map(|v| v as f64),
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            GgufValue::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            GgufValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&[GgufValue]> {
+        match self {
+            GgufValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Compact display: strings quoted (long ones cut), arrays of more than 8 elements summarized.
+impl fmt::Display for GgufValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GgufValue::U8(v) => write!(f, "{v}"),
+            GgufValue::I8(v) => write!(f, "{v}"),
+            GgufValue::U16(v) => write!(f, "{v}"),
+            GgufValue::I16(v) => write!(f, "{v}"),
+            GgufValue::U32(v) => write!(f, "{v}"),
+            GgufValue::I32(v) => write!(f, "{v}"),
+            GgufValue::F32(v) => write!(f, "{v}"),
+            GgufValue::Bool(v) => write!(f, "{v}"),
+            GgufValue::U64(v) => write!(f, "{v}"),
+            GgufValue::I64(v) => write!(f, "{v}"),
+            GgufValue::F64(v) => write!(f, "{v}"),
+            GgufValue::String(s) => {
+                const MAX: usize = 60;
+                if s.chars().count() > MAX {
+                    let cut: String = s.chars().take(MAX).collect();
+                    write!(f, "{:?}… ({} bytes)", cut, s.len())
+                } else {
+                    write!(f, "{s:?}")
+                }
+            }
+            GgufValue::Array(a) => {
+                if a.len() > 8 {
+                    let ty = a.first().map_or("?", |v| v.type_name());
+                    write!(f, "[{} × {ty}: {}, {}, {}, …]", a.len(), a[0], a[1], a[2])
+                } else {
+                    write!(f, "[")?;
+                    for (i, v) in a.iter().enumerate() {
+                        if i > 0 {
+                            write!(f, ", ")?;
+                        }
+                        write!(f, "{v}")?;
+                    }
+                    write!(f, "]")
+                }
+            }
+        }
+    }
+}
+
+/// Name and block layout of the GGML tensor type `id`: (name, elements per block, bytes per
+/// block). The layout is `None` for types whose block size this reader does not record.
+fn ggml_type(id: u32) -> Option<(&'static str, Option<(u64, u64)>)> {
+    Some(match id {
+        0 => ("f32", Some((1, 4))),
+        1 => ("f16", Some((1, 2))),
+        2 => ("q4_0", Some((32, 18))),
+        3 => ("q4_1", Some((32, 20))),
+        4 => ("q4_2 (removed)", None),
+        5 => ("q4_3 (removed)", None),
+        6 => ("q5_0", Some((32, 22))),
+        7 => ("q5_1", Some((32, 24))),
+        8 => ("q8_0", Some((32, 34))),
+        9 => ("q8_1", Some((32, 36))),
+        10 => ("q2_k", Some((256, 84))),
+        11 => ("q3_k", Some((256, 110))),
+        12 => ("q4_k", Some((256, 144))),
+        13 => ("q5_k", Some((256, 176))),
+        14 => ("q6_k", Some((256, 210))),
+        15 => ("q8_k", Some((256, 292))),
+        16 => ("iq2_xxs", None),
+        17 => ("iq2_xs", None),
+        18 => ("iq3_xxs", None),
+        19 => ("iq1_s", None),
+        20 => ("iq4_nl", Some((32, 18))),
+        21 => ("iq3_s", None),
+        22 => ("iq2_s", None),
+        23 => ("iq4_xs", None),
+        24 => ("i8", Some((1, 1))),
+        25 => ("i16", Some((1, 2))),
+        26 => ("i32", Some((1, 4))),
+        27 => ("i64", Some((1, 8))),
+        28 => ("f64", Some((1, 8))),
+        29 => ("iq1_m", None),
+        30 => ("bf16", Some((1, 2))),
+        34 => ("tq1_0", None),
+        35 => ("tq2_0", None),
+        39 => ("mxfp4", Some((32, 17))),
+        _ => return None,
+    })
+}
+
+/// The name of GGML tensor type `id` ("f32", "q4_1", "q6_k", …), if known.
+pub fn ggml_type_name(id: u32) -> Option<&'static str> {
+    ggml_type(id).map(|t| t.0)
+}
+
+/// The spectune dtype that stores GGML type `id` as is, for the supported types.
+pub fn ggml_dtype(id: u32) -> Option<DType> {
+    Some(match id {
+        0 => DType::F32,
+        1 => DType::F16,
+        2 => DType::Q4_0,
+        3 => DType::Q4_1,
+        8 => DType::Q8_0,
+        30 => DType::BF16,
+        _ => return None,
+    })
+}
+
+/// One entry of the tensor table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GgufTensorInfo {
+    /// llama.cpp name, e.g. `blk.0.attn_q.weight`.
+    pub name: String,
+    /// Shape in spectune (row-major, slowest first) order: GGUF's `ne` reversed.
+    pub dims: Vec<usize>,
+    /// GGML type id.
+    pub ggml_type: u32,
+    /// Its name ("q4_1", "q6_k", …) or "unknown".
+    pub type_name: &'static str,
+    /// Absolute byte offset of the data in the file.
+    pub offset: u64,
+    /// Bytes of data; `None` for types whose block layout this reader does not know.
+    pub size: Option<u64>,
+}
+
+impl GgufTensorInfo {
+    /// GGUF's `ne`: dimensions fastest-varying first.
+    pub fn ne(&self) -> Vec<usize> {
+        self.dims.iter().rev().copied().collect()
+    }
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+    /// The spectune dtype for this tensor's type, if supported.
+    pub fn dtype(&self) -> Option<DType> {
+        ggml_dtype(self.ggml_type)
+    }
+}
+
+/// HF module names of a decoder layer and their llama.cpp counterparts.
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("input_layernorm", "attn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+/// Whole-model tensors (HF, llama.cpp).
+const TOP_NAMES: [(&str, &str); 3] =
+    [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+
+/// Splits `<prefix><N>.<module>.<weight|bias>` into (N, module, suffix).
+fn split_layer_name<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str, &'a str)> {
+    let rest = name.strip_prefix(prefix)?;
+    let (n, rest) = rest.split_once('.')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0')) {
+        return None;
+    }
+    let layer = n.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    matches!(suffix, "weight" | "bias").then_some((layer, module, suffix))
+}
+
+/// The llama.cpp name of an HF Llama-family tensor name (`model.layers.3.mlp.up_proj.weight` →
+/// `blk.3.ffn_up.weight`), or `None` if it has none.
+pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
+    if let Some((_, g)) = TOP_NAMES.iter().find(|(h, _)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let (layer, module, suffix) = split_layer_name(hf, "model.layers.")?;
+    let (_, g) = LAYER_NAMES.iter().find(|(h, _)| *h == module)?;
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// The HF name of a llama.cpp tensor name (`blk.3.ffn_up.weight` →
+/// `model.layers.3.mlp.up_proj.weight`), or `None` if it has none.
+pub fn gguf_to_hf_name(gguf: &str) -> Option<String> {
+    if let Some((h, _)) = TOP_NAMES.iter().find(|(_, g)| *g == gguf) {
+        return Some(h.to_string());
+    }
+    let (layer, module, suffix) = split_layer_name(gguf, "blk.")?;
+    let (h, _) = LAYER_NAMES.iter().find(|(_, g)| *g == module)?;
+    Some(format!("model.layers.{layer}.{h}.{suffix}"))
+}
+
+/// The row order that undoes llama.cpp's q/k permutation of a `[rows, in]` projection with
+/// `n_head` heads: `perm[hf_row]` = the GGUF row that holds it, ready for
+/// [`Tensor::permute_rows`]. With `d = rows / n_head`:
+/// `perm[h·d + s·d/2 + i] = h·d + 2i + s` (s ∈ {0, 1}, i < d/2).
+/// `None` unless `rows` is a positive multiple of `2·n_head`.
+pub fn unpermute_qk_rows(rows: usize, n_head: usize) -> Option<Vec<u32>> {
+    if n_head == 0 || rows == 0 || rows % (2 * n_head) != 0 || u32::try_from(rows).is_err() {
+        return None;
+    }
+    let d = rows / n_head;
+    let half = d / 2;
+    let mut perm = vec![0u32; rows];
+    for h in 0..n_head {
+        for s in 0..2 {
+            for i in 0..half {
+                perm[h * d + s * half + i] = (h * d + 2 * i + s) as u32;
+            }
+        }
+    }
+    Some(perm)
+}
+
+/// Architectures whose llama.cpp converter permutes the q/k rows (rope on adjacent pairs).
+fn arch_permutes_qk(arch: &str) -> bool {
+    matches!(arch, "llama" | "mistral")
+}
+
+/// Bounds-checked little-endian cursor over the file bytes.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::Format { path: self.path.to_path_buf(), msg: msg.into() }
+    }
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    /// The next `n` bytes; `what` names what they were for (used only in the error).
+    fn take(&mut self, n: u64, what: &dyn Fn() -> String) -> Result<&'a [u8]> {
+        if n > self.remaining() as u64 {
+            return Err(self.err(format!(
+                "truncated file: {} needs {n} bytes at byte {} but the file ends at byte {} ({} bytes left)",
+                what(),
+                self.pos,
+                self.buf.len(),
+                self.remaining()
+            )));
+        }
+        let s = &self.buf[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self, what: &dyn Fn() -> String) -> Result<[u8; N]> {
+        let s = self.take(N as u64, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    fn u32(&mut self, what: &dyn Fn() -> String) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+    fn u64(&mut self, what: &dyn Fn() -> String) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+    /// A GGUF string: u64 length then that many UTF-8 bytes.
+    fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
+        let at = self.pos;
+        let len = self.u64(&|| format!("the length of {}", what()))?;
+        if len > self.remaining() as u64 {
+            return Err(self.err(format!(
+                "{}: string length {len} (read at byte {at}) runs past the end of the {}-byte file ({} bytes left)",
+                what(),
+                self.buf.len(),
+                self.remaining()
+            )));
+        }
+        let start = self.pos;
+        let bytes = self.take(len, what)?;
+        match std::str::from_utf8(bytes) {
+            Ok(s) => Ok(s.to_string()),
+            Err(e) => Err(self.err(format!("{}: string at byte {start} is not valid UTF-8 ({e})", what()))),
+        }
+    }
+    /// A metadata value of type `ty`; `what` names the key (and element) for errors.
+    fn value(&mut self, ty: u32, what: &dyn Fn() -> String, depth: usize) -> Result<GgufValue> {
+        Ok(match ty {
+            vt::U8 => GgufValue::U8(self.array::<1>(what)?[0]),
+            vt::I8 => GgufValue::I8(self.array::<1>(what)?[0] as i8),
+            vt::U16 => GgufValue::U16(u16::from_le_bytes(self.array(what)?)),
+            vt::I16 => GgufValue::I16(i16::from_le_bytes(self.array(what)?)),
+            vt::U32 => GgufValue::U32(self.u32(what)?),
+            vt::I32 => GgufValue::I32(i32::from_le_bytes(self.array(what)?)),
+            vt::F32 => GgufValue::F32(f32::from_le_bytes(self.array(what)?)),
+            vt::BOOL => {
+                let at = self.pos;
+                match self.array::<1>(what)?[0] {
+                    0 => GgufValue::Bool(false),
+                    1 => GgufValue::Bool(true),
+                    b => return Err(self.err(format!("{}: bool at byte {at} is {b}, expected 0 or 1", what()))),
+                }
+            }
+            vt::STRING => GgufValue::String(self.string(what)?),
+            vt::U64 => GgufValue::U64(self.u64(what)?),
+            vt::I64 => GgufValue::I64(i64::from_le_bytes(self.array(what)?)),
+            vt::F64 => GgufValue::F64(f64::from_le_bytes(self.array(what)?)),
+            vt::ARRAY => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(self.err(format!("{}: arrays nested more than {MAX_ARRAY_DEPTH} deep", what())));
+                }
+                let at = self.pos;
+                let et = self.u32(&|| format!("the element type of {}", what()))?;
+                let Some(min) = min_value_bytes(et) else {
+                    return Err(self.err(format!("{}: array at byte {at} has unknown element type {et}, expected 0..=12", what())));
+                };
+                let n = self.u64(&|| format!("the length of {}", what()))?;
+                if n.checked_mul(min).map_or(true, |b| b > self.remaining() as u64) {
+                    return Err(self.err(format!(
+                        "{}: array of {n} {} elements (read at byte {at}) needs at least {} bytes but only {} are left in the {}-byte file",
+                        what(),
+                        value_type_name(et),
+                        n as u128 * min as u128,
+                        self.remaining(),
+                        self.buf.len()
+                    )));
+                }
+                let mut v = Vec::with_capacity(n as usize);
+                for i in 0..n {
+                    v.push(self.value(et, &|| format!("{}[{i}]", what()), depth + 1)?);
+                }
+                GgufValue::Array(v)
+            }
+            _ => return Err(self.err(format!("{}: unknown value type {ty} at byte {}, expected 0..=12", what(), self.pos.saturating_sub(4)))),
+        })
+    }
+}
+
+/// The parsed header of a GGUF file (everything but the tensor data).
+struct Header {
+    version: u32,
+    alignment: u64,
+    data_offset: u64,
+    metadata: BTreeMap<String, GgufValue>,
+    tensors: Vec<GgufTensorInfo>,
+}
+
+fn parse(path: &Path, buf: &[u8]) -> Result<Header> {
+    let mut r = Reader { buf, pos: 0, path };
+    let magic = r.take(4, &|| "the magic \"GGUF\"".to_string())?;
+    if magic != GGUF_MAGIC {
+        return Err(r.err(format!("not a GGUF file: the first bytes are {magic:02x?}, expected \"GGUF\" ({:02x?})", GGUF_MAGIC)));
+    }
+    let version = r.u32(&|| "the version".to_string())?;
+    match version {
+        2 | 3 => {}
+        1 => return Err(r.err("GGUF version 1 is not supported (32-bit counts); expected version 2 or 3 — re-convert the model with a current llama.cpp")),
+        v if v > 3 && (1..=3).contains(&v.swap_bytes()) => {
+            return Err(r.err(format!("GGUF version {v} looks big-endian ({}); only little-endian files are supported", v.swap_bytes())))
+        }
+        v => return Err(r.err(format!("unsupported GGUF version {v}, expected 2 or 3"))),
+    }
+    let n_tensors = r.u64(&|| "the tensor count".to_string())?;
+    let n_kv = r.u64(&|| "the metadata key/value count".to_string())?;
+    // Each kv takes at least 8 (key length) + 4 (type) + 1 bytes; each tensor info at least
+    // 8 (name length) + 4 (n_dims) + 8 (one dim) + 4 (type) + 8 (offset).
+    if n_kv.checked_mul(13).map_or(true, |b| b > r.remaining() as u64) {
+        return Err(r.err(format!("header: metadata count {n_kv} cannot fit in the {} bytes left of the {}-byte file", r.remaining(), buf.len())));
+    }
+    let mut metadata = BTreeMap::new();
+    for i in 0..n_kv {
+        let key = r.string(&|| format!("metadata key #{i}"))?;
+        let at = r.pos;
+        let ty = r.u32(&|| format!("the value type of metadata `{key}`"))?;
+        if min_value_bytes(ty).is_none() {
+            return Err(r.err(format!("metadata `{key}`: unknown value type {ty} at byte {at}, expected 0..=12")));
+        }
+        let value = r.value(ty, &|| format!("metadata `{key}`"), 0)?;
+        if metadata.contains_key(&key) {
+            return Err(r.err(format!("metadata `{key}` appears twice")));
+        }
+        metadata.insert(key, value);
+    }
+    let alignment = match metadata.get("general.alignment") {
+        None => DEFAULT_ALIGNMENT,
+        Some(v) => match v.as_u64() {
+            Some(a) if a > 0 && a.is_power_of_two() => a,
+            _ => return Err(r.err(format!("metadata `general.alignment` is {v} ({}), expected a power of two (u32)", v.type_name()))),
+        },
+    };
+    if n_tensors.checked_mul(32).map_or(true, |b| b > r.remaining() as u64) {
+        return Err(r.err(format!("header: tensor count {n_tensors} cannot fit in the {} bytes left of the {}-byte file", r.remaining(), buf.len())));
+    }
+    struct Raw {
+        name: String,
+        ne: Vec<u64>,
+        ty: u32,
+        offset: u64,
+    }
+    let mut raw = Vec::with_capacity(n_tensors as usize);
+    for i in 0..n_tensors {
+        let name = r.string(&|| format!("the name of tensor #{i}"))?;
+        let n_dims = r.u32(&|| format!("n_dims of tensor `{name}`"))?;
+        if n_dims == 0 || n_dims as usize > MAX_DIMS {
+            return Err(r.err(format!("tensor `{name}`: {n_dims} dimensions, expected 1..={MAX_DIMS}")));
+        }
+        let mut ne = Vec::with_capacity(n_dims as usize);
+        for d in 0..n_dims {
+            ne.push(r.u64(&|| format!("dimension {d} of tensor `{name}`"))?);
+        }
+        let ty = r.u32(&|| format!("the type of tensor `{name}`"))?;
+        let offset = r.u64(&|| format!("the data offset of tensor `{name}`"))?;
+        raw.push(Raw { name, ne, ty, offset });
+    }
+    let header_end = r.pos as u64;
+    let data_offset = header_end.div_ceil(alignment) * alignment;
+    let file_len = buf.len() as u64;
+    let mut tensors = Vec::with_capacity(raw.len());
+    let mut seen = HashSet::new();
+    for t in raw {
+        let name = &t.name;
+        let fail = |msg: String| Error::Format { path: path.to_path_buf(), msg: format!("tensor `{name}`: {msg}") };
+        if !seen.insert(t.name.clone()) {
+            return Err(fail("appears twice in the tensor table".into()));
+        }
+        let numel = t.ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&n| n <= i64::MAX as u64);
+        let Some(numel) = numel else {
+            return Err(fail(format!("ne {:?} has more elements than fit in 63 bits", t.ne)));
+        };
+        let dims = t.ne.iter().rev().map(|&d| usize::try_from(d)).collect::<std::result::Result<Vec<usize>, _>>();
+        let Ok(dims) = dims else {
+            return Err(fail(format!("ne {:?} does not fit this platform's usize", t.ne)));
+        };
+        let (type_name, layout) = ggml_type(t.ty).unwrap_or(("unknown", None));
+        if t.offset % alignment != 0 {
+            return Err(fail(format!("data offset {} is not a multiple of the alignment {alignment}", t.offset)));
+        }
+        let size = match layout {
+            None => None,
+            Some((block, bytes)) => {
+                if t.ne[0] % block != 0 {
+                    return Err(fail(format!("rows of {} elements (ne[0]) are not a whole number of {type_name} blocks of {block}", t.ne[0])));
+                }
+                Some((numel / block).checked_mul(bytes).ok_or_else(|| fail(format!("{numel} elements of {type_name} overflow a 64-bit size")))?)
+            }
+        };
+        let start = data_offset.checked_add(t.offset);
+        let end = start.and_then(|s| s.checked_add(size.unwrap_or(0)));
+        match (start, end) {
+            (Some(s), Some(e)) if e <= file_len && s <= file_len => {}
+            _ => {
+                return Err(fail(format!(
+                    "data at bytes {}..{} (data section at {data_offset} + offset {}{}) lies outside the {file_len}-byte file",
+                    data_offset as u128 + t.offset as u128,
+                    data_offset as u128 + t.offset as u128 + size.unwrap_or(0) as u128,
+                    t.offset,
+                    size.map_or(String::new(), |s| format!(", {s} bytes of {type_name}")),
+                )))
+            }
+        }
+        tensors.push(GgufTensorInfo { name: t.name.clone(), dims, ggml_type: t.ty, type_name, offset: data_offset + t.offset, size });
+    }
+    // No two tensors may share bytes.
+    let mut order: Vec<&GgufTensorInfo> = tensors.iter().filter(|t| t.size.is_some_and(|s| s > 0)).collect();
+    order.sort_by_key(|t| t.offset);
+    for w in order.windows(2) {
+        let a_end = w[0].offset + w[0].size.unwrap_or(0);
+        if w[1].offset < a_end {
+            return Err(r.err(format!(
+                "tensor `{}` (bytes {}..{}) overlaps tensor `{}` (bytes {}..{a_end})",
+                w[1].name,
+                w[1].offset,
+                w[1].offset + w[1].size.unwrap_or(0),
+                w[0].name,
+                w[0].offset
+            )));
+        }
+    }
+    Ok(Header { version, alignment, data_offset, metadata, tensors })
+}
+
+/// An open GGUF file: parsed header plus the memory map the tensors view.
+pub struct GgufFile {
+    path: PathBuf,
+    map: Option<Arc<Mmap>>,
+    version: u32,
+    alignment: u64,
+    data_offset: u64,
+    metadata: BTreeMap<String, GgufValue>,
+    tensors: Vec<GgufTensorInfo>,
+    index: HashMap<String, usize>,
+}
+
+impl fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("alignment", &self.alignment)
+            .field("metadata", &self.metadata.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Memory-maps and parses `path`. Tensor data is not read until asked for.
+    ///
+    /// The file must not be modified while it is open (it is mapped, not copied).
+    pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+        let len = file.metadata().map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?.len();
+        // An empty file cannot be mapped on every platform; it fails parsing on its own.
+        let map = if len == 0 {
+            None
+        } else {
+            // SAFETY: the map is read-only; the file must not be truncated while mapped (documented).
+            Some(Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?))
+        };
+        let h = parse(path, map.as_deref().map_or(&[][..], |m| &m[..]))?;
+        let index = h.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            map,
+            version: h.version,
+            alignment: h.alignment,
+            data_offset: h.data_offset,
+            metadata: h.metadata,
+            tensors: h.tensors,
+            index,
+        })
+    }
+
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::Format { path: self.path.clone(), msg: msg.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// GGUF version (2 or 3).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+    /// Alignment of the data section and tensor offsets (`general.alignment`, default 32).
+    pub fn alignment(&self) -> u64 {
+        self.alignment
+    }
+    /// Byte offset of the data section (the aligned end of the header).
+    pub fn data_offset(&self) -> u64 {
+        self.data_offset
+    }
+    /// All metadata, by key.
+    pub fn metadata(&self) -> &BTreeMap<String, GgufValue> {
+        &self.metadata
+    }
+    /// One metadata value.
+    pub fn get(&self, key: &str) -> Option<&GgufValue> {
+        self.metadata.get(key)
+    }
+    /// The tensor table in file order.
+    pub fn tensor_infos(&self) -> &[GgufTensorInfo] {
+        &self.tensors
+    }
+    /// One entry of the tensor table, by llama.cpp name.
+    pub fn tensor_info(&self, name: &str) -> Option<&GgufTensorInfo> {
+        self.index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// Tensor `name` (llama.cpp name) viewing the mapped file: shape [`GgufTensorInfo::dims`],
+    /// dtype from its GGML type, nothing copied.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let info = self.tensor_info(name).ok_or_else(|| self.err(format!("no tensor `{name}` in this file ({} tensors)", self.tensors.len())))?;
+        let dtype = info.dtype().ok_or_else(|| {
+            self.err(format!(
+                "tensor `{name}` has GGML type {} ({}), which spectune does not read; supported: f32 (0), f16 (1), q4_0 (2), q4_1 (3), q8_0 (8), bf16 (30)",
+                info.ggml_type, info.type_name
+            ))
+        })?;
+        let map = self.map.clone().ok_or_else(|| self.err(format!("tensor `{name}`: the file is empty")))?;
+        let offset =
+            usize::try_from(info.offset).map_err(|_| self.err(format!("tensor `{name}`: offset {} exceeds this platform's address space", info.offset)))?;
+        Tensor::from_mmap(map, offset, dtype, info.dims.clone(), name).map_err(|e| self.err(format!("tensor `{name}`: {e}")))
+    }
+
+    fn meta_str(&self, key: &str) -> Result<Option<&str>> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| self.err(format!("metadata `{key}` is {} ({v}), expected a string", v.type_name()))),
+        }
+    }
+    fn meta_u64(&self, key: &str) -> Result<Option<u64>> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| self.err(format!("metadata `{key}` is {} ({v}), expected a non-negative integer", v.type_name()))),
+        }
+    }
+    fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.meta_u64(key)? {
+            None => Ok(None),
+            Some(v) => usize::try_from(v).map(Some).map_err(|_| self.err(format!("metadata `{key}` = {v} does not fit usize"))),
+        }
+    }
+    fn meta_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(format!("metadata `{key}` is {} ({v}), expected a number", v.type_name()))),
+        }
+    }
+    /// A number for the model config. f32 values are taken at their shortest decimal form
+    /// (`1e-5` stored as f32 reads as 1e-5, not 9.99999974e-6), which is what the converter
+    /// was given.
+    fn meta_config_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.metadata.get(key) {
+            Some(GgufValue::F32(x)) => Ok(Some(x.to_string().parse::<f64>().unwrap_or(*x as f64))),
+            _ => self.meta_f64(key),
+        }
+    }
+    fn meta_u32(&self, key: &str) -> Result<Option<u32>> {
+        match self.meta_u64(key)? {
+            None => Ok(None),
+            Some(v) => u32::try_from(v).map(Some).map_err(|_| self.err(format!("metadata `{key}` = {v} does not fit u32"))),
+        }
+    }
+    fn meta_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.err(format!("metadata `{key}` is {} ({v}), expected a bool", v.type_name()))),
+        }
+    }
+    fn required<T>(&self, key: &str, v: Option<T>, why: &str) -> Result<T> {
+        v.ok_or_else(|| self.err(format!("metadata `{key}` is missing ({why})")))
+    }
+    fn meta_string_array(&self, key: &str) -> Result<Option<Vec<String>>> {
+        let Some(v) = self.metadata.get(key) else { return Ok(None) };
+        let bad = || self.err(format!("metadata `{key}` is {} ({v}), expected an array of strings", v.type_name()));
+        let a = v.as_array().ok_or_else(bad)?;
+        a.iter().map(|x| x.as_str().map(str::to_string).ok_or_else(bad)).collect::<Result<Vec<_>>>().map(Some)
+    }
+
+    /// `general.architecture` (e.g. "llama", "qwen2").
+    pub fn architecture(&self) -> Result<&str> {
+        let key = "general.architecture";
+        let arch = self.meta_str(key)?;
+        self.required(key, arch, "every model file names its architecture")
+    }
+
+    /// The model config from `{arch}.*` metadata (arch = llama, mistral or qwen2) and the tensor
+    /// table: vocab from `token_embd.weight`, tied embeddings when `output.weight` is absent,
+    /// q/k/v biases when `blk.0.attn_q.bias` is present.
+    pub fn llama_config(&self) -> Result<LlamaConfig> {
+        let arch = self.architecture()?;
+        if !matches!(arch, "llama" | "mistral" | "qwen2") {
+            return Err(self.err(format!("metadata `general.architecture` is {arch:?}; spectune reads llama, mistral and qwen2 models")));
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let need = |s: &str| -> Result<usize> {
+            let key = k(s);
+            let v = self.meta_usize(&key)?;
+            self.required(&key, v, "needed for the model config")
+        };
+        let hidden = need("embedding_length")?;
+        let layers = need("block_count")?;
+        let ffn = need("feed_forward_length")?;
+        let heads = need("attention.head_count")?;
+        let kv_heads = self.meta_usize(&k("attention.head_count_kv"))?.unwrap_or(heads);
+        let eps_key = k("attention.layer_norm_rms_epsilon");
+        let eps = self.meta_config_f64(&eps_key)?;
+        let eps = self.required(&eps_key, eps, "needed for the model config")?;
+        let theta = self.meta_config_f64(&k("rope.freq_base"))?.unwrap_or(10000.0);
+        let ctx = need("context_length")?;
+        if heads == 0 {
+            return Err(self.err(format!("metadata `{}` is 0", k("attention.head_count"))));
+        }
+        let head_dim = match self.meta_usize(&k("attention.key_length"))? {
+            Some(d) => d,
+            None if hidden % heads == 0 => hidden / heads,
+            None => {
+                return Err(
+                    self.err(format!("embedding_length {hidden} is not a multiple of head_count {heads} and `{}` is missing", k("attention.key_length")))
+                )
+            }
+        };
+        if let Some(vl) = self.meta_usize(&k("attention.value_length"))? {
+            if vl != head_dim {
+                return Err(self.err(format!(
+                    "metadata `{}` = {vl} differs from the key length {head_dim}; spectune needs equal head sizes",
+                    k("attention.value_length")
+                )));
+            }
+        }
+        let scaling_key = k("rope.scaling.type");
+        if let Some(s) = self.meta_str(&scaling_key)? {
+            if s != "none" {
+                return Err(self.err(format!("metadata `{scaling_key}` is {s:?}: rope scaling is not supported (expected absent or \"none\")")));
+            }
+        }
+        if self.tensor_info("rope_freqs.weight").is_some() {
+            return Err(self.err("tensor `rope_freqs.weight` present: per-frequency rope scaling (Llama 3.1 style) is not supported"));
+        }
+        let embd = self
+            .tensor_info("token_embd.weight")
+            .ok_or_else(|| self.err("no tensor `token_embd.weight` (HF `model.embed_tokens.weight`), needed for the vocabulary size"))?;
+        if embd.dims.len() != 2 || embd.dims[1] != hidden {
+            return Err(self.err(format!("tensor `token_embd.weight` has shape {:?}, expected [vocab, {hidden}]", embd.dims)));
+        }
+        let vocab_size = embd.dims[0];
+        if let Some(v) = self.meta_usize(&k("vocab_size"))? {
+            if v != vocab_size {
+                return Err(self.err(format!("metadata `{}` = {v} but tensor `token_embd.weight` has {vocab_size} rows", k("vocab_size"))));
+            }
+        }
+        let cfg = LlamaConfig {
+            vocab_size,
+            hidden_size: hidden,
+            intermediate_size: ffn,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: eps,
+            rope_theta: theta,
+            tie_word_embeddings: self.tensor_info("output.weight").is_none(),
+            attention_bias: self.tensor_info("blk.0.attn_q.bias").is_some(),
+            max_position_embeddings: ctx,
+        };
+        cfg.validate().map_err(|e| self.err(format!("model config from metadata: {e}")))?;
+        Ok(cfg)
+    }
+
+    /// Tensor by its HF name (`model.layers.0.self_attn.q_proj.weight`), read from its llama.cpp
+    /// counterpart (`blk.0.attn_q.weight`). For llama/mistral files the q/k rows (and biases)
+    /// are put back in HF order (see the module docs), so the result equals the HF weight.
+    /// Weights stay mapped; a permuted 1-D bias is a small host copy.
+    pub fn hf_tensor(&self, hf_name: &str) -> Result<Tensor> {
+        let gguf = hf_to_gguf_name(hf_name).ok_or_else(|| self.err(format!("HF tensor `{hf_name}` has no llama.cpp counterpart")))?;
+        if self.tensor_info(&gguf).is_none() {
+            return Err(self.err(format!("tensor `{gguf}` (HF `{hf_name}`) is not in this file")));
+        }
+        let t = self.tensor(&gguf)?;
+        let Some((_, module, _)) = split_layer_name(hf_name, "model.layers.") else { return Ok(t) };
+        let heads_key = match module {
+            "self_attn.q_proj" => "attention.head_count",
+            "self_attn.k_proj" => "attention.head_count_kv",
+            _ => return Ok(t),
+        };
+        let arch = self.architecture()?;
+        if !arch_permutes_qk(arch) {
+            return Ok(t);
+        }
+        let key = format!("{arch}.{heads_key}");
+        let heads = match self.meta_usize(&key)? {
+            Some(h) => h,
+            // head_count_kv defaults to head_count.
+            None if module == "self_attn.k_proj" => {
+                let qk = format!("{arch}.attention.head_count");
+                let h = self.meta_usize(&qk)?;
+                self.required(&qk, h, "needed to undo the q/k row permutation")?
+            }
+            None => self.required(&key, None, "needed to undo the q/k row permutation")?,
+        };
+        let rows = t.dims()[0];
+        let perm = unpermute_qk_rows(rows, heads)
+            .ok_or_else(|| self.err(format!("tensor `{gguf}` (HF `{hf_name}`): {rows} rows do not split into {heads} heads of an even size (`{key}`)")))?;
+        match t.dims().len() {
+            2 => t.permute_rows(&perm).map_err(|e| self.err(format!("tensor `{gguf}`: {e}"))),
+            1 => {
+                let v = t.to_vec_f32();
+                let p: Vec<f32> = perm.iter().map(|&i| v[i as usize]).collect();
+                let data = match t.dtype() {
+                    DType::F16 => HostData::F16(p.iter().map(|&x| f16::from_f32(x)).collect()),
+                    DType::BF16 => HostData::BF16(p.iter().map(|&x| bf16::from_f32(x)).collect()),
+                    _ => HostData::F32(p),
+                };
+                Tensor::from_host(data, [rows])
+            }
+            n => Err(self.err(format!("tensor `{gguf}` (HF `{hf_name}`) has {n} dimensions, expected 1 or 2"))),
+        }
+    }
+
+    /// The tokenizer fields: `tokenizer.ggml.*` and `tokenizer.chat_template`. `model` and
+    /// `tokens` are required; other missing keys give `None` (or an empty list).
+    pub fn vocab(&self) -> Result<GgufVocab> {
+        let model_key = "tokenizer.ggml.model";
+        let model = self.meta_str(model_key)?;
+        let model = self.required(model_key, model, "the tokenizer type")?.to_string();
+        let tokens_key = "tokenizer.ggml.tokens";
+        let tokens = self.meta_string_array(tokens_key)?;
+        let tokens = self.required(tokens_key, tokens, "the vocabulary")?;
+        let merges = self.meta_string_array("tokenizer.ggml.merges")?.unwrap_or_default();
+        let tt_key = "tokenizer.ggml.token_type";
+        let token_types = match self.metadata.get(tt_key) {
+            None => Vec::new(),
+            Some(v) => {
+                let bad = || self.err(format!("metadata `{tt_key}` is {} ({v}), expected an array of i32", v.type_name()));
+                let a = v.as_array().ok_or_else(bad)?;
+                a.iter().map(|x| x.as_i64().and_then(|i| i32::try_from(i).ok()).ok_or_else(bad)).collect::<Result<Vec<i32>>>()?
+            }
+        };
+        if !token_types.is_empty() && token_types.len() != tokens.len() {
+            return Err(self.err(format!("metadata `{tt_key}` has {} entries but `{tokens_key}` has {}", token_types.len(), tokens.len())));
+        }
+        let id = |name: &str| -> Result<Option<u32>> {
+            let key = format!("tokenizer.ggml.{name}");
+            let id = self.meta_u32(&key)?;
+            match id {
+                Some(i) if i as usize >= tokens.len() => Err(self.err(format!("metadata `{key}` = {i} is not a token id (vocabulary of {})", tokens.len()))),
+                _ => Ok(id),
+            }
+        };
+        Ok(GgufVocab {
+            model,
+            pre: self.meta_str("tokenizer.ggml.pre")?.map(str::to_string),
+            merges,
+            token_types,
+            bos_id: id("bos_token_id")?,
+            eos_id: id("eos_token_id")?,
+            pad_id: id("padding_token_id")?,
+            unk_id: id("unknown_token_id")?,
+            add_bos: self.meta_bool("tokenizer.ggml.add_bos_token")?,
+            chat_template: self.meta_str("tokenizer.chat_template")?.map(str::to_string),
+            tokens,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The converter's permutation, written the way the converter writes it:
+    /// `w.reshape(n_head, 2, d/2, cols).swapaxes(1, 2).reshape(rows, cols)` on a row-major
+    /// `[rows, cols]` matrix.
+    fn converter_permute(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+        let half = rows / n_head / 2;
+        // Index of the reshaped source: (h, s, i, c) at ((h·2 + s)·half + i)·cols + c.
+        // After swapaxes(1, 2) the output is laid out as (h, i, s, c).
+        let mut out = Vec::with_capacity(w.len());
+        for h in 0..n_head {
+            for i in 0..half {
+                for s in 0..2 {
+                    let src = ((h * 2 + s) * half + i) * cols;
+                    out.extend_from_slice(&w[src..src + cols]);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn unpermute_inverts_the_converter_permutation() {
+        for &(rows, cols, n_head) in &[(8usize, 3usize, 1usize), (12, 5, 3), (64, 2, 4), (576, 4, 9), (192, 3, 3)] {
+            let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let g = converter_permute(&w, rows, cols, n_head);
+            assert_ne!(g, w, "the converter permutation must move rows ({rows}, {n_head} heads)");
+            let t = Tensor::from_vec(g, [rows, cols]).unwrap();
+            let perm = unpermute_qk_rows(rows, n_head).unwrap();
+            assert_eq!(t.permute_rows(&perm).unwrap().to_vec_f32(), w);
+        }
+        // Explicit small case: one head of 4 rows [a0 a1 b0 b1] is stored as [a0 b0 a1 b1].
+        assert_eq!(converter_permute(&[0.0, 1.0, 2.0, 3.0], 4, 1, 1), vec![0.0, 2.0, 1.0, 3.0]);
+        assert_eq!(unpermute_qk_rows(4, 1).unwrap(), vec![0, 2, 1, 3]);
+        assert!(unpermute_qk_rows(6, 2).is_none());
+        assert!(unpermute_qk_rows(8, 0).is_none());
+    }
+
+    #[test]
+    fn name_mapping_round_trips() {
+        for (hf, g) in [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            ("model.norm.weight", "output_norm.weight"),
+            ("lm_head.weight", "output.weight"),
+            ("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
+            ("model.layers.12.self_attn.q_proj.bias", "blk.12.attn_q.bias"),
+            ("model.layers.3.self_attn.o_proj.weight", "blk.3.attn_output.weight"),
+            ("model.layers.29.post_attention_layernorm.weight", "blk.29.ffn_norm.weight"),
+            ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
+        ] {
+            assert_eq!(hf_to_gguf_name(hf).as_deref(), Some(g));
+            assert_eq!(gguf_to_hf_name(g).as_deref(), Some(hf));
+        }
+        for bad in
+            ["model.layers.x.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.scale", "model.layers.01.mlp.up_proj.weight", "model.layers.1.foo.weight", "x"]
+        {
+            assert_eq!(hf_to_gguf_name(bad), None, "{bad}");
+        }
+    }
+}

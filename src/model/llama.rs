@@ -13,8 +13,8 @@ use crate::autograd::checkpoint;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gradcheck::SplitMix;
-use crate::ops::{self, AttnOptions, CeOptions, Rope, SpecRows};
-use crate::peft::{Adapter, LoraConfig};
+use crate::ops::{self, AttnOptions, CeOptions, Rope};
+use crate::peft::{Adapter, LoraConfig, Method};
 use crate::tensor::Tensor;
 
 /// Shape hyper-parameters of a Llama-family model (HF config.json names).
@@ -264,19 +264,14 @@ impl Llama {
         Self::from_weights(cfg, dtype, |name| weights.get(name).cloned().ok_or_else(|| Error::invalid("Llama::random", format!("no weight {name}"))))
     }
 
-    /// Attaches LoRA (`spec_k = None`) or SpecLoRA (`Some(k)`, k clamped to each weight's rows,
-    /// positional top-k rows) to the `targets` linears of every layer.
-    pub fn attach_adapters(&mut self, targets: &[Target], lora: &LoraConfig, spec_k: Option<usize>, seed: u64) -> Result<()> {
+    /// Attaches an adapter of `method` to the `targets` linears of every layer (identity at init).
+    pub fn attach_adapters(&mut self, targets: &[Target], lora: &LoraConfig, method: &Method, seed: u64) -> Result<()> {
         let mut rng = SplitMix::new(seed);
         let dtype = self.dtype;
         for layer in &mut self.layers {
             for &t in targets {
                 let lin = layer.linear_mut(t);
-                let (o, i) = (lin.out_features(), lin.in_features());
-                lin.adapter = Some(match spec_k {
-                    None => Adapter::lora(o, i, lora, dtype, &mut rng)?,
-                    Some(k) => Adapter::speclora(o, i, lora, SpecRows::Top(k.min(o)), dtype, &mut rng)?,
-                });
+                lin.adapter = Some(Adapter::new(method, &lin.weight, lora, dtype, &mut rng)?);
             }
         }
         Ok(())

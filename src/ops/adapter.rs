@@ -1,7 +1,9 @@
 //! Fused adapter linears on a frozen weight W [m, n] (out × in).
 //!
-//! - LoRA:      y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ,                    A [r, n], B [m, r]
-//! - SpecLoRA:  y = x·(Γ ⊙ W)ᵀ + s·(x·Aᵀ)·Bᵀ, Γ[i, :] = d_j for the j-th selected row i, else 1
+//! - LoRA:          y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ,                    A [r, n], B [m, r]
+//! - SpecLoRA:      y = x·(Γ ⊙ W)ᵀ + s·(x·Aᵀ)·Bᵀ, Γ[i, :] = d_j for the j-th selected row i, else 1
+//! - SpecLoRA-SVD:  y = x·Wᵀ + ((x·V) ⊙ (d − 1) ⊙ σ)·Uᵀ + s·(x·Aᵀ)·Bᵀ, with the frozen top-k SVD
+//!   factors U [m, k], σ [k], V [n, k] of W, i.e. W' = W + U·diag((d − 1) ⊙ σ)·Vᵀ
 //!
 //! Invariant (tests/frozen.rs): the backward returns dX, dA, dB and dd only. W is frozen — an
 //! adapter op refuses a W that requires grad — and no m×n buffer is ever allocated for it: Γ ⊙ W
@@ -76,20 +78,53 @@ impl Dropout {
     }
 }
 
+/// The spectral part of an adapter linear, next to its LoRA branch.
+#[derive(Clone, Copy, Debug)]
+pub enum Spectral<'a> {
+    /// Plain LoRA.
+    None,
+    /// SpecLoRA, positional or row-index form: the selected rows of W scaled by d [k].
+    Rows { d: &'a Tensor, rows: &'a SpecRows },
+    /// SpecLoRA-SVD: W + U·diag((d − 1) ⊙ σ)·Vᵀ with frozen u [m, k], sigma [k], v [n, k].
+    Svd { d: &'a Tensor, u: &'a Tensor, sigma: &'a Tensor, v: &'a Tensor },
+}
+
+impl<'a> Spectral<'a> {
+    fn d(&self) -> Option<&'a Tensor> {
+        match *self {
+            Spectral::None => None,
+            Spectral::Rows { d, .. } | Spectral::Svd { d, .. } => Some(d),
+        }
+    }
+    fn op(&self) -> &'static str {
+        match self {
+            Spectral::None => "lora_linear",
+            Spectral::Rows { .. } => "speclora_linear",
+            Spectral::Svd { .. } => "speclora_svd_linear",
+        }
+    }
+}
+
 /// LoRA on a frozen W: x [.., n], w [m, n], a [r, n], b [m, r] → [.., m].
 pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    adapter_linear(x, w, None, a, b, scale, None)
+    adapter_linear(x, w, Spectral::None, a, b, scale, None)
 }
 
 /// SpecLoRA on a frozen W: as [`lora_linear`] with the selected rows of W scaled by d [k].
 pub fn speclora_linear(x: &Tensor, w: &Tensor, d: &Tensor, rows: &SpecRows, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    adapter_linear(x, w, Some((d, rows)), a, b, scale, None)
+    adapter_linear(x, w, Spectral::Rows { d, rows }, a, b, scale, None)
 }
 
-/// The general adapter linear: LoRA, or SpecLoRA when `spec` = (d, rows), with optional dropout
-/// on the LoRA branch input.
-pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Option<(&Tensor, &SpecRows)>, a: &Tensor, b: &Tensor, s: f64, dropout: Option<Dropout>) -> Result<Tensor> {
-    let op = if spec.is_some() { "speclora_linear" } else { "lora_linear" };
+/// SpecLoRA-SVD on a frozen W: as [`lora_linear`] plus U·diag((d − 1) ⊙ σ)·Vᵀ.
+#[allow(clippy::too_many_arguments)]
+pub fn speclora_svd_linear(x: &Tensor, w: &Tensor, d: &Tensor, u: &Tensor, sigma: &Tensor, v: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    adapter_linear(x, w, Spectral::Svd { d, u, sigma, v }, a, b, scale, None)
+}
+
+/// The general adapter linear: LoRA plus an optional spectral part, with optional dropout on the
+/// LoRA branch input.
+pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Spectral<'_>, a: &Tensor, b: &Tensor, s: f64, dropout: Option<Dropout>) -> Result<Tensor> {
+    let op = spec.op();
     if let Some(dr) = dropout {
         if !(0.0..1.0).contains(&dr.p) {
             return Err(Error::invalid(op, format!("dropout p must be in [0, 1), got {}", dr.p)));
@@ -115,19 +150,34 @@ pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Option<(&Tensor, &SpecRows)>
         return Err(Error::invalid(op, format!("scale must be finite, got {s}")));
     }
     let idx = match spec {
-        Some((d, rows)) => {
+        Spectral::Rows { d, rows } => {
             let idx = rows.resolve(m)?;
             check_shape_eq(op, "d", d, &[idx.len()])?;
             check_dtype(op, "d", d, dt, true)?;
             Some(idx)
         }
-        None => None,
+        Spectral::Svd { d, u, sigma, v } => {
+            let k = d.numel();
+            check_shape_eq(op, "d", d, &[k])?;
+            check_dtype(op, "d", d, dt, true)?;
+            check_shape_eq(op, "u", u, &[m, k])?;
+            check_shape_eq(op, "sigma", sigma, &[k])?;
+            check_shape_eq(op, "v", v, &[n, k])?;
+            for (name, t) in [("u", u), ("sigma", sigma), ("v", v)] {
+                check_dtype(op, name, t, dt, false)?;
+                if t.requires_grad() {
+                    return Err(Error::invalid(op, format!("the SVD factor {name} must be frozen (it is stored with the adapter, never trained)")));
+                }
+            }
+            None
+        }
+        Spectral::None => None,
     };
     let nrows = x.shape().rows();
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank checked above") = m;
     let dims = LinDims { nrows, m, n, r, s };
-    let (y, h, zk, xd) = with_float!(dt, op, |T| {
+    let (y, h, zk, xd, pk) = with_float!(dt, op, |T| {
         let (xg, wg, ag, bg) = (x.read(), w.read(), a.read(), b.read());
         let xv = vals::<T>(&xg);
         // Z = X·Wᵀ  [N, m]
@@ -135,7 +185,7 @@ pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Option<(&Tensor, &SpecRows)>
         cpu::gemm_stored(&mut y, &xv, &wg, 0, nrows, n, m, false, true, T::ZERO);
         // Γ: save Z[:, idx] for dd, then scale those columns by d.
         let zk = match (&idx, spec) {
-            (Some(idx), Some((d, _))) => {
+            (Some(idx), Spectral::Rows { d, .. }) => {
                 let dv = vals::<T>(&d.read()).into_owned();
                 let k = idx.len();
                 let mut zk = vec![T::ZERO; nrows * k];
@@ -149,20 +199,38 @@ pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Option<(&Tensor, &SpecRows)>
             }
             _ => None,
         };
+        // SVD form: P = X·V [N, k];  Y += (P ⊙ c)·Uᵀ with c = (d − 1) ⊙ σ. Saves P for dd.
+        let pk = match spec {
+            Spectral::Svd { d, u, sigma, v } => {
+                let k = d.numel();
+                let c = svd_coef::<T>(d, sigma);
+                let mut p = vec![T::ZERO; nrows * k];
+                cpu::gemm(&mut p, &xv, &vals::<T>(&v.read()), nrows, n, k, false, false, T::ONE, T::ZERO);
+                let pc: Vec<T> = p.chunks(k).flat_map(|row| row.iter().zip(&c).map(|(p, c)| *p * *c)).collect();
+                cpu::gemm(&mut y, &pc, &vals::<T>(&u.read()), nrows, k, m, false, true, T::ONE, T::ONE);
+                Some(out(p, [nrows, k]))
+            }
+            _ => None,
+        };
         // X̃ = dropout(X) for the LoRA branch only;  H = X̃·Aᵀ [N, r];  Y += s·H·Bᵀ
         let xd: Option<Vec<T>> = dropout.map(|dr| xv.iter().enumerate().map(|(i, &v)| v * T::from_f64(dr.factor(i))).collect());
         let xa: &[T] = xd.as_deref().unwrap_or(&xv);
         let mut h = vec![T::ZERO; nrows * r];
         cpu::gemm(&mut h, xa, &vals::<T>(&ag), nrows, n, r, false, true, T::ONE, T::ZERO);
         cpu::gemm(&mut y, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::from_f64(s), T::ONE);
-        Ok((out(y, Shape::new(out_dims.clone())), out(h, [nrows, r]), zk, xd.map(|v| out(v, [nrows, n]))))
+        Ok((out(y, Shape::new(out_dims.clone())), out(h, [nrows, r]), zk, xd.map(|v| out(v, [nrows, n])), pk))
     })?;
-    let inputs: Vec<&Tensor> = match spec {
-        Some((d, _)) => vec![x, d, a, b],
+    let inputs: Vec<&Tensor> = match spec.d() {
+        Some(d) => vec![x, d, a, b],
         None => vec![x, a, b],
     };
+    let has_d = spec.d().is_some();
     Ok(record(y, &inputs, |needs| {
-        let (nx, nd, na, nb) = if spec.is_some() { (needs[0], needs[1], needs[2], needs[3]) } else { (needs[0], false, needs[1], needs[2]) };
+        let (nx, nd, na, nb) = if has_d { (needs[0], needs[1], needs[2], needs[3]) } else { (needs[0], false, needs[1], needs[2]) };
+        let svd = match spec {
+            Spectral::Svd { d, u, sigma, v } if nx || nd => Some(SvdSaved { d: d.detach(), u: u.detach(), sigma: sigma.detach(), v: v.detach() }),
+            _ => None,
+        };
         Box::new(AdapterBwd {
             name: op,
             x_shape: x.shape().clone(),
@@ -173,10 +241,12 @@ pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Option<(&Tensor, &SpecRows)>
             a: (nx).then(|| a.detach()),
             b: (nx || na).then(|| b.detach()),
             h: nb.then_some(h),
-            d: spec.filter(|_| nx).map(|(d, _)| d.detach()),
+            d: if let (Spectral::Rows { d, .. }, true) = (spec, nx) { Some(d.detach()) } else { None },
             zk: zk.filter(|_| nd),
             idx,
-            spec: spec.is_some(),
+            svd,
+            pk: pk.filter(|_| nd),
+            has_d,
             dims,
         })
     }))
@@ -206,9 +276,25 @@ struct AdapterBwd {
     d: Option<Tensor>,
     zk: Option<Tensor>,
     idx: Option<Vec<usize>>,
-    spec: bool,
+    /// SVD form: the factors and d (for dX and dd), and P = X·V (for dd).
+    svd: Option<SvdSaved>,
+    pk: Option<Tensor>,
+    has_d: bool,
     dims: LinDims,
     dropout: Option<Dropout>,
+}
+
+struct SvdSaved {
+    d: Tensor,
+    u: Tensor,
+    sigma: Tensor,
+    v: Tensor,
+}
+
+/// c = (d − 1) ⊙ σ, the SVD form's per-direction coefficient.
+fn svd_coef<T: crate::Float>(d: &Tensor, sigma: &Tensor) -> Vec<T> {
+    let (dv, sv) = (d.to_vec::<T>(), sigma.to_vec::<T>());
+    dv.iter().zip(&sv).map(|(d, s)| (*d - T::ONE) * *s).collect()
 }
 
 impl Backward for AdapterBwd {
@@ -220,7 +306,7 @@ impl Backward for AdapterBwd {
     ///   dX = dYΓ·W + s·(G·A) ⊙ mask/(1−p);  dA = s·Gᵀ·X̃;  dB = s·dYᵀ·H;  dd_j = Σ_t dY[t, i_j]·Z[t, i_j].
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         let LinDims { nrows, m, n, r, s } = self.dims;
-        let (nx, nd, na, nb) = if self.spec { (needs[0], needs[1], needs[2], needs[3]) } else { (needs[0], false, needs[1], needs[2]) };
+        let (nx, nd, na, nb) = if self.has_d { (needs[0], needs[1], needs[2], needs[3]) } else { (needs[0], false, needs[1], needs[2]) };
         with_float!(dy.dtype(), "adapter_linear.backward", |T| {
             let gy = dy.read();
             let gy = vals::<T>(&gy);
@@ -291,7 +377,30 @@ impl Backward for AdapterBwd {
                 }
                 _ => None,
             };
-            Ok(if self.spec { vec![dx, dd, da, db] } else { vec![dx, da, db] })
+            // SVD form: Q = dY·U [N, k];  dd_i = σ_i Σ_t Q[t,i]·P[t,i];  dX += (Q ⊙ c)·Vᵀ.
+            let (mut dx, mut dd) = (dx, dd);
+            if let Some(sv) = &self.svd {
+                let k = sv.sigma.numel();
+                let mut q = vec![T::ZERO; nrows * k];
+                cpu::gemm(&mut q, &gy, &vals::<T>(&sv.u.read()), nrows, m, k, false, false, T::ONE, T::ZERO);
+                if let (true, Some(p)) = (nd, &self.pk) {
+                    let (pv, sig) = (p.to_vec::<T>(), sv.sigma.to_vec::<T>());
+                    let mut g = vec![T::ZERO; k];
+                    for (qr, pr) in q.chunks(k).zip(pv.chunks(k)) {
+                        g.iter_mut().zip(qr.iter().zip(pr)).for_each(|(g, (q, p))| *g += *q * *p);
+                    }
+                    g.iter_mut().zip(&sig).for_each(|(g, s)| *g *= *s);
+                    dd = Some(out(g, [k]));
+                }
+                if let Some(dxt) = dx.take() {
+                    let c = svd_coef::<T>(&sv.d, &sv.sigma);
+                    let qc: Vec<T> = q.chunks(k).flat_map(|row| row.iter().zip(&c).map(|(q, c)| *q * *c)).collect();
+                    let mut dxv = dxt.to_vec::<T>();
+                    cpu::gemm(&mut dxv, &qc, &vals::<T>(&sv.v.read()), nrows, k, n, false, true, T::ONE, T::ONE);
+                    dx = Some(out(dxv, self.x_shape.clone()));
+                }
+            }
+            Ok(if self.has_d { vec![dx, dd, da, db] } else { vec![dx, da, db] })
         })
     }
 }
