@@ -1,13 +1,17 @@
 //! The spectune command-line tool.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use spectune::gradcheck::SplitMix;
-use spectune::model::{Llama, LlamaConfig, Target};
+use spectune::io::Checkpoint;
+use spectune::model::{generate, GenerateOptions, Llama, LlamaConfig, Target};
 use spectune::ops::CeOptions;
 use spectune::peft::{LoraConfig, Method as AdapterMethod};
+use spectune::tokenizer::ChatMessage;
 use spectune::{backward, clip_grad_norm, AdamW, AdamWConfig, DType, LrSchedule};
 
 #[derive(Parser)]
@@ -30,6 +34,42 @@ enum Method {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// List a checkpoint's tensors (name, dtype, shape) and its parsed config and tokenizer.
+    Inspect {
+        /// A .gguf file, a .safetensors file, or an HF folder.
+        path: PathBuf,
+        /// Print at most this many tensors (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
+    /// Generate text from a prompt with a KV cache (greedy or temperature/top-p sampling).
+    Generate {
+        /// A .gguf file or an HF folder with config.json, model.safetensors and tokenizer.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// An adapter folder saved by spectune (PEFT layout) to apply on top of the model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// A system message (with --chat).
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Always pick the most likely token.
+        #[arg(long)]
+        greedy: bool,
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Train adapters on a small random Llama-style model to exercise the whole engine:
     /// forward, backward, AdamW, checkpointing. Prints the loss curve and the memory that the
     /// adapters and their optimizer state take.
@@ -78,6 +118,11 @@ fn main() -> ExitCode {
         }
     }
     let res = match cli.cmd {
+        Cmd::Inspect { path, limit } => inspect(&path, limit),
+        Cmd::Generate { model, adapter, prompt, chat, system, max_tokens, greedy, temperature, top_p, seed } => {
+            let opts = GenerateOptions { max_new_tokens: max_tokens, greedy, temperature, top_p, seed, stop_ids: Vec::new() };
+            run_generate(&model, adapter.as_deref(), &prompt, chat, system.as_deref(), opts)
+        }
         Cmd::TrainTiny { method, steps, rank, alpha, k, lr, layers, hidden, batch, seq_len, checkpointing, seed } => {
             train_tiny(method, steps, rank, alpha, k, lr, layers, hidden, batch, seq_len, checkpointing, seed)
         }
@@ -176,5 +221,79 @@ fn train_tiny(
     let secs = t0.elapsed().as_secs_f64();
     let last = model.loss(&ids, &targets, batch, seq_len, None, &ce)?.item()?;
     println!("loss {first:.4} -> {last:.4} in {steps} steps, {:.0} tokens/s", (steps * batch * seq_len) as f64 / secs);
+    Ok(())
+}
+
+fn inspect(path: &Path, limit: usize) -> spectune::Result<()> {
+    let ck = Checkpoint::open(path)?;
+    let list = ck.listing();
+    let params: usize = list.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    println!("{}: {} tensors, {:.1} M parameters", path.display(), list.len(), params as f64 / 1e6);
+    let mut by_dtype = std::collections::BTreeMap::<String, usize>::new();
+    for t in &list {
+        *by_dtype.entry(t.dtype.clone()).or_default() += 1;
+    }
+    println!("dtypes: {}", by_dtype.iter().map(|(d, n)| format!("{d} × {n}")).collect::<Vec<_>>().join(", "));
+    match ck.llama_config() {
+        Ok(cfg) => println!("config: {cfg:?}"),
+        Err(e) => println!("config: not loadable as a Llama-family decoder ({e})"),
+    }
+    match ck.tokenizer() {
+        Ok(t) => println!(
+            "tokenizer: {} tokens, bos {:?}, eos {:?}, chat template: {}",
+            t.vocab_size(),
+            t.bos_id(),
+            t.eos_id(),
+            if t.chat_template().is_some() { "yes" } else { "no" }
+        ),
+        Err(e) => println!("tokenizer: none ({e})"),
+    }
+    let width = list.iter().map(|t| t.name.len()).max().unwrap_or(4);
+    for t in list.iter().take(if limit == 0 { usize::MAX } else { limit }) {
+        println!("  {:width$}  {:>6}  {:?}", t.name, t.dtype, t.shape);
+    }
+    if limit != 0 && list.len() > limit {
+        println!("  … {} more (--limit 0 lists all)", list.len() - limit);
+    }
+    Ok(())
+}
+
+fn run_generate(path: &Path, adapter: Option<&Path>, prompt: &str, chat: bool, system: Option<&str>, mut opts: GenerateOptions) -> spectune::Result<()> {
+    let ck = Checkpoint::open(path)?;
+    let tok = ck.tokenizer()?;
+    let mut model = ck.llama(DType::F32)?;
+    if let Some(dir) = adapter {
+        spectune::peft::io::load_adapter(&mut model, dir)?;
+    }
+    let text = if chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = system {
+            msgs.push(ChatMessage::system(s));
+        }
+        msgs.push(ChatMessage::user(prompt));
+        tok.apply_chat_template(&msgs, true)?
+    } else {
+        prompt.to_string()
+    };
+    let ids = tok.encode(&text, !chat)?;
+    opts.stop_ids = tok.stop_ids().to_vec();
+    let t0 = Instant::now();
+    let mut shown = String::new();
+    let mut all = Vec::new();
+    let out = generate(&model, &ids, &opts, |id| {
+        all.push(id);
+        // Print the decoded text as it grows (decoding the whole tail keeps multi-byte
+        // characters intact).
+        let s = tok.decode(&all, true)?;
+        if let Some(new) = s.strip_prefix(shown.as_str()) {
+            print!("{new}");
+            let _ = std::io::stdout().flush();
+        }
+        shown = s;
+        Ok(())
+    })?;
+    println!();
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!("[{} prompt tokens, {} generated in {:.1} s, {:.1} tokens/s]", ids.len(), out.len(), secs, out.len() as f64 / secs);
     Ok(())
 }

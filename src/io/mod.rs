@@ -3,3 +3,97 @@
 
 pub mod gguf;
 pub mod safetensors;
+
+use std::path::{Path, PathBuf};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::{Llama, LlamaConfig};
+use crate::tokenizer::Tokenizer;
+
+/// The file(s) a model was loaded from, kept open (mapped) for as long as the model lives.
+pub enum Checkpoint {
+    Gguf(gguf::GgufFile),
+    Safetensors(safetensors::SafetensorsCheckpoint),
+}
+
+/// One tensor of a checkpoint, for listing.
+#[derive(Clone, Debug)]
+pub struct TensorListing {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+impl Checkpoint {
+    /// Opens a `.gguf` file, a `.safetensors` file, or an HF folder.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            Ok(Checkpoint::Gguf(gguf::GgufFile::open(path)?))
+        } else {
+            Ok(Checkpoint::Safetensors(safetensors::SafetensorsCheckpoint::open(path)?))
+        }
+    }
+
+    /// Every tensor with its stored dtype and shape (HF [out, in] order).
+    pub fn listing(&self) -> Vec<TensorListing> {
+        match self {
+            Checkpoint::Gguf(g) => {
+                g.tensor_infos().iter().map(|t| TensorListing { name: t.name.clone(), dtype: t.type_name.to_string(), shape: t.dims.clone() }).collect()
+            }
+            Checkpoint::Safetensors(s) => s.tensor_infos().into_iter().map(|t| TensorListing { name: t.name, dtype: t.dtype, shape: t.shape }).collect(),
+        }
+    }
+
+    /// The Llama-family config: from GGUF metadata, or `config.json` beside the weights.
+    pub fn llama_config(&self) -> Result<LlamaConfig> {
+        match self {
+            Checkpoint::Gguf(g) => g.llama_config(),
+            Checkpoint::Safetensors(s) => crate::model::config::parse_config(&config_path(s.source())?),
+        }
+    }
+
+    /// The tokenizer: built from GGUF metadata, or `tokenizer.json` beside the weights.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match self {
+            Checkpoint::Gguf(g) => Tokenizer::from_gguf(&g.vocab()?),
+            Checkpoint::Safetensors(s) => {
+                let p = folder_of(s.source()).join("tokenizer.json");
+                if !p.exists() {
+                    return Err(Error::Io { path: p, source: std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json beside the weights") });
+                }
+                Tokenizer::from_file(&p)
+            }
+        }
+    }
+
+    /// Builds the model: validates every weight's presence, dtype and shape against the config,
+    /// then maps them (no weight is copied where its dtype allows use in place).
+    pub fn llama(&self, dtype: DType) -> Result<Llama> {
+        let cfg = self.llama_config()?;
+        match self {
+            Checkpoint::Gguf(g) => Llama::from_weights(cfg, dtype, |n| g.hf_tensor(n)),
+            Checkpoint::Safetensors(s) => {
+                s.validate_llama(&cfg)?;
+                Llama::from_weights(cfg, dtype, |n| s.tensor(n))
+            }
+        }
+    }
+}
+
+fn folder_of(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        p.to_path_buf()
+    } else {
+        p.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    }
+}
+
+fn config_path(source: &Path) -> Result<PathBuf> {
+    let p = folder_of(source).join("config.json");
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(Error::Io { path: p, source: std::io::Error::new(std::io::ErrorKind::NotFound, "no config.json beside the weights") })
+    }
+}

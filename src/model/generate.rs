@@ -33,7 +33,8 @@ pub fn generate(model: &Llama, prompt: &[u32], opts: &GenerateOptions, mut on_to
     if prompt.is_empty() {
         return Err(Error::invalid("generate", "the prompt has no tokens"));
     }
-    if !opts.greedy && !(opts.temperature > 0.0 && opts.temperature.is_finite() && opts.top_p > 0.0 && opts.top_p <= 1.0) {
+    let sampling_ok = opts.temperature > 0.0 && opts.temperature.is_finite() && opts.top_p > 0.0 && opts.top_p <= 1.0;
+    if !opts.greedy && !sampling_ok {
         return Err(Error::invalid("generate", format!("need temperature > 0 and 0 < top_p ≤ 1, got {} and {}", opts.temperature, opts.top_p)));
     }
     let mut rng = SplitMix::new(opts.seed);

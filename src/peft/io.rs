@@ -1,0 +1,229 @@
+//! Adapter files in HF PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`, with
+//! PEFT's key names (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in],
+//! `…lora_B.weight` [out, r]), so a LoRA saved here loads in stock PEFT. SpecLoRA's extra
+//! trainables ride along as extra tensors (`…speclora_d` [k], `…speclora_rows` [k] row indices,
+//! and for the SVD form `…speclora_u/sigma/v`) described under a `spectune` key of the config;
+//! stock PEFT ignores neither, so those adapters are exported to plain LoRA for interop.
+//!
+//! Files are written atomically: a temporary file in the same folder, fsync, rename.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::model::{Llama, Target};
+use crate::ops::SpecRows;
+use crate::peft::{Adapter, LoraConfig};
+use crate::tensor::Tensor;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+fn module_prefix(layer: usize, t: Target) -> String {
+    let group = match t {
+        Target::Q | Target::K | Target::V | Target::O => "self_attn",
+        _ => "mlp",
+    };
+    format!("base_model.model.model.layers.{layer}.{group}.{}", t.hf_name())
+}
+
+/// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |e| Error::Io { path: path.to_path_buf(), source: e };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Saves every adapter of `model` into `dir` (created if needed). `lora` is the config the
+/// adapters were created with; `base_model` is recorded for PEFT.
+pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>, Dtype)> = BTreeMap::new();
+    let mut targets: Vec<&'static str> = Vec::new();
+    let mut method = "lora";
+    let mut rows_kind = "top";
+    let f32_bytes =
+        |t: &Tensor| -> (Vec<usize>, Vec<u8>, Dtype) { (t.dims().to_vec(), t.to_vec_f32().iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32) };
+    for (li, layer) in model.layers.iter().enumerate() {
+        for t in Target::ALL {
+            let Some(ad) = &layer.linear(t).adapter else { continue };
+            if !targets.contains(&t.hf_name()) {
+                targets.push(t.hf_name());
+            }
+            let p = module_prefix(li, t);
+            let (a, b) = match ad {
+                Adapter::Lora { a, b, .. } => (a, b),
+                Adapter::SpecLora { d, rows, a, b, .. } => {
+                    method = "speclora";
+                    tensors.insert(format!("{p}.speclora_d"), f32_bytes(d));
+                    let idx: Vec<i64> = match rows {
+                        SpecRows::Top(k) => (0..*k as i64).collect(),
+                        SpecRows::Indices(ix) => {
+                            rows_kind = "indices";
+                            ix.iter().map(|&i| i as i64).collect()
+                        }
+                    };
+                    tensors.insert(format!("{p}.speclora_rows"), (vec![idx.len()], idx.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::I64));
+                    (a, b)
+                }
+                Adapter::SpecLoraSvd { d, u, sigma, v, a, b, .. } => {
+                    method = "speclora-svd";
+                    tensors.insert(format!("{p}.speclora_d"), f32_bytes(d));
+                    tensors.insert(format!("{p}.speclora_u"), f32_bytes(u));
+                    tensors.insert(format!("{p}.speclora_sigma"), f32_bytes(sigma));
+                    tensors.insert(format!("{p}.speclora_v"), f32_bytes(v));
+                    (a, b)
+                }
+            };
+            tensors.insert(format!("{p}.lora_A.weight"), f32_bytes(a));
+            tensors.insert(format!("{p}.lora_B.weight"), f32_bytes(b));
+        }
+    }
+    if tensors.is_empty() {
+        return Err(Error::invalid("save_adapter", "the model has no adapters attached"));
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, (shape, bytes, dt))| TensorView::new(*dt, shape.clone(), bytes).map(|v| (k.clone(), v)))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::invalid("save_adapter", format!("{e}")))?;
+    let bytes = safetensors::tensor::serialize(views, None).map_err(|e| Error::invalid("save_adapter", format!("{e}")))?;
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "use_rslora": lora.rslora,
+        "bias": "none",
+        "target_modules": targets,
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "spectune": { "method": method, "rows": rows_kind, "version": env!("CARGO_PKG_VERSION") },
+    });
+    write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid("save_adapter", e.to_string()))?;
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+}
+
+/// Loads an adapter folder saved by [`save_adapter`] (or a plain PEFT LoRA) onto `model`,
+/// replacing any adapters it had. Returns the LoRA config read from the folder.
+pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    let fmt = |msg: String| Error::Format { path: cfg_path.clone(), msg };
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.clone(), source: e })?;
+    let cfg: Value = serde_json::from_str(&text).map_err(|e| fmt(format!("not valid JSON: {e}")))?;
+    if cfg.get("peft_type").and_then(Value::as_str) != Some("LORA") {
+        return Err(fmt(format!("peft_type must be \"LORA\", got {}", cfg.get("peft_type").unwrap_or(&Value::Null))));
+    }
+    let rank = cfg.get("r").and_then(Value::as_u64).ok_or_else(|| fmt("missing integer key `r`".into()))? as usize;
+    let alpha = cfg.get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| fmt("missing number `lora_alpha`".into()))?;
+    let rslora = cfg.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+    let dropout = cfg.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+    if cfg.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+        return Err(fmt("fan_in_fan_out = true (Conv1D layouts) is not supported".into()));
+    }
+    if let Some(b) = cfg.get("bias").and_then(Value::as_str).filter(|b| *b != "none") {
+        return Err(fmt(format!("bias = \"{b}\" is not supported (only \"none\")")));
+    }
+    if cfg.get("layers_to_transform").is_some_and(|v| !v.is_null()) || cfg.get("rank_pattern").and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+        return Err(fmt("layers_to_transform / rank_pattern are not supported".into()));
+    }
+    let lora = LoraConfig { rank, alpha, rslora, dropout };
+    let wpath = dir.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&wpath).map_err(|e| Error::Io { path: wpath.clone(), source: e })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format { path: wpath.clone(), msg: e.to_string() })?;
+    let wfmt = |msg: String| Error::Format { path: wpath.clone(), msg };
+    let names: HashMap<String, ()> = st.names().into_iter().map(|n| (n.to_string(), ())).collect();
+    let get = |name: &str, dims: &[usize]| -> Result<Vec<f32>> {
+        let t = st.tensor(name).map_err(|_| wfmt(format!("missing tensor {name}")))?;
+        if t.shape() != dims {
+            return Err(wfmt(format!("{name}: expected shape {dims:?}, got {:?}", t.shape())));
+        }
+        let data = t.data();
+        match t.dtype() {
+            Dtype::F32 => Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            Dtype::BF16 => Ok(data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+            Dtype::F16 => Ok(data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+            other => Err(wfmt(format!("{name}: unsupported dtype {other:?}"))),
+        }
+    };
+    let tensor = |v: Vec<f32>, dims: &[usize], param: bool| -> Result<Tensor> {
+        let t = crate::device::with_float!(model.dtype, "load_adapter", |T| {
+            Tensor::from_vec(v.iter().map(|&x| T::from_f64(x as f64)).collect::<Vec<T>>(), dims.to_vec())
+        })?;
+        if param {
+            t.param()
+        } else {
+            Ok(t)
+        }
+    };
+    let mut found = 0;
+    for li in 0..model.layers.len() {
+        for t in Target::ALL {
+            let p = module_prefix(li, t);
+            let a_name = format!("{p}.lora_A.weight");
+            if !names.contains_key(&a_name) {
+                continue;
+            }
+            let lin = model.layers[li].linear(t);
+            let (o, i) = (lin.out_features(), lin.in_features());
+            let a = tensor(get(&a_name, &[rank, i])?, &[rank, i], true)?;
+            let b = tensor(get(&format!("{p}.lora_B.weight"), &[o, rank])?, &[o, rank], true)?;
+            let d_name = format!("{p}.speclora_d");
+            let adapter = if names.contains_key(&format!("{p}.speclora_u")) {
+                let k = st.tensor(&d_name).map_err(|_| wfmt(format!("missing tensor {d_name}")))?.shape().first().copied().unwrap_or(0);
+                let dv = get(&d_name, &[k])?;
+                Adapter::SpecLoraSvd {
+                    d: tensor(dv, &[k], true)?,
+                    u: tensor(get(&format!("{p}.speclora_u"), &[o, k])?, &[o, k], false)?,
+                    sigma: tensor(get(&format!("{p}.speclora_sigma"), &[k])?, &[k], false)?,
+                    v: tensor(get(&format!("{p}.speclora_v"), &[i, k])?, &[i, k], false)?,
+                    a,
+                    b,
+                    scale: lora.scale(),
+                    dropout,
+                }
+            } else if names.contains_key(&d_name) {
+                let rows_name = format!("{p}.speclora_rows");
+                let rt = st.tensor(&rows_name).map_err(|_| wfmt(format!("missing tensor {rows_name}")))?;
+                if rt.dtype() != Dtype::I64 || rt.shape().len() != 1 {
+                    return Err(wfmt(format!("{rows_name}: expected I64 [k], got {:?} {:?}", rt.dtype(), rt.shape())));
+                }
+                let idx: Vec<i64> = rt.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+                let k = idx.len();
+                if idx.iter().any(|&r| r < 0 || r as usize >= o) {
+                    return Err(wfmt(format!("{rows_name}: row index out of range 0..{o}")));
+                }
+                let rows = if idx.iter().enumerate().all(|(j, &r)| r == j as i64) {
+                    SpecRows::Top(k)
+                } else {
+                    SpecRows::Indices(idx.iter().map(|&r| r as u32).collect())
+                };
+                Adapter::SpecLora { d: tensor(get(&d_name, &[k])?, &[k], true)?, rows, a, b, scale: lora.scale(), dropout }
+            } else {
+                Adapter::Lora { a, b, scale: lora.scale(), dropout }
+            };
+            model.layers[li].linear_mut(t).adapter = Some(adapter);
+            found += 1;
+        }
+    }
+    if found == 0 {
+        return Err(wfmt("no lora_A/lora_B tensors for this model's layers".into()));
+    }
+    Ok(lora)
+}

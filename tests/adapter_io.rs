@@ -1,0 +1,93 @@
+//! Adapter files: PEFT layout, atomic writes, exact round trips for every method, clear errors.
+
+use spectune::gradcheck::SplitMix;
+use spectune::model::{Llama, LlamaConfig, Target};
+use spectune::peft::io::{load_adapter, save_adapter, CONFIG_FILE, WEIGHTS_FILE};
+use spectune::peft::{LoraConfig, Method};
+use spectune::DType;
+
+fn cfg() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 41,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 4,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        max_position_embeddings: 32,
+    }
+}
+
+#[test]
+fn every_method_round_trips_exactly() {
+    let lora = LoraConfig { rank: 3, alpha: 6.0, rslora: false, dropout: 0.1 };
+    for method in [Method::Lora, Method::SpecLora { k: 5, by_norm: false }, Method::SpecLora { k: 4, by_norm: true }, Method::SpecLoraSvd { k: 3 }] {
+        let base = Llama::random(cfg(), DType::F32, 1).unwrap();
+        let mut m = base.clone();
+        m.attach_adapters(&[Target::Q, Target::V, Target::Down], &lora, &method, 2).unwrap();
+        let mut rng = SplitMix::new(3);
+        for p in m.trainable_params() {
+            let n = p.numel();
+            p.set_values(&rng.vec(n, -0.5, 1.5).into_iter().map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+        }
+        let ids: Vec<u32> = (0..10).map(|i| (i * 7 % 41) as u32).collect();
+        let want = m.logits(&ids, 1, 10, None).unwrap().to_vec_f32();
+        let dir = tempfile::tempdir().unwrap();
+        save_adapter(&m, dir.path(), &lora, "random-tiny").unwrap();
+        let cfg_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(cfg_json["peft_type"], "LORA");
+        assert_eq!(cfg_json["r"], 3);
+        // PEFT key names and shapes.
+        let bytes = std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let a = st.tensor("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight").unwrap();
+        assert_eq!(a.shape(), &[3, 16]);
+        let b = st.tensor("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight").unwrap();
+        assert_eq!(b.shape(), &[16, 3]);
+        let mut fresh = base.clone();
+        let read = load_adapter(&mut fresh, dir.path()).unwrap();
+        assert_eq!(read.rank, 3);
+        let got = fresh.logits(&ids, 1, 10, None).unwrap().to_vec_f32();
+        assert_eq!(want, got, "{method:?}: the loaded adapter must reproduce the saved model exactly");
+        assert_eq!(fresh.trainable_params().len(), m.trainable_params().len());
+        // No temporary files left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+    }
+}
+
+#[test]
+fn bad_adapter_folders_are_clear_errors() {
+    let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
+    let mut m = Llama::random(cfg(), DType::F32, 1).unwrap();
+    m.attach_adapters(&Target::ALL, &lora, &Method::Lora, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    save_adapter(&m, dir.path(), &lora, "x").unwrap();
+    let cpath = dir.path().join(CONFIG_FILE);
+    let good = std::fs::read_to_string(&cpath).unwrap();
+    let mut fresh = Llama::random(cfg(), DType::F32, 1).unwrap();
+    // Wrong rank in the config → shape error naming the tensor.
+    std::fs::write(&cpath, good.replace("\"r\": 2", "\"r\": 5")).unwrap();
+    let e = load_adapter(&mut fresh, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("lora_A.weight") && e.contains(WEIGHTS_FILE), "{e}");
+    // Not LoRA.
+    std::fs::write(&cpath, good.replace("\"LORA\"", "\"IA3\"")).unwrap();
+    let e = load_adapter(&mut fresh, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("peft_type") && e.contains(CONFIG_FILE), "{e}");
+    // Truncated weights.
+    std::fs::write(&cpath, &good).unwrap();
+    let wpath = dir.path().join(WEIGHTS_FILE);
+    let w = std::fs::read(&wpath).unwrap();
+    std::fs::write(&wpath, &w[..w.len() / 2]).unwrap();
+    let e = load_adapter(&mut fresh, dir.path()).unwrap_err().to_string();
+    assert!(e.contains(WEIGHTS_FILE), "{e}");
+    // Missing folder.
+    assert!(load_adapter(&mut fresh, &dir.path().join("nope")).is_err());
+    // A model without adapters cannot be saved.
+    assert!(save_adapter(&Llama::random(cfg(), DType::F32, 1).unwrap(), dir.path(), &lora, "x").is_err());
+}
