@@ -78,6 +78,7 @@ pub mod storage;
 pub mod svd;
 pub mod tensor;
 pub mod tokenizer;
+pub mod train;
 
 pub use autograd::{backward, checkpoint, no_grad, GradStore};
 pub use dtype::{DType, Float};

@@ -1,0 +1,1 @@
+//! Export to plain PEFT LoRA, and merging adapters into an HF checkpoint.
