@@ -1,1 +1,634 @@
 //! Export to plain PEFT LoRA, and merging adapters into an HF checkpoint.
+//!
+//! ## SpecLoRA as a plain LoRA ([`export_peft_lora`])
+//!
+//! Every SpecLoRA update is exactly a low-rank update of the frozen weight, so it can be written
+//! as a LoRA that stock PEFT loads:
+//!
+//! - positional / row-norm SpecLoRA: (Γ⊙W) − W = Σ_j (d_j − 1)·e_{i_j}·W[i_j, :] is rank k, with
+//!   E = [e_{i_1} … e_{i_k}] the one-hot columns of the selected rows;
+//! - SpecLoRA-SVD: U·diag((d − 1)⊙σ)·Vᵀ is rank k.
+//!
+//! With the adapter's own LoRA (scale s, A [r, in], B [out, r]) and the common scale s' of the
+//! export, the module becomes a LoRA of rank r + k:
+//!
+//! ```text
+//!   A' = [ A ; (d−1)⊙W[idx, :] / s' ]        (rows; SVD: diag((d−1)⊙σ)·Vᵀ / s')
+//!   B' = [ B·(s/s') | E ]                      (columns; SVD: U)
+//!   s'·B'A' = s·BA + ΔW                        exactly (in f64, then stored as f32)
+//! ```
+//!
+//! The export keeps s' = s (so `lora_alpha' = s·r'`, `use_rslora = false`): A and B are written
+//! unchanged, only the k new rows/columns are added. The W rows are read from the frozen weight
+//! in whatever dtype it is stored (f32, bf16, f16, GGUF-quantized), converted exactly to f64.
+//!
+//! **Uniform rank.** PEFT's `r` is one number per adapter unless `rank_pattern` overrides it per
+//! module. k differs between modules only where it was clamped (to the row count, or to
+//! min(out, in) for the SVD form), e.g. k = 64 on a k_proj with 32 rows. Instead of a
+//! `rank_pattern`, every module is zero-padded to the largest rank R = r + max k: the padding
+//! adds zero rows to A' and zero columns to B', which changes nothing in the output, loads in
+//! every PEFT version (and in tools that ignore `rank_pattern`, e.g. vLLM), and in spectune's own
+//! [`load_adapter`](crate::peft::io::load_adapter), which rejects `rank_pattern`. The cost is
+//! (R − r − k_m)·(in + out) stored zeros on the clamped modules only. (If the exported LoRA is
+//! trained further, those padded directions stay at zero: both factors are zero there.)
+//! `rank_pattern` and `alpha_pattern` are written as empty objects.
+//!
+//! Only keys that PEFT's `LoraConfig` has had since 0.7 are written (older PEFT versions refuse
+//! unknown keys). Provenance (method, original rank, k per module) goes into the safetensors
+//! metadata instead, which PEFT ignores. LoRA dropout is copied; note that in PEFT it would
+//! also apply to the k exported directions when training further (not at inference).
+//!
+//! ## Merging ([`merge_to_hf`], [`write_tokenizer`], [`merge_report`], [`merge_checkpoint`])
+//!
+//! [`merge_to_hf`] writes an HF folder: `config.json` (LlamaForCausalLM, or Qwen2ForCausalLM when
+//! q/k/v carry a bias) and `model.safetensors` with every weight in f32: adapted linears replaced
+//! by [`Adapter::merged_weight`], bf16/f16/quantized weights dequantized. The safetensors file is
+//! streamed one tensor at a time into a temporary file (fsync, rename), so peak memory is one
+//! weight, not the model. [`write_tokenizer`] copies an HF folder's tokenizer files, or, for a
+//! GGUF source, writes the tokenizer rebuilt from the GGUF vocabulary as `tokenizer.json` plus a
+//! `tokenizer_config.json` with the chat template and BOS/EOS tokens. [`merge_report`] reloads
+//! the folder and returns the largest |Δlogit| against the adapted model on a probe batch.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{json, Value};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::io::Checkpoint;
+use crate::model::llama::Linear;
+use crate::model::{Llama, LlamaConfig, Target};
+use crate::ops::SpecRows;
+use crate::peft::io::{write_atomic, CONFIG_FILE, WEIGHTS_FILE};
+use crate::peft::{Adapter, LoraConfig};
+use crate::tensor::Tensor;
+use crate::tokenizer::Tokenizer;
+
+/// The formats [`export_peft_lora`] (and `spectune export --format`) produce.
+pub const EXPORT_FORMATS: [&str; 1] = ["peft-lora"];
+
+/// What [`export_peft_lora`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExportSummary {
+    /// The original LoRA rank r.
+    pub lora_rank: usize,
+    /// The exported uniform rank R = r + max k (= r for plain LoRA).
+    pub rank: usize,
+    /// `lora_alpha` of the exported config (R · s, so that α/R is the original scale).
+    pub lora_alpha: f64,
+    /// Modules (layer × target) written.
+    pub modules: usize,
+    /// Modules whose rank r + k is below R and were zero-padded.
+    pub padded_modules: usize,
+    /// "lora", "speclora" or "speclora-svd".
+    pub method: &'static str,
+}
+
+fn module_prefix(layer: usize, t: Target) -> String {
+    let group = match t {
+        Target::Q | Target::K | Target::V | Target::O => "self_attn",
+        _ => "mlp",
+    };
+    format!("base_model.model.model.layers.{layer}.{group}.{}", t.hf_name())
+}
+
+/// One module's exported factors before padding: A' [rk, in], B' [out, rk] (f64, row-major).
+struct Factors {
+    a: Vec<f64>,
+    b: Vec<f64>,
+    rk: usize,
+    r: usize,
+}
+
+fn row_indices(rows: &SpecRows, out_f: usize) -> Result<Vec<usize>> {
+    let idx: Vec<usize> = match rows {
+        SpecRows::Top(k) => (0..*k).collect(),
+        SpecRows::Indices(ix) => ix.iter().map(|&i| i as usize).collect(),
+    };
+    if let Some(&bad) = idx.iter().find(|&&i| i >= out_f) {
+        return Err(Error::OutOfRange { op: "export_peft_lora", what: "speclora row", index: bad as i64, size: out_f });
+    }
+    Ok(idx)
+}
+
+/// The rank-(r + k) factors of one adapted linear for the common scale `s_common`.
+fn factors(lin: &Linear, ad: &Adapter, s_common: f64) -> Result<Factors> {
+    const OP: &str = "export_peft_lora";
+    let (out_f, in_f) = (lin.out_features(), lin.in_features());
+    let (a, b, scale) = match ad {
+        Adapter::Lora { a, b, scale, .. } | Adapter::SpecLora { a, b, scale, .. } | Adapter::SpecLoraSvd { a, b, scale, .. } => (a, b, *scale),
+    };
+    let r = a.dims()[0];
+    if a.dims() != [r, in_f] || b.dims() != [out_f, r] {
+        return Err(Error::shape(OP, "lora A/B", format!("[r, {in_f}] and [{out_f}, r]"), format!("{:?} and {:?}", a.dims(), b.dims())));
+    }
+    let (av, bv) = (a.to_vec_f64(), b.to_vec_f64());
+    let ratio = scale / s_common;
+    // Spectral part: k rows of A'' (already divided by s') and k columns of B''.
+    let (extra_a, extra_b, k): (Vec<f64>, Vec<f64>, usize) = match ad {
+        Adapter::Lora { .. } => (Vec::new(), Vec::new(), 0),
+        Adapter::SpecLora { d, rows, .. } => {
+            let idx = row_indices(rows, out_f)?;
+            let dv = d.to_vec_f64();
+            if dv.len() != idx.len() {
+                return Err(Error::invalid(OP, format!("{} speclora scales for {} rows", dv.len(), idx.len())));
+            }
+            let k = idx.len();
+            let w = lin.weight.read();
+            let mut row = vec![0.0f64; in_f];
+            let mut ea = Vec::with_capacity(k * in_f);
+            for (&i, &dj) in idx.iter().zip(&dv) {
+                w.read_into(i * in_f, &mut row);
+                let f = (dj - 1.0) / s_common;
+                ea.extend(row.iter().map(|&x| x * f));
+            }
+            let mut eb = vec![0.0f64; out_f * k];
+            for (j, &i) in idx.iter().enumerate() {
+                eb[i * k + j] = 1.0;
+            }
+            (ea, eb, k)
+        }
+        Adapter::SpecLoraSvd { d, u, sigma, v, .. } => {
+            let (dv, uv, sv, vv) = (d.to_vec_f64(), u.to_vec_f64(), sigma.to_vec_f64(), v.to_vec_f64());
+            let k = dv.len();
+            if u.dims() != [out_f, k] || sigma.dims() != [k] || v.dims() != [in_f, k] {
+                return Err(Error::shape(
+                    OP,
+                    "speclora-svd factors",
+                    format!("u [{out_f}, {k}], sigma [{k}], v [{in_f}, {k}]"),
+                    format!("{:?}, {:?}, {:?}", u.dims(), sigma.dims(), v.dims()),
+                ));
+            }
+            let mut ea = Vec::with_capacity(k * in_f);
+            for q in 0..k {
+                let f = (dv[q] - 1.0) * sv[q] / s_common;
+                ea.extend((0..in_f).map(|j| vv[j * k + q] * f));
+            }
+            (ea, uv, k)
+        }
+    };
+    let rk = r + k;
+    let mut a2 = av;
+    a2.extend(extra_a);
+    let mut b2 = vec![0.0f64; out_f * rk];
+    for i in 0..out_f {
+        for q in 0..r {
+            b2[i * rk + q] = bv[i * r + q] * ratio;
+        }
+        for j in 0..k {
+            b2[i * rk + r + j] = extra_b[i * k + j];
+        }
+    }
+    Ok(Factors { a: a2, b: b2, rk, r })
+}
+
+fn method_name(ad: &Adapter) -> &'static str {
+    match ad {
+        Adapter::Lora { .. } => "lora",
+        Adapter::SpecLora { .. } => "speclora",
+        Adapter::SpecLoraSvd { .. } => "speclora-svd",
+    }
+}
+
+/// Writes the adapters of `model_with_adapters` into `out` as a plain HF PEFT LoRA (rank
+/// r + max k, zero-padded where k was clamped; see the module docs) that stock PEFT and
+/// [`load_adapter`](crate::peft::io::load_adapter) load as LoRA, reproducing the adapted model's
+/// outputs. `lora` supplies the dropout recorded in the config; `base` is recorded as
+/// `base_model_name_or_path`.
+pub fn export_peft_lora(model_with_adapters: &Llama, out: &Path, lora: &LoraConfig, base: &str) -> Result<ExportSummary> {
+    const OP: &str = "export_peft_lora";
+    let model = model_with_adapters;
+    let adapted: Vec<(usize, Target, &Linear, &Adapter)> = model
+        .layers
+        .iter()
+        .enumerate()
+        .flat_map(|(li, l)| Target::ALL.into_iter().filter_map(move |t| l.linear(t).adapter.as_ref().map(|ad| (li, t, l.linear(t), ad))))
+        .collect();
+    let Some(&(_, _, _, first)) = adapted.first() else {
+        return Err(Error::invalid(OP, "the model has no adapters attached"));
+    };
+    let first_scale = match first {
+        Adapter::Lora { scale, .. } | Adapter::SpecLora { scale, .. } | Adapter::SpecLoraSvd { scale, .. } => *scale,
+    };
+    // s' = the adapters' own scale (A and B unchanged); 1 if that is 0 (the LoRA part is zero).
+    let s_common = if first_scale.is_finite() && first_scale != 0.0 { first_scale } else { 1.0 };
+    let mut method = "lora";
+    let mut mods: Vec<(String, usize, usize, Factors)> = Vec::with_capacity(adapted.len());
+    let mut targets: Vec<&'static str> = Vec::new();
+    let mut ks: BTreeMap<String, usize> = BTreeMap::new();
+    for &(li, t, lin, ad) in &adapted {
+        if method_name(ad) != "lora" {
+            method = method_name(ad);
+        }
+        if !targets.contains(&t.hf_name()) {
+            targets.push(t.hf_name());
+        }
+        let f = factors(lin, ad, s_common)?;
+        let p = module_prefix(li, t);
+        ks.insert(p.clone(), f.rk - f.r);
+        mods.push((p, lin.out_features(), lin.in_features(), f));
+    }
+    let lora_rank = mods[0].3.r;
+    if let Some(m) = mods.iter().find(|m| m.3.r != lora_rank) {
+        return Err(Error::invalid(OP, format!("{}: LoRA rank {} differs from {} (one rank per adapter)", m.0, m.3.r, lora_rank)));
+    }
+    let rank = mods.iter().map(|m| m.3.rk).max().unwrap_or(lora_rank);
+    let mut padded_modules = 0;
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    let le = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect() };
+    for (p, out_f, in_f, f) in &mods {
+        let (out_f, in_f) = (*out_f, *in_f);
+        if f.rk < rank {
+            padded_modules += 1;
+        }
+        // A' [R, in]: the rk rows, then zero rows.
+        let mut a = f.a.clone();
+        a.resize(rank * in_f, 0.0);
+        // B' [out, R]: the rk columns of each row, then zeros.
+        let mut b = vec![0.0f64; out_f * rank];
+        for i in 0..out_f {
+            b[i * rank..i * rank + f.rk].copy_from_slice(&f.b[i * f.rk..(i + 1) * f.rk]);
+        }
+        tensors.insert(format!("{p}.lora_A.weight"), (vec![rank, in_f], le(&a)));
+        tensors.insert(format!("{p}.lora_B.weight"), (vec![out_f, rank], le(&b)));
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, (shape, bytes))| TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (k.clone(), v)))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::invalid(OP, format!("{e}")))?;
+    let provenance = json!({
+        "method": method,
+        "lora_rank": lora_rank,
+        "lora_scale": first_scale,
+        "k": ks,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let metadata: std::collections::HashMap<String, String> =
+        [("format".to_string(), "pt".to_string()), ("spectune_export".to_string(), provenance.to_string())].into_iter().collect();
+    let bytes = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| Error::invalid(OP, format!("{e}")))?;
+    let lora_alpha = s_common * rank as f64;
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": rank,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora.dropout,
+        "use_rslora": false,
+        "bias": "none",
+        "target_modules": targets,
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    });
+    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?;
+    write_atomic(&out.join(WEIGHTS_FILE), &bytes)?;
+    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid(OP, e.to_string()))?;
+    write_atomic(&out.join(CONFIG_FILE), text.as_bytes())?;
+    Ok(ExportSummary { lora_rank, rank, lora_alpha, modules: mods.len(), padded_modules, method })
+}
+
+/// Reads `base_model_name_or_path` from an adapter folder's config (None when absent or empty).
+pub fn adapter_base_model(adapter_dir: &Path) -> Result<Option<String>> {
+    let p = adapter_dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::Io { path: p.clone(), source: e })?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::Format { path: p.clone(), msg: format!("not valid JSON: {e}") })?;
+    Ok(v.get("base_model_name_or_path").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string))
+}
+
+/// `spectune export`: loads `model_path` (or, when None, the adapter's recorded
+/// `base_model_name_or_path` if that is a local path), applies the adapter in `adapter_dir` and
+/// exports it with [`export_peft_lora`]. The base model is needed because positional SpecLoRA's
+/// exported rows are rows of the frozen weight.
+pub fn export_adapter_dir(adapter_dir: &Path, model_path: Option<&Path>, out: &Path) -> Result<ExportSummary> {
+    let recorded = adapter_base_model(adapter_dir)?;
+    let path: PathBuf = match (model_path, &recorded) {
+        (Some(p), _) => p.to_path_buf(),
+        (None, Some(r)) if Path::new(r).exists() => PathBuf::from(r),
+        (None, r) => {
+            return Err(Error::invalid(
+                "spectune export",
+                format!(
+                    "the base model is needed (SpecLoRA's rows come from its weights); the adapter records {} which is not a local path: pass --model PATH",
+                    r.as_deref().map(|s| format!("{s:?}")).unwrap_or_else(|| "no base model".into())
+                ),
+            ))
+        }
+    };
+    let ck = Checkpoint::open(&path)?;
+    let mut model = ck.llama(DType::F32)?;
+    let lora = crate::peft::io::load_adapter(&mut model, adapter_dir)?;
+    let base = recorded.unwrap_or_else(|| path.display().to_string());
+    export_peft_lora(&model, out, &lora, &base)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merging
+// ---------------------------------------------------------------------------------------------
+
+/// File name of the merged weights.
+pub const MERGED_WEIGHTS_FILE: &str = "model.safetensors";
+/// File name of the merged model's config.
+pub const MERGED_CONFIG_FILE: &str = "config.json";
+
+/// The HF `config.json` of `cfg`: LlamaForCausalLM, or Qwen2ForCausalLM when q/k/v carry a
+/// bias (a Llama config cannot express q/k/v-only biases). Parses back to `cfg` with
+/// [`parse_config`](crate::model::config::parse_config).
+pub fn hf_config_json(cfg: &LlamaConfig) -> Value {
+    let mut v = json!({
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": null,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": true,
+        "torch_dtype": "float32",
+    });
+    let o = v.as_object_mut().expect("object");
+    if cfg.attention_bias {
+        o.insert("architectures".into(), json!(["Qwen2ForCausalLM"]));
+        o.insert("model_type".into(), json!("qwen2"));
+        o.insert("use_sliding_window".into(), json!(false));
+        o.insert("sliding_window".into(), Value::Null);
+        o.insert("max_window_layers".into(), json!(cfg.num_hidden_layers));
+    } else {
+        o.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+        o.insert("model_type".into(), json!("llama"));
+        o.insert("attention_bias".into(), json!(false));
+        o.insert("mlp_bias".into(), json!(false));
+        o.insert("pretraining_tp".into(), json!(1));
+    }
+    v
+}
+
+/// Where one merged tensor's values come from.
+enum Source<'a> {
+    Plain(&'a Tensor),
+    Linear(&'a Linear),
+}
+
+impl Source<'_> {
+    fn dims(&self) -> Vec<usize> {
+        match self {
+            Source::Plain(t) => t.dims().to_vec(),
+            Source::Linear(l) => l.weight.dims().to_vec(),
+        }
+    }
+    fn values(&self) -> Result<Vec<f32>> {
+        match self {
+            Source::Plain(t) => Ok(t.to_vec_f32()),
+            Source::Linear(l) => match &l.adapter {
+                Some(ad) => Ok(ad.merged_weight(&l.weight)?.into_iter().map(|x| x as f32).collect()),
+                None => Ok(l.weight.to_vec_f32()),
+            },
+        }
+    }
+}
+
+/// Every tensor of the merged checkpoint, with its HF name, in file order.
+fn merged_tensors(model: &Llama) -> Vec<(String, Source<'_>)> {
+    let mut v = vec![("model.embed_tokens.weight".to_string(), Source::Plain(&model.embed))];
+    for (li, l) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{li}");
+        v.push((format!("{p}.input_layernorm.weight"), Source::Plain(&l.input_norm)));
+        for t in Target::ALL {
+            let group = match t {
+                Target::Q | Target::K | Target::V | Target::O => "self_attn",
+                _ => "mlp",
+            };
+            let lin = l.linear(t);
+            v.push((format!("{p}.{group}.{}.weight", t.hf_name()), Source::Linear(lin)));
+            if let Some(b) = &lin.bias {
+                v.push((format!("{p}.{group}.{}.bias", t.hf_name()), Source::Plain(b)));
+            }
+        }
+        v.push((format!("{p}.post_attention_layernorm.weight"), Source::Plain(&l.post_norm)));
+    }
+    v.push(("model.norm.weight".to_string(), Source::Plain(&model.norm)));
+    if let Some(h) = &model.lm_head {
+        v.push(("lm_head.weight".to_string(), Source::Plain(h)));
+    }
+    v
+}
+
+/// Streams a safetensors file (all F32) to `path` atomically: temp file, fsync, rename.
+fn write_safetensors_streamed(path: &Path, tensors: &[(String, Source<'_>)], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let io = |e| Error::Io { path: path.to_path_buf(), source: e };
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!(metadata));
+    let mut offset = 0usize;
+    for (name, src) in tensors {
+        let dims = src.dims();
+        let n = dims.iter().product::<usize>() * 4;
+        header.insert(name.clone(), json!({ "dtype": "F32", "shape": dims, "data_offsets": [offset, offset + n] }));
+        offset += n;
+    }
+    let mut hbytes = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::invalid("merge_to_hf", e.to_string()))?;
+    while hbytes.len() % 8 != 0 {
+        hbytes.push(b' ');
+    }
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    let result = (|| -> Result<()> {
+        let tio = |e| Error::Io { path: tmp.clone(), source: e };
+        let file = std::fs::File::create(&tmp).map_err(tio)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(tio)?;
+        w.write_all(&hbytes).map_err(tio)?;
+        for (name, src) in tensors {
+            let vals = src.values()?;
+            if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
+                return Err(Error::NonFinite { op: "merge_to_hf", what: format!("{name} element {i}") });
+            }
+            let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.write_all(&bytes).map_err(tio)?;
+        }
+        let file = w.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
+        file.sync_all().map_err(tio)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Writes `model` (adapters merged in, every weight in f32) as an HF folder `out` (created if
+/// needed): `model.safetensors` and `config.json`, both written atomically. Tokenizer files are
+/// written separately by [`write_tokenizer`].
+pub fn merge_to_hf(model: &Llama, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?;
+    let tensors = merged_tensors(model);
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert("spectune".to_string(), format!("merged by spectune {}", env!("CARGO_PKG_VERSION")));
+    write_safetensors_streamed(&out.join(MERGED_WEIGHTS_FILE), &tensors, &meta)?;
+    let text = serde_json::to_string_pretty(&hf_config_json(&model.cfg)).map_err(|e| Error::invalid("merge_to_hf", e.to_string()))?;
+    write_atomic(&out.join(MERGED_CONFIG_FILE), text.as_bytes())
+}
+
+/// Tokenizer-related files copied from an HF model folder when present.
+pub const TOKENIZER_FILES: [&str; 10] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+];
+
+/// Writes the tokenizer of the model at `source` into `out`; returns the file names written.
+///
+/// - `source` an HF folder or a `.safetensors` file in one: the [`TOKENIZER_FILES`] present
+///   there are copied (atomically).
+/// - `source` a `.gguf` file: `tok` (the tokenizer rebuilt from its vocabulary) is written as
+///   `tokenizer.json`, with a `tokenizer_config.json` (`tokenizer_class`
+///   PreTrainedTokenizerFast, `bos_token`, `eos_token`, `chat_template`) and a
+///   `generation_config.json` (`bos_token_id`, `eos_token_id`).
+pub fn write_tokenizer(source: &Path, tok: &Tokenizer, out: &Path) -> Result<Vec<String>> {
+    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?;
+    let mut written = Vec::new();
+    if source.extension().is_some_and(|e| e == "gguf") {
+        let json = tok.inner().to_string(true).map_err(|e| Error::invalid("write_tokenizer", format!("cannot serialize the tokenizer: {e}")))?;
+        write_atomic(&out.join("tokenizer.json"), json.as_bytes())?;
+        written.push("tokenizer.json".to_string());
+        let mut cfg = serde_json::Map::new();
+        cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+        cfg.insert("clean_up_tokenization_spaces".into(), json!(false));
+        if let Some(b) = tok.bos_token() {
+            cfg.insert("bos_token".into(), json!(b));
+        }
+        if let Some(e) = tok.eos_token() {
+            cfg.insert("eos_token".into(), json!(e));
+        }
+        if let Some(t) = tok.chat_template() {
+            cfg.insert("chat_template".into(), json!(t));
+        }
+        let text = serde_json::to_string_pretty(&Value::Object(cfg)).map_err(|e| Error::invalid("write_tokenizer", e.to_string()))?;
+        write_atomic(&out.join("tokenizer_config.json"), text.as_bytes())?;
+        written.push("tokenizer_config.json".to_string());
+        let mut gen = serde_json::Map::new();
+        if let Some(b) = tok.bos_id() {
+            gen.insert("bos_token_id".into(), json!(b));
+        }
+        if let Some(e) = tok.eos_id() {
+            gen.insert("eos_token_id".into(), json!(e));
+        }
+        if !gen.is_empty() {
+            let text = serde_json::to_string_pretty(&Value::Object(gen)).map_err(|e| Error::invalid("write_tokenizer", e.to_string()))?;
+            write_atomic(&out.join("generation_config.json"), text.as_bytes())?;
+            written.push("generation_config.json".to_string());
+        }
+    } else {
+        let dir = if source.is_dir() { source.to_path_buf() } else { source.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")) };
+        for name in TOKENIZER_FILES {
+            let p = dir.join(name);
+            if p.is_file() {
+                let bytes = std::fs::read(&p).map_err(|e| Error::Io { path: p.clone(), source: e })?;
+                write_atomic(&out.join(name), &bytes)?;
+                written.push(name.to_string());
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// A probe sequence for [`merge_report`]: `text` tokenized when a tokenizer is given, else (or
+/// when that is empty) `len` deterministic pseudo-random ids below `vocab_size`. At most `len` ids.
+pub fn probe_ids(tok: Option<&Tokenizer>, text: &str, vocab_size: usize, len: usize) -> Result<Vec<u32>> {
+    let len = len.max(1);
+    if let Some(t) = tok {
+        let mut ids = t.encode(text, true)?;
+        ids.truncate(len);
+        if !ids.is_empty() && ids.iter().all(|&i| (i as usize) < vocab_size) {
+            return Ok(ids);
+        }
+    }
+    let mut rng = crate::gradcheck::SplitMix::new(0x5eed);
+    Ok((0..len).map(|_| (rng.next_u64() % vocab_size.max(1) as u64) as u32).collect())
+}
+
+/// The largest |Δlogit| between `original` (with its adapters) and the merged folder
+/// `merged_dir` (loaded with [`Checkpoint::open`]`(…).llama(F32)`) on `probe_ids` (one
+/// sequence).
+pub fn merge_report(original: &Llama, merged_dir: &Path, probe_ids: &[u32]) -> Result<f64> {
+    if probe_ids.is_empty() {
+        return Err(Error::invalid("merge_report", "the probe batch is empty"));
+    }
+    let merged = Checkpoint::open(merged_dir)?.llama(DType::F32)?;
+    if merged.cfg != original.cfg {
+        return Err(Error::invalid("merge_report", format!("the merged config {:?} differs from the original {:?}", merged.cfg, original.cfg)));
+    }
+    let t = probe_ids.len();
+    crate::autograd::no_grad(|| {
+        let a = original.logits(probe_ids, 1, t, None)?.to_vec_f64();
+        let b = merged.logits(probe_ids, 1, t, None)?.to_vec_f64();
+        Ok(a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f64, |m, d| if m.is_nan() || d.is_nan() { f64::NAN } else { m.max(d) }))
+    })
+}
+
+/// What [`merge_checkpoint`] did.
+#[derive(Clone, Debug)]
+pub struct MergeSummary {
+    /// The tokenizer files written (empty when the source had none).
+    pub tokenizer_files: Vec<String>,
+    /// Why no tokenizer was written, if none was.
+    pub tokenizer_error: Option<String>,
+    /// Largest |Δlogit| between merged and un-merged model on the probe.
+    pub max_abs_diff: f64,
+    /// Probe length in tokens.
+    pub probe_len: usize,
+    /// Bytes of model.safetensors.
+    pub weights_bytes: u64,
+}
+
+/// The probe text [`merge_checkpoint`] tokenizes.
+pub const PROBE_TEXT: &str = "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question.";
+
+/// `spectune merge`: loads the model at `model_path` (HF folder, .safetensors or .gguf), applies
+/// the adapter in `adapter_dir`, writes the merged HF folder `out` ([`merge_to_hf`] +
+/// [`write_tokenizer`]) and measures it with [`merge_report`].
+pub fn merge_checkpoint(model_path: &Path, adapter_dir: &Path, out: &Path) -> Result<MergeSummary> {
+    let ck = Checkpoint::open(model_path)?;
+    let mut model = ck.llama(DType::F32)?;
+    crate::peft::io::load_adapter(&mut model, adapter_dir)?;
+    merge_to_hf(&model, out)?;
+    let (tok, tokenizer_files, tokenizer_error) = match ck.tokenizer() {
+        Ok(t) => {
+            let files = write_tokenizer(model_path, &t, out)?;
+            (Some(t), files, None)
+        }
+        Err(e) => (None, Vec::new(), Some(e.to_string())),
+    };
+    let probe = probe_ids(tok.as_ref(), PROBE_TEXT, model.cfg.vocab_size, 32.min(model.cfg.max_position_embeddings))?;
+    let max_abs_diff = merge_report(&model, out, &probe)?;
+    let wpath = out.join(MERGED_WEIGHTS_FILE);
+    let weights_bytes = std::fs::metadata(&wpath).map_err(|e| Error::Io { path: wpath, source: e })?.len();
+    Ok(MergeSummary { tokenizer_files, tokenizer_error, max_abs_diff, probe_len: probe.len(), weights_bytes })
+}
