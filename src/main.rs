@@ -33,8 +33,45 @@ enum Method {
     SpecloraSvd,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    /// A plain HF PEFT LoRA (SpecLoRA's row scales folded in as k extra rank).
+    #[value(name = "peft-lora")]
+    PeftLora,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Turn an adapter saved by spectune (LoRA, SpecLoRA, SpecLoRA-SVD) into a plain HF PEFT
+    /// LoRA of rank r + k that stock PEFT (and other LoRA tools) load.
+    Export {
+        /// The adapter folder (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long, value_enum, default_value_t = ExportFormat::PeftLora)]
+        format: ExportFormat,
+        /// Output folder (created if needed).
+        #[arg(long)]
+        out: PathBuf,
+        /// The base model (HF folder or .gguf) the adapter was trained on; default: the
+        /// adapter's base_model_name_or_path when that is a local path.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Merge an adapter into its base model and write an HF folder (config.json,
+    /// model.safetensors in f32, tokenizer files); reports the largest difference between the
+    /// merged and the un-merged logits on a probe sequence.
+    Merge {
+        /// A .gguf file or an HF folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// The adapter folder saved by spectune (or a plain PEFT LoRA).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output folder (created if needed).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Fine-tune adapters (LoRA, SpecLoRA, SpecLoRA-SVD) on a model: see `spectune train --help`.
     Train(Box<TrainArgs>),
     /// Held-out loss and perplexity of a model (with an optional adapter) on a data file.
@@ -175,6 +212,8 @@ fn main() -> ExitCode {
             let o = spectune::train::demo::DemoOptions { steps, batch, seq_len, eval_tokens, out, seed, ..Default::default() };
             spectune::train::demo::demo(&o)
         }
+        Cmd::Export { adapter, format, out, model } => run_export(&adapter, format, &out, model.as_deref()),
+        Cmd::Merge { model, adapter, out } => run_merge(&model, &adapter, &out),
         Cmd::Inspect { path, limit } => inspect(&path, limit),
         Cmd::Generate { model, adapter, prompt, chat, system, max_tokens, greedy, temperature, top_p, seed } => {
             let opts = GenerateOptions { max_new_tokens: max_tokens, greedy, temperature, top_p, seed, stop_ids: Vec::new() };
@@ -388,5 +427,51 @@ fn run_eval(model: &Path, adapter: Option<&Path>, data: &Path, seq_len: usize, b
     let batches = data::eval_batches(t.sequences, batch, seq_len, data::Layout::Packed, tok.eos_id().unwrap_or(0))?;
     let (loss, ppl) = spectune::train::evaluate(&m, &batches)?;
     println!("loss {loss:.4}  perplexity {ppl:.3}");
+    Ok(())
+}
+
+fn run_export(adapter: &Path, format: ExportFormat, out: &Path, model: Option<&Path>) -> spectune::Result<()> {
+    match format {
+        ExportFormat::PeftLora => {
+            let s = spectune::peft::export::export_adapter_dir(adapter, model, out)?;
+            println!(
+                "exported {} adapter on {} modules as a plain PEFT LoRA: r = {} (LoRA rank {} + up to {} SpecLoRA directions), lora_alpha = {:.6} (scale {:.6})",
+                s.method,
+                s.modules,
+                s.rank,
+                s.lora_rank,
+                s.rank - s.lora_rank,
+                s.lora_alpha,
+                s.lora_alpha / s.rank as f64
+            );
+            if s.padded_modules > 0 {
+                println!("{} modules had k clamped to their row count and are zero-padded to r = {} (exact)", s.padded_modules, s.rank);
+            }
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+fn run_merge(model: &Path, adapter: &Path, out: &Path) -> spectune::Result<()> {
+    let t0 = Instant::now();
+    let s = spectune::peft::export::merge_checkpoint(model, adapter, out)?;
+    println!(
+        "merged {} into {}: {} ({:.1} MB, f32) and config.json in {:.1} s",
+        adapter.display(),
+        out.display(),
+        spectune::peft::export::MERGED_WEIGHTS_FILE,
+        s.weights_bytes as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    match &s.tokenizer_error {
+        None if s.tokenizer_files.is_empty() => println!("tokenizer: no tokenizer files beside {}", model.display()),
+        None => println!("tokenizer: {}", s.tokenizer_files.join(", ")),
+        Some(e) => eprintln!("warning: no tokenizer written ({e})"),
+    }
+    println!("largest |logit difference| merged vs un-merged on a {}-token probe: {:.3e}", s.probe_len, s.max_abs_diff);
+    if s.max_abs_diff.is_nan() || s.max_abs_diff >= 1e-3 {
+        eprintln!("warning: the merged model differs from the adapted one by more than 1e-3");
+    }
     Ok(())
 }

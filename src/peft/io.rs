@@ -101,7 +101,7 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| Error::invalid("save_adapter", format!("{e}")))?;
     let bytes = safetensors::tensor::serialize(views, None).map_err(|e| Error::invalid("save_adapter", format!("{e}")))?;
-    let config = json!({
+    let mut config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -113,8 +113,12 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
         "target_modules": targets,
         "fan_in_fan_out": false,
         "inference_mode": true,
-        "spectune": { "method": method, "rows": rows_kind, "version": env!("CARGO_PKG_VERSION") },
     });
+    // Plain LoRA stays a config every PEFT version accepts; SpecLoRA adapters (which stock PEFT
+    // cannot run anyway: export them with `spectune export`) say what they are.
+    if method != "lora" {
+        config["spectune"] = json!({ "method": method, "rows": rows_kind, "version": env!("CARGO_PKG_VERSION") });
+    }
     write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
     let text = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid("save_adapter", e.to_string()))?;
     write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
