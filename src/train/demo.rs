@@ -35,7 +35,7 @@ pub struct DemoOptions {
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        DemoOptions { steps: 30, batch: 2, seq_len: 128, eval_tokens: 2048, sample_tokens: 32, out: PathBuf::from("spectune-demo"), seed: 0 }
+        DemoOptions { steps: 60, batch: 2, seq_len: 128, eval_tokens: 2048, sample_tokens: 32, out: PathBuf::from("spectune-demo"), seed: 0 }
     }
 }
 
