@@ -103,6 +103,10 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Run the same pipeline offline: a tiny random model with a byte-level tokenizer and
+        /// generated data (no download; seconds). Trains 4 × --steps steps.
+        #[arg(long)]
+        synthetic: bool,
     },
     /// List a checkpoint's tensors (name, dtype, shape) and its parsed config and tokenizer.
     Inspect {
@@ -208,9 +212,14 @@ fn main() -> ExitCode {
             None => unreachable!("resolved above"),
         },
         Cmd::Eval { model, adapter, data, seq_len, batch } => run_eval(&model, adapter.as_deref(), &data, seq_len, batch),
-        Cmd::Demo { steps, batch, seq_len, eval_tokens, out, seed } => {
-            let o = spectune::train::demo::DemoOptions { steps, batch, seq_len, eval_tokens, out, seed, ..Default::default() };
-            spectune::train::demo::demo(&o)
+        Cmd::Demo { steps, batch, seq_len, eval_tokens, out, seed, synthetic } => {
+            if synthetic {
+                let o = spectune::train::demo::DemoOptions { steps: steps * 4, batch: 4, seq_len: 64, eval_tokens, out, seed, ..Default::default() };
+                spectune::train::demo::synthetic(&o, spectune::peft::Method::SpecLora { k: 32, by_norm: false }, false).map(|_| ())
+            } else {
+                let o = spectune::train::demo::DemoOptions { steps, batch, seq_len, eval_tokens, out, seed, ..Default::default() };
+                spectune::train::demo::demo(&o)
+            }
         }
         Cmd::Export { adapter, format, out, model } => run_export(&adapter, format, &out, model.as_deref()),
         Cmd::Merge { model, adapter, out } => run_merge(&model, &adapter, &out),

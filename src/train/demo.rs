@@ -117,3 +117,104 @@ pub fn demo(o: &DemoOptions) -> Result<()> {
     );
     Ok(())
 }
+
+/// `demo --synthetic`: the same pipeline, offline, on a tiny random Llama with a byte-level
+/// tokenizer and generated text (counting stories with a learnable structure). Writes the model
+/// as an HF folder and the data as .txt files under `out`, then trains, evaluates and samples.
+/// Returns (held-out loss before, after).
+pub fn synthetic(o: &DemoOptions, method: Method, quiet: bool) -> Result<(f64, f64)> {
+    use crate::gradcheck::SplitMix;
+    use crate::model::{Llama, LlamaConfig};
+    use crate::peft::io::write_atomic;
+    use crate::tokenizer::{byte_to_unicode, GgufVocab, Tokenizer, TOKEN_TYPE_CONTROL};
+    let say = |m: String| {
+        if !quiet {
+            println!("{m}")
+        }
+    };
+    let model_dir = o.out.join("synthetic-model");
+    let data_dir = o.out.join("synthetic-data");
+    for d in [&model_dir, &data_dir.join("train"), &data_dir.join("eval")] {
+        std::fs::create_dir_all(d).map_err(|e| Error::Io { path: d.to_path_buf(), source: e })?;
+    }
+    // A byte-level BPE with no merges: 256 byte tokens + 3 specials.
+    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_to_unicode(b).to_string()).collect();
+    let mut types = vec![1; 256];
+    for s in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
+        tokens.push(s.to_string());
+        types.push(TOKEN_TYPE_CONTROL);
+    }
+    let vocab = GgufVocab { model: "gpt2".into(), pre: Some("gpt2".into()), tokens, token_types: types, eos_id: Some(256), bos_id: None, ..Default::default() };
+    let tok = Tokenizer::from_gguf(&vocab)?;
+    let json = tok.inner().to_string(false).map_err(|e| Error::invalid("demo", format!("cannot serialize the tokenizer: {e}")))?;
+    write_atomic(&model_dir.join("tokenizer.json"), json.as_bytes())?;
+    write_atomic(&model_dir.join("tokenizer_config.json"), br#"{"eos_token": "<|endoftext|>", "add_bos_token": false}"#)?;
+    let cfg = LlamaConfig {
+        vocab_size: 259,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        max_position_embeddings: 256,
+    };
+    crate::peft::export::merge_to_hf(&Llama::random(cfg, crate::DType::F32, o.seed)?, &model_dir)?;
+    // Counting stories: "ada has 3 apples. ada gets 2 more. now ada has 5 apples."
+    let story = |rng: &mut SplitMix| {
+        let names = ["ada", "bob", "cy", "dee", "eve"];
+        let things = ["apples", "pears", "coins", "books"];
+        let (n, t) = (names[(rng.next_u64() % 5) as usize], things[(rng.next_u64() % 4) as usize]);
+        let (a, b) = (rng.next_u64() % 5, rng.next_u64() % 5);
+        format!("{n} has {a} {t}. {n} gets {b} more. now {n} has {} {t}.\n", a + b)
+    };
+    let mut rng = SplitMix::new(o.seed ^ 0x5717);
+    for (split, files) in [("train", 4), ("eval", 1)] {
+        for f in 0..files {
+            let text: String = (0..60).map(|_| story(&mut rng)).collect();
+            write_atomic(&data_dir.join(split).join(format!("{split}{f}.txt")), text.as_bytes())?;
+        }
+    }
+    let settings = TrainSettings {
+        model: model_dir,
+        data: data_dir.join("train"),
+        eval_data: Some(data_dir.join("eval")),
+        eval_fraction: None,
+        method,
+        lora: LoraConfig { rank: 8, alpha: 16.0, rslora: false, dropout: 0.0 },
+        targets: Target::ALL.to_vec(),
+        lr: 1e-2,
+        schedule_name: "cosine".into(),
+        warmup: 2,
+        weight_decay: 0.0,
+        max_grad_norm: Some(1.0),
+        steps: Some(o.steps),
+        epochs: 1.0,
+        batch: o.batch,
+        grad_accum: 1,
+        seq_len: o.seq_len,
+        seed: o.seed,
+        eval_every: 0,
+        save_every: 0,
+        out: o.out.join("synthetic-run"),
+        resume: None,
+        checkpointing: false,
+        threads: None,
+    };
+    let mut log = |m: String| say(m);
+    let mut p = prepare(&settings, None, &mut log)?;
+    let (l0, ppl0) = evaluate(&p.model, &p.eval)?;
+    say(format!("held-out before: loss {l0:.4}, perplexity {ppl0:.2}"));
+    let report = run(&settings, &mut p, !quiet, &mut log)?;
+    let (l1, ppl1) = report.eval.ok_or_else(|| Error::invalid("demo", "no evaluation data"))?;
+    say(format!("held-out after:  loss {l1:.4}, perplexity {ppl1:.2}  (before: {ppl0:.2})"));
+    let ids = p.tokenizer.encode("bob has 2 coins. bob gets 3 more. now bob has", false)?;
+    let out = generate(&p.model, &ids, &GenerateOptions { max_new_tokens: 12, greedy: true, ..Default::default() }, |_| Ok(()))?;
+    say(format!("sample: \"bob has 2 coins. bob gets 3 more. now bob has{}\"", p.tokenizer.decode(&out, true)?));
+    say(format!("adapter: {} ({:.1} KiB); peak memory {}", report.adapter_dir.display(), report.adapter_bytes as f64 / 1024.0, peak_rss()));
+    Ok((l0, l1))
+}
