@@ -142,11 +142,13 @@ pub fn save_checkpoint(dir: &Path, model: &Llama, opt: &AdamW, lora: &LoraConfig
     write_atomic(&partial.join(OPTIMIZER_FILE), &bytes)?;
     let meta = json!({ "step": state.step, "seed": state.seed, "optimizer_step": st.step, "params": st.params.len(), "data": state.data });
     write_atomic(&partial.join(STATE_FILE), serde_json::to_string_pretty(&meta).map_err(|e| Error::invalid("save_checkpoint", e.to_string()))?.as_bytes())?;
-    // Swap: dir → dir.old, partial → dir, remove dir.old.
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;
-    }
+    // Swap: dir → dir.old, partial → dir, remove dir.old. A stale `old` is deleted only while
+    // `dir` exists: without `dir`, `old` is the one complete checkpoint (an interrupted swap) and
+    // must stay until `partial` is in place.
     if dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;
+        }
         std::fs::rename(dir, &old).map_err(|e| io(dir, e))?;
     }
     std::fs::rename(&partial, dir).map_err(|e| io(dir, e))?;
