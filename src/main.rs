@@ -407,7 +407,11 @@ fn run_train(s: &TrainSettings) -> spectune::Result<()> {
     let mut log = |m: String| eprintln!("{m}");
     let mut p = spectune::train::run::prepare(s, None, &mut log)?;
     let r = spectune::train::run::run(s, &mut p, true, &mut log)?;
-    eprintln!("done: {} steps, last loss {:.4}, {:.0} tokens/s", r.steps, r.last_loss, r.tokens as f64 / r.seconds.max(1e-9));
+    if r.steps == 0 {
+        eprintln!("done: no training steps to run (the adapter is saved at its initial, identity state)");
+    } else {
+        eprintln!("done: {} steps, last loss {:.4}, {:.0} tokens/s", r.steps, r.last_loss, r.tokens as f64 / r.seconds.max(1e-9));
+    }
     if let Some((l, ppl)) = r.eval {
         eprintln!("held-out loss {l:.4}, perplexity {ppl:.2}");
     }

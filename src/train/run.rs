@@ -78,7 +78,9 @@ pub fn prepare(s: &TrainSettings, split: Option<(Vec<DataFile>, Vec<DataFile>)>,
         log(format!("eval data: {}", ev.stats));
         data::eval_batches(ev.sequences, s.batch, s.seq_len, Layout::Packed, pad_id)?
     };
-    let base_name = s.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // Recorded as PEFT's base_model_name_or_path: the absolute path, so `export` and PEFT users
+    // can find the base again.
+    let base_name = std::fs::canonicalize(&s.model).unwrap_or_else(|_| s.model.clone()).to_string_lossy().into_owned();
     Ok(Prepared { model, tokenizer, train, eval, base_name })
 }
 
