@@ -271,6 +271,11 @@ pub struct TrainSettings {
 }
 
 impl TrainSettings {
+    /// The settings `spectune train --model model --data data` resolves to (all defaults).
+    pub fn defaults(model: PathBuf, data: PathBuf) -> TrainSettings {
+        TrainArgs { model: Some(model), data: Some(data), ..TrainArgs::default() }.settings().expect("the defaults are valid")
+    }
+
     /// The LR schedule over `total` steps.
     pub fn schedule(&self, total: u64) -> Result<LrSchedule> {
         match self.schedule_name.as_str() {

@@ -11,7 +11,7 @@ use super::evaluate;
 use super::run::{peak_rss, prepare, run};
 use crate::error::{Error, Result};
 use crate::fetch;
-use crate::model::{generate, GenerateOptions, Target};
+use crate::model::{generate, GenerateOptions};
 use crate::peft::{LoraConfig, Method};
 
 /// The plays held out for evaluation (whole plays: the model never trains on them).
@@ -58,30 +58,16 @@ pub fn demo(o: &DemoOptions) -> Result<()> {
     }
     println!("model: {}\ntrain plays: {}\nheld-out plays: {}", gguf.display(), TRAIN_PLAYS.join(", "), EVAL_PLAYS.join(", "));
     let settings = TrainSettings {
-        model: gguf,
-        data: texts,
-        eval_data: None,
-        eval_fraction: None,
         method: Method::SpecLora { k: 200, by_norm: false },
         lora: LoraConfig { rank: 16, alpha: 32.0, rslora: false, dropout: 0.0 },
-        targets: Target::ALL.to_vec(),
         lr: 1e-3,
-        schedule_name: "cosine".into(),
         warmup: (o.steps / 10).max(1),
-        weight_decay: 0.0,
-        max_grad_norm: Some(1.0),
         steps: Some(o.steps),
-        epochs: 1.0,
         batch: o.batch,
-        grad_accum: 1,
         seq_len: o.seq_len,
         seed: o.seed,
-        eval_every: 0,
-        save_every: 0,
         out: o.out.clone(),
-        resume: None,
-        checkpointing: false,
-        threads: None,
+        ..TrainSettings::defaults(gguf, texts)
     };
     let mut log = say;
     let mut p = prepare(&settings, Some((train_files, eval_files)), &mut log)?;
@@ -180,30 +166,17 @@ pub fn synthetic(o: &DemoOptions, method: Method, quiet: bool) -> Result<(f64, f
         }
     }
     let settings = TrainSettings {
-        model: model_dir,
-        data: data_dir.join("train"),
         eval_data: Some(data_dir.join("eval")),
-        eval_fraction: None,
         method,
         lora: LoraConfig { rank: 8, alpha: 16.0, rslora: false, dropout: 0.0 },
-        targets: Target::ALL.to_vec(),
         lr: 1e-2,
-        schedule_name: "cosine".into(),
         warmup: 2,
-        weight_decay: 0.0,
-        max_grad_norm: Some(1.0),
         steps: Some(o.steps),
-        epochs: 1.0,
         batch: o.batch,
-        grad_accum: 1,
         seq_len: o.seq_len,
         seed: o.seed,
-        eval_every: 0,
-        save_every: 0,
         out: o.out.join("synthetic-run"),
-        resume: None,
-        checkpointing: false,
-        threads: None,
+        ..TrainSettings::defaults(model_dir, data_dir.join("train"))
     };
     let mut log = |m: String| say(m);
     let mut p = prepare(&settings, None, &mut log)?;
