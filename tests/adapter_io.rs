@@ -1,5 +1,7 @@
 //! Adapter files: PEFT layout, atomic writes, exact round trips for every method, clear errors.
 
+mod common;
+
 use spectune::gradcheck::SplitMix;
 use spectune::model::{Llama, LlamaConfig, Target};
 use spectune::peft::io::{load_adapter, save_adapter, CONFIG_FILE, WEIGHTS_FILE};
@@ -7,20 +9,7 @@ use spectune::peft::{LoraConfig, Method};
 use spectune::DType;
 
 fn cfg() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 41,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        max_position_embeddings: 32,
-    }
+    common::tiny_config(41, true)
 }
 
 #[test]

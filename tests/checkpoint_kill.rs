@@ -6,6 +6,7 @@
 //! The writer is a child process: the test re-executes its own binary with `SPECTUNE_KILL_CHILD`
 //! set and the filter `child_writer_loop_helper`, a test that (only then) resumes from the
 //! checkpoint and trains + saves in a loop until it is killed.
+mod common;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -31,20 +32,7 @@ const VOCAB: usize = 50;
 const N_PARAMS: usize = 2 * 7 * 2;
 
 fn cfg() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: VOCAB,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: false,
-        attention_bias: false,
-        max_position_embeddings: 64,
-    }
+    common::tiny_config(VOCAB, false)
 }
 
 fn lora() -> LoraConfig {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use spectune::gradcheck::SplitMix;
-use spectune::io::gguf::{GgufFile, GgufValue};
+use spectune::io::gguf::{unpermute_qk_rows, GgufFile, GgufValue};
 use spectune::model::llama::expected_weights;
 use spectune::model::{Llama, LlamaConfig};
 use spectune::{DType, Tensor};
@@ -975,4 +975,21 @@ fn smollm2_135m_q4_1_loads_and_runs() {
     let (good, bad) = (copy_logp(&model), copy_logp(&raw));
     eprintln!("SmolLM2: mean log p of the repeated half = {good:.3} with HF row order, {bad:.3} with the file's q/k row order");
     assert!(good > -4.0 && good > bad + 5.0, "the q/k rows are not in HF order");
+}
+
+#[test]
+fn unpermute_inverts_the_converter_permutation() {
+    for &(rows, cols, n_head) in &[(8usize, 3usize, 1usize), (12, 5, 3), (64, 2, 4), (576, 4, 9), (192, 3, 3)] {
+        let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let g = converter_permute(&w, rows, cols, n_head);
+        assert_ne!(g, w, "the converter permutation must move rows ({rows}, {n_head} heads)");
+        let t = Tensor::from_vec(g, [rows, cols]).unwrap();
+        let perm = unpermute_qk_rows(rows, n_head).unwrap();
+        assert_eq!(t.permute_rows(&perm).unwrap().to_vec_f32(), w);
+    }
+    // Explicit small case: one head of 4 rows [a0 a1 b0 b1] is stored as [a0 b0 a1 b1].
+    assert_eq!(converter_permute(&[0.0, 1.0, 2.0, 3.0], 4, 1, 1), vec![0.0, 2.0, 1.0, 3.0]);
+    assert_eq!(unpermute_qk_rows(4, 1).unwrap(), vec![0, 2, 1, 3]);
+    assert!(unpermute_qk_rows(6, 2).is_none());
+    assert!(unpermute_qk_rows(8, 0).is_none());
 }

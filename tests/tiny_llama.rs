@@ -1,6 +1,7 @@
 //! End-to-end checks on a 2-layer Llama-style model built from random weights: adapters are the
 //! identity at init, the loss falls under AdamW, whole-model adapter gradients match finite
 //! differences in f64, and activation checkpointing changes nothing but memory.
+mod common;
 
 use spectune::gradcheck::{gradcheck, GradcheckOptions, SplitMix};
 use spectune::model::{Llama, LlamaConfig, Target};
@@ -9,20 +10,7 @@ use spectune::peft::{Adapter, LoraConfig, Method};
 use spectune::{backward, AdamW, AdamWConfig, DType};
 
 fn tiny(tie: bool) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 37,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: tie,
-        attention_bias: false,
-        max_position_embeddings: 64,
-    }
+    common::tiny_config(37, tie)
 }
 
 fn batch(seed: u64, b: usize, t: usize, vocab: usize) -> (Vec<u32>, Vec<i64>) {

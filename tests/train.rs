@@ -1,6 +1,8 @@
 //! The training loop: gradient accumulation equals one big batch, checkpoints resume
 //! bit-identically, non-finite losses stop without touching the adapter.
 
+mod common;
+
 use spectune::gradcheck::SplitMix;
 use spectune::model::{Llama, LlamaConfig, Target};
 use spectune::optim::{AdamW, AdamWConfig};
@@ -10,20 +12,7 @@ use spectune::train::{accumulate, load_checkpoint, optimizer_for, save_checkpoin
 use spectune::DType;
 
 fn cfg() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 53,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: false,
-        attention_bias: false,
-        max_position_embeddings: 64,
-    }
+    common::tiny_config(53, false)
 }
 
 fn row(seed: u64, t: usize, pad: usize) -> (Vec<u32>, Vec<i64>, Vec<bool>) {

@@ -1036,42 +1036,6 @@ impl GgufFile {
 mod tests {
     use super::*;
 
-    /// The converter's permutation, written the way the converter writes it:
-    /// `w.reshape(n_head, 2, d/2, cols).swapaxes(1, 2).reshape(rows, cols)` on a row-major
-    /// `[rows, cols]` matrix.
-    fn converter_permute(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
-        let half = rows / n_head / 2;
-        // Index of the reshaped source: (h, s, i, c) at ((h·2 + s)·half + i)·cols + c.
-        // After swapaxes(1, 2) the output is laid out as (h, i, s, c).
-        let mut out = Vec::with_capacity(w.len());
-        for h in 0..n_head {
-            for i in 0..half {
-                for s in 0..2 {
-                    let src = ((h * 2 + s) * half + i) * cols;
-                    out.extend_from_slice(&w[src..src + cols]);
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn unpermute_inverts_the_converter_permutation() {
-        for &(rows, cols, n_head) in &[(8usize, 3usize, 1usize), (12, 5, 3), (64, 2, 4), (576, 4, 9), (192, 3, 3)] {
-            let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-            let g = converter_permute(&w, rows, cols, n_head);
-            assert_ne!(g, w, "the converter permutation must move rows ({rows}, {n_head} heads)");
-            let t = Tensor::from_vec(g, [rows, cols]).unwrap();
-            let perm = unpermute_qk_rows(rows, n_head).unwrap();
-            assert_eq!(t.permute_rows(&perm).unwrap().to_vec_f32(), w);
-        }
-        // Explicit small case: one head of 4 rows [a0 a1 b0 b1] is stored as [a0 b0 a1 b1].
-        assert_eq!(converter_permute(&[0.0, 1.0, 2.0, 3.0], 4, 1, 1), vec![0.0, 2.0, 1.0, 3.0]);
-        assert_eq!(unpermute_qk_rows(4, 1).unwrap(), vec![0, 2, 1, 3]);
-        assert!(unpermute_qk_rows(6, 2).is_none());
-        assert!(unpermute_qk_rows(8, 0).is_none());
-    }
-
     #[test]
     fn name_mapping_round_trips() {
         for (hf, g) in [
