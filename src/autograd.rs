@@ -125,6 +125,15 @@ fn add_grads(acc: Tensor, g: &Tensor) -> Result<Tensor> {
     if acc.shape() != g.shape() || acc.dtype() != g.dtype() {
         return Err(Error::Autograd(format!("cannot accumulate a {} {} gradient into a {} {} one", g.dtype(), g.shape(), acc.dtype(), acc.shape())));
     }
+    #[cfg(feature = "cuda")]
+    if acc.device() == crate::device::Device::Cuda {
+        use crate::backend::cuda::ops as dev;
+        if !acc.same_storage(g) && acc.is_exclusive() {
+            dev::add_inplace(&acc, g)?;
+            return Ok(acc);
+        }
+        return dev::add_new(&acc, g);
+    }
     with_float!(acc.dtype(), "accumulate", |T| {
         let gv = g.read();
         let gs = gv.slice::<T>().ok_or_else(|| Error::Autograd("gradient is not host memory".into()))?;

@@ -1,15 +1,61 @@
 //! Devices and the one place that dispatches a kernel call.
 //!
-//! Today every tensor lives on the CPU and dispatch is by compute dtype: [`with_float!`] turns a
-//! runtime [`DType`](crate::DType) into the `T: Float` a generic CPU kernel in
-//! [`crate::backend::cpu`] is instantiated with. The CUDA backend (feature `cuda`) adds a device
-//! arm here and nowhere else.
+//! Two dispatches happen here. By compute dtype: [`with_float!`] turns a runtime
+//! [`DType`](crate::DType) into the `T: Float` a generic CPU kernel in [`crate::backend::cpu`] is
+//! instantiated with. By device: [`on_cuda`] tells an op that its inputs live on the GPU, and the
+//! op hands over to its device path in `backend::cuda::ops` (feature `cuda`); every input of one
+//! op must then be on the device (the device path returns an error naming the argument that is
+//! not).
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
 
 /// The device a tensor lives on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Device {
     #[default]
     Cpu,
+    /// The CUDA device (needs the `cuda` feature and a GPU of compute capability ≥ 8.0).
+    Cuda,
+}
+
+impl Device {
+    /// Parses `cpu` or `cuda`.
+    pub fn parse(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda),
+            other => Err(Error::invalid("device", format!("unknown device `{other}` (expected cpu or cuda)"))),
+        }
+    }
+    /// Checks that the device can be used: always for the CPU; for CUDA, that spectune was built
+    /// with `--features cuda` and a device initializes.
+    pub fn ensure_available(self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => crate::backend::cuda::gpu().map(|_| ()),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => {
+                Err(Error::Cuda { op: "device".into(), msg: "spectune was built without the `cuda` feature (cargo build --release --features cuda)".into() })
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
+/// True when any of `inputs` lives on the GPU (always false without the `cuda` feature).
+#[inline]
+pub fn on_cuda(inputs: &[&Tensor]) -> bool {
+    cfg!(feature = "cuda") && inputs.iter().any(|t| t.device() == Device::Cuda)
 }
 
 /// `with_float!(dtype, "op", |T| { body })` runs `body` with `T` bound to f32 or f64 and returns

@@ -39,6 +39,15 @@ pub enum Error {
     /// A file whose contents do not match its format.
     #[error("{}: {msg}", path.display())]
     Format { path: PathBuf, msg: String },
+
+    /// A failed CUDA driver call or kernel launch (`op` names the kernel and its shapes), or a
+    /// device-placement mistake (tensors of one op on different devices).
+    #[error("cuda: {op}: {msg}")]
+    Cuda { op: String, msg: String },
+
+    /// The device ran out of memory.
+    #[error("{op}: out of device memory: asked for {asked} bytes, {free} of {total} bytes free on the device ({held} bytes held by spectune's tensors)")]
+    DeviceOom { op: String, asked: usize, free: usize, total: usize, held: usize },
 }
 
 impl Error {

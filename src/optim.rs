@@ -81,6 +81,12 @@ struct Slot {
 impl Slot {
     fn zeros(param: Tensor) -> Result<Slot> {
         let n = param.numel();
+        #[cfg(feature = "cuda")]
+        if param.device() == crate::device::Device::Cuda {
+            use crate::backend::cuda::DeviceBuf;
+            let (m, v) = (DeviceBuf::zeros(crate::DType::F32, n, "AdamW::new")?, DeviceBuf::zeros(crate::DType::F32, n, "AdamW::new")?);
+            return Ok(Slot { param, step: 0, m: Storage::Cuda(m), v: Storage::Cuda(v), decay: true });
+        }
         let (m, v) = with_float!(param.dtype(), "AdamW::new", |T| { Ok((host_from_vec(vec![T::ZERO; n]), host_from_vec(vec![T::ZERO; n]))) })?;
         Ok(Slot { param, step: 0, m: Storage::Host(m), v: Storage::Host(v), decay: true })
     }
@@ -204,7 +210,11 @@ impl AdamW {
             if g.dtype() != s.param.dtype() {
                 return Err(Error::dtype(OP, "gradient", format!("{} for {}", s.param.dtype(), s.describe(i)), g.dtype()));
             }
-            let finite = with_float!(g.dtype(), OP, |T| { Ok(all_finite::<T>(&g.read())) })?;
+            let finite = if g.device() == crate::device::Device::Cuda {
+                grad_sum_sq(g)?.is_finite()
+            } else {
+                with_float!(g.dtype(), OP, |T| { Ok(all_finite::<T>(&g.read())) })?
+            };
             if !finite {
                 return Err(Error::NonFinite { op: OP, what: format!("the gradient of {}", s.describe(i)) });
             }
@@ -216,6 +226,13 @@ impl AdamW {
             };
             let t = s.step + 1;
             let what = describe(i, &s.param);
+            #[cfg(feature = "cuda")]
+            if let (Storage::Cuda(m), Storage::Cuda(v)) = (&s.m, &s.v) {
+                let wd = if s.decay { weight_decay } else { 0.0 };
+                crate::backend::cuda::ops::adamw_step(&s.param, m, v, g, lr, beta1, beta2, eps, wd, t)?;
+                s.step = t;
+                continue;
+            }
             with_float!(s.param.dtype(), OP, |T| {
                 let host = || Error::dtype(OP, "param", format!("host {}", T::DTYPE), format!("{what} (not host memory)"));
                 let m = s.m.slice_mut::<T>().ok_or_else(host)?;
@@ -291,6 +308,13 @@ impl AdamW {
                 let conv = |x: &[f64]| host_from_vec(x.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>());
                 Ok((conv(&ps.m), conv(&ps.v)))
             })?;
+            #[cfg(feature = "cuda")]
+            if s.param.device() == crate::device::Device::Cuda {
+                use crate::backend::cuda::DeviceBuf;
+                let up = |x: &[f64]| DeviceBuf::from_f32(&x.iter().map(|&x| x as f32).collect::<Vec<f32>>(), OP);
+                fresh.push((Storage::Cuda(up(&ps.m)?), Storage::Cuda(up(&ps.v)?), ps.step));
+                continue;
+            }
             fresh.push((Storage::Host(m), Storage::Host(v), ps.step));
         }
         for (s, (m, v, step)) in self.slots.iter_mut().zip(fresh) {
@@ -343,7 +367,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, max_norm: f64) -> Result<f64> {
     }
     let mut total = 0.0f64;
     for (_, g) in grads.iter() {
-        let ss = with_float!(g.dtype(), OP, |T| { Ok(sum_sq::<T>(&g.read())) })?;
+        let ss = grad_sum_sq(g)?;
         if !ss.is_finite() {
             let finite = with_float!(g.dtype(), OP, |T| { Ok(all_finite::<T>(&g.read())) })?;
             let what = if finite { format!("the norm of a {} gradient (overflow)", g.shape()) } else { format!("a {} {} gradient", g.shape(), g.dtype()) };
@@ -373,8 +397,20 @@ pub fn clip_grad_norm(grads: &mut GradStore, max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
+/// Σ g² in f64 (on the device for a device gradient).
+fn grad_sum_sq(g: &Tensor) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if g.device() == crate::device::Device::Cuda {
+        return crate::backend::cuda::ops::reduce_sum_value(g, true, "clip_grad_norm");
+    }
+    with_float!(g.dtype(), "clip_grad_norm", |T| { Ok(sum_sq::<T>(&g.read())) })
+}
+
 /// `c·g`: in place when `g` is exclusively owned host memory, otherwise a new tensor.
 fn scale_grad(g: &Tensor, c: f64) -> Result<Tensor> {
+    if g.device() == crate::device::Device::Cuda {
+        return crate::autograd::no_grad(|| crate::ops::scale(&g.detach(), c));
+    }
     with_float!(g.dtype(), "clip_grad_norm", |T| {
         if g.is_exclusive() {
             let mut w = g.write();

@@ -5,7 +5,8 @@
 //!   weights stay here; an f32 weight is used in place when aligned (zero copy), other dtypes are
 //!   converted per use, a tile at a time (see [`Storage::read_into`]).
 //!
-//! A device buffer variant arrives with the CUDA backend (feature `cuda`).
+//! - [`Storage::Cuda`] (feature `cuda`): a device buffer (f32 activations and adapters, bf16
+//!   frozen matrices). Host-side reads of it copy the buffer back (tests, logging, checkpoints).
 
 use std::sync::Arc;
 
@@ -88,6 +89,8 @@ pub enum Storage {
         numel: usize,
         rows: Option<RowMap>,
     },
+    #[cfg(feature = "cuda")]
+    Cuda(crate::backend::cuda::DeviceBuf),
 }
 
 /// Reinterprets little-endian bytes as `[T]` when the dtype matches and the address is aligned.
@@ -106,6 +109,8 @@ impl Storage {
         match self {
             Storage::Host(h) => h.dtype(),
             Storage::Mapped { dtype, .. } => *dtype,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.dtype(),
         }
     }
 
@@ -113,6 +118,8 @@ impl Storage {
         match self {
             Storage::Host(h) => h.len(),
             Storage::Mapped { numel, .. } => *numel,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.numel(),
         }
     }
 
@@ -125,14 +132,14 @@ impl Storage {
         match self {
             Storage::Host(h) => host_slice::<T>(h),
             Storage::Mapped { bytes, dtype, rows: None, .. } if *dtype == T::DTYPE => cast_bytes::<T>(bytes.bytes()),
-            Storage::Mapped { .. } => None,
+            _ => None,
         }
     }
 
     pub fn slice_mut<T: Float>(&mut self) -> Option<&mut [T]> {
         match self {
             Storage::Host(h) => host_slice_mut::<T>(h),
-            Storage::Mapped { .. } => None,
+            _ => None,
         }
     }
 
@@ -164,6 +171,13 @@ impl Storage {
                     done += n;
                 }
             }
+            // Device memory: copied back whole (host reads of device tensors are for tests,
+            // logging and checkpoints, never for the training step itself).
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => match b.to_f32() {
+                Ok(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = T::from_f64(*x as f64)),
+                Err(e) => panic!("reading a device tensor back to the host failed: {e}"),
+            },
         }
     }
 
@@ -180,6 +194,8 @@ impl Storage {
             Storage::Host(HostData::BF16(v)) => v.as_ptr() as *const u8,
             Storage::Host(HostData::F16(v)) => v.as_ptr() as *const u8,
             Storage::Mapped { bytes, .. } => bytes.as_ptr(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.ptr() as *const u8,
         }
     }
 }

@@ -11,3 +11,5 @@
 //! outputs with `=` unless its doc says it accumulates.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;

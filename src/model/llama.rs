@@ -314,6 +314,63 @@ impl Llama {
         ops::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
     }
 
+    /// A copy of the model on `device`. Frozen matrices are stored as `weight_dtype` there (bf16
+    /// for the tensor-core GEMM, or f32), converted a tile at a time from whatever the checkpoint
+    /// holds (f32, bf16, f16 or GGUF blocks); norm weights and biases stay f32; adapters become f32
+    /// trainable leaves with fresh ids (create the optimizer after moving). Activations must be
+    /// f32 on the device.
+    pub fn to_device(&self, device: crate::device::Device, weight_dtype: DType) -> Result<Llama> {
+        use crate::device::Device;
+        device.ensure_available()?;
+        if device == Device::Cuda && self.dtype != DType::F32 {
+            return Err(Error::dtype("Llama::to_device", "activations", "f32 on the device", self.dtype));
+        }
+        let (mat_dt, vec_dt) = match device {
+            Device::Cuda => (weight_dtype, DType::F32),
+            Device::Cpu => (self.dtype, self.dtype),
+        };
+        // On the CPU frozen weights stay as they are (mapped, any dtype); only device copies convert.
+        let keep = |t: &Tensor| device == Device::Cpu && t.device() == Device::Cpu && !t.is_param();
+        let mat = |t: &Tensor| if keep(t) { Ok(t.clone()) } else { t.to_device_as(device, mat_dt) };
+        let vec = |t: &Tensor| if keep(t) { Ok(t.clone()) } else { t.to_device_as(device, vec_dt) };
+        let lin = |l: &Linear| -> Result<Linear> {
+            Ok(Linear {
+                weight: mat(&l.weight)?,
+                bias: l.bias.as_ref().map(vec).transpose()?,
+                adapter: l.adapter.as_ref().map(|a| a.to_device(device)).transpose()?,
+            })
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    input_norm: vec(&l.input_norm)?,
+                    q: lin(&l.q)?,
+                    k: lin(&l.k)?,
+                    v: lin(&l.v)?,
+                    o: lin(&l.o)?,
+                    post_norm: vec(&l.post_norm)?,
+                    gate: lin(&l.gate)?,
+                    up: lin(&l.up)?,
+                    down: lin(&l.down)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Llama {
+            cfg: self.cfg.clone(),
+            embed: mat(&self.embed)?,
+            layers,
+            norm: vec(&self.norm)?,
+            lm_head: self.lm_head.as_ref().map(mat).transpose()?,
+            rope: self.rope.clone(),
+            dtype: self.dtype,
+            checkpointing: self.checkpointing,
+            training: self.training,
+            dropout_seed: self.dropout_seed,
+        })
+    }
+
     /// The LM head weight [vocab, hidden] (the embedding when tied).
     pub fn head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)

@@ -177,6 +177,16 @@ pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Spectral<'_>, a: &Tensor, b:
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank checked above") = m;
     let dims = LinDims { nrows, m, n, r, s };
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[x, w, a, b]) {
+        use crate::backend::cuda::ops::{self as dev, SpecDev};
+        let sd = match (spec, &idx) {
+            (Spectral::Rows { d, .. }, Some(idx)) => SpecDev::Rows { d, idx: idx.clone() },
+            (Spectral::Svd { d, u, sigma, v }, _) => SpecDev::Svd { d, u, sigma, v },
+            _ => SpecDev::None,
+        };
+        return dev::adapter_linear(op, x, w, sd, a, b, s, dropout, Shape::new(out_dims));
+    }
     let (y, h, zk, xd, pk) = with_float!(dt, op, |T| {
         let (xg, wg, ag, bg) = (x.read(), w.read(), a.read(), b.read());
         let xv = vals::<T>(&xg);

@@ -51,6 +51,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Resu
     }
     let scale = opts.scale.unwrap_or(1.0 / (hd as f64).sqrt());
     let d = AttnDims { b, t, s, nh, nkv, hd, causal: opts.causal, scale };
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[q, k, v]) {
+        return crate::backend::cuda::ops::attention(q, k, v, opts.key_mask.as_deref(), [b, t, s, nh, nkv, hd], opts.causal, scale);
+    }
     let (o, lse) = with_float!(dt, "attention", |T| {
         let mut o = vec![T::ZERO; q.numel()];
         let mut lse = vec![T::ZERO; b * t * nh];

@@ -25,6 +25,10 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dt = compute_dtype("add", "a", a)?;
     check_dtype("add", "b", b, dt, false)?;
     let broadcast = check_broadcast("add", a, b)?;
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[a, b]) {
+        return crate::backend::cuda::ops::add(a, b, broadcast);
+    }
     let y = with_float!(dt, "add", |T| {
         let (ag, bg) = (a.read(), b.read());
         let mut y = vec![T::ZERO; a.numel()];
@@ -65,6 +69,10 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dt = compute_dtype("mul", "a", a)?;
     check_dtype("mul", "b", b, dt, false)?;
     let broadcast = check_broadcast("mul", a, b)?;
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[a, b]) {
+        return crate::backend::cuda::ops::mul(a, b, broadcast);
+    }
     let y = with_float!(dt, "mul", |T| {
         let (ag, bg) = (a.read(), b.read());
         let mut y = vec![T::ZERO; a.numel()];
@@ -115,6 +123,10 @@ impl Backward for MulBwd {
 /// y = s·x for a constant s.
 pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
     let dt = compute_dtype("scale", "x", x)?;
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[x]) {
+        return crate::backend::cuda::ops::scale(x, s);
+    }
     let y = with_float!(dt, "scale", |T| {
         let mut y = vec![T::ZERO; x.numel()];
         cpu::scale(&mut y, &vals::<T>(&x.read()), T::from_f64(s));
@@ -143,6 +155,10 @@ impl Backward for ScaleBwd {
 /// y = silu(x) = x·σ(x).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     let dt = compute_dtype("silu", "x", x)?;
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[x]) {
+        return crate::backend::cuda::ops::silu(x);
+    }
     let y = with_float!(dt, "silu", |T| {
         let mut y = vec![T::ZERO; x.numel()];
         cpu::silu_fwd(&mut y, &vals::<T>(&x.read()));
@@ -174,6 +190,10 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     check_dtype("swiglu", "up", up, dt, true)?;
     if gate.shape() != up.shape() {
         return Err(Error::shape("swiglu", "up", gate.shape(), up.shape()));
+    }
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[gate, up]) {
+        return crate::backend::cuda::ops::swiglu(gate, up);
     }
     let y = with_float!(dt, "swiglu", |T| {
         let mut y = vec![T::ZERO; gate.numel()];

@@ -20,6 +20,10 @@ pub fn embedding(table: &Tensor, ids: &[u32], dtype: DType) -> Result<Tensor> {
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
         return Err(Error::OutOfRange { op: "embedding", what: "token id", index: bad as i64, size: vocab });
     }
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[table]) {
+        return crate::backend::cuda::ops::embedding(table, ids);
+    }
     let y = with_float!(dtype, "embedding", |T| {
         let mut y = vec![T::ZERO; ids.len() * dim];
         cpu::embedding_fwd(&mut y, &table.read(), ids, dim);

@@ -62,6 +62,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i64], opts: &CeOptions) -> Resu
     }
     let (rows, vocab) = (logits.dims()[0], logits.dims()[1]);
     let denom = check_targets("cross_entropy", targets, rows, vocab, opts)?;
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[logits]) {
+        return crate::backend::cuda::ops::cross_entropy(logits, targets, opts.ignore_index, denom);
+    }
     let (y, lse) = with_float!(dt, "cross_entropy", |T| {
         let mut lse = vec![T::ZERO; rows];
         let total = cpu::cross_entropy_fwd(&mut lse, &vals::<T>(&logits.read()), targets, opts.ignore_index, vocab);
@@ -111,6 +115,10 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[i64], opts: &CeOp
     // chunk re-reads the whole head for a handful of rows.
     let budget = opts.chunk_rows.unwrap_or((1 << 23) / vocab.max(1)).clamp(1, rows.max(1));
     let chunk = rows.div_ceil(rows.div_ceil(budget));
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[h, w]) {
+        return crate::backend::cuda::ops::linear_cross_entropy(h, w, targets, opts.ignore_index, denom, chunk);
+    }
     let (y, lse) = with_float!(dt, "linear_cross_entropy", |T| {
         let (hg, wg) = (h.read(), w.read());
         let hv = vals::<T>(&hg);

@@ -61,6 +61,10 @@ pub fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
     let dt = compute_dtype("matmul", "a", a)?;
     check_dtype("matmul", "b", b, dt, false)?;
     let (d, shape) = dims(a, b, ta, tb)?;
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[a, b]) {
+        return crate::backend::cuda::ops::matmul(a, b, ta, tb, d.batch, d.m, d.k, d.n, d.b_batched, shape);
+    }
     let y = with_float!(dt, "matmul", |T| {
         let mut c = vec![T::ZERO; shape.numel()];
         let (ag, bg) = (a.read(), b.read());

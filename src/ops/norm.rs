@@ -19,6 +19,10 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if !(eps >= 0.0 && eps.is_finite()) {
         return Err(Error::invalid("rms_norm", format!("eps must be finite and ≥ 0, got {eps}")));
     }
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[x, w]) {
+        return crate::backend::cuda::ops::rms_norm(x, w, eps);
+    }
     let rows = x.shape().rows();
     let (y, rstd) = with_float!(dt, "rms_norm", |T| {
         let mut y = vec![T::ZERO; x.numel()];

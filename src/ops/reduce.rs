@@ -19,6 +19,10 @@ pub fn mean(x: &Tensor) -> Result<Tensor> {
 
 fn reduce(x: &Tensor, factor: f64, name: &'static str) -> Result<Tensor> {
     let dt = compute_dtype(name, "x", x)?;
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[x]) {
+        return crate::backend::cuda::ops::reduce(x, factor, name);
+    }
     let y = with_float!(dt, name, |T| {
         let s: f64 = vals::<T>(&x.read()).iter().map(|v| v.to_f64()).sum();
         Ok(out(vec![T::from_f64(s * factor)], Shape::scalar()))

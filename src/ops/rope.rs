@@ -51,6 +51,10 @@ pub fn rope(x: &Tensor, table: &Rope, positions: &[usize]) -> Result<Tensor> {
 }
 
 fn rotate(dt: crate::DType, x: &Tensor, pos: &[usize], table: &Rope, h: usize, hd: usize, inverse: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::device::on_cuda(&[x]) {
+        return crate::backend::cuda::ops::rope_raw(x, pos, &table.inv_freq, h, hd, inverse);
+    }
     with_float!(dt, "rope", |T| {
         let mut y = vec![T::ZERO; x.numel()];
         cpu::rope(&mut y, &vals::<T>(&x.read()), pos, &table.inv_freq, h, hd, inverse);

@@ -2,6 +2,7 @@
 //! [`crate::ops`]) and merge. Every method is the identity at init (adapted layer == frozen
 //! layer, bit-exactly for LoRA and SpecLoRA: B = 0 and d = 1 make the deltas exact zeros).
 
+mod device;
 pub mod export;
 pub mod io;
 mod lora;

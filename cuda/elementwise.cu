@@ -1,0 +1,75 @@
+// Elementwise ops, broadcasts over a suffix (b has bn elements, repeated), casts, embedding
+// gather/scatter and reductions. All grid-stride loops.
+#include "common.cuh"
+
+extern "C" __global__ void add_bcast(float* y, const float* a, const float* b, long n, long bn) {
+    FOR_EACH(i, n) y[i] = a[i] + b[i % bn];
+}
+extern "C" __global__ void mul_bcast(float* y, const float* a, const float* b, long n, long bn) {
+    FOR_EACH(i, n) y[i] = a[i] * b[i % bn];
+}
+// acc += g (gradient accumulation).
+extern "C" __global__ void add_inplace(float* acc, const float* g, long n) {
+    FOR_EACH(i, n) acc[i] += g[i];
+}
+extern "C" __global__ void scale_f32(float* y, const float* x, float s, long n) {
+    FOR_EACH(i, n) y[i] = x[i] * s;
+}
+extern "C" __global__ void fill_f32(float* y, float v, long n) {
+    FOR_EACH(i, n) y[i] = v;
+}
+__device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
+// silu(x) = x·σ(x);  silu'(x) = σ(x)·(1 + x·(1 − σ(x))).
+extern "C" __global__ void silu_fwd(float* y, const float* x, long n) {
+    FOR_EACH(i, n) y[i] = x[i] * sigmoidf(x[i]);
+}
+extern "C" __global__ void silu_bwd(float* dx, const float* dy, const float* x, long n) {
+    FOR_EACH(i, n) {
+        float s = sigmoidf(x[i]);
+        dx[i] = dy[i] * s * (1.f + x[i] * (1.f - s));
+    }
+}
+// y = silu(g)·u;  dg = dy·u·silu'(g), du = dy·silu(g). dg or du may be null.
+extern "C" __global__ void swiglu_fwd(float* y, const float* g, const float* u, long n) {
+    FOR_EACH(i, n) y[i] = g[i] * sigmoidf(g[i]) * u[i];
+}
+extern "C" __global__ void swiglu_bwd(float* dg, float* du, const float* dy, const float* g, const float* u, long n) {
+    FOR_EACH(i, n) {
+        float s = sigmoidf(g[i]);
+        if (dg) dg[i] = dy[i] * u[i] * s * (1.f + g[i] * (1.f - s));
+        if (du) du[i] = dy[i] * g[i] * s;
+    }
+}
+// db[j] = Σ_r dy[r·bn + j] (·a[r·bn + j] when a is given): the gradient of a broadcast operand.
+extern "C" __global__ void sum_leading(float* db, const float* dy, const float* a, long rows, long bn) {
+    FOR_EACH(j, bn) {
+        float s = 0.f;
+        for (long r = 0; r < rows; ++r) s += a ? dy[r * bn + j] * a[r * bn + j] : dy[r * bn + j];
+        db[j] = s;
+    }
+}
+extern "C" __global__ void cast_f32_bf16(bf16_t* y, const float* x, long n) {
+    FOR_EACH(i, n) y[i] = f2bf(x[i]);
+}
+extern "C" __global__ void cast_bf16_f32(float* y, const bf16_t* x, long n) {
+    FOR_EACH(i, n) y[i] = bf2f(x[i]);
+}
+// y[i, :] = table[ids[i], :] for a bf16 or f32 table.
+extern "C" __global__ void embedding_fwd_bf16(float* y, const bf16_t* table, const unsigned* ids, long n, long dim) {
+    FOR_EACH(e, n * dim) y[e] = bf2f(table[(long)ids[e / dim] * dim + e % dim]);
+}
+extern "C" __global__ void embedding_fwd_f32(float* y, const float* table, const unsigned* ids, long n, long dim) {
+    FOR_EACH(e, n * dim) y[e] = table[(long)ids[e / dim] * dim + e % dim];
+}
+// dtable[ids[i], :] += dy[i, :] (dtable zeroed by the caller).
+extern "C" __global__ void embedding_bwd(float* dtable, const float* dy, const unsigned* ids, long n, long dim) {
+    FOR_EACH(e, n * dim) atomicAdd(&dtable[(long)ids[e / dim] * dim + e % dim], dy[e]);
+}
+// out[0] += Σ x (f64 accumulation; out zeroed by the caller). squares = 1 sums x² instead.
+extern "C" __global__ void reduce_sum(double* out, const float* x, long n, int squares) {
+    __shared__ float scratch[32];
+    float s = 0.f;
+    FOR_EACH(i, n) s += squares ? x[i] * x[i] : x[i];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) atomicAdd(out, (double)s);
+}

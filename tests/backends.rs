@@ -1,0 +1,351 @@
+//! One test body per op, run on each backend against the f64 CPU reference.
+//!
+//! Each body builds its inputs from a seed, runs the op (forward, then backward from a random
+//! upstream gradient) in f64 on the CPU as the reference and in f32 on the device under test,
+//! and compares the output and every input gradient by max |a − b| / max |ref|:
+//! ≤ 1e-5 for f32 paths, ≤ 1e-2 where a frozen weight is bf16 (the device GEMM rounds the
+//! activations to bf16 on the tensor cores). The `cpu_*` tests check the f32 CPU kernels; the
+//! `cuda_*` tests are `#[ignore]`d (reported as ignored, never as passed) unless run on a machine
+//! with a GPU through `cuda/gpu-test.sh`, which builds with `--features cuda` and runs them with
+//! `--ignored`; there a missing GPU is a failure.
+
+mod common;
+
+use spectune::autograd::backward_with_seed;
+use spectune::device::Device;
+use spectune::gradcheck::SplitMix;
+use spectune::model::{Llama, Target};
+use spectune::ops::{self, AttnOptions, CeOptions, Dropout, Rope, SpecRows, Spectral};
+use spectune::peft::{LoraConfig, Method};
+use spectune::storage::HostData;
+use spectune::{AdamW, AdamWConfig, DType, Result, Tensor};
+
+const F32_TOL: f64 = 1e-5;
+const BF16_TOL: f64 = 1e-2;
+
+/// How an input takes part.
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    /// Trainable: compared gradient.
+    Param,
+    /// Constant activation or f32 frozen weight.
+    Const,
+    /// Frozen weight stored as bf16 (the reference uses the same bf16-rounded values).
+    Bf16,
+}
+
+struct Input {
+    vals: Vec<f64>,
+    dims: Vec<usize>,
+    role: Role,
+}
+
+fn input(rng: &mut SplitMix, dims: &[usize], role: Role) -> Input {
+    let n = dims.iter().product();
+    let mut vals = rng.vec(n, -1.0, 1.0);
+    if role == Role::Bf16 {
+        vals.iter_mut().for_each(|v| *v = half::bf16::from_f64(*v).to_f64());
+    }
+    Input { vals, dims: dims.to_vec(), role }
+}
+
+/// The tensors of `inputs` on `dev` in `dtype` (f64 only for the CPU reference).
+fn materialize(inputs: &[Input], dev: Device, dtype: DType) -> Vec<Tensor> {
+    inputs
+        .iter()
+        .map(|i| {
+            let t = match (i.role, dtype) {
+                (Role::Bf16, DType::F32) => {
+                    Tensor::from_host(HostData::BF16(i.vals.iter().map(|&v| half::bf16::from_f64(v)).collect()), i.dims.clone()).unwrap()
+                }
+                (_, DType::F64) => Tensor::from_vec(i.vals.clone(), i.dims.clone()).unwrap(),
+                _ => Tensor::from_vec(i.vals.iter().map(|&v| v as f32).collect::<Vec<f32>>(), i.dims.clone()).unwrap(),
+            };
+            let t = if i.role == Role::Param { t.param().unwrap() } else { t };
+            if dtype == DType::F64 {
+                t
+            } else {
+                t.to_device(dev).unwrap()
+            }
+        })
+        .collect()
+}
+
+/// Forward output and the gradients of the Param inputs, as f64 on the host.
+fn run(inputs: &[Input], dev: Device, dtype: DType, seed: u64, f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let ts = materialize(inputs, dev, dtype);
+    let y = f(&ts).unwrap();
+    let out = y.to_vec_f64();
+    let params: Vec<&Tensor> = ts.iter().filter(|t| t.is_param()).collect();
+    if params.is_empty() {
+        return (out, vec![]);
+    }
+    let mut rng = SplitMix::new(seed ^ 0x5eed);
+    let dy = rng.vec(y.numel(), -1.0, 1.0);
+    let dy = match dtype {
+        DType::F64 => Tensor::from_vec(dy, y.shape().clone()).unwrap(),
+        _ => Tensor::from_vec(dy.iter().map(|&v| v as f32).collect::<Vec<f32>>(), y.shape().clone()).unwrap().to_device(dev).unwrap(),
+    };
+    let grads = backward_with_seed(&y, dy).unwrap();
+    let g = params.iter().map(|p| grads.get(p).map(|g| g.to_vec_f64()).unwrap_or_else(|| vec![0.0; p.numel()])).collect();
+    (out, g)
+}
+
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Runs `f` in f64 on the CPU and in f32 on `dev`; asserts agreement within `tol`.
+fn check(name: &str, dev: Device, inputs: &[Input], tol: f64, f: &dyn Fn(&[Tensor]) -> Result<Tensor>) {
+    let (ro, rg) = run(inputs, Device::Cpu, DType::F64, 7, f);
+    let (o, g) = run(inputs, dev, DType::F32, 7, f);
+    let e = rel_err(&o, &ro);
+    assert!(e <= tol, "{name} on {dev}: forward relative error {e:.3e} > {tol:.0e}");
+    for (i, (a, b)) in g.iter().zip(&rg).enumerate() {
+        let e = rel_err(a, b);
+        assert!(e <= tol, "{name} on {dev}: gradient of param #{i} relative error {e:.3e} > {tol:.0e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test bodies (one per op family)
+
+fn matmul_body(dev: Device) {
+    let mut rng = SplitMix::new(1);
+    // Every transpose combination, 2-D and batched (shared and batched right operands).
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let (m, k, n) = (37, 29, 45);
+        let a = input(&mut rng, &if ta { [k, m] } else { [m, k] }, Role::Param);
+        let b = input(&mut rng, &if tb { [n, k] } else { [k, n] }, Role::Param);
+        check(&format!("matmul ta={ta} tb={tb}"), dev, &[a, b], F32_TOL, &move |t| ops::matmul(&t[0], &t[1], ta, tb));
+        let a = input(&mut rng, &if ta { [3, k, m] } else { [3, m, k] }, Role::Param);
+        let b = input(&mut rng, &if tb { [3, n, k] } else { [3, k, n] }, Role::Param);
+        check(&format!("batched matmul ta={ta} tb={tb}"), dev, &[a, b], F32_TOL, &move |t| ops::matmul(&t[0], &t[1], ta, tb));
+        let a = input(&mut rng, &if ta { [2, k, m] } else { [2, m, k] }, Role::Param);
+        let b = input(&mut rng, &if tb { [n, k] } else { [k, n] }, Role::Param);
+        check(&format!("shared-rhs matmul ta={ta} tb={tb}"), dev, &[a, b], F32_TOL, &move |t| ops::matmul(&t[0], &t[1], ta, tb));
+    }
+    // Frozen bf16 weight: y = x·Wᵀ (tensor cores on the GPU) and dx = dy·W.
+    let x = input(&mut rng, &[70, 96], Role::Param);
+    let w = input(&mut rng, &[130, 96], Role::Bf16);
+    check("linear, bf16 weight", dev, &[x, w], BF16_TOL, &|t| ops::linear(&t[0], &t[1]));
+}
+
+fn elementwise_body(dev: Device) {
+    let mut rng = SplitMix::new(2);
+    let (a, b) = (input(&mut rng, &[5, 7, 33], Role::Param), input(&mut rng, &[7, 33], Role::Param));
+    check("add (broadcast)", dev, &[a, b], F32_TOL, &|t| ops::add(&t[0], &t[1]));
+    let (a, b) = (input(&mut rng, &[5, 33], Role::Param), input(&mut rng, &[5, 33], Role::Param));
+    check("add", dev, &[a, b], F32_TOL, &|t| ops::add(&t[0], &t[1]));
+    let (a, b) = (input(&mut rng, &[9, 33], Role::Param), input(&mut rng, &[33], Role::Param));
+    check("mul (broadcast)", dev, &[a, b], F32_TOL, &|t| ops::mul(&t[0], &t[1]));
+    let a = input(&mut rng, &[17, 3], Role::Param);
+    check("scale", dev, &[a], F32_TOL, &|t| ops::scale(&t[0], -1.7));
+    let a = input(&mut rng, &[300], Role::Param);
+    check("silu", dev, &[a], F32_TOL, &|t| ops::silu(&t[0]));
+    let (g, u) = (input(&mut rng, &[11, 24], Role::Param), input(&mut rng, &[11, 24], Role::Param));
+    check("swiglu", dev, &[g, u], F32_TOL, &|t| ops::swiglu(&t[0], &t[1]));
+    let a = input(&mut rng, &[13, 7], Role::Param);
+    check("sum", dev, &[a], F32_TOL, &|t| ops::sum(&t[0]));
+    let a = input(&mut rng, &[13, 7], Role::Param);
+    check("mean", dev, &[a], F32_TOL, &|t| ops::mean(&t[0]));
+}
+
+fn norm_body(dev: Device) {
+    let mut rng = SplitMix::new(3);
+    let (x, w) = (input(&mut rng, &[2, 9, 576], Role::Param), input(&mut rng, &[576], Role::Param));
+    check("rms_norm", dev, &[x, w], F32_TOL, &|t| ops::rms_norm(&t[0], &t[1], 1e-5));
+}
+
+fn rope_body(dev: Device) {
+    let mut rng = SplitMix::new(4);
+    let x = input(&mut rng, &[2, 5, 3, 64], Role::Param);
+    let table = Rope::new(64, 10000.0).unwrap();
+    let pos: Vec<usize> = (0..10).map(|i| 1000 + 37 * i).collect();
+    check("rope", dev, &[x], F32_TOL, &move |t| ops::rope(&t[0], &table, &pos));
+}
+
+fn attention_body(dev: Device) {
+    let mut rng = SplitMix::new(5);
+    // GQA (6 query heads on 2 kv heads), causal with left padding in the second row.
+    let (b, t, nh, nkv, hd) = (2, 19, 6, 2, 64);
+    let q = input(&mut rng, &[b, t, nh, hd], Role::Param);
+    let k = input(&mut rng, &[b, t, nkv, hd], Role::Param);
+    let v = input(&mut rng, &[b, t, nkv, hd], Role::Param);
+    let mut mask = vec![true; b * t];
+    mask[t..t + 4].iter_mut().for_each(|m| *m = false);
+    let opts = AttnOptions { causal: true, key_mask: Some(mask), scale: None };
+    check("attention (causal GQA, padded)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
+    // Non-causal, more keys than queries, head_dim 40 (not a multiple of 32).
+    let q = input(&mut rng, &[1, 5, 2, 40], Role::Param);
+    let k = input(&mut rng, &[1, 11, 1, 40], Role::Param);
+    let v = input(&mut rng, &[1, 11, 1, 40], Role::Param);
+    let opts = AttnOptions { causal: false, key_mask: None, scale: Some(0.3) };
+    check("attention (full, s > t)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
+}
+
+fn embedding_body(dev: Device) {
+    let mut rng = SplitMix::new(6);
+    let ids: Vec<u32> = (0..23).map(|i| (i * 7 % 50) as u32).collect();
+    let table = input(&mut rng, &[50, 33], Role::Param);
+    let ids2 = ids.clone();
+    check("embedding (trainable table)", dev, &[table], F32_TOL, &move |t| ops::embedding(&t[0], &ids2, t[0].dtype()));
+    let table = input(&mut rng, &[50, 33], Role::Bf16);
+    let x = input(&mut rng, &[23, 33], Role::Param);
+    // A frozen bf16 table read exactly (plus a trainable term so there is a gradient to compare).
+    check("embedding (frozen bf16 table)", dev, &[table, x], F32_TOL, &move |t| ops::add(&ops::embedding(&t[0], &ids, t[1].dtype())?, &t[1]));
+}
+
+fn loss_body(dev: Device) {
+    let mut rng = SplitMix::new(7);
+    let (rows, vocab, d) = (37, 1000, 48);
+    let targets: Vec<i64> = (0..rows).map(|i| if i % 5 == 3 { -100 } else { (i * 131 % vocab) as i64 }).collect();
+    let logits = input(&mut rng, &[rows, vocab], Role::Param);
+    let tg = targets.clone();
+    check("cross_entropy", dev, &[logits], F32_TOL, &move |t| ops::cross_entropy(&t[0], &tg, &CeOptions::default()));
+    let h = input(&mut rng, &[rows, d], Role::Param);
+    let w = input(&mut rng, &[vocab, d], Role::Param);
+    let opts = CeOptions { chunk_rows: Some(8), denominator: Some(50.0), ..CeOptions::default() };
+    let tg = targets.clone();
+    check("linear_cross_entropy (f32 head, chunked)", dev, &[h, w], F32_TOL, &move |t| ops::linear_cross_entropy(&t[0], &t[1], &tg, &opts));
+    let h = input(&mut rng, &[rows, d], Role::Param);
+    let w = input(&mut rng, &[vocab, d], Role::Bf16);
+    check("linear_cross_entropy (bf16 head)", dev, &[h, w], BF16_TOL, &move |t| ops::linear_cross_entropy(&t[0], &t[1], &targets, &CeOptions::default()));
+}
+
+fn adapter_body(dev: Device) {
+    let mut rng = SplitMix::new(8);
+    let (nr, m, n, r, k) = (21, 40, 36, 4, 6);
+    for wrole in [Role::Const, Role::Bf16] {
+        let tol = if wrole == Role::Bf16 { BF16_TOL } else { F32_TOL };
+        let mk = |rng: &mut SplitMix| {
+            vec![input(rng, &[nr, n], Role::Param), input(rng, &[m, n], wrole), input(rng, &[r, n], Role::Param), input(rng, &[m, r], Role::Param)]
+        };
+        let drop = Some(Dropout { p: 0.25, seed: 99 });
+        check("lora_linear + dropout", dev, &mk(&mut rng), tol, &move |t| ops::adapter_linear(&t[0], &t[1], Spectral::None, &t[2], &t[3], 1.5, drop));
+        let mut ins = mk(&mut rng);
+        ins.push(input(&mut rng, &[k], Role::Param));
+        let rows = SpecRows::Indices(vec![3, 0, 17, 39, 8, 21]);
+        check("speclora_linear", dev, &ins, tol, &move |t| {
+            ops::adapter_linear(&t[0], &t[1], Spectral::Rows { d: &t[4], rows: &rows }, &t[2], &t[3], 2.0, None)
+        });
+        let mut ins = mk(&mut rng);
+        ins.extend([
+            input(&mut rng, &[k], Role::Param),
+            input(&mut rng, &[m, k], Role::Const),
+            input(&mut rng, &[k], Role::Const),
+            input(&mut rng, &[n, k], Role::Const),
+        ]);
+        check("speclora_svd_linear + dropout", dev, &ins, tol, &move |t| {
+            ops::adapter_linear(&t[0], &t[1], Spectral::Svd { d: &t[4], u: &t[5], sigma: &t[6], v: &t[7] }, &t[2], &t[3], 0.5, drop)
+        });
+    }
+}
+
+fn adamw_body(dev: Device) {
+    // Three AdamW steps on the device and on the CPU from the same values and gradients.
+    let mut rng = SplitMix::new(9);
+    let p0: Vec<f32> = rng.vec(1000, -1.0, 1.0).iter().map(|&v| v as f32).collect();
+    let gs: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(1000, -1.0, 1.0).iter().map(|&v| v as f32).collect()).collect();
+    let cfg = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
+    let step = |d: Device| -> Vec<f64> {
+        let p = Tensor::from_vec(p0.clone(), [1000]).unwrap().param().unwrap().to_device(d).unwrap();
+        let mut opt = AdamW::new(std::slice::from_ref(&p), cfg.clone()).unwrap();
+        for g in &gs {
+            let x = Tensor::from_vec(g.clone(), [1000]).unwrap().to_device(d).unwrap();
+            let y = ops::mul(&p, &x).unwrap();
+            let grads = spectune::backward(&ops::sum(&y).unwrap()).unwrap();
+            opt.step(&grads, 1e-2).unwrap();
+        }
+        p.to_vec_f64()
+    };
+    let e = rel_err(&step(dev), &step(Device::Cpu));
+    assert!(e <= F32_TOL, "adamw on {dev}: relative error {e:.3e}");
+}
+
+/// 20 AdamW steps of a tiny Llama with `method` adapters: the losses on `dev` (bf16 frozen
+/// weights) follow the CPU's (the same bf16 weights read in f32) within bf16 tolerance.
+fn tiny_llama_training_body(dev: Device, method: Method) {
+    let cfg = common::tiny_config(97, true);
+    let mut base = Llama::random(cfg, DType::F32, 11).unwrap();
+    base.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, &method, 5).unwrap();
+    let cpu = base.to_device(Device::Cpu, DType::F32).unwrap();
+    // Round the CPU model's frozen matrices to bf16 too, so both runs see the same weights.
+    let cpu = round_frozen_bf16(cpu);
+    let gpu = cpu.to_device(dev, DType::BF16).unwrap();
+    let (b, t) = (2, 24);
+    let ids: Vec<u32> = (0..b * t).map(|i| (i * 31 % 97) as u32).collect();
+    let targets: Vec<i64> = (0..b * t).map(|i| ((i * 31 + 31) % 97) as i64).collect();
+    let train = |model: &Llama| -> Vec<f64> {
+        let params = model.trainable_params();
+        let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
+        (0..20)
+            .map(|_| {
+                let loss = model.loss(&ids, &targets, b, t, None, &CeOptions::default()).unwrap();
+                let l = loss.item().unwrap();
+                let grads = spectune::backward(&loss).unwrap();
+                opt.step(&grads, 5e-3).unwrap();
+                l
+            })
+            .collect()
+    };
+    let (lc, lg) = (train(&cpu), train(&gpu));
+    for (i, (a, b)) in lg.iter().zip(&lc).enumerate() {
+        assert!((a - b).abs() <= BF16_TOL * b.abs(), "{method:?} step {i}: loss on {dev} {a} vs cpu {b}");
+    }
+    assert!(lc[19] < lc[0] - 0.1, "the run must train: {lc:?}");
+    println!("{method:?}: cpu {:?}\n{dev}: {:?}", lc, lg);
+}
+
+fn round_frozen_bf16(m: Llama) -> Llama {
+    let r = |t: &Tensor| t.to_device_as(Device::Cpu, DType::BF16).unwrap();
+    let mut m = m;
+    m.embed = r(&m.embed);
+    for l in &mut m.layers {
+        for t in Target::ALL {
+            let lin = l.linear_mut(t);
+            lin.weight = r(&lin.weight);
+        }
+    }
+    m
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests: each body on the CPU, and on CUDA where a GPU is present.
+
+macro_rules! backend_tests {
+    ($($name:ident => $body:expr;)*) => {
+        mod cpu {
+            use super::*;
+            $(#[test] fn $name() { $body(Device::Cpu) })*
+        }
+        mod cuda {
+            use super::*;
+            $(
+                #[test]
+                #[cfg_attr(not(feature = "cuda"), ignore = "built without --features cuda")]
+                #[cfg_attr(feature = "cuda", ignore = "needs a CUDA GPU: run cuda/gpu-test.sh (cargo test --features cuda -- --ignored)")]
+                fn $name() {
+                    Device::Cuda.ensure_available().expect("a CUDA device");
+                    $body(Device::Cuda)
+                }
+            )*
+        }
+    };
+}
+
+backend_tests! {
+    matmul => matmul_body;
+    elementwise => elementwise_body;
+    norm => norm_body;
+    rope => rope_body;
+    attention => attention_body;
+    embedding => embedding_body;
+    loss => loss_body;
+    adapter => adapter_body;
+    adamw => adamw_body;
+    tiny_llama_lora_training => |d| tiny_llama_training_body(d, Method::Lora);
+    tiny_llama_speclora_training => |d| tiny_llama_training_body(d, Method::SpecLora { k: 8, by_norm: false });
+}
