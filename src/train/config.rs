@@ -203,10 +203,8 @@ impl TrainArgs {
         if seq_len < 2 {
             return Err(bad("seq-len", format!("must be at least 2, got {seq_len}")));
         }
-        let device = self.device.clone().unwrap_or_else(|| "cpu".into());
-        if device != "cpu" {
-            return Err(bad("device", format!("`{device}` is not available in this build (the CUDA backend is not built yet); use cpu")));
-        }
+        let device = crate::device::Device::parse(self.device.as_deref().unwrap_or("cpu")).map_err(|e| bad("device", e.to_string()))?;
+        device.ensure_available().map_err(|e| bad("device", e.to_string()))?;
         if let Some(f) = self.eval_fraction {
             if !(0.0..1.0).contains(&f) {
                 return Err(bad("eval-fraction", format!("must be in [0, 1), got {f}")));
@@ -236,6 +234,7 @@ impl TrainArgs {
             out: self.out.clone().unwrap_or_else(|| PathBuf::from("spectune-out")),
             resume: self.resume.clone(),
             checkpointing: self.checkpointing.unwrap_or(false),
+            device,
             threads: self.threads,
         })
     }
@@ -267,6 +266,8 @@ pub struct TrainSettings {
     pub out: PathBuf,
     pub resume: Option<PathBuf>,
     pub checkpointing: bool,
+    /// Where the step runs; on `cuda` frozen matrices are uploaded once as bf16.
+    pub device: crate::device::Device,
     pub threads: Option<usize>,
 }
 

@@ -122,6 +122,13 @@ pub fn run(s: &TrainSettings, p: &mut Prepared, progress: bool, log: &mut dyn Fn
             (optimizer_for(model, ocfg)?, 0)
         }
     };
+    if s.device != crate::device::Device::Cpu {
+        // Upload once: frozen matrices as bf16, adapters (and the optimizer state) as f32.
+        let state = opt.state();
+        *model = model.to_device(s.device, DType::BF16)?;
+        opt = optimizer_for(model, ocfg)?;
+        opt.load_state(&state)?;
+    }
     let trainable: usize = model.trainable_params().iter().map(|t| t.numel()).sum();
     let per_epoch = p.train.batches_per_epoch().div_ceil(s.grad_accum) as u64;
     let total = s.steps.unwrap_or(((s.epochs * per_epoch as f64).ceil() as u64).max(1));
