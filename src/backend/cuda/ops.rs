@@ -753,6 +753,7 @@ fn filled(shape: Shape, v: f32, op: &str) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------
 // loss
 
+#[allow(clippy::too_many_arguments)]
 fn ce_rows(op: &str, logits: u64, lse: u64, loss: u64, targets: u64, ignore: i64, rows: usize, vocab: usize) -> Result<()> {
     launch(
         "ce_fwd",
@@ -893,6 +894,7 @@ fn dropout_apply(out: u64, x: u64, n: usize, dr: Dropout, accumulate: bool, op: 
         || format!("{op}: dropout on {n} elements"),
     )
 }
+#[allow(clippy::too_many_arguments)]
 fn gather_scale_cols(z: u64, zk: u64, d: u64, idx: u64, rows: usize, m: usize, k: usize, op: &str) -> Result<()> {
     launch(
         "gather_scale_cols",
