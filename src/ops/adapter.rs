@@ -449,7 +449,7 @@ impl Backward for AdapterBwd {
                 }
             }
             // Residual: dX −= s·(dY·B0)·A0 (the residual branch sees the un-dropped X).
-            if let (Some((a0, b0)), Some(dxt)) = (&self.residual, dx.take()) {
+            if let (Some((a0, b0)), Some(dxt)) = (&self.residual, dx.as_ref()) {
                 let r0 = a0.dims()[0];
                 let mut g0 = vec![T::ZERO; nrows * r0];
                 cpu::gemm(&mut g0, &gy, &vals::<T>(&b0.read()), nrows, m, r0, false, false, T::ONE, T::ZERO);
