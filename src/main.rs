@@ -31,6 +31,14 @@ enum Method {
     Speclora,
     #[value(name = "speclora-svd")]
     SpecloraSvd,
+    #[value(name = "spectral-a")]
+    SpectralA,
+    #[value(name = "spectral-r")]
+    SpectralR,
+    Pissa,
+    Milora,
+    Dora,
+    Full,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -278,6 +286,12 @@ fn train_tiny(
         Method::Lora => AdapterMethod::Lora,
         Method::Speclora => AdapterMethod::SpecLora { k, by_norm: false },
         Method::SpecloraSvd => AdapterMethod::SpecLoraSvd { k },
+        Method::SpectralA => AdapterMethod::SpectralA { block: 0 },
+        Method::SpectralR => AdapterMethod::SpectralR { block: 0 },
+        Method::Pissa => AdapterMethod::Pissa,
+        Method::Milora => AdapterMethod::Milora,
+        Method::Dora => AdapterMethod::Dora,
+        Method::Full => AdapterMethod::Full,
     };
     model.attach_adapters(&Target::ALL, &LoraConfig { rank, alpha, rslora: false, dropout: 0.0 }, &adapter, seed + 1)?;
     let params = model.trainable_params();
@@ -291,11 +305,7 @@ fn train_tiny(
     println!(
         "model: {layers} layers, hidden {hidden}, {heads}/{kv_heads} heads, {} frozen weights; method {}: {trainable} trainable values, optimizer state {} values",
         frozen,
-        match method {
-            Method::Lora => "lora",
-            Method::Speclora => "speclora",
-            Method::SpecloraSvd => "speclora-svd",
-        },
+        adapter.name(),
         opt.state_numel()
     );
     // A fixed batch of a repeating pattern: memorizing it drives the loss down.

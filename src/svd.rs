@@ -7,6 +7,12 @@
 //!   Y = W·Ω (Ω [n, l] Gaussian), Q = orth(Y); repeat q times: Q = orth(W·orth(Wᵀ·Q));
 //!   B = Qᵀ·W [l, n] = Ũ Σ Vᵀ;  U ≈ Q·Ũ.
 //! Each power iteration sharpens the decay (σ_i/σ_{l+1})^(2q+1). Deterministic given the seed.
+//!
+//! The bottom-k triplets ([`bottom_k_svd`], MiLoRA's init) have no cheap randomized form (a
+//! range finder sees the top of the spectrum first), so they come from the exact thin SVD: the
+//! weight is read once into an f64 m×n buffer, at init only. Every returned triplet has a fixed
+//! sign convention ([`normalize_signs`]): the largest-magnitude entry of each u column is
+//! positive, so the exact and the randomized paths store the same factors.
 
 use faer::Mat;
 
@@ -15,8 +21,8 @@ use crate::error::{Error, Result};
 use crate::gradcheck::SplitMix;
 use crate::tensor::Tensor;
 
-/// The top-k singular triplets of an m×n matrix, row-major: u [m, k], s [k] (descending),
-/// v [n, k], so W ≈ u·diag(s)·vᵀ.
+/// k singular triplets of an m×n matrix (the top k, or a block of them), row-major:
+/// u [m, k], s [k] (descending), v [n, k], so the block is u·diag(s)·vᵀ.
 #[derive(Clone, Debug)]
 pub struct TopSvd {
     pub m: usize,
@@ -96,7 +102,7 @@ pub fn top_k_svd(w: &Tensor, k: usize, power_iters: usize, seed: u64) -> Result<
         let mut a = vec![0.0; m * n];
         g.read_into(0, &mut a);
         let (u, s, v) = thin_svd(&a, m, n)?;
-        return Ok(truncate(u, s, v, m, n, r, k));
+        return Ok(columns(u, s, v, m, n, r, 0, k));
     }
     // Ωᵀ [l, n], Gaussian by Box–Muller.
     let mut rng = SplitMix::new(seed);
@@ -123,11 +129,60 @@ pub fn top_k_svd(w: &Tensor, k: usize, power_iters: usize, seed: u64) -> Result<
     let (ub, s, v) = thin_svd(&zt, l, n)?;
     let mut u = vec![0.0; m * l];
     cpu::gemm(&mut u, &q, &ub, m, l, l, false, false, 1.0, 0.0);
-    Ok(truncate(u, s, v, m, n, l, k))
+    Ok(columns(u, s, v, m, n, l, 0, k))
 }
 
-/// Keeps the first k of r columns.
-fn truncate(u: Vec<f64>, s: Vec<f64>, v: Vec<f64>, m: usize, n: usize, r: usize, k: usize) -> TopSvd {
-    let cols = |a: &[f64], rows: usize| -> Vec<f64> { (0..rows).flat_map(|i| a[i * r..i * r + k].iter().copied()).collect() };
-    TopSvd { m, n, k, u: cols(&u, m), s: s[..k].to_vec(), v: cols(&v, n) }
+/// The bottom-k singular triplets of a frozen matrix w [m, n] (any stored dtype): triplets
+/// r−k … r−1 of the r = min(m, n), in descending order. Exact (thin SVD of the whole matrix,
+/// read once into f64 — m·n·8 bytes, at init only) and deterministic.
+pub fn bottom_k_svd(w: &Tensor, k: usize) -> Result<TopSvd> {
+    const OP: &str = "bottom_k_svd";
+    if w.dims().len() != 2 {
+        return Err(Error::shape(OP, "w", "[m, n]", w.shape()));
+    }
+    let (m, n) = (w.dims()[0], w.dims()[1]);
+    let r = m.min(n);
+    if k == 0 || k > r {
+        return Err(Error::invalid(OP, format!("k = {k} must be in 1..={r} for a {m}×{n} matrix")));
+    }
+    let mut a = vec![0.0; m * n];
+    w.read().read_into(0, &mut a);
+    let (u, s, v) = thin_svd(&a, m, n)?;
+    Ok(columns(u, s, v, m, n, r, r - k, k))
+}
+
+/// Singular triplets `start … start+k−1` of w [m, n] (block j of size r is start = j·r): the
+/// top start+k triplets by [`top_k_svd`] (same seed and power iterations), sliced.
+pub fn svd_block(w: &Tensor, start: usize, k: usize, power_iters: usize, seed: u64) -> Result<TopSvd> {
+    let top = top_k_svd(w, start + k, power_iters, seed)?;
+    let r = top.k;
+    Ok(columns(top.u, top.s, top.v, top.m, top.n, r, start, k))
+}
+
+/// Keeps columns start … start+k−1 of r, with the sign convention applied.
+#[allow(clippy::too_many_arguments)]
+fn columns(u: Vec<f64>, s: Vec<f64>, v: Vec<f64>, m: usize, n: usize, r: usize, start: usize, k: usize) -> TopSvd {
+    let cols = |a: &[f64], rows: usize| -> Vec<f64> { (0..rows).flat_map(|i| a[i * r + start..i * r + start + k].iter().copied()).collect() };
+    let mut t = TopSvd { m, n, k, u: cols(&u, m), s: s[start..start + k].to_vec(), v: cols(&v, n) };
+    normalize_signs(&mut t);
+    t
+}
+
+/// Singular vectors are defined up to a joint sign flip of (u_j, v_j). This fixes it: the entry
+/// of largest |value| in each u column (the first such on ties) is made positive.
+pub fn normalize_signs(t: &mut TopSvd) {
+    let k = t.k;
+    for j in 0..k {
+        let mut best = (0.0f64, 0usize);
+        for i in 0..t.m {
+            let a = t.u[i * k + j].abs();
+            if a > best.0 {
+                best = (a, i);
+            }
+        }
+        if t.u[best.1 * k + j] < 0.0 {
+            (0..t.m).for_each(|i| t.u[i * k + j] = -t.u[i * k + j]);
+            (0..t.n).for_each(|i| t.v[i * k + j] = -t.v[i * k + j]);
+        }
+    }
 }

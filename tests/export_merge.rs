@@ -109,9 +109,10 @@ fn check_export(m: &Llama, fresh: &mut Llama, lora: &LoraConfig, expect_rank: us
     assert_eq!(c["r"], expect_rank as u64);
     assert_eq!(c["use_rslora"], false);
     assert!(c["rank_pattern"].as_object().unwrap().is_empty());
-    // The common scale α'/R is the adapters' own scale.
+    // The common scale α'/R is the adapters' own scale (1 for the Spectral methods, which have none).
+    let want_s = m.layers.iter().flat_map(|l| Target::ALL.map(|t| l.linear(t).adapter.as_ref())).flatten().next().unwrap().scale().map_or(1.0, |_| lora.scale());
     let s = c["lora_alpha"].as_f64().unwrap() / expect_rank as f64;
-    assert!((s - lora.scale()).abs() < 1e-12 * lora.scale(), "{what}: scale {s} vs {}", lora.scale());
+    assert!((s - want_s).abs() < 1e-12 * want_s, "{what}: scale {s} vs {want_s}");
     // Only lora_A / lora_B tensors, all [R, in] / [out, R].
     let bytes = std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -172,18 +173,28 @@ fn export_every_method_to_plain_lora_f32() {
 fn export_on_a_bf16_base_and_a_subset_of_targets() {
     let c = cfg(40, true, true);
     let lora = LoraConfig { rank: 4, alpha: 16.0, rslora: false, dropout: 0.0 };
-    for method in [Method::SpecLora { k: 5, by_norm: true }, Method::SpecLora { k: 7, by_norm: false }, Method::SpecLoraSvd { k: 6 }] {
+    for method in [
+        Method::SpecLora { k: 5, by_norm: true },
+        Method::SpecLora { k: 7, by_norm: false },
+        Method::SpecLoraSvd { k: 6 },
+        Method::Pissa,
+        Method::SpectralA { block: 0 },
+        Method::SpectralR { block: 1 },
+    ] {
         let base = bf16_model(c.clone(), 21);
         assert_eq!(base.layers[0].q.weight.dtype(), DType::BF16);
         let mut m = base.clone();
         m.attach_adapters(&[Target::Q, Target::V, Target::Down], &lora, &method, 22).unwrap();
         perturb(&m, 23);
         let mut fresh = base.clone();
-        let k = match method {
-            Method::SpecLora { k, .. } | Method::SpecLoraSvd { k } => k,
-            Method::Lora => 0,
+        // r + k for SpecLoRA; 2r for PiSSA ([A | A0]) and Spectral^A ([ΔU | U]); r for Spectral^R.
+        let rank = match method {
+            Method::SpecLora { k, .. } | Method::SpecLoraSvd { k } => 4 + k,
+            Method::Pissa | Method::SpectralA { .. } => 8,
+            Method::SpectralR { .. } => 4,
+            _ => unreachable!("not in the list above"),
         };
-        check_export(&m, &mut fresh, &lora, 4 + k, &format!("bf16 {method:?}"));
+        check_export(&m, &mut fresh, &lora, rank, &format!("bf16 {method:?}"));
     }
 }
 

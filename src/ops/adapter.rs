@@ -4,6 +4,8 @@
 //! - SpecLoRA:      y = x·(Γ ⊙ W)ᵀ + s·(x·Aᵀ)·Bᵀ, Γ[i, :] = d_j for the j-th selected row i, else 1
 //! - SpecLoRA-SVD:  y = x·Wᵀ + ((x·V) ⊙ (d − 1) ⊙ σ)·Uᵀ + s·(x·Aᵀ)·Bᵀ, with the frozen top-k SVD
 //!   factors U [m, k], σ [k], V [n, k] of W, i.e. W' = W + U·diag((d − 1) ⊙ σ)·Vᵀ
+//! - PiSSA / MiLoRA: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ − s·(x·A0ᵀ)·B0ᵀ with the frozen initial factors
+//!   A0 [r0, n], B0 [m, r0], i.e. the residual base W − s·B0·A0 is never formed densely
 //!
 //! Invariant (tests/frozen.rs): the backward returns dX, dA, dB and dd only. W is frozen — an
 //! adapter op refuses a W that requires grad — and no m×n buffer is ever allocated for it: Γ ⊙ W
@@ -64,7 +66,7 @@ pub struct Dropout {
 impl Dropout {
     /// The multiplier of element `i`: 0 (dropped) or 1/(1 − p).
     #[inline]
-    fn factor(&self, i: usize) -> f64 {
+    pub(crate) fn factor(&self, i: usize) -> f64 {
         let mut z = self.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -87,12 +89,15 @@ pub enum Spectral<'a> {
     Rows { d: &'a Tensor, rows: &'a SpecRows },
     /// SpecLoRA-SVD: W + U·diag((d − 1) ⊙ σ)·Vᵀ with frozen u [m, k], sigma [k], v [n, k].
     Svd { d: &'a Tensor, u: &'a Tensor, sigma: &'a Tensor, v: &'a Tensor },
+    /// PiSSA / MiLoRA: the frozen residual correction −s·B0·A0 with a0 [r0, n], b0 [m, r0]
+    /// (the initial LoRA factors), so that the base seen by the LoRA branch is W − s·B0·A0.
+    Residual { a0: &'a Tensor, b0: &'a Tensor },
 }
 
 impl<'a> Spectral<'a> {
     fn d(&self) -> Option<&'a Tensor> {
         match *self {
-            Spectral::None => None,
+            Spectral::None | Spectral::Residual { .. } => None,
             Spectral::Rows { d, .. } | Spectral::Svd { d, .. } => Some(d),
         }
     }
@@ -101,6 +106,7 @@ impl<'a> Spectral<'a> {
             Spectral::None => "lora_linear",
             Spectral::Rows { .. } => "speclora_linear",
             Spectral::Svd { .. } => "speclora_svd_linear",
+            Spectral::Residual { .. } => "pissa_linear",
         }
     }
 }
@@ -119,6 +125,14 @@ pub fn speclora_linear(x: &Tensor, w: &Tensor, d: &Tensor, rows: &SpecRows, a: &
 #[allow(clippy::too_many_arguments)]
 pub fn speclora_svd_linear(x: &Tensor, w: &Tensor, d: &Tensor, u: &Tensor, sigma: &Tensor, v: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     adapter_linear(x, w, Spectral::Svd { d, u, sigma, v }, a, b, scale, None)
+}
+
+/// PiSSA / MiLoRA on a frozen W: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ − s·(x·A0ᵀ)·B0ᵀ, with frozen
+/// a0 [r0, n], b0 [m, r0]. At A = A0, B = B0 the two branches cancel exactly (each product is
+/// formed on its own and their difference is taken before it is added to x·Wᵀ).
+#[allow(clippy::too_many_arguments)]
+pub fn pissa_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, a0: &Tensor, b0: &Tensor, scale: f64) -> Result<Tensor> {
+    adapter_linear(x, w, Spectral::Residual { a0, b0 }, a, b, scale, None)
 }
 
 /// The general adapter linear: LoRA plus an optional spectral part, with optional dropout on the
@@ -167,6 +181,19 @@ pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Spectral<'_>, a: &Tensor, b:
                 check_dtype(op, name, t, dt, false)?;
                 if t.requires_grad() {
                     return Err(Error::invalid(op, format!("the SVD factor {name} must be frozen (it is stored with the adapter, never trained)")));
+                }
+            }
+            None
+        }
+        Spectral::Residual { a0, b0 } => {
+            if a0.dims().len() != 2 || a0.dims()[1] != n || a0.dims()[0] == 0 {
+                return Err(Error::shape(op, "a0", format!("[r0, {n}]"), a0.shape()));
+            }
+            check_shape_eq(op, "b0", b0, &[m, a0.dims()[0]])?;
+            for (name, t) in [("a0", a0), ("b0", b0)] {
+                check_dtype(op, name, t, dt, false)?;
+                if t.requires_grad() {
+                    return Err(Error::invalid(op, format!("the residual factor {name} must be frozen (it is stored with the adapter, never trained)")));
                 }
             }
             None
@@ -227,7 +254,22 @@ pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Spectral<'_>, a: &Tensor, b:
         let xa: &[T] = xd.as_deref().unwrap_or(&xv);
         let mut h = vec![T::ZERO; nrows * r];
         cpu::gemm(&mut h, xa, &vals::<T>(&ag), nrows, n, r, false, true, T::ONE, T::ZERO);
-        cpu::gemm(&mut y, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::from_f64(s), T::ONE);
+        match spec {
+            // Residual: T1 = H·Bᵀ and T0 = (X·A0ᵀ)·B0ᵀ separately, then Y += s·(T1 − T0), so that
+            // A = A0, B = B0 (the PiSSA init, no dropout) gives exact zeros.
+            Spectral::Residual { a0, b0 } => {
+                let r0 = a0.dims()[0];
+                let mut t1 = vec![T::ZERO; nrows * m];
+                cpu::gemm(&mut t1, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::ONE, T::ZERO);
+                let mut h0 = vec![T::ZERO; nrows * r0];
+                cpu::gemm(&mut h0, &xv, &vals::<T>(&a0.read()), nrows, n, r0, false, true, T::ONE, T::ZERO);
+                let mut t0 = vec![T::ZERO; nrows * m];
+                cpu::gemm(&mut t0, &h0, &vals::<T>(&b0.read()), nrows, r0, m, false, true, T::ONE, T::ZERO);
+                let st = T::from_f64(s);
+                y.iter_mut().zip(t1.iter().zip(&t0)).for_each(|(y, (t1, t0))| *y += st * (*t1 - *t0));
+            }
+            _ => cpu::gemm(&mut y, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::from_f64(s), T::ONE),
+        }
         Ok((out(y, Shape::new(out_dims.clone())), out(h, [nrows, r]), zk, xd.map(|v| out(v, [nrows, n])), pk))
     })?;
     let inputs: Vec<&Tensor> = match spec.d() {
@@ -255,6 +297,10 @@ pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Spectral<'_>, a: &Tensor, b:
             zk: zk.filter(|_| nd),
             idx,
             svd,
+            residual: match spec {
+                Spectral::Residual { a0, b0 } if nx => Some((a0.detach(), b0.detach())),
+                _ => None,
+            },
             pk: pk.filter(|_| nd),
             has_d,
             dims,
@@ -288,6 +334,8 @@ struct AdapterBwd {
     idx: Option<Vec<usize>>,
     /// SVD form: the factors and d (for dX and dd), and P = X·V (for dd).
     svd: Option<SvdSaved>,
+    /// PiSSA / MiLoRA: the frozen A0, B0 (for dX).
+    residual: Option<(Tensor, Tensor)>,
     pk: Option<Tensor>,
     has_d: bool,
     dims: LinDims,
@@ -409,6 +457,15 @@ impl Backward for AdapterBwd {
                     cpu::gemm(&mut dxv, &qc, &vals::<T>(&sv.v.read()), nrows, k, n, false, true, T::ONE, T::ONE);
                     dx = Some(out(dxv, self.x_shape.clone()));
                 }
+            }
+            // Residual: dX −= s·(dY·B0)·A0 (the residual branch sees the un-dropped X).
+            if let (Some((a0, b0)), Some(dxt)) = (&self.residual, dx.as_ref()) {
+                let r0 = a0.dims()[0];
+                let mut g0 = vec![T::ZERO; nrows * r0];
+                cpu::gemm(&mut g0, &gy, &vals::<T>(&b0.read()), nrows, m, r0, false, false, T::ONE, T::ZERO);
+                let mut dxv = dxt.to_vec::<T>();
+                cpu::gemm(&mut dxv, &g0, &vals::<T>(&a0.read()), nrows, r0, n, false, false, -st, T::ONE);
+                dx = Some(out(dxv, self.x_shape.clone()));
             }
             Ok(if self.has_d { vec![dx, dd, da, db] } else { vec![dx, da, db] })
         })

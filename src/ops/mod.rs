@@ -8,6 +8,7 @@
 
 mod adapter;
 mod attention;
+mod dora;
 mod elementwise;
 mod embedding;
 mod loss;
@@ -15,8 +16,10 @@ mod matmul;
 mod norm;
 mod reduce;
 mod rope;
+mod spectral;
 
-pub use adapter::{adapter_linear, lora_linear, speclora_linear, speclora_svd_linear, Dropout, SpecRows, Spectral};
+pub use adapter::{adapter_linear, lora_linear, pissa_linear, speclora_linear, speclora_svd_linear, Dropout, SpecRows, Spectral};
+pub use dora::{dora_linear, dora_merged, dora_row_norms, row_norms2};
 pub use attention::{attention, AttnOptions};
 pub use elementwise::{add, mul, scale, silu, swiglu};
 pub use embedding::embedding;
@@ -25,6 +28,7 @@ pub use matmul::{linear, matmul};
 pub use norm::rms_norm;
 pub use reduce::{mean, sum};
 pub use rope::{rope, Rope};
+pub use spectral::{cayley, cayley_f64, spectral_a_linear, spectral_r_linear};
 
 use std::borrow::Cow;
 

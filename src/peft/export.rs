@@ -73,7 +73,8 @@ pub const EXPORT_FORMATS: [&str; 1] = ["peft-lora"];
 /// What [`export_peft_lora`] wrote.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExportSummary {
-    /// The original LoRA rank r.
+    /// The original LoRA rank r (for PiSSA/MiLoRA and the Spectral methods: the rank of the
+    /// first module's exact update factors, 2r or r).
     pub lora_rank: usize,
     /// The exported uniform rank R = r + max k (= r for plain LoRA).
     pub rank: usize,
@@ -83,7 +84,7 @@ pub struct ExportSummary {
     pub modules: usize,
     /// Modules whose rank r + k is below R and were zero-padded.
     pub padded_modules: usize,
-    /// "lora", "speclora" or "speclora-svd".
+    /// The method's name ([`Method::name`](crate::peft::Method::name)).
     pub method: &'static str,
 }
 
@@ -118,8 +119,28 @@ fn row_indices(rows: &SpecRows, out_f: usize) -> Result<Vec<usize>> {
 fn factors(lin: &Linear, ad: &Adapter, s_common: f64) -> Result<Factors> {
     const OP: &str = "export_peft_lora";
     let (out_f, in_f) = (lin.out_features(), lin.in_features());
+    // PiSSA/MiLoRA, Spectral^A/R: the update is scale·B'·A' exactly; exported as s'·B'·A'' with
+    // A'' = A'·(scale/s') (A' unchanged when the scales agree, as for PiSSA).
+    if let Some((bp, ap, q, scale)) = ad.delta_factors() {
+        if bp.len() != out_f * q || ap.len() != q * in_f {
+            return Err(Error::shape(OP, "update factors", format!("[{out_f}, {q}] and [{q}, {in_f}]"), format!("{} and {} values", bp.len(), ap.len())));
+        }
+        let ratio = scale / s_common;
+        let a = if ratio == 1.0 { ap } else { ap.iter().map(|x| x * ratio).collect() };
+        return Ok(Factors { a, b: bp, rk: q, r: q });
+    }
     let (a, b, scale) = match ad {
         Adapter::Lora { a, b, scale, .. } | Adapter::SpecLora { a, b, scale, .. } | Adapter::SpecLoraSvd { a, b, scale, .. } => (a, b, *scale),
+        Adapter::Dora { .. } => {
+            return Err(Error::invalid(
+                OP,
+                "DoRA's update diag(mag/ν)·(W + s·B·A) − W is not low-rank, so it has no plain-LoRA form; its adapter folder is already a stock PEFT DoRA adapter (use_dora = true, lora_magnitude_vector), or merge it with `spectune merge`",
+            ))
+        }
+        Adapter::Full { .. } => {
+            return Err(Error::invalid(OP, "full fine-tuning changes W densely (not low-rank); use `spectune merge` to write the tuned checkpoint"))
+        }
+        Adapter::SpectralA { .. } | Adapter::SpectralR { .. } | Adapter::Pissa { .. } => unreachable!("handled by delta_factors above"),
     };
     let r = a.dims()[0];
     if a.dims() != [r, in_f] || b.dims() != [out_f, r] {
@@ -130,6 +151,7 @@ fn factors(lin: &Linear, ad: &Adapter, s_common: f64) -> Result<Factors> {
     // Spectral part: k rows of A'' (already divided by s') and k columns of B''.
     let (extra_a, extra_b, k): (Vec<f64>, Vec<f64>, usize) = match ad {
         Adapter::Lora { .. } => (Vec::new(), Vec::new(), 0),
+        Adapter::SpectralA { .. } | Adapter::SpectralR { .. } | Adapter::Pissa { .. } | Adapter::Dora { .. } | Adapter::Full { .. } => unreachable!("returned above"),
         Adapter::SpecLora { d, rows, .. } => {
             let idx = row_indices(rows, out_f)?;
             let dv = d.to_vec_f64();
@@ -186,11 +208,7 @@ fn factors(lin: &Linear, ad: &Adapter, s_common: f64) -> Result<Factors> {
 }
 
 fn method_name(ad: &Adapter) -> &'static str {
-    match ad {
-        Adapter::Lora { .. } => "lora",
-        Adapter::SpecLora { .. } => "speclora",
-        Adapter::SpecLoraSvd { .. } => "speclora-svd",
-    }
+    ad.method().name()
 }
 
 /// Writes the adapters of `model_with_adapters` into `out` as a plain HF PEFT LoRA (rank
@@ -210,9 +228,8 @@ pub fn export_peft_lora(model_with_adapters: &Llama, out: &Path, lora: &LoraConf
     let Some(&(_, _, _, first)) = adapted.first() else {
         return Err(Error::invalid(OP, "the model has no adapters attached"));
     };
-    let first_scale = match first {
-        Adapter::Lora { scale, .. } | Adapter::SpecLora { scale, .. } | Adapter::SpecLoraSvd { scale, .. } => *scale,
-    };
+    // The Spectral methods have no LoRA scale: their factors are exported at scale 1.
+    let first_scale = first.scale().unwrap_or(1.0);
     // s' = the adapters' own scale (A and B unchanged); 1 if that is 0 (the LoRA part is zero).
     let s_common = if first_scale.is_finite() && first_scale != 0.0 { first_scale } else { 1.0 };
     let mut method = "lora";
@@ -232,7 +249,10 @@ pub fn export_peft_lora(model_with_adapters: &Llama, out: &Path, lora: &LoraConf
         mods.push((p, lin.out_features(), lin.in_features(), f));
     }
     let lora_rank = mods[0].3.r;
-    if let Some(m) = mods.iter().find(|m| m.3.r != lora_rank) {
+    // One LoRA rank per adapter for the methods with a LoRA part (their k directions may vary);
+    // the update-factor methods (PiSSA, Spectral) may have per-module ranks (clamped r), padded.
+    let has_lora_part = matches!(method, "lora" | "speclora" | "speclora-svd");
+    if let Some(m) = mods.iter().filter(|_| has_lora_part).find(|m| m.3.r != lora_rank) {
         return Err(Error::invalid(OP, format!("{}: LoRA rank {} differs from {} (one rank per adapter)", m.0, m.3.r, lora_rank)));
     }
     let rank = mods.iter().map(|m| m.3.rk).max().unwrap_or(lora_rank);

@@ -23,6 +23,16 @@ use crate::tensor::Tensor;
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
+/// The HF name of a linear's weight (`model.layers.{i}.self_attn.q_proj.weight`): full
+/// fine-tuning saves its tuned matrices under these names.
+pub fn hf_weight_name(layer: usize, t: Target) -> String {
+    let group = match t {
+        Target::Q | Target::K | Target::V | Target::O => "self_attn",
+        _ => "mlp",
+    };
+    format!("model.layers.{layer}.{group}.{}.weight", t.hf_name())
+}
+
 fn module_prefix(layer: usize, t: Target) -> String {
     let group = match t {
         Target::Q | Target::K | Target::V | Target::O => "self_attn",
@@ -53,21 +63,26 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>, Dtype)> = BTreeMap::new();
     let mut targets: Vec<&'static str> = Vec::new();
-    let mut method = "lora";
+    let mut method: &'static str = "lora";
     let mut rows_kind = "top";
     let f32_bytes =
         |t: &Tensor| -> (Vec<usize>, Vec<u8>, Dtype) { (t.dims().to_vec(), t.to_vec_f32().iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32) };
+    let mut block: Option<usize> = None;
+    let i64_bytes = |v: &[i64]| -> (Vec<usize>, Vec<u8>, Dtype) { (vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect(), Dtype::I64) };
     for (li, layer) in model.layers.iter().enumerate() {
         for t in Target::ALL {
             let Some(ad) = &layer.linear(t).adapter else { continue };
             if !targets.contains(&t.hf_name()) {
                 targets.push(t.hf_name());
             }
+            if method != "lora" && method != ad.method().name() {
+                return Err(Error::invalid("save_adapter", format!("one method per adapter folder: found both {method} and {}", ad.method().name())));
+            }
+            method = ad.method().name();
             let p = module_prefix(li, t);
             let (a, b) = match ad {
-                Adapter::Lora { a, b, .. } => (a, b),
+                Adapter::Lora { a, b, .. } | Adapter::Pissa { a, b, .. } | Adapter::Dora { a, b, .. } => (a, b),
                 Adapter::SpecLora { d, rows, a, b, .. } => {
-                    method = "speclora";
                     tensors.insert(format!("{p}.speclora_d"), f32_bytes(d));
                     let idx: Vec<i64> = match rows {
                         SpecRows::Top(k) => (0..*k as i64).collect(),
@@ -76,18 +91,42 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
                             ix.iter().map(|&i| i as i64).collect()
                         }
                     };
-                    tensors.insert(format!("{p}.speclora_rows"), (vec![idx.len()], idx.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::I64));
+                    tensors.insert(format!("{p}.speclora_rows"), i64_bytes(&idx));
                     (a, b)
                 }
                 Adapter::SpecLoraSvd { d, u, sigma, v, a, b, .. } => {
-                    method = "speclora-svd";
                     tensors.insert(format!("{p}.speclora_d"), f32_bytes(d));
                     tensors.insert(format!("{p}.speclora_u"), f32_bytes(u));
                     tensors.insert(format!("{p}.speclora_sigma"), f32_bytes(sigma));
                     tensors.insert(format!("{p}.speclora_v"), f32_bytes(v));
                     (a, b)
                 }
+                Adapter::SpectralA { du, dv, u, sigma, v, block: bl } | Adapter::SpectralR { qu: du, qv: dv, u, sigma, v, block: bl, .. } => {
+                    let (n1, n2) = if matches!(ad, Adapter::SpectralA { .. }) { ("spectral_du", "spectral_dv") } else { ("spectral_qu", "spectral_qv") };
+                    tensors.insert(format!("{p}.{n1}"), f32_bytes(du));
+                    tensors.insert(format!("{p}.{n2}"), f32_bytes(dv));
+                    if let Adapter::SpectralR { c, .. } = ad {
+                        tensors.insert(format!("{p}.spectral_c"), f32_bytes(c));
+                    }
+                    tensors.insert(format!("{p}.spectral_u"), f32_bytes(u));
+                    tensors.insert(format!("{p}.spectral_sigma"), f32_bytes(sigma));
+                    tensors.insert(format!("{p}.spectral_v"), f32_bytes(v));
+                    tensors.insert(format!("{p}.spectral_block"), i64_bytes(&[*bl as i64]));
+                    block = Some(*bl);
+                    continue;
+                }
+                Adapter::Full { w } => {
+                    tensors.insert(hf_weight_name(li, t), f32_bytes(w));
+                    continue;
+                }
             };
+            if let Adapter::Pissa { a0, b0, .. } = ad {
+                tensors.insert(format!("{p}.pissa_A0"), f32_bytes(a0));
+                tensors.insert(format!("{p}.pissa_B0"), f32_bytes(b0));
+            }
+            if let Adapter::Dora { mag, .. } = ad {
+                tensors.insert(format!("{p}.lora_magnitude_vector"), f32_bytes(mag));
+            }
             tensors.insert(format!("{p}.lora_A.weight"), f32_bytes(a));
             tensors.insert(format!("{p}.lora_B.weight"), f32_bytes(b));
         }
@@ -114,10 +153,30 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
         "fan_in_fan_out": false,
         "inference_mode": true,
     });
-    // Plain LoRA stays a config every PEFT version accepts; SpecLoRA adapters (which stock PEFT
-    // cannot run anyway: export them with `spectune export`) say what they are.
-    if method != "lora" {
-        config["spectune"] = json!({ "method": method, "rows": rows_kind, "version": env!("CARGO_PKG_VERSION") });
+    // Plain LoRA stays a config every PEFT version accepts, and DoRA is stock PEFT DoRA
+    // (`use_dora`, `…lora_magnitude_vector`). The other methods, which stock PEFT cannot run
+    // (export them with `spectune export`, or merge them), say what they are. Full fine-tuning
+    // is not a PEFT adapter at all: no peft_type, the tuned matrices under their HF names.
+    match method {
+        "lora" => {}
+        "dora" => config["use_dora"] = json!(true),
+        _ => {
+            let mut sp = json!({ "method": method, "version": env!("CARGO_PKG_VERSION") });
+            if method == "speclora" {
+                sp["rows"] = json!(rows_kind);
+            }
+            if let Some(b) = block {
+                sp["block"] = json!(b);
+            }
+            config["spectune"] = sp;
+            if method == "full" {
+                if let Some(o) = config.as_object_mut() {
+                    for k in ["peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "fan_in_fan_out"] {
+                        o.remove(k);
+                    }
+                }
+            }
+        }
     }
     write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
     let text = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid("save_adapter", e.to_string()))?;
@@ -131,6 +190,10 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let fmt = |msg: String| Error::Format { path: cfg_path.clone(), msg };
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.clone(), source: e })?;
     let cfg: Value = serde_json::from_str(&text).map_err(|e| fmt(format!("not valid JSON: {e}")))?;
+    let sp_method = cfg.get("spectune").and_then(|v| v.get("method")).and_then(Value::as_str).map(str::to_string);
+    if sp_method.as_deref() == Some("full") {
+        return load_full(model, dir);
+    }
     if cfg.get("peft_type").and_then(Value::as_str) != Some("LORA") {
         return Err(fmt(format!("peft_type must be \"LORA\", got {}", cfg.get("peft_type").unwrap_or(&Value::Null))));
     }
@@ -176,20 +239,86 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
             Ok(t)
         }
     };
+    let use_dora = cfg.get("use_dora").and_then(Value::as_bool).unwrap_or(false);
+    let milora = sp_method.as_deref() == Some("milora");
     let mut found = 0;
     for li in 0..model.layers.len() {
         for t in Target::ALL {
             let p = module_prefix(li, t);
             let a_name = format!("{p}.lora_A.weight");
-            if !names.contains_key(&a_name) {
+            let spectral = names.contains_key(&format!("{p}.spectral_u"));
+            if !names.contains_key(&a_name) && !spectral {
                 continue;
             }
             let lin = model.layers[li].linear(t);
             let (o, i) = (lin.out_features(), lin.in_features());
-            let a = tensor(get(&a_name, &[rank, i])?, &[rank, i], true)?;
-            let b = tensor(get(&format!("{p}.lora_B.weight"), &[o, rank])?, &[o, rank], true)?;
+            if spectral {
+                let sname = format!("{p}.spectral_sigma");
+                let r = st.tensor(&sname).map_err(|_| wfmt(format!("missing tensor {sname}")))?.shape().first().copied().unwrap_or(0);
+                let bname = format!("{p}.spectral_block");
+                let bt = st.tensor(&bname).map_err(|_| wfmt(format!("missing tensor {bname}")))?;
+                if bt.dtype() != Dtype::I64 || bt.shape() != [1] {
+                    return Err(wfmt(format!("{bname}: expected I64 [1], got {:?} {:?}", bt.dtype(), bt.shape())));
+                }
+                let block = i64::from_le_bytes(bt.data()[..8].try_into().expect("8 bytes"));
+                if block < 0 || (block as usize + 1) * r > o.min(i) {
+                    return Err(wfmt(format!("{bname}: block {block} of rank {r} does not fit a [{o}, {i}] weight")));
+                }
+                let block = block as usize;
+                let u = tensor(get(&format!("{p}.spectral_u"), &[o, r])?, &[o, r], false)?;
+                let sigma = tensor(get(&sname, &[r])?, &[r], false)?;
+                let v = tensor(get(&format!("{p}.spectral_v"), &[i, r])?, &[i, r], false)?;
+                let adapter = if names.contains_key(&format!("{p}.spectral_du")) {
+                    Adapter::SpectralA {
+                        du: tensor(get(&format!("{p}.spectral_du"), &[o, r])?, &[o, r], true)?,
+                        dv: tensor(get(&format!("{p}.spectral_dv"), &[i, r])?, &[i, r], true)?,
+                        u,
+                        sigma,
+                        v,
+                        block,
+                    }
+                } else {
+                    Adapter::SpectralR {
+                        qu: tensor(get(&format!("{p}.spectral_qu"), &[r, r])?, &[r, r], true)?,
+                        qv: tensor(get(&format!("{p}.spectral_qv"), &[r, r])?, &[r, r], true)?,
+                        c: tensor(get(&format!("{p}.spectral_c"), &[r])?, &[r], true)?,
+                        u,
+                        sigma,
+                        v,
+                        block,
+                    }
+                };
+                model.layers[li].linear_mut(t).adapter = Some(adapter);
+                found += 1;
+                continue;
+            }
+            let pissa = names.contains_key(&format!("{p}.pissa_A0"));
+            // PiSSA/MiLoRA clamp r to min(out, in) per module; every other LoRA has rank r.
+            let ra = if pissa { st.tensor(&a_name).map_err(|_| wfmt(format!("missing tensor {a_name}")))?.shape().first().copied().unwrap_or(0) } else { rank };
+            if ra == 0 || ra > rank {
+                return Err(wfmt(format!("{a_name}: rank {ra} is not in 1..={rank}")));
+            }
+            let a = tensor(get(&a_name, &[ra, i])?, &[ra, i], true)?;
+            let b = tensor(get(&format!("{p}.lora_B.weight"), &[o, ra])?, &[o, ra], true)?;
             let d_name = format!("{p}.speclora_d");
-            let adapter = if names.contains_key(&format!("{p}.speclora_u")) {
+            let mag_name = format!("{p}.lora_magnitude_vector");
+            if use_dora && !names.contains_key(&mag_name) {
+                return Err(wfmt(format!("use_dora is set but {mag_name} is missing")));
+            }
+            let adapter = if pissa {
+                Adapter::Pissa {
+                    a,
+                    b,
+                    a0: tensor(get(&format!("{p}.pissa_A0"), &[ra, i])?, &[ra, i], false)?,
+                    b0: tensor(get(&format!("{p}.pissa_B0"), &[o, ra])?, &[o, ra], false)?,
+                    scale: lora.scale(),
+                    dropout,
+                    milora,
+                }
+            } else if names.contains_key(&mag_name) {
+                let wn2 = crate::ops::row_norms2(&model.layers[li].linear(t).weight)?;
+                Adapter::Dora { a, b, mag: tensor(get(&mag_name, &[o])?, &[o], true)?, wnorm2: Tensor::from_vec(wn2, [o])?, scale: lora.scale(), dropout }
+            } else if names.contains_key(&format!("{p}.speclora_u")) {
                 let k = st.tensor(&d_name).map_err(|_| wfmt(format!("missing tensor {d_name}")))?.shape().first().copied().unwrap_or(0);
                 let dv = get(&d_name, &[k])?;
                 Adapter::SpecLoraSvd {
@@ -227,7 +356,46 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
         }
     }
     if found == 0 {
-        return Err(wfmt("no lora_A/lora_B tensors for this model's layers".into()));
+        return Err(wfmt("no adapter tensors (lora_A/lora_B or spectral_*) for this model's layers".into()));
     }
     Ok(lora)
+}
+
+/// Loads a full fine-tuning folder (`spectune.method = "full"`): the tuned matrices under their
+/// HF names (`model.layers.{i}.self_attn.q_proj.weight` [out, in]) become trainable
+/// [`Adapter::Full`] copies on the matching linears. Returns the default [`LoraConfig`] (full
+/// fine-tuning has no LoRA settings).
+fn load_full(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
+    let wpath = dir.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&wpath).map_err(|e| Error::Io { path: wpath.clone(), source: e })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format { path: wpath.clone(), msg: e.to_string() })?;
+    let wfmt = |msg: String| Error::Format { path: wpath.clone(), msg };
+    let mut found = 0;
+    for li in 0..model.layers.len() {
+        for t in Target::ALL {
+            let name = hf_weight_name(li, t);
+            let Ok(tv) = st.tensor(&name) else { continue };
+            let lin = model.layers[li].linear(t);
+            let dims = [lin.out_features(), lin.in_features()];
+            if tv.shape() != dims {
+                return Err(wfmt(format!("{name}: expected shape {dims:?}, got {:?}", tv.shape())));
+            }
+            let vals: Vec<f64> = match tv.dtype() {
+                Dtype::F32 => tv.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
+                Dtype::BF16 => tv.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+                Dtype::F16 => tv.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+                other => return Err(wfmt(format!("{name}: unsupported dtype {other:?}"))),
+            };
+            let w = crate::device::with_float!(model.dtype, "load_adapter", |T| {
+                Tensor::from_vec(vals.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>(), dims.to_vec())
+            })?
+            .param()?;
+            model.layers[li].linear_mut(t).adapter = Some(Adapter::Full { w });
+            found += 1;
+        }
+    }
+    if found == 0 {
+        return Err(wfmt("no tuned matrices (model.layers.{i}.….weight) for this model's layers".into()));
+    }
+    Ok(LoraConfig::default())
 }

@@ -30,7 +30,8 @@ pub struct TrainArgs {
     /// Hold out this fraction of the training examples for evaluation (when no --eval-data).
     #[arg(long)]
     pub eval_fraction: Option<f64>,
-    /// lora | speclora | speclora-svd
+    /// lora | speclora | speclora-svd | spectral-a | spectral-r | pissa | milora | dora | full
+    /// (full: dense fine-tuning of the --targets matrices).
     #[arg(long)]
     pub method: Option<String>,
     #[arg(long)]
@@ -40,6 +41,10 @@ pub struct TrainArgs {
     /// SpecLoRA: rows (or singular directions) per weight, clamped to the weight's size.
     #[arg(long)]
     pub k: Option<usize>,
+    /// Spectral^A/R: the block of singular triplets to tune (block j = triplets j·r … (j+1)·r − 1);
+    /// adapters on different blocks can be fused with `spectune fuse`.
+    #[arg(long)]
+    pub block: Option<usize>,
     /// SpecLoRA: pick the k rows of largest norm instead of the first k.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub rows_by_norm: Option<bool>,
@@ -125,6 +130,7 @@ impl TrainArgs {
             rank,
             alpha,
             k,
+            block,
             rows_by_norm,
             targets,
             dropout,
@@ -169,8 +175,19 @@ impl TrainArgs {
             "lora" => Method::Lora,
             "speclora" => Method::SpecLora { k, by_norm: self.rows_by_norm.unwrap_or(false) },
             "speclora-svd" => Method::SpecLoraSvd { k },
-            other => return Err(bad("method", format!("unknown method `{other}` (lora, speclora, speclora-svd)"))),
+            "spectral-a" => Method::SpectralA { block: self.block.unwrap_or(0) },
+            "spectral-r" => Method::SpectralR { block: self.block.unwrap_or(0) },
+            "pissa" => Method::Pissa,
+            "milora" => Method::Milora,
+            "dora" => Method::Dora,
+            "full" => Method::Full,
+            other => {
+                return Err(bad("method", format!("unknown method `{other}` (lora, speclora, speclora-svd, spectral-a, spectral-r, pissa, milora, dora, full)")))
+            }
         };
+        if self.block.is_some() && !matches!(method, Method::SpectralA { .. } | Method::SpectralR { .. }) {
+            return Err(bad("block", format!("only applies to spectral-a and spectral-r, not {}", method.name())));
+        }
         let targets = match &self.targets {
             None => Target::ALL.to_vec(),
             Some(s) => s

@@ -135,11 +135,7 @@ pub fn run(s: &TrainSettings, p: &mut Prepared, progress: bool, log: &mut dyn Fn
     let schedule = s.schedule(total)?;
     log(format!(
         "training {} on {} linears × {} layers: {trainable} trainable values, optimizer state {} values; {total} steps of {} × {} × {} tokens",
-        match &s.method {
-            crate::peft::Method::Lora => "LoRA".to_string(),
-            crate::peft::Method::SpecLora { k, .. } => format!("SpecLoRA (k={k})"),
-            crate::peft::Method::SpecLoraSvd { k } => format!("SpecLoRA-SVD (k={k})"),
-        },
+        s.method.label(),
         s.targets.len(),
         model.layers.len(),
         opt.state_numel(),
