@@ -252,7 +252,7 @@ fn adamw_body(dev: Device) {
     let cfg = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
     let step = |d: Device| -> Vec<f64> {
         let p = Tensor::from_vec(p0.clone(), [1000]).unwrap().param().unwrap().to_device(d).unwrap();
-        let mut opt = AdamW::new(std::slice::from_ref(&p), cfg.clone()).unwrap();
+        let mut opt = AdamW::new(std::slice::from_ref(&p), cfg).unwrap();
         for g in &gs {
             let x = Tensor::from_vec(g.clone(), [1000]).unwrap().to_device(d).unwrap();
             let y = ops::mul(&p, &x).unwrap();

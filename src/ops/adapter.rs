@@ -210,6 +210,9 @@ pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Spectral<'_>, a: &Tensor, b:
         let sd = match (spec, &idx) {
             (Spectral::Rows { d, .. }, Some(idx)) => SpecDev::Rows { d, idx: idx.clone() },
             (Spectral::Svd { d, u, sigma, v }, _) => SpecDev::Svd { d, u, sigma, v },
+            (Spectral::Residual { .. }, _) => {
+                return Err(Error::Cuda { op: op.into(), msg: "PiSSA/MiLoRA's residual branch has no device kernels yet; train it on the CPU".into() })
+            }
             _ => SpecDev::None,
         };
         return dev::adapter_linear(op, x, w, sd, a, b, s, dropout, Shape::new(out_dims));

@@ -151,7 +151,9 @@ fn factors(lin: &Linear, ad: &Adapter, s_common: f64) -> Result<Factors> {
     // Spectral part: k rows of A'' (already divided by s') and k columns of B''.
     let (extra_a, extra_b, k): (Vec<f64>, Vec<f64>, usize) = match ad {
         Adapter::Lora { .. } => (Vec::new(), Vec::new(), 0),
-        Adapter::SpectralA { .. } | Adapter::SpectralR { .. } | Adapter::Pissa { .. } | Adapter::Dora { .. } | Adapter::Full { .. } => unreachable!("returned above"),
+        Adapter::SpectralA { .. } | Adapter::SpectralR { .. } | Adapter::Pissa { .. } | Adapter::Dora { .. } | Adapter::Full { .. } => {
+            unreachable!("returned above")
+        }
         Adapter::SpecLora { d, rows, .. } => {
             let idx = row_indices(rows, out_f)?;
             let dv = d.to_vec_f64();

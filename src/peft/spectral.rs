@@ -122,7 +122,10 @@ fn combine(w: &Tensor, adapters: &[&Adapter], check: bool) -> Result<Vec<f64>> {
             let other = o.block * o.r..(o.block + 1) * o.r;
             range.start < other.end && other.start < range.end
         }) {
-            return Err(Error::invalid(OP, format!("blocks overlap: block {} (r = {}) and block {} (r = {}) share singular directions", b.block, b.r, o.block, o.r)));
+            return Err(Error::invalid(
+                OP,
+                format!("blocks overlap: block {} (r = {}) and block {} (r = {}) share singular directions", b.block, b.r, o.block, o.r),
+            ));
         }
         if check {
             check_factors_belong(&wm, m, n, &b)?;
