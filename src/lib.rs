@@ -74,6 +74,7 @@ pub mod ops;
 pub mod optim;
 pub mod peft;
 pub mod shape;
+pub mod spectrum;
 pub mod storage;
 pub mod svd;
 pub mod tensor;

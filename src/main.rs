@@ -116,6 +116,38 @@ enum Cmd {
         #[arg(long)]
         synthetic: bool,
     },
+    /// Spectral analysis of a weight change (the seeds' analysis): per adapted (or changed)
+    /// linear, σ_i(W')/σ_i(W0), matched singular-vector alignment, principal angles of the top,
+    /// middle and bottom k-blocks, ‖ΔW‖; a table, optional JSON and PNG plots.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["tuned", "adapter"])))]
+    Spectrum {
+        /// The base checkpoint (.gguf, .safetensors or an HF folder).
+        #[arg(long)]
+        base: PathBuf,
+        /// A fine-tuned checkpoint of the same architecture: every linear that differs is analysed.
+        #[arg(long)]
+        tuned: Option<PathBuf>,
+        /// An adapter folder saved by `spectune train`: every adapted linear is merged into the base
+        /// (one matrix at a time) and analysed.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Block size (default: 32, or min(m, n)/3 where smaller); must not exceed any analysed
+        /// matrix's min(m, n).
+        #[arg(long)]
+        k: Option<usize>,
+        /// Comma-separated subset of q,k,v,o,gate,up,down (default: all seven).
+        #[arg(long)]
+        targets: Option<String>,
+        /// Write the full report (every per-index value) as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write PNG plots into this folder: one per module type and layers.png.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Print only the per-module-type mean rows.
+        #[arg(long)]
+        brief: bool,
+    },
     /// List a checkpoint's tensors (name, dtype, shape) and its parsed config and tokenizer.
     Inspect {
         /// A .gguf file, a .safetensors file, or an HF folder.
@@ -231,6 +263,9 @@ fn main() -> ExitCode {
         }
         Cmd::Export { adapter, format, out, model } => run_export(&adapter, format, &out, model.as_deref()),
         Cmd::Merge { model, adapter, out } => run_merge(&model, &adapter, &out),
+        Cmd::Spectrum { base, tuned, adapter, k, targets, json, plot, brief } => {
+            run_spectrum(&base, tuned, adapter, k, targets.as_deref(), json.as_deref(), plot.as_deref(), brief)
+        }
         Cmd::Inspect { path, limit } => inspect(&path, limit),
         Cmd::Generate { model, adapter, prompt, chat, system, max_tokens, greedy, temperature, top_p, seed } => {
             let opts = GenerateOptions { max_new_tokens: max_tokens, greedy, temperature, top_p, seed, stop_ids: Vec::new() };
@@ -496,5 +531,41 @@ fn run_merge(model: &Path, adapter: &Path, out: &Path) -> spectune::Result<()> {
     if s.max_abs_diff.is_nan() || s.max_abs_diff >= 1e-3 {
         eprintln!("warning: the merged model differs from the adapted one by more than 1e-3");
     }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_spectrum(
+    base: &Path,
+    tuned: Option<PathBuf>,
+    adapter: Option<PathBuf>,
+    k: Option<usize>,
+    targets: Option<&str>,
+    json: Option<&Path>,
+    plot: Option<&Path>,
+    brief: bool,
+) -> spectune::Result<()> {
+    use spectune::spectrum::{analyze, plot::write_plots, render_table, write_json, SpectrumOptions, TunedSource};
+    let source = match (tuned, adapter) {
+        (Some(t), None) => TunedSource::Checkpoint(t),
+        (None, Some(a)) => TunedSource::Adapter(a),
+        _ => return Err(spectune::Error::invalid("spectrum", "give exactly one of --tuned PATH or --adapter DIR")),
+    };
+    let targets = match targets {
+        Some(s) => spectune::train::config::parse_targets(s)?,
+        None => Target::ALL.to_vec(),
+    };
+    let t0 = Instant::now();
+    let report = analyze(base, &source, &SpectrumOptions { k, targets })?;
+    print!("{}", render_table(&report, brief));
+    if let Some(p) = json {
+        write_json(&report, p)?;
+        println!("wrote {}", p.display());
+    }
+    if let Some(dir) = plot {
+        let files = write_plots(&report, dir)?;
+        println!("wrote {} plots into {}", files.len(), dir.display());
+    }
+    eprintln!("[{} matrices in {:.1} s]", report.matrices.len(), t0.elapsed().as_secs_f64());
     Ok(())
 }

@@ -193,19 +193,7 @@ impl TrainArgs {
         }
         let targets = match &self.targets {
             None => Target::ALL.to_vec(),
-            Some(s) => s
-                .split(',')
-                .map(|t| match t.trim() {
-                    "q" | "q_proj" => Ok(Target::Q),
-                    "k" | "k_proj" => Ok(Target::K),
-                    "v" | "v_proj" => Ok(Target::V),
-                    "o" | "o_proj" => Ok(Target::O),
-                    "gate" | "gate_proj" => Ok(Target::Gate),
-                    "up" | "up_proj" => Ok(Target::Up),
-                    "down" | "down_proj" => Ok(Target::Down),
-                    other => Err(bad("targets", format!("unknown module `{other}` (q, k, v, o, gate, up, down)"))),
-                })
-                .collect::<Result<Vec<_>>>()?,
+            Some(s) => parse_targets(s)?,
         };
         let dropout = self.dropout.unwrap_or(0.0);
         if !(0.0..1.0).contains(&dropout) {
@@ -258,6 +246,22 @@ impl TrainArgs {
             threads: self.threads,
         })
     }
+}
+
+/// A comma-separated list of linears (`q,k,v,o,gate,up,down`, or their HF names `q_proj`, …).
+pub fn parse_targets(s: &str) -> Result<Vec<Target>> {
+    s.split(',')
+        .map(|t| match t.trim() {
+            "q" | "q_proj" => Ok(Target::Q),
+            "k" | "k_proj" => Ok(Target::K),
+            "v" | "v_proj" => Ok(Target::V),
+            "o" | "o_proj" => Ok(Target::O),
+            "gate" | "gate_proj" => Ok(Target::Gate),
+            "up" | "up_proj" => Ok(Target::Up),
+            "down" | "down_proj" => Ok(Target::Down),
+            other => Err(Error::invalid("train", format!("--targets: unknown module `{other}` (q, k, v, o, gate, up, down)"))),
+        })
+        .collect()
 }
 
 /// Resolved settings with defaults filled in.
