@@ -10,13 +10,16 @@
 //! - the adapter gradient norm (an error when it is 0 or not finite: such a run trains nothing),
 //!   and the loss of every step.
 //!
-//! Useful FLOPs per step, N = batch × seq_len tokens (docs/performance.md):
-//!   4·P·N            frozen matmuls (P = weights of the seven linears of every layer + the LM
-//!                    head): 2 forward + 2 for dX; a frozen weight has no dW.
-//! + 6·R·N            adapter matmuls (R = Σ r·(in + out) over adapted linears): 2 fwd, 2 dX, 2 dW.
-//! + 12·hd·nh·b·t(t+1)/2   causal attention: QKᵀ and PV forward (4·hd per visible pair), dV, dP,
-//!                    dQ, dK backward (8·hd); recomputing P in the backward earns no credit, and
-//!                    neither does activation checkpointing's second forward.
+//! Useful FLOPs per step, with N = batch × seq_len tokens (docs/performance.md):
+//!
+//! | term | what |
+//! |---|---|
+//! | 4·P·N | frozen matmuls, P = weights of the seven linears of every layer + the LM head: 2 forward + 2 for dX (a frozen weight has no dW) |
+//! | 6·R·N | adapter matmuls, R = Σ r·(in + out) over the adapted linears: 2 forward, 2 dX, 2 dW |
+//! | 12·hd·nh·b·t(t+1)/2 per layer | causal attention: QKᵀ and PV forward (4·hd per visible pair), dV, dP, dQ, dK backward (8·hd) |
+//!
+//! Recomputing P in the attention backward earns no credit, and neither does activation
+//! checkpointing's second forward.
 //!
 //! `--save-init DIR` writes the exact starting point (HF config.json + model.safetensors, the
 //! adapter in PEFT layout, the batch, the settings) for the PyTorch twin in benches/peers/, so
@@ -254,7 +257,7 @@ pub fn random_model(cfg: &LlamaConfig, storage: DType, seed: u64) -> Result<Llam
         };
         let data = match storage {
             DType::F32 => HostData::F32(random_values(seed, index, n, lo, hi, |x| x as f32)),
-            DType::BF16 => HostData::BF16(random_values(seed, index, n, lo, hi, |x| bf16::from_f64(x))),
+            DType::BF16 => HostData::BF16(random_values(seed, index, n, lo, hi, bf16::from_f64)),
             other => return Err(Error::dtype("bench", "weights", "f32 or bf16", other)),
         };
         weights.insert(name, Tensor::from_host(data, dims)?);
