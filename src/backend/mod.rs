@@ -11,3 +11,4 @@
 //! outputs with `=` unless its doc says it accumulates.
 
 pub mod cpu;
+pub mod cpu_attn;
