@@ -247,7 +247,10 @@ pub fn backward_with_seed(root: &Tensor, seed: Tensor) -> Result<GradStore> {
                 .take()
                 .ok_or_else(|| Error::Autograd(format!("the graph through '{}' was already used by a backward pass", node.name)))?;
             let needs: Vec<bool> = node.inputs.iter().map(|(e, _)| !matches!(e, Edge::None)).collect();
-            let grads = step.backward(&dy, &needs, &mut store)?;
+            let grads = {
+                let _s = crate::profile::scope("bwd", node.name);
+                step.backward(&dy, &needs, &mut store)?
+            };
             drop(step);
             drop(dy);
             if grads.len() != node.inputs.len() {
@@ -265,7 +268,10 @@ pub fn backward_with_seed(root: &Tensor, seed: Tensor) -> Result<GradStore> {
                         let k = n.key();
                         let acc = match pending.remove(&k) {
                             None => g,
-                            Some(acc) => add_grads(acc, &g)?,
+                            Some(acc) => {
+                                let _s = crate::profile::scope("bwd", "grad_accumulate");
+                                add_grads(acc, &g)?
+                            }
                         };
                         pending.insert(k, acc);
                     }

@@ -63,6 +63,7 @@
 //! ```
 pub mod autograd;
 pub mod backend;
+pub mod bench;
 pub mod device;
 pub mod dtype;
 pub mod error;
@@ -73,6 +74,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod peft;
+pub mod profile;
 pub mod shape;
 pub mod spectrum;
 pub mod storage;

@@ -80,6 +80,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Time training steps on a named model shape (random weights) or a checkpoint: median step
+    /// time, tokens/s, useful FLOP/s, peak RSS, gradient norm (see docs/performance.md).
+    Bench(Box<spectune::bench::BenchArgs>),
     /// Fine-tune adapters (LoRA, SpecLoRA, SpecLoRA-SVD) on a model: see `spectune train --help`.
     Train(Box<TrainArgs>),
     /// Held-out loss and perplexity of a model (with an optional adapter) on a data file.
@@ -251,6 +254,7 @@ fn main() -> ExitCode {
             Some(s) => run_train(&s),
             None => unreachable!("resolved above"),
         },
+        Cmd::Bench(args) => run_bench(&args),
         Cmd::Eval { model, adapter, data, seq_len, batch } => run_eval(&model, adapter.as_deref(), &data, seq_len, batch),
         Cmd::Demo { steps, batch, seq_len, eval_tokens, out, seed, synthetic } => {
             if synthetic {
@@ -445,6 +449,17 @@ fn run_generate(path: &Path, adapter: Option<&Path>, prompt: &str, chat: bool, s
     println!();
     let secs = t0.elapsed().as_secs_f64();
     eprintln!("[{} prompt tokens, {} generated in {:.1} s, {:.1} tokens/s]", ids.len(), out.len(), secs, out.len() as f64 / secs);
+    Ok(())
+}
+
+fn run_bench(args: &spectune::bench::BenchArgs) -> spectune::Result<()> {
+    if let Some(dir) = &args.save_init {
+        spectune::bench::save_init(args, dir)?;
+        eprintln!("wrote the bench starting point to {}", dir.display());
+        return Ok(());
+    }
+    let r = spectune::bench::run(args)?;
+    spectune::bench::print_report(&r, args.json);
     Ok(())
 }
 

@@ -217,22 +217,53 @@ pub fn rms_norm_bwd<T: Float>(dx: Option<&mut [T]>, dw: Option<&mut [T]>, dy: &[
 pub fn rope<T: Float>(y: &mut [T], x: &[T], pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, inverse: bool) {
     let half = hd / 2;
     let row = h * hd;
-    y.par_chunks_mut(row).zip(x.par_chunks(row)).zip(pos.par_iter()).for_each(|((y, x), &p)| {
-        let sc: Vec<(T, T)> = inv_freq
-            .iter()
-            .map(|f| {
-                let (s, c) = (p as f64 * f).sin_cos();
-                (T::from_f64(if inverse { -s } else { s }), T::from_f64(c))
-            })
-            .collect();
+    let npos = pos.iter().copied().max().map_or(0, |p| p + 1);
+    // Positions up to 64 Ki share one cached table; beyond that each row computes its own.
+    let table = (npos <= 1 << 16).then(|| rope_table(inv_freq, npos));
+    y.par_chunks_mut(row).zip(x.par_chunks(row)).zip(pos.par_iter()).with_min_len(ROW_GRAIN).for_each(|((y, x), &p)| {
+        // (sin θ, cos θ) of this position, θ = p·inv_freq[i].
+        let own: Vec<(f64, f64)>;
+        let sc = match &table {
+            Some(t) => &t[p * half..(p + 1) * half],
+            None => {
+                own = inv_freq.iter().map(|f| (p as f64 * f).sin_cos()).collect();
+                &own
+            }
+        };
+        let sc: Vec<(T, T)> = sc.iter().map(|&(s, c)| (T::from_f64(if inverse { -s } else { s }), T::from_f64(c))).collect();
         for (y, x) in y.chunks_mut(hd).zip(x.chunks(hd)) {
-            for (i, &(s, c)) in sc.iter().enumerate().take(half) {
-                let (a, b) = (x[i], x[i + half]);
-                y[i] = a * c - b * s;
-                y[i + half] = b * c + a * s;
+            let (x1, x2) = x.split_at(half);
+            let (y1, y2) = y.split_at_mut(half);
+            for i in 0..half {
+                let (s, c) = sc[i];
+                let (a, b) = (x1[i], x2[i]);
+                y1[i] = a * c - b * s;
+                y2[i] = b * c + a * s;
             }
         }
     });
+}
+
+/// The (sin, cos) table of positions 0..npos for `inv_freq` ([npos × half], f64), cached per
+/// thread: every rope call of a training step (2 per layer, forward and backward) shares it.
+fn rope_table(inv_freq: &[f64], npos: usize) -> std::sync::Arc<Vec<(f64, f64)>> {
+    use std::cell::RefCell;
+    use std::sync::Arc;
+    type Cached = (Vec<f64>, usize, Arc<Vec<(f64, f64)>>);
+    thread_local! {
+        static CACHE: RefCell<Option<Cached>> = const { RefCell::new(None) };
+    }
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some((f, n, t)) = c.as_ref() {
+            if f.as_slice() == inv_freq && *n >= npos {
+                return t.clone();
+            }
+        }
+        let t: Arc<Vec<(f64, f64)>> = Arc::new((0..npos).flat_map(|p| inv_freq.iter().map(move |f| (p as f64 * f).sin_cos())).collect());
+        *c = Some((inv_freq.to_vec(), npos, t.clone()));
+        t
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,7 +287,7 @@ pub struct AttnDims {
 impl AttnDims {
     /// Number of keys query `i` may see (before the padding mask).
     #[inline]
-    fn visible(&self, i: usize) -> usize {
+    pub(crate) fn visible(&self, i: usize) -> usize {
         if self.causal {
             (self.s - self.t + i + 1).min(self.s)
         } else {

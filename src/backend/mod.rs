@@ -11,6 +11,7 @@
 //! outputs with `=` unless its doc says it accumulates.
 
 pub mod cpu;
+pub mod cpu_attn;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 

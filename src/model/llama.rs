@@ -302,7 +302,7 @@ impl Llama {
             attn: AttnOptions { causal: true, key_mask: key_mask.map(|m| m.to_vec()), scale: None },
             seed: self.training.then_some(self.dropout_seed),
         };
-        let mut h = ops::embedding(&self.embed, ids, self.dtype)?;
+        let mut h = crate::profile::fwd("embedding", || ops::embedding(&self.embed, ids, self.dtype))?;
         for (li, layer) in self.layers.iter().enumerate() {
             h = if self.checkpointing {
                 let (layer, ctx) = (layer.clone(), ctx.clone());
@@ -311,7 +311,7 @@ impl Llama {
                 layer_forward(layer, li, &ctx, &h, None)?
             };
         }
-        ops::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
+        crate::profile::fwd("rms_norm", || ops::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps))
     }
 
     /// A copy of the model on `device`. Frozen matrices are stored as `weight_dtype` there (bf16
@@ -386,7 +386,7 @@ impl Llama {
     /// through the chunked fused LM-head loss.
     pub fn loss(&self, ids: &[u32], targets: &[i64], b: usize, t: usize, key_mask: Option<&[bool]>, opts: &CeOptions) -> Result<Tensor> {
         let h = self.hidden_states(ids, b, t, key_mask)?;
-        ops::linear_cross_entropy(&h, self.head(), targets, opts)
+        crate::profile::fwd("linear_cross_entropy", || ops::linear_cross_entropy(&h, self.head(), targets, opts))
     }
 }
 
@@ -495,12 +495,14 @@ fn layer_forward(l: &Layer, li: usize, c: &Ctx, x: &Tensor, kv: Option<&mut (Opt
     let (b, t, hd) = (c.b, c.t, cfg.head_dim);
     // A distinct dropout stream per (layer, module).
     let seed = |m: u64| c.seed.map(|s| s ^ ((li as u64) << 8 | m).wrapping_mul(0xd134_2543_de82_ef95));
-    let n = ops::rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
-    let q = ops::reshape(&l.q.forward(&n, seed(0))?, [b, t, cfg.num_attention_heads, hd])?;
-    let k = ops::reshape(&l.k.forward(&n, seed(1))?, [b, t, cfg.num_key_value_heads, hd])?;
-    let v = ops::reshape(&l.v.forward(&n, seed(2))?, [b, t, cfg.num_key_value_heads, hd])?;
-    let q = ops::rope(&q, &c.rope, &c.positions)?;
-    let mut k = ops::rope(&k, &c.rope, &c.positions)?;
+    // Forward scopes for `bench --profile` (free when profiling is off).
+    use crate::profile::fwd;
+    let n = fwd("rms_norm", || ops::rms_norm(x, &l.input_norm, cfg.rms_norm_eps))?;
+    let q = ops::reshape(&fwd("q_proj", || l.q.forward(&n, seed(0)))?, [b, t, cfg.num_attention_heads, hd])?;
+    let k = ops::reshape(&fwd("k_proj", || l.k.forward(&n, seed(1)))?, [b, t, cfg.num_key_value_heads, hd])?;
+    let v = ops::reshape(&fwd("v_proj", || l.v.forward(&n, seed(2)))?, [b, t, cfg.num_key_value_heads, hd])?;
+    let q = fwd("rope", || ops::rope(&q, &c.rope, &c.positions))?;
+    let mut k = fwd("rope", || ops::rope(&k, &c.rope, &c.positions))?;
     let mut v = v;
     if let Some((ck, cv)) = kv {
         if let (Some(pk), Some(pv)) = (ck.as_ref(), cv.as_ref()) {
@@ -510,10 +512,15 @@ fn layer_forward(l: &Layer, li: usize, c: &Ctx, x: &Tensor, kv: Option<&mut (Opt
         *ck = Some(k.clone());
         *cv = Some(v.clone());
     }
-    let a = ops::attention(&q, &k, &v, &c.attn)?;
+    let a = fwd("attention", || ops::attention(&q, &k, &v, &c.attn))?;
     let a = ops::reshape(&a, [b * t, cfg.num_attention_heads * hd])?;
-    let x = ops::add(x, &l.o.forward(&a, seed(3))?)?;
-    let n = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
-    let g = ops::swiglu(&l.gate.forward(&n, seed(4))?, &l.up.forward(&n, seed(5))?)?;
-    ops::add(&x, &l.down.forward(&g, seed(6))?)
+    let o = fwd("o_proj", || l.o.forward(&a, seed(3)))?;
+    let x = fwd("add", || ops::add(x, &o))?;
+    let n = fwd("rms_norm", || ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps))?;
+    let gate = fwd("gate_proj", || l.gate.forward(&n, seed(4)))?;
+    let up = fwd("up_proj", || l.up.forward(&n, seed(5)))?;
+    let g = fwd("swiglu", || ops::swiglu(&gate, &up))?;
+    drop((gate, up));
+    let down = fwd("down_proj", || l.down.forward(&g, seed(6)))?;
+    fwd("add", || ops::add(&x, &down))
 }

@@ -7,7 +7,8 @@
 
 use super::{check_dtype, compute_dtype, out, vals};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::cpu::{self, AttnDims};
+use crate::backend::cpu::AttnDims;
+use crate::backend::cpu_attn;
 use crate::device::with_float;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -58,7 +59,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Resu
     let (o, lse) = with_float!(dt, "attention", |T| {
         let mut o = vec![T::ZERO; q.numel()];
         let mut lse = vec![T::ZERO; b * t * nh];
-        cpu::attention_fwd(&mut o, &mut lse, &vals::<T>(&q.read()), &vals::<T>(&k.read()), &vals::<T>(&v.read()), opts.key_mask.as_deref(), d);
+        cpu_attn::attention_fwd(&mut o, &mut lse, &vals::<T>(&q.read()), &vals::<T>(&k.read()), &vals::<T>(&v.read()), opts.key_mask.as_deref(), d);
         Ok((out(o, q.shape().clone()), out(lse, [b, t, nh])))
     })?;
     let saved_o = o.detach();
@@ -83,7 +84,7 @@ impl Backward for AttentionBwd {
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         with_float!(dy.dtype(), "attention.backward", |T| {
             let (mut dq, mut dk, mut dv) = (vec![T::ZERO; self.q.numel()], vec![T::ZERO; self.k.numel()], vec![T::ZERO; self.v.numel()]);
-            cpu::attention_bwd(
+            cpu_attn::attention_bwd(
                 &mut dq,
                 &mut dk,
                 &mut dv,
