@@ -167,6 +167,8 @@ pub struct BenchReport {
     /// VmHWM at the end; covers only the steps when `peak_rss_reset` is true.
     pub peak_rss_bytes: u64,
     pub peak_rss_reset: bool,
+    /// Peak bytes held by device tensors during the steps (0 on the CPU).
+    pub peak_device_bytes: u64,
     /// VmHWM after building the model, before the reset.
     pub setup_peak_rss_bytes: u64,
     /// Global L2 norm of the adapter gradients at the last step (> 0).
@@ -359,19 +361,22 @@ fn check_args(args: &BenchArgs) -> Result<()> {
 pub fn run(args: &BenchArgs) -> Result<BenchReport> {
     check_args(args)?;
     match args.device.as_str() {
-        "cpu" => run_cpu(args),
-        "cuda" => run_cuda(args),
+        "cpu" | "cuda" => run_steps(args),
         other => Err(Error::invalid("bench", format!("unknown --device {other:?}; expected cpu or cuda"))),
     }
 }
 
-/// The CUDA bench (issue 5's backend fills this in; it also reports peak device memory).
-fn run_cuda(_args: &BenchArgs) -> Result<BenchReport> {
-    Err(Error::invalid("bench", "--device cuda: this build has no CUDA backend (build with --features cuda on a machine with the CUDA toolkit)"))
-}
 
-fn run_cpu(args: &BenchArgs) -> Result<BenchReport> {
+fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
+    let device = crate::device::Device::parse(&args.device)?;
+    device.ensure_available()?;
     let (mut model, name, weights_dtype, lora) = build_model(args)?;
+    if device != crate::device::Device::Cpu {
+        // Frozen matrices go up once, as bf16 unless --dtype f32 asked for f32.
+        let wdt = if args.dtype == "f32" { DType::F32 } else { DType::BF16 };
+        model = model.to_device(device, wdt)?;
+        crate::backend::cuda_reset_peak();
+    }
     let cfg = model.cfg.clone();
     let (b, t) = (args.batch, args.seq_len);
     if t > cfg.max_position_embeddings {
@@ -412,6 +417,7 @@ fn run_cpu(args: &BenchArgs) -> Result<BenchReport> {
             opt.step(&grads, args.lr)?;
         }
         drop(grads);
+        crate::backend::device_synchronize()?;
         let dt = t0.elapsed().as_secs_f64();
         losses.push(l);
         if timed {
@@ -465,6 +471,7 @@ fn run_cpu(args: &BenchArgs) -> Result<BenchReport> {
         peak_rss_bytes: peak,
         peak_rss_reset: reset,
         setup_peak_rss_bytes: setup_peak,
+        peak_device_bytes: crate::backend::cuda_peak_bytes() as u64,
         grad_norm,
         final_loss: *losses.last().unwrap_or(&f64::NAN),
         losses,
@@ -497,6 +504,9 @@ pub fn print_report(r: &BenchReport, json: bool) {
         r.losses.first().copied().unwrap_or(f64::NAN),
         r.final_loss
     );
+    if r.peak_device_bytes > 0 {
+        println!("peak device memory {:.0} MiB (spectune's tensors, rounded allocator blocks)", mib(r.peak_device_bytes));
+    }
     if let Some(p) = &r.profile {
         println!("{:<5} {:<22} {:>8} {:>10} {:>6}", "phase", "op", "calls", "ms/step", "%");
         for row in p {

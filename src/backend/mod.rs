@@ -28,3 +28,13 @@ pub fn cuda_peak_bytes() -> usize {
     #[cfg(not(feature = "cuda"))]
     0
 }
+
+/// Waits for queued device work (no-op on the CPU or without the `cuda` feature), so a timed
+/// step includes its kernels.
+pub fn device_synchronize() -> crate::error::Result<()> {
+    #[cfg(feature = "cuda")]
+    if cuda::available() {
+        return cuda::synchronize(|| "device_synchronize".into());
+    }
+    Ok(())
+}
