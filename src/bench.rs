@@ -366,7 +366,6 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
     }
 }
 
-
 fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
     let device = crate::device::Device::parse(&args.device)?;
     device.ensure_available()?;

@@ -267,13 +267,14 @@ fn adamw_body(dev: Device) {
 
 /// 20 AdamW steps of a tiny Llama with `method` adapters: the losses on `dev` (bf16 frozen
 /// weights) follow the CPU's (the same bf16 weights read in f32) within bf16 tolerance.
-fn tiny_llama_training_body(dev: Device, method: Method) {
+fn tiny_llama_training_body(dev: Device, method: Method, checkpointing: bool) {
     let cfg = common::tiny_config(97, true);
     let mut base = Llama::random(cfg, DType::F32, 11).unwrap();
     base.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, &method, 5).unwrap();
     let cpu = base.to_device(Device::Cpu, DType::F32).unwrap();
     // Round the CPU model's frozen matrices to bf16 too, so both runs see the same weights.
-    let cpu = round_frozen_bf16(cpu);
+    let mut cpu = round_frozen_bf16(cpu);
+    cpu.checkpointing = checkpointing;
     let gpu = cpu.to_device(dev, DType::BF16).unwrap();
     let (b, t) = (2, 24);
     let ids: Vec<u32> = (0..b * t).map(|i| (i * 31 % 97) as u32).collect();
@@ -346,8 +347,10 @@ backend_tests! {
     loss => loss_body;
     adapter => adapter_body;
     adamw => adamw_body;
-    tiny_llama_lora_training => |d| tiny_llama_training_body(d, Method::Lora);
-    tiny_llama_speclora_training => |d| tiny_llama_training_body(d, Method::SpecLora { k: 8, by_norm: false });
+    tiny_llama_lora_training => |d| tiny_llama_training_body(d, Method::Lora, false);
+    tiny_llama_lora_training_checkpointed => |d| tiny_llama_training_body(d, Method::Lora, true);
+    tiny_llama_speclora_training => |d| tiny_llama_training_body(d, Method::SpecLora { k: 8, by_norm: false }, false);
+    tiny_llama_svd_training => |d| tiny_llama_training_body(d, Method::SpecLoraSvd { k: 4 }, false);
 }
 
 /// SmolLM2-135M (the Q4_1 GGUF): 20 LoRA / SpecLoRA AdamW steps on the GPU (weights uploaded as
