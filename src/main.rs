@@ -80,7 +80,22 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Fine-tune adapters (LoRA, SpecLoRA, SpecLoRA-SVD) on a model: see `spectune train --help`.
+    /// Fuse Spectral^A/R adapters trained on disjoint singular-vector blocks (`train --block`) of
+    /// the same base into one HF folder: every block's tuned triplets replace the base's in one
+    /// U, Σ, V and W is rebuilt. Reports the largest logit difference after reloading it.
+    Fuse {
+        /// The base model (HF folder or .gguf) all adapters were trained on.
+        #[arg(long)]
+        model: PathBuf,
+        /// A Spectral adapter folder; repeat for each adapter (each on its own block).
+        #[arg(long, required = true)]
+        adapter: Vec<PathBuf>,
+        /// Output folder (created if needed).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Fine-tune adapters (LoRA, SpecLoRA, SpecLoRA-SVD, Spectral^A/R, PiSSA, MiLoRA, DoRA) or
+    /// chosen matrices (full) on a model: see `spectune train --help`.
     Train(Box<TrainArgs>),
     /// Held-out loss and perplexity of a model (with an optional adapter) on a data file.
     Eval {
@@ -231,6 +246,7 @@ fn main() -> ExitCode {
         }
         Cmd::Export { adapter, format, out, model } => run_export(&adapter, format, &out, model.as_deref()),
         Cmd::Merge { model, adapter, out } => run_merge(&model, &adapter, &out),
+        Cmd::Fuse { model, adapter, out } => run_fuse(&model, &adapter, &out),
         Cmd::Inspect { path, limit } => inspect(&path, limit),
         Cmd::Generate { model, adapter, prompt, chat, system, max_tokens, greedy, temperature, top_p, seed } => {
             let opts = GenerateOptions { max_new_tokens: max_tokens, greedy, temperature, top_p, seed, stop_ids: Vec::new() };
@@ -496,5 +512,24 @@ fn run_merge(model: &Path, adapter: &Path, out: &Path) -> spectune::Result<()> {
     if s.max_abs_diff.is_nan() || s.max_abs_diff >= 1e-3 {
         eprintln!("warning: the merged model differs from the adapted one by more than 1e-3");
     }
+    Ok(())
+}
+
+fn run_fuse(model: &Path, adapters: &[PathBuf], out: &Path) -> spectune::Result<()> {
+    let t0 = Instant::now();
+    let dirs: Vec<&Path> = adapters.iter().map(PathBuf::as_path).collect();
+    let s = spectune::peft::spectral::fuse_checkpoint(model, &dirs, out)?;
+    println!(
+        "fused {} adapters (blocks {:?}) into {} linears; wrote {} in {:.1} s",
+        s.adapters,
+        s.blocks,
+        s.modules,
+        out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    if !s.tokenizer_files.is_empty() {
+        println!("tokenizer: {}", s.tokenizer_files.join(", "));
+    }
+    println!("largest |logit difference| written vs in-memory fused model: {:.3e}", s.max_abs_diff);
     Ok(())
 }
