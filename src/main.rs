@@ -473,6 +473,18 @@ fn run_export(adapter: &Path, format: ExportFormat, out: &Path, model: Option<&P
     match format {
         ExportFormat::PeftLora => {
             let s = spectune::peft::export::export_adapter_dir(adapter, model, out)?;
+            if !matches!(s.method, "lora" | "speclora" | "speclora-svd") {
+                println!(
+                    "exported {} adapter on {} modules as a plain PEFT LoRA: r = {} (the update's exact low-rank form: 2r for PiSSA/MiLoRA and Spectral^A, r for Spectral^R), lora_alpha = {:.6} (scale {:.6})",
+                    s.method,
+                    s.modules,
+                    s.rank,
+                    s.lora_alpha,
+                    s.lora_alpha / s.rank as f64
+                );
+                println!("wrote {}", out.display());
+                return Ok(());
+            }
             println!(
                 "exported {} adapter on {} modules as a plain PEFT LoRA: r = {} (LoRA rank {} + up to {} SpecLoRA directions), lora_alpha = {:.6} (scale {:.6})",
                 s.method,

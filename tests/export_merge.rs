@@ -110,7 +110,8 @@ fn check_export(m: &Llama, fresh: &mut Llama, lora: &LoraConfig, expect_rank: us
     assert_eq!(c["use_rslora"], false);
     assert!(c["rank_pattern"].as_object().unwrap().is_empty());
     // The common scale α'/R is the adapters' own scale (1 for the Spectral methods, which have none).
-    let want_s = m.layers.iter().flat_map(|l| Target::ALL.map(|t| l.linear(t).adapter.as_ref())).flatten().next().unwrap().scale().map_or(1.0, |_| lora.scale());
+    let want_s =
+        m.layers.iter().flat_map(|l| Target::ALL.map(|t| l.linear(t).adapter.as_ref())).flatten().next().unwrap().scale().map_or(1.0, |_| lora.scale());
     let s = c["lora_alpha"].as_f64().unwrap() / expect_rank as f64;
     assert!((s - want_s).abs() < 1e-12 * want_s, "{what}: scale {s} vs {want_s}");
     // Only lora_A / lora_B tensors, all [R, in] / [out, R].

@@ -199,7 +199,7 @@ fn case_10_parameter_counts() {
     for r in [8usize, 16] {
         for method in [Method::Lora, Method::SpectralA { block: 0 }, Method::SpectralR { block: 0 }, Method::Pissa, Method::Dora, Method::Full] {
             let n: usize = 32 * shapes.iter().map(|&(o, i)| method.trainable_count(o, i, r)).sum::<usize>();
-            eprintln!("  r = {r:>2}  {:<18} {n:>13}  ({:.3} % of the linears)", method.label(), 100.0 * n as f64 / total_dense as f64);
+            eprintln!("  r = {r:>2}  {:<22} {n:>13}  ({:.3} % of the linears)", method.label(), 100.0 * n as f64 / total_dense as f64);
         }
     }
     assert_eq!(32 * shapes.iter().map(|&(o, i)| sa.trainable_count(o, i, 8)).sum::<usize>(), 32 * 8 * (8192 + 5120 + 5120 + 8192 + 18432 * 3));
@@ -293,7 +293,9 @@ fn svd_factors_are_stored_not_recomputed() {
     save_adapter(&m, dir.path(), &lora_cfg(), "x").unwrap();
     let mut other = Llama::random(common::tiny_config(41, true), DType::F32, 99).unwrap();
     load_adapter(&mut other, dir.path()).unwrap();
-    let (Some(Adapter::SpectralR { u: u1, .. }), Some(Adapter::SpectralR { u: u2, .. })) = (&m.layers[0].q.adapter, &other.layers[0].q.adapter) else { panic!() };
+    let (Some(Adapter::SpectralR { u: u1, .. }), Some(Adapter::SpectralR { u: u2, .. })) = (&m.layers[0].q.adapter, &other.layers[0].q.adapter) else {
+        panic!()
+    };
     assert_eq!(u1.to_vec_f32(), u2.to_vec_f32());
 }
 
@@ -301,7 +303,9 @@ fn svd_factors_are_stored_not_recomputed() {
 fn export_to_plain_lora_for_the_low_rank_methods() {
     let base = tiny();
     let probe = ids();
-    for (method, rank) in [(Method::Pissa, 6), (Method::Milora, 6), (Method::SpectralA { block: 0 }, 6), (Method::SpectralA { block: 1 }, 6), (Method::SpectralR { block: 0 }, 3)] {
+    for (method, rank) in
+        [(Method::Pissa, 6), (Method::Milora, 6), (Method::SpectralA { block: 0 }, 6), (Method::SpectralA { block: 1 }, 6), (Method::SpectralR { block: 0 }, 3)]
+    {
         let mut m = base.clone();
         m.attach_adapters(&Target::ALL, &lora_cfg(), &method, 4).unwrap();
         perturb(&m.trainable_params(), 6);
@@ -367,7 +371,13 @@ fn full_fine_tuning_trains_only_the_chosen_matrices_and_merges_to_a_checkpoint()
 
 #[test]
 fn train_method_names_parse() {
-    let args = |method: &str, block: Option<usize>| TrainArgs { model: Some("m".into()), data: Some("d".into()), method: Some(method.into()), block, ..TrainArgs::default() };
+    let args = |method: &str, block: Option<usize>| TrainArgs {
+        model: Some("m".into()),
+        data: Some("d".into()),
+        method: Some(method.into()),
+        block,
+        ..TrainArgs::default()
+    };
     let cases = [
         ("spectral-a", Some(1), Method::SpectralA { block: 1 }),
         ("spectral-r", None, Method::SpectralR { block: 0 }),

@@ -116,14 +116,7 @@ pub fn dora_linear(x: &Tensor, w: &Tensor, nu: &Tensor, a: &Tensor, b: &Tensor, 
         let nut: Vec<T> = nu.iter().map(|&v| T::from_f64(v.max(MIN_NORM))).collect();
         let g: Vec<T> = mag.to_vec::<T>().iter().zip(&nut).map(|(m, n)| *m / *n).collect();
         let y: Vec<T> = o.chunks(m).flat_map(|row| row.iter().zip(&g).map(|(o, g)| *o * *g)).collect();
-        Ok((
-            out(y, Shape::new(out_dims.clone())),
-            out(o, [nrows, m]),
-            out(h, [nrows, r]),
-            xd.map(|v| out(v, [nrows, n])),
-            out(g, [m]),
-            out(nut, [m]),
-        ))
+        Ok((out(y, Shape::new(out_dims.clone())), out(o, [nrows, m]), out(h, [nrows, r]), xd.map(|v| out(v, [nrows, n])), out(g, [m]), out(nut, [m])))
     })?;
     Ok(record(y, &[x, a, b, mag], |needs| {
         let (nx, na, nb, nm) = (needs[0], needs[1], needs[2], needs[3]);

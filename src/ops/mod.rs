@@ -19,8 +19,8 @@ mod rope;
 mod spectral;
 
 pub use adapter::{adapter_linear, lora_linear, pissa_linear, speclora_linear, speclora_svd_linear, Dropout, SpecRows, Spectral};
-pub use dora::{dora_linear, dora_merged, dora_row_norms, row_norms2};
 pub use attention::{attention, AttnOptions};
+pub use dora::{dora_linear, dora_merged, dora_row_norms, row_norms2};
 pub use elementwise::{add, mul, scale, silu, swiglu};
 pub use embedding::embedding;
 pub use loss::{cross_entropy, linear_cross_entropy, CeOptions};

@@ -38,6 +38,21 @@
 //! metadata instead, which PEFT ignores. LoRA dropout is copied; note that in PEFT it would
 //! also apply to the k exported directions when training further (not at inference).
 //!
+//! ## PiSSA, MiLoRA and the Spectral methods
+//!
+//! Their updates are exact low-rank products ([`Adapter::delta_factors`]), exported at the common
+//! scale s' (the LoRA scale; 1 for the Spectral methods, which have none):
+//!
+//! ```text
+//!   PiSSA / MiLoRA:  s·B·A − s·B0·A0  = s·[B | −B0]·[A ; A0]                 rank 2r
+//!   Spectral^A:      ΔU·Σ·(V+ΔV)ᵀ + U·Σ·ΔVᵀ = [ΔU | U]·[Σ(V+ΔV)ᵀ ; Σ·ΔVᵀ]  rank 2r
+//!   Spectral^R:      U·(R_U·diag(c⊙σ)·R_Vᵀ − Σ)·Vᵀ = U·(M·Vᵀ)                  rank r
+//! ```
+//!
+//! so they load on the unmodified base. DoRA (a row rescaling of W + s·B·A) and full
+//! fine-tuning are not low-rank: the export refuses them (DoRA's own folder is a stock PEFT DoRA
+//! adapter; both merge).
+//!
 //! ## Merging ([`merge_to_hf`], [`write_tokenizer`], [`merge_report`], [`merge_checkpoint`])
 //!
 //! [`merge_to_hf`] writes an HF folder: `config.json` (LlamaForCausalLM, or Qwen2ForCausalLM when
@@ -151,7 +166,9 @@ fn factors(lin: &Linear, ad: &Adapter, s_common: f64) -> Result<Factors> {
     // Spectral part: k rows of A'' (already divided by s') and k columns of B''.
     let (extra_a, extra_b, k): (Vec<f64>, Vec<f64>, usize) = match ad {
         Adapter::Lora { .. } => (Vec::new(), Vec::new(), 0),
-        Adapter::SpectralA { .. } | Adapter::SpectralR { .. } | Adapter::Pissa { .. } | Adapter::Dora { .. } | Adapter::Full { .. } => unreachable!("returned above"),
+        Adapter::SpectralA { .. } | Adapter::SpectralR { .. } | Adapter::Pissa { .. } | Adapter::Dora { .. } | Adapter::Full { .. } => {
+            unreachable!("returned above")
+        }
         Adapter::SpecLora { d, rows, .. } => {
             let idx = row_indices(rows, out_f)?;
             let dv = d.to_vec_f64();

@@ -19,8 +19,8 @@
 pub mod export;
 pub mod io;
 mod lora;
-pub mod spectral;
 mod speclora;
+pub mod spectral;
 
 pub use lora::LoraConfig;
 pub use speclora::top_rows_by_norm as rows_by_norm;
@@ -202,7 +202,12 @@ impl Adapter {
                 if cfg.rank == 0 || (block + 1) * r > lim {
                     return Err(Error::invalid(
                         OP,
-                        format!("block {block} of rank {} needs singular triplets {}..{} but a [{o}, {i}] weight has only {lim}", cfg.rank, block * r, (block + 1) * r),
+                        format!(
+                            "block {block} of rank {} needs singular triplets {}..{} but a [{o}, {i}] weight has only {lim}",
+                            cfg.rank,
+                            block * r,
+                            (block + 1) * r
+                        ),
                     ));
                 }
                 let t = crate::svd::svd_block(w, block * r, r, SVD_POWER_ITERS, rng.next_u64())?;
@@ -324,9 +329,11 @@ impl Adapter {
     /// The LoRA scale s of methods that have one (None for the Spectral methods and full).
     pub fn scale(&self) -> Option<f64> {
         match self {
-            Adapter::Lora { scale, .. } | Adapter::SpecLora { scale, .. } | Adapter::SpecLoraSvd { scale, .. } | Adapter::Pissa { scale, .. } | Adapter::Dora { scale, .. } => {
-                Some(*scale)
-            }
+            Adapter::Lora { scale, .. }
+            | Adapter::SpecLora { scale, .. }
+            | Adapter::SpecLoraSvd { scale, .. }
+            | Adapter::Pissa { scale, .. }
+            | Adapter::Dora { scale, .. } => Some(*scale),
             Adapter::SpectralA { .. } | Adapter::SpectralR { .. } | Adapter::Full { .. } => None,
         }
     }

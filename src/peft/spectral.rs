@@ -129,7 +129,10 @@ fn combine(w: &Tensor, adapters: &[&Adapter], check: bool) -> Result<Vec<f64>> {
             let other = o.block * o.r..(o.block + 1) * o.r;
             range.start < other.end && other.start < range.end
         }) {
-            return Err(Error::invalid(OP, format!("blocks overlap: block {} (r = {}) and block {} (r = {}) share singular directions", b.block, b.r, o.block, o.r)));
+            return Err(Error::invalid(
+                OP,
+                format!("blocks overlap: block {} (r = {}) and block {} (r = {}) share singular directions", b.block, b.r, o.block, o.r),
+            ));
         }
         if check {
             check_factors_belong(&wm, m, n, &b)?;
@@ -155,7 +158,7 @@ fn check_factors_belong(w: &[f64], m: usize, n: usize, b: &TunedBlock) -> Result
     for q in 0..r {
         let rq: f64 = (0..m).map(|i| b.u[i * r + q] * (0..n).map(|j| w[i * n + j] * b.v[j * r + q]).sum::<f64>()).sum();
         let dev = (rq - b.sigma[q]).abs();
-        if !(dev <= 1e-3 * smax) {
+        if dev.is_nan() || dev > 1e-3 * smax {
             return Err(Error::invalid(
                 "fuse_spectral",
                 format!(
@@ -194,7 +197,9 @@ pub fn fuse_models(base: &Llama, adapted: &[&Llama]) -> Result<Llama> {
             }
             let lin = layer.linear_mut(t);
             let wm = fuse_weight(&lin.weight, &ads).map_err(|e| Error::invalid(OP, format!("layer {li} {}: {e}", t.hf_name())))?;
-            lin.weight = crate::device::with_float!(base.dtype, OP, |T| { Tensor::from_vec(wm.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>(), lin.weight.dims().to_vec()) })?;
+            lin.weight = crate::device::with_float!(base.dtype, OP, |T| {
+                Tensor::from_vec(wm.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>(), lin.weight.dims().to_vec())
+            })?;
             lin.adapter = None;
         }
     }
@@ -231,7 +236,12 @@ pub fn fuse_checkpoint(model_path: &Path, adapter_dirs: &[&Path], out: &Path) ->
     }
     let refs: Vec<&Llama> = adapted.iter().collect();
     let fused = fuse_models(&base, &refs)?;
-    let modules = fused.layers.iter().enumerate().map(|(li, _)| Target::ALL.iter().filter(|&&t| refs.iter().any(|m| m.layers[li].linear(t).adapter.is_some())).count()).sum();
+    let modules = fused
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(li, _)| Target::ALL.iter().filter(|&&t| refs.iter().any(|m| m.layers[li].linear(t).adapter.is_some())).count())
+        .sum();
     merge_to_hf(&fused, out)?;
     let tok = ck.tokenizer().ok();
     let tokenizer_files = match &tok {

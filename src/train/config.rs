@@ -182,7 +182,10 @@ impl TrainArgs {
             "dora" => Method::Dora,
             "full" => Method::Full,
             other => {
-                return Err(bad("method", format!("unknown method `{other}` (lora, speclora, speclora-svd, spectral-a, spectral-r, pissa, milora, dora, full)")))
+                return Err(bad(
+                    "method",
+                    format!("unknown method `{other}` (lora, speclora, speclora-svd, spectral-a, spectral-r, pissa, milora, dora, full)"),
+                ))
             }
         };
         if self.block.is_some() && !matches!(method, Method::SpectralA { .. } | Method::SpectralR { .. }) {
