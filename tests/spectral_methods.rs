@@ -400,3 +400,23 @@ fn train_method_names_parse() {
     let e = m.attach_adapters(&[Target::K], &lora_cfg(), &Method::SpectralA { block: 2 }, 0).unwrap_err().to_string();
     assert!(e.contains("block 2") && e.contains("[8, 16]"), "{e}");
 }
+
+#[test]
+fn dora_or_full_cannot_share_a_folder_with_another_method() {
+    for (a, b) in [(Method::Dora, Method::Lora), (Method::Pissa, Method::Full)] {
+        let mut m = tiny();
+        m.attach_adapters(&[Target::Q], &lora_cfg(), &a, 1).unwrap();
+        m.attach_adapters(&[Target::V], &lora_cfg(), &b, 2).unwrap();
+        let e = save_adapter(&m, tempfile::tempdir().unwrap().path(), &lora_cfg(), "x").unwrap_err().to_string();
+        assert!(e.contains("cannot be saved in one folder"), "{e}");
+    }
+    // LoRA-layout methods may share one (told apart per module at load).
+    let mut m = tiny();
+    m.attach_adapters(&[Target::Q], &lora_cfg(), &Method::Lora, 1).unwrap();
+    m.attach_adapters(&[Target::V], &lora_cfg(), &Method::SpectralA { block: 0 }, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    save_adapter(&m, dir.path(), &lora_cfg(), "x").unwrap();
+    let mut fresh = tiny();
+    load_adapter(&mut fresh, dir.path()).unwrap();
+    assert_eq!(fresh.logits(&ids(), 1, 12, None).unwrap().to_vec_f32(), m.logits(&ids(), 1, 12, None).unwrap().to_vec_f32());
+}

@@ -79,6 +79,7 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
     let f32_bytes =
         |t: &Tensor| -> (Vec<usize>, Vec<u8>, Dtype) { (t.dims().to_vec(), t.to_vec_f32().iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32) };
     let mut block: Option<usize> = None;
+    let mut layer_methods: Vec<&'static str> = Vec::new();
     let i64_bytes = |v: &[i64]| -> (Vec<usize>, Vec<u8>, Dtype) { (vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect(), Dtype::I64) };
     for (li, layer) in model.layers.iter().enumerate() {
         for t in Target::ALL {
@@ -86,10 +87,17 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
             if !targets.contains(&t.hf_name()) {
                 targets.push(t.hf_name());
             }
-            if method != "lora" && method != ad.method().name() {
-                return Err(Error::invalid("save_adapter", format!("one method per adapter folder: found both {method} and {}", ad.method().name())));
+            // The LoRA-layout methods are told apart per module at load; DoRA (use_dora applies
+            // to every module) and full fine-tuning (another format) cannot share a folder.
+            let name = ad.method().name();
+            let first = layer_methods.first().copied().unwrap_or(name);
+            if first != name && [first, name].iter().any(|m| matches!(*m, "dora" | "full")) {
+                return Err(Error::invalid("save_adapter", format!("{first} and {name} adapters cannot be saved in one folder")));
             }
-            method = ad.method().name();
+            layer_methods.push(name);
+            if name != "lora" {
+                method = name;
+            }
             let p = module_prefix(li, t);
             let (a, b) = match ad {
                 Adapter::Lora { a, b, .. } | Adapter::Pissa { a, b, .. } | Adapter::Dora { a, b, .. } => (a, b),
