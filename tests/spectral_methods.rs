@@ -154,7 +154,7 @@ fn case_8_spectral_a_reaches_rank_2r_where_lora_reaches_r() {
 }
 
 #[test]
-fn case_9_merge_equivalence_for_every_new_method() {
+fn case_9_merge_equivalence_for_every_method() {
     // Un-merged forward (f32) vs X·W_mergedᵀ (W_merged from merged_weight, f64): ≤ 1e-5 relative.
     let (m, n) = (12, 10);
     let mut rng = SplitMix::new(12);
@@ -162,7 +162,8 @@ fn case_9_merge_equivalence_for_every_new_method() {
     let x = Tensor::from_vec(rng.vec(5 * n, -1.0, 1.0).into_iter().map(|v| v as f32).collect::<Vec<f32>>(), [5, n]).unwrap();
     let xv = x.to_vec_f64();
     let cfg = LoraConfig { rank: 3, alpha: 5.0, rslora: false, dropout: 0.0 };
-    for method in NEW_METHODS {
+    let older = [Method::Lora, Method::SpecLora { k: 4, by_norm: false }, Method::SpecLora { k: 4, by_norm: true }, Method::SpecLoraSvd { k: 4 }];
+    for method in older.into_iter().chain(NEW_METHODS) {
         let ad = Adapter::new(&method, &w, &cfg, DType::F32, &mut rng).unwrap();
         perturb(&ad.params(), 13);
         let y = ad.forward(&x, &w, None).unwrap().to_vec_f64();
