@@ -83,7 +83,22 @@ enum Cmd {
     /// Time training steps on a named model shape (random weights) or a checkpoint: median step
     /// time, tokens/s, useful FLOP/s, peak RSS, gradient norm (see docs/performance.md).
     Bench(Box<spectune::bench::BenchArgs>),
-    /// Fine-tune adapters (LoRA, SpecLoRA, SpecLoRA-SVD) on a model: see `spectune train --help`.
+    /// Fuse Spectral^A/R adapters trained on disjoint singular-vector blocks (`train --block`) of
+    /// the same base into one HF folder: every block's tuned triplets replace the base's in one
+    /// U, Σ, V and W is rebuilt. Reports the largest logit difference after reloading it.
+    Fuse {
+        /// The base model (HF folder or .gguf) all adapters were trained on.
+        #[arg(long)]
+        model: PathBuf,
+        /// A Spectral adapter folder; repeat for each adapter (each on its own block).
+        #[arg(long, required = true)]
+        adapter: Vec<PathBuf>,
+        /// Output folder (created if needed).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Fine-tune adapters (LoRA, SpecLoRA, SpecLoRA-SVD, Spectral^A/R, PiSSA, MiLoRA, DoRA) or
+    /// chosen matrices (full) on a model: see `spectune train --help`.
     Train(Box<TrainArgs>),
     /// Held-out loss and perplexity of a model (with an optional adapter) on a data file.
     Eval {
@@ -270,6 +285,7 @@ fn main() -> ExitCode {
         Cmd::Spectrum { base, tuned, adapter, k, targets, json, plot, brief } => {
             run_spectrum(&base, tuned, adapter, k, targets.as_deref(), json.as_deref(), plot.as_deref(), brief)
         }
+        Cmd::Fuse { model, adapter, out } => run_fuse(&model, &adapter, &out),
         Cmd::Inspect { path, limit } => inspect(&path, limit),
         Cmd::Generate { model, adapter, prompt, chat, system, max_tokens, greedy, temperature, top_p, seed } => {
             let opts = GenerateOptions { max_new_tokens: max_tokens, greedy, temperature, top_p, seed, stop_ids: Vec::new() };
@@ -507,6 +523,18 @@ fn run_export(adapter: &Path, format: ExportFormat, out: &Path, model: Option<&P
     match format {
         ExportFormat::PeftLora => {
             let s = spectune::peft::export::export_adapter_dir(adapter, model, out)?;
+            if !matches!(s.method, "lora" | "speclora" | "speclora-svd") {
+                println!(
+                    "exported {} adapter on {} modules as a plain PEFT LoRA: r = {} (the update's exact low-rank form: 2r for PiSSA/MiLoRA and Spectral^A, r for Spectral^R), lora_alpha = {:.6} (scale {:.6})",
+                    s.method,
+                    s.modules,
+                    s.rank,
+                    s.lora_alpha,
+                    s.lora_alpha / s.rank as f64
+                );
+                println!("wrote {}", out.display());
+                return Ok(());
+            }
             println!(
                 "exported {} adapter on {} modules as a plain PEFT LoRA: r = {} (LoRA rank {} + up to {} SpecLoRA directions), lora_alpha = {:.6} (scale {:.6})",
                 s.method,
@@ -582,5 +610,24 @@ fn run_spectrum(
         println!("wrote {} plots into {}", files.len(), dir.display());
     }
     eprintln!("[{} matrices in {:.1} s]", report.matrices.len(), t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn run_fuse(model: &Path, adapters: &[PathBuf], out: &Path) -> spectune::Result<()> {
+    let t0 = Instant::now();
+    let dirs: Vec<&Path> = adapters.iter().map(PathBuf::as_path).collect();
+    let s = spectune::peft::spectral::fuse_checkpoint(model, &dirs, out)?;
+    println!(
+        "fused {} adapters (blocks {:?}) into {} linears; wrote {} in {:.1} s",
+        s.adapters,
+        s.blocks,
+        s.modules,
+        out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    if !s.tokenizer_files.is_empty() {
+        println!("tokenizer: {}", s.tokenizer_files.join(", "));
+    }
+    println!("largest |logit difference| written vs in-memory fused model: {:.3e}", s.max_abs_diff);
     Ok(())
 }

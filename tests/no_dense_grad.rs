@@ -75,5 +75,36 @@ fn adapter_backward_allocates_no_dense_weight_gradient() {
             assert!(g.get(&x).is_some() && g.get(&a).is_some() && g.get(&b).is_some());
             assert_eq!(g.get(&d).is_some(), spec);
         }
+        // The issue-7 ops: Spectral^A, Spectral^R (through Cayley), DoRA, the PiSSA residual.
+        let f32t = |rng: &mut SplitMix, dims: &[usize], lo: f64, hi: f64| {
+            Tensor::from_vec(rng.vec(dims.iter().product(), lo, hi).into_iter().map(|v| v as f32).collect::<Vec<_>>(), dims.to_vec()).unwrap()
+        };
+        let x = f32t(&mut rng, &[rows, n], -1.0, 1.0).param().unwrap();
+        let (u, sigma, v) = (f32t(&mut rng, &[m, r], -0.1, 0.1), f32t(&mut rng, &[r], 1.0, 2.0), f32t(&mut rng, &[n, r], -0.1, 0.1));
+        let (du, dv) = (f32t(&mut rng, &[m, r], -0.1, 0.1).param().unwrap(), f32t(&mut rng, &[n, r], -0.1, 0.1).param().unwrap());
+        let (qu, qv, c) = (
+            f32t(&mut rng, &[r, r], -0.1, 0.1).param().unwrap(),
+            f32t(&mut rng, &[r, r], -0.1, 0.1).param().unwrap(),
+            f32t(&mut rng, &[r], 0.9, 1.1).param().unwrap(),
+        );
+        let (a, b) = (f32t(&mut rng, &[r, n], -0.1, 0.1).param().unwrap(), f32t(&mut rng, &[m, r], -0.1, 0.1).param().unwrap());
+        let (a0, b0) = (f32t(&mut rng, &[r, n], -0.1, 0.1), f32t(&mut rng, &[m, r], -0.1, 0.1));
+        let (mag, nu) = (f32t(&mut rng, &[m], 0.5, 1.5).param().unwrap(), f32t(&mut rng, &[m], 0.5, 1.5));
+        let ys: [(&str, Tensor); 4] = [
+            ("spectral_a", ops::spectral_a_linear(&x, w, &u, &sigma, &v, &du, &dv).unwrap()),
+            ("spectral_r", ops::spectral_r_linear(&x, w, &u, &sigma, &v, &ops::cayley(&qu).unwrap(), &ops::cayley(&qv).unwrap(), &c).unwrap()),
+            ("dora", ops::dora_linear(&x, w, &nu, &a, &b, &mag, 2.0, None).unwrap()),
+            ("pissa", ops::pissa_linear(&x, w, &a, &b, &a0, &b0, 2.0).unwrap()),
+        ];
+        for (op, y) in ys {
+            let loss = ops::sum(&y).unwrap();
+            drop(y);
+            let mut grads = None;
+            let (largest, peak) = measure(|| grads = Some(backward(&loss).unwrap()));
+            eprintln!("{name} {op}: largest allocation {largest} B, peak live {peak} B during backward (dense W: {dense_bytes} B)");
+            assert!(largest < dense_bytes / 4 && peak < dense_bytes as isize / 4, "{name} {op}: {largest} / {peak} bytes");
+            let g = grads.unwrap();
+            assert!(g.get(w).is_none() && g.get(&x).is_some());
+        }
     }
 }

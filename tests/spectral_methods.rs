@@ -154,7 +154,7 @@ fn case_8_spectral_a_reaches_rank_2r_where_lora_reaches_r() {
 }
 
 #[test]
-fn case_9_merge_equivalence_for_every_new_method() {
+fn case_9_merge_equivalence_for_every_method() {
     // Un-merged forward (f32) vs X·W_mergedᵀ (W_merged from merged_weight, f64): ≤ 1e-5 relative.
     let (m, n) = (12, 10);
     let mut rng = SplitMix::new(12);
@@ -162,7 +162,8 @@ fn case_9_merge_equivalence_for_every_new_method() {
     let x = Tensor::from_vec(rng.vec(5 * n, -1.0, 1.0).into_iter().map(|v| v as f32).collect::<Vec<f32>>(), [5, n]).unwrap();
     let xv = x.to_vec_f64();
     let cfg = LoraConfig { rank: 3, alpha: 5.0, rslora: false, dropout: 0.0 };
-    for method in NEW_METHODS {
+    let older = [Method::Lora, Method::SpecLora { k: 4, by_norm: false }, Method::SpecLora { k: 4, by_norm: true }, Method::SpecLoraSvd { k: 4 }];
+    for method in older.into_iter().chain(NEW_METHODS) {
         let ad = Adapter::new(&method, &w, &cfg, DType::F32, &mut rng).unwrap();
         perturb(&ad.params(), 13);
         let y = ad.forward(&x, &w, None).unwrap().to_vec_f64();
@@ -199,7 +200,7 @@ fn case_10_parameter_counts() {
     for r in [8usize, 16] {
         for method in [Method::Lora, Method::SpectralA { block: 0 }, Method::SpectralR { block: 0 }, Method::Pissa, Method::Dora, Method::Full] {
             let n: usize = 32 * shapes.iter().map(|&(o, i)| method.trainable_count(o, i, r)).sum::<usize>();
-            eprintln!("  r = {r:>2}  {:<18} {n:>13}  ({:.3} % of the linears)", method.label(), 100.0 * n as f64 / total_dense as f64);
+            eprintln!("  r = {r:>2}  {:<22} {n:>13}  ({:.3} % of the linears)", method.label(), 100.0 * n as f64 / total_dense as f64);
         }
     }
     assert_eq!(32 * shapes.iter().map(|&(o, i)| sa.trainable_count(o, i, 8)).sum::<usize>(), 32 * 8 * (8192 + 5120 + 5120 + 8192 + 18432 * 3));
@@ -399,4 +400,24 @@ fn train_method_names_parse() {
     let mut m = tiny();
     let e = m.attach_adapters(&[Target::K], &lora_cfg(), &Method::SpectralA { block: 2 }, 0).unwrap_err().to_string();
     assert!(e.contains("block 2") && e.contains("[8, 16]"), "{e}");
+}
+
+#[test]
+fn dora_or_full_cannot_share_a_folder_with_another_method() {
+    for (a, b) in [(Method::Dora, Method::Lora), (Method::Pissa, Method::Full)] {
+        let mut m = tiny();
+        m.attach_adapters(&[Target::Q], &lora_cfg(), &a, 1).unwrap();
+        m.attach_adapters(&[Target::V], &lora_cfg(), &b, 2).unwrap();
+        let e = save_adapter(&m, tempfile::tempdir().unwrap().path(), &lora_cfg(), "x").unwrap_err().to_string();
+        assert!(e.contains("cannot be saved in one folder"), "{e}");
+    }
+    // LoRA-layout methods may share one (told apart per module at load).
+    let mut m = tiny();
+    m.attach_adapters(&[Target::Q], &lora_cfg(), &Method::Lora, 1).unwrap();
+    m.attach_adapters(&[Target::V], &lora_cfg(), &Method::SpectralA { block: 0 }, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    save_adapter(&m, dir.path(), &lora_cfg(), "x").unwrap();
+    let mut fresh = tiny();
+    load_adapter(&mut fresh, dir.path()).unwrap();
+    assert_eq!(fresh.logits(&ids(), 1, 12, None).unwrap().to_vec_f32(), m.logits(&ids(), 1, 12, None).unwrap().to_vec_f32());
 }

@@ -80,7 +80,17 @@ fn resume_continues_bit_identically() {
         x.attach_adapters(&Target::ALL, &lora, m, 2).unwrap();
         x
     };
-    for method in [Method::Lora, Method::SpecLora { k: 4, by_norm: true }, Method::SpecLoraSvd { k: 3 }] {
+    for method in [
+        Method::Lora,
+        Method::SpecLora { k: 4, by_norm: true },
+        Method::SpecLoraSvd { k: 3 },
+        Method::SpectralA { block: 1 },
+        Method::SpectralR { block: 0 },
+        Method::Pissa,
+        Method::Milora,
+        Method::Dora,
+        Method::Full,
+    ] {
         let ocfg = AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..AdamWConfig::default() };
         // 10 steps straight.
         let mut a = fresh(&method);

@@ -38,6 +38,21 @@
 //! metadata instead, which PEFT ignores. LoRA dropout is copied; note that in PEFT it would
 //! also apply to the k exported directions when training further (not at inference).
 //!
+//! ## PiSSA, MiLoRA and the Spectral methods
+//!
+//! Their updates are exact low-rank products ([`Adapter::delta_factors`]), exported at the common
+//! scale s' (the LoRA scale; 1 for the Spectral methods, which have none):
+//!
+//! ```text
+//!   PiSSA / MiLoRA:  s·B·A − s·B0·A0  = s·[B | −B0]·[A ; A0]                 rank 2r
+//!   Spectral^A:      ΔU·Σ·(V+ΔV)ᵀ + U·Σ·ΔVᵀ = [ΔU | U]·[Σ(V+ΔV)ᵀ ; Σ·ΔVᵀ]  rank 2r
+//!   Spectral^R:      U·(R_U·diag(c⊙σ)·R_Vᵀ − Σ)·Vᵀ = U·(M·Vᵀ)                  rank r
+//! ```
+//!
+//! so they load on the unmodified base. DoRA (a row rescaling of W + s·B·A) and full
+//! fine-tuning are not low-rank: the export refuses them (DoRA's own folder is a stock PEFT DoRA
+//! adapter; both merge).
+//!
 //! ## Merging ([`merge_to_hf`], [`write_tokenizer`], [`merge_report`], [`merge_checkpoint`])
 //!
 //! [`merge_to_hf`] writes an HF folder: `config.json` (LlamaForCausalLM, or Qwen2ForCausalLM when

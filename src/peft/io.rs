@@ -1,9 +1,20 @@
 //! Adapter files in HF PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`, with
 //! PEFT's key names (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in],
-//! `…lora_B.weight` [out, r]), so a LoRA saved here loads in stock PEFT. SpecLoRA's extra
-//! trainables ride along as extra tensors (`…speclora_d` [k], `…speclora_rows` [k] row indices,
-//! and for the SVD form `…speclora_u/sigma/v`) described under a `spectune` key of the config;
-//! stock PEFT ignores neither, so those adapters are exported to plain LoRA for interop.
+//! `…lora_B.weight` [out, r]), so a LoRA saved here loads in stock PEFT, and so does a DoRA
+//! (`use_dora = true`, `…lora_magnitude_vector` [out], as PEFT writes it). The other methods'
+//! tensors ride along under the same module prefix, described under a `spectune` key of the
+//! config (`method`, and `rows` / `block`):
+//!
+//! - SpecLoRA: `…speclora_d` [k], `…speclora_rows` [k] (I64 row indices), and for the SVD form
+//!   `…speclora_u/sigma/v`;
+//! - Spectral^A: `…spectral_du` [out, r], `…spectral_dv` [in, r]; Spectral^R: `…spectral_qu`,
+//!   `…spectral_qv` [r, r], `…spectral_c` [r]; both: the frozen `…spectral_u/sigma/v` and
+//!   `…spectral_block` (I64 [1]);
+//! - PiSSA / MiLoRA: `lora_A/lora_B` plus the frozen `…pissa_A0` [r, in], `…pissa_B0` [out, r];
+//! - full fine-tuning: no PEFT config keys (`spectune.method = "full"`), and the tuned matrices
+//!   under their HF names (`model.layers.{i}.self_attn.q_proj.weight` [out, in]).
+//!
+//! Stock PEFT cannot run those; `spectune export` turns the low-rank ones into a plain LoRA.
 //!
 //! Files are written atomically: a temporary file in the same folder, fsync, rename.
 
@@ -68,6 +79,7 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
     let f32_bytes =
         |t: &Tensor| -> (Vec<usize>, Vec<u8>, Dtype) { (t.dims().to_vec(), t.to_vec_f32().iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32) };
     let mut block: Option<usize> = None;
+    let mut layer_methods: Vec<&'static str> = Vec::new();
     let i64_bytes = |v: &[i64]| -> (Vec<usize>, Vec<u8>, Dtype) { (vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect(), Dtype::I64) };
     for (li, layer) in model.layers.iter().enumerate() {
         for t in Target::ALL {
@@ -75,10 +87,17 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
             if !targets.contains(&t.hf_name()) {
                 targets.push(t.hf_name());
             }
-            if method != "lora" && method != ad.method().name() {
-                return Err(Error::invalid("save_adapter", format!("one method per adapter folder: found both {method} and {}", ad.method().name())));
+            // The LoRA-layout methods are told apart per module at load; DoRA (use_dora applies
+            // to every module) and full fine-tuning (another format) cannot share a folder.
+            let name = ad.method().name();
+            let first = layer_methods.first().copied().unwrap_or(name);
+            if first != name && [first, name].iter().any(|m| matches!(*m, "dora" | "full")) {
+                return Err(Error::invalid("save_adapter", format!("{first} and {name} adapters cannot be saved in one folder")));
             }
-            method = ad.method().name();
+            layer_methods.push(name);
+            if name != "lora" {
+                method = name;
+            }
             let p = module_prefix(li, t);
             let (a, b) = match ad {
                 Adapter::Lora { a, b, .. } | Adapter::Pissa { a, b, .. } | Adapter::Dora { a, b, .. } => (a, b),

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Round trip of spectune's PEFT export through the reference tooling (transformers + peft).
 
-For each adapter method (lora, speclora, speclora-svd) this script, in a temporary folder:
+For each adapter method (lora, speclora, speclora-svd, pissa, milora, spectral-a, spectral-r,
+dora) this script, in a temporary folder:
 
   1. trains a small, non-identity adapter with `spectune train` (3 AdamW steps at lr 1e-2 on a
      tiny JSONL file);
@@ -9,7 +10,9 @@ For each adapter method (lora, speclora, speclora-svd) this script, in a tempora
      adapter (B = 0, d = 1) and `spectune merge` of it writes the base weights (GGUF dequantized,
      f32) with config.json and the tokenizer (done once, shared by all methods);
   3. runs `spectune merge` (spectune's own merge -> merged_hf) and `spectune export` (a plain
-     PEFT LoRA of rank r + k -> exported) on the trained adapter;
+     PEFT LoRA of rank r + k, 2r for PiSSA/MiLoRA/Spectral^A, r for Spectral^R -> exported) on
+     the trained adapter; DoRA has no low-rank form, and its adapter folder is already a stock
+     PEFT DoRA adapter (use_dora, lora_magnitude_vector), so PEFT loads that folder itself;
   4. loads base_hf in transformers (float32), applies `PeftModel.from_pretrained(base, exported)`
      and compares its logits on fixed probe texts with transformers' logits of merged_hf, and
      with the plain base (the adapter's effect size).
@@ -36,7 +39,7 @@ import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ["lora", "speclora", "speclora-svd"]
+METHODS = ["lora", "speclora", "speclora-svd", "pissa", "milora", "spectral-a", "spectral-r", "dora"]
 
 # Tiny training set (a few lines; 3 steps only need 3 sequences).
 TRAIN_LINES = [
@@ -211,7 +214,10 @@ def roundtrip(spectune, model, methods, work, threads, log, keep):
         # 3. spectune's merge and spectune's export of it.
         merged_hf, exported = mdir / "merged_hf", mdir / "exported"
         merge_out = run([spectune, "merge", "--model", model, "--adapter", adapter, "--out", merged_hf, *thr], log)
-        run([spectune, "export", "--adapter", adapter, "--model", model, "--out", exported, *thr], log)
+        if method == "dora":
+            exported = adapter  # a stock PEFT DoRA adapter folder as saved
+        else:
+            run([spectune, "export", "--adapter", adapter, "--model", model, "--out", exported, *thr], log)
         ecfg = json.loads((exported / "adapter_config.json").read_text())
 
         # 4. transformers + PEFT on the base vs transformers on spectune's merged folder.
