@@ -177,6 +177,10 @@ enum Cmd {
         /// Print only the per-module-type mean rows.
         #[arg(long)]
         brief: bool,
+        /// Also analyse W0 + G per matrix, G Gaussian with ‖G‖ = ‖ΔW‖ (the "noise" rows): how much
+        /// of each block's movement any change of that size would cause.
+        #[arg(long)]
+        control: bool,
     },
     /// List a checkpoint's tensors (name, dtype, shape) and its parsed config and tokenizer.
     Inspect {
@@ -313,8 +317,8 @@ fn main() -> ExitCode {
             let mut log = |m: String| eprintln!("{m}");
             spectune::train::compare::compare(&o, &mut log).map(|r| print!("{}", spectune::train::compare::render(&r)))
         }
-        Cmd::Spectrum { base, tuned, adapter, k, targets, json, plot, brief } => {
-            run_spectrum(&base, tuned, adapter, k, targets.as_deref(), json.as_deref(), plot.as_deref(), brief)
+        Cmd::Spectrum { base, tuned, adapter, k, targets, json, plot, brief, control } => {
+            run_spectrum(&base, tuned, adapter, k, targets.as_deref(), json.as_deref(), plot.as_deref(), brief, control)
         }
         Cmd::Inspect { path, limit } => inspect(&path, limit),
         Cmd::Generate { model, adapter, prompt, chat, system, max_tokens, greedy, temperature, top_p, seed } => {
@@ -592,6 +596,7 @@ fn run_spectrum(
     json: Option<&Path>,
     plot: Option<&Path>,
     brief: bool,
+    control: bool,
 ) -> spectune::Result<()> {
     use spectune::spectrum::{analyze, plot::write_plots, render_table, write_json, SpectrumOptions, TunedSource};
     let source = match (tuned, adapter) {
@@ -604,7 +609,7 @@ fn run_spectrum(
         None => Target::ALL.to_vec(),
     };
     let t0 = Instant::now();
-    let report = analyze(base, &source, &SpectrumOptions { k, targets })?;
+    let report = analyze(base, &source, &SpectrumOptions { k, targets, control })?;
     print!("{}", render_table(&report, brief));
     if let Some(p) = json {
         write_json(&report, p)?;

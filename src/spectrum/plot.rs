@@ -4,7 +4,8 @@
 //! - `{module}.png` per module type, four panels over the block index i = 1..k: σ-ratio of the
 //!   top block (one line per layer, hue from violet = layer 0 to red = last layer), matched
 //!   alignment of u and of v (same colouring), and the principal-angle cosines of the top,
-//!   middle and bottom blocks for U (solid) and V (dashed), averaged over layers;
+//!   middle and bottom blocks for U (solid) and V (dashed), averaged over layers (with
+//!   `--control`, also the random-change control's U top and bottom blocks in grey);
 //! - `layers.png`: per layer, one line per module type: ρ_1, ‖ΔW‖/‖W‖, and the mean
 //!   principal-angle cosine of U's top block and of U's bottom block (same y scale).
 
@@ -296,6 +297,15 @@ fn module_chart(report: &SpectrumReport, module: &str, root: &Area<'_>) -> std::
         let c = rgba(BLOCK_COLORS[bi]);
         lines.push(Line { points: sines(mean_curve(&ms, |m| get(m).0)), color: c, dashed: false, width: 2, label: Some(format!("U {name}")) });
         lines.push(Line { points: sines(mean_curve(&ms, |m| get(m).1)), color: c, dashed: true, width: 2, label: Some(format!("V {name}")) });
+    }
+    // The random-change control, if computed: U's top and bottom blocks in grey.
+    let with_control: Vec<&MatrixSpectrum> = ms.iter().copied().filter(|m| m.control.is_some()).collect();
+    if !with_control.is_empty() {
+        let grey = rgba(RGBColor(120, 120, 120));
+        let top = sines(mean_curve(&with_control, |m| m.control.as_ref().map(|c| c.cos_u.top.as_slice()).unwrap_or(&[])));
+        let bottom = sines(mean_curve(&with_control, |m| m.control.as_ref().map(|c| c.cos_u.bottom.as_slice()).unwrap_or(&[])));
+        lines.push(Line { points: top, color: grey, dashed: false, width: 2, label: Some("noise: U top".into()) });
+        lines.push(Line { points: bottom, color: grey, dashed: true, width: 2, label: Some("noise: U bottom".into()) });
     }
     let p = Panel {
         title: "1 − cos θ_j, principal angles per block (mean over layers)",
