@@ -92,6 +92,8 @@ struct Panel<'a> {
     reference: Option<f64>,
     /// Logarithmic y axis (y must be > 0).
     log_y: bool,
+    /// Where the legend goes (if any line has a label).
+    legend: SeriesLabelPosition,
 }
 
 type DynError = Box<dyn std::error::Error>;
@@ -138,7 +140,7 @@ macro_rules! draw_chart {
                 .label_font((FONT, 13))
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK.mix(0.4))
-                .position(SeriesLabelPosition::LowerRight)
+                .position($p.legend.clone())
                 .draw()?;
         }
     }};
@@ -267,6 +269,7 @@ fn module_chart(report: &SpectrumReport, module: &str, root: &Area<'_>) -> std::
         lines: &ratio,
         reference: Some(1.0),
         log_y: false,
+        legend: SeriesLabelPosition::LowerRight,
     };
     panel(&areas[0], &p)?;
     let au = per_layer_lines(&ms, layers, |m| &m.stats.align_u.top);
@@ -281,6 +284,7 @@ fn module_chart(report: &SpectrumReport, module: &str, root: &Area<'_>) -> std::
         lines: &au,
         reference: Some(1.0),
         log_y: false,
+        legend: SeriesLabelPosition::LowerRight,
     };
     panel(&areas[1], &p)?;
     let p = Panel { title: "matched right vectors |⟨v_i, v'_i⟩|, top k", lines: &av, ..p };
@@ -316,6 +320,7 @@ fn module_chart(report: &SpectrumReport, module: &str, root: &Area<'_>) -> std::
         lines: &lines,
         reference: None,
         log_y: true,
+        legend: SeriesLabelPosition::UpperLeft,
     };
     panel(&areas[3], &p)
 }
@@ -365,6 +370,7 @@ fn layers_chart(report: &SpectrumReport, root: &Area<'_>) -> std::result::Result
         lines: &rho1,
         reference: Some(1.0),
         log_y: false,
+        legend: SeriesLabelPosition::UpperLeft,
     };
     panel(&areas[0], &p)?;
     let rel = lines(&|m| m.stats.rel_delta);
@@ -386,6 +392,7 @@ fn layers_chart(report: &SpectrumReport, root: &Area<'_>) -> std::result::Result
         lines: &top,
         reference: None,
         log_y: true,
+        legend: SeriesLabelPosition::UpperLeft,
     };
     panel(&areas[2], &p)?;
     let p = Panel { title: "U bottom block: mean (1 − cos θ), same scale", lines: &bottom, ..p };
