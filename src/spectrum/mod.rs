@@ -412,9 +412,9 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
     if opts.targets.is_empty() {
         return Err(Error::invalid(OP, "no target modules to analyse"));
     }
-    let base_model = Checkpoint::open(base)?.llama(DType::F32)?;
+    let mut base_model = Checkpoint::open(base)?.llama(DType::F32)?;
     let n_layers = base_model.layers.len();
-    // (name, layer, target, base, tuned-or-None = merge the base's adapter)
+    // W' from a second model, or (None) from the adapter loaded onto the base below.
     let (tuned_model, method, tuned_path, adapter_path): (Option<Llama>, String, Option<String>, Option<String>) = match tuned {
         TunedSource::Checkpoint(p) => {
             let t = Checkpoint::open(p)?.llama(DType::F32)?;
@@ -440,7 +440,6 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
             (None, adapter_method(dir)?, None, Some(dir.display().to_string()))
         }
     };
-    let mut base_model = base_model;
     if let TunedSource::Adapter(dir) = tuned {
         crate::peft::io::load_adapter(&mut base_model, dir)?;
     }
