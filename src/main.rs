@@ -134,6 +134,44 @@ enum Cmd {
         #[arg(long)]
         synthetic: bool,
     },
+    /// Train several adapter methods on the same data with a matched trainable budget and compare
+    /// held-out loss/perplexity; shows SpecLoRA's positional vs SVD-form d (fidelity check).
+    /// Default task: SmolLM2-135M-Instruct on Shakespeare, as the demo (downloads on first run).
+    Compare {
+        /// Comma-separated method names, as `train --method` takes them.
+        #[arg(long, value_delimiter = ',', default_values_t = spectune::train::compare::DEFAULT_METHODS.map(String::from))]
+        methods: Vec<String>,
+        #[arg(long, default_value_t = 60)]
+        steps: u64,
+        /// LoRA rank that sets the trainable budget (default 16; --synthetic 8).
+        #[arg(long)]
+        rank: Option<usize>,
+        /// SpecLoRA's k (default 200; --synthetic 32).
+        #[arg(long)]
+        k: Option<usize>,
+        /// Train every method at --rank instead of matching LoRA's trainable count.
+        #[arg(long)]
+        no_budget_match: bool,
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long)]
+        seq_len: Option<usize>,
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Held-out tokens evaluated (the same ones for every method).
+        #[arg(long, default_value_t = 2048)]
+        eval_tokens: usize,
+        /// Layers whose learned d vectors are printed (default: first, middle, last).
+        #[arg(long, value_delimiter = ',')]
+        fidelity_layers: Option<Vec<usize>>,
+        #[arg(long, default_value = "spectune-compare")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The offline task of `demo --synthetic` (a tiny random model, generated text; seconds).
+        #[arg(long)]
+        synthetic: bool,
+    },
     /// Spectral analysis of a weight change (the seeds' analysis): per adapted (or changed)
     /// linear, σ_i(W')/σ_i(W0), matched singular-vector alignment, principal angles of the top,
     /// middle and bottom k-blocks, ‖ΔW‖; a table, optional JSON and PNG plots.
@@ -165,6 +203,10 @@ enum Cmd {
         /// Print only the per-module-type mean rows.
         #[arg(long)]
         brief: bool,
+        /// Also analyse W0 + G per matrix, G Gaussian with ‖G‖ = ‖ΔW‖ (the "noise" rows): how much
+        /// of each block's movement any change of that size would cause.
+        #[arg(long)]
+        control: bool,
     },
     /// List a checkpoint's tensors (name, dtype, shape) and its parsed config and tokenizer.
     Inspect {
@@ -282,8 +324,28 @@ fn main() -> ExitCode {
         }
         Cmd::Export { adapter, format, out, model } => run_export(&adapter, format, &out, model.as_deref()),
         Cmd::Merge { model, adapter, out } => run_merge(&model, &adapter, &out),
-        Cmd::Spectrum { base, tuned, adapter, k, targets, json, plot, brief } => {
-            run_spectrum(&base, tuned, adapter, k, targets.as_deref(), json.as_deref(), plot.as_deref(), brief)
+        Cmd::Compare { methods, steps, rank, k, no_budget_match, batch, seq_len, lr, eval_tokens, fidelity_layers, out, seed, synthetic } => {
+            let o = spectune::train::compare::CompareOptions {
+                methods,
+                rank,
+                k,
+                steps,
+                batch,
+                seq_len,
+                lr,
+                eval_tokens,
+                seed,
+                out,
+                synthetic,
+                no_budget_match,
+                fidelity_layers,
+                progress: true,
+            };
+            let mut log = |m: String| eprintln!("{m}");
+            spectune::train::compare::compare(&o, &mut log).map(|r| print!("{}", spectune::train::compare::render(&r)))
+        }
+        Cmd::Spectrum { base, tuned, adapter, k, targets, json, plot, brief, control } => {
+            run_spectrum(&base, tuned, adapter, k, targets.as_deref(), json.as_deref(), plot.as_deref(), brief, control)
         }
         Cmd::Fuse { model, adapter, out } => run_fuse(&model, &adapter, &out),
         Cmd::Inspect { path, limit } => inspect(&path, limit),
@@ -587,6 +649,7 @@ fn run_spectrum(
     json: Option<&Path>,
     plot: Option<&Path>,
     brief: bool,
+    control: bool,
 ) -> spectune::Result<()> {
     use spectune::spectrum::{analyze, plot::write_plots, render_table, write_json, SpectrumOptions, TunedSource};
     let source = match (tuned, adapter) {
@@ -599,7 +662,7 @@ fn run_spectrum(
         None => Target::ALL.to_vec(),
     };
     let t0 = Instant::now();
-    let report = analyze(base, &source, &SpectrumOptions { k, targets })?;
+    let report = analyze(base, &source, &SpectrumOptions { k, targets, control })?;
     print!("{}", render_table(&report, brief));
     if let Some(p) = json {
         write_json(&report, p)?;

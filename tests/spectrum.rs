@@ -14,7 +14,7 @@ use spectune::ops::CeOptions;
 use spectune::peft::export::merge_to_hf;
 use spectune::peft::io::save_adapter;
 use spectune::peft::{LoraConfig, Method};
-use spectune::spectrum::{analyze, block_size, compare_matrices, SpectrumOptions, TunedSource, INTRUDER_THRESHOLD};
+use spectune::spectrum::{analyze, block_size, compare_matrices, random_change, SpectrumOptions, TunedSource, INTRUDER_THRESHOLD};
 use spectune::svd::thin_svd;
 use spectune::{backward, AdamW, AdamWConfig, DType};
 
@@ -242,9 +242,10 @@ fn cli_on_a_trained_adapter_and_on_the_merged_checkpoint() {
     let (base, adapter) = tiny_model_and_adapter(dir.path());
     let (b, a) = (base.to_str().unwrap(), adapter.to_str().unwrap());
     let (j1, plots) = (dir.path().join("a.json"), dir.path().join("plots"));
-    let (ok, out, err) = spectune(&["spectrum", "--base", b, "--adapter", a, "--k", "2", "--json", j1.to_str().unwrap(), "--plot", plots.to_str().unwrap()]);
+    let (ok, out, err) =
+        spectune(&["spectrum", "--base", b, "--adapter", a, "--k", "2", "--json", j1.to_str().unwrap(), "--plot", plots.to_str().unwrap(), "--control"]);
     assert!(ok, "{out}{err}");
-    for needle in ["singular values", "singular vectors", "q_proj", "down_proj", "mean/2", "(speclora)"] {
+    for needle in ["singular values", "singular vectors", "q_proj", "down_proj", "mean/2", "(speclora)", "noise"] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
     let r = json(&j1);
@@ -370,4 +371,32 @@ fn library_analysis_of_an_adapter_agrees_with_the_default_k_rule() {
     }
     assert!(r.unchanged.is_empty());
     assert_eq!(r.summary.iter().map(|s| s.count).sum::<usize>(), 14);
+    assert!(r.summary_control.is_empty() && r.matrices.iter().all(|m| m.control.is_none()));
+}
+
+#[test]
+fn the_noise_control_is_a_random_change_of_the_same_norm() {
+    let w0 = SplitMix::new(9).vec(40 * 30, -1.0, 1.0);
+    let wc = random_change(&w0, 0.25, 3);
+    let d: f64 = w0.iter().zip(&wc).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    assert!((d - 0.25).abs() < 1e-12, "{d}");
+    assert_eq!(wc, random_change(&w0, 0.25, 3), "seeded");
+    assert_ne!(wc, random_change(&w0, 0.25, 4));
+    // A random change spreads over the whole spectrum: its top-block share is near k²/(m·n).
+    let r = compare_matrices(&w0, &wc, 40, 30, 5).unwrap();
+    assert!(r.delta_top_share < 10.0 * r.delta_top_share_random, "{} vs {}", r.delta_top_share, r.delta_top_share_random);
+    assert!((r.delta_top_share_random - 25.0 / 1200.0).abs() < 1e-15);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (base, adapter) = tiny_model_and_adapter(dir.path());
+    let opts = SpectrumOptions { control: true, ..SpectrumOptions::default() };
+    let r = analyze(&base, &TunedSource::Adapter(adapter), &opts).unwrap();
+    for m in &r.matrices {
+        let c = m.control.as_ref().expect("control");
+        assert!((c.norm_delta - m.stats.norm_delta).abs() <= 1e-9 * m.stats.norm_delta, "{}", m.name);
+        assert_eq!(c.k, m.stats.k);
+    }
+    assert_eq!(r.summary_control.len(), 7);
+    let text = spectune::spectrum::render_table(&r, true);
+    assert!(text.contains("noise") && text.lines().filter(|l| l.contains(" noise ")).count() == 14, "{text}");
 }

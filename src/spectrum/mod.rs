@@ -17,7 +17,11 @@
 //! - the share of ‖ΔW‖_F² that lies in the top-k singular block of W0: ‖U_kᵀ·ΔW·V_k‖_F² / ‖ΔW‖_F²;
 //! - "intruder dimensions" (Shuttleworth et al.): for each top-k left singular vector u'_i of W',
 //!   max_j |⟨u'_i, u_j⟩| over all left singular vectors of W0; below [`INTRUDER_THRESHOLD`] it is
-//!   counted as an intruder (a direction the base weight did not have).
+//!   counted as an intruder (a direction the base weight did not have);
+//! - optionally (`control`) the same numbers for W0 + G, a Gaussian change with ‖G‖_F = ‖ΔW‖_F:
+//!   perturbation theory rotates singular vectors by about ‖ΔW‖/gap, so blocks with small gaps
+//!   (the bottom of the spectrum) move under any change; the control says how much of a
+//!   block's movement is just that.
 //!
 //! Matrices come from two checkpoints (`--tuned`: every linear that changed) or from a base and
 //! an adapter folder (`--adapter`: every adapted linear, merged one at a time through
@@ -90,6 +94,8 @@ pub struct PairSpectrum {
     pub cos_v: Blocks<Vec<f64>>,
     /// ‖U_kᵀ·ΔW·V_k‖_F² / ‖ΔW‖_F² (NaN when ΔW = 0).
     pub delta_top_share: f64,
+    /// What that share is on average for a ΔW with i.i.d. random entries: k²/(m·n).
+    pub delta_top_share_random: f64,
     /// max_j |⟨u'_i, u_j⟩| for each top-k u'_i of W'.
     pub intruder_cos: Vec<f64>,
     /// How many of those are below [`INTRUDER_THRESHOLD`].
@@ -106,6 +112,10 @@ pub struct MatrixSpectrum {
     pub module: String,
     #[serde(flatten)]
     pub stats: PairSpectrum,
+    /// With [`SpectrumOptions::control`]: the same analysis of W0 + G, G Gaussian with
+    /// ‖G‖_F = ‖ΔW‖_F — what an unstructured change of the same size does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control: Option<PairSpectrum>,
 }
 
 /// Where W' comes from.
@@ -125,11 +135,13 @@ pub struct SpectrumOptions {
     pub k: Option<usize>,
     /// Which linears to consider (default: all seven).
     pub targets: Vec<Target>,
+    /// Also analyse a random change of the same norm per matrix (see [`MatrixSpectrum::control`]).
+    pub control: bool,
 }
 
 impl Default for SpectrumOptions {
     fn default() -> Self {
-        SpectrumOptions { k: None, targets: Target::ALL.to_vec() }
+        SpectrumOptions { k: None, targets: Target::ALL.to_vec(), control: false }
     }
 }
 
@@ -150,6 +162,8 @@ pub struct SpectrumReport {
     pub unchanged: Vec<String>,
     /// One summary row per module type.
     pub summary: Vec<SummaryRow>,
+    /// The same for the random-change control (empty without it).
+    pub summary_control: Vec<SummaryRow>,
 }
 
 /// The scalar digest of one matrix (a table row) or the mean over a module type's matrices.
@@ -173,6 +187,7 @@ pub struct SummaryRow {
     pub cos_u: Blocks<f64>,
     pub cos_v: Blocks<f64>,
     pub delta_top_share: f64,
+    pub delta_top_share_random: f64,
     /// Intruders (summed over the matrices of a module type).
     pub intruders: usize,
 }
@@ -188,10 +203,16 @@ fn mean(v: &[f64]) -> f64 {
 impl MatrixSpectrum {
     /// The table row of this matrix.
     pub fn row(&self) -> SummaryRow {
-        let s = &self.stats;
+        row_of(&self.module, self.layer, &self.stats)
+    }
+}
+
+/// The table row of one comparison.
+fn row_of(module: &str, layer: usize, s: &PairSpectrum) -> SummaryRow {
+    {
         SummaryRow {
-            module: self.module.clone(),
-            layer: Some(self.layer),
+            module: module.to_string(),
+            layer: Some(layer),
             count: 1,
             rel_delta: s.rel_delta,
             rho1: s.ratio.top.first().copied().unwrap_or(f64::NAN),
@@ -203,6 +224,7 @@ impl MatrixSpectrum {
             cos_u: s.cos_u.map(|v| mean(v)),
             cos_v: s.cos_v.map(|v| mean(v)),
             delta_top_share: s.delta_top_share,
+            delta_top_share_random: s.delta_top_share_random,
             intruders: s.intruders,
         }
     }
@@ -226,6 +248,7 @@ fn summarize(module: &str, rows: &[SummaryRow]) -> SummaryRow {
         cos_u: b(&|r| &r.cos_u),
         cos_v: b(&|r| &r.cos_v),
         delta_top_share: m(&|r| r.delta_top_share),
+        delta_top_share_random: m(&|r| r.delta_top_share_random),
         intruders: rows.iter().map(|r| r.intruders).sum(),
     }
 }
@@ -335,6 +358,7 @@ pub fn compare_matrices(w0: &[f64], w1: &[f64], m: usize, n: usize, k: usize) ->
         cos_u,
         cos_v,
         delta_top_share,
+        delta_top_share_random: (k * k) as f64 / (m * n) as f64,
         intruder_cos,
         intruders,
     })
@@ -388,9 +412,9 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
     if opts.targets.is_empty() {
         return Err(Error::invalid(OP, "no target modules to analyse"));
     }
-    let base_model = Checkpoint::open(base)?.llama(DType::F32)?;
+    let mut base_model = Checkpoint::open(base)?.llama(DType::F32)?;
     let n_layers = base_model.layers.len();
-    // (name, layer, target, base, tuned-or-None = merge the base's adapter)
+    // W' from a second model, or (None) from the adapter loaded onto the base below.
     let (tuned_model, method, tuned_path, adapter_path): (Option<Llama>, String, Option<String>, Option<String>) = match tuned {
         TunedSource::Checkpoint(p) => {
             let t = Checkpoint::open(p)?.llama(DType::F32)?;
@@ -416,7 +440,6 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
             (None, adapter_method(dir)?, None, Some(dir.display().to_string()))
         }
     };
-    let mut base_model = base_model;
     if let TunedSource::Adapter(dir) = tuned {
         crate::peft::io::load_adapter(&mut base_model, dir)?;
     }
@@ -465,7 +488,13 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
                 return Err(Error::NonFinite { op: OP, what: format!("the tuned {name}, element {i}") });
             }
             let stats = compare_matrices(&w0, &w1, m, n, k).map_err(|e| Error::invalid(OP, format!("{name}: {e}")))?;
-            Ok(Some(MatrixSpectrum { name, layer: li, module: t.hf_name().to_string(), stats }))
+            let control = if opts.control {
+                let wc = random_change(&w0, stats.norm_delta, (li as u64) << 8 | t as u64);
+                Some(compare_matrices(&w0, &wc, m, n, k).map_err(|e| Error::invalid(OP, format!("{name} (control): {e}")))?)
+            } else {
+                None
+            };
+            Ok(Some(MatrixSpectrum { name, layer: li, module: t.hf_name().to_string(), stats, control }))
         })
         .collect::<Result<Vec<_>>>()?;
     let mut matrices = Vec::with_capacity(results.len());
@@ -484,12 +513,17 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
             },
         ));
     }
-    let mut by_module: BTreeMap<usize, (String, Vec<SummaryRow>)> = BTreeMap::new();
+    let mut by_module: BTreeMap<usize, (String, Vec<SummaryRow>, Vec<SummaryRow>)> = BTreeMap::new();
     for ms in &matrices {
         let pos = Target::ALL.iter().position(|t| t.hf_name() == ms.module).unwrap_or(usize::MAX);
-        by_module.entry(pos).or_insert_with(|| (ms.module.clone(), Vec::new())).1.push(ms.row());
+        let e = by_module.entry(pos).or_insert_with(|| (ms.module.clone(), Vec::new(), Vec::new()));
+        e.1.push(ms.row());
+        if let Some(c) = &ms.control {
+            e.2.push(row_of(&ms.module, ms.layer, c));
+        }
     }
-    let summary = by_module.values().map(|(name, rows)| summarize(name, rows)).collect();
+    let summary = by_module.values().map(|(name, rows, _)| summarize(name, rows)).collect();
+    let summary_control = by_module.values().filter(|(_, _, c)| !c.is_empty()).map(|(name, _, c)| summarize(name, c)).collect();
     Ok(SpectrumReport {
         base: base.display().to_string(),
         tuned: tuned_path,
@@ -500,7 +534,22 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
         matrices,
         unchanged,
         summary,
+        summary_control,
     })
+}
+
+/// W0 + G with G i.i.d. Gaussian (Box–Muller, seeded) scaled to ‖G‖_F = `norm`.
+pub fn random_change(w0: &[f64], norm: f64, seed: u64) -> Vec<f64> {
+    let mut rng = crate::gradcheck::SplitMix::new(seed ^ 0x5eed_c0de);
+    let g: Vec<f64> = (0..w0.len())
+        .map(|_| {
+            let (u1, u2) = (rng.uniform(f64::MIN_POSITIVE, 1.0), rng.uniform(0.0, 1.0));
+            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        })
+        .collect();
+    let gn = dot(&g, &g).sqrt();
+    let f = if gn > 0.0 { norm / gn } else { 0.0 };
+    w0.iter().zip(&g).map(|(w, x)| w + f * x).collect()
 }
 
 /// Writes the report as pretty JSON (non-finite numbers become null).

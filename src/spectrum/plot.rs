@@ -4,7 +4,8 @@
 //! - `{module}.png` per module type, four panels over the block index i = 1..k: σ-ratio of the
 //!   top block (one line per layer, hue from violet = layer 0 to red = last layer), matched
 //!   alignment of u and of v (same colouring), and the principal-angle cosines of the top,
-//!   middle and bottom blocks for U (solid) and V (dashed), averaged over layers;
+//!   middle and bottom blocks for U (solid) and V (dashed), averaged over layers (with
+//!   `--control`, also the random-change control's U top and bottom blocks in grey);
 //! - `layers.png`: per layer, one line per module type: ρ_1, ‖ΔW‖/‖W‖, and the mean
 //!   principal-angle cosine of U's top block and of U's bottom block (same y scale).
 
@@ -91,6 +92,8 @@ struct Panel<'a> {
     reference: Option<f64>,
     /// Logarithmic y axis (y must be > 0).
     log_y: bool,
+    /// Where the legend goes (if any line has a label).
+    legend: SeriesLabelPosition,
 }
 
 type DynError = Box<dyn std::error::Error>;
@@ -137,7 +140,7 @@ macro_rules! draw_chart {
                 .label_font((FONT, 13))
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK.mix(0.4))
-                .position(SeriesLabelPosition::LowerRight)
+                .position($p.legend.clone())
                 .draw()?;
         }
     }};
@@ -266,6 +269,7 @@ fn module_chart(report: &SpectrumReport, module: &str, root: &Area<'_>) -> std::
         lines: &ratio,
         reference: Some(1.0),
         log_y: false,
+        legend: SeriesLabelPosition::LowerRight,
     };
     panel(&areas[0], &p)?;
     let au = per_layer_lines(&ms, layers, |m| &m.stats.align_u.top);
@@ -280,6 +284,7 @@ fn module_chart(report: &SpectrumReport, module: &str, root: &Area<'_>) -> std::
         lines: &au,
         reference: Some(1.0),
         log_y: false,
+        legend: SeriesLabelPosition::LowerRight,
     };
     panel(&areas[1], &p)?;
     let p = Panel { title: "matched right vectors |⟨v_i, v'_i⟩|, top k", lines: &av, ..p };
@@ -297,6 +302,15 @@ fn module_chart(report: &SpectrumReport, module: &str, root: &Area<'_>) -> std::
         lines.push(Line { points: sines(mean_curve(&ms, |m| get(m).0)), color: c, dashed: false, width: 2, label: Some(format!("U {name}")) });
         lines.push(Line { points: sines(mean_curve(&ms, |m| get(m).1)), color: c, dashed: true, width: 2, label: Some(format!("V {name}")) });
     }
+    // The random-change control, if computed: U's top and bottom blocks in grey.
+    let with_control: Vec<&MatrixSpectrum> = ms.iter().copied().filter(|m| m.control.is_some()).collect();
+    if !with_control.is_empty() {
+        let grey = rgba(RGBColor(120, 120, 120));
+        let top = sines(mean_curve(&with_control, |m| m.control.as_ref().map(|c| c.cos_u.top.as_slice()).unwrap_or(&[])));
+        let bottom = sines(mean_curve(&with_control, |m| m.control.as_ref().map(|c| c.cos_u.bottom.as_slice()).unwrap_or(&[])));
+        lines.push(Line { points: top, color: grey, dashed: false, width: 2, label: Some("noise: U top".into()) });
+        lines.push(Line { points: bottom, color: grey, dashed: true, width: 2, label: Some("noise: U bottom".into()) });
+    }
     let p = Panel {
         title: "1 − cos θ_j, principal angles per block (mean over layers)",
         x_desc: "j (cosines in descending order)",
@@ -306,6 +320,7 @@ fn module_chart(report: &SpectrumReport, module: &str, root: &Area<'_>) -> std::
         lines: &lines,
         reference: None,
         log_y: true,
+        legend: SeriesLabelPosition::UpperLeft,
     };
     panel(&areas[3], &p)
 }
@@ -355,6 +370,7 @@ fn layers_chart(report: &SpectrumReport, root: &Area<'_>) -> std::result::Result
         lines: &rho1,
         reference: Some(1.0),
         log_y: false,
+        legend: SeriesLabelPosition::UpperLeft,
     };
     panel(&areas[0], &p)?;
     let rel = lines(&|m| m.stats.rel_delta);
@@ -376,6 +392,7 @@ fn layers_chart(report: &SpectrumReport, root: &Area<'_>) -> std::result::Result
         lines: &top,
         reference: None,
         log_y: true,
+        legend: SeriesLabelPosition::UpperLeft,
     };
     panel(&areas[2], &p)?;
     let p = Panel { title: "U bottom block: mean (1 − cos θ), same scale", lines: &bottom, ..p };

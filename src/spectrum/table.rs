@@ -29,28 +29,31 @@ fn pct(x: f64) -> String {
     }
 }
 
-fn label(r: &SummaryRow) -> (String, String) {
-    match r.layer {
-        Some(l) => (r.module.clone(), l.to_string()),
-        None => (r.module.clone(), format!("mean/{}", r.count)),
+/// (module, layer column): the layer, `mean/N` for a module-type mean, `noise` for the control.
+fn label(r: &SummaryRow, control: bool) -> (String, String) {
+    match (r.layer, control) {
+        (_, true) => (r.module.clone(), "noise".into()),
+        (Some(l), _) => (r.module.clone(), l.to_string()),
+        (None, _) => (r.module.clone(), format!("mean/{}", r.count)),
     }
 }
 
-fn values_line(r: &SummaryRow) -> String {
-    let (m, l) = label(r);
+fn values_line(r: &SummaryRow, control: bool) -> String {
+    let (m, l) = label(r, control);
     format!(
-        "{m:<10} {l:>7}  {:>9}  {:>8} {:>8} {:>8} {:>8}  {:>7}",
+        "{m:<10} {l:>7}  {:>9}  {:>8} {:>8} {:>8} {:>8}  {:>7} {:>6}",
         sci(r.rel_delta),
         f5(r.rho1),
         f5(r.rho.top),
         f5(r.rho.mid),
         f5(r.rho.bottom),
-        pct(r.delta_top_share)
+        pct(r.delta_top_share),
+        pct(r.delta_top_share_random)
     )
 }
 
-fn vectors_line(r: &SummaryRow) -> String {
-    let (m, l) = label(r);
+fn vectors_line(r: &SummaryRow, control: bool) -> String {
+    let (m, l) = label(r, control);
     format!(
         "{m:<10} {l:>7}  {:>8} {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}  {:>5}",
         f5(r.align_u1),
@@ -84,20 +87,32 @@ pub fn render_table(report: &SpectrumReport, brief: bool) -> String {
     if !report.unchanged.is_empty() {
         let _ = writeln!(out, "{} linears are unchanged and skipped", report.unchanged.len());
     }
-    let groups: Vec<(&SummaryRow, Vec<SummaryRow>)> =
-        report.summary.iter().map(|s| (s, report.matrices.iter().filter(|m| m.module == s.module).map(|m| m.row()).collect())).collect();
-    let table = |out: &mut String, head: &str, line: &dyn Fn(&SummaryRow) -> String| {
+    let groups: Vec<(&SummaryRow, Vec<SummaryRow>, Option<&SummaryRow>)> = report
+        .summary
+        .iter()
+        .map(|s| {
+            let rows = report.matrices.iter().filter(|m| m.module == s.module).map(|m| m.row()).collect();
+            (s, rows, report.summary_control.iter().find(|c| c.module == s.module))
+        })
+        .collect();
+    if !report.summary_control.is_empty() {
+        let _ = writeln!(out, "noise rows: the same analysis of W0 + G, G Gaussian with ‖G‖_F = ‖ΔW‖_F per matrix (an unstructured change of the same size)");
+    }
+    let table = |out: &mut String, head: &str, line: &dyn Fn(&SummaryRow, bool) -> String| {
         let _ = writeln!(out, "\n{head}");
         let width = head.lines().last().map(|l| l.chars().count()).unwrap_or(80);
         let rule = "-".repeat(width);
         let _ = writeln!(out, "{rule}");
-        for (s, rows) in &groups {
+        for (s, rows, control) in &groups {
             if !brief {
                 for r in rows {
-                    let _ = writeln!(out, "{}", line(r));
+                    let _ = writeln!(out, "{}", line(r, false));
                 }
             }
-            let _ = writeln!(out, "{}", line(s));
+            let _ = writeln!(out, "{}", line(s, false));
+            if let Some(c) = control {
+                let _ = writeln!(out, "{}", line(c, true));
+            }
             if !brief {
                 let _ = writeln!(out, "{rule}");
             }
@@ -106,8 +121,8 @@ pub fn render_table(report: &SpectrumReport, brief: bool) -> String {
     table(
         &mut out,
         &format!(
-            "singular values: ρ_i = σ_i(W')/σ_i(W0); ΔW∈top = share of ‖ΔW‖² inside the top-k singular block of W0\n{:<10} {:>7}  {:>9}  {:>8} {:>8} {:>8} {:>8}  {:>7}",
-            "module", "layer", "‖ΔW‖/‖W‖", "ρ_1", "ρ̄ top", "ρ̄ mid", "ρ̄ bot", "ΔW∈top"
+            "singular values: ρ_i = σ_i(W')/σ_i(W0); ΔW∈top = share of ‖ΔW‖² inside the top-k singular block of W0 (rand: k²/(m·n), a random ΔW's share)\n{:<10} {:>7}  {:>9}  {:>8} {:>8} {:>8} {:>8}  {:>7} {:>6}",
+            "module", "layer", "‖ΔW‖/‖W‖", "ρ_1", "ρ̄ top", "ρ̄ mid", "ρ̄ bot", "ΔW∈top", "rand"
         ),
         &values_line,
     );

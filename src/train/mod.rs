@@ -1,6 +1,7 @@
 //! Training: data loading and batching ([`data`]), the training loop with gradient
 //! accumulation, evaluation, and atomic checkpoints that resume bit-identically.
 
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod demo;
