@@ -113,6 +113,20 @@ proptest! {
     }
 
     #[test]
+    fn rms_norm_frozen_weight_op(r in dim(), c in dim(), zero_at in proptest::option::of(0usize..8), seed: u64) {
+        // A frozen w without zeros: the backward works from y (x̂ = y / w); with a zero entry it
+        // falls back to keeping x. Both must match finite differences.
+        let mut rng = SplitMix::new(seed);
+        let x = param(&mut rng, &[r, c], -2.0, 2.0);
+        let mut wv = rng.vec(c, -1.5, 1.5);
+        if let Some(z) = zero_at {
+            wv[z % c] = 0.0;
+        }
+        let w = Tensor::from_vec(wv, [c]).unwrap();
+        check("rms_norm (frozen w)", &[x, w], |x| ops::rms_norm(&x[0], &x[1], 1e-5))?;
+    }
+
+    #[test]
     fn rope_op(b in 1usize..3, t in dim(), h in 1usize..4, half in 1usize..5, per_row: bool, seed: u64) {
         let mut rng = SplitMix::new(seed);
         let hd = 2 * half;
@@ -162,6 +176,17 @@ proptest! {
         let targets: Vec<i64> = (0..rows).map(|i| if i % 4 == 3 { -100 } else { (rng.next_u64() % vocab as u64) as i64 }).collect();
         let opts = CeOptions { chunk_rows: Some(chunk), denominator: Some(3.0), ..CeOptions::default() };
         check("linear_cross_entropy", &[h, w], |x| ops::linear_cross_entropy(&x[0], &x[1], &targets, &opts))?;
+    }
+
+    #[test]
+    fn linear_cross_entropy_frozen_head_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, seed: u64) {
+        // A frozen head takes the fused path (dh computed in the forward, scaled in the backward).
+        let mut rng = SplitMix::new(seed);
+        let h = param(&mut rng, &[rows, d], -1.0, 1.0);
+        let w = constant(&mut rng, &[vocab, d], -1.0, 1.0);
+        let targets: Vec<i64> = (0..rows).map(|i| if i % 4 == 3 { -100 } else { (rng.next_u64() % vocab as u64) as i64 }).collect();
+        let opts = CeOptions { chunk_rows: Some(chunk), denominator: Some(3.0), ..CeOptions::default() };
+        check("linear_cross_entropy (frozen head)", &[h, w], |x| ops::scale(&ops::linear_cross_entropy(&x[0], &x[1], &targets, &opts)?, 1.7))?;
     }
 
     #[test]
