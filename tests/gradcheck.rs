@@ -217,6 +217,33 @@ proptest! {
     }
 
     #[test]
+    fn swiglu_adapter_linear_op(rows in dim(), n in dim(), m in dim(), r in 1usize..4, p in proptest::option::of(0.0f64..0.7), spec: bool, seed: u64) {
+        // The fused down projection: gradients for gate, up, d, A and B, with and without dropout,
+        // and the same values as the unfused composition.
+        let mut rng = SplitMix::new(seed);
+        let g = param(&mut rng, &[rows, n], -2.0, 2.0);
+        let u = param(&mut rng, &[rows, n], -1.0, 1.0);
+        let w = constant(&mut rng, &[m, n], -1.0, 1.0);
+        let d = param(&mut rng, &[1], 0.5, 1.5);
+        let a = param(&mut rng, &[r, n], -1.0, 1.0);
+        let b = param(&mut rng, &[m, r], -1.0, 1.0);
+        let dr = p.map(|p| ops::Dropout { p, seed });
+        let rows_sel = SpecRows::Top(1);
+        let f = |x: &[Tensor], fused: bool| {
+            let sp = if spec { ops::Spectral::Rows { d: &x[3], rows: &rows_sel } } else { ops::Spectral::None };
+            if fused {
+                ops::swiglu_adapter_linear(&x[0], &x[1], &x[2], sp, &x[4], &x[5], 1.5, dr)
+            } else {
+                ops::adapter_linear(&ops::swiglu(&x[0], &x[1])?, &x[2], sp, &x[4], &x[5], 1.5, dr)
+            }
+        };
+        let inputs = [g, u, w, d, a, b];
+        let (y1, y2) = spectune::no_grad(|| (f(&inputs, true).unwrap().to_vec_f64(), f(&inputs, false).unwrap().to_vec_f64()));
+        prop_assert_eq!(y1, y2);
+        check("swiglu_adapter_linear", &inputs, |x| f(x, true))?;
+    }
+
+    #[test]
     fn speclora_svd_linear_op(rows in dim(), n in dim(), m in dim(), r in 1usize..4, seed: u64) {
         let mut rng = SplitMix::new(seed);
         let k = 1 + (rng.next_u64() as usize) % m.min(n);

@@ -261,7 +261,9 @@ mod tests {
     #[test]
     fn tiled_attention_matches_the_reference() {
         let mut seed = 1;
-        for &(b, t, s, nh, nkv, hd) in &[(1, 1, 1, 1, 1, 2), (2, 5, 5, 2, 1, 4), (2, 70, 70, 3, 1, 8), (1, 130, 130, 4, 2, 6), (2, 3, 9, 2, 2, 4), (1, 65, 80, 2, 1, 2)] {
+        for &(b, t, s, nh, nkv, hd) in
+            &[(1, 1, 1, 1, 1, 2), (2, 5, 5, 2, 1, 4), (2, 70, 70, 3, 1, 8), (1, 130, 130, 4, 2, 6), (2, 3, 9, 2, 2, 4), (1, 65, 80, 2, 1, 2)]
+        {
             for causal in [true, false] {
                 for mask in [false, true] {
                     let d = AttnDims { b, t, s, nh, nkv, hd, causal, scale: 1.0 / (hd as f64).sqrt() };
