@@ -102,6 +102,10 @@ pub struct BenchArgs {
     /// exit without training.
     #[arg(long)]
     pub save_init: Option<PathBuf>,
+    /// Instead of training: time a SIZE³ f32 GEMM and the same GEMM with a bf16-stored right
+    /// operand (the frozen-weight path), the ceilings the training figures are fractions of.
+    #[arg(long, value_name = "SIZE")]
+    pub gemm_ceiling: Option<usize>,
 }
 
 impl Default for BenchArgs {
@@ -125,6 +129,7 @@ impl Default for BenchArgs {
             lr: 1e-3,
             seed: 0,
             save_init: None,
+            gemm_ceiling: None,
         }
     }
 }
@@ -621,4 +626,30 @@ fn write_weights(path: &Path, tensors: &[(String, &Tensor)]) -> Result<()> {
         }
     }
     w.flush().map_err(io)
+}
+
+/// GFLOP/s of an n³ GEMM C = A·Bᵀ (the linear layers' form): f32 B, then B stored as bf16 and
+/// converted per tile. Median of `reps` runs each.
+pub fn gemm_ceiling(n: usize, reps: usize) -> Result<(f64, f64)> {
+    if n == 0 {
+        return Err(Error::invalid("bench", "--gemm-ceiling needs a size > 0"));
+    }
+    let a = random_values(1, 0, n * n, -1.0, 1.0, |x| x as f32);
+    let b = random_values(1, 1, n * n, -1.0, 1.0, |x| x as f32);
+    let b16 = crate::storage::Storage::Host(HostData::BF16(b.iter().map(|&x| bf16::from_f32(x)).collect()));
+    let b32 = crate::storage::Storage::Host(HostData::F32(b));
+    let mut c = vec![0f32; n * n];
+    let flops = 2.0 * (n as f64).powi(3);
+    let mut time = |st: &crate::storage::Storage| {
+        let mut v: Vec<f64> = (0..reps.max(1))
+            .map(|_| {
+                let t0 = Instant::now();
+                crate::backend::cpu::gemm_stored(&mut c, &a, st, 0, n, n, n, false, true, 0.0);
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        v.sort_by(f64::total_cmp);
+        flops / v[v.len() / 2] / 1e9
+    };
+    Ok((time(&b32), time(&b16)))
 }

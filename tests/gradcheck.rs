@@ -113,6 +113,20 @@ proptest! {
     }
 
     #[test]
+    fn rms_norm_frozen_weight_op(r in dim(), c in dim(), zero_at in proptest::option::of(0usize..8), seed: u64) {
+        // A frozen w without zeros: the backward works from y (x̂ = y / w); with a zero entry it
+        // falls back to keeping x. Both must match finite differences.
+        let mut rng = SplitMix::new(seed);
+        let x = param(&mut rng, &[r, c], -2.0, 2.0);
+        let mut wv = rng.vec(c, -1.5, 1.5);
+        if let Some(z) = zero_at {
+            wv[z % c] = 0.0;
+        }
+        let w = Tensor::from_vec(wv, [c]).unwrap();
+        check("rms_norm (frozen w)", &[x, w], |x| ops::rms_norm(&x[0], &x[1], 1e-5))?;
+    }
+
+    #[test]
     fn rope_op(b in 1usize..3, t in dim(), h in 1usize..4, half in 1usize..5, per_row: bool, seed: u64) {
         let mut rng = SplitMix::new(seed);
         let hd = 2 * half;
@@ -165,6 +179,17 @@ proptest! {
     }
 
     #[test]
+    fn linear_cross_entropy_frozen_head_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, seed: u64) {
+        // A frozen head takes the fused path (dh computed in the forward, scaled in the backward).
+        let mut rng = SplitMix::new(seed);
+        let h = param(&mut rng, &[rows, d], -1.0, 1.0);
+        let w = constant(&mut rng, &[vocab, d], -1.0, 1.0);
+        let targets: Vec<i64> = (0..rows).map(|i| if i % 4 == 3 { -100 } else { (rng.next_u64() % vocab as u64) as i64 }).collect();
+        let opts = CeOptions { chunk_rows: Some(chunk), denominator: Some(3.0), ..CeOptions::default() };
+        check("linear_cross_entropy (frozen head)", &[h, w], |x| ops::scale(&ops::linear_cross_entropy(&x[0], &x[1], &targets, &opts)?, 1.7))?;
+    }
+
+    #[test]
     fn lora_linear_op(rows in dim(), n in dim(), m in dim(), r in 1usize..4, s in 0.1f64..3.0, seed: u64) {
         let mut rng = SplitMix::new(seed);
         let x = param(&mut rng, &[rows, n], -1.0, 1.0);
@@ -189,6 +214,33 @@ proptest! {
             let sp = if spec { ops::Spectral::Rows { d: &x[2], rows: &rows_sel } } else { ops::Spectral::None };
             ops::adapter_linear(&x[0], &x[1], sp, &x[3], &x[4], 1.5, dr)
         })?;
+    }
+
+    #[test]
+    fn swiglu_adapter_linear_op(rows in dim(), n in dim(), m in dim(), r in 1usize..4, p in proptest::option::of(0.0f64..0.7), spec: bool, seed: u64) {
+        // The fused down projection: gradients for gate, up, d, A and B, with and without dropout,
+        // and the same values as the unfused composition.
+        let mut rng = SplitMix::new(seed);
+        let g = param(&mut rng, &[rows, n], -2.0, 2.0);
+        let u = param(&mut rng, &[rows, n], -1.0, 1.0);
+        let w = constant(&mut rng, &[m, n], -1.0, 1.0);
+        let d = param(&mut rng, &[1], 0.5, 1.5);
+        let a = param(&mut rng, &[r, n], -1.0, 1.0);
+        let b = param(&mut rng, &[m, r], -1.0, 1.0);
+        let dr = p.map(|p| ops::Dropout { p, seed });
+        let rows_sel = SpecRows::Top(1);
+        let f = |x: &[Tensor], fused: bool| {
+            let sp = if spec { ops::Spectral::Rows { d: &x[3], rows: &rows_sel } } else { ops::Spectral::None };
+            if fused {
+                ops::swiglu_adapter_linear(&x[0], &x[1], &x[2], sp, &x[4], &x[5], 1.5, dr)
+            } else {
+                ops::adapter_linear(&ops::swiglu(&x[0], &x[1])?, &x[2], sp, &x[4], &x[5], 1.5, dr)
+            }
+        };
+        let inputs = [g, u, w, d, a, b];
+        let (y1, y2) = spectune::no_grad(|| (f(&inputs, true).unwrap().to_vec_f64(), f(&inputs, false).unwrap().to_vec_f64()));
+        prop_assert_eq!(y1, y2);
+        check("swiglu_adapter_linear", &inputs, |x| f(x, true))?;
     }
 
     #[test]

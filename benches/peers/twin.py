@@ -44,7 +44,9 @@ def reset_peak():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--init", required=True, help="folder written by spectune bench --save-init")
+    ap.add_argument("--init", help="folder written by spectune bench --save-init")
+    ap.add_argument("--gemm-ceiling", type=int, metavar="SIZE",
+                    help="instead of training: time torch.matmul(A, B.T) at SIZE^3 in f32 and in bf16")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: bench.json)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
@@ -58,6 +60,20 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
+    if a.gemm_ceiling:
+        n = a.gemm_ceiling
+        for dt in (torch.float32, torch.bfloat16):
+            x, w = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+            torch.matmul(x, w.T)
+            ts = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                torch.matmul(x, w.T)
+                ts.append(time.perf_counter() - t0)
+            print(f"torch GEMM {n}^3 {dt}, {torch.get_num_threads()} threads: {2 * n**3 / statistics.median(ts) / 1e9:.1f} GFLOP/s")
+        return
+    if not a.init:
+        ap.error("--init is required")
     import transformers
     from peft import PeftModel
     from safetensors.torch import load_file

@@ -206,6 +206,16 @@ pub fn rms_norm_bwd<T: Float>(dx: Option<&mut [T]>, dw: Option<&mut [T]>, dy: &[
     }
 }
 
+/// [`rms_norm_bwd`]'s dx from the output y = x̂ ⊙ w instead of x (w with no zero entry):
+///   dx = r·(dy ⊙ w − (y / w)·mean(dy ⊙ y)).
+pub fn rms_norm_bwd_from_y<T: Float>(dx: &mut [T], dy: &[T], y: &[T], w: &[T], rstd: &[T], c: usize) {
+    let inv_c = T::ONE / T::from_f64(c as f64);
+    dx.par_chunks_mut(c).zip(dy.par_chunks(c).zip(y.par_chunks(c))).zip(rstd.par_iter()).with_min_len(ROW_GRAIN).for_each(|((dx, (dy, y)), r)| {
+        let mean = dy.iter().zip(y).map(|(g, y)| *g * *y).sum::<T>() * inv_c;
+        dx.iter_mut().zip(dy.iter().zip(y)).zip(w).for_each(|((dx, (g, y)), w)| *dx = *r * (*g * *w - (*y / *w) * mean));
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // RoPE (HF rotate-half layout)
 // ---------------------------------------------------------------------------------------------
@@ -454,6 +464,39 @@ pub fn cross_entropy_bwd_inplace<T: Float>(x: &mut [T], lse: &[T], targets: &[i6
         x.iter_mut().for_each(|v| *v = g * (*v - *l).exp());
         x[tg as usize] -= g;
     });
+}
+
+/// The LM-head loss without storing logits: per chunk of `chunk` rows, logits = h·Wᵀ
+/// ([chunk, vocab], W [vocab, d] stored in any dtype), lse and the summed loss as
+/// [`cross_entropy_fwd`]; with `dh`, also dh = g·(softmax − onehot)·W for the chunk (the
+/// gradient for dy = 1 with g = 1/denominator). Returns Σ loss over counted rows.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_cross_entropy_fwd<T: Float>(
+    lse: &mut [T],
+    mut dh: Option<&mut [T]>,
+    h: &[T],
+    w: &Storage,
+    targets: &[i64],
+    ignore_index: i64,
+    d: usize,
+    vocab: usize,
+    chunk: usize,
+    g: T,
+) -> f64 {
+    let rows = lse.len();
+    let mut logits = vec![T::ZERO; chunk.min(rows) * vocab];
+    let mut total = 0.0;
+    for r0 in (0..rows).step_by(chunk.max(1)) {
+        let r1 = (r0 + chunk).min(rows);
+        let lg = &mut logits[..(r1 - r0) * vocab];
+        gemm_stored(lg, &h[r0 * d..r1 * d], w, 0, r1 - r0, d, vocab, false, true, T::ZERO);
+        total += cross_entropy_fwd(&mut lse[r0..r1], lg, &targets[r0..r1], ignore_index, vocab);
+        if let Some(dh) = dh.as_deref_mut() {
+            cross_entropy_bwd_inplace(lg, &lse[r0..r1], &targets[r0..r1], ignore_index, vocab, g);
+            gemm_stored(&mut dh[r0 * d..r1 * d], lg, w, 0, r1 - r0, vocab, d, false, false, T::ZERO);
+        }
+    }
+    total
 }
 
 // ---------------------------------------------------------------------------------------------

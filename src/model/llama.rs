@@ -106,6 +106,18 @@ impl Linear {
             None => Ok(y),
         }
     }
+    /// `forward(swiglu(gate, up))`; with an adapter, fused so the product is not kept for the
+    /// backward.
+    pub fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let y = match &self.adapter {
+            Some(ad) => ad.forward_swiglu(gate, up, &self.weight, dropout_seed)?,
+            None => ops::linear(&crate::profile::fwd("swiglu", || ops::swiglu(gate, up))?, &self.weight)?,
+        };
+        match &self.bias {
+            Some(b) => ops::add(&y, b),
+            None => Ok(y),
+        }
+    }
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
     }
@@ -519,8 +531,7 @@ fn layer_forward(l: &Layer, li: usize, c: &Ctx, x: &Tensor, kv: Option<&mut (Opt
     let n = fwd("rms_norm", || ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps))?;
     let gate = fwd("gate_proj", || l.gate.forward(&n, seed(4)))?;
     let up = fwd("up_proj", || l.up.forward(&n, seed(5)))?;
-    let g = fwd("swiglu", || ops::swiglu(&gate, &up))?;
+    let down = fwd("down_proj", || l.down.forward_swiglu(&gate, &up, seed(6)))?;
     drop((gate, up));
-    let down = fwd("down_proj", || l.down.forward(&g, seed(6)))?;
     fwd("add", || ops::add(&x, &down))
 }

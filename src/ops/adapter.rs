@@ -138,7 +138,46 @@ pub fn pissa_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, a0: &Tensor,
 /// The general adapter linear: LoRA plus an optional spectral part, with optional dropout on the
 /// LoRA branch input.
 pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Spectral<'_>, a: &Tensor, b: &Tensor, s: f64, dropout: Option<Dropout>) -> Result<Tensor> {
-    let op = spec.op();
+    adapter_linear_impl(x, None, w, spec, a, b, s, dropout)
+}
+
+/// The adapter linear of `swiglu(gate, up)` (a Llama MLP's down projection), fused so that the
+/// product silu(gate) ⊙ up is never kept for the backward: it is recomputed there from gate and
+/// up (which the SwiGLU gradient needs anyway) for dA. Same result and gradients as
+/// `adapter_linear(&swiglu(gate, up)?, ..)`, one [.., in] activation less held per layer.
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_adapter_linear(
+    gate: &Tensor,
+    up: &Tensor,
+    w: &Tensor,
+    spec: Spectral<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    // The device path has no fused variant: record swiglu, then the plain adapter linear.
+    if crate::device::on_cuda(&[gate, up]) {
+        let x = super::swiglu(gate, up)?;
+        return adapter_linear_impl(&x, None, w, spec, a, b, s, dropout);
+    }
+    let x = crate::autograd::no_grad(|| super::swiglu(gate, up))?;
+    adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout)
+}
+
+/// `x_src`: x = swiglu(gate, up), the inputs recorded instead of x (see [`swiglu_adapter_linear`]).
+#[allow(clippy::too_many_arguments)]
+fn adapter_linear_impl(
+    x: &Tensor,
+    x_src: Option<(&Tensor, &Tensor)>,
+    w: &Tensor,
+    spec: Spectral<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    let op = if x_src.is_some() { "swiglu_adapter_linear" } else { spec.op() };
     if let Some(dr) = dropout {
         if !(0.0..1.0).contains(&dr.p) {
             return Err(Error::invalid(op, format!("dropout p must be in [0, 1), got {}", dr.p)));
@@ -275,13 +314,20 @@ pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Spectral<'_>, a: &Tensor, b:
         }
         Ok((out(y, Shape::new(out_dims.clone())), out(h, [nrows, r]), zk, xd.map(|v| out(v, [nrows, n])), pk))
     })?;
-    let inputs: Vec<&Tensor> = match spec.d() {
-        Some(d) => vec![x, d, a, b],
-        None => vec![x, a, b],
+    let mut inputs: Vec<&Tensor> = match x_src {
+        Some((g, u)) => vec![g, u],
+        None => vec![x],
     };
+    inputs.extend(spec.d());
+    inputs.extend([a, b]);
     let has_d = spec.d().is_some();
+    let fused = x_src.is_some();
     Ok(record(y, &inputs, |needs| {
-        let (nx, nd, na, nb) = if has_d { (needs[0], needs[1], needs[2], needs[3]) } else { (needs[0], false, needs[1], needs[2]) };
+        // With x_src, needs[0..2] are gate and up; either needs dX.
+        let (nx, needs) = if fused { (needs[0] || needs[1], &needs[1..]) } else { (needs[0], needs) };
+        let (nd, na, nb) = if has_d { (needs[1], needs[2], needs[3]) } else { (false, needs[1], needs[2]) };
+        // Fused without dropout: keep gate and up (not x) and recompute x for dA.
+        let src = x_src.filter(|_| xd.is_none() || nx).map(|(g, u)| (g.detach(), u.detach()));
         let svd = match spec {
             Spectral::Svd { d, u, sigma, v } if nx || nd => Some(SvdSaved { d: d.detach(), u: u.detach(), sigma: sigma.detach(), v: v.detach() }),
             _ => None,
@@ -290,7 +336,14 @@ pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Spectral<'_>, a: &Tensor, b:
             name: op,
             x_shape: x.shape().clone(),
             // dA = s·Gᵀ·X̃ needs the dropped-out input when dropout is on.
-            x: na.then(|| xd.unwrap_or_else(|| x.detach())),
+            x: match (na, xd, &src) {
+                (false, ..) => None,
+                (true, Some(xd), _) => Some(xd),
+                (true, None, Some(_)) => None,
+                (true, None, None) => Some(x.detach()),
+            },
+            src,
+            fused,
             dropout,
             w: nx.then(|| w.detach()),
             a: (nx).then(|| a.detach()),
@@ -326,6 +379,9 @@ struct LinDims {
 
 struct AdapterBwd {
     name: &'static str,
+    /// Fused SwiGLU input: (gate, up), for recomputing x (dA) and for dgate/dup.
+    src: Option<(Tensor, Tensor)>,
+    fused: bool,
     x_shape: Shape,
     x: Option<Tensor>,
     w: Option<Tensor>,
@@ -367,7 +423,8 @@ impl Backward for AdapterBwd {
     ///   dX = dYΓ·W + s·(G·A) ⊙ mask/(1−p);  dA = s·Gᵀ·X̃;  dB = s·dYᵀ·H;  dd_j = Σ_t dY[t, i_j]·Z[t, i_j].
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         let LinDims { nrows, m, n, r, s } = self.dims;
-        let (nx, nd, na, nb) = if self.has_d { (needs[0], needs[1], needs[2], needs[3]) } else { (needs[0], false, needs[1], needs[2]) };
+        let (nx, needs) = if self.fused { (needs[0] || needs[1], &needs[1..]) } else { (needs[0], needs) };
+        let (nd, na, nb) = if self.has_d { (needs[1], needs[2], needs[3]) } else { (false, needs[1], needs[2]) };
         with_float!(dy.dtype(), "adapter_linear.backward", |T| {
             let gy = dy.read();
             let gy = vals::<T>(&gy);
@@ -422,10 +479,18 @@ impl Backward for AdapterBwd {
                 }
                 _ => None,
             };
-            let da = match (na, &self.x, &g) {
-                (true, Some(x), Some(g)) => {
+            let da = match (na, &self.x, &self.src, &g) {
+                (true, Some(x), _, Some(g)) => {
                     let mut da = vec![T::ZERO; r * n];
                     cpu::gemm(&mut da, g, &vals::<T>(&x.read()), r, nrows, n, true, false, st, T::ZERO);
+                    Some(out(da, [r, n]))
+                }
+                (true, None, Some((gt, up)), Some(g)) => {
+                    // x = silu(gate) ⊙ up, recomputed.
+                    let mut x = vec![T::ZERO; nrows * n];
+                    cpu::swiglu_fwd(&mut x, &vals::<T>(&gt.read()), &vals::<T>(&up.read()));
+                    let mut da = vec![T::ZERO; r * n];
+                    cpu::gemm(&mut da, g, &x, r, nrows, n, true, false, st, T::ZERO);
                     Some(out(da, [r, n]))
                 }
                 _ => None,
@@ -470,7 +535,21 @@ impl Backward for AdapterBwd {
                 cpu::gemm(&mut dxv, &g0, &vals::<T>(&a0.read()), nrows, r0, n, false, false, -st, T::ONE);
                 dx = Some(out(dxv, self.x_shape.clone()));
             }
-            Ok(if self.has_d { vec![dx, dd, da, db] } else { vec![dx, da, db] })
+            // Fused: dx is ∂L/∂x for x = swiglu(gate, up); pass it through the SwiGLU gradient.
+            let mut grads = match (&self.src, dx) {
+                (Some((gt, up)), Some(dxv)) if self.fused => {
+                    let (mut dg, mut du) = (vec![T::ZERO; nrows * n], vec![T::ZERO; nrows * n]);
+                    cpu::swiglu_bwd(&mut dg, &mut du, &vals::<T>(&dxv.read()), &vals::<T>(&gt.read()), &vals::<T>(&up.read()));
+                    vec![Some(out(dg, gt.shape().clone())), Some(out(du, up.shape().clone()))]
+                }
+                (_, dx) if self.fused => vec![dx.clone(), dx],
+                (_, dx) => vec![dx],
+            };
+            if self.has_d {
+                grads.push(dd);
+            }
+            grads.extend([da, db]);
+            Ok(grads)
         })
     }
 }

@@ -119,23 +119,43 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[i64], opts: &CeOp
     if crate::device::on_cuda(&[h, w]) {
         return crate::backend::cuda::ops::linear_cross_entropy(h, w, targets, opts.ignore_index, denom, chunk);
     }
-    let (y, lse) = with_float!(dt, "linear_cross_entropy", |T| {
+    // Training through a frozen head (the usual case): the backward's softmax − onehot depends
+    // on dy only through a scalar factor, so the forward computes dh for dy = 1 chunk by chunk
+    // while the logits are at hand, and the backward only scales it — no second pass over the
+    // head (one GEMM of N·d·V less per step) and no logits kept.
+    let fuse = crate::autograd::is_grad_enabled() && h.requires_grad() && !w.requires_grad();
+    let (y, lse, dh) = with_float!(dt, "linear_cross_entropy", |T| {
         let (hg, wg) = (h.read(), w.read());
         let hv = vals::<T>(&hg);
         let mut lse = vec![T::ZERO; rows];
-        let mut logits = vec![T::ZERO; chunk * vocab];
-        let mut total = 0.0;
-        for r0 in (0..rows).step_by(chunk) {
-            let r1 = (r0 + chunk).min(rows);
-            let lg = &mut logits[..(r1 - r0) * vocab];
-            cpu::gemm_stored(lg, &hv[r0 * d..r1 * d], &wg, 0, r1 - r0, d, vocab, false, true, T::ZERO);
-            total += cpu::cross_entropy_fwd(&mut lse[r0..r1], lg, &targets[r0..r1], opts.ignore_index, vocab);
-        }
-        Ok((out(vec![T::from_f64(total / denom)], Shape::scalar()), out(lse, [rows])))
+        let mut dh = fuse.then(|| vec![T::ZERO; rows * d]);
+        let g = T::from_f64(1.0 / denom);
+        let total = cpu::linear_cross_entropy_fwd(&mut lse, dh.as_deref_mut(), &hv, &wg, targets, opts.ignore_index, d, vocab, chunk, g);
+        Ok((out(vec![T::from_f64(total / denom)], Shape::scalar()), out(lse, [rows]), dh.map(|v| out(v, [rows, d]))))
     })?;
-    Ok(record(y, &[h, w], |_| {
-        Box::new(LinearCeBwd { h: h.detach(), w: w.detach(), lse, targets: targets.to_vec(), ignore_index: opts.ignore_index, denom, chunk })
+    Ok(record(y, &[h, w], |_| match dh {
+        Some(dh) => Box::new(LinearCeFusedBwd { dh }) as Box<dyn Backward>,
+        None => Box::new(LinearCeBwd { h: h.detach(), w: w.detach(), lse, targets: targets.to_vec(), ignore_index: opts.ignore_index, denom, chunk }),
     }))
+}
+
+/// Backward of the fused path: dh was computed by the forward for dy = 1.
+struct LinearCeFusedBwd {
+    dh: Tensor,
+}
+impl Backward for LinearCeFusedBwd {
+    fn name(&self) -> &'static str {
+        "linear_cross_entropy"
+    }
+    /// dh = dy · dh|dy=1 (the loss is linear in dy); the frozen head gets nothing.
+    fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
+        with_float!(dy.dtype(), "linear_cross_entropy.backward", |T| {
+            let g = vals::<T>(&dy.read())[0];
+            let mut dh = vec![T::ZERO; self.dh.numel()];
+            cpu::scale(&mut dh, &vals::<T>(&self.dh.read()), g);
+            Ok(vec![Some(out(dh, self.dh.shape().clone())), None])
+        })
+    }
 }
 
 struct LinearCeBwd {

@@ -30,11 +30,18 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         cpu::rms_norm_fwd(&mut y, &mut rstd, &vals::<T>(&x.read()), &vals::<T>(&w.read()), c, T::from_f64(eps));
         Ok((out(y, x.shape().clone()), out(rstd, [rows])))
     })?;
-    Ok(record(y, &[x, w], |needs| Box::new(RmsNormBwd { x: x.detach(), w: w.detach(), rstd, need_w: needs[1] })))
+    // A frozen w with no zero entry lets the backward recover x̂ = y / w from the output, which
+    // the next op (an adapter linear) keeps anyway: then x itself (the residual stream) is not
+    // kept alive by this op.
+    let from_y = !w.requires_grad() && with_float!(dt, "rms_norm", |T| { Ok(vals::<T>(&w.read()).iter().all(|v| *v != T::ZERO && v.is_finite())) })?;
+    let y_saved = y.detach();
+    Ok(record(y, &[x, w], |needs| Box::new(RmsNormBwd { x: if from_y { y_saved } else { x.detach() }, from_y, w: w.detach(), rstd, need_w: needs[1] })))
 }
 
 struct RmsNormBwd {
+    /// x, or y when `from_y`.
     x: Tensor,
+    from_y: bool,
     w: Tensor,
     rstd: Tensor,
     need_w: bool,
@@ -49,6 +56,12 @@ impl Backward for RmsNormBwd {
         with_float!(dy.dtype(), "rms_norm.backward", |T| {
             let c = self.x.shape().last();
             let (xg, wg, rg, gg) = (self.x.read(), self.w.read(), self.rstd.read(), dy.read());
+            if self.from_y {
+                // dx = r·(dy ⊙ w − x̂·mean(dy ⊙ y)) with x̂ = y / w (g ⊙ x̂ = dy ⊙ y exactly).
+                let mut dx = vec![T::ZERO; self.x.numel()];
+                cpu::rms_norm_bwd_from_y(&mut dx, &vals::<T>(&gg), &vals::<T>(&xg), &vals::<T>(&wg), &vals::<T>(&rg), c);
+                return Ok(vec![needs[0].then(|| out(dx, self.x.shape().clone())), None]);
+            }
             let mut dx = needs[0].then(|| vec![T::ZERO; self.x.numel()]);
             let mut dw = self.need_w.then(|| vec![T::ZERO; c]);
             cpu::rms_norm_bwd(dx.as_deref_mut(), dw.as_deref_mut(), &vals::<T>(&gg), &vals::<T>(&xg), &vals::<T>(&wg), &vals::<T>(&rg), c);
