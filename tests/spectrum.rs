@@ -317,6 +317,8 @@ fn cli_bad_input_is_a_clear_error() {
     // …but fine once k_proj/v_proj are left out (q is 16 × 16).
     let (ok, out, err) = spectune(&["spectrum", "--base", b, "--adapter", a, "--k", "9", "--targets", "q,o", "--brief"]);
     assert!(ok && out.contains("q_proj") && !out.contains("k_proj"), "{out}{err}");
+    let (ok, _, err) = spectune(&["spectrum", "--base", b, "--adapter", a, "--targets", "q,zz"]);
+    assert!(!ok && err.contains("unknown module `zz`"), "{err}");
     // Exactly one of --tuned / --adapter.
     let (ok, _, err) = spectune(&["spectrum", "--base", b]);
     assert!(!ok && err.contains("--adapter"), "{err}");
