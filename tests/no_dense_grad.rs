@@ -51,7 +51,8 @@ fn measure(f: impl FnOnce()) -> (usize, isize) {
 
 #[test]
 fn adapter_backward_allocates_no_dense_weight_gradient() {
-    let (m, n, r, rows) = (2048usize, 2048usize, 8usize, 4usize);
+    // 8 Mi weights: a bf16 W is converted one tile (1 Mi elements) at a time, 1/8 of dense.
+    let (m, n, r, rows) = (4096usize, 2048usize, 8usize, 4usize);
     let mut rng = SplitMix::new(1);
     let wv: Vec<f32> = rng.vec(m * n, -0.05, 0.05).into_iter().map(|v| v as f32).collect();
     let w32 = Tensor::from_vec(wv.clone(), [m, n]).unwrap();

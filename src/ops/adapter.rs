@@ -346,9 +346,11 @@ fn adapter_linear_impl(
             fused,
             dropout,
             w: nx.then(|| w.detach()),
-            a: (nx).then(|| a.detach()),
+            a: (nx || (nb && na)).then(|| a.detach()),
             b: (nx || na).then(|| b.detach()),
-            h: nb.then_some(h),
+            // With A trainable too, x̃ is kept for dA and H = x̃·Aᵀ is recomputed for dB (an [N, r]
+            // buffer less per linear for one N·n·r GEMM); otherwise H is kept.
+            h: (nb && !na).then_some(h),
             d: if let (Spectral::Rows { d, .. }, true) = (spec, nx) { Some(d.detach()) } else { None },
             zk: zk.filter(|_| nd),
             idx,
@@ -479,29 +481,45 @@ impl Backward for AdapterBwd {
                 }
                 _ => None,
             };
-            let da = match (na, &self.x, &self.src, &g) {
-                (true, Some(x), _, Some(g)) => {
-                    let mut da = vec![T::ZERO; r * n];
-                    cpu::gemm(&mut da, g, &vals::<T>(&x.read()), r, nrows, n, true, false, st, T::ZERO);
-                    Some(out(da, [r, n]))
+            // X̃ (the LoRA branch input): saved, or recomputed as silu(gate) ⊙ up for the fused
+            // down projection. Needed for dA, and for dB when H was not kept.
+            let xt: Option<std::borrow::Cow<'_, [T]>> = if na || (nb && self.h.is_none()) {
+                match (&self.x, &self.src) {
+                    (Some(x), _) => Some(std::borrow::Cow::Owned(vals::<T>(&x.read()).into_owned())),
+                    (None, Some((gt, up))) => {
+                        let mut x = vec![T::ZERO; nrows * n];
+                        cpu::swiglu_fwd(&mut x, &vals::<T>(&gt.read()), &vals::<T>(&up.read()));
+                        Some(std::borrow::Cow::Owned(x))
+                    }
+                    _ => None,
                 }
-                (true, None, Some((gt, up)), Some(g)) => {
-                    // x = silu(gate) ⊙ up, recomputed.
-                    let mut x = vec![T::ZERO; nrows * n];
-                    cpu::swiglu_fwd(&mut x, &vals::<T>(&gt.read()), &vals::<T>(&up.read()));
+            } else {
+                None
+            };
+            let da = match (na, &xt, &g) {
+                (true, Some(x), Some(g)) => {
                     let mut da = vec![T::ZERO; r * n];
-                    cpu::gemm(&mut da, g, &x, r, nrows, n, true, false, st, T::ZERO);
+                    cpu::gemm(&mut da, g, x, r, nrows, n, true, false, st, T::ZERO);
                     Some(out(da, [r, n]))
                 }
                 _ => None,
             };
-            let db = match (nb, &self.h) {
-                (true, Some(h)) => {
-                    let mut db = vec![T::ZERO; m * r];
-                    cpu::gemm(&mut db, &gy, &vals::<T>(&h.read()), m, nrows, r, true, false, st, T::ZERO);
-                    Some(out(db, [m, r]))
-                }
-                _ => None,
+            let db = if nb {
+                // H = X̃·Aᵀ [N, r]: kept, or recomputed (the same GEMM as the forward's).
+                let h: Vec<T> = match (&self.h, &xt, &self.a) {
+                    (Some(h), ..) => vals::<T>(&h.read()).into_owned(),
+                    (None, Some(x), Some(a)) => {
+                        let mut h = vec![T::ZERO; nrows * r];
+                        cpu::gemm(&mut h, x, &vals::<T>(&a.read()), nrows, n, r, false, true, T::ONE, T::ZERO);
+                        h
+                    }
+                    _ => return Err(crate::error::Error::Autograd(format!("{}: backward has neither H nor X̃ for dB", self.name))),
+                };
+                let mut db = vec![T::ZERO; m * r];
+                cpu::gemm(&mut db, &gy, &h, m, nrows, r, true, false, st, T::ZERO);
+                Some(out(db, [m, r]))
+            } else {
+                None
             };
             // SVD form: Q = dY·U [N, k];  dd_i = σ_i Σ_t Q[t,i]·P[t,i];  dX += (Q ⊙ c)·Vᵀ.
             let (mut dx, mut dd) = (dx, dd);
