@@ -124,7 +124,7 @@ pub fn speclora_svd_linear(x: &Tensor, w: &Tensor, d: &Tensor, u: &Tensor, sigma
 /// The general adapter linear: LoRA plus an optional spectral part, with optional dropout on the
 /// LoRA branch input.
 pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Spectral<'_>, a: &Tensor, b: &Tensor, s: f64, dropout: Option<Dropout>) -> Result<Tensor> {
-    adapter_linear_impl(x, None, w, spec, a, b, s, dropout)
+    adapter_linear_impl(x, None, w, spec, a, b, s, dropout, true)
 }
 
 /// The adapter linear of `swiglu(gate, up)` (a Llama MLP's down projection), fused so that the
@@ -143,10 +143,33 @@ pub fn swiglu_adapter_linear(
     dropout: Option<Dropout>,
 ) -> Result<Tensor> {
     let x = crate::autograd::no_grad(|| super::swiglu(gate, up))?;
-    adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout)
+    adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout, true)
+}
+
+/// [`swiglu_adapter_linear`] when only its backward is wanted: records the same backward step
+/// (same saved tensors, same gradients) but returns zeros instead of computing the output (no
+/// frozen GEMM, no LoRA product). For a checkpointed block's last op during recomputation,
+/// whose output values nobody reads. SpecLoRA's row form still computes the output (its
+/// backward keeps columns of x·Wᵀ).
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_adapter_linear_graph_only(
+    gate: &Tensor,
+    up: &Tensor,
+    w: &Tensor,
+    spec: Spectral<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    let x = crate::autograd::no_grad(|| super::swiglu(gate, up))?;
+    let values = matches!(spec, Spectral::Rows { .. });
+    adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout, values)
 }
 
 /// `x_src`: x = swiglu(gate, up), the inputs recorded instead of x (see [`swiglu_adapter_linear`]).
+#[allow(clippy::too_many_arguments)]
+/// `values = false`: the output is left zero (see [`swiglu_adapter_linear_graph_only`]).
 #[allow(clippy::too_many_arguments)]
 fn adapter_linear_impl(
     x: &Tensor,
@@ -157,6 +180,7 @@ fn adapter_linear_impl(
     b: &Tensor,
     s: f64,
     dropout: Option<Dropout>,
+    values: bool,
 ) -> Result<Tensor> {
     let op = if x_src.is_some() { "swiglu_adapter_linear" } else { spec.op() };
     if let Some(dr) = dropout {
@@ -216,7 +240,9 @@ fn adapter_linear_impl(
         let xv = vals::<T>(&xg);
         // Z = X·Wᵀ  [N, m]
         let mut y = vec![T::ZERO; nrows * m];
-        cpu::gemm_stored(&mut y, &xv, &wg, 0, nrows, n, m, false, true, T::ZERO);
+        if values {
+            cpu::gemm_stored(&mut y, &xv, &wg, 0, nrows, n, m, false, true, T::ZERO);
+        }
         // Γ: save Z[:, idx] for dd, then scale those columns by d.
         let zk = match (&idx, spec) {
             (Some(idx), Spectral::Rows { d, .. }) => {
@@ -241,7 +267,9 @@ fn adapter_linear_impl(
                 let mut p = vec![T::ZERO; nrows * k];
                 cpu::gemm(&mut p, &xv, &vals::<T>(&v.read()), nrows, n, k, false, false, T::ONE, T::ZERO);
                 let pc: Vec<T> = p.chunks(k).flat_map(|row| row.iter().zip(&c).map(|(p, c)| *p * *c)).collect();
-                cpu::gemm(&mut y, &pc, &vals::<T>(&u.read()), nrows, k, m, false, true, T::ONE, T::ONE);
+                if values {
+                    cpu::gemm(&mut y, &pc, &vals::<T>(&u.read()), nrows, k, m, false, true, T::ONE, T::ONE);
+                }
                 Some(out(p, [nrows, k]))
             }
             _ => None,
@@ -251,7 +279,9 @@ fn adapter_linear_impl(
         let xa: &[T] = xd.as_deref().unwrap_or(&xv);
         let mut h = vec![T::ZERO; nrows * r];
         cpu::gemm(&mut h, xa, &vals::<T>(&ag), nrows, n, r, false, true, T::ONE, T::ZERO);
-        cpu::gemm(&mut y, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::from_f64(s), T::ONE);
+        if values {
+            cpu::gemm(&mut y, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::from_f64(s), T::ONE);
+        }
         Ok((out(y, Shape::new(out_dims.clone())), out(h, [nrows, r]), zk, xd.map(|v| out(v, [nrows, n])), pk))
     })?;
     let mut inputs: Vec<&Tensor> = match x_src {

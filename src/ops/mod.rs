@@ -16,7 +16,9 @@ mod norm;
 mod reduce;
 mod rope;
 
-pub use adapter::{adapter_linear, lora_linear, speclora_linear, speclora_svd_linear, swiglu_adapter_linear, Dropout, SpecRows, Spectral};
+pub use adapter::{
+    adapter_linear, lora_linear, speclora_linear, speclora_svd_linear, swiglu_adapter_linear, swiglu_adapter_linear_graph_only, Dropout, SpecRows, Spectral,
+};
 pub use attention::{attention, AttnOptions};
 pub use elementwise::{add, mul, scale, silu, swiglu};
 pub use embedding::embedding;
