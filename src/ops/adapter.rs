@@ -168,7 +168,6 @@ pub fn swiglu_adapter_linear_graph_only(
 }
 
 /// `x_src`: x = swiglu(gate, up), the inputs recorded instead of x (see [`swiglu_adapter_linear`]).
-#[allow(clippy::too_many_arguments)]
 /// `values = false`: the output is left zero (see [`swiglu_adapter_linear_graph_only`]).
 #[allow(clippy::too_many_arguments)]
 fn adapter_linear_impl(
@@ -447,9 +446,10 @@ impl Backward for AdapterBwd {
             };
             // X̃ (the LoRA branch input): saved, or recomputed as silu(gate) ⊙ up for the fused
             // down projection. Needed for dA, and for dB when H was not kept.
+            let xguard = self.x.as_ref().map(|x| x.read());
             let xt: Option<std::borrow::Cow<'_, [T]>> = if na || (nb && self.h.is_none()) {
-                match (&self.x, &self.src) {
-                    (Some(x), _) => Some(std::borrow::Cow::Owned(vals::<T>(&x.read()).into_owned())),
+                match (&xguard, &self.src) {
+                    (Some(x), _) => Some(vals::<T>(x)),
                     (None, Some((gt, up))) => {
                         let mut x = vec![T::ZERO; nrows * n];
                         cpu::swiglu_fwd(&mut x, &vals::<T>(&gt.read()), &vals::<T>(&up.read()));
