@@ -156,6 +156,21 @@ fn add_grads(acc: Tensor, g: &Tensor) -> Result<Tensor> {
 
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+    static RECOMPUTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True while a [`checkpoint`] backward re-runs its block to rebuild the graph. The block's
+/// output *values* are then never read (only its graph is played), so a model may skip the work
+/// of the block's last op that only produces values (see `Llama`'s down projection).
+pub fn is_recomputing() -> bool {
+    RECOMPUTING.with(|r| r.get())
+}
+
+struct RecomputeGuard(bool);
+impl Drop for RecomputeGuard {
+    fn drop(&mut self) {
+        RECOMPUTING.with(|r| r.set(self.0));
+    }
 }
 
 /// True unless inside [`no_grad`].
@@ -339,7 +354,10 @@ impl Backward for CheckpointBwd {
     }
     fn backward(&self, dy: &Tensor, needs: &[bool], store: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         let xin = if needs[0] { self.x.relink(GradLink::Leaf) } else { self.x.detach() };
-        let y = with_grad_mode(true, || (self.f)(&xin))?;
+        let y = with_grad_mode(true, || {
+            let _g = RecomputeGuard(RECOMPUTING.with(|r| r.replace(true)));
+            (self.f)(&xin)
+        })?;
         if y.shape() != dy.shape() {
             return Err(Error::Autograd(format!("checkpoint: recomputed output shape {} differs from the original {}", y.shape(), dy.shape())));
         }

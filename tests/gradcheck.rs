@@ -241,6 +241,16 @@ proptest! {
         let (y1, y2) = spectune::no_grad(|| (f(&inputs, true).unwrap().to_vec_f64(), f(&inputs, false).unwrap().to_vec_f64()));
         prop_assert_eq!(y1, y2);
         check("swiglu_adapter_linear", &inputs, |x| f(x, true))?;
+        // The graph-only variant records the same backward: same gradients for every input.
+        let sp = if spec { ops::Spectral::Rows { d: &inputs[3], rows: &rows_sel } } else { ops::Spectral::None };
+        let go = ops::swiglu_adapter_linear_graph_only(&inputs[0], &inputs[1], &inputs[2], sp, &inputs[4], &inputs[5], 1.5, dr).unwrap();
+        let full = f(&inputs, true).unwrap();
+        let seed_t = Tensor::from_vec(rng.vec(full.numel(), -1.0, 1.0), full.shape().clone()).unwrap();
+        let g1 = spectune::autograd::backward_with_seed(&go, seed_t.clone()).unwrap();
+        let g2 = spectune::autograd::backward_with_seed(&full, seed_t).unwrap();
+        for t in [&inputs[0], &inputs[1], &inputs[3], &inputs[4], &inputs[5]] {
+            prop_assert_eq!(g1.get(t).map(|g| g.to_vec_f64()), g2.get(t).map(|g| g.to_vec_f64()));
+        }
     }
 
     #[test]

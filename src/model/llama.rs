@@ -107,10 +107,11 @@ impl Linear {
         }
     }
     /// `forward(swiglu(gate, up))`; with an adapter, fused so the product is not kept for the
-    /// backward.
-    pub fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+    /// backward. `graph_only`: the caller never reads the output values (a checkpointed layer's
+    /// last op while its backward re-runs it), so an adapter skips computing them.
+    pub fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, dropout_seed: Option<u64>, graph_only: bool) -> Result<Tensor> {
         let y = match &self.adapter {
-            Some(ad) => ad.forward_swiglu(gate, up, &self.weight, dropout_seed)?,
+            Some(ad) => ad.forward_swiglu(gate, up, &self.weight, dropout_seed, graph_only)?,
             None => ops::linear(&crate::profile::fwd("swiglu", || ops::swiglu(gate, up))?, &self.weight)?,
         };
         match &self.bias {
@@ -531,7 +532,10 @@ fn layer_forward(l: &Layer, li: usize, c: &Ctx, x: &Tensor, kv: Option<&mut (Opt
     let n = fwd("rms_norm", || ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps))?;
     let gate = fwd("gate_proj", || l.gate.forward(&n, seed(4)))?;
     let up = fwd("up_proj", || l.up.forward(&n, seed(5)))?;
-    let down = fwd("down_proj", || l.down.forward_swiglu(&gate, &up, seed(6)))?;
+    // While a checkpoint backward re-runs this layer, its output values are never read (only the
+    // graph is played), so the down projection records its backward without computing values.
+    let graph_only = crate::autograd::is_recomputing();
+    let down = fwd("down_proj", || l.down.forward_swiglu(&gate, &up, seed(6), graph_only))?;
     drop((gate, up));
     fwd("add", || ops::add(&x, &down))
 }

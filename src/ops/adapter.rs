@@ -138,7 +138,7 @@ pub fn pissa_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, a0: &Tensor,
 /// The general adapter linear: LoRA plus an optional spectral part, with optional dropout on the
 /// LoRA branch input.
 pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Spectral<'_>, a: &Tensor, b: &Tensor, s: f64, dropout: Option<Dropout>) -> Result<Tensor> {
-    adapter_linear_impl(x, None, w, spec, a, b, s, dropout)
+    adapter_linear_impl(x, None, w, spec, a, b, s, dropout, true)
 }
 
 /// The adapter linear of `swiglu(gate, up)` (a Llama MLP's down projection), fused so that the
@@ -159,13 +159,40 @@ pub fn swiglu_adapter_linear(
     // The device path has no fused variant: record swiglu, then the plain adapter linear.
     if crate::device::on_cuda(&[gate, up]) {
         let x = super::swiglu(gate, up)?;
-        return adapter_linear_impl(&x, None, w, spec, a, b, s, dropout);
+        return adapter_linear_impl(&x, None, w, spec, a, b, s, dropout, true);
     }
     let x = crate::autograd::no_grad(|| super::swiglu(gate, up))?;
-    adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout)
+    adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout, true)
+}
+
+/// [`swiglu_adapter_linear`] when only its backward is wanted: records the same backward step
+/// (same saved tensors, same gradients) but returns zeros instead of computing the output (no
+/// frozen GEMM, no LoRA product). For a checkpointed block's last op during recomputation,
+/// whose output values nobody reads. SpecLoRA's row form still computes the output (its
+/// backward keeps columns of x·Wᵀ).
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_adapter_linear_graph_only(
+    gate: &Tensor,
+    up: &Tensor,
+    w: &Tensor,
+    spec: Spectral<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    // The device path has no graph-only variant: record swiglu, then the plain adapter linear.
+    if crate::device::on_cuda(&[gate, up]) {
+        let x = super::swiglu(gate, up)?;
+        return adapter_linear_impl(&x, None, w, spec, a, b, s, dropout, true);
+    }
+    let x = crate::autograd::no_grad(|| super::swiglu(gate, up))?;
+    let values = matches!(spec, Spectral::Rows { .. });
+    adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout, values)
 }
 
 /// `x_src`: x = swiglu(gate, up), the inputs recorded instead of x (see [`swiglu_adapter_linear`]).
+/// `values = false`: the output is left zero (see [`swiglu_adapter_linear_graph_only`]).
 #[allow(clippy::too_many_arguments)]
 fn adapter_linear_impl(
     x: &Tensor,
@@ -176,6 +203,7 @@ fn adapter_linear_impl(
     b: &Tensor,
     s: f64,
     dropout: Option<Dropout>,
+    values: bool,
 ) -> Result<Tensor> {
     let op = if x_src.is_some() { "swiglu_adapter_linear" } else { spec.op() };
     if let Some(dr) = dropout {
@@ -261,7 +289,9 @@ fn adapter_linear_impl(
         let xv = vals::<T>(&xg);
         // Z = X·Wᵀ  [N, m]
         let mut y = vec![T::ZERO; nrows * m];
-        cpu::gemm_stored(&mut y, &xv, &wg, 0, nrows, n, m, false, true, T::ZERO);
+        if values {
+            cpu::gemm_stored(&mut y, &xv, &wg, 0, nrows, n, m, false, true, T::ZERO);
+        }
         // Γ: save Z[:, idx] for dd, then scale those columns by d.
         let zk = match (&idx, spec) {
             (Some(idx), Spectral::Rows { d, .. }) => {
@@ -286,7 +316,9 @@ fn adapter_linear_impl(
                 let mut p = vec![T::ZERO; nrows * k];
                 cpu::gemm(&mut p, &xv, &vals::<T>(&v.read()), nrows, n, k, false, false, T::ONE, T::ZERO);
                 let pc: Vec<T> = p.chunks(k).flat_map(|row| row.iter().zip(&c).map(|(p, c)| *p * *c)).collect();
-                cpu::gemm(&mut y, &pc, &vals::<T>(&u.read()), nrows, k, m, false, true, T::ONE, T::ONE);
+                if values {
+                    cpu::gemm(&mut y, &pc, &vals::<T>(&u.read()), nrows, k, m, false, true, T::ONE, T::ONE);
+                }
                 Some(out(p, [nrows, k]))
             }
             _ => None,
@@ -296,21 +328,23 @@ fn adapter_linear_impl(
         let xa: &[T] = xd.as_deref().unwrap_or(&xv);
         let mut h = vec![T::ZERO; nrows * r];
         cpu::gemm(&mut h, xa, &vals::<T>(&ag), nrows, n, r, false, true, T::ONE, T::ZERO);
-        match spec {
-            // Residual: T1 = H·Bᵀ and T0 = (X·A0ᵀ)·B0ᵀ separately, then Y += s·(T1 − T0), so that
-            // A = A0, B = B0 (the PiSSA init, no dropout) gives exact zeros.
-            Spectral::Residual { a0, b0 } => {
-                let r0 = a0.dims()[0];
-                let mut t1 = vec![T::ZERO; nrows * m];
-                cpu::gemm(&mut t1, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::ONE, T::ZERO);
-                let mut h0 = vec![T::ZERO; nrows * r0];
-                cpu::gemm(&mut h0, &xv, &vals::<T>(&a0.read()), nrows, n, r0, false, true, T::ONE, T::ZERO);
-                let mut t0 = vec![T::ZERO; nrows * m];
-                cpu::gemm(&mut t0, &h0, &vals::<T>(&b0.read()), nrows, r0, m, false, true, T::ONE, T::ZERO);
-                let st = T::from_f64(s);
-                y.iter_mut().zip(t1.iter().zip(&t0)).for_each(|(y, (t1, t0))| *y += st * (*t1 - *t0));
+        if values {
+            match spec {
+                // Residual: T1 = H·Bᵀ and T0 = (X·A0ᵀ)·B0ᵀ separately, then Y += s·(T1 − T0), so that
+                // A = A0, B = B0 (the PiSSA init, no dropout) gives exact zeros.
+                Spectral::Residual { a0, b0 } => {
+                    let r0 = a0.dims()[0];
+                    let mut t1 = vec![T::ZERO; nrows * m];
+                    cpu::gemm(&mut t1, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::ONE, T::ZERO);
+                    let mut h0 = vec![T::ZERO; nrows * r0];
+                    cpu::gemm(&mut h0, &xv, &vals::<T>(&a0.read()), nrows, n, r0, false, true, T::ONE, T::ZERO);
+                    let mut t0 = vec![T::ZERO; nrows * m];
+                    cpu::gemm(&mut t0, &h0, &vals::<T>(&b0.read()), nrows, r0, m, false, true, T::ONE, T::ZERO);
+                    let st = T::from_f64(s);
+                    y.iter_mut().zip(t1.iter().zip(&t0)).for_each(|(y, (t1, t0))| *y += st * (*t1 - *t0));
+                }
+                _ => cpu::gemm(&mut y, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::from_f64(s), T::ONE),
             }
-            _ => cpu::gemm(&mut y, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::from_f64(s), T::ONE),
         }
         Ok((out(y, Shape::new(out_dims.clone())), out(h, [nrows, r]), zk, xd.map(|v| out(v, [nrows, n])), pk))
     })?;
@@ -483,9 +517,10 @@ impl Backward for AdapterBwd {
             };
             // X̃ (the LoRA branch input): saved, or recomputed as silu(gate) ⊙ up for the fused
             // down projection. Needed for dA, and for dB when H was not kept.
+            let xguard = self.x.as_ref().map(|x| x.read());
             let xt: Option<std::borrow::Cow<'_, [T]>> = if na || (nb && self.h.is_none()) {
-                match (&self.x, &self.src) {
-                    (Some(x), _) => Some(std::borrow::Cow::Owned(vals::<T>(&x.read()).into_owned())),
+                match (&xguard, &self.src) {
+                    (Some(x), _) => Some(vals::<T>(x)),
                     (None, Some((gt, up))) => {
                         let mut x = vec![T::ZERO; nrows * n];
                         cpu::swiglu_fwd(&mut x, &vals::<T>(&gt.read()), &vals::<T>(&up.read()));

@@ -18,7 +18,10 @@ mod reduce;
 mod rope;
 mod spectral;
 
-pub use adapter::{adapter_linear, lora_linear, pissa_linear, speclora_linear, speclora_svd_linear, swiglu_adapter_linear, Dropout, SpecRows, Spectral};
+pub use adapter::{
+    adapter_linear, lora_linear, pissa_linear, speclora_linear, speclora_svd_linear, swiglu_adapter_linear, swiglu_adapter_linear_graph_only, Dropout,
+    SpecRows, Spectral,
+};
 pub use attention::{attention, AttnOptions};
 pub use dora::{dora_linear, dora_merged, dora_row_norms, row_norms2};
 pub use elementwise::{add, mul, scale, silu, swiglu};

@@ -290,15 +290,16 @@ impl Adapter {
 
     /// As [`Adapter::forward`] on x = swiglu(gate, up), without keeping x for the backward
     /// ([`ops::swiglu_adapter_linear`]).
-    pub fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, w: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+    /// With `graph_only`, the output values are not computed (zeros) but the backward is the
+    /// same ([`ops::swiglu_adapter_linear_graph_only`]).
+    pub fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, w: &Tensor, dropout_seed: Option<u64>, graph_only: bool) -> Result<Tensor> {
         let drop = |p: f64| dropout_seed.filter(|_| p > 0.0).map(|seed| ops::Dropout { p, seed });
+        let op = if graph_only { ops::swiglu_adapter_linear_graph_only } else { ops::swiglu_adapter_linear };
         match self {
-            Adapter::Lora { a, b, scale, dropout } => ops::swiglu_adapter_linear(gate, up, w, ops::Spectral::None, a, b, *scale, drop(*dropout)),
-            Adapter::SpecLora { d, rows, a, b, scale, dropout } => {
-                ops::swiglu_adapter_linear(gate, up, w, ops::Spectral::Rows { d, rows }, a, b, *scale, drop(*dropout))
-            }
+            Adapter::Lora { a, b, scale, dropout } => op(gate, up, w, ops::Spectral::None, a, b, *scale, drop(*dropout)),
+            Adapter::SpecLora { d, rows, a, b, scale, dropout } => op(gate, up, w, ops::Spectral::Rows { d, rows }, a, b, *scale, drop(*dropout)),
             Adapter::SpecLoraSvd { d, u, sigma, v, a, b, scale, dropout } => {
-                ops::swiglu_adapter_linear(gate, up, w, ops::Spectral::Svd { d, u, sigma, v }, a, b, *scale, drop(*dropout))
+                op(gate, up, w, ops::Spectral::Svd { d, u, sigma, v }, a, b, *scale, drop(*dropout))
             }
             // The other methods have no fused variant: swiglu is recorded and x kept.
             _ => self.forward(&ops::swiglu(gate, up)?, w, dropout_seed),
