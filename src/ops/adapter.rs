@@ -156,13 +156,7 @@ pub fn swiglu_adapter_linear(
     s: f64,
     dropout: Option<Dropout>,
 ) -> Result<Tensor> {
-    // The device path has no fused variant: record swiglu, then the plain adapter linear.
-    if crate::device::on_cuda(&[gate, up]) {
-        let x = super::swiglu(gate, up)?;
-        return adapter_linear_impl(&x, None, w, spec, a, b, s, dropout, true);
-    }
-    let x = crate::autograd::no_grad(|| super::swiglu(gate, up))?;
-    adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout, true)
+    swiglu_adapter(gate, up, w, spec, a, b, s, dropout, true)
 }
 
 /// [`swiglu_adapter_linear`] when only its backward is wanted: records the same backward step
@@ -181,13 +175,30 @@ pub fn swiglu_adapter_linear_graph_only(
     s: f64,
     dropout: Option<Dropout>,
 ) -> Result<Tensor> {
-    // The device path has no graph-only variant: record swiglu, then the plain adapter linear.
+    let values = matches!(spec, Spectral::Rows { .. });
+    swiglu_adapter(gate, up, w, spec, a, b, s, dropout, values)
+}
+
+/// The shared body of the two swiglu adapter ops: x = swiglu(gate, up) computed outside the graph
+/// and (gate, up) recorded in its place. The device path has neither the fused nor the graph-only
+/// variant: there swiglu is recorded and the plain adapter linear follows (same gradients).
+#[allow(clippy::too_many_arguments)]
+fn swiglu_adapter(
+    gate: &Tensor,
+    up: &Tensor,
+    w: &Tensor,
+    spec: Spectral<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+    dropout: Option<Dropout>,
+    values: bool,
+) -> Result<Tensor> {
     if crate::device::on_cuda(&[gate, up]) {
         let x = super::swiglu(gate, up)?;
         return adapter_linear_impl(&x, None, w, spec, a, b, s, dropout, true);
     }
     let x = crate::autograd::no_grad(|| super::swiglu(gate, up))?;
-    let values = matches!(spec, Spectral::Rows { .. });
     adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout, values)
 }
 
