@@ -141,6 +141,7 @@ pub trait Float:
     + MulAssign
     + DivAssign
     + Sum
+    + crate::backend::vmath::VecMath
 {
     const DTYPE: DType;
     const ZERO: Self;

@@ -207,7 +207,7 @@ fn loss_body(dev: Device) {
     check("cross_entropy", dev, &[logits], F32_TOL, &move |t| ops::cross_entropy(&t[0], &tg, &CeOptions::default()));
     let h = input(&mut rng, &[rows, d], Role::Param);
     let w = input(&mut rng, &[vocab, d], Role::Param);
-    let opts = CeOptions { chunk_rows: Some(8), denominator: Some(50.0), ..CeOptions::default() };
+    let opts = CeOptions { chunk_rows: Some(8), chunk_cols: Some(300), denominator: Some(50.0), ..CeOptions::default() };
     let tg = targets.clone();
     check("linear_cross_entropy (f32 head, chunked)", dev, &[h, w], F32_TOL, &move |t| ops::linear_cross_entropy(&t[0], &t[1], &tg, &opts));
     let h = input(&mut rng, &[rows, d], Role::Param);

@@ -147,36 +147,28 @@ pub fn scale<T: Float>(y: &mut [T], x: &[T], s: T) {
     y.par_iter_mut().zip(x.par_iter()).for_each(|(y, x)| *y = *x * s);
 }
 
-#[inline]
-fn sigmoid<T: Float>(x: T) -> T {
-    T::ONE / (T::ONE + (-x).exp())
-}
-
 /// y = silu(x) = x·σ(x).
 pub fn silu_fwd<T: Float>(y: &mut [T], x: &[T]) {
-    y.par_iter_mut().zip(x.par_iter()).for_each(|(y, x)| *y = *x * sigmoid(*x));
+    y.par_chunks_mut(ELEM_GRAIN).zip(x.par_chunks(ELEM_GRAIN)).for_each(|(y, x)| T::silu(y, x));
 }
 
 /// dx = dy · σ(x)·(1 + x·(1 − σ(x))).
 pub fn silu_bwd<T: Float>(dx: &mut [T], dy: &[T], x: &[T]) {
-    dx.par_iter_mut().zip(dy.par_iter().zip(x.par_iter())).for_each(|(dx, (dy, x))| {
-        let s = sigmoid(*x);
-        *dx = *dy * s * (T::ONE + *x * (T::ONE - s));
-    });
+    dx.par_chunks_mut(ELEM_GRAIN).zip(dy.par_chunks(ELEM_GRAIN).zip(x.par_chunks(ELEM_GRAIN))).for_each(|(dx, (dy, x))| T::silu_grad(dx, dy, x));
 }
 
 /// y = silu(g) ⊙ u (the SwiGLU gate of a Llama MLP).
 pub fn swiglu_fwd<T: Float>(y: &mut [T], g: &[T], u: &[T]) {
-    y.par_iter_mut().zip(g.par_iter().zip(u.par_iter())).for_each(|(y, (g, u))| *y = *g * sigmoid(*g) * *u);
+    y.par_chunks_mut(ELEM_GRAIN).zip(g.par_chunks(ELEM_GRAIN).zip(u.par_chunks(ELEM_GRAIN))).for_each(|(y, (g, u))| T::swiglu(y, g, u));
 }
 
-/// dg = dy ⊙ u ⊙ silu'(g), du = dy ⊙ silu(g).
+/// dg = dy ⊙ u ⊙ silu'(g), du = dy ⊙ silu(g), silu'(g) = σ(g)(1 + g(1 − σ(g))).
 pub fn swiglu_bwd<T: Float>(dg: &mut [T], du: &mut [T], dy: &[T], g: &[T], u: &[T]) {
-    dg.par_iter_mut().zip(du.par_iter_mut()).zip(dy.par_iter().zip(g.par_iter().zip(u.par_iter()))).for_each(|((dg, du), (dy, (g, u)))| {
-        let s = sigmoid(*g);
-        *dg = *dy * *u * s * (T::ONE + *g * (T::ONE - s));
-        *du = *dy * *g * s;
-    });
+    let c = ELEM_GRAIN;
+    dg.par_chunks_mut(c)
+        .zip(du.par_chunks_mut(c))
+        .zip(dy.par_chunks(c).zip(g.par_chunks(c).zip(u.par_chunks(c))))
+        .for_each(|((dg, du), (dy, (g, u)))| T::swiglu_grad(dg, du, dy, g, u));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -442,9 +434,11 @@ pub fn cross_entropy_fwd<T: Float>(lse: &mut [T], logits: &[T], targets: &[i64],
     lse.par_iter_mut()
         .zip(logits.par_chunks(vocab))
         .zip(targets.par_iter())
-        .map(|((l, x), &tg)| {
-            let m = x.iter().fold(T::NEG_INFINITY, |m, v| m.max(*v));
-            let s: T = x.iter().map(|v| (*v - m).exp()).sum();
+        .map_init(Vec::new, |row: &mut Vec<T>, ((l, x), &tg)| {
+            let m = T::max_of(x);
+            row.clear();
+            row.extend_from_slice(x);
+            let s = T::exp_sub_sum(row, m);
             *l = m + s.ln();
             if tg == ignore_index {
                 0.0
@@ -463,15 +457,24 @@ pub fn cross_entropy_bwd_inplace<T: Float>(x: &mut [T], lse: &[T], targets: &[i6
             x.iter_mut().for_each(|v| *v = T::ZERO);
             return;
         }
-        x.iter_mut().for_each(|v| *v = g * (*v - *l).exp());
+        T::scaled_exp_sub(x, *l, g);
         x[tg as usize] -= g;
     });
 }
 
-/// The LM-head loss without storing logits: per chunk of `chunk` rows, logits = h·Wᵀ
-/// ([chunk, vocab], W [vocab, d] stored in any dtype), lse and the summed loss as
-/// [`cross_entropy_fwd`]; with `dh`, also dh = g·(softmax − onehot)·W for the chunk (the
-/// gradient for dy = 1 with g = 1/denominator). Returns Σ loss over counted rows.
+/// The LM-head loss without storing logits: h [N, d], W [vocab, d] stored in any dtype, N targets.
+/// Returns Σ loss over counted rows and writes lse [N].
+///
+/// Rows are taken `rows_blk` at a time and, within them, the vocabulary `cols` columns at a time:
+/// L = h_b·W_cᵀ [rows_blk × cols], and per row an online softmax keeps the running max m, the sum
+/// s = Σ exp(l − m) and the target's logit; lse = m + ln s at the end. Every block of W is read
+/// (converted, when stored bf16/f16/quantized) once per row block, and both GEMMs have the shapes of
+/// a linear layer (M = rows, K = d or cols) instead of a skinny chunk against the whole head.
+///
+/// With `dh`, also the gradient for dy = 1: dh = g·(softmax − onehot)·W, accumulated as
+/// acc += exp(L − m)·W_c with acc rescaled by exp(m_old − m_new) whenever a row's max rises (the
+/// output rescaling of flash attention), then dh = g·(acc/s − W[target]); rows whose target is
+/// `ignore_index` get dh = 0.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_cross_entropy_fwd<T: Float>(
     lse: &mut [T],
@@ -482,21 +485,114 @@ pub fn linear_cross_entropy_fwd<T: Float>(
     ignore_index: i64,
     d: usize,
     vocab: usize,
-    chunk: usize,
+    rows_blk: usize,
+    cols: usize,
     g: T,
 ) -> f64 {
     let rows = lse.len();
-    let mut logits = vec![T::ZERO; chunk.min(rows) * vocab];
+    if rows == 0 {
+        return 0.0;
+    }
+    let rb = rows_blk.clamp(1, rows);
+    let cb = cols.clamp(1, vocab.max(1));
+    let mut logits = vec![T::ZERO; rb * cb];
+    let direct = w.slice::<T>();
+    let mut wbuf = if direct.is_none() { vec![T::ZERO; cb * d] } else { Vec::new() };
+    // Per row of the block: running max, Σ exp(l − max), target logit.
+    let mut stats = vec![(T::NEG_INFINITY, T::ZERO, T::ZERO); rb];
     let mut total = 0.0;
-    for r0 in (0..rows).step_by(chunk.max(1)) {
-        let r1 = (r0 + chunk).min(rows);
-        let lg = &mut logits[..(r1 - r0) * vocab];
-        gemm_stored(lg, &h[r0 * d..r1 * d], w, 0, r1 - r0, d, vocab, false, true, T::ZERO);
-        total += cross_entropy_fwd(&mut lse[r0..r1], lg, &targets[r0..r1], ignore_index, vocab);
-        if let Some(dh) = dh.as_deref_mut() {
-            cross_entropy_bwd_inplace(lg, &lse[r0..r1], &targets[r0..r1], ignore_index, vocab, g);
-            gemm_stored(&mut dh[r0 * d..r1 * d], lg, w, 0, r1 - r0, vocab, d, false, false, T::ZERO);
+    for r0 in (0..rows).step_by(rb) {
+        let r1 = (r0 + rb).min(rows);
+        let n = r1 - r0;
+        let hb = &h[r0 * d..r1 * d];
+        let tgs = &targets[r0..r1];
+        let st = &mut stats[..n];
+        st.fill((T::NEG_INFINITY, T::ZERO, T::ZERO));
+        let mut acc = dh.as_deref_mut().map(|dh| &mut dh[r0 * d..r1 * d]);
+        if let Some(acc) = acc.as_deref_mut() {
+            acc.fill(T::ZERO);
         }
+        for c0 in (0..vocab).step_by(cb) {
+            let c1 = (c0 + cb).min(vocab);
+            let nc = c1 - c0;
+            let wc: &[T] = match direct {
+                Some(ws) => &ws[c0 * d..c1 * d],
+                None => {
+                    let t = &mut wbuf[..nc * d];
+                    t.par_chunks_mut(d).enumerate().with_min_len(8).for_each(|(i, row)| w.read_into((c0 + i) * d, row));
+                    t
+                }
+            };
+            let lg = &mut logits[..n * nc];
+            gemm(lg, hb, wc, n, d, nc, false, true, T::ONE, T::ZERO);
+            // One online-softmax step per row; returns the factor the row's acc must be scaled by.
+            let step = |x: &mut [T], (m, s, tl): &mut (T, T, T), tg: i64| -> T {
+                if tg != ignore_index && (c0..c1).contains(&(tg as usize)) {
+                    *tl = x[tg as usize - c0];
+                }
+                let cm = T::max_of(x);
+                let mn = if cm > *m { cm } else { *m };
+                if mn == T::NEG_INFINITY {
+                    // Nothing finite yet (only possible with −∞ logits): contributes nothing.
+                    x.iter_mut().for_each(|v| *v = T::ZERO);
+                    return T::ONE;
+                }
+                let r = (*m - mn).exp();
+                *s = *s * r + T::exp_sub_sum(x, mn);
+                *m = mn;
+                r
+            };
+            match acc.as_deref_mut() {
+                None => {
+                    lg.par_chunks_mut(nc).zip(st.par_iter_mut()).zip(tgs.par_iter()).for_each(|((x, st), &tg)| {
+                        step(x, st, tg);
+                    });
+                }
+                Some(acc) => {
+                    lg.par_chunks_mut(nc).zip(st.par_iter_mut()).zip(tgs.par_iter()).zip(acc.par_chunks_mut(d)).for_each(|(((x, st), &tg), a)| {
+                        let r = step(x, st, tg);
+                        if r != T::ONE {
+                            a.iter_mut().for_each(|v| *v *= r);
+                        }
+                    });
+                    // acc[n×d] += P[n×nc]·W_c[nc×d] with P = exp(L − m), unnormalized.
+                    gemm(acc, lg, wc, n, nc, d, false, false, T::ONE, T::ONE);
+                }
+            }
+        }
+        let finish = |l: &mut T, (m, s, tl): &(T, T, T), tg: i64| -> f64 {
+            *l = *m + s.ln();
+            if tg == ignore_index {
+                0.0
+            } else {
+                (*l - *tl).to_f64()
+            }
+        };
+        let lb = &mut lse[r0..r1];
+        total += match acc {
+            None => lb.par_iter_mut().zip(st.par_iter()).zip(tgs.par_iter()).map(|((l, st), &tg)| finish(l, st, tg)).sum::<f64>(),
+            Some(acc) => lb
+                .par_iter_mut()
+                .zip(st.par_iter())
+                .zip(tgs.par_iter())
+                .zip(acc.par_chunks_mut(d))
+                .map_init(
+                    || vec![T::ZERO; d],
+                    |wt, (((l, st), &tg), a)| {
+                        let loss = finish(l, st, tg);
+                        if tg == ignore_index {
+                            a.iter_mut().for_each(|v| *v = T::ZERO);
+                        } else {
+                            // dh = g·(acc/s − W[target])
+                            w.read_into(tg as usize * d, wt);
+                            let gs = g / st.1;
+                            a.iter_mut().zip(wt.iter()).for_each(|(v, wt)| *v = gs * *v - g * *wt);
+                        }
+                        loss
+                    },
+                )
+                .sum::<f64>(),
+        };
     }
     total
 }

@@ -103,27 +103,23 @@ pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: 
         }
         let mut row_lse = vec![T::ZERO; rows];
         for (r, pr) in p.chunks_mut(kend).enumerate() {
+            // Keys 0..vis are causally visible to this query; padded keys among them get −∞.
             let vis = d.visible(i0 + r);
-            let mut m = T::NEG_INFINITY;
-            for (j, x) in pr.iter_mut().enumerate() {
-                if j >= vis || mask.is_some_and(|mk| !mk[bi * s + j]) {
-                    *x = T::NEG_INFINITY;
-                } else {
-                    m = m.max(*x);
-                }
+            let (pv, hidden) = pr.split_at_mut(vis);
+            hidden.iter_mut().for_each(|x| *x = T::ZERO);
+            if let Some(mk) = mask {
+                pv.iter_mut().zip(&mk[bi * s..]).filter(|(_, keep)| !**keep).for_each(|(x, _)| *x = T::NEG_INFINITY);
             }
+            let m = T::max_of(pv);
             if m == T::NEG_INFINITY {
-                pr.iter_mut().for_each(|x| *x = T::ZERO);
+                pv.iter_mut().for_each(|x| *x = T::ZERO);
                 row_lse[r] = T::NEG_INFINITY;
                 continue;
             }
-            let mut l = T::ZERO;
-            for x in pr.iter_mut() {
-                *x = if *x == T::NEG_INFINITY { T::ZERO } else { (*x - m).exp() };
-                l += *x;
-            }
+            // exp(−∞ − m) = 0 for the padded keys.
+            let l = T::exp_sub_sum(pv, m);
             let inv = T::ONE / l;
-            pr.iter_mut().for_each(|x| *x *= inv);
+            pv.iter_mut().for_each(|x| *x *= inv);
             row_lse[r] = m + l.ln();
         }
         // SAFETY: task (bi, h, blk) alone writes rows i0..i1 of head h of sequence bi in o
@@ -196,16 +192,16 @@ pub fn attention_bwd<T: Float>(
                     let row = q0 + r * nh * hd;
                     // D_i = dO_i·O_i
                     let di: T = dout[row..row + hd].iter().zip(&o[row..row + hd]).map(|(a, b)| *a * *b).sum();
-                    for (j, (x, g)) in pr.iter_mut().zip(dpr.iter_mut()).enumerate() {
-                        if j >= vis || mask.is_some_and(|mk| !mk[bi * s + j]) {
-                            *x = T::ZERO;
-                            *g = T::ZERO;
-                        } else {
-                            *x = (*x - l).exp();
-                            // dS = scale·P ⊙ (dP − D)
-                            *g = scale * *x * (*g - di);
-                        }
+                    let (pv, ph) = pr.split_at_mut(vis);
+                    let (gv, gh) = dpr.split_at_mut(vis);
+                    ph.iter_mut().for_each(|x| *x = T::ZERO);
+                    gh.iter_mut().for_each(|x| *x = T::ZERO);
+                    if let Some(mk) = mask {
+                        // exp(−∞ − l) = 0 makes P and dS vanish at padded keys.
+                        pv.iter_mut().zip(&mk[bi * s..]).filter(|(_, keep)| !**keep).for_each(|(x, _)| *x = T::NEG_INFINITY);
                     }
+                    // P = exp(S − lse);  dS = scale·P ⊙ (dP − D)
+                    T::softmax_grad_row(pv, gv, l, di, scale);
                 }
                 // SAFETY: see the task comment; dq rows of head h (owned), dk/dv of kv head kh.
                 unsafe {

@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod cpu_attn;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod vmath;
 
 /// Starts a new peak-device-memory measurement (no-op without the `cuda` feature).
 pub fn cuda_reset_peak() {

@@ -1,8 +1,10 @@
 //! Softmax cross-entropy, fused with its backward: dlogits = (softmax − onehot)·g / denominator.
 //!
-//! [`linear_cross_entropy`] also fuses the LM head: logits = h·Wᵀ are computed a chunk of rows
-//! at a time and never stored; the backward recomputes each chunk. For a 49k vocabulary this keeps
-//! the largest loss buffer at chunk × vocab instead of tokens × vocab.
+//! [`linear_cross_entropy`] also fuses the LM head: logits = h·Wᵀ are computed a block at a time
+//! and never stored. On the CPU the forward walks the vocabulary in column blocks with an online
+//! softmax and, for a frozen head, accumulates dh in the same pass; the general backward recomputes
+//! row chunks. For a 49k vocabulary this keeps the largest loss buffer at 8 MiB instead of
+//! tokens × vocab.
 //!
 //! Targets equal to `ignore_index` (HF's −100) count for nothing. The loss is the sum over counted
 //! tokens divided by `denominator` — by default the number of counted tokens in this call; a
@@ -16,6 +18,9 @@ use crate::error::{Error, Result};
 use crate::shape::Shape;
 use crate::tensor::Tensor;
 
+/// Logits per block in the CPU forward of [`linear_cross_entropy`] (1024 rows × 2048 columns).
+const CPU_BLOCK_LOGITS: usize = 1 << 21;
+
 /// Options for the cross-entropy ops.
 #[derive(Clone, Debug)]
 pub struct CeOptions {
@@ -23,13 +28,17 @@ pub struct CeOptions {
     /// Divide the summed loss by this; default: the number of counted targets (at least 1).
     pub denominator: Option<f64>,
     /// Most rows per chunk in [`linear_cross_entropy`] (chunks are balanced); default keeps a
-    /// chunk near 8M logits.
+    /// chunk near 8M logits (2M on the CPU's forward, see `chunk_cols`).
     pub chunk_rows: Option<usize>,
+    /// Most vocabulary columns per block in the CPU forward of [`linear_cross_entropy`] (which
+    /// walks the vocabulary with an online softmax); default: 2M logits per block over the rows
+    /// of a chunk, at least 512 columns.
+    pub chunk_cols: Option<usize>,
 }
 
 impl Default for CeOptions {
     fn default() -> Self {
-        CeOptions { ignore_index: -100, denominator: None, chunk_rows: None }
+        CeOptions { ignore_index: -100, denominator: None, chunk_rows: None, chunk_cols: None }
     }
 }
 
@@ -119,6 +128,10 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[i64], opts: &CeOp
     if crate::device::on_cuda(&[h, w]) {
         return crate::backend::cuda::ops::linear_cross_entropy(h, w, targets, opts.ignore_index, denom, chunk);
     }
+    // CPU forward blocks: `cols` vocabulary columns × `rows_blk` rows of logits, about
+    // CPU_BLOCK_LOGITS (8 MiB in f32) unless the options say otherwise.
+    let cols = opts.chunk_cols.unwrap_or((CPU_BLOCK_LOGITS / rows.max(1)).max(512)).clamp(1, vocab.max(1));
+    let rows_blk = opts.chunk_rows.unwrap_or(CPU_BLOCK_LOGITS / cols).clamp(1, rows.max(1));
     // Training through a frozen head (the usual case): the backward's softmax − onehot depends
     // on dy only through a scalar factor, so the forward computes dh for dy = 1 chunk by chunk
     // while the logits are at hand, and the backward only scales it — no second pass over the
@@ -130,7 +143,7 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[i64], opts: &CeOp
         let mut lse = vec![T::ZERO; rows];
         let mut dh = fuse.then(|| vec![T::ZERO; rows * d]);
         let g = T::from_f64(1.0 / denom);
-        let total = cpu::linear_cross_entropy_fwd(&mut lse, dh.as_deref_mut(), &hv, &wg, targets, opts.ignore_index, d, vocab, chunk, g);
+        let total = cpu::linear_cross_entropy_fwd(&mut lse, dh.as_deref_mut(), &hv, &wg, targets, opts.ignore_index, d, vocab, rows_blk, cols, g);
         Ok((out(vec![T::from_f64(total / denom)], Shape::scalar()), out(lse, [rows]), dh.map(|v| out(v, [rows, d]))))
     })?;
     Ok(record(y, &[h, w], |_| match dh {
