@@ -299,8 +299,6 @@ fn main() -> ExitCode {
             eprintln!("error: --threads must be at least 1");
             return ExitCode::from(2);
         }
-        // matrixmultiply reads this once, at its first GEMM.
-        std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
         if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
             eprintln!("error: could not size the thread pool: {e}");
             return ExitCode::from(2);

@@ -1,4 +1,5 @@
-//! CPU reference kernels: matrixmultiply for GEMMs, rayon across rows, heads and batches.
+//! CPU reference kernels: matrixmultiply for GEMMs (split across the rayon pool), rayon across
+//! rows, heads and batches.
 //! Every kernel is generic over `T: Float` (f32 for training, f64 for gradient checks).
 
 use rayon::prelude::*;
@@ -42,7 +43,66 @@ pub fn gemm_ld<T: Float>(c: &mut [T], ldc: usize, a: &[T], b: &[T], m: usize, k:
     let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
     // SAFETY: the slices cover the strided extents (asserted above); C does not alias A or B
     // because it is borrowed mutably.
-    unsafe { T::gemm_raw(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), ldc as isize, 1) }
+    unsafe { gemm_par(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), ldc as isize) }
+}
+
+/// Multiply-adds below which a GEMM runs on the calling thread (splitting costs a task handoff).
+const PAR_GEMM_MIN: usize = 1 << 19;
+/// Split points are multiples of this (the microkernel's register tile), so each part keeps
+/// whole tiles.
+const PAR_GEMM_ALIGN: usize = 16;
+
+/// A raw pointer that may cross to a rayon task (each task writes a disjoint part of C).
+#[derive(Clone, Copy)]
+struct RawPtr<T>(*mut T);
+// SAFETY: only used to hand disjoint C blocks (and shared read-only A/B) to rayon tasks.
+unsafe impl<T> Send for RawPtr<T> {}
+unsafe impl<T> Sync for RawPtr<T> {}
+
+/// C[m×n] (row stride ldc) = alpha·A·B + beta·C on the rayon pool: the longer of C's two sides is
+/// cut into one part per thread and each part is a single-threaded matrixmultiply call. One pool
+/// does all the step's parallel work; a second pool for GEMMs (matrixmultiply's own threads)
+/// would leave idle workers of one spinning on the cores the other computes on.
+///
+/// # Safety
+/// As [`Float::gemm_raw`](crate::Float::gemm_raw), with C's column stride 1.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_par<T: Float>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: *const T,
+    rsa: isize,
+    csa: isize,
+    b: *const T,
+    rsb: isize,
+    csb: isize,
+    beta: T,
+    c: *mut T,
+    ldc: isize,
+) {
+    let threads = rayon::current_num_threads();
+    let long = m.max(n);
+    let parts = threads.min(long / PAR_GEMM_ALIGN);
+    if parts <= 1 || m * n * k < PAR_GEMM_MIN {
+        return T::gemm_raw(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, ldc, 1);
+    }
+    let per = long.div_ceil(parts).div_ceil(PAR_GEMM_ALIGN) * PAR_GEMM_ALIGN;
+    let (ap, bp, cp) = (RawPtr(a as *mut T), RawPtr(b as *mut T), RawPtr(c));
+    (0..long.div_ceil(per)).into_par_iter().for_each(move |i| {
+        let (lo, hi) = (i * per, ((i + 1) * per).min(long));
+        let (ap, bp, cp) = (ap, bp, cp);
+        // SAFETY: part i covers rows (or columns) lo..hi of C, disjoint from every other part;
+        // A's rows lo..hi (or B's columns lo..hi) lie inside the caller's extents.
+        unsafe {
+            if m >= n {
+                T::gemm_raw(hi - lo, k, n, alpha, ap.0.offset(lo as isize * rsa), rsa, csa, bp.0, rsb, csb, beta, cp.0.offset(lo as isize * ldc), ldc, 1)
+            } else {
+                T::gemm_raw(m, k, hi - lo, alpha, ap.0, rsa, csa, bp.0.offset(lo as isize * csb), rsb, csb, beta, cp.0.add(lo), ldc, 1)
+            }
+        }
+    });
 }
 
 /// C[m×n] = op(A)·op(B) + beta·C where B is a stored matrix of any dtype beginning at element
@@ -93,7 +153,7 @@ fn gemm_tiled<T: Float>(c: &mut [T], a: &[T], b: &Storage, b_start: usize, m: us
 fn gemm_cols<T: Float>(c: &mut [T], a: &[T], lda: usize, k0: usize, k1: usize, bt: &[T], m: usize, n: usize, beta: T) {
     let kk = k1 - k0;
     // SAFETY: A[:, k0..k1] with row stride lda lies within `a` (m rows of lda elements).
-    unsafe { T::gemm_raw(m, kk, n, T::ONE, a[k0..].as_ptr(), lda as isize, 1, bt.as_ptr(), n as isize, 1, beta, c.as_mut_ptr(), n as isize, 1) }
+    unsafe { gemm_par(m, kk, n, T::ONE, a[k0..].as_ptr(), lda as isize, 1, bt.as_ptr(), n as isize, 1, beta, c.as_mut_ptr(), n as isize) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -659,6 +719,42 @@ mod tests {
                         for (w, g) in want.iter().zip(&got) {
                             assert!((w - g).abs() < 1e-12, "ta={ta} tb={tb} beta={beta} tile={tile}: {w} vs {g}");
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The pool-split GEMM against a plain triple loop, on shapes above the split threshold
+    /// (tall, wide, with a ragged last part), every transposition, beta ≠ 0 and ldc > n.
+    #[test]
+    fn split_gemm_matches_a_triple_loop() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for &(m, k, n) in &[(301, 67, 40), (37, 70, 290), (16, 1100, 48), (130, 8, 700)] {
+            assert!(m * n * k >= PAR_GEMM_MIN, "{m}x{k}x{n} would not be split");
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+                    let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.11).cos()).collect();
+                    let ldc = n + 3;
+                    let c0: Vec<f64> = (0..m * ldc).map(|i| i as f64 * 1e-3).collect();
+                    let (alpha, beta) = (0.5, 2.0);
+                    let mut want = c0.clone();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut acc = 0.0;
+                            for p in 0..k {
+                                let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                                let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                                acc += av * bv;
+                            }
+                            want[i * ldc + j] = alpha * acc + beta * c0[i * ldc + j];
+                        }
+                    }
+                    let mut got = c0.clone();
+                    pool.install(|| gemm_ld(&mut got, ldc, &a, &b, m, k, n, ta, tb, alpha, beta));
+                    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                        assert!((w - g).abs() < 1e-9 * (1.0 + w.abs()), "{m}x{k}x{n} ta={ta} tb={tb} at {i}: {w} vs {g}");
                     }
                 }
             }
