@@ -193,7 +193,8 @@ pub struct Llama {
     rope: Rope,
     /// Compute dtype of activations (f32 for training, f64 for gradient checks).
     pub dtype: DType,
-    /// Activation checkpointing per decoder layer.
+    /// Activation checkpointing per decoder layer (every layer but the last, whose activations
+    /// would be recomputed first thing in the backward).
     pub checkpointing: bool,
     /// Training mode: adapter dropout is active, seeded by `dropout_seed` (set it anew each
     /// step; the same seed gives the same masks, which checkpoint recomputation relies on).
@@ -316,8 +317,12 @@ impl Llama {
             seed: self.training.then_some(self.dropout_seed),
         };
         let mut h = crate::profile::fwd("embedding", || ops::embedding(&self.embed, ids, self.dtype))?;
+        let last = self.layers.len().saturating_sub(1);
         for (li, layer) in self.layers.iter().enumerate() {
-            h = if self.checkpointing {
+            // The last layer is not checkpointed: its re-run would come first in the backward,
+            // when its activations are the only ones alive beside the checkpoints either way, so
+            // keeping them costs no more peak memory than recomputing them.
+            h = if self.checkpointing && li < last {
                 let (layer, ctx) = (layer.clone(), ctx.clone());
                 checkpoint(&h, move |x| layer_forward(&layer, li, &ctx, x, None))?
             } else {
