@@ -80,3 +80,37 @@ fn bad_adapter_folders_are_clear_errors() {
     // A model without adapters cannot be saved.
     assert!(save_adapter(&Llama::random(cfg(), DType::F32, 1).unwrap(), dir.path(), &lora, "x").is_err());
 }
+
+/// Tensors that belong to no module of the model (a deeper model's layers, an unknown suffix)
+/// are errors naming the tensor, and a failed load leaves the model as it was.
+#[test]
+fn adapter_tensors_for_missing_modules_are_errors() {
+    let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
+    let mut m = Llama::random(cfg(), DType::F32, 1).unwrap();
+    m.attach_adapters(&Target::ALL, &lora, &Method::Lora, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    save_adapter(&m, dir.path(), &lora, "x").unwrap();
+
+    // Saved from a 2-layer model, loaded into a 1-layer one: layer 1's tensors have no home.
+    let mut shallow_cfg = cfg();
+    shallow_cfg.num_hidden_layers = 1;
+    let mut shallow = Llama::random(shallow_cfg, DType::F32, 1).unwrap();
+    let e = load_adapter(&mut shallow, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("model.layers.1.") && e.contains("1 layers") && e.contains(WEIGHTS_FILE), "{e}");
+    assert!(shallow.trainable_params().is_empty(), "a failed load must not attach anything");
+
+    // A stray tensor with an unknown suffix on an existing module.
+    let wpath = dir.path().join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&wpath).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    let stray = "base_model.model.model.layers.0.self_attn.q_proj.lora_E.weight".to_string();
+    let extra = [0u8; 8];
+    views.push((stray.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &extra).unwrap()));
+    let out = safetensors::serialize(views, None).unwrap();
+    std::fs::write(&wpath, out).unwrap();
+    let mut fresh = Llama::random(cfg(), DType::F32, 1).unwrap();
+    let e = load_adapter(&mut fresh, dir.path()).unwrap_err().to_string();
+    assert!(e.contains(&stray), "{e}");
+    assert!(fresh.trainable_params().is_empty());
+}

@@ -44,6 +44,29 @@ pub fn hf_weight_name(layer: usize, t: Target) -> String {
     format!("model.layers.{layer}.{group}.{}.weight", t.hf_name())
 }
 
+/// Every tensor-name suffix an adapter file may hold after its module prefix.
+const ADAPTER_SUFFIXES: [&str; 19] = [
+    ".lora_A.weight",
+    ".lora_B.weight",
+    ".lora_magnitude_vector",
+    ".pissa_A0",
+    ".pissa_B0",
+    ".speclora_d",
+    ".speclora_rows",
+    ".speclora_sigma",
+    ".speclora_u",
+    ".speclora_v",
+    ".spectral_block",
+    ".spectral_c",
+    ".spectral_du",
+    ".spectral_dv",
+    ".spectral_qu",
+    ".spectral_qv",
+    ".spectral_sigma",
+    ".spectral_u",
+    ".spectral_v",
+];
+
 fn module_prefix(layer: usize, t: Target) -> String {
     let group = match t {
         Target::Q | Target::K | Target::V | Target::O => "self_attn",
@@ -261,6 +284,10 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let use_dora = cfg.get("use_dora").and_then(Value::as_bool).unwrap_or(false);
     let milora = sp_method.as_deref() == Some("milora");
     let mut found = 0;
+    let mut loaded: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // Attached only once the whole file has been read and checked: an error leaves the model as
+    // it was.
+    let mut staged: Vec<(usize, Target, Adapter)> = Vec::new();
     for li in 0..model.layers.len() {
         for t in Target::ALL {
             let p = module_prefix(li, t);
@@ -307,8 +334,9 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                         block,
                     }
                 };
-                model.layers[li].linear_mut(t).adapter = Some(adapter);
+                staged.push((li, t, adapter));
                 found += 1;
+                loaded.insert(p);
                 continue;
             }
             let pissa = names.contains_key(&format!("{p}.pissa_A0"));
@@ -370,12 +398,34 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
             } else {
                 Adapter::Lora { a, b, scale: lora.scale(), dropout }
             };
-            model.layers[li].linear_mut(t).adapter = Some(adapter);
+            staged.push((li, t, adapter));
             found += 1;
+            loaded.insert(p);
         }
     }
     if found == 0 {
         return Err(wfmt("no adapter tensors (lora_A/lora_B or spectral_*) for this model's layers".into()));
+    }
+    // Every tensor must belong to a module just loaded: one for layer 40 of a 30-layer model, for
+    // a module spectune does not adapt (embeddings, lm_head) or with an unknown suffix would
+    // otherwise be dropped without a word, and the model would not be the one that was saved.
+    let mut names: Vec<&str> = names.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    for name in names {
+        let module = ADAPTER_SUFFIXES.iter().find_map(|suf| name.strip_suffix(suf));
+        if !module.is_some_and(|m| loaded.contains(m)) {
+            return Err(wfmt(format!(
+                "tensor {name} belongs to no module of this model ({} layers): expected \
+                 base_model.model.model.layers.<0..{}>.self_attn.<q|k|v|o>_proj or .mlp.<gate|up|down>_proj, \
+                 then one of {}",
+                model.layers.len(),
+                model.layers.len().saturating_sub(1),
+                ADAPTER_SUFFIXES.join(" ")
+            )));
+        }
+    }
+    for (li, t, adapter) in staged {
+        model.layers[li].linear_mut(t).adapter = Some(adapter);
     }
     Ok(lora)
 }
