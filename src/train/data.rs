@@ -853,6 +853,51 @@ pub fn eval_batches(seqs: Vec<Sequence>, batch_size: usize, seq_len: usize, layo
 /// Splits `items` into (train, eval): `fraction` of them (rounded; at least one when the
 /// fraction is not 0, and at least one left for training) chosen at random by `seed` for eval. Both parts keep the input order. Works on
 /// [`Example`]s, or on [`DataFile`]s to hold out whole files.
+/// Splits one plain-text document for `--eval-fraction`: the last `fraction` of its characters,
+/// moved forward to the next line start, is held out (a contiguous tail, so no eval line sits
+/// between training lines). Errors when either side would be empty.
+pub fn split_text_tail(text: &str, fraction: f64) -> Result<(String, String)> {
+    const OP: &str = "split_eval";
+    crate::ensure!((0.0..1.0).contains(&fraction) && fraction > 0.0, OP, "the eval fraction must be in (0, 1), got {fraction}");
+    let target = ((1.0 - fraction) * text.len() as f64) as usize;
+    // The first line start at or after the target byte.
+    let cut = text.char_indices().find(|&(i, c)| i >= target.saturating_sub(1) && c == '\n').map(|(i, _)| i + 1);
+    match cut {
+        Some(cut) if cut > 0 && cut < text.len() && !text[..cut].trim().is_empty() && !text[cut..].trim().is_empty() => {
+            Ok((text[..cut].to_string(), text[cut..].to_string()))
+        }
+        _ => Err(crate::error::Error::invalid(
+            OP,
+            format!(
+                "cannot hold out {:.0}% of a {}-byte text at a line boundary with text on both sides; give --eval-data or more lines",
+                fraction * 100.0,
+                text.len()
+            ),
+        )),
+    }
+}
+
+/// `--eval-fraction` on a single file: a lone plain-text document loses its tail
+/// ([`split_text_tail`]); a file of several examples loses a seeded `fraction` of them
+/// ([`split_eval`]). Both sides keep their source line numbers (for error messages).
+pub fn split_file_eval(file: DataFile, fraction: f64, seed: u64) -> Result<(DataFile, DataFile)> {
+    let DataFile { path, examples, lines } = file;
+    let (tr, ev): (Vec<(Example, usize)>, Vec<(Example, usize)>) = match examples.as_slice() {
+        [Example::Text(text)] => {
+            let (a, b) = split_text_tail(text, fraction)?;
+            let first = lines.first().copied().unwrap_or(1);
+            let eval_line = first + a.matches('\n').count();
+            (vec![(Example::Text(a), first)], vec![(Example::Text(b), eval_line)])
+        }
+        _ => split_eval(examples.into_iter().zip(lines).collect(), fraction, seed)?,
+    };
+    let mk = |items: Vec<(Example, usize)>| {
+        let (examples, lines) = items.into_iter().unzip();
+        DataFile { path: path.clone(), examples, lines }
+    };
+    Ok((mk(tr), mk(ev)))
+}
+
 pub fn split_eval<T>(items: Vec<T>, fraction: f64, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
     let keys: Vec<usize> = (0..items.len()).collect();
     split_by_keys(items, keys, fraction, seed)
@@ -918,4 +963,44 @@ pub fn hold_out_files(files: Vec<DataFile>, names: &[&str]) -> Result<(Vec<DataF
     }
     crate::ensure!(!train.is_empty(), OP, "every file is held out; nothing is left for training");
     Ok((train, eval))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{split_file_eval, split_text_tail, DataFile, Example};
+    use std::path::PathBuf;
+
+    #[test]
+    fn one_file_eval_splits_keep_examples_and_line_numbers() {
+        let text: String = (0..10).map(|i| format!("line {i}\n")).collect();
+        let file = DataFile { path: PathBuf::from("a.txt"), examples: vec![Example::Text(text)], lines: vec![1] };
+        let (tr, ev) = split_file_eval(file, 0.2, 7).unwrap();
+        assert_eq!((tr.examples.len(), tr.lines.clone()), (1, vec![1]));
+        assert_eq!((ev.examples.len(), ev.lines.clone()), (1, vec![9]));
+        let examples: Vec<Example> = (0..10).map(|i| Example::Text(format!("doc {i}"))).collect();
+        let file = DataFile { path: PathBuf::from("a.jsonl"), examples, lines: (1..=10).collect() };
+        let (tr, ev) = split_file_eval(file, 0.3, 7).unwrap();
+        assert_eq!((tr.examples.len(), ev.examples.len()), (7, 3));
+        assert_eq!((tr.lines.len(), ev.lines.len()), (7, 3));
+        // Each example keeps its own line: "doc i" came from line i + 1.
+        for f in [&tr, &ev] {
+            for (ex, l) in f.examples.iter().zip(&f.lines) {
+                let Example::Text(t) = ex else { unreachable!() };
+                assert_eq!(t, &format!("doc {}", l - 1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_single_text_splits_at_a_line_start() {
+        let text: String = (0..10).map(|i| format!("line {i}\n")).collect();
+        let (tr, ev) = split_text_tail(&text, 0.2).unwrap();
+        assert_eq!(format!("{tr}{ev}"), text);
+        assert!(tr.ends_with('\n') && ev.starts_with("line "), "{tr:?} | {ev:?}");
+        assert_eq!(ev.lines().count(), 2);
+        // One line cannot be split; nor can a tail of blank lines.
+        assert!(split_text_tail("just one line", 0.5).is_err());
+        assert!(split_text_tail("text\n\n\n", 0.5).is_err());
+        assert!(split_text_tail(&text, 0.0).is_err());
+    }
 }

@@ -59,9 +59,8 @@ pub fn prepare(s: &TrainSettings, split: Option<(Vec<DataFile>, Vec<DataFile>)>,
         (None, None, Some(f)) if f > 0.0 && files.len() > 1 => data::split_eval(files, f, s.seed)?,
         (None, None, Some(f)) if f > 0.0 => {
             let file = files.into_iter().next().expect("read_files returns at least one file");
-            let (tr, ev) = data::split_eval(file.examples, f, s.seed)?;
-            let mk = |examples| DataFile { path: file.path.clone(), lines: Vec::new(), examples };
-            (vec![mk(tr)], vec![mk(ev)])
+            let (tr, ev) = data::split_file_eval(file, f, s.seed)?;
+            (vec![tr], vec![ev])
         }
         (None, None, _) => (files, Vec::new()),
     };
