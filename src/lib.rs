@@ -56,8 +56,8 @@
 //! assert!(losses[9] < losses[0]);
 //!
 //! // The trained adapter values and the optimizer state, ready to be written out.
-//! let adapter: Vec<Vec<f32>> = params.iter().map(|p| p.to_vec_f32()).collect();
-//! let state = opt.state();
+//! let adapter: Vec<Vec<f32>> = params.iter().map(|p| p.try_to_vec::<f32>()).collect::<Result<_, _>>()?;
+//! let state = opt.state()?;
 //! assert_eq!(adapter.len(), state.params.len());
 //! # Ok::<(), spectune::Error>(())
 //! ```

@@ -269,19 +269,20 @@ impl AdamW {
     /// A copy of the optimizer state with every moment converted to f64. Moments of f32
     /// parameters convert exactly (f32 → f64 → f32 is the identity), so
     /// [`AdamW::load_state`] restores them bit for bit.
-    pub fn state(&self) -> AdamWState {
+    pub fn state(&self) -> Result<AdamWState> {
         let params = self
             .slots
             .iter()
             .map(|s| {
                 let mut m = vec![0.0f64; s.m.len()];
                 let mut v = vec![0.0f64; s.v.len()];
-                s.m.read_into(0, &mut m);
-                s.v.read_into(0, &mut v);
-                ParamState { step: s.step, m, v }
+                // Moments on the device are copied back; a failed copy is an error, not a panic.
+                s.m.try_read_into(0, &mut m)?;
+                s.v.try_read_into(0, &mut v)?;
+                Ok(ParamState { step: s.step, m, v })
             })
-            .collect();
-        AdamWState { step: self.step, params }
+            .collect::<Result<_>>()?;
+        Ok(AdamWState { step: self.step, params })
     }
 
     /// Replaces the optimizer state with `state` (as returned by [`AdamW::state`] for the same

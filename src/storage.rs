@@ -143,9 +143,26 @@ impl Storage {
         }
     }
 
+    /// As [`Storage::read_into`], with a failed device-to-host copy returned as an error.
+    pub fn try_read_into<T: Float>(&self, start: usize, out: &mut [T]) -> crate::error::Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Storage::Cuda(b) = self {
+            let v = b.to_f32()?;
+            let end = start + out.len();
+            out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = T::from_f64(*x as f64));
+            return Ok(());
+        }
+        self.read_into(start, out);
+        Ok(())
+    }
+
     /// Converts elements `start .. start + out.len()` to `T` into `out`: the per-use conversion
     /// for frozen weights stored as bf16/f16 (or f32 read by an f64 kernel). The caller checks
     /// the range against `len()`.
+    ///
+    /// Device storage (feature `cuda`) is copied back whole first; if that copy fails this
+    /// panics — code that may see device tensors (checkpoints, optimizer state, `Tensor::item`)
+    /// calls [`Storage::try_read_into`] instead.
     pub fn read_into<T: Float>(&self, start: usize, out: &mut [T]) {
         let end = start + out.len();
         if let Some(s) = self.slice::<T>() {

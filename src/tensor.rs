@@ -250,11 +250,18 @@ impl Tensor {
         Arc::ptr_eq(&self.0.storage, &other.0.storage)
     }
 
-    /// All elements converted to `T`.
+    /// All elements converted to `T`. For a device tensor this panics if the copy back fails;
+    /// [`Tensor::try_to_vec`] returns that as an error.
     pub fn to_vec<T: Float>(&self) -> Vec<T> {
         let mut out = vec![T::ZERO; self.numel()];
         self.read().read_into(0, &mut out);
         out
+    }
+    /// All elements converted to `T`; a failed device-to-host copy is an error.
+    pub fn try_to_vec<T: Float>(&self) -> Result<Vec<T>> {
+        let mut out = vec![T::ZERO; self.numel()];
+        self.read().try_read_into(0, &mut out)?;
+        Ok(out)
     }
     pub fn to_vec_f64(&self) -> Vec<f64> {
         self.to_vec::<f64>()
@@ -267,7 +274,7 @@ impl Tensor {
         if self.numel() != 1 {
             return Err(Error::shape("Tensor::item", "tensor", "one element", self.shape()));
         }
-        Ok(self.to_vec_f64()[0])
+        Ok(self.try_to_vec::<f64>()?[0])
     }
 
     /// Where the elements live.

@@ -118,14 +118,8 @@ pub fn exp_f32_body<const FMA: bool>(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // Clamp (a NaN fails both tests and passes through to the result).
-    let xc = if x < -104.0 {
-        -104.0
-    } else if x > 88.8 {
-        88.8
-    } else {
-        x
-    };
+    // Clamp (`clamp` keeps a NaN, which then passes through to the result).
+    let xc = x.clamp(-104.0, 88.8);
     let t = madd::<FMA>(xc, LOG2E, MAGIC);
     let n = t - MAGIC;
     let r = madd::<FMA>(n, -LN2_HI, xc);

@@ -99,8 +99,9 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
     let mut targets: Vec<&'static str> = Vec::new();
     let mut method: &'static str = "lora";
     let mut rows_kind = "top";
-    let f32_bytes =
-        |t: &Tensor| -> (Vec<usize>, Vec<u8>, Dtype) { (t.dims().to_vec(), t.to_vec_f32().iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32) };
+    let f32_bytes = |t: &Tensor| -> Result<(Vec<usize>, Vec<u8>, Dtype)> {
+        Ok((t.dims().to_vec(), t.try_to_vec::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32))
+    };
     let mut block: Option<usize> = None;
     let mut layer_methods: Vec<&'static str> = Vec::new();
     let i64_bytes = |v: &[i64]| -> (Vec<usize>, Vec<u8>, Dtype) { (vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect(), Dtype::I64) };
@@ -125,7 +126,7 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
             let (a, b) = match ad {
                 Adapter::Lora { a, b, .. } | Adapter::Pissa { a, b, .. } | Adapter::Dora { a, b, .. } => (a, b),
                 Adapter::SpecLora { d, rows, a, b, .. } => {
-                    tensors.insert(format!("{p}.speclora_d"), f32_bytes(d));
+                    tensors.insert(format!("{p}.speclora_d"), f32_bytes(d)?);
                     let idx: Vec<i64> = match rows {
                         SpecRows::Top(k) => (0..*k as i64).collect(),
                         SpecRows::Indices(ix) => {
@@ -137,40 +138,40 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
                     (a, b)
                 }
                 Adapter::SpecLoraSvd { d, u, sigma, v, a, b, .. } => {
-                    tensors.insert(format!("{p}.speclora_d"), f32_bytes(d));
-                    tensors.insert(format!("{p}.speclora_u"), f32_bytes(u));
-                    tensors.insert(format!("{p}.speclora_sigma"), f32_bytes(sigma));
-                    tensors.insert(format!("{p}.speclora_v"), f32_bytes(v));
+                    tensors.insert(format!("{p}.speclora_d"), f32_bytes(d)?);
+                    tensors.insert(format!("{p}.speclora_u"), f32_bytes(u)?);
+                    tensors.insert(format!("{p}.speclora_sigma"), f32_bytes(sigma)?);
+                    tensors.insert(format!("{p}.speclora_v"), f32_bytes(v)?);
                     (a, b)
                 }
                 Adapter::SpectralA { du, dv, u, sigma, v, block: bl } | Adapter::SpectralR { qu: du, qv: dv, u, sigma, v, block: bl, .. } => {
                     let (n1, n2) = if matches!(ad, Adapter::SpectralA { .. }) { ("spectral_du", "spectral_dv") } else { ("spectral_qu", "spectral_qv") };
-                    tensors.insert(format!("{p}.{n1}"), f32_bytes(du));
-                    tensors.insert(format!("{p}.{n2}"), f32_bytes(dv));
+                    tensors.insert(format!("{p}.{n1}"), f32_bytes(du)?);
+                    tensors.insert(format!("{p}.{n2}"), f32_bytes(dv)?);
                     if let Adapter::SpectralR { c, .. } = ad {
-                        tensors.insert(format!("{p}.spectral_c"), f32_bytes(c));
+                        tensors.insert(format!("{p}.spectral_c"), f32_bytes(c)?);
                     }
-                    tensors.insert(format!("{p}.spectral_u"), f32_bytes(u));
-                    tensors.insert(format!("{p}.spectral_sigma"), f32_bytes(sigma));
-                    tensors.insert(format!("{p}.spectral_v"), f32_bytes(v));
+                    tensors.insert(format!("{p}.spectral_u"), f32_bytes(u)?);
+                    tensors.insert(format!("{p}.spectral_sigma"), f32_bytes(sigma)?);
+                    tensors.insert(format!("{p}.spectral_v"), f32_bytes(v)?);
                     tensors.insert(format!("{p}.spectral_block"), i64_bytes(&[*bl as i64]));
                     block = Some(*bl);
                     continue;
                 }
                 Adapter::Full { w } => {
-                    tensors.insert(hf_weight_name(li, t), f32_bytes(w));
+                    tensors.insert(hf_weight_name(li, t), f32_bytes(w)?);
                     continue;
                 }
             };
             if let Adapter::Pissa { a0, b0, .. } = ad {
-                tensors.insert(format!("{p}.pissa_A0"), f32_bytes(a0));
-                tensors.insert(format!("{p}.pissa_B0"), f32_bytes(b0));
+                tensors.insert(format!("{p}.pissa_A0"), f32_bytes(a0)?);
+                tensors.insert(format!("{p}.pissa_B0"), f32_bytes(b0)?);
             }
             if let Adapter::Dora { mag, .. } = ad {
-                tensors.insert(format!("{p}.lora_magnitude_vector"), f32_bytes(mag));
+                tensors.insert(format!("{p}.lora_magnitude_vector"), f32_bytes(mag)?);
             }
-            tensors.insert(format!("{p}.lora_A.weight"), f32_bytes(a));
-            tensors.insert(format!("{p}.lora_B.weight"), f32_bytes(b));
+            tensors.insert(format!("{p}.lora_A.weight"), f32_bytes(a)?);
+            tensors.insert(format!("{p}.lora_B.weight"), f32_bytes(b)?);
         }
     }
     if tensors.is_empty() {

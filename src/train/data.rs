@@ -882,7 +882,8 @@ pub fn split_text_tail(text: &str, fraction: f64) -> Result<(String, String)> {
 /// ([`split_eval`]). Both sides keep their source line numbers (for error messages).
 pub fn split_file_eval(file: DataFile, fraction: f64, seed: u64) -> Result<(DataFile, DataFile)> {
     let DataFile { path, examples, lines } = file;
-    let (tr, ev): (Vec<(Example, usize)>, Vec<(Example, usize)>) = match examples.as_slice() {
+    type Numbered = Vec<(Example, usize)>;
+    let (tr, ev): (Numbered, Numbered) = match examples.as_slice() {
         [Example::Text(text)] => {
             let (a, b) = split_text_tail(text, fraction)?;
             let first = lines.first().copied().unwrap_or(1);
@@ -891,7 +892,7 @@ pub fn split_file_eval(file: DataFile, fraction: f64, seed: u64) -> Result<(Data
         }
         _ => split_eval(examples.into_iter().zip(lines).collect(), fraction, seed)?,
     };
-    let mk = |items: Vec<(Example, usize)>| {
+    let mk = |items: Numbered| {
         let (examples, lines) = items.into_iter().unzip();
         DataFile { path: path.clone(), examples, lines }
     };

@@ -126,7 +126,7 @@ pub fn save_checkpoint(dir: &Path, model: &Llama, opt: &AdamW, lora: &LoraConfig
         std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, e))?;
     }
     save_adapter(model, &partial, lora, base_model)?;
-    let st = opt.state();
+    let st = opt.state()?;
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>, Dtype)> = BTreeMap::new();
     for (i, p) in st.params.iter().enumerate() {
         let f64s = |v: &[f64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();

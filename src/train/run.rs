@@ -123,7 +123,7 @@ pub fn run(s: &TrainSettings, p: &mut Prepared, progress: bool, log: &mut dyn Fn
     };
     if s.device != crate::device::Device::Cpu {
         // Upload once: frozen matrices as bf16, adapters (and the optimizer state) as f32.
-        let state = opt.state();
+        let state = opt.state()?;
         *model = model.to_device(s.device, DType::BF16)?;
         opt = optimizer_for(model, ocfg)?;
         opt.load_state(&state)?;
