@@ -1,6 +1,6 @@
 //! Devices and the one place that dispatches a kernel call.
 //!
-//! Two dispatches happen here. By compute dtype: [`with_float!`] turns a runtime
+//! Two dispatches happen here. By compute dtype: `with_float!` turns a runtime
 //! [`DType`](crate::DType) into the `T: Float` a generic CPU kernel in [`crate::backend::cpu`] is
 //! instantiated with. By device: [`on_cuda`] tells an op that its inputs live on the GPU, and the
 //! op hands over to its device path in `backend::cuda::ops` (feature `cuda`); every input of one

@@ -5,7 +5,7 @@
 //!   weights stay here; an f32 weight is used in place when aligned (zero copy), other dtypes are
 //!   converted per use, a tile at a time (see [`Storage::read_into`]).
 //!
-//! - [`Storage::Cuda`] (feature `cuda`): a device buffer (f32 activations and adapters, bf16
+//! - `Storage::Cuda` (feature `cuda`): a device buffer (f32 activations and adapters, bf16
 //!   frozen matrices). Host-side reads of it copy the buffer back (tests, logging, checkpoints).
 
 use std::sync::Arc;

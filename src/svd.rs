@@ -22,7 +22,7 @@ use crate::gradcheck::SplitMix;
 use crate::tensor::Tensor;
 
 /// k singular triplets of an m×n matrix (the top k, or a block of them), row-major:
-/// u [m, k], s [k] (descending), v [n, k], so the block is u·diag(s)·vᵀ.
+/// u [m, k], s `[k]` (descending), v [n, k], so the block is u·diag(s)·vᵀ.
 #[derive(Clone, Debug)]
 pub struct TopSvd {
     pub m: usize,
@@ -33,7 +33,7 @@ pub struct TopSvd {
     pub v: Vec<f64>,
 }
 
-/// Thin SVD of a dense row-major a [m, n]: (u [m, r], s [r], v [n, r]), r = min(m, n).
+/// Thin SVD of a dense row-major a [m, n]: (u [m, r], s `[r]`, v [n, r]), r = min(m, n).
 pub fn thin_svd(a: &[f64], m: usize, n: usize) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
     if a.len() != m * n || m == 0 || n == 0 {
         return Err(Error::shape("thin_svd", "a", format!("{m}×{n} values"), a.len()));

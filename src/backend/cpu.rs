@@ -25,7 +25,7 @@ pub fn gemm<T: Float>(c: &mut [T], a: &[T], b: &[T], m: usize, k: usize, n: usiz
     gemm_ld(c, n, a, b, m, k, n, ta, tb, alpha, beta)
 }
 
-/// As [`gemm`], but C has row stride `ldc` (to write a column block of a wider matrix).
+/// As [`gemm`](fn@gemm), but C has row stride `ldc` (to write a column block of a wider matrix).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_ld<T: Float>(c: &mut [T], ldc: usize, a: &[T], b: &[T], m: usize, k: usize, n: usize, ta: bool, tb: bool, alpha: T, beta: T) {
     debug_assert!(a.len() >= m * k && b.len() >= k * n);
@@ -235,7 +235,7 @@ pub fn swiglu_bwd<T: Float>(dg: &mut [T], du: &mut [T], dy: &[T], g: &[T], u: &[
 // RMSNorm
 // ---------------------------------------------------------------------------------------------
 
-/// y = x·r ⊙ w per row, r = 1/√(mean(x²) + eps); saves r per row. x, y: [rows, c]; w: [c].
+/// y = x·r ⊙ w per row, r = 1/√(mean(x²) + eps); saves r per row. x, y: `[rows, c]`; w: `[c]`.
 pub fn rms_norm_fwd<T: Float>(y: &mut [T], rstd: &mut [T], x: &[T], w: &[T], c: usize, eps: T) {
     y.par_chunks_mut(c).zip(rstd.par_iter_mut()).zip(x.par_chunks(c)).with_min_len(ROW_GRAIN).for_each(|((y, r), x)| {
         let ms = x.iter().map(|v| *v * *v).sum::<T>() / T::from_f64(c as f64);
@@ -274,8 +274,8 @@ pub fn rms_norm_bwd_from_y<T: Float>(dx: &mut [T], dy: &[T], y: &[T], w: &[T], r
 // RoPE (HF rotate-half layout)
 // ---------------------------------------------------------------------------------------------
 
-/// Rotary embedding on x [b, t, h, hd] (half = hd/2), angle θ = pos·inv_freq[i]:
-///   y[i] = x[i]·cos θ − x[i+half]·sin θ,   y[i+half] = x[i+half]·cos θ + x[i]·sin θ.
+/// Rotary embedding on x [b, t, h, hd] (half = hd/2), angle θ = pos·`inv_freq[i]`:
+///   `y[i] = x[i]·cos θ − x[i+half]·sin θ`,   `y[i+half] = x[i+half]·cos θ + x[i]·sin θ`.
 /// `pos` holds one position per (b, t) row. With `inverse`, rotates by −θ: that is the backward
 /// (a rotation's adjoint is its inverse), dx = R(−θ)·dy.
 pub fn rope<T: Float>(y: &mut [T], x: &[T], pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, inverse: bool) {
@@ -523,7 +523,7 @@ pub fn cross_entropy_bwd_inplace<T: Float>(x: &mut [T], lse: &[T], targets: &[i6
 }
 
 /// The LM-head loss without storing logits: h [N, d], W [vocab, d] stored in any dtype, N targets.
-/// Returns Σ loss over counted rows and writes lse [N].
+/// Returns Σ loss over counted rows and writes lse `[N]`.
 ///
 /// Rows are taken `rows_blk` at a time and, within them, the vocabulary `cols` columns at a time:
 /// L = h_b·W_cᵀ [rows_blk × cols], and per row an online softmax keeps the running max m, the sum
@@ -533,7 +533,7 @@ pub fn cross_entropy_bwd_inplace<T: Float>(x: &mut [T], lse: &[T], targets: &[i6
 ///
 /// With `dh`, also the gradient for dy = 1: dh = g·(softmax − onehot)·W, accumulated as
 /// acc += exp(L − m)·W_c with acc rescaled by exp(m_old − m_new) whenever a row's max rises (the
-/// output rescaling of flash attention), then dh = g·(acc/s − W[target]); rows whose target is
+/// output rescaling of flash attention), then dh = g·(acc/s − `W[target]`); rows whose target is
 /// `ignore_index` get dh = 0.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_cross_entropy_fwd<T: Float>(
@@ -661,12 +661,12 @@ pub fn linear_cross_entropy_fwd<T: Float>(
 // Embedding
 // ---------------------------------------------------------------------------------------------
 
-/// y[i, :] = table[ids[i], :], table stored in any dtype (converted per row).
+/// `y[i, :] = table[ids[i], :]`, table stored in any dtype (converted per row).
 pub fn embedding_fwd<T: Float>(y: &mut [T], table: &Storage, ids: &[u32], dim: usize) {
     y.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(y, &id)| table.read_into(id as usize * dim, y));
 }
 
-/// dtable[ids[i], :] += dy[i, :] (dtable must be zeroed by the caller).
+/// `dtable[ids[i], :] += dy[i, :]` (dtable must be zeroed by the caller).
 pub fn embedding_bwd<T: Float>(dtable: &mut [T], dy: &[T], ids: &[u32], dim: usize) {
     for (g, &id) in dy.chunks(dim).zip(ids) {
         dtable[id as usize * dim..][..dim].iter_mut().zip(g).for_each(|(d, g)| *d += *g);

@@ -89,7 +89,7 @@ impl Target {
 pub struct Linear {
     /// [out, in], frozen.
     pub weight: Tensor,
-    /// [out], frozen (Qwen2's q/k/v).
+    /// `[out]`, frozen (Qwen2's q/k/v).
     pub bias: Option<Tensor>,
     pub adapter: Option<Adapter>,
 }
@@ -186,7 +186,7 @@ pub struct Llama {
     /// [vocab, hidden], frozen.
     pub embed: Tensor,
     pub layers: Vec<Layer>,
-    /// [hidden], frozen.
+    /// `[hidden]`, frozen.
     pub norm: Tensor,
     /// [vocab, hidden]; `None` when tied to `embed`.
     pub lm_head: Option<Tensor>,

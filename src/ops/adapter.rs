@@ -85,9 +85,9 @@ impl Dropout {
 pub enum Spectral<'a> {
     /// Plain LoRA.
     None,
-    /// SpecLoRA, positional or row-index form: the selected rows of W scaled by d [k].
+    /// SpecLoRA, positional or row-index form: the selected rows of W scaled by d `[k]`.
     Rows { d: &'a Tensor, rows: &'a SpecRows },
-    /// SpecLoRA-SVD: W + U·diag((d − 1) ⊙ σ)·Vᵀ with frozen u [m, k], sigma [k], v [n, k].
+    /// SpecLoRA-SVD: W + U·diag((d − 1) ⊙ σ)·Vᵀ with frozen u [m, k], sigma `[k]`, v [n, k].
     Svd { d: &'a Tensor, u: &'a Tensor, sigma: &'a Tensor, v: &'a Tensor },
     /// PiSSA / MiLoRA: the frozen residual correction −s·B0·A0 with a0 [r0, n], b0 [m, r0]
     /// (the initial LoRA factors), so that the base seen by the LoRA branch is W − s·B0·A0.
@@ -116,7 +116,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
     adapter_linear(x, w, Spectral::None, a, b, scale, None)
 }
 
-/// SpecLoRA on a frozen W: as [`lora_linear`] with the selected rows of W scaled by d [k].
+/// SpecLoRA on a frozen W: as [`lora_linear`] with the selected rows of W scaled by d `[k]`.
 pub fn speclora_linear(x: &Tensor, w: &Tensor, d: &Tensor, rows: &SpecRows, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     adapter_linear(x, w, Spectral::Rows { d, rows }, a, b, scale, None)
 }

@@ -26,7 +26,7 @@ use crate::tensor::Tensor;
 const MIN_NORM: f64 = 1e-30;
 
 /// ν_i = ‖W_i + s·B_i·A‖ for every row, in f64 (W read through tiled GEMMs, never densely).
-/// w [m, n] frozen (any stored dtype), wnorm2 [m] = ‖W_i‖², a [r, n], b [m, r] as f64 values.
+/// w [m, n] frozen (any stored dtype), wnorm2 `[m]` = ‖W_i‖², a [r, n], b [m, r] as f64 values.
 pub fn dora_row_norms(w: &Tensor, wnorm2: &[f64], a: &[f64], b: &[f64], r: usize, s: f64) -> Vec<f64> {
     let (m, n) = (w.dims()[0], w.dims()[1]);
     // A·Wᵀ [r, m]
@@ -61,8 +61,8 @@ pub fn row_norms2(w: &Tensor) -> Result<Vec<f64>> {
         .collect())
 }
 
-/// DoRA on a frozen W: x [.., n], w [m, n], nu [m] (the frozen row norms ‖W_i + s·B_i·A‖ from
-/// [`dora_row_norms`], any float dtype), a [r, n], b [m, r], mag [m] → [.., m]:
+/// DoRA on a frozen W: x [.., n], w [m, n], nu `[m]` (the frozen row norms ‖W_i + s·B_i·A‖ from
+/// [`dora_row_norms`], any float dtype), a [r, n], b [m, r], mag `[m]` → [.., m]:
 /// y = (x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ) ⊙ mag/ν. `dropout` acts on the LoRA branch input only.
 #[allow(clippy::too_many_arguments)]
 pub fn dora_linear(x: &Tensor, w: &Tensor, nu: &Tensor, a: &Tensor, b: &Tensor, mag: &Tensor, s: f64, dropout: Option<Dropout>) -> Result<Tensor> {

@@ -8,7 +8,7 @@ use crate::device::with_float;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// x: [.., c], w: [c].
+/// x: [.., c], w: `[c]`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = compute_dtype("rms_norm", "x", x)?;
     check_dtype("rms_norm", "w", w, dt, false)?;

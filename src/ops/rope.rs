@@ -17,7 +17,7 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Standard RoPE: inv_freq[i] = θ^(−2i/head_dim), i < head_dim/2.
+    /// Standard RoPE: `inv_freq[i]` = θ^(−2i/head_dim), i < head_dim/2.
     pub fn new(head_dim: usize, theta: f64) -> Result<Rope> {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(Error::invalid("rope", format!("head_dim must be even and > 0, got {head_dim}")));

@@ -173,7 +173,7 @@ fn scale_cols<T: Float>(a: &[T], s: &[T]) -> Vec<T> {
 // ---------------------------------------------------------------------------------------------
 
 /// Spectral Adapter, additive: x [.., n] through W' = W − U·Σ·Vᵀ + (U + ΔU)·Σ·(V + ΔV)ᵀ.
-/// w [m, n], u [m, r], sigma [r], v [n, r] frozen; du [m, r], dv [n, r] trainable → [.., m].
+/// w [m, n], u [m, r], sigma `[r]`, v [n, r] frozen; du [m, r], dv [n, r] trainable → [.., m].
 pub fn spectral_a_linear(x: &Tensor, w: &Tensor, u: &Tensor, sigma: &Tensor, v: &Tensor, du: &Tensor, dv: &Tensor) -> Result<Tensor> {
     const OP: &str = "spectral_a_linear";
     let (dt, nrows, m, n, r) = check_factors(OP, x, w, u, sigma, v)?;
@@ -301,8 +301,8 @@ fn rot_core<T: Float>(ru: &[T], rv: &[T], c: &[T], sg: &[T]) -> Vec<T> {
 
 /// Spectral Adapter, rotational: x [.., n] through
 /// W' = W + U·(R_U·diag(c ⊙ σ)·R_Vᵀ − diag(σ))·Vᵀ, i.e. the top-r singular vectors rotated by
-/// R_U, R_V [r, r] (usually [`cayley`] outputs) and the top-r singular values scaled by c [r].
-/// w [m, n], u [m, r], sigma [r], v [n, r] frozen → [.., m].
+/// R_U, R_V [r, r] (usually [`cayley`] outputs) and the top-r singular values scaled by c `[r]`.
+/// w [m, n], u [m, r], sigma `[r]`, v [n, r] frozen → [.., m].
 #[allow(clippy::too_many_arguments)]
 pub fn spectral_r_linear(x: &Tensor, w: &Tensor, u: &Tensor, sigma: &Tensor, v: &Tensor, ru: &Tensor, rv: &Tensor, c: &Tensor) -> Result<Tensor> {
     const OP: &str = "spectral_r_linear";

@@ -1,15 +1,15 @@
 //! Adapter files in HF PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`, with
 //! PEFT's key names (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in],
 //! `…lora_B.weight` [out, r]), so a LoRA saved here loads in stock PEFT, and so does a DoRA
-//! (`use_dora = true`, `…lora_magnitude_vector` [out], as PEFT writes it). The other methods'
+//! (`use_dora = true`, `…lora_magnitude_vector` `[out]`, as PEFT writes it). The other methods'
 //! tensors ride along under the same module prefix, described under a `spectune` key of the
 //! config (`method`, and `rows` / `block`):
 //!
-//! - SpecLoRA: `…speclora_d` [k], `…speclora_rows` [k] (I64 row indices), and for the SVD form
+//! - SpecLoRA: `…speclora_d` `[k]`, `…speclora_rows` `[k]` (I64 row indices), and for the SVD form
 //!   `…speclora_u/sigma/v`;
 //! - Spectral^A: `…spectral_du` [out, r], `…spectral_dv` [in, r]; Spectral^R: `…spectral_qu`,
-//!   `…spectral_qv` [r, r], `…spectral_c` [r]; both: the frozen `…spectral_u/sigma/v` and
-//!   `…spectral_block` (I64 [1]);
+//!   `…spectral_qv` [r, r], `…spectral_c` `[r]`; both: the frozen `…spectral_u/sigma/v` and
+//!   `…spectral_block` (I64 `[1]`);
 //! - PiSSA / MiLoRA: `lora_A/lora_B` plus the frozen `…pissa_A0` [r, in], `…pissa_B0` [out, r];
 //! - full fine-tuning: no PEFT config keys (`spectune.method = "full"`), and the tuned matrices
 //!   under their HF names (`model.layers.{i}.self_attn.q_proj.weight` [out, in]).

@@ -8,12 +8,12 @@
 //! | method | trainable (per [out, in] linear) | frozen extras stored with the adapter |
 //! |---|---|---|
 //! | LoRA | A [r, in], B [out, r] | — |
-//! | SpecLoRA | d [k], A, B | row indices |
-//! | SpecLoRA-SVD | d [k], A, B | U_k, σ_k, V_k |
+//! | SpecLoRA | d `[k]`, A, B | row indices |
+//! | SpecLoRA-SVD | d `[k]`, A, B | U_k, σ_k, V_k |
 //! | Spectral^A | ΔU [out, r], ΔV [in, r] | U_b, σ_b, V_b (block b) |
-//! | Spectral^R | Q_U, Q_V [r, r], c [r] | U_b, σ_b, V_b (block b) |
+//! | Spectral^R | Q_U, Q_V [r, r], c `[r]` | U_b, σ_b, V_b (block b) |
 //! | PiSSA / MiLoRA | A, B (init from the top / bottom r triplets) | A0, B0 (the initial A, B) |
-//! | DoRA | A, B, mag [out] | ‖W_i‖² (recomputed from W at load) |
+//! | DoRA | A, B, mag `[out]` | ‖W_i‖² (recomputed from W at load) |
 //! | full | W' [out, in] (a dense copy) | — |
 
 mod device;
@@ -38,23 +38,23 @@ use crate::DType;
 pub enum Adapter {
     /// y = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ;  A [r, in], B [out, r].
     Lora { a: Tensor, b: Tensor, scale: f64, dropout: f64 },
-    /// y = x·(Γ⊙W)ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ with d [k] on the selected rows.
+    /// y = x·(Γ⊙W)ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ with d `[k]` on the selected rows.
     SpecLora { d: Tensor, rows: SpecRows, a: Tensor, b: Tensor, scale: f64, dropout: f64 },
     /// y = x·Wᵀ + ((x·V) ⊙ (d−1) ⊙ σ)·Uᵀ + s·(dropout(x)·Aᵀ)·Bᵀ, with the frozen top-k SVD
-    /// factors u [out, k], sigma [k], v [in, k] computed once at init and stored with the adapter.
+    /// factors u [out, k], sigma `[k]`, v [in, k] computed once at init and stored with the adapter.
     SpecLoraSvd { d: Tensor, u: Tensor, sigma: Tensor, v: Tensor, a: Tensor, b: Tensor, scale: f64, dropout: f64 },
     /// Spectral^A: W' = W − U·Σ·Vᵀ + (U + ΔU)·Σ·(V + ΔV)ᵀ on block `block` of W's singular
-    /// triplets: du [out, r], dv [in, r] trainable (init 0); u [out, r], sigma [r], v [in, r] frozen.
+    /// triplets: du [out, r], dv [in, r] trainable (init 0); u [out, r], sigma `[r]`, v [in, r] frozen.
     SpectralA { du: Tensor, dv: Tensor, u: Tensor, sigma: Tensor, v: Tensor, block: usize },
     /// Spectral^R: W' = W − U·Σ·Vᵀ + (U·R_U)·diag(c ⊙ σ)·(V·R_V)ᵀ with R = cayley(Q):
-    /// qu, qv [r, r] (init 0) and c [r] (init 1) trainable; u, sigma, v frozen as in Spectral^A.
+    /// qu, qv [r, r] (init 0) and c `[r]` (init 1) trainable; u, sigma, v frozen as in Spectral^A.
     SpectralR { qu: Tensor, qv: Tensor, c: Tensor, u: Tensor, sigma: Tensor, v: Tensor, block: usize },
     /// PiSSA (`milora = false`: top-r triplets) or MiLoRA (bottom-r): a LoRA whose A, B start at
     /// √(Σ_r/s)·V_rᵀ and U_r·√(Σ_r/s), on the residual base W − s·B0·A0, where a0 [r, in],
     /// b0 [out, r] are frozen copies of the initial A, B (so W is never copied densely).
     Pissa { a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, scale: f64, dropout: f64, milora: bool },
-    /// DoRA: W' = diag(mag/ν)·(W + s·B·A), ν_i = ‖W_i + s·B_i·A‖; mag [out] (init ‖W_i‖), A, B
-    /// trainable; wnorm2 [out] = ‖W_i‖² (f64, frozen, derived from W).
+    /// DoRA: W' = diag(mag/ν)·(W + s·B·A), ν_i = ‖W_i + s·B_i·A‖; mag `[out]` (init ‖W_i‖), A, B
+    /// trainable; wnorm2 `[out]` = ‖W_i‖² (f64, frozen, derived from W).
     Dora { a: Tensor, b: Tensor, mag: Tensor, wnorm2: Tensor, scale: f64, dropout: f64 },
     /// Full fine-tuning of this linear: w [out, in] is a trainable dense copy of the frozen W
     /// (dense dW and AdamW state for this matrix only).

@@ -4,7 +4,7 @@
 //! on disjoint blocks.
 //!
 //! Block j of size r is the triplets j·r … (j+1)·r − 1 (block 0 = the top r). The block's frozen
-//! factors U_b [out, r], σ_b [r], V_b [in, r] are computed once at init and stored with the
+//! factors U_b [out, r], σ_b `[r]`, V_b [in, r] are computed once at init and stored with the
 //! adapter: the reference code recomputes the SVD when merging, and a sign flip between the two
 //! SVDs silently corrupts the merged weight.
 //!
@@ -34,11 +34,11 @@ use crate::tensor::Tensor;
 pub struct TunedBlock {
     pub block: usize,
     pub r: usize,
-    /// U_b [out, r], σ_b [r], V_b [in, r] (frozen).
+    /// U_b [out, r], σ_b `[r]`, V_b [in, r] (frozen).
     pub u: Vec<f64>,
     pub sigma: Vec<f64>,
     pub v: Vec<f64>,
-    /// U'_b [out, r], σ'_b [r], V'_b [in, r] (tuned).
+    /// U'_b [out, r], σ'_b `[r]`, V'_b [in, r] (tuned).
     pub u_new: Vec<f64>,
     pub sigma_new: Vec<f64>,
     pub v_new: Vec<f64>,
