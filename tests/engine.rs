@@ -320,3 +320,29 @@ fn lora_dropout_masks_the_branch_input_reproducibly() {
     assert_ne!(y1, y3, "another seed, another mask");
     assert!(ops::adapter_linear(&x, &w, ops::Spectral::None, &a, &b, 1.0, Some(ops::Dropout { p: 1.0, seed: 0 })).is_err());
 }
+
+/// The f32 fast paths (vectorized exp, vocabulary-blocked head loss) keep NaN and ∞ visible: a
+/// poisoned hidden state gives a NaN loss and NaN gradients, never a finite number a trainer
+/// would step on.
+#[test]
+fn non_finite_values_propagate_through_the_f32_loss() {
+    let (rows, d, vocab) = (5, 8, 300);
+    let mut rng = SplitMix::new(3);
+    let w = t32(&rng.vec(vocab * d, -1.0, 1.0).iter().map(|v| *v as f32).collect::<Vec<_>>(), &[vocab, d]);
+    let targets: Vec<i64> = (0..rows as i64).map(|i| i * 7).collect();
+    let opts = CeOptions { chunk_cols: Some(64), ..CeOptions::default() };
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut hv: Vec<f32> = rng.vec(rows * d, -1.0, 1.0).iter().map(|v| *v as f32).collect();
+        hv[2 * d + 3] = bad;
+        let h = t32(&hv, &[rows, d]).param().unwrap();
+        let loss = ops::linear_cross_entropy(&h, &w, &targets, &opts).unwrap();
+        assert!(!loss.item().unwrap().is_finite(), "{bad}: the loss must not be finite");
+        let g = backward(&loss).unwrap().get(&h).unwrap().to_vec_f32();
+        assert!(g[2 * d..3 * d].iter().any(|v| !v.is_finite()), "{bad}: the poisoned row's gradient must not be finite");
+        // Plain cross-entropy on logits, too.
+        let mut lv: Vec<f32> = rng.vec(rows * vocab, -3.0, 3.0).iter().map(|v| *v as f32).collect();
+        lv[vocab + 11] = bad;
+        let l = ops::cross_entropy(&t32(&lv, &[rows, vocab]).param().unwrap(), &targets, &CeOptions::default()).unwrap();
+        assert!(!l.item().unwrap().is_finite(), "{bad}: cross_entropy must not be finite");
+    }
+}
