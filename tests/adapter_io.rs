@@ -114,3 +114,23 @@ fn adapter_tensors_for_missing_modules_are_errors() {
     assert!(e.contains(&stray), "{e}");
     assert!(fresh.trainable_params().is_empty());
 }
+
+/// The same for a full fine-tuning folder: a deeper model's matrices are an error, not ignored.
+#[test]
+fn full_finetuning_matrices_for_missing_layers_are_errors() {
+    let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
+    let mut m = Llama::random(cfg(), DType::F32, 1).unwrap();
+    m.attach_adapters(&[Target::Q, Target::V], &lora, &Method::Full, 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    save_adapter(&m, dir.path(), &lora, "x").unwrap();
+    // Round trip into the same shape works.
+    let mut same = Llama::random(cfg(), DType::F32, 1).unwrap();
+    load_adapter(&mut same, dir.path()).unwrap();
+    assert_eq!(same.trainable_params().len(), 4);
+    let mut shallow_cfg = cfg();
+    shallow_cfg.num_hidden_layers = 1;
+    let mut shallow = Llama::random(shallow_cfg, DType::F32, 1).unwrap();
+    let e = load_adapter(&mut shallow, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("model.layers.1.self_attn.q_proj.weight") && e.contains("1 layers"), "{e}");
+    assert!(shallow.trainable_params().is_empty(), "a failed load must not attach anything");
+}

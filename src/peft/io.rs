@@ -441,6 +441,9 @@ fn load_full(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format { path: wpath.clone(), msg: e.to_string() })?;
     let wfmt = |msg: String| Error::Format { path: wpath.clone(), msg };
     let mut found = 0;
+    let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // Attached only after the whole file is checked: an error leaves the model as it was.
+    let mut staged: Vec<(usize, Target, Adapter)> = Vec::new();
     for li in 0..model.layers.len() {
         for t in Target::ALL {
             let name = hf_weight_name(li, t);
@@ -460,12 +463,26 @@ fn load_full(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                 Tensor::from_vec(vals.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>(), dims.to_vec())
             })?
             .param()?;
-            model.layers[li].linear_mut(t).adapter = Some(Adapter::Full { w });
+            staged.push((li, t, Adapter::Full { w }));
+            used.insert(name);
             found += 1;
         }
     }
     if found == 0 {
         return Err(wfmt("no tuned matrices (model.layers.{i}.….weight) for this model's layers".into()));
+    }
+    // A matrix for a layer or module this model does not have would otherwise be dropped silently.
+    let mut names: Vec<&str> = st.names();
+    names.sort_unstable();
+    if let Some(name) = names.into_iter().find(|n| !used.contains(*n)) {
+        return Err(wfmt(format!(
+            "tensor {name} is no linear of this model ({} layers): expected model.layers.<0..{}>.self_attn.<q|k|v|o>_proj.weight or .mlp.<gate|up|down>_proj.weight",
+            model.layers.len(),
+            model.layers.len().saturating_sub(1)
+        )));
+    }
+    for (li, t, adapter) in staged {
+        model.layers[li].linear_mut(t).adapter = Some(adapter);
     }
     Ok(LoraConfig::default())
 }
