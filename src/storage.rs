@@ -191,10 +191,11 @@ impl Storage {
             // Device memory: copied back whole (host reads of device tensors are for tests,
             // logging and checkpoints, never for the training step itself).
             #[cfg(feature = "cuda")]
-            Storage::Cuda(b) => match b.to_f32() {
-                Ok(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = T::from_f64(*x as f64)),
-                Err(e) => panic!("reading a device tensor back to the host failed: {e}"),
-            },
+            Storage::Cuda(_) => {
+                if let Err(e) = self.try_read_into(start, out) {
+                    panic!("reading a device tensor back to the host failed: {e}");
+                }
+            }
         }
     }
 

@@ -253,9 +253,7 @@ impl Tensor {
     /// All elements converted to `T`. For a device tensor this panics if the copy back fails;
     /// [`Tensor::try_to_vec`] returns that as an error.
     pub fn to_vec<T: Float>(&self) -> Vec<T> {
-        let mut out = vec![T::ZERO; self.numel()];
-        self.read().read_into(0, &mut out);
-        out
+        self.try_to_vec().unwrap_or_else(|e| panic!("{e}"))
     }
     /// All elements converted to `T`; a failed device-to-host copy is an error.
     pub fn try_to_vec<T: Float>(&self) -> Result<Vec<T>> {

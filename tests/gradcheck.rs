@@ -169,12 +169,14 @@ proptest! {
     }
 
     #[test]
-    fn linear_cross_entropy_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, seed: u64) {
+    fn linear_cross_entropy_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, cols in 1usize..5, seed: u64) {
         let mut rng = SplitMix::new(seed);
         let h = param(&mut rng, &[rows, d], -1.0, 1.0);
         let w = param(&mut rng, &[vocab, d], -1.0, 1.0);
         let targets: Vec<i64> = (0..rows).map(|i| if i % 4 == 3 { -100 } else { (rng.next_u64() % vocab as u64) as i64 }).collect();
-        let opts = CeOptions { chunk_rows: Some(chunk), denominator: Some(3.0), ..CeOptions::default() };
+        // Trainable head: the forward's vocabulary blocks (online softmax) feed the lse that the
+        // row-chunked backward uses.
+        let opts = CeOptions { chunk_rows: Some(chunk), chunk_cols: Some(cols), denominator: Some(3.0), ..CeOptions::default() };
         check("linear_cross_entropy", &[h, w], |x| ops::linear_cross_entropy(&x[0], &x[1], &targets, &opts))?;
     }
 
