@@ -393,6 +393,7 @@ fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
     let mut opt = AdamW::new(&params, AdamWConfig { lr: args.lr, weight_decay: 0.0, ..AdamWConfig::default() })?;
     let ce = CeOptions::default();
     let setup_peak = peak_rss_bytes().unwrap_or(0);
+    crate::memory::release_free_memory();
     let reset = reset_peak_rss();
     let (mut losses, mut times) = (Vec::new(), Vec::new());
     let mut grad_norm = 0.0;

@@ -12,6 +12,8 @@
 //!   ([`gradcheck`]); CPU kernels ([`backend::cpu`]) are generic over f32 and f64.
 //! - [`checkpoint`] trades compute for memory: a block keeps only its input and is recomputed
 //!   during backward.
+//! - A training program should call [`memory::retain_freed_memory`] once at start-up (the CLI
+//!   does): steps then reuse freed buffers instead of page-faulting them in again every step.
 //!
 //! ## Training adapters from a program
 //!
@@ -70,6 +72,7 @@ pub mod error;
 pub mod fetch;
 pub mod gradcheck;
 pub mod io;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -279,6 +279,12 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Training steps reuse the same buffers every step: keep freed memory for them instead of
+    // page-faulting it back in each time (src/memory.rs).
+    // SPECTUNE_KEEP_FREED=0 leaves the allocator at its defaults (to measure the difference).
+    if std::env::var("SPECTUNE_KEEP_FREED").as_deref() != Ok("0") {
+        spectune::memory::retain_freed_memory();
+    }
     // A run file may set the thread count too; the command line wins.
     let mut train_settings = None;
     let mut threads = cli.threads;

@@ -83,15 +83,9 @@ pub fn prepare(s: &TrainSettings, split: Option<(Vec<DataFile>, Vec<DataFile>)>,
     Ok(Prepared { model, tokenizer, train, eval, base_name })
 }
 
-fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// Peak resident memory of this process so far, as text.
 pub fn peak_rss() -> String {
-    peak_rss_bytes().map(|b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)).unwrap_or_else(|| "unknown".into())
+    crate::bench::peak_rss_bytes().map(|b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)).unwrap_or_else(|| "unknown".into())
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -128,6 +122,9 @@ pub fn run(s: &TrainSettings, p: &mut Prepared, progress: bool, log: &mut dyn Fn
         opt = optimizer_for(model, ocfg)?;
         opt.load_state(&state)?;
     }
+    // Loading and attaching leave freed temporaries behind; under memory::retain_freed_memory
+    // they would stay resident through training.
+    crate::memory::release_free_memory();
     let trainable: usize = model.trainable_params().iter().map(|t| t.numel()).sum();
     let per_epoch = p.train.batches_per_epoch().div_ceil(s.grad_accum) as u64;
     let total = s.steps.unwrap_or(((s.epochs * per_epoch as f64).ceil() as u64).max(1));
