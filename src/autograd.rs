@@ -15,6 +15,7 @@
 //! - A graph is played once: each backward step is consumed (and its saved tensors freed) as it
 //!   runs, like PyTorch's `retain_graph=False`.
 
+use rayon::prelude::*;
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -142,13 +143,14 @@ fn add_grads(acc: Tensor, g: &Tensor) -> Result<Tensor> {
             {
                 let mut w = acc.write();
                 let a = w.slice_mut::<T>().ok_or_else(|| Error::Autograd("gradient is not host memory".into()))?;
-                a.iter_mut().zip(gs).for_each(|(a, b)| *a += *b);
+                // a += g, chunked over the pool (gradients of activations are megabytes).
+                a.par_chunks_mut(1 << 16).zip(gs.par_chunks(1 << 16)).for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, b)| *a += *b));
             }
             Ok(acc)
         } else {
             let av = acc.read();
             let a = av.slice::<T>().ok_or_else(|| Error::Autograd("gradient is not host memory".into()))?;
-            let sum: Vec<T> = a.iter().zip(gs).map(|(a, b)| *a + *b).collect();
+            let sum: Vec<T> = a.par_iter().zip(gs.par_iter()).map(|(a, b)| *a + *b).collect();
             Tensor::from_vec(sum, acc.shape().clone())
         }
     })

@@ -142,6 +142,8 @@ pub struct ProfileRow {
     pub calls_per_step: f64,
     pub ms_per_step: f64,
     pub percent: f64,
+    /// Process CPU time / wall time during the op: how many cores it kept busy.
+    pub cores: f64,
 }
 
 /// What a bench run measured.
@@ -449,6 +451,7 @@ fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
                 calls_per_step: r.calls as f64 / n,
                 ms_per_step: r.seconds * 1e3 / n,
                 percent: 100.0 * r.seconds / total,
+                cores: r.cpu_seconds / r.seconds.max(1e-12),
             })
             .collect()
     });
@@ -513,9 +516,9 @@ pub fn print_report(r: &BenchReport, json: bool) {
         println!("peak device memory {:.0} MiB (spectune's tensors, rounded allocator blocks)", mib(r.peak_device_bytes));
     }
     if let Some(p) = &r.profile {
-        println!("{:<5} {:<22} {:>8} {:>10} {:>6}", "phase", "op", "calls", "ms/step", "%");
+        println!("{:<5} {:<22} {:>8} {:>10} {:>6} {:>6}", "phase", "op", "calls", "ms/step", "%", "cores");
         for row in p {
-            println!("{:<5} {:<22} {:>8.1} {:>10.1} {:>6.1}", row.phase, row.op, row.calls_per_step, row.ms_per_step, row.percent);
+            println!("{:<5} {:<22} {:>8.1} {:>10.1} {:>6.1} {:>6.2}", row.phase, row.op, row.calls_per_step, row.ms_per_step, row.percent, row.cores);
         }
     }
     if json {

@@ -7,6 +7,11 @@
 //! opened inside another (the forward re-run inside a `checkpoint` backward, say) is charged to
 //! itself and subtracted from its parent, so the rows add up to the profiled wall time.
 //!
+//! Each scope also records the process CPU time spent during it (all threads), so a row's
+//! `cores` = CPU time / wall time says how well the op kept the pool busy (2.0 on two fully used
+//! cores; an op that runs on one thread while the others wait shows ~1.0). Spinning workers
+//! count as busy, so it is an upper bound.
+//!
 //! When profiling is off (the default) a scope costs one relaxed atomic load.
 
 use std::cell::RefCell;
@@ -21,14 +26,30 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 struct Entry {
     calls: u64,
     exclusive: Duration,
+    exclusive_cpu: Duration,
 }
 
 static TABLE: Mutex<BTreeMap<(&'static str, &'static str), Entry>> = Mutex::new(BTreeMap::new());
 
 struct Frame {
     start: Instant,
-    /// Time spent in scopes nested inside this one.
+    start_cpu: Duration,
+    /// Wall and CPU time spent in scopes nested inside this one.
     child: Duration,
+    child_cpu: Duration,
+}
+
+/// CPU time consumed so far by all threads of this process.
+fn process_cpu_time() -> Duration {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec through a valid pointer.
+        if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
+            return Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+        }
+    }
+    Duration::ZERO
 }
 
 thread_local! {
@@ -58,12 +79,17 @@ pub struct Row {
     pub calls: u64,
     /// Exclusive wall time, seconds.
     pub seconds: f64,
+    /// Exclusive process CPU time (all threads), seconds.
+    pub cpu_seconds: f64,
 }
 
 /// The collected rows, largest time first.
 pub fn rows() -> Vec<Row> {
     let t = TABLE.lock().unwrap_or_else(|e| e.into_inner());
-    let mut v: Vec<Row> = t.iter().map(|(&(phase, name), e)| Row { phase, name, calls: e.calls, seconds: e.exclusive.as_secs_f64() }).collect();
+    let mut v: Vec<Row> = t
+        .iter()
+        .map(|(&(phase, name), e)| Row { phase, name, calls: e.calls, seconds: e.exclusive.as_secs_f64(), cpu_seconds: e.exclusive_cpu.as_secs_f64() })
+        .collect();
     v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
     v
 }
@@ -79,7 +105,8 @@ pub fn scope(phase: &'static str, name: &'static str) -> Scope {
     if !is_enabled() {
         return Scope { key: None };
     }
-    STACK.with(|s| s.borrow_mut().push(Frame { start: Instant::now(), child: Duration::ZERO }));
+    let start_cpu = process_cpu_time();
+    STACK.with(|s| s.borrow_mut().push(Frame { start: Instant::now(), start_cpu, child: Duration::ZERO, child_cpu: Duration::ZERO }));
     Scope { key: Some((phase, name)) }
 }
 
@@ -88,16 +115,18 @@ impl Drop for Scope {
         let Some(key) = self.key else { return };
         let Some(frame) = STACK.with(|s| s.borrow_mut().pop()) else { return };
         let total = frame.start.elapsed();
-        let exclusive = total.saturating_sub(frame.child);
+        let total_cpu = process_cpu_time().saturating_sub(frame.start_cpu);
         STACK.with(|s| {
             if let Some(parent) = s.borrow_mut().last_mut() {
                 parent.child += total;
+                parent.child_cpu += total_cpu;
             }
         });
         let mut t = TABLE.lock().unwrap_or_else(|e| e.into_inner());
         let e = t.entry(key).or_default();
         e.calls += 1;
-        e.exclusive += exclusive;
+        e.exclusive += total.saturating_sub(frame.child);
+        e.exclusive_cpu += total_cpu.saturating_sub(frame.child_cpu);
     }
 }
 
@@ -132,6 +161,26 @@ mod tests {
         // The inner sleep is charged to `inner` only: the two rows add up to at most the wall time.
         assert!(get("inner") >= 0.030 && get("outer") >= 0.020);
         assert!(get("outer") + get("inner") <= wall, "outer {} + inner {} > wall {wall}", get("outer"), get("inner"));
+        // CPU time: a scope that burns 30 ms of this thread's CPU records at least that much
+        // process CPU time (other tests' threads can only add to it).
+        let thread_cpu = || {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: writes one timespec through a valid pointer.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+        };
+        enable(true);
+        {
+            let _busy = scope("test", "busy");
+            let t0 = thread_cpu();
+            let mut x = 0u64;
+            while thread_cpu() - t0 < 0.030 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        enable(false);
+        let busy = super::rows().into_iter().find(|r| r.phase == "test" && r.name == "busy").expect("busy row");
+        assert!(busy.cpu_seconds >= 0.030, "{busy:?}");
         let _ = scope("test", "off"); // disabled: records nothing
         assert!(super::rows().iter().all(|r| r.name != "off"));
     }

@@ -18,6 +18,23 @@ const TILE_ELEMS: usize = 1 << 20;
 // GEMM
 // ---------------------------------------------------------------------------------------------
 
+/// Elements above which [`zeros`] fills in parallel.
+const PAR_ZERO_MIN: usize = 1 << 18;
+
+/// A zeroed buffer of `n` elements. Large buffers are filled by the rayon pool: the allocator
+/// reuses freed memory (src/memory.rs), so calloc's zeroing is a memset, which on the thread that
+/// drives the graph would leave the other cores idle.
+pub fn zeros<T: Float>(n: usize) -> Vec<T> {
+    if n < PAR_ZERO_MIN {
+        return vec![T::ZERO; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n].par_chunks_mut(PAR_ZERO_MIN / 4).for_each(|c| c.fill(std::mem::MaybeUninit::new(T::ZERO)));
+    // SAFETY: the first n elements were all written just above.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// C[m×n] = alpha·op(A)·op(B) + beta·C, with op(A) = A [m×k] or Aᵀ (A stored [k×m]) when `ta`,
 /// op(B) = B [k×n] or Bᵀ (B stored [n×k]) when `tb`. With beta = 0, C is not read.
 #[allow(clippy::too_many_arguments)]
@@ -123,7 +140,7 @@ fn gemm_tiled<T: Float>(c: &mut [T], a: &[T], b: &Storage, b_start: usize, m: us
     // The stored matrix has `rows` rows of `cols` elements.
     let (rows, cols) = if tb { (n, k) } else { (k, n) };
     let tile_rows = (tile_elems / cols.max(1)).clamp(1, rows.max(1));
-    let mut tile = vec![T::ZERO; tile_rows * cols];
+    let mut tile = zeros::<T>(tile_rows * cols);
     let mut r0 = 0;
     while r0 < rows {
         let r1 = (r0 + tile_rows).min(rows);
@@ -374,7 +391,7 @@ pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: 
     o.par_chunks_mut(nh * hd).zip(lse.par_chunks_mut(nh)).enumerate().for_each(|(row, (o, lse))| {
         let (bi, i) = (row / t, row % t);
         let vis = d.visible(i);
-        let mut p = vec![T::ZERO; s];
+        let mut p = zeros::<T>(s);
         for h in 0..nh {
             let kh = h / group;
             let qv = &q[(row * nh + h) * hd..][..hd];
@@ -436,9 +453,9 @@ pub fn attention_bwd<T: Float>(
         .into_par_iter()
         .map(|task| {
             let (bi, kh) = (task / nkv, task % nkv);
-            let mut ldq = vec![T::ZERO; t * group * hd];
-            let mut ldk = vec![T::ZERO; s * hd];
-            let mut ldv = vec![T::ZERO; s * hd];
+            let mut ldq = zeros::<T>(t * group * hd);
+            let mut ldk = zeros::<T>(s * hd);
+            let mut ldv = zeros::<T>(s * hd);
             for gi in 0..group {
                 let h = kh * group + gi;
                 for i in 0..t {
@@ -555,9 +572,9 @@ pub fn linear_cross_entropy_fwd<T: Float>(
     }
     let rb = rows_blk.clamp(1, rows);
     let cb = cols.clamp(1, vocab.max(1));
-    let mut logits = vec![T::ZERO; rb * cb];
+    let mut logits = zeros::<T>(rb * cb);
     let direct = w.slice::<T>();
-    let mut wbuf = if direct.is_none() { vec![T::ZERO; cb * d] } else { Vec::new() };
+    let mut wbuf = if direct.is_none() { zeros::<T>(cb * d) } else { Vec::new() };
     // Per row of the block: running max, Σ exp(l − max), target logit.
     let mut stats = vec![(T::NEG_INFINITY, T::ZERO, T::ZERO); rb];
     let mut total = 0.0;
@@ -637,7 +654,7 @@ pub fn linear_cross_entropy_fwd<T: Float>(
                 .zip(tgs.par_iter())
                 .zip(acc.par_chunks_mut(d))
                 .map_init(
-                    || vec![T::ZERO; d],
+                    || zeros::<T>(d),
                     |wt, (((l, st), &tg), a)| {
                         let loss = finish(l, st, tg);
                         if tg == ignore_index {
@@ -727,6 +744,18 @@ mod tests {
 
     /// The pool-split GEMM against a plain triple loop, on shapes above the split threshold
     /// (tall, wide, with a ragged last part), every transposition, beta ≠ 0 and ldc > n.
+    #[test]
+    fn zeros_are_zero_on_both_sides_of_the_parallel_threshold() {
+        for n in [0, 1, PAR_ZERO_MIN - 1, PAR_ZERO_MIN, PAR_ZERO_MIN + 7, 5 * PAR_ZERO_MIN + 3] {
+            // Dirty memory first, so a reused block would show through an unwritten element.
+            drop(vec![f32::NAN; n]);
+            let z = zeros::<f32>(n);
+            assert_eq!(z.len(), n);
+            assert!(z.iter().all(|&x| x.to_bits() == 0), "n = {n}");
+            assert!(zeros::<f64>(n).iter().all(|&x| x.to_bits() == 0), "n = {n}");
+        }
+    }
+
     #[test]
     fn split_gemm_matches_a_triple_loop() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();

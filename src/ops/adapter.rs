@@ -299,7 +299,7 @@ fn adapter_linear_impl(
         let (xg, wg, ag, bg) = (x.read(), w.read(), a.read(), b.read());
         let xv = vals::<T>(&xg);
         // Z = X·Wᵀ  [N, m]
-        let mut y = vec![T::ZERO; nrows * m];
+        let mut y = crate::backend::cpu::zeros::<T>(nrows * m);
         if values {
             cpu::gemm_stored(&mut y, &xv, &wg, 0, nrows, n, m, false, true, T::ZERO);
         }
@@ -308,7 +308,7 @@ fn adapter_linear_impl(
             (Some(idx), Spectral::Rows { d, .. }) => {
                 let dv = vals::<T>(&d.read()).into_owned();
                 let k = idx.len();
-                let mut zk = vec![T::ZERO; nrows * k];
+                let mut zk = crate::backend::cpu::zeros::<T>(nrows * k);
                 for (yr, zr) in y.chunks_mut(m).zip(zk.chunks_mut(k.max(1))) {
                     for (j, &i) in idx.iter().enumerate() {
                         zr[j] = yr[i];
@@ -324,7 +324,7 @@ fn adapter_linear_impl(
             Spectral::Svd { d, u, sigma, v } => {
                 let k = d.numel();
                 let c = svd_coef::<T>(d, sigma);
-                let mut p = vec![T::ZERO; nrows * k];
+                let mut p = crate::backend::cpu::zeros::<T>(nrows * k);
                 cpu::gemm(&mut p, &xv, &vals::<T>(&v.read()), nrows, n, k, false, false, T::ONE, T::ZERO);
                 let pc: Vec<T> = p.chunks(k).flat_map(|row| row.iter().zip(&c).map(|(p, c)| *p * *c)).collect();
                 if values {
@@ -337,7 +337,7 @@ fn adapter_linear_impl(
         // X̃ = dropout(X) for the LoRA branch only;  H = X̃·Aᵀ [N, r];  Y += s·H·Bᵀ
         let xd: Option<Vec<T>> = dropout.map(|dr| xv.iter().enumerate().map(|(i, &v)| v * T::from_f64(dr.factor(i))).collect());
         let xa: &[T] = xd.as_deref().unwrap_or(&xv);
-        let mut h = vec![T::ZERO; nrows * r];
+        let mut h = crate::backend::cpu::zeros::<T>(nrows * r);
         cpu::gemm(&mut h, xa, &vals::<T>(&ag), nrows, n, r, false, true, T::ONE, T::ZERO);
         if values {
             match spec {
@@ -345,11 +345,11 @@ fn adapter_linear_impl(
                 // A = A0, B = B0 (the PiSSA init, no dropout) gives exact zeros.
                 Spectral::Residual { a0, b0 } => {
                     let r0 = a0.dims()[0];
-                    let mut t1 = vec![T::ZERO; nrows * m];
+                    let mut t1 = crate::backend::cpu::zeros::<T>(nrows * m);
                     cpu::gemm(&mut t1, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::ONE, T::ZERO);
-                    let mut h0 = vec![T::ZERO; nrows * r0];
+                    let mut h0 = crate::backend::cpu::zeros::<T>(nrows * r0);
                     cpu::gemm(&mut h0, &xv, &vals::<T>(&a0.read()), nrows, n, r0, false, true, T::ONE, T::ZERO);
-                    let mut t0 = vec![T::ZERO; nrows * m];
+                    let mut t0 = crate::backend::cpu::zeros::<T>(nrows * m);
                     cpu::gemm(&mut t0, &h0, &vals::<T>(&b0.read()), nrows, r0, m, false, true, T::ONE, T::ZERO);
                     let st = T::from_f64(s);
                     y.iter_mut().zip(t1.iter().zip(&t0)).for_each(|(y, (t1, t0))| *y += st * (*t1 - *t0));
@@ -478,13 +478,13 @@ impl Backward for AdapterBwd {
             let st = T::from_f64(s);
             // G = dY·B  [N, r]
             let g = self.b.as_ref().map(|b| {
-                let mut g = vec![T::ZERO; nrows * r];
+                let mut g = crate::backend::cpu::zeros::<T>(nrows * r);
                 cpu::gemm(&mut g, &gy, &vals::<T>(&b.read()), nrows, m, r, false, false, T::ONE, T::ZERO);
                 g
             });
             let dx = match (nx, &self.w, &self.a, &g) {
                 (true, Some(w), Some(a), Some(g)) => {
-                    let mut dx = vec![T::ZERO; nrows * n];
+                    let mut dx = crate::backend::cpu::zeros::<T>(nrows * n);
                     match (&self.d, &self.idx) {
                         (Some(d), Some(idx)) => {
                             let dv = vals::<T>(&d.read()).into_owned();
@@ -501,7 +501,7 @@ impl Backward for AdapterBwd {
                     match self.dropout {
                         // dX += s·(G·A) ⊙ mask/(1 − p)
                         Some(dr) => {
-                            let mut ga = vec![T::ZERO; nrows * n];
+                            let mut ga = crate::backend::cpu::zeros::<T>(nrows * n);
                             cpu::gemm(&mut ga, g, &vals::<T>(&a.read()), nrows, r, n, false, false, st, T::ZERO);
                             dx.iter_mut().zip(&ga).enumerate().for_each(|(i, (d, v))| *d += *v * T::from_f64(dr.factor(i)));
                         }
@@ -516,7 +516,7 @@ impl Backward for AdapterBwd {
                     let k = idx.len();
                     let zv = zk.read();
                     let zv = vals::<T>(&zv);
-                    let mut dd = vec![T::ZERO; k];
+                    let mut dd = crate::backend::cpu::zeros::<T>(k);
                     for (gr, zr) in gy.chunks(m).zip(zv.chunks(k.max(1))) {
                         for (j, &i) in idx.iter().enumerate() {
                             dd[j] += gr[i] * zr[j];
@@ -533,7 +533,7 @@ impl Backward for AdapterBwd {
                 match (&xguard, &self.src) {
                     (Some(x), _) => Some(vals::<T>(x)),
                     (None, Some((gt, up))) => {
-                        let mut x = vec![T::ZERO; nrows * n];
+                        let mut x = crate::backend::cpu::zeros::<T>(nrows * n);
                         cpu::swiglu_fwd(&mut x, &vals::<T>(&gt.read()), &vals::<T>(&up.read()));
                         Some(std::borrow::Cow::Owned(x))
                     }
@@ -544,7 +544,7 @@ impl Backward for AdapterBwd {
             };
             let da = match (na, &xt, &g) {
                 (true, Some(x), Some(g)) => {
-                    let mut da = vec![T::ZERO; r * n];
+                    let mut da = crate::backend::cpu::zeros::<T>(r * n);
                     cpu::gemm(&mut da, g, x, r, nrows, n, true, false, st, T::ZERO);
                     Some(out(da, [r, n]))
                 }
@@ -555,13 +555,13 @@ impl Backward for AdapterBwd {
                 let h: Vec<T> = match (&self.h, &xt, &self.a) {
                     (Some(h), ..) => vals::<T>(&h.read()).into_owned(),
                     (None, Some(x), Some(a)) => {
-                        let mut h = vec![T::ZERO; nrows * r];
+                        let mut h = crate::backend::cpu::zeros::<T>(nrows * r);
                         cpu::gemm(&mut h, x, &vals::<T>(&a.read()), nrows, n, r, false, true, T::ONE, T::ZERO);
                         h
                     }
                     _ => return Err(crate::error::Error::Autograd(format!("{}: backward has neither H nor X̃ for dB", self.name))),
                 };
-                let mut db = vec![T::ZERO; m * r];
+                let mut db = crate::backend::cpu::zeros::<T>(m * r);
                 cpu::gemm(&mut db, &gy, &h, m, nrows, r, true, false, st, T::ZERO);
                 Some(out(db, [m, r]))
             } else {
@@ -571,11 +571,11 @@ impl Backward for AdapterBwd {
             let (mut dx, mut dd) = (dx, dd);
             if let Some(sv) = &self.svd {
                 let k = sv.sigma.numel();
-                let mut q = vec![T::ZERO; nrows * k];
+                let mut q = crate::backend::cpu::zeros::<T>(nrows * k);
                 cpu::gemm(&mut q, &gy, &vals::<T>(&sv.u.read()), nrows, m, k, false, false, T::ONE, T::ZERO);
                 if let (true, Some(p)) = (nd, &self.pk) {
                     let (pv, sig) = (p.to_vec::<T>(), sv.sigma.to_vec::<T>());
-                    let mut g = vec![T::ZERO; k];
+                    let mut g = crate::backend::cpu::zeros::<T>(k);
                     for (qr, pr) in q.chunks(k).zip(pv.chunks(k)) {
                         g.iter_mut().zip(qr.iter().zip(pr)).for_each(|(g, (q, p))| *g += *q * *p);
                     }
@@ -593,7 +593,7 @@ impl Backward for AdapterBwd {
             // Residual: dX −= s·(dY·B0)·A0 (the residual branch sees the un-dropped X).
             if let (Some((a0, b0)), Some(dxt)) = (&self.residual, dx.as_ref()) {
                 let r0 = a0.dims()[0];
-                let mut g0 = vec![T::ZERO; nrows * r0];
+                let mut g0 = crate::backend::cpu::zeros::<T>(nrows * r0);
                 cpu::gemm(&mut g0, &gy, &vals::<T>(&b0.read()), nrows, m, r0, false, false, T::ONE, T::ZERO);
                 let mut dxv = dxt.to_vec::<T>();
                 cpu::gemm(&mut dxv, &g0, &vals::<T>(&a0.read()), nrows, r0, n, false, false, -st, T::ONE);
@@ -602,7 +602,7 @@ impl Backward for AdapterBwd {
             // Fused: dx is ∂L/∂x for x = swiglu(gate, up); pass it through the SwiGLU gradient.
             let mut grads = match (&self.src, dx) {
                 (Some((gt, up)), Some(dxv)) if self.fused => {
-                    let (mut dg, mut du) = (vec![T::ZERO; nrows * n], vec![T::ZERO; nrows * n]);
+                    let (mut dg, mut du) = (crate::backend::cpu::zeros::<T>(nrows * n), crate::backend::cpu::zeros::<T>(nrows * n));
                     cpu::swiglu_bwd(&mut dg, &mut du, &vals::<T>(&dxv.read()), &vals::<T>(&gt.read()), &vals::<T>(&up.read()));
                     vec![Some(out(dg, gt.shape().clone())), Some(out(du, up.shape().clone()))]
                 }

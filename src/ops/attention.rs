@@ -57,8 +57,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Resu
         return crate::backend::cuda::ops::attention(q, k, v, opts.key_mask.as_deref(), [b, t, s, nh, nkv, hd], opts.causal, scale);
     }
     let (o, lse) = with_float!(dt, "attention", |T| {
-        let mut o = vec![T::ZERO; q.numel()];
-        let mut lse = vec![T::ZERO; b * t * nh];
+        let mut o = crate::backend::cpu::zeros::<T>(q.numel());
+        let mut lse = crate::backend::cpu::zeros::<T>(b * t * nh);
         cpu_attn::attention_fwd(&mut o, &mut lse, &vals::<T>(&q.read()), &vals::<T>(&k.read()), &vals::<T>(&v.read()), opts.key_mask.as_deref(), d);
         Ok((out(o, q.shape().clone()), out(lse, [b, t, nh])))
     })?;
@@ -83,7 +83,11 @@ impl Backward for AttentionBwd {
     /// dQ = scale·dS K; dK = scale·dSᵀ Q (GQA: summed over the query heads sharing a kv head).
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         with_float!(dy.dtype(), "attention.backward", |T| {
-            let (mut dq, mut dk, mut dv) = (vec![T::ZERO; self.q.numel()], vec![T::ZERO; self.k.numel()], vec![T::ZERO; self.v.numel()]);
+            let (mut dq, mut dk, mut dv) = (
+                crate::backend::cpu::zeros::<T>(self.q.numel()),
+                crate::backend::cpu::zeros::<T>(self.k.numel()),
+                crate::backend::cpu::zeros::<T>(self.v.numel()),
+            );
             cpu_attn::attention_bwd(
                 &mut dq,
                 &mut dk,

@@ -105,11 +105,11 @@ pub fn dora_linear(x: &Tensor, w: &Tensor, nu: &Tensor, a: &Tensor, b: &Tensor, 
         let xg = x.read();
         let xv = vals::<T>(&xg);
         // O = X·Wᵀ + s·(X̃·Aᵀ)·Bᵀ  [N, m]
-        let mut o = vec![T::ZERO; nrows * m];
+        let mut o = crate::backend::cpu::zeros::<T>(nrows * m);
         cpu::gemm_stored(&mut o, &xv, &w.read(), 0, nrows, n, m, false, true, T::ZERO);
         let xd: Option<Vec<T>> = dropout.map(|dr| xv.iter().enumerate().map(|(i, &v)| v * T::from_f64(dr.factor(i))).collect());
         let xa: &[T] = xd.as_deref().unwrap_or(&xv);
-        let mut h = vec![T::ZERO; nrows * r];
+        let mut h = crate::backend::cpu::zeros::<T>(nrows * r);
         cpu::gemm(&mut h, xa, &vals::<T>(&a.read()), nrows, n, r, false, true, T::ONE, T::ZERO);
         cpu::gemm(&mut o, &h, &vals::<T>(&b.read()), nrows, r, m, false, true, T::from_f64(s), T::ONE);
         // g = mag / ν, with ν rounded to T first so that mag = ‖W_i‖ (init) gives g = 1 exactly.
@@ -172,7 +172,7 @@ impl Backward for DoraBwd {
                 (true, Some(o)) => {
                     let ov = o.read();
                     let ov = vals::<T>(&ov);
-                    let mut acc = vec![T::ZERO; m];
+                    let mut acc = crate::backend::cpu::zeros::<T>(m);
                     for (gr, or) in gy.chunks(m).zip(ov.chunks(m)) {
                         acc.iter_mut().zip(gr.iter().zip(or)).for_each(|(a, (g, o))| *a += *g * *o);
                     }
@@ -184,17 +184,17 @@ impl Backward for DoraBwd {
             // dO = dY·diag(g)
             let go: Vec<T> = gy.chunks(m).flat_map(|row| row.iter().zip(&gv).map(|(d, g)| *d * *g)).collect();
             let gb = self.b.as_ref().map(|b| {
-                let mut g = vec![T::ZERO; nrows * r];
+                let mut g = crate::backend::cpu::zeros::<T>(nrows * r);
                 cpu::gemm(&mut g, &go, &vals::<T>(&b.read()), nrows, m, r, false, false, T::ONE, T::ZERO);
                 g
             });
             let dx = match (nx, &self.w, &self.a, &gb) {
                 (true, Some(w), Some(a), Some(gb)) => {
-                    let mut dx = vec![T::ZERO; nrows * n];
+                    let mut dx = crate::backend::cpu::zeros::<T>(nrows * n);
                     cpu::gemm_stored(&mut dx, &go, &w.read(), 0, nrows, m, n, false, false, T::ZERO);
                     match self.dropout {
                         Some(dr) => {
-                            let mut ga = vec![T::ZERO; nrows * n];
+                            let mut ga = crate::backend::cpu::zeros::<T>(nrows * n);
                             cpu::gemm(&mut ga, gb, &vals::<T>(&a.read()), nrows, r, n, false, false, st, T::ZERO);
                             dx.iter_mut().zip(&ga).enumerate().for_each(|(i, (d, v))| *d += *v * T::from_f64(dr.factor(i)));
                         }
@@ -206,7 +206,7 @@ impl Backward for DoraBwd {
             };
             let da = match (na, &self.x, &gb) {
                 (true, Some(x), Some(gb)) => {
-                    let mut da = vec![T::ZERO; r * n];
+                    let mut da = crate::backend::cpu::zeros::<T>(r * n);
                     cpu::gemm(&mut da, gb, &vals::<T>(&x.read()), r, nrows, n, true, false, st, T::ZERO);
                     Some(out(da, [r, n]))
                 }
@@ -214,7 +214,7 @@ impl Backward for DoraBwd {
             };
             let db = match (nb, &self.h) {
                 (true, Some(h)) => {
-                    let mut db = vec![T::ZERO; m * r];
+                    let mut db = crate::backend::cpu::zeros::<T>(m * r);
                     cpu::gemm(&mut db, &go, &vals::<T>(&h.read()), m, nrows, r, true, false, st, T::ZERO);
                     Some(out(db, [m, r]))
                 }

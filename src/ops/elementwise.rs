@@ -31,7 +31,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     let y = with_float!(dt, "add", |T| {
         let (ag, bg) = (a.read(), b.read());
-        let mut y = vec![T::ZERO; a.numel()];
+        let mut y = crate::backend::cpu::zeros::<T>(a.numel());
         cpu::add_fwd(&mut y, &vals::<T>(&ag), &vals::<T>(&bg));
         Ok(out(y, a.shape().clone()))
     })?;
@@ -53,7 +53,7 @@ impl Backward for AddBwd {
             None
         } else if self.broadcast {
             Some(with_float!(dy.dtype(), "add.backward", |T| {
-                let mut db = vec![T::ZERO; self.b_shape.numel()];
+                let mut db = crate::backend::cpu::zeros::<T>(self.b_shape.numel());
                 cpu::sum_leading(&mut db, &vals::<T>(&dy.read()));
                 Ok(out(db, self.b_shape.clone()))
             })?)
@@ -75,7 +75,7 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     let y = with_float!(dt, "mul", |T| {
         let (ag, bg) = (a.read(), b.read());
-        let mut y = vec![T::ZERO; a.numel()];
+        let mut y = crate::backend::cpu::zeros::<T>(a.numel());
         cpu::mul_fwd(&mut y, &vals::<T>(&ag), &vals::<T>(&bg));
         Ok(out(y, a.shape().clone()))
     })?;
@@ -98,7 +98,7 @@ impl Backward for MulBwd {
             let g = dy.read();
             let g = vals::<T>(&g);
             let da = self.b.as_ref().map(|b| {
-                let mut da = vec![T::ZERO; g.len()];
+                let mut da = crate::backend::cpu::zeros::<T>(g.len());
                 cpu::mul_fwd(&mut da, &g, &vals::<T>(&b.read()));
                 out(da, dy.shape().clone())
             });
@@ -107,11 +107,11 @@ impl Backward for MulBwd {
                 let av = vals::<T>(&av);
                 let bshape = self.b_shape.clone();
                 if self.broadcast {
-                    let mut db = vec![T::ZERO; bshape.numel()];
+                    let mut db = crate::backend::cpu::zeros::<T>(bshape.numel());
                     cpu::sum_leading_mul(&mut db, &g, &av);
                     out(db, bshape)
                 } else {
-                    let mut db = vec![T::ZERO; g.len()];
+                    let mut db = crate::backend::cpu::zeros::<T>(g.len());
                     cpu::mul_fwd(&mut db, &g, &av);
                     out(db, bshape)
                 }
@@ -128,7 +128,7 @@ pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
         return crate::backend::cuda::ops::scale(x, s);
     }
     let y = with_float!(dt, "scale", |T| {
-        let mut y = vec![T::ZERO; x.numel()];
+        let mut y = crate::backend::cpu::zeros::<T>(x.numel());
         cpu::scale(&mut y, &vals::<T>(&x.read()), T::from_f64(s));
         Ok(out(y, x.shape().clone()))
     })?;
@@ -145,7 +145,7 @@ impl Backward for ScaleBwd {
     /// dx = s·dy.
     fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         with_float!(dy.dtype(), "scale.backward", |T| {
-            let mut dx = vec![T::ZERO; dy.numel()];
+            let mut dx = crate::backend::cpu::zeros::<T>(dy.numel());
             cpu::scale(&mut dx, &vals::<T>(&dy.read()), T::from_f64(self.s));
             Ok(vec![Some(out(dx, dy.shape().clone()))])
         })
@@ -160,7 +160,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
         return crate::backend::cuda::ops::silu(x);
     }
     let y = with_float!(dt, "silu", |T| {
-        let mut y = vec![T::ZERO; x.numel()];
+        let mut y = crate::backend::cpu::zeros::<T>(x.numel());
         cpu::silu_fwd(&mut y, &vals::<T>(&x.read()));
         Ok(out(y, x.shape().clone()))
     })?;
@@ -177,7 +177,7 @@ impl Backward for SiluBwd {
     /// dx = dy·σ(x)(1 + x(1 − σ(x))).
     fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         with_float!(dy.dtype(), "silu.backward", |T| {
-            let mut dx = vec![T::ZERO; dy.numel()];
+            let mut dx = crate::backend::cpu::zeros::<T>(dy.numel());
             cpu::silu_bwd(&mut dx, &vals::<T>(&dy.read()), &vals::<T>(&self.x.read()));
             Ok(vec![Some(out(dx, dy.shape().clone()))])
         })
@@ -196,7 +196,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return crate::backend::cuda::ops::swiglu(gate, up);
     }
     let y = with_float!(dt, "swiglu", |T| {
-        let mut y = vec![T::ZERO; gate.numel()];
+        let mut y = crate::backend::cpu::zeros::<T>(gate.numel());
         cpu::swiglu_fwd(&mut y, &vals::<T>(&gate.read()), &vals::<T>(&up.read()));
         Ok(out(y, gate.shape().clone()))
     })?;
@@ -215,7 +215,7 @@ impl Backward for SwigluBwd {
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         with_float!(dy.dtype(), "swiglu.backward", |T| {
             let n = dy.numel();
-            let (mut dg, mut du) = (vec![T::ZERO; n], vec![T::ZERO; n]);
+            let (mut dg, mut du) = (crate::backend::cpu::zeros::<T>(n), crate::backend::cpu::zeros::<T>(n));
             cpu::swiglu_bwd(&mut dg, &mut du, &vals::<T>(&dy.read()), &vals::<T>(&self.g.read()), &vals::<T>(&self.u.read()));
             Ok(vec![needs[0].then(|| out(dg, dy.shape().clone())), needs[1].then(|| out(du, dy.shape().clone()))])
         })

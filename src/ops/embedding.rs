@@ -25,7 +25,7 @@ pub fn embedding(table: &Tensor, ids: &[u32], dtype: DType) -> Result<Tensor> {
         return crate::backend::cuda::ops::embedding(table, ids);
     }
     let y = with_float!(dtype, "embedding", |T| {
-        let mut y = vec![T::ZERO; ids.len() * dim];
+        let mut y = crate::backend::cpu::zeros::<T>(ids.len() * dim);
         cpu::embedding_fwd(&mut y, &table.read(), ids, dim);
         Ok(out(y, [ids.len(), dim]))
     })?;
@@ -44,7 +44,7 @@ impl Backward for EmbeddingBwd {
     /// dtable[id] += dy[i] for each position i with ids[i] = id.
     fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         with_float!(dy.dtype(), "embedding.backward", |T| {
-            let mut dt = vec![T::ZERO; self.vocab * self.dim];
+            let mut dt = crate::backend::cpu::zeros::<T>(self.vocab * self.dim);
             cpu::embedding_bwd(&mut dt, &super::vals::<T>(&dy.read()), &self.ids, self.dim);
             Ok(vec![Some(out(dt, [self.vocab, self.dim]))])
         })

@@ -76,7 +76,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i64], opts: &CeOptions) -> Resu
         return crate::backend::cuda::ops::cross_entropy(logits, targets, opts.ignore_index, denom);
     }
     let (y, lse) = with_float!(dt, "cross_entropy", |T| {
-        let mut lse = vec![T::ZERO; rows];
+        let mut lse = crate::backend::cpu::zeros::<T>(rows);
         let total = cpu::cross_entropy_fwd(&mut lse, &vals::<T>(&logits.read()), targets, opts.ignore_index, vocab);
         Ok((out(vec![T::from_f64(total / denom)], Shape::scalar()), out(lse, [rows])))
     })?;
@@ -140,8 +140,8 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[i64], opts: &CeOp
     let (y, lse, dh) = with_float!(dt, "linear_cross_entropy", |T| {
         let (hg, wg) = (h.read(), w.read());
         let hv = vals::<T>(&hg);
-        let mut lse = vec![T::ZERO; rows];
-        let mut dh = fuse.then(|| vec![T::ZERO; rows * d]);
+        let mut lse = crate::backend::cpu::zeros::<T>(rows);
+        let mut dh = fuse.then(|| crate::backend::cpu::zeros::<T>(rows * d));
         let g = T::from_f64(1.0 / denom);
         let total = cpu::linear_cross_entropy_fwd(&mut lse, dh.as_deref_mut(), &hv, &wg, targets, opts.ignore_index, d, vocab, rows_blk, cols, g);
         Ok((out(vec![T::from_f64(total / denom)], Shape::scalar()), out(lse, [rows]), dh.map(|v| out(v, [rows, d]))))
@@ -164,7 +164,7 @@ impl Backward for LinearCeFusedBwd {
     fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         with_float!(dy.dtype(), "linear_cross_entropy.backward", |T| {
             let g = vals::<T>(&dy.read())[0];
-            let mut dh = vec![T::ZERO; self.dh.numel()];
+            let mut dh = crate::backend::cpu::zeros::<T>(self.dh.numel());
             cpu::scale(&mut dh, &vals::<T>(&self.dh.read()), g);
             Ok(vec![Some(out(dh, self.dh.shape().clone())), None])
         })
@@ -192,9 +192,9 @@ impl Backward for LinearCeBwd {
             let vocab = self.w.dims()[0];
             let (hg, wg, lg) = (self.h.read(), self.w.read(), self.lse.read());
             let (hv, lse) = (vals::<T>(&hg), vals::<T>(&lg));
-            let mut dh = needs[0].then(|| vec![T::ZERO; rows * d]);
-            let mut dw = needs[1].then(|| vec![T::ZERO; vocab * d]);
-            let mut logits = vec![T::ZERO; self.chunk * vocab];
+            let mut dh = needs[0].then(|| crate::backend::cpu::zeros::<T>(rows * d));
+            let mut dw = needs[1].then(|| crate::backend::cpu::zeros::<T>(vocab * d));
+            let mut logits = crate::backend::cpu::zeros::<T>(self.chunk * vocab);
             for r0 in (0..rows).step_by(self.chunk) {
                 let r1 = (r0 + self.chunk).min(rows);
                 let n = r1 - r0;

@@ -66,7 +66,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
         return crate::backend::cuda::ops::matmul(a, b, ta, tb, d.batch, d.m, d.k, d.n, d.b_batched, shape);
     }
     let y = with_float!(dt, "matmul", |T| {
-        let mut c = vec![T::ZERO; shape.numel()];
+        let mut c = crate::backend::cpu::zeros::<T>(shape.numel());
         let (ag, bg) = (a.read(), b.read());
         let av = vals::<T>(&ag);
         if d.folded() {
@@ -130,11 +130,11 @@ impl Backward for MatmulBwd {
             let da = match (&self.b, needs[0]) {
                 (Some(b), true) => {
                     let bg = b.read();
-                    let mut da = vec![T::ZERO; batch * m * k];
+                    let mut da = crate::backend::cpu::zeros::<T>(batch * m * k);
                     if self.d.folded() {
                         cpu::gemm_stored(&mut da, &g, &bg, 0, batch * m, n, k, false, !tb, T::ZERO);
                     } else {
-                        let mut tmp = vec![T::ZERO; m * k];
+                        let mut tmp = crate::backend::cpu::zeros::<T>(m * k);
                         for i in 0..batch {
                             let b0 = if b_batched { i * k * n } else { 0 };
                             let gi = &g[i * m * n..(i + 1) * m * n];
@@ -157,7 +157,7 @@ impl Backward for MatmulBwd {
                     let ag = a.read();
                     let av = vals::<T>(&ag);
                     let bn = k * n;
-                    let mut db = vec![T::ZERO; if b_batched { batch * bn } else { bn }];
+                    let mut db = crate::backend::cpu::zeros::<T>(if b_batched { batch * bn } else { bn });
                     let (mm, nb) = if self.d.folded() { (batch * m, 1) } else { (m, batch) };
                     for i in 0..nb {
                         let ai = &av[i * mm * k..(i + 1) * mm * k];

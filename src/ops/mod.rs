@@ -54,7 +54,7 @@ pub(crate) fn vals<'a, T: Float>(g: &'a Storage) -> Cow<'a, [T]> {
     match g.slice::<T>() {
         Some(s) => Cow::Borrowed(s),
         None => {
-            let mut v = vec![T::ZERO; g.len()];
+            let mut v = crate::backend::cpu::zeros::<T>(g.len());
             g.read_into(0, &mut v);
             Cow::Owned(v)
         }

@@ -25,8 +25,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     }
     let rows = x.shape().rows();
     let (y, rstd) = with_float!(dt, "rms_norm", |T| {
-        let mut y = vec![T::ZERO; x.numel()];
-        let mut rstd = vec![T::ZERO; rows];
+        let mut y = crate::backend::cpu::zeros::<T>(x.numel());
+        let mut rstd = crate::backend::cpu::zeros::<T>(rows);
         cpu::rms_norm_fwd(&mut y, &mut rstd, &vals::<T>(&x.read()), &vals::<T>(&w.read()), c, T::from_f64(eps));
         Ok((out(y, x.shape().clone()), out(rstd, [rows])))
     })?;
@@ -58,12 +58,12 @@ impl Backward for RmsNormBwd {
             let (xg, wg, rg, gg) = (self.x.read(), self.w.read(), self.rstd.read(), dy.read());
             if self.from_y {
                 // dx = r·(dy ⊙ w − x̂·mean(dy ⊙ y)) with x̂ = y / w (g ⊙ x̂ = dy ⊙ y exactly).
-                let mut dx = vec![T::ZERO; self.x.numel()];
+                let mut dx = crate::backend::cpu::zeros::<T>(self.x.numel());
                 cpu::rms_norm_bwd_from_y(&mut dx, &vals::<T>(&gg), &vals::<T>(&xg), &vals::<T>(&wg), &vals::<T>(&rg), c);
                 return Ok(vec![needs[0].then(|| out(dx, self.x.shape().clone())), None]);
             }
-            let mut dx = needs[0].then(|| vec![T::ZERO; self.x.numel()]);
-            let mut dw = self.need_w.then(|| vec![T::ZERO; c]);
+            let mut dx = needs[0].then(|| crate::backend::cpu::zeros::<T>(self.x.numel()));
+            let mut dw = self.need_w.then(|| crate::backend::cpu::zeros::<T>(c));
             cpu::rms_norm_bwd(dx.as_deref_mut(), dw.as_deref_mut(), &vals::<T>(&gg), &vals::<T>(&xg), &vals::<T>(&wg), &vals::<T>(&rg), c);
             Ok(vec![dx.map(|v| out(v, self.x.shape().clone())), dw.map(|v| out(v, [c]))])
         })

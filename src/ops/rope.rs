@@ -56,7 +56,7 @@ fn rotate(dt: crate::DType, x: &Tensor, pos: &[usize], table: &Rope, h: usize, h
         return crate::backend::cuda::ops::rope_raw(x, pos, &table.inv_freq, h, hd, inverse);
     }
     with_float!(dt, "rope", |T| {
-        let mut y = vec![T::ZERO; x.numel()];
+        let mut y = crate::backend::cpu::zeros::<T>(x.numel());
         cpu::rope(&mut y, &vals::<T>(&x.read()), pos, &table.inv_freq, h, hd, inverse);
         Ok(out(y, x.shape().clone()))
     })

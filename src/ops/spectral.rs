@@ -186,12 +186,12 @@ pub fn spectral_a_linear(x: &Tensor, w: &Tensor, u: &Tensor, sigma: &Tensor, v: 
         let xv = vals::<T>(&xg);
         let sg = sigma.to_vec::<T>();
         // Y = X·Wᵀ  [N, m]
-        let mut y = vec![T::ZERO; nrows * m];
+        let mut y = crate::backend::cpu::zeros::<T>(nrows * m);
         cpu::gemm_stored(&mut y, &xv, &w.read(), 0, nrows, n, m, false, true, T::ZERO);
         // P = X·V, E = X·ΔV  [N, r]
-        let mut p = vec![T::ZERO; nrows * r];
+        let mut p = crate::backend::cpu::zeros::<T>(nrows * r);
         cpu::gemm(&mut p, &xv, &vals::<T>(&v.read()), nrows, n, r, false, false, T::ONE, T::ZERO);
-        let mut e = vec![T::ZERO; nrows * r];
+        let mut e = crate::backend::cpu::zeros::<T>(nrows * r);
         cpu::gemm(&mut e, &xv, &vals::<T>(&dv.read()), nrows, n, r, false, false, T::ONE, T::ZERO);
         // Y += ((P + E) ⊙ σ)·ΔUᵀ + (E ⊙ σ)·Uᵀ
         p.iter_mut().zip(&e).for_each(|(p, e)| *p += *e);
@@ -248,7 +248,7 @@ impl Backward for SpectralABwd {
             let gy = vals::<T>(&gy);
             let ddu = match (ndu, &self.ps) {
                 (true, Some(ps)) => {
-                    let mut g = vec![T::ZERO; m * r];
+                    let mut g = crate::backend::cpu::zeros::<T>(m * r);
                     cpu::gemm(&mut g, &gy, &vals::<T>(&ps.read()), m, nrows, r, true, false, T::ONE, T::ZERO);
                     Some(out(g, [m, r]))
                 }
@@ -257,19 +257,19 @@ impl Backward for SpectralABwd {
             let (mut ddv, mut dx) = (None, None);
             if let (true, Some(u), Some(sigma), Some(du)) = (nx || ndv, &self.u, &self.sigma, &self.du) {
                 let sg = sigma.to_vec::<T>();
-                let mut qd = vec![T::ZERO; nrows * r];
+                let mut qd = crate::backend::cpu::zeros::<T>(nrows * r);
                 cpu::gemm(&mut qd, &gy, &vals::<T>(&du.read()), nrows, m, r, false, false, T::ONE, T::ZERO);
                 // Q' = dY·U + Q_Δ
                 let mut qp = qd.clone();
                 cpu::gemm(&mut qp, &gy, &vals::<T>(&u.read()), nrows, m, r, false, false, T::ONE, T::ONE);
                 let qps = scale_cols(&qp, &sg);
                 if let (true, Some(x)) = (ndv, &self.x) {
-                    let mut g = vec![T::ZERO; n * r];
+                    let mut g = crate::backend::cpu::zeros::<T>(n * r);
                     cpu::gemm(&mut g, &vals::<T>(&x.read()), &qps, n, nrows, r, true, false, T::ONE, T::ZERO);
                     ddv = Some(out(g, [n, r]));
                 }
                 if let (true, Some(w), Some(v), Some(dvt)) = (nx, &self.w, &self.v, &self.dv) {
-                    let mut g = vec![T::ZERO; nrows * n];
+                    let mut g = crate::backend::cpu::zeros::<T>(nrows * n);
                     cpu::gemm_stored(&mut g, &gy, &w.read(), 0, nrows, m, n, false, false, T::ZERO);
                     let qds = scale_cols(&qd, &sg);
                     cpu::gemm(&mut g, &qds, &vals::<T>(&v.read()), nrows, r, n, false, true, T::ONE, T::ONE);
@@ -291,7 +291,7 @@ fn rot_core<T: Float>(ru: &[T], rv: &[T], c: &[T], sg: &[T]) -> Vec<T> {
     let r = sg.len();
     let cs: Vec<T> = c.iter().zip(sg).map(|(c, s)| *c * *s).collect();
     let ruc = scale_cols(ru, &cs);
-    let mut mm = vec![T::ZERO; r * r];
+    let mut mm = crate::backend::cpu::zeros::<T>(r * r);
     cpu::gemm(&mut mm, &ruc, rv, r, r, r, false, true, T::ONE, T::ZERO);
     for i in 0..r {
         mm[i * r + i] -= sg[i];
@@ -317,12 +317,12 @@ pub fn spectral_r_linear(x: &Tensor, w: &Tensor, u: &Tensor, sigma: &Tensor, v: 
         let xg = x.read();
         let xv = vals::<T>(&xg);
         let mm = rot_core(&ru.to_vec::<T>(), &rv.to_vec::<T>(), &c.to_vec::<T>(), &sigma.to_vec::<T>());
-        let mut y = vec![T::ZERO; nrows * m];
+        let mut y = crate::backend::cpu::zeros::<T>(nrows * m);
         cpu::gemm_stored(&mut y, &xv, &w.read(), 0, nrows, n, m, false, true, T::ZERO);
         // P = X·V [N, r];  Z = P·Mᵀ [N, r];  Y += Z·Uᵀ
-        let mut p = vec![T::ZERO; nrows * r];
+        let mut p = crate::backend::cpu::zeros::<T>(nrows * r);
         cpu::gemm(&mut p, &xv, &vals::<T>(&v.read()), nrows, n, r, false, false, T::ONE, T::ZERO);
-        let mut z = vec![T::ZERO; nrows * r];
+        let mut z = crate::backend::cpu::zeros::<T>(nrows * r);
         cpu::gemm(&mut z, &p, &mm, nrows, r, r, false, true, T::ONE, T::ZERO);
         cpu::gemm(&mut y, &z, &vals::<T>(&u.read()), nrows, r, m, false, true, T::ONE, T::ONE);
         Ok((out(y, out_dims(x, m)), out(p, [nrows, r]), out(mm, [r, r])))
@@ -368,13 +368,13 @@ impl Backward for SpectralRBwd {
         with_float!(dy.dtype(), "spectral_r_linear.backward", |T| {
             let gy = dy.read();
             let gy = vals::<T>(&gy);
-            let mut q = vec![T::ZERO; nrows * r];
+            let mut q = crate::backend::cpu::zeros::<T>(nrows * r);
             cpu::gemm(&mut q, &gy, &vals::<T>(&self.u.read()), nrows, m, r, false, false, T::ONE, T::ZERO);
             let dx = match (needs[0], &self.w, &self.v, &self.mm) {
                 (true, Some(w), Some(v), Some(mm)) => {
-                    let mut g = vec![T::ZERO; nrows * n];
+                    let mut g = crate::backend::cpu::zeros::<T>(nrows * n);
                     cpu::gemm_stored(&mut g, &gy, &w.read(), 0, nrows, m, n, false, false, T::ZERO);
-                    let mut qm = vec![T::ZERO; nrows * r];
+                    let mut qm = crate::backend::cpu::zeros::<T>(nrows * r);
                     cpu::gemm(&mut qm, &q, &vals::<T>(&mm.read()), nrows, r, r, false, false, T::ONE, T::ZERO);
                     cpu::gemm(&mut g, &qm, &vals::<T>(&v.read()), nrows, r, n, false, true, T::ONE, T::ONE);
                     Some(out(g, self.x_shape.clone()))
@@ -385,16 +385,16 @@ impl Backward for SpectralRBwd {
             if let (Some(p), Some((ru, rv, c, sigma))) = (&self.p, &self.rot) {
                 let (ru, rv, c, sg) = (ru.to_vec::<T>(), rv.to_vec::<T>(), c.to_vec::<T>(), sigma.to_vec::<T>());
                 let cs: Vec<T> = c.iter().zip(&sg).map(|(c, s)| *c * *s).collect();
-                let mut dm = vec![T::ZERO; r * r];
+                let mut dm = crate::backend::cpu::zeros::<T>(r * r);
                 cpu::gemm(&mut dm, &q, &vals::<T>(&p.read()), r, nrows, r, true, false, T::ONE, T::ZERO);
                 // dM·R_V [r, r]
-                let mut dmrv = vec![T::ZERO; r * r];
+                let mut dmrv = crate::backend::cpu::zeros::<T>(r * r);
                 cpu::gemm(&mut dmrv, &dm, &rv, r, r, r, false, false, T::ONE, T::ZERO);
                 if needs[1] {
                     dru = Some(out(scale_cols(&dmrv, &cs), [r, r]));
                 }
                 if needs[2] {
-                    let mut t = vec![T::ZERO; r * r];
+                    let mut t = crate::backend::cpu::zeros::<T>(r * r);
                     cpu::gemm(&mut t, &dm, &ru, r, r, r, true, false, T::ONE, T::ZERO);
                     drv = Some(out(scale_cols(&t, &cs), [r, r]));
                 }
