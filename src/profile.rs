@@ -73,7 +73,7 @@ pub fn reset() {
 /// One row of a profile.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Row {
-    /// `fwd`, `bwd` or `step` (optimizer and bookkeeping).
+    /// `fwd`, `refwd` (a checkpoint's re-run), `bwd` or `step` (optimizer and bookkeeping).
     pub phase: &'static str,
     pub name: &'static str,
     pub calls: u64,
@@ -130,10 +130,11 @@ impl Drop for Scope {
     }
 }
 
-/// Runs `f` inside a `fwd` scope named `name`.
+/// Runs `f` inside a `fwd` scope named `name` (`refwd` while a checkpoint backward re-runs its
+/// block, so the recomputation's cost is its own rows).
 #[inline]
 pub fn fwd<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
-    let _s = scope("fwd", name);
+    let _s = if is_enabled() { scope(if crate::autograd::is_recomputing() { "refwd" } else { "fwd" }, name) } else { Scope { key: None } };
     f()
 }
 

@@ -487,14 +487,27 @@ impl Backward for AdapterBwd {
                     let mut dx = crate::backend::cpu::zeros::<T>(nrows * n);
                     match (&self.d, &self.idx) {
                         (Some(d), Some(idx)) => {
+                            // dYΓ·W = dY·W + (dY[:, idx] ⊙ (d − 1))·W[idx, :]: the full GEMM reads
+                            // dY in place and the k selected columns add a rank-k correction
+                            // (no N×m copy of dY on the graph thread).
+                            let wg = w.read();
+                            cpu::gemm_stored(&mut dx, &gy, &wg, 0, nrows, m, n, false, false, T::ZERO);
                             let dv = vals::<T>(&d.read()).into_owned();
-                            let mut gs = gy.to_vec();
-                            for row in gs.chunks_mut(m) {
-                                for (j, &i) in idx.iter().enumerate() {
-                                    row[i] *= dv[j];
+                            let k = idx.len();
+                            if k > 0 {
+                                let mut gk = crate::backend::cpu::zeros::<T>(nrows * k);
+                                for (row, gr) in gy.chunks(m).zip(gk.chunks_mut(k)) {
+                                    for (j, &i) in idx.iter().enumerate() {
+                                        gr[j] = row[i] * (dv[j] - T::ONE);
+                                    }
                                 }
+                                // W[idx, :] [k, n], read (and converted) one row at a time.
+                                let mut wk = crate::backend::cpu::zeros::<T>(k * n);
+                                for (wr, &i) in wk.chunks_mut(n).zip(idx.iter()) {
+                                    wg.read_into(i * n, wr);
+                                }
+                                cpu::gemm(&mut dx, &gk, &wk, nrows, k, n, false, false, T::ONE, T::ONE);
                             }
-                            cpu::gemm_stored(&mut dx, &gs, &w.read(), 0, nrows, m, n, false, false, T::ZERO);
                         }
                         _ => cpu::gemm_stored(&mut dx, &gy, &w.read(), 0, nrows, m, n, false, false, T::ZERO),
                     }
