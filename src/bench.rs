@@ -85,6 +85,10 @@ pub struct BenchArgs {
     /// Recompute each decoder layer in the backward instead of keeping its activations.
     #[arg(long)]
     pub checkpointing: bool,
+    /// With --checkpointing: the last N layers keep their activations (more memory, less
+    /// recomputation).
+    #[arg(long, default_value_t = 1)]
+    pub checkpoint_keep: usize,
     /// cpu | cuda
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -123,6 +127,7 @@ impl Default for BenchArgs {
             warmup: 1,
             dtype: "f32".into(),
             checkpointing: false,
+            checkpoint_keep: 1,
             device: "cpu".into(),
             json: false,
             profile: false,
@@ -162,6 +167,8 @@ pub struct BenchReport {
     /// Storage dtype of the frozen weights (the largest tensor's, for a checkpoint).
     pub weights_dtype: String,
     pub checkpointing: bool,
+    /// Layers that kept their activations under checkpointing (0 without it).
+    pub checkpoint_keep: usize,
     pub device: String,
     pub threads: usize,
     pub frozen_params: usize,
@@ -348,6 +355,7 @@ pub fn build_model(args: &BenchArgs) -> Result<(Llama, String, String, LoraConfi
     let lora = LoraConfig { rank: args.rank, alpha: args.alpha, rslora: false, dropout: 0.0 };
     model.attach_adapters(&Target::ALL, &lora, &method, args.seed.wrapping_add(1))?;
     model.checkpointing = args.checkpointing;
+    model.checkpoint_keep = args.checkpoint_keep;
     Ok((model, name, wdtype, lora))
 }
 
@@ -467,6 +475,7 @@ fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
         warmup: args.warmup,
         weights_dtype,
         checkpointing: args.checkpointing,
+        checkpoint_keep: if args.checkpointing { args.checkpoint_keep.min(model.layers.len()) } else { 0 },
         device: args.device.clone(),
         threads: rayon::current_num_threads(),
         frozen_params: frozen,
@@ -491,8 +500,16 @@ fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
 pub fn print_report(r: &BenchReport, json: bool) {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
-        "{} {} r{} | {}×{} tokens | weights {} | checkpointing {} | {} threads",
-        r.model, r.method, r.rank, r.batch, r.seq_len, r.weights_dtype, r.checkpointing, r.threads
+        "{} {} r{} | {}×{} tokens | weights {} | checkpointing {}{} | {} threads",
+        r.model,
+        r.method,
+        r.rank,
+        r.batch,
+        r.seq_len,
+        r.weights_dtype,
+        r.checkpointing,
+        if r.checkpointing { format!(" (last {} layers kept)", r.checkpoint_keep) } else { String::new() },
+        r.threads
     );
     println!(
         "median step {:.3} s over {} steps ({} warmup) | {:.0} tokens/s | {:.2} GFLOP/s useful ({:.1} GFLOP/step)",

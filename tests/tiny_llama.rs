@@ -41,8 +41,13 @@ fn adapters_are_identity_at_init_bit_exact() {
 }
 
 fn train_losses(spec: Method, checkpointing: bool, steps: usize) -> Vec<f64> {
+    train_losses_keep(spec, checkpointing, 1, steps)
+}
+
+fn train_losses_keep(spec: Method, checkpointing: bool, keep: usize, steps: usize) -> Vec<f64> {
     let mut m = Llama::random(tiny(false), DType::F32, 3).unwrap();
     m.checkpointing = checkpointing;
+    m.checkpoint_keep = keep;
     m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, &spec, 11).unwrap();
     let params = m.trainable_params();
     let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-2, ..AdamWConfig::default() }).unwrap();
@@ -73,6 +78,13 @@ fn checkpointing_gives_identical_training() {
     let a = train_losses(Method::SpecLora { k: 5, by_norm: false }, false, 6);
     let b = train_losses(Method::SpecLora { k: 5, by_norm: false }, true, 6);
     assert_eq!(a, b, "activation checkpointing changed the losses");
+    // Any number of un-checkpointed final layers (0 = every layer re-run, more than the model
+    // has = none) trains identically too.
+    let layers = tiny(false).num_hidden_layers;
+    for keep in [0, 2, layers, layers + 3] {
+        let c = train_losses_keep(Method::SpecLora { k: 5, by_norm: false }, true, keep, 6);
+        assert_eq!(a, c, "checkpoint_keep = {keep} changed the losses");
+    }
 }
 
 #[test]

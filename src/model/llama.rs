@@ -193,9 +193,15 @@ pub struct Llama {
     rope: Rope,
     /// Compute dtype of activations (f32 for training, f64 for gradient checks).
     pub dtype: DType,
-    /// Activation checkpointing per decoder layer (every layer but the last, whose activations
-    /// would be recomputed first thing in the backward).
+    /// Activation checkpointing per decoder layer: each checkpointed layer keeps only its input
+    /// and is re-run in the backward.
     pub checkpointing: bool,
+    /// With `checkpointing`, the last `checkpoint_keep` layers keep their activations instead
+    /// (default 1: the last layer's re-run would come first in the backward, when its
+    /// activations are alive beside the checkpoints anyway, so keeping it costs no peak memory).
+    /// Each further kept layer trades its activations (~b·t·(4·hidden + 2·kv + 2·ffn) values) for
+    /// one layer's forward per step: raise it while memory allows.
+    pub checkpoint_keep: usize,
     /// Training mode: adapter dropout is active, seeded by `dropout_seed` (set it anew each
     /// step; the same seed gives the same masks, which checkpoint recomputation relies on).
     pub training: bool,
@@ -251,7 +257,7 @@ impl Llama {
         let norm = fetch("model.norm.weight".into(), &[h])?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(fetch("lm_head.weight".into(), &[cfg.vocab_size, h])?) };
         let rope = Rope::new(hd, cfg.rope_theta)?;
-        Ok(Llama { cfg, embed, layers, norm, lm_head, rope, dtype, checkpointing: false, training: false, dropout_seed: 0 })
+        Ok(Llama { cfg, embed, layers, norm, lm_head, rope, dtype, checkpointing: false, checkpoint_keep: 1, training: false, dropout_seed: 0 })
     }
 
     /// A model with random frozen weights (tests and benchmarks): linears and embeddings
@@ -317,12 +323,10 @@ impl Llama {
             seed: self.training.then_some(self.dropout_seed),
         };
         let mut h = crate::profile::fwd("embedding", || ops::embedding(&self.embed, ids, self.dtype))?;
-        let last = self.layers.len().saturating_sub(1);
+        // Layers from `first_kept` on keep their activations (see `checkpoint_keep`).
+        let first_kept = self.layers.len().saturating_sub(self.checkpoint_keep);
         for (li, layer) in self.layers.iter().enumerate() {
-            // The last layer is not checkpointed: its re-run would come first in the backward,
-            // when its activations are the only ones alive beside the checkpoints either way, so
-            // keeping them costs no more peak memory than recomputing them.
-            h = if self.checkpointing && li < last {
+            h = if self.checkpointing && li < first_kept {
                 let (layer, ctx) = (layer.clone(), ctx.clone());
                 checkpoint(&h, move |x| layer_forward(&layer, li, &ctx, x, None))?
             } else {
@@ -384,6 +388,7 @@ impl Llama {
             rope: self.rope.clone(),
             dtype: self.dtype,
             checkpointing: self.checkpointing,
+            checkpoint_keep: self.checkpoint_keep,
             training: self.training,
             dropout_seed: self.dropout_seed,
         })
