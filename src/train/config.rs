@@ -96,6 +96,10 @@ pub struct TrainArgs {
     /// Activation checkpointing (recompute each layer in backward).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub checkpointing: Option<bool>,
+    /// With checkpointing: the last N layers keep their activations (default 1; more memory,
+    /// less recomputation).
+    #[arg(long)]
+    pub checkpoint_keep: Option<usize>,
     /// Worker threads (on the command line this is spectune's global `--threads`).
     #[arg(skip)]
     pub threads: Option<usize>,
@@ -151,6 +155,7 @@ impl TrainArgs {
             out,
             resume,
             checkpointing,
+            checkpoint_keep,
             threads,
             device
         )
@@ -242,6 +247,7 @@ impl TrainArgs {
             out: self.out.clone().unwrap_or_else(|| PathBuf::from("spectune-out")),
             resume: self.resume.clone(),
             checkpointing: self.checkpointing.unwrap_or(false),
+            checkpoint_keep: self.checkpoint_keep.unwrap_or(1),
             device,
             threads: self.threads,
         })
@@ -290,6 +296,8 @@ pub struct TrainSettings {
     pub out: PathBuf,
     pub resume: Option<PathBuf>,
     pub checkpointing: bool,
+    /// Final layers that keep their activations under checkpointing.
+    pub checkpoint_keep: usize,
     /// Where the step runs; on `cuda` frozen matrices are uploaded once as bf16.
     pub device: crate::device::Device,
     pub threads: Option<usize>,
@@ -310,5 +318,28 @@ impl TrainSettings {
             "linear" => Ok(LrSchedule::WarmupLinear { warmup: self.warmup, total, min_ratio: 0.0 }),
             other => Err(Error::invalid("train", format!("--schedule: unknown schedule `{other}` (constant, cosine, linear)"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> Result<TrainArgs> {
+        toml::from_str(text).map_err(|e| Error::Format { path: PathBuf::from("run.toml"), msg: e.to_string() })
+    }
+
+    #[test]
+    fn checkpoint_keep_comes_from_the_file_or_the_flag_and_defaults_to_one() {
+        let base = TrainArgs { model: Some("m".into()), data: Some("d".into()), ..TrainArgs::default() };
+        assert_eq!(base.settings().unwrap().checkpoint_keep, 1);
+        let f = file("checkpointing = true\ncheckpoint-keep = 3\n").unwrap();
+        let s = base.merged_over(&f).settings().unwrap();
+        assert!(s.checkpointing);
+        assert_eq!(s.checkpoint_keep, 3);
+        let cli = TrainArgs { checkpoint_keep: Some(5), ..base.clone() };
+        assert_eq!(cli.merged_over(&f).settings().unwrap().checkpoint_keep, 5, "the flag wins over the file");
+        let err = file("checkpoint-kept = 3\n").unwrap_err().to_string();
+        assert!(err.contains("checkpoint-kept"), "{err}");
     }
 }

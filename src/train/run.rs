@@ -49,6 +49,7 @@ pub fn prepare(s: &TrainSettings, split: Option<(Vec<DataFile>, Vec<DataFile>)>,
     let tokenizer = ck.tokenizer()?;
     let mut model = ck.llama(DType::F32)?;
     model.checkpointing = s.checkpointing;
+    model.checkpoint_keep = s.checkpoint_keep;
     let (files, eval_files) = match split {
         Some((tr, ev)) => (tr, Some(ev)),
         None => (data::read_files(&s.data)?, None),
