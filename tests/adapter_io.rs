@@ -50,13 +50,19 @@ fn every_method_round_trips_exactly() {
     }
 }
 
-#[test]
-fn bad_adapter_folders_are_clear_errors() {
+/// A rank-2 LoRA on every linear of the tiny model, saved into a fresh temporary folder.
+fn saved_rank2_lora() -> (LoraConfig, tempfile::TempDir) {
     let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
     let mut m = Llama::random(cfg(), DType::F32, 1).unwrap();
     m.attach_adapters(&Target::ALL, &lora, &Method::Lora, 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_adapter(&m, dir.path(), &lora, "x").unwrap();
+    (lora, dir)
+}
+
+#[test]
+fn bad_adapter_folders_are_clear_errors() {
+    let (lora, dir) = saved_rank2_lora();
     let cpath = dir.path().join(CONFIG_FILE);
     let good = std::fs::read_to_string(&cpath).unwrap();
     let mut fresh = Llama::random(cfg(), DType::F32, 1).unwrap();
@@ -85,11 +91,7 @@ fn bad_adapter_folders_are_clear_errors() {
 /// are errors naming the tensor, and a failed load leaves the model as it was.
 #[test]
 fn adapter_tensors_for_missing_modules_are_errors() {
-    let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
-    let mut m = Llama::random(cfg(), DType::F32, 1).unwrap();
-    m.attach_adapters(&Target::ALL, &lora, &Method::Lora, 2).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    save_adapter(&m, dir.path(), &lora, "x").unwrap();
+    let (_, dir) = saved_rank2_lora();
 
     // Saved from a 2-layer model, loaded into a 1-layer one: layer 1's tensors have no home.
     let mut shallow_cfg = cfg();
