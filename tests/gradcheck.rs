@@ -139,7 +139,7 @@ proptest! {
 
     #[test]
     fn attention_op(b in 1usize..3, t in dim(), extra in 0usize..3, nkv in 1usize..3, group in 1usize..4, hd in 1usize..5,
-                    causal: bool, masked: bool, seed: u64) {
+                    causal: bool, masked: bool, keep_scores: bool, seed: u64) {
         let mut rng = SplitMix::new(seed);
         let s = t + extra;
         let nh = nkv * group;
@@ -147,7 +147,7 @@ proptest! {
         let k = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
         let v = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
         let key_mask = masked.then(|| (0..b * s).map(|_| rng.next_u64() % 4 != 0).collect());
-        let opts = AttnOptions { causal, key_mask, scale: None };
+        let opts = AttnOptions { causal, key_mask, scale: None, keep_scores };
         check("attention", &[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], &opts))?;
     }
 
@@ -252,6 +252,17 @@ proptest! {
         let g1 = spectune::autograd::backward_with_seed(&go, seed_t.clone()).unwrap();
         let g2 = spectune::autograd::backward_with_seed(&full, seed_t).unwrap();
         for t in [&inputs[0], &inputs[1], &inputs[3], &inputs[4], &inputs[5]] {
+            prop_assert_eq!(g1.get(t).map(|g| g.to_vec_f64()), g2.get(t).map(|g| g.to_vec_f64()));
+        }
+        // With A frozen (only B trained) the graph-only call must still keep H = x·Aᵀ for dB.
+        let a_frozen = inputs[4].detach();
+        let go = ops::swiglu_adapter_linear_graph_only(&inputs[0], &inputs[1], &inputs[2], sp, &a_frozen, &inputs[5], 1.5, dr).unwrap();
+        let full = ops::swiglu_adapter_linear(&inputs[0], &inputs[1], &inputs[2], sp, &a_frozen, &inputs[5], 1.5, dr).unwrap();
+        let seed_t = Tensor::from_vec(rng.vec(full.numel(), -1.0, 1.0), full.shape().clone()).unwrap();
+        let g1 = spectune::autograd::backward_with_seed(&go, seed_t.clone()).unwrap();
+        let g2 = spectune::autograd::backward_with_seed(&full, seed_t).unwrap();
+        prop_assert!(g1.get(&inputs[5]).is_some());
+        for t in [&inputs[0], &inputs[1], &inputs[3], &inputs[5]] {
             prop_assert_eq!(g1.get(t).map(|g| g.to_vec_f64()), g2.get(t).map(|g| g.to_vec_f64()));
         }
     }

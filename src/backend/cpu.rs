@@ -248,6 +248,17 @@ pub fn swiglu_bwd<T: Float>(dg: &mut [T], du: &mut [T], dy: &[T], g: &[T], u: &[
         .for_each(|((dg, du), (dy, (g, u)))| T::swiglu_grad(dg, du, dy, g, u));
 }
 
+/// [`swiglu_bwd`] with dg written over dy: `dy_dg` holds dy on entry and dg on return (each
+/// chunk of dy is copied aside first, so the arithmetic is exactly `swiglu_bwd`'s).
+pub fn swiglu_bwd_in_place<T: Float>(dy_dg: &mut [T], du: &mut [T], g: &[T], u: &[T]) {
+    let c = ELEM_GRAIN;
+    dy_dg.par_chunks_mut(c).zip(du.par_chunks_mut(c)).zip(g.par_chunks(c).zip(u.par_chunks(c))).for_each_init(Vec::new, |dy, ((dg, du), (g, u))| {
+        dy.clear();
+        dy.extend_from_slice(dg);
+        T::swiglu_grad(dg, du, dy, g, u)
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
 // ---------------------------------------------------------------------------------------------
@@ -742,8 +753,6 @@ mod tests {
         }
     }
 
-    /// The pool-split GEMM against a plain triple loop, on shapes above the split threshold
-    /// (tall, wide, with a ragged last part), every transposition, beta ≠ 0 and ldc > n.
     #[test]
     fn zeros_are_zero_on_both_sides_of_the_parallel_threshold() {
         for n in [0, 1, PAR_ZERO_MIN - 1, PAR_ZERO_MIN, PAR_ZERO_MIN + 7, 5 * PAR_ZERO_MIN + 3] {
@@ -756,6 +765,24 @@ mod tests {
         }
     }
 
+    /// The in-place SwiGLU gradient gives exactly the out-of-place one, across chunk seams.
+    #[test]
+    fn in_place_swiglu_gradient_is_bitwise_the_out_of_place_one() {
+        for n in [1, 5, ELEM_GRAIN - 1, ELEM_GRAIN, 3 * ELEM_GRAIN + 17] {
+            let f = |i: usize, a: f32| ((i + 1) as f32 * a).sin() * 3.0;
+            let (g, u, dy): (Vec<f32>, Vec<f32>, Vec<f32>) = ((0..n).map(|i| f(i, 0.37)).collect(), (0..n).map(|i| f(i, 0.11)).collect(), (0..n).map(|i| f(i, 0.23)).collect());
+            let (mut dg, mut du) = (vec![0.0f32; n], vec![0.0f32; n]);
+            swiglu_bwd(&mut dg, &mut du, &dy, &g, &u);
+            let (mut dy_dg, mut du2) = (dy.clone(), vec![0.0f32; n]);
+            swiglu_bwd_in_place(&mut dy_dg, &mut du2, &g, &u);
+            assert!(dg.iter().zip(&dy_dg).all(|(a, b)| a.to_bits() == b.to_bits()), "dg, n = {n}");
+            assert!(du.iter().zip(&du2).all(|(a, b)| a.to_bits() == b.to_bits()), "du, n = {n}");
+            assert!(dg.iter().zip(&dy).any(|(a, b)| a != b), "the gradient differs from dy");
+        }
+    }
+
+    /// The pool-split GEMM against a plain triple loop, on shapes above the split threshold
+    /// (tall, wide, with a ragged last part), every transposition, beta ≠ 0 and ldc > n.
     #[test]
     fn split_gemm_matches_a_triple_loop() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();

@@ -198,7 +198,11 @@ fn swiglu_adapter(
         let x = super::swiglu(gate, up)?;
         return adapter_linear_impl(&x, None, w, spec, a, b, s, dropout, true);
     }
-    let x = crate::autograd::no_grad(|| super::swiglu(gate, up))?;
+    // Graph-only plain LoRA without dropout, A trained: nothing in the forward reads x (no
+    // output, and H = x·Aᵀ is recomputed by the backward, which forms x from gate and up
+    // anyway), so x is not formed; gate, of the same shape and dtype, stands in for the checks.
+    let x_unread = !values && dropout.is_none() && matches!(spec, Spectral::None) && a.requires_grad();
+    let x = if x_unread { gate.clone() } else { crate::autograd::no_grad(|| super::swiglu(gate, up))? };
     adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout, values)
 }
 
@@ -337,16 +341,21 @@ fn adapter_linear_impl(
         // X̃ = dropout(X) for the LoRA branch only;  H = X̃·Aᵀ [N, r];  Y += s·H·Bᵀ
         let xd: Option<Vec<T>> = dropout.map(|dr| xv.iter().enumerate().map(|(i, &v)| v * T::from_f64(dr.factor(i))).collect());
         let xa: &[T] = xd.as_deref().unwrap_or(&xv);
-        let mut h = crate::backend::cpu::zeros::<T>(nrows * r);
-        cpu::gemm(&mut h, xa, &vals::<T>(&ag), nrows, n, r, false, true, T::ONE, T::ZERO);
-        if values {
+        // H is read by the output, or kept for dB when A is frozen (otherwise the backward
+        // recomputes it from X̃): a graph-only call with A trained skips it.
+        let h = (values || !a.requires_grad()).then(|| {
+            let mut h = crate::backend::cpu::zeros::<T>(nrows * r);
+            cpu::gemm(&mut h, xa, &vals::<T>(&ag), nrows, n, r, false, true, T::ONE, T::ZERO);
+            h
+        });
+        if let (true, Some(h)) = (values, &h) {
             match spec {
                 // Residual: T1 = H·Bᵀ and T0 = (X·A0ᵀ)·B0ᵀ separately, then Y += s·(T1 − T0), so that
                 // A = A0, B = B0 (the PiSSA init, no dropout) gives exact zeros.
                 Spectral::Residual { a0, b0 } => {
                     let r0 = a0.dims()[0];
                     let mut t1 = crate::backend::cpu::zeros::<T>(nrows * m);
-                    cpu::gemm(&mut t1, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::ONE, T::ZERO);
+                    cpu::gemm(&mut t1, h, &vals::<T>(&bg), nrows, r, m, false, true, T::ONE, T::ZERO);
                     let mut h0 = crate::backend::cpu::zeros::<T>(nrows * r0);
                     cpu::gemm(&mut h0, &xv, &vals::<T>(&a0.read()), nrows, n, r0, false, true, T::ONE, T::ZERO);
                     let mut t0 = crate::backend::cpu::zeros::<T>(nrows * m);
@@ -354,10 +363,11 @@ fn adapter_linear_impl(
                     let st = T::from_f64(s);
                     y.iter_mut().zip(t1.iter().zip(&t0)).for_each(|(y, (t1, t0))| *y += st * (*t1 - *t0));
                 }
-                _ => cpu::gemm(&mut y, &h, &vals::<T>(&bg), nrows, r, m, false, true, T::from_f64(s), T::ONE),
+                _ => cpu::gemm(&mut y, h, &vals::<T>(&bg), nrows, r, m, false, true, T::from_f64(s), T::ONE),
             }
         }
-        Ok((out(y, Shape::new(out_dims.clone())), out(h, [nrows, r]), zk, xd.map(|v| out(v, [nrows, n])), pk))
+        let h = h.map(|h| out(h, [nrows, r]));
+        Ok((out(y, Shape::new(out_dims.clone())), h, zk, xd.map(|v| out(v, [nrows, n])), pk))
     })?;
     let mut inputs: Vec<&Tensor> = match x_src {
         Some((g, u)) => vec![g, u],
@@ -395,7 +405,7 @@ fn adapter_linear_impl(
             b: (nx || na).then(|| b.detach()),
             // With A trainable too, x̃ is kept for dA and H = x̃·Aᵀ is recomputed for dB (an [N, r]
             // buffer less per linear for one N·n·r GEMM); otherwise H is kept.
-            h: (nb && !na).then_some(h),
+            h: h.filter(|_| nb && !na),
             d: if let (Spectral::Rows { d, .. }, true) = (spec, nx) { Some(d.detach()) } else { None },
             zk: zk.filter(|_| nd),
             idx,
@@ -520,7 +530,7 @@ impl Backward for AdapterBwd {
                         }
                         None => cpu::gemm(&mut dx, g, &vals::<T>(&a.read()), nrows, r, n, false, false, st, T::ONE),
                     }
-                    Some(out(dx, self.x_shape.clone()))
+                    Some(dx)
                 }
                 _ => None,
             };
@@ -595,32 +605,35 @@ impl Backward for AdapterBwd {
                     g.iter_mut().zip(&sig).for_each(|(g, s)| *g *= *s);
                     dd = Some(out(g, [k]));
                 }
-                if let Some(dxt) = dx.take() {
+                if let Some(dxv) = dx.as_mut() {
                     let c = svd_coef::<T>(&sv.d, &sv.sigma);
                     let qc: Vec<T> = q.chunks(k).flat_map(|row| row.iter().zip(&c).map(|(q, c)| *q * *c)).collect();
-                    let mut dxv = dxt.to_vec::<T>();
-                    cpu::gemm(&mut dxv, &qc, &vals::<T>(&sv.v.read()), nrows, k, n, false, true, T::ONE, T::ONE);
-                    dx = Some(out(dxv, self.x_shape.clone()));
+                    cpu::gemm(dxv, &qc, &vals::<T>(&sv.v.read()), nrows, k, n, false, true, T::ONE, T::ONE);
                 }
             }
             // Residual: dX −= s·(dY·B0)·A0 (the residual branch sees the un-dropped X).
-            if let (Some((a0, b0)), Some(dxt)) = (&self.residual, dx.as_ref()) {
+            if let (Some((a0, b0)), Some(dxv)) = (&self.residual, dx.as_mut()) {
                 let r0 = a0.dims()[0];
                 let mut g0 = crate::backend::cpu::zeros::<T>(nrows * r0);
                 cpu::gemm(&mut g0, &gy, &vals::<T>(&b0.read()), nrows, m, r0, false, false, T::ONE, T::ZERO);
-                let mut dxv = dxt.to_vec::<T>();
-                cpu::gemm(&mut dxv, &g0, &vals::<T>(&a0.read()), nrows, r0, n, false, false, -st, T::ONE);
-                dx = Some(out(dxv, self.x_shape.clone()));
+                cpu::gemm(dxv, &g0, &vals::<T>(&a0.read()), nrows, r0, n, false, false, -st, T::ONE);
             }
-            // Fused: dx is ∂L/∂x for x = swiglu(gate, up); pass it through the SwiGLU gradient.
+            // A recomputed X̃ is done with: free it before the SwiGLU gradient's buffers exist
+            // (this op's backward is where a checkpointed step peaks).
+            drop(xt);
+            // Fused: dx is ∂L/∂x for x = swiglu(gate, up); pass it through the SwiGLU gradient,
+            // dgate written over dx (one [N, n] buffer less at the peak).
             let mut grads = match (&self.src, dx) {
-                (Some((gt, up)), Some(dxv)) if self.fused => {
-                    let (mut dg, mut du) = (crate::backend::cpu::zeros::<T>(nrows * n), crate::backend::cpu::zeros::<T>(nrows * n));
-                    cpu::swiglu_bwd(&mut dg, &mut du, &vals::<T>(&dxv.read()), &vals::<T>(&gt.read()), &vals::<T>(&up.read()));
-                    vec![Some(out(dg, gt.shape().clone())), Some(out(du, up.shape().clone()))]
+                (Some((gt, up)), Some(mut dxv)) if self.fused => {
+                    let mut du = crate::backend::cpu::zeros::<T>(nrows * n);
+                    cpu::swiglu_bwd_in_place(&mut dxv, &mut du, &vals::<T>(&gt.read()), &vals::<T>(&up.read()));
+                    vec![Some(out(dxv, gt.shape().clone())), Some(out(du, up.shape().clone()))]
                 }
-                (_, dx) if self.fused => vec![dx.clone(), dx],
-                (_, dx) => vec![dx],
+                (_, dx) if self.fused => {
+                    let dx = dx.map(|v| out(v, self.x_shape.clone()));
+                    vec![dx.clone(), dx]
+                }
+                (_, dx) => vec![dx.map(|v| out(v, self.x_shape.clone()))],
             };
             if self.has_d {
                 grads.push(dd);

@@ -22,6 +22,11 @@ pub struct AttnOptions {
     pub key_mask: Option<Vec<bool>>,
     /// Score scale; default 1/√hd.
     pub scale: Option<f64>,
+    /// Keep the scaled scores QKᵀ for the backward instead of recomputing them there (CPU): saves
+    /// one of the backward's five GEMMs for about b·nh·t·s/2 values held until the backward
+    /// (causal). Same gradients, bitwise. Meant for a checkpointed block's re-run, whose backward
+    /// follows at once; off by default (the default keeps memory linear in the sequence).
+    pub keep_scores: bool,
 }
 
 /// softmax(scale·QKᵀ + masks)·V per head; query heads h use kv head h / (nh/nkv).
@@ -56,14 +61,21 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Resu
     if crate::device::on_cuda(&[q, k, v]) {
         return crate::backend::cuda::ops::attention(q, k, v, opts.key_mask.as_deref(), [b, t, s, nh, nkv, hd], opts.causal, scale);
     }
-    let (o, lse) = with_float!(dt, "attention", |T| {
+    // Scores are kept only when a backward will read them.
+    let keep = opts.keep_scores && crate::autograd::is_grad_enabled() && [q, k, v].iter().any(|x| x.requires_grad());
+    let (o, lse, scores) = with_float!(dt, "attention", |T| {
         let mut o = crate::backend::cpu::zeros::<T>(q.numel());
         let mut lse = crate::backend::cpu::zeros::<T>(b * t * nh);
-        cpu_attn::attention_fwd(&mut o, &mut lse, &vals::<T>(&q.read()), &vals::<T>(&k.read()), &vals::<T>(&v.read()), opts.key_mask.as_deref(), d);
-        Ok((out(o, q.shape().clone()), out(lse, [b, t, nh])))
+        let mut scores = keep.then(|| crate::backend::cpu::zeros::<T>(cpu_attn::scores_len(d)));
+        cpu_attn::attention_fwd(&mut o, &mut lse, &vals::<T>(&q.read()), &vals::<T>(&k.read()), &vals::<T>(&v.read()), opts.key_mask.as_deref(), d, scores.as_deref_mut());
+        let scores = scores.map(|sc| {
+            let n = sc.len();
+            out(sc, [n])
+        });
+        Ok((out(o, q.shape().clone()), out(lse, [b, t, nh]), scores))
     })?;
     let saved_o = o.detach();
-    Ok(record(o, &[q, k, v], |_| Box::new(AttentionBwd { q: q.detach(), k: k.detach(), v: v.detach(), o: saved_o, lse, mask: opts.key_mask.clone(), d })))
+    Ok(record(o, &[q, k, v], |_| Box::new(AttentionBwd { q: q.detach(), k: k.detach(), v: v.detach(), o: saved_o, lse, scores, mask: opts.key_mask.clone(), d })))
 }
 
 struct AttentionBwd {
@@ -72,6 +84,8 @@ struct AttentionBwd {
     v: Tensor,
     o: Tensor,
     lse: Tensor,
+    /// The forward's scaled scores when [`AttnOptions::keep_scores`] was set.
+    scores: Option<Tensor>,
     mask: Option<Vec<bool>>,
     d: AttnDims,
 }
@@ -79,7 +93,7 @@ impl Backward for AttentionBwd {
     fn name(&self) -> &'static str {
         "attention"
     }
-    /// P = exp(S − lse) recomputed; D = rowsum(dO ⊙ O); dV = Pᵀ dO; dS = P ⊙ (dO Vᵀ − D);
+    /// P = exp(S − lse) with S kept or recomputed; D = rowsum(dO ⊙ O); dV = Pᵀ dO; dS = P ⊙ (dO Vᵀ − D);
     /// dQ = scale·dS K; dK = scale·dSᵀ Q (GQA: summed over the query heads sharing a kv head).
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         with_float!(dy.dtype(), "attention.backward", |T| {
@@ -100,6 +114,7 @@ impl Backward for AttentionBwd {
                 &vals::<T>(&self.lse.read()),
                 self.mask.as_deref(),
                 self.d,
+                self.scores.as_ref().map(|sc| sc.read()).as_ref().map(|g| vals::<T>(g)).as_deref(),
             );
             Ok(vec![
                 needs[0].then(|| out(dq, self.q.shape().clone())),
