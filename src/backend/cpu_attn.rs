@@ -102,9 +102,19 @@ pub fn scores_len(d: AttnDims) -> usize {
 }
 
 /// Forward attention (same contract as [`super::cpu::attention_fwd`]). With `scores` (length
-/// [`scores_len`]), each block's scaled scores S are copied there for [`attention_bwd`].
+/// [`scores_len`], possibly uninitialized), each block's scaled scores S are copied there for
+/// [`attention_bwd`]; the blocks tile the buffer, so on return every element is initialized.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: &[T], mask: Option<&[bool]>, d: AttnDims, scores: Option<&mut [T]>) {
+pub fn attention_fwd<T: Float>(
+    o: &mut [T],
+    lse: &mut [T],
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: Option<&[bool]>,
+    d: AttnDims,
+    scores: Option<&mut [std::mem::MaybeUninit<T>]>,
+) {
     let AttnDims { b, t, s, nh, nkv, hd, .. } = d;
     debug_assert!(q.len() == b * t * nh * hd && o.len() == q.len() && lse.len() == b * t * nh);
     debug_assert!(k.len() == b * s * nkv * hd && v.len() == k.len());
@@ -114,7 +124,7 @@ pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: 
     let offs = score_offsets(d);
     let per_head = offs[nblk];
     assert!(scores.as_ref().is_none_or(|sc| sc.len() == b * nh * per_head), "attention: kept-scores buffer of the wrong length");
-    let sp = scores.map(|sc| SendPtr(sc.as_mut_ptr()));
+    let sp = scores.map(|sc| SendPtr(sc.as_mut_ptr().cast::<T>()));
     let (op, lp) = (SendPtr(o.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
     let (qrs, krs) = ((nh * hd) as isize, (nkv * hd) as isize);
     (0..b * nh * nblk).into_par_iter().for_each_init(Vec::new, |p: &mut Vec<T>, task| {
@@ -303,7 +313,9 @@ mod tests {
         // Kept scores: the same forward outputs, and bitwise the recomputing backward's gradients.
         let mut sc = vec![f64::NAN; scores_len(d)];
         let (mut o3, mut l3) = (vec![0.0; q.len()], vec![0.0; b * t * nh]);
-        attention_fwd(&mut o3, &mut l3, &q, &k, &v, mask.as_deref(), d, Some(&mut sc));
+        // SAFETY: f64 and MaybeUninit<f64> have the same layout; the NaNs show unwritten entries.
+        let sc_u = unsafe { std::slice::from_raw_parts_mut(sc.as_mut_ptr().cast::<std::mem::MaybeUninit<f64>>(), sc.len()) };
+        attention_fwd(&mut o3, &mut l3, &q, &k, &v, mask.as_deref(), d, Some(sc_u));
         assert!(o3 == o2 && l3.iter().zip(&l2).all(|(x, y)| x.to_bits() == y.to_bits()), "{d:?}: keeping scores changed the forward");
         assert!(sc.iter().all(|x| !x.is_nan()), "{d:?}: a kept score was never written");
         let (mut a3, mut b3, mut c3) = (vec![7.0; q.len()], vec![7.0; k.len()], vec![7.0; v.len()]);

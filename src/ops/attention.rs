@@ -66,11 +66,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Resu
     let (o, lse, scores) = with_float!(dt, "attention", |T| {
         let mut o = crate::backend::cpu::zeros::<T>(q.numel());
         let mut lse = crate::backend::cpu::zeros::<T>(b * t * nh);
-        let mut scores = keep.then(|| crate::backend::cpu::zeros::<T>(cpu_attn::scores_len(d)));
-        cpu_attn::attention_fwd(&mut o, &mut lse, &vals::<T>(&q.read()), &vals::<T>(&k.read()), &vals::<T>(&v.read()), opts.key_mask.as_deref(), d, scores.as_deref_mut());
-        let scores = scores.map(|sc| {
-            let n = sc.len();
-            out(sc, [n])
+        // Not zero-filled: the forward writes every element (its blocks tile the buffer).
+        let n_scores = cpu_attn::scores_len(d);
+        let mut scores: Option<Vec<T>> = keep.then(|| Vec::with_capacity(n_scores));
+        let spare = scores.as_mut().map(|sc| &mut sc.spare_capacity_mut()[..n_scores]);
+        cpu_attn::attention_fwd(&mut o, &mut lse, &vals::<T>(&q.read()), &vals::<T>(&k.read()), &vals::<T>(&v.read()), opts.key_mask.as_deref(), d, spare);
+        let scores = scores.map(|mut sc| {
+            // SAFETY: attention_fwd initialized all n_scores elements (see its contract).
+            unsafe { sc.set_len(n_scores) };
+            out(sc, [n_scores])
         });
         Ok((out(o, q.shape().clone()), out(lse, [b, t, nh]), scores))
     })?;
