@@ -176,13 +176,13 @@ fn attention_body(dev: Device) {
     let v = input(&mut rng, &[b, t, nkv, hd], Role::Param);
     let mut mask = vec![true; b * t];
     mask[t..t + 4].iter_mut().for_each(|m| *m = false);
-    let opts = AttnOptions { causal: true, key_mask: Some(mask), scale: None, keep_scores: false };
+    let opts = AttnOptions { causal: true, key_mask: Some(mask), scale: None };
     check("attention (causal GQA, padded)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
     // Non-causal, more keys than queries, head_dim 40 (not a multiple of 32).
     let q = input(&mut rng, &[1, 5, 2, 40], Role::Param);
     let k = input(&mut rng, &[1, 11, 1, 40], Role::Param);
     let v = input(&mut rng, &[1, 11, 1, 40], Role::Param);
-    let opts = AttnOptions { causal: false, key_mask: None, scale: Some(0.3), keep_scores: false };
+    let opts = AttnOptions { causal: false, key_mask: None, scale: Some(0.3) };
     check("attention (full, s > t)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
 }
 

@@ -139,7 +139,7 @@ proptest! {
 
     #[test]
     fn attention_op(b in 1usize..3, t in dim(), extra in 0usize..3, nkv in 1usize..3, group in 1usize..4, hd in 1usize..5,
-                    causal: bool, masked: bool, keep_scores: bool, seed: u64) {
+                    causal: bool, masked: bool, seed: u64) {
         let mut rng = SplitMix::new(seed);
         let s = t + extra;
         let nh = nkv * group;
@@ -147,7 +147,7 @@ proptest! {
         let k = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
         let v = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
         let key_mask = masked.then(|| (0..b * s).map(|_| rng.next_u64() % 4 != 0).collect());
-        let opts = AttnOptions { causal, key_mask, scale: None, keep_scores };
+        let opts = AttnOptions { causal, key_mask, scale: None };
         check("attention", &[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], &opts))?;
     }
 

@@ -16,13 +16,7 @@
 //!   P = exp(scale·Q_blk·Kᵀ − lse) (masked entries 0);  dV += Pᵀ·dO_blk;  dP = dO_blk·Vᵀ;
 //!   D = rowsum(dO ⊙ O);  dS = scale·P ⊙ (dP − D);  dQ_blk = dS·K;  dK += dSᵀ·Q_blk.
 //! Each backward task owns its kv head's dK/dV and its query heads' dQ: no two tasks write the
-//! same memory.
-//!
-//! Kept scores: the forward can also copy each block's S into a caller's buffer (layout:
-//! [`scores_len`]), and the backward then reads S there instead of recomputing Q_blk·Kᵀ: one
-//! of its five GEMMs, for b·nh·(visible keys summed over blocks) values held in between. Same
-//! GEMM call, same S, so the gradients are bitwise those of the recomputing backward. For a
-//! checkpointed block's re-run, whose backward follows at once. The small per-task GEMMs run single-threaded (`gemm` crate, no parallelism)
+//! same memory. The small per-task GEMMs run single-threaded (`gemm` crate, no parallelism)
 //! inside rayon tasks.
 //!
 //! [`cpu::attention_fwd`]: super::cpu::attention_fwd
@@ -81,50 +75,14 @@ unsafe fn gemm_seq<T: Float>(
     gemm::gemm(m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, beta, alpha, false, false, false, gemm::Parallelism::None)
 }
 
-/// Elements of one head's kept scores before each query block, and in all (the last entry):
-/// block `blk` holds rows × kend values (its rows, the keys its last row sees).
-fn score_offsets(d: AttnDims) -> Vec<usize> {
-    let nblk = d.t.div_ceil(BQ);
-    let mut off = Vec::with_capacity(nblk + 1);
-    off.push(0);
-    for blk in 0..nblk {
-        let (i0, i1) = (blk * BQ, ((blk + 1) * BQ).min(d.t));
-        off.push(off[blk] + (i1 - i0) * d.visible(i1 - 1));
-    }
-    off
-}
-
-/// Length of the kept-scores buffer for [`attention_fwd`] / [`attention_bwd`]: per (batch,
-/// head), the scaled scores of every query block over the keys its last row sees (about
-/// b·nh·t·s/2 values when causal).
-pub fn scores_len(d: AttnDims) -> usize {
-    d.b * d.nh * score_offsets(d).last().copied().unwrap_or(0)
-}
-
-/// Forward attention (same contract as [`super::cpu::attention_fwd`]). With `scores` (length
-/// [`scores_len`], possibly uninitialized), each block's scaled scores S are copied there for
-/// [`attention_bwd`]; the blocks tile the buffer, so on return every element is initialized.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_fwd<T: Float>(
-    o: &mut [T],
-    lse: &mut [T],
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    mask: Option<&[bool]>,
-    d: AttnDims,
-    scores: Option<&mut [std::mem::MaybeUninit<T>]>,
-) {
+/// Forward attention (same contract as [`super::cpu::attention_fwd`]).
+pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: &[T], mask: Option<&[bool]>, d: AttnDims) {
     let AttnDims { b, t, s, nh, nkv, hd, .. } = d;
     debug_assert!(q.len() == b * t * nh * hd && o.len() == q.len() && lse.len() == b * t * nh);
     debug_assert!(k.len() == b * s * nkv * hd && v.len() == k.len());
     let group = nh / nkv;
     let scale = T::from_f64(d.scale);
     let nblk = t.div_ceil(BQ);
-    let offs = score_offsets(d);
-    let per_head = offs[nblk];
-    assert!(scores.as_ref().is_none_or(|sc| sc.len() == b * nh * per_head), "attention: kept-scores buffer of the wrong length");
-    let sp = scores.map(|sc| SendPtr(sc.as_mut_ptr().cast::<T>()));
     let (op, lp) = (SendPtr(o.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
     let (qrs, krs) = ((nh * hd) as isize, (nkv * hd) as isize);
     (0..b * nh * nblk).into_par_iter().for_each_init(Vec::new, |p: &mut Vec<T>, task| {
@@ -142,10 +100,6 @@ pub fn attention_fwd<T: Float>(
         // with row stride nkv·hd: both lie inside q and k; p is rows × kend.
         unsafe {
             gemm_seq(rows, kend, hd, p.as_mut_ptr(), kend as isize, 1, q[q0..].as_ptr(), qrs, 1, k[k0..].as_ptr(), 1, krs, scale, T::ZERO);
-            if let Some(sp) = sp {
-                // SAFETY: task (bi, h, blk) alone owns its rows × kend block of the kept scores.
-                std::ptr::copy_nonoverlapping(p.as_ptr(), sp.get().add(bh * per_head + offs[blk]), rows * kend);
-            }
         }
         let mut row_lse = vec![T::ZERO; rows];
         for (r, pr) in p.chunks_mut(kend).enumerate() {
@@ -180,7 +134,6 @@ pub fn attention_fwd<T: Float>(
 }
 
 /// Backward attention (same contract as [`super::cpu::attention_bwd`]): writes dq, dk, dv.
-/// With `scores` (the forward's kept scores), S is read there instead of recomputed.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<T: Float>(
     dq: &mut [T],
@@ -194,15 +147,11 @@ pub fn attention_bwd<T: Float>(
     lse: &[T],
     mask: Option<&[bool]>,
     d: AttnDims,
-    scores: Option<&[T]>,
 ) {
     let AttnDims { b, t, s, nh, nkv, hd, .. } = d;
     let group = nh / nkv;
     let scale = T::from_f64(d.scale);
     let nblk = t.div_ceil(BQ);
-    let offs = score_offsets(d);
-    let per_head = offs[nblk];
-    assert!(scores.is_none_or(|sc| sc.len() == b * nh * per_head), "attention: kept-scores buffer of the wrong length");
     let (dqp, dkp, dvp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
     let (qrs, krs) = ((nh * hd) as isize, (nkv * hd) as isize);
     (0..b * nkv).into_par_iter().for_each(|task| {
@@ -231,15 +180,8 @@ pub fn attention_bwd<T: Float>(
                 dp.resize(rows * kend, T::ZERO);
                 // SAFETY: as in the forward; dp is rows × kend.
                 unsafe {
-                    // S = scale·Q_blk·Kᵀ (kept by the forward, or recomputed), then P = exp(S − lse)
-                    // in place.
-                    match scores {
-                        Some(sc) => {
-                            let at = (bi * nh + h) * per_head + offs[blk];
-                            p.copy_from_slice(&sc[at..at + rows * kend]);
-                        }
-                        None => gemm_seq(rows, kend, hd, p.as_mut_ptr(), kend as isize, 1, q[q0..].as_ptr(), qrs, 1, k[k0..].as_ptr(), 1, krs, scale, T::ZERO),
-                    }
+                    // S = scale·Q_blk·Kᵀ, then P = exp(S − lse) in place.
+                    gemm_seq(rows, kend, hd, p.as_mut_ptr(), kend as isize, 1, q[q0..].as_ptr(), qrs, 1, k[k0..].as_ptr(), 1, krs, scale, T::ZERO);
                     // dP = dO_blk·Vᵀ
                     gemm_seq(rows, kend, hd, dp.as_mut_ptr(), kend as isize, 1, dout[q0..].as_ptr(), qrs, 1, v[k0..].as_ptr(), 1, krs, T::ONE, T::ZERO);
                 }
@@ -294,7 +236,7 @@ mod tests {
         let (mut o1, mut l1) = (vec![0.0; q.len()], vec![0.0; b * t * nh]);
         let (mut o2, mut l2) = (vec![0.0; q.len()], vec![0.0; b * t * nh]);
         cpu::attention_fwd(&mut o1, &mut l1, &q, &k, &v, mask.as_deref(), d);
-        attention_fwd(&mut o2, &mut l2, &q, &k, &v, mask.as_deref(), d, None);
+        attention_fwd(&mut o2, &mut l2, &q, &k, &v, mask.as_deref(), d);
         let close = |a: &[f64], b: &[f64], what: &str| {
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
                 let ok = (x == y) || (x - y).abs() <= 1e-12 * (1.0 + x.abs());
@@ -306,22 +248,10 @@ mod tests {
         let (mut a1, mut b1, mut c1) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         let (mut a2, mut b2, mut c2) = (vec![7.0; q.len()], vec![7.0; k.len()], vec![7.0; v.len()]);
         cpu::attention_bwd(&mut a1, &mut b1, &mut c1, &g, &q, &k, &v, &o1, &l1, mask.as_deref(), d);
-        attention_bwd(&mut a2, &mut b2, &mut c2, &g, &q, &k, &v, &o1, &l1, mask.as_deref(), d, None);
+        attention_bwd(&mut a2, &mut b2, &mut c2, &g, &q, &k, &v, &o1, &l1, mask.as_deref(), d);
         close(&a1, &a2, "dq");
         close(&b1, &b2, "dk");
         close(&c1, &c2, "dv");
-        // Kept scores: the same forward outputs, and bitwise the recomputing backward's gradients.
-        let mut sc = vec![f64::NAN; scores_len(d)];
-        let (mut o3, mut l3) = (vec![0.0; q.len()], vec![0.0; b * t * nh]);
-        // SAFETY: f64 and MaybeUninit<f64> have the same layout; the NaNs show unwritten entries.
-        let sc_u = unsafe { std::slice::from_raw_parts_mut(sc.as_mut_ptr().cast::<std::mem::MaybeUninit<f64>>(), sc.len()) };
-        attention_fwd(&mut o3, &mut l3, &q, &k, &v, mask.as_deref(), d, Some(sc_u));
-        assert!(o3 == o2 && l3.iter().zip(&l2).all(|(x, y)| x.to_bits() == y.to_bits()), "{d:?}: keeping scores changed the forward");
-        assert!(sc.iter().all(|x| !x.is_nan()), "{d:?}: a kept score was never written");
-        let (mut a3, mut b3, mut c3) = (vec![7.0; q.len()], vec![7.0; k.len()], vec![7.0; v.len()]);
-        attention_bwd(&mut a3, &mut b3, &mut c3, &g, &q, &k, &v, &o1, &l1, mask.as_deref(), d, Some(&sc));
-        let same = |x: &[f64], y: &[f64]| x.iter().zip(y).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(same(&a2, &a3) && same(&b2, &b3) && same(&c2, &c3), "{d:?}: kept scores changed the gradients");
     }
 
     #[test]

@@ -319,7 +319,7 @@ impl Llama {
             b,
             t,
             positions: (0..t).collect(),
-            attn: AttnOptions { causal: true, key_mask: key_mask.map(|m| m.to_vec()), ..Default::default() },
+            attn: AttnOptions { causal: true, key_mask: key_mask.map(|m| m.to_vec()), scale: None },
             seed: self.training.then_some(self.dropout_seed),
         };
         let mut h = crate::profile::fwd("embedding", || ops::embedding(&self.embed, ids, self.dtype))?;
@@ -497,7 +497,7 @@ impl Llama {
                 b,
                 t,
                 positions: (start..start + t).collect(),
-                attn: AttnOptions { causal: true, ..Default::default() },
+                attn: AttnOptions { causal: true, key_mask: None, scale: None },
                 seed: None,
             };
             cache.layers.resize(self.layers.len(), (None, None));
@@ -535,15 +535,7 @@ fn layer_forward(l: &Layer, li: usize, c: &Ctx, x: &Tensor, kv: Option<&mut (Opt
         *ck = Some(k.clone());
         *cv = Some(v.clone());
     }
-    // While a checkpoint backward re-runs this layer, the backward that reads the attention's
-    // scores follows at once: keep them rather than recompute them (one layer's worth held).
-    let recomputing = crate::autograd::is_recomputing();
-    let a = if recomputing {
-        let opts = AttnOptions { keep_scores: true, ..c.attn.clone() };
-        fwd("attention", || ops::attention(&q, &k, &v, &opts))?
-    } else {
-        fwd("attention", || ops::attention(&q, &k, &v, &c.attn))?
-    };
+    let a = fwd("attention", || ops::attention(&q, &k, &v, &c.attn))?;
     let a = ops::reshape(&a, [b * t, cfg.num_attention_heads * hd])?;
     let o = fwd("o_proj", || l.o.forward(&a, seed(3)))?;
     let x = fwd("add", || ops::add(x, &o))?;
@@ -552,7 +544,8 @@ fn layer_forward(l: &Layer, li: usize, c: &Ctx, x: &Tensor, kv: Option<&mut (Opt
     let up = fwd("up_proj", || l.up.forward(&n, seed(5)))?;
     // While a checkpoint backward re-runs this layer, its output values are never read (only the
     // graph is played), so the down projection records its backward without computing values.
-    let down = fwd("down_proj", || l.down.forward_swiglu(&gate, &up, seed(6), recomputing))?;
+    let graph_only = crate::autograd::is_recomputing();
+    let down = fwd("down_proj", || l.down.forward_swiglu(&gate, &up, seed(6), graph_only))?;
     drop((gate, up));
     fwd("add", || ops::add(&x, &down))
 }

@@ -22,11 +22,6 @@ pub struct AttnOptions {
     pub key_mask: Option<Vec<bool>>,
     /// Score scale; default 1/√hd.
     pub scale: Option<f64>,
-    /// Keep the scaled scores QKᵀ for the backward instead of recomputing them there (CPU): saves
-    /// one of the backward's five GEMMs for about b·nh·t·s/2 values held until the backward
-    /// (causal). Same gradients, bitwise. Meant for a checkpointed block's re-run, whose backward
-    /// follows at once; off by default (the default keeps memory linear in the sequence).
-    pub keep_scores: bool,
 }
 
 /// softmax(scale·QKᵀ + masks)·V per head; query heads h use kv head h / (nh/nkv).
@@ -61,25 +56,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Resu
     if crate::device::on_cuda(&[q, k, v]) {
         return crate::backend::cuda::ops::attention(q, k, v, opts.key_mask.as_deref(), [b, t, s, nh, nkv, hd], opts.causal, scale);
     }
-    // Scores are kept only when a backward will read them.
-    let keep = opts.keep_scores && crate::autograd::is_grad_enabled() && [q, k, v].iter().any(|x| x.requires_grad());
-    let (o, lse, scores) = with_float!(dt, "attention", |T| {
+    let (o, lse) = with_float!(dt, "attention", |T| {
         let mut o = crate::backend::cpu::zeros::<T>(q.numel());
         let mut lse = crate::backend::cpu::zeros::<T>(b * t * nh);
-        // Not zero-filled: the forward writes every element (its blocks tile the buffer).
-        let n_scores = cpu_attn::scores_len(d);
-        let mut scores: Option<Vec<T>> = keep.then(|| Vec::with_capacity(n_scores));
-        let spare = scores.as_mut().map(|sc| &mut sc.spare_capacity_mut()[..n_scores]);
-        cpu_attn::attention_fwd(&mut o, &mut lse, &vals::<T>(&q.read()), &vals::<T>(&k.read()), &vals::<T>(&v.read()), opts.key_mask.as_deref(), d, spare);
-        let scores = scores.map(|mut sc| {
-            // SAFETY: attention_fwd initialized all n_scores elements (see its contract).
-            unsafe { sc.set_len(n_scores) };
-            out(sc, [n_scores])
-        });
-        Ok((out(o, q.shape().clone()), out(lse, [b, t, nh]), scores))
+        cpu_attn::attention_fwd(&mut o, &mut lse, &vals::<T>(&q.read()), &vals::<T>(&k.read()), &vals::<T>(&v.read()), opts.key_mask.as_deref(), d);
+        Ok((out(o, q.shape().clone()), out(lse, [b, t, nh])))
     })?;
     let saved_o = o.detach();
-    Ok(record(o, &[q, k, v], |_| Box::new(AttentionBwd { q: q.detach(), k: k.detach(), v: v.detach(), o: saved_o, lse, scores, mask: opts.key_mask.clone(), d })))
+    Ok(record(o, &[q, k, v], |_| Box::new(AttentionBwd { q: q.detach(), k: k.detach(), v: v.detach(), o: saved_o, lse, mask: opts.key_mask.clone(), d })))
 }
 
 struct AttentionBwd {
@@ -88,8 +72,6 @@ struct AttentionBwd {
     v: Tensor,
     o: Tensor,
     lse: Tensor,
-    /// The forward's scaled scores when [`AttnOptions::keep_scores`] was set.
-    scores: Option<Tensor>,
     mask: Option<Vec<bool>>,
     d: AttnDims,
 }
@@ -97,7 +79,7 @@ impl Backward for AttentionBwd {
     fn name(&self) -> &'static str {
         "attention"
     }
-    /// P = exp(S − lse) with S kept or recomputed; D = rowsum(dO ⊙ O); dV = Pᵀ dO; dS = P ⊙ (dO Vᵀ − D);
+    /// P = exp(S − lse) recomputed; D = rowsum(dO ⊙ O); dV = Pᵀ dO; dS = P ⊙ (dO Vᵀ − D);
     /// dQ = scale·dS K; dK = scale·dSᵀ Q (GQA: summed over the query heads sharing a kv head).
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         with_float!(dy.dtype(), "attention.backward", |T| {
@@ -118,7 +100,6 @@ impl Backward for AttentionBwd {
                 &vals::<T>(&self.lse.read()),
                 self.mask.as_deref(),
                 self.d,
-                self.scores.as_ref().map(|sc| sc.read()).as_ref().map(|g| vals::<T>(g)).as_deref(),
             );
             Ok(vec![
                 needs[0].then(|| out(dq, self.q.shape().clone())),
