@@ -770,7 +770,8 @@ mod tests {
     fn in_place_swiglu_gradient_is_bitwise_the_out_of_place_one() {
         for n in [1, 5, ELEM_GRAIN - 1, ELEM_GRAIN, 3 * ELEM_GRAIN + 17] {
             let f = |i: usize, a: f32| ((i + 1) as f32 * a).sin() * 3.0;
-            let (g, u, dy): (Vec<f32>, Vec<f32>, Vec<f32>) = ((0..n).map(|i| f(i, 0.37)).collect(), (0..n).map(|i| f(i, 0.11)).collect(), (0..n).map(|i| f(i, 0.23)).collect());
+            let (g, u, dy): (Vec<f32>, Vec<f32>, Vec<f32>) =
+                ((0..n).map(|i| f(i, 0.37)).collect(), (0..n).map(|i| f(i, 0.11)).collect(), (0..n).map(|i| f(i, 0.23)).collect());
             let (mut dg, mut du) = (vec![0.0f32; n], vec![0.0f32; n]);
             swiglu_bwd(&mut dg, &mut du, &dy, &g, &u);
             let (mut dy_dg, mut du2) = (dy.clone(), vec![0.0f32; n]);

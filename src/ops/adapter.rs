@@ -161,7 +161,9 @@ pub fn swiglu_adapter_linear(
 
 /// [`swiglu_adapter_linear`] when only its backward is wanted: records the same backward step
 /// (same saved tensors, same gradients) but returns zeros instead of computing the output (no
-/// frozen GEMM, no LoRA product). For a checkpointed block's last op during recomputation,
+/// frozen GEMM, no LoRA product; for plain LoRA with A trained and no dropout, not even
+/// swiglu(gate, up) or x·Aᵀ, which the backward forms itself). For a checkpointed block's last
+/// op during recomputation,
 /// whose output values nobody reads. SpecLoRA's row form still computes the output (its
 /// backward keeps columns of x·Wᵀ).
 #[allow(clippy::too_many_arguments)]
