@@ -186,6 +186,20 @@ fn bad_inputs_return_errors_naming_the_op() {
     check(ops::speclora_linear(&x, &w43, &d, &SpecRows::Top(5), &a, &b, 1.0), "speclora_linear");
     check(ops::speclora_linear(&x, &w43, &d, &SpecRows::Indices(vec![0, 0]), &a, &b, 1.0), "speclora_linear");
     check(ops::speclora_linear(&x, &w43, &Tensor::full(1.0f32, [1]).param().unwrap(), &SpecRows::Indices(vec![9]), &a, &b, 1.0), "speclora_linear");
+    // The fused down projection checks gate against up in both variants, also when the
+    // graph-only one does not form swiglu(gate, up) (plain LoRA, A trained, no dropout).
+    let gate = t32(&[1.0; 6], &[2, 3]);
+    for (up, what) in [(t32(&[1.0; 4], &[2, 2]), "shape"), (Tensor::from_vec(vec![1.0f64; 6], [2, 3]).unwrap(), "dtype")] {
+        for graph_only in [false, true] {
+            let f = if graph_only { ops::swiglu_adapter_linear_graph_only } else { ops::swiglu_adapter_linear };
+            let r = f(&gate, &up, &w43, ops::Spectral::None, &a, &b, 1.0, None);
+            assert!(
+                r.as_ref().is_err_and(|e| e.to_string().contains("swiglu")),
+                "up of another {what}, graph_only {graph_only}: {:?}",
+                r.map(|t| t.dims().to_vec())
+            );
+        }
+    }
     // Mixed compute dtypes for trainable inputs are rejected.
     let x64 = Tensor::from_vec(vec![1.0f64; 3], [1, 3]).unwrap();
     check(ops::lora_linear(&x64, &w43, &a, &b, 1.0), "lora_linear");

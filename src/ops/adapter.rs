@@ -163,9 +163,8 @@ pub fn swiglu_adapter_linear(
 /// (same saved tensors, same gradients) but returns zeros instead of computing the output (no
 /// frozen GEMM, no LoRA product; for plain LoRA with A trained and no dropout, not even
 /// swiglu(gate, up) or x·Aᵀ, which the backward forms itself). For a checkpointed block's last
-/// op during recomputation,
-/// whose output values nobody reads. SpecLoRA's row form still computes the output (its
-/// backward keeps columns of x·Wᵀ).
+/// op during recomputation, whose output values nobody reads. SpecLoRA's row form still
+/// computes the output (its backward keeps columns of x·Wᵀ).
 #[allow(clippy::too_many_arguments)]
 pub fn swiglu_adapter_linear_graph_only(
     gate: &Tensor,
@@ -202,9 +201,15 @@ fn swiglu_adapter(
     }
     // Graph-only plain LoRA without dropout, A trained: nothing in the forward reads x (no
     // output, and H = x·Aᵀ is recomputed by the backward, which forms x from gate and up
-    // anyway), so x is not formed; gate, of the same shape and dtype, stands in for the checks.
+    // anyway), so x is not formed: gate and up get swiglu's checks, and gate (then of x's shape
+    // and dtype) stands in for x in the linear's checks.
     let x_unread = !values && dropout.is_none() && matches!(spec, Spectral::None) && a.requires_grad();
-    let x = if x_unread { gate.clone() } else { crate::autograd::no_grad(|| super::swiglu(gate, up))? };
+    let x = if x_unread {
+        super::elementwise::check_swiglu_inputs(gate, up)?;
+        gate.clone()
+    } else {
+        crate::autograd::no_grad(|| super::swiglu(gate, up))?
+    };
     adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout, values)
 }
 

@@ -186,11 +186,7 @@ impl Backward for SiluBwd {
 
 /// Fused SwiGLU: y = silu(gate) ⊙ up, gate and up of one shape.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let dt = compute_dtype("swiglu", "gate", gate)?;
-    check_dtype("swiglu", "up", up, dt, true)?;
-    if gate.shape() != up.shape() {
-        return Err(Error::shape("swiglu", "up", gate.shape(), up.shape()));
-    }
+    let dt = check_swiglu_inputs(gate, up)?;
     #[cfg(feature = "cuda")]
     if crate::device::on_cuda(&[gate, up]) {
         return crate::backend::cuda::ops::swiglu(gate, up);
@@ -201,6 +197,17 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         Ok(out(y, gate.shape().clone()))
     })?;
     Ok(record(y, &[gate, up], |_| Box::new(SwigluBwd { g: gate.detach(), u: up.detach() })))
+}
+
+/// The checks [`swiglu`] makes on its inputs (same dtype, same shape); returns the dtype. Also
+/// for callers that record swiglu(gate, up) without forming it.
+pub(crate) fn check_swiglu_inputs(gate: &Tensor, up: &Tensor) -> Result<crate::dtype::DType> {
+    let dt = compute_dtype("swiglu", "gate", gate)?;
+    check_dtype("swiglu", "up", up, dt, true)?;
+    if gate.shape() != up.shape() {
+        return Err(Error::shape("swiglu", "up", gate.shape(), up.shape()));
+    }
+    Ok(dt)
 }
 
 struct SwigluBwd {
