@@ -5,7 +5,7 @@
 //! plus edges to the nodes or trainable leaves that produced its inputs. The nodes reachable from
 //! a loss, in reverse topological order, are the tape that [`backward`] plays.
 //!
-//! Rules (tested in tests/autograd.rs and tests/frozen.rs):
+//! Rules (tested in tests/engine.rs: accumulation, no graph without trainable inputs, frozen weights):
 //! - An op is recorded only when grad mode is on and at least one input requires a gradient, so
 //!   inference and frozen-only computations build no graph at all.
 //! - Gradients accumulate with `+=`: a tensor used twice receives the sum of both contributions,

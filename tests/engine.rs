@@ -102,7 +102,7 @@ fn identity_at_init_is_bit_exact_for_lora_and_speclora() {
 }
 
 #[test]
-fn speclora_positional_case_from_methods_md() {
+fn speclora_positional_case_2() {
     // W = [[1,2],[3,4]], k = 1, d = (3): Γ ⊙ W = [[3,6],[3,4]]; with x = I the output rows are
     // the columns of (Γ⊙W)ᵀ.
     let w = Tensor::from_vec(vec![1.0f64, 2.0, 3.0, 4.0], [2, 2]).unwrap();

@@ -1,4 +1,4 @@
-//! Multi-adapter fusion on disjoint singular-vector blocks (methods.md §3): two Spectral
+//! Multi-adapter fusion on disjoint singular-vector blocks (docs/ops.md §17–19, §22): two Spectral
 //! adapters trained on two different tiny tasks, on blocks 0 and 1 of the same base, fused into
 //! one model; each task keeps most of its gain. Plus the file path (`spectune fuse`) and errors.
 

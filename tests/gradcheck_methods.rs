@@ -1,4 +1,4 @@
-//! Property-based f64 gradient checks of the spectral / baseline method ops (issue 7): the
+//! Property-based f64 gradient checks of the spectral / baseline method ops: the
 //! Cayley transform, Spectral^A, Spectral^R (alone and through the Cayley chain), DoRA and the
 //! PiSSA/MiLoRA residual linear. Random shapes (1 and odd sizes included) and values, analytic
 //! gradients vs central finite differences (src/gradcheck.rs).

@@ -76,7 +76,7 @@ fn adapter_backward_allocates_no_dense_weight_gradient() {
             assert!(g.get(&x).is_some() && g.get(&a).is_some() && g.get(&b).is_some());
             assert_eq!(g.get(&d).is_some(), spec);
         }
-        // The issue-7 ops: Spectral^A, Spectral^R (through Cayley), DoRA, the PiSSA residual.
+        // The spectral and baseline method ops: Spectral^A, Spectral^R (through Cayley), DoRA, the PiSSA residual.
         let f32t = |rng: &mut SplitMix, dims: &[usize], lo: f64, hi: f64| {
             Tensor::from_vec(rng.vec(dims.iter().product(), lo, hi).into_iter().map(|v| v as f32).collect::<Vec<_>>(), dims.to_vec()).unwrap()
         };

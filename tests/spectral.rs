@@ -1,4 +1,4 @@
-//! SVD accuracy and the SpecLoRA-SVD numeric cases of reference/methods.md §6.
+//! SVD accuracy and the SpecLoRA-SVD numeric cases of docs/ops.md §22.
 
 use spectune::gradcheck::SplitMix;
 use spectune::ops;

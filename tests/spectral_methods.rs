@@ -1,5 +1,5 @@
-//! The issue-7 methods (Spectral^A, Spectral^R, PiSSA, MiLoRA, DoRA, full fine-tuning):
-//! methods.md §6 cases 1 and 6–10 (the gradient checks of case 11 are in
+//! The spectral and baseline methods (Spectral^A, Spectral^R, PiSSA, MiLoRA, DoRA, full fine-tuning):
+//! docs/ops.md §22 cases 1 and 6–10 (the gradient checks of case 11 are in
 //! tests/gradcheck_methods.rs), save/load, merge and export, frozen weights, `--method` parsing.
 
 mod common;
@@ -62,7 +62,7 @@ fn ids() -> Vec<u32> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// methods.md §6 cases
+// docs/ops.md §22 cases
 // ---------------------------------------------------------------------------------------------
 
 #[test]

@@ -221,7 +221,7 @@ fn adapter_dropout_is_reproduced_exactly_by_checkpoint_recompute() {
 
 #[test]
 fn merged_weights_reproduce_the_adapted_forward() {
-    // methods.md §6 case 9: for every method, x·W_mergedᵀ equals the un-merged forward.
+    // docs/ops.md §22 case 9: for every method, x·W_mergedᵀ equals the un-merged forward.
     let base = Llama::random(tiny(false), DType::F64, 51).unwrap();
     let mut rng = SplitMix::new(52);
     for method in [Method::Lora, Method::SpecLora { k: 5, by_norm: false }, Method::SpecLora { k: 7, by_norm: true }, Method::SpecLoraSvd { k: 4 }] {

@@ -82,7 +82,7 @@ fn bad_settings_and_bad_lines_are_reported_clearly() {
     std::fs::write(&toml, "lerning-rate = 0.1\n").unwrap();
     let (ok, log) = spectune(&["train", "--config", toml.to_str().unwrap()]);
     assert!(!ok && log.contains("lerning-rate"), "{log}");
-    // (dora became a method in issue 7; vera is not one.)
+    // (dora is a method; vera is not one.)
     let (ok, log) = spectune(&["train", "--model", g, "--data", data.to_str().unwrap(), "--method", "vera"]);
     assert!(!ok && log.contains("--method") && log.contains("vera"), "{log}");
     let (ok, log) = spectune(&["train", "--model", g, "--data", data.to_str().unwrap(), "--device", "cuda"]);

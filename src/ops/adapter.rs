@@ -7,7 +7,7 @@
 //! - PiSSA / MiLoRA: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ − s·(x·A0ᵀ)·B0ᵀ with the frozen initial factors
 //!   A0 [r0, n], B0 [m, r0], i.e. the residual base W − s·B0·A0 is never formed densely
 //!
-//! Invariant (tests/frozen.rs): the backward returns dX, dA, dB and dd only. W is frozen — an
+//! Invariant (tests/engine.rs and tests/no_dense_grad.rs): the backward returns dX, dA, dB and dd only. W is frozen — an
 //! adapter op refuses a W that requires grad — and no m×n buffer is ever allocated for it: Γ ⊙ W
 //! is never formed; the forward scales the selected output columns of Z = x·Wᵀ instead, and saves
 //! only those k columns of Z for dd. Derivations: docs/ops.md.

@@ -1,4 +1,4 @@
-//! DoRA (Liu et al. 2024; methods.md §4) on a frozen W [m, n]:
+//! DoRA (Liu et al. 2024; docs/ops.md §20–22) on a frozen W [m, n]:
 //!
 //!   W' = diag(g)·(W + s·B·A),   g_i = mag_i / ν_i,   ν_i = ‖W_i + s·B_i·A‖  (row i, i.e. per
 //!   output feature), mag [m] trainable (init ‖W_i‖, so g = 1 at init).

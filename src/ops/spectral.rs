@@ -1,4 +1,4 @@
-//! Spectral Adapter ops (Zhang & Pilanci, NeurIPS 2024; methods.md §3) on a frozen W [m, n]
+//! Spectral Adapter ops (Zhang & Pilanci, NeurIPS 2024; docs/ops.md §17–19, §22) on a frozen W [m, n]
 //! (out × in) with its frozen top-r SVD factors U [m, r], σ [r], V [n, r], stored with the
 //! adapter and never recomputed.
 //!

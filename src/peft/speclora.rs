@@ -1,4 +1,4 @@
-//! SpecLoRA, positional form (seed 001): W' = Γ ⊙ W + s·B·A, Γ[i, :] = d_j on the selected rows.
+//! SpecLoRA, positional form: W' = Γ ⊙ W + s·B·A, Γ[i, :] = d_j on the selected rows.
 
 use crate::device::with_float;
 use crate::dtype::DType;

@@ -1,4 +1,4 @@
-//! Spectral Adapter (Zhang & Pilanci 2024; methods.md §3): the top singular vectors of W tuned
+//! Spectral Adapter (Zhang & Pilanci 2024; docs/ops.md §17–19, §22): the top singular vectors of W tuned
 //! additively (Spectral^A: U + ΔU, V + ΔV) or by Cayley rotations plus a singular-value scale
 //! (Spectral^R), on one block of singular triplets, and the fusion of several adapters trained
 //! on disjoint blocks.

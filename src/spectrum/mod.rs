@@ -1,4 +1,4 @@
-//! The spectral analysis of weight changes (seeds 000–002; reference methods.md §5): how does a
+//! The spectral analysis of weight changes (docs/ops.md §22): how does a
 //! fine-tuned or adapted weight W' differ from its base W0 in terms of singular values and
 //! singular vectors?
 //!
