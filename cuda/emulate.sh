@@ -5,6 +5,7 @@
 #   cuda/emulate.sh build        # target/cuda-emu/lib/libcuda.so.1 (cuda/*.cu compiled for the host)
 #   cuda/emulate.sh test [ARGS]  # build, then every CUDA test body (tests/backends.rs cuda::*,
 #                                # tests/cuda_emu.rs) with --features cuda; ARGS go to the harness
+#   cuda/emulate.sh e2e          # spectune train-tiny and bench, CPU vs the emulated device
 #   cuda/emulate.sh run CMD...   # CMD with the emulated driver loaded (e.g. target/release/spectune
 #                                # train-tiny --device cuda)
 #
@@ -79,13 +80,52 @@ test)
     fi
     exit "$status"
     ;;
+e2e)
+    # spectune train-tiny and bench on the emulated device vs the CPU: the loss curves must agree
+    # within a relative tolerance (see docs/cuda-emulation.md, "End to end", for why these).
+    build
+    command -v nvcc >/dev/null || eval "$(cuda/install-toolkit.sh)"
+    cargo build --release --features cuda --bin spectune
+    exe=target/release/spectune
+    emu() { LD_LIBRARY_PATH="$out/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$@"; }
+    # compare NAME TOL CPU_FILE CUDA_FILE: the losses, step by step.
+    compare() {
+        python3 - "$@" <<'EOF'
+import json, re, sys
+name, tol, a, b = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+def losses(path):
+    text = open(path).read()
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)["losses"]
+    return [float(x) for x in re.findall(r"^step +\d+ +loss ([0-9.]+)", text, re.M)] + [float(re.search(r"-> ([0-9.]+) in", text).group(1))]
+c, g = losses(a), losses(b)
+if len(c) != len(g) or not c:
+    sys.exit(f"{name}: {len(c)} CPU losses vs {len(g)} CUDA (emulated) losses")
+worst = max(abs(x - y) / abs(x) for x, y in zip(c, g))
+print(f"{name}: cpu             {' '.join('%.4f' % x for x in c)}")
+print(f"{name}: CUDA (emulated) {' '.join('%.4f' % x for x in g)}")
+print(f"{name}: max relative difference {worst:.2e} (tolerance {tol:.0e}) {'ok' if worst <= tol else 'FAILED'}")
+sys.exit(0 if worst <= tol else 1)
+EOF
+    }
+    tiny=(train-tiny --method lora --steps 21 --layers 2 --hidden 64 --batch 2 --seq-len 32)
+    "$exe" --threads 2 "${tiny[@]}" --device cpu >"$out/train-tiny-cpu.txt"
+    emu "$exe" --threads 2 "${tiny[@]}" --device cuda >"$out/train-tiny-cuda.txt"
+    compare "train-tiny (f32 weights on the CPU, bf16 on the device)" 2e-2 "$out/train-tiny-cpu.txt" "$out/train-tiny-cuda.txt"
+    bench=(bench --shape tiny --dtype bf16 --method lora --rank 8 --batch 2 --seq-len 64 --steps 4 --warmup 1 --json)
+    "$exe" --threads 2 "${bench[@]}" --device cpu >"$out/bench-cpu.txt"
+    emu "$exe" --threads 2 "${bench[@]}" --device cuda >"$out/bench-cuda.txt"
+    compare "bench tiny (bf16 weights on both)" 1e-2 "$out/bench-cpu.txt" "$out/bench-cuda.txt"
+    grep -h "tokens/s\|peak device" "$out/bench-cuda.txt" | sed 's/^/bench under CUDA (emulated): /'
+    ;;
 run)
     shift
     build
     LD_LIBRARY_PATH="$out/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$@"
     ;;
 *)
-    sed -n '2,12p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac

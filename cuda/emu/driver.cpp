@@ -55,7 +55,8 @@ Status g_sticky = OK; // a fault in a kernel poisons the context, as on a GPU
 std::string g_sticky_detail;
 size_t g_page = 4096;
 
-thread_local std::string tl_detail;
+thread_local std::string tl_detail;  // this thread's last failure, for cuGetErrorString
+thread_local const char* tl_detail_of; // ...and the status it belongs to (its name)
 
 struct Param {
     size_t size;
@@ -88,8 +89,9 @@ std::string hex(uintptr_t v) {
 Status fail(Status s, const std::string& detail) {
     const char* name = "";
     cuGetErrorName((CUresult)s, &name);
-    tl_detail = std::string(name) + ": " + detail + " [CUDA (emulated)]";
-    fprintf(stderr, "CUDA (emulated): %s\n", tl_detail.c_str());
+    tl_detail = detail + " [CUDA (emulated)]";
+    tl_detail_of = name;
+    fprintf(stderr, "CUDA (emulated): %s: %s\n", name, tl_detail.c_str());
     return s;
 }
 
@@ -164,15 +166,10 @@ CUresult cuGetErrorName(CUresult e, const char** s) {
 
 // The detail of this thread's last failure (it names the call, kernel and values), else the name.
 CUresult cuGetErrorString(CUresult e, const char** s) {
-    if (!tl_detail.empty() && tl_detail.compare(0, strlen("CUDA_ERROR"), "CUDA_ERROR") == 0) {
-        const char* name = "";
-        cuGetErrorName(e, &name);
-        if (tl_detail.compare(0, strlen(name), name) == 0) {
-            *s = tl_detail.c_str();
-            return CUDA_SUCCESS;
-        }
-    }
-    return cuGetErrorName(e, s);
+    const char* name = "";
+    CUresult r = cuGetErrorName(e, &name);
+    *s = tl_detail_of == name && !tl_detail.empty() ? tl_detail.c_str() : name;
+    return r;
 }
 
 CUresult cuInit(unsigned flags) {
@@ -252,7 +249,7 @@ CUresult cuMemAlloc(CUdeviceptr* p, size_t bytes) {
     if (bytes == 0) return (CUresult)fail(INVALID_VALUE, "cuMemAlloc of 0 bytes");
     std::lock_guard<std::mutex> g(g_mu);
     if (bytes > g_cap - g_used) {
-        tl_detail.clear();
+        tl_detail_of = nullptr;
         return CUDA_ERROR_OUT_OF_MEMORY; // spectune's allocator reports asked vs free itself
     }
     size_t body = (bytes + g_page - 1) / g_page * g_page;
@@ -415,7 +412,7 @@ CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
     if (!m || !name) return (CUresult)fail(INVALID_HANDLE, "cuModuleGetFunction: null module or name");
     auto it = m->entries.find(name);
     if (it == m->entries.end()) {
-        tl_detail.clear(); // spectune probes each module in turn: not finding it here is normal
+        tl_detail_of = nullptr; // spectune probes each module in turn: not finding it here is normal
         return CUDA_ERROR_NOT_FOUND;
     }
     *f = new CUfunc_st{&it->second};
