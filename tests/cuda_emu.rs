@@ -63,3 +63,23 @@ fn emulator_fills_fresh_memory_with_nan() {
     assert!(z.to_f32().unwrap().iter().all(|&x| x == 0.0));
     println!("CUDA (emulated) on {}: fresh and reused blocks read as NaN", g.name);
 }
+
+/// A device buffer is read and written from a thread that never launched anything (as a CPU
+/// kernel's rayon worker does when an operand lives on the device): the copies must make the
+/// context current on that thread themselves (the driver rejects them otherwise with
+/// CUDA_ERROR_INVALID_CONTEXT, which the emulation reproduces).
+#[test]
+#[ignore = "needs a CUDA device: cuda/emulate.sh test (emulated) or cuda/gpu-test.sh (GPU)"]
+fn copies_work_from_a_fresh_thread() {
+    gpu().expect("a CUDA device");
+    let b = DeviceBuf::from_f32(&[1.0, 2.0, 3.0, 4.0], "fresh thread test").unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert_eq!(b.to_f32().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+            let bytes: Vec<u8> = [5.0f32, 6.0, 7.0, 8.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+            b.write_bytes(&bytes, "fresh thread test").unwrap();
+            b.write_range(3, &9.0f32.to_le_bytes(), "fresh thread test").unwrap();
+        });
+    });
+    assert_eq!(b.to_f32().unwrap(), vec![5.0, 6.0, 7.0, 9.0]);
+}

@@ -168,7 +168,8 @@ impl DeviceBuf {
     /// Overwrites the buffer with host bytes (same length).
     pub fn write_bytes(&self, bytes: &[u8], op: &str) -> Result<()> {
         debug_assert_eq!(bytes.len(), self.numel * self.dtype.size());
-        // SAFETY: the block holds `bytes.len()` bytes; the copy is synchronous for pageable memory.
+        gpu()?; // the context must be current on this thread (it may be a rayon worker)
+                // SAFETY: the block holds `bytes.len()` bytes; the copy is synchronous for pageable memory.
         check(unsafe { cu::cuMemcpyHtoD_v2(self.ptr, bytes.as_ptr() as *const _, bytes.len()) }, || {
             format!("copy of {} bytes to the device for {op}", bytes.len())
         })
@@ -177,6 +178,7 @@ impl DeviceBuf {
     pub fn write_range(&self, start: usize, bytes: &[u8], op: &str) -> Result<()> {
         let off = start * self.dtype.size();
         debug_assert!(off + bytes.len() <= self.numel * self.dtype.size());
+        gpu()?;
         // SAFETY: the range lies inside the block (checked by the caller's tiling).
         check(unsafe { cu::cuMemcpyHtoD_v2(self.ptr + off as u64, bytes.as_ptr() as *const _, bytes.len()) }, || {
             format!("copy of {} bytes to the device for {op}", bytes.len())
@@ -185,6 +187,9 @@ impl DeviceBuf {
     /// Copies the buffer to the host (waits for queued work).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let n = self.numel * self.dtype.size();
+        // Device tensors are read back from any thread (e.g. a CPU kernel's rayon worker), and
+        // a driver call needs the context current on the calling thread.
+        gpu()?;
         let mut out = vec![0u8; n];
         // SAFETY: `out` holds n bytes; the block holds at least n.
         check(unsafe { cu::cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut _, self.ptr, n) }, || format!("copy of {n} bytes from the device"))?;
