@@ -9,9 +9,10 @@
 #                              # (default: the bundle's out/); exits non-zero if any part failed
 #
 # The run: every CUDA test body (tests/backends.rs cuda::*, tests/cuda_emu.rs; a missing GPU is a
-# failure), compute-sanitizer (memcheck) on one small test where the machine has it, and
-# `spectune bench --device cuda` on the llama-3.2-3b and llama-3.1-8b shapes (LoRA r16, bf16
-# frozen weights, the 8B one checkpointed) with tokens/s, useful FLOP/s and peak device memory.
+# failure), compute-sanitizer (memcheck on the norm test, racecheck on the matmul test) where the
+# machine has it, and `spectune bench --device cuda` on the llama-3.2-3b and llama-3.1-8b shapes
+# (LoRA r16, bf16 frozen weights, the 8B one checkpointed) with tokens/s, useful FLOP/s and peak
+# device memory. Each part has a time limit; the limits add up to 7.5 minutes.
 # Results there are GPU-verified; the same tests under cuda/emulate.sh are only "CUDA (emulated)".
 set -uo pipefail
 self="$(cd "$(dirname "$0")" && pwd)"
@@ -73,20 +74,22 @@ run)
         part "CUDA test bodies (tests/backends.rs cuda::*)" 120 "$bin/backends" --ignored --skip smollm2 --test-threads=1
         part "device memory tests (tests/cuda_emu.rs)" 20 "$bin/cuda_emu" --ignored --test-threads=1 --nocapture
         if command -v compute-sanitizer >/dev/null; then
-            part "compute-sanitizer memcheck: cuda::norm" 60 compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/backends" --ignored --exact cuda::norm
+            part "compute-sanitizer memcheck: cuda::norm" 45 compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/backends" --ignored --exact cuda::norm
+            part "compute-sanitizer racecheck (shared memory): cuda::matmul" 45 compute-sanitizer --tool racecheck --error-exitcode 1 \
+                "$bin/backends" --ignored --exact cuda::matmul
         else
             echo "## compute-sanitizer: not on this machine (skipped)"
         fi
-        part "bench llama-3.2-3b, LoRA r16, bf16" 100 "$bin/spectune" bench --shape llama-3.2-3b --device cuda --dtype bf16 --method lora --rank 16 \
+        part "bench llama-3.2-3b, LoRA r16, bf16" 90 "$bin/spectune" bench --shape llama-3.2-3b --device cuda --dtype bf16 --method lora --rank 16 \
             --batch 1 --seq-len 1024 --steps 3 --warmup 1
-        part "bench llama-3.1-8b, LoRA r16, bf16, checkpointed" 150 "$bin/spectune" bench --shape llama-3.1-8b --device cuda --dtype bf16 --method lora \
+        part "bench llama-3.1-8b, LoRA r16, bf16, checkpointed" 130 "$bin/spectune" bench --shape llama-3.1-8b --device cuda --dtype bf16 --method lora \
             --rank 16 --batch 1 --seq-len 1024 --steps 3 --warmup 1 --checkpointing
         echo "# parts failed: $fails"
     } 2>&1 | tee "$out/gpu-log.txt"
     grep -q "^# parts failed: 0$" "$out/gpu-log.txt"
     ;;
 *)
-    sed -n '2,10p' "$0"
+    sed -n '2,16p' "$0"
     exit 2
     ;;
 esac
