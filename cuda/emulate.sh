@@ -125,7 +125,7 @@ run)
     LD_LIBRARY_PATH="$out/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$@"
     ;;
 *)
-    sed -n '2,14p' "$0"
+    sed -n '2,12p' "$0"
     exit 2
     ;;
 esac
