@@ -64,12 +64,8 @@ __device__ __forceinline__ unsigned pack2(bf16_t lo, bf16_t hi) { return (unsign
 
 // f32 activations × bf16 frozen weight on the tensor cores: A is rounded to bf16 as it is staged
 // in shared memory, products accumulate in f32 (mma.sync.m16n8k16, sm_80+). 128 threads = 4 warps
-// in a 2×2 grid, each warp a 32×32 sub-tile = 2 (m16) × 4 (n8) mma tiles.
-//
-// Fragment layouts (PTX ISA, mma.m16n8k16 with 16-bit A/B): g = lane/4, t = lane%4;
-//   A regs: {(g, 2t..2t+1)}, {(g+8, 2t..)}, {(g, 2t+8..)}, {(g+8, 2t+8..)}  (row, k)
-//   B regs: {(2t..2t+1, g)}, {(2t+8.., g)}                                  (k, col)
-//   C regs: (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+// in a 2×2 grid, each warp a 32×32 sub-tile = 2 (m16) × 4 (n8) mma tiles (fragment layouts: see
+// mma_m16n8k16_bf16 in common.cuh).
 // Shared tiles are kept as As[m][k] and Bs[n][k] so both fragments read k-pairs as one word.
 extern "C" __global__ void gemm_bf16(int M, int N, int K, const float* __restrict__ A, long sam, long sak, long sab,
                                      const bf16_t* __restrict__ B, long sbk, long sbn, long sbb, float* __restrict__ C, long scm, long scn,
@@ -114,11 +110,7 @@ extern "C" __global__ void gemm_bf16(int M, int N, int K, const float* __restric
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) {
-                float* d = acc[mt][nt];
-                asm volatile(
-                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                    : "r"(af[mt][0]), "r"(af[mt][1]), "r"(af[mt][2]), "r"(af[mt][3]), "r"(bfr[nt][0]), "r"(bfr[nt][1]));
+                mma_m16n8k16_bf16(acc[mt][nt], af[mt], bfr[nt]);
             }
         __syncthreads();
     }

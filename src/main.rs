@@ -274,6 +274,9 @@ enum Cmd {
         checkpointing: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// cpu | cuda (frozen matrices uploaded as bf16, as `train` does).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
@@ -357,8 +360,8 @@ fn main() -> ExitCode {
             let opts = GenerateOptions { max_new_tokens: max_tokens, greedy, temperature, top_p, seed, stop_ids: Vec::new() };
             run_generate(&model, adapter.as_deref(), &prompt, chat, system.as_deref(), opts)
         }
-        Cmd::TrainTiny { method, steps, rank, alpha, k, lr, layers, hidden, batch, seq_len, checkpointing, seed } => {
-            train_tiny(method, steps, rank, alpha, k, lr, layers, hidden, batch, seq_len, checkpointing, seed)
+        Cmd::TrainTiny { method, steps, rank, alpha, k, lr, layers, hidden, batch, seq_len, checkpointing, seed, device } => {
+            train_tiny(method, steps, rank, alpha, k, lr, layers, hidden, batch, seq_len, checkpointing, seed, &device)
         }
     };
     match res {
@@ -384,7 +387,10 @@ fn train_tiny(
     seq_len: usize,
     checkpointing: bool,
     seed: u64,
+    device: &str,
 ) -> spectune::Result<()> {
+    let device = spectune::device::Device::parse(device)?;
+    device.ensure_available()?;
     let heads = (hidden / 32).max(1);
     let kv_heads = if heads % 3 == 0 { heads / 3 } else { heads };
     let cfg = LlamaConfig {
@@ -415,6 +421,9 @@ fn train_tiny(
         Method::Full => AdapterMethod::Full,
     };
     model.attach_adapters(&Target::ALL, &LoraConfig { rank, alpha, rslora: false, dropout: 0.0 }, &adapter, seed + 1)?;
+    if device != spectune::device::Device::Cpu {
+        model = model.to_device(device, DType::BF16)?;
+    }
     let params = model.trainable_params();
     let trainable: usize = params.iter().map(|p| p.numel()).sum();
     let frozen: usize = spectune::model::llama::expected_weights(&cfg).iter().map(|(_, d)| d.iter().product::<usize>()).sum();

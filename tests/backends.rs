@@ -4,10 +4,11 @@
 //! upstream gradient) in f64 on the CPU as the reference and in f32 on the device under test,
 //! and compares the output and every input gradient by max |a − b| / max |ref|:
 //! ≤ 1e-5 for f32 paths, ≤ 1e-2 where a frozen weight is bf16 (the device GEMM rounds the
-//! activations to bf16 on the tensor cores). The `cpu_*` tests check the f32 CPU kernels; the
-//! `cuda_*` tests are `#[ignore]`d (reported as ignored, never as passed) unless run on a machine
-//! with a GPU through `cuda/gpu-test.sh`, which builds with `--features cuda` and runs them with
-//! `--ignored`; there a missing GPU is a failure.
+//! activations to bf16 on the tensor cores). The `cpu::*` tests check the f32 CPU kernels; the
+//! `cuda::*` tests are `#[ignore]`d in a plain `cargo test` (reported as ignored, never as
+//! passed) and run with `--ignored` on a CUDA device: the emulated driver through
+//! `cuda/emulate.sh test` (CI; "CUDA (emulated)", cuda/*.cu compiled for the host) or a GPU
+//! through `cuda/gpu-test.sh` (GPU-verified). There a missing device is a failure.
 
 mod common;
 
@@ -313,8 +314,17 @@ fn round_frozen_bf16(m: Llama) -> Llama {
     m
 }
 
+/// What runs the CUDA tests: the emulated driver or a GPU (never confused in the logs).
+fn device_label() -> String {
+    #[cfg(feature = "cuda")]
+    if let Ok(g) = spectune::backend::cuda::gpu() {
+        return if g.emulated { format!("CUDA (emulated): {}", g.name) } else { format!("GPU: {}", g.name) };
+    }
+    "no CUDA device".into()
+}
+
 // ---------------------------------------------------------------------------------------------
-// The tests: each body on the CPU, and on CUDA where a GPU is present.
+// The tests: each body on the CPU, and on a CUDA device (emulated or GPU) where there is one.
 
 macro_rules! backend_tests {
     ($($name:ident => $body:expr;)*) => {
@@ -327,9 +337,10 @@ macro_rules! backend_tests {
             $(
                 #[test]
                 #[cfg_attr(not(feature = "cuda"), ignore = "built without --features cuda")]
-                #[cfg_attr(feature = "cuda", ignore = "needs a CUDA GPU: run cuda/gpu-test.sh (cargo test --features cuda -- --ignored)")]
+                #[cfg_attr(feature = "cuda", ignore = "needs a CUDA device: cuda/emulate.sh test (emulated) or cuda/gpu-test.sh (GPU)")]
                 fn $name() {
                     Device::Cuda.ensure_available().expect("a CUDA device");
+                    println!("device: {}", device_label());
                     $body(Device::Cuda)
                 }
             )*

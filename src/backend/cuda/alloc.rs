@@ -4,7 +4,8 @@
 //! training loop whose shapes repeat calls `cuMemAlloc` only during its first step. Sizes round
 //! up to a power of two (min 512 B) below 1 MiB and to a multiple of 2 MiB above. When the
 //! device is full, every cached block is released and the allocation retried once; if it still
-//! fails the error says how much was asked, how much is free and what spectune holds.
+//! fails the error says how much was asked, how much is free and what spectune holds. Under the
+//! emulated driver (cuda/emu) sizes are not rounded and reused blocks are refilled with NaN.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -63,13 +64,20 @@ fn rounded(bytes: usize) -> usize {
 }
 
 fn alloc(bytes: usize, op: &str) -> Result<(u64, usize)> {
-    gpu()?;
-    let size = rounded(bytes.max(1));
+    // Under the emulated driver blocks have the exact size asked (its guard page then sits right
+    // after the last element) and a reused block is refilled with the NaN pattern a fresh one
+    // has, so an out-of-bounds or uninitialized read is caught as on a new allocation.
+    let emulated = gpu()?.emulated;
+    let size = if emulated { bytes.max(1) } else { rounded(bytes.max(1)) };
     let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let p = g.get_or_insert_with(Pool::default);
     let ptr = match p.free.get_mut(&size).and_then(|v| v.pop()) {
         Some(ptr) => {
             p.cached -= size;
+            if emulated {
+                // SAFETY: the block holds `size` bytes and no tensor uses it.
+                check(unsafe { cu::cuMemsetD8_v2(ptr, 0xff, size) }, || format!("refilling a reused block of {size} bytes for {op}"))?;
+            }
             ptr
         }
         None => {
@@ -160,7 +168,8 @@ impl DeviceBuf {
     /// Overwrites the buffer with host bytes (same length).
     pub fn write_bytes(&self, bytes: &[u8], op: &str) -> Result<()> {
         debug_assert_eq!(bytes.len(), self.numel * self.dtype.size());
-        // SAFETY: the block holds `bytes.len()` bytes; the copy is synchronous for pageable memory.
+        gpu()?; // the context must be current on this thread (it may be a rayon worker)
+                // SAFETY: the block holds `bytes.len()` bytes; the copy is synchronous for pageable memory.
         check(unsafe { cu::cuMemcpyHtoD_v2(self.ptr, bytes.as_ptr() as *const _, bytes.len()) }, || {
             format!("copy of {} bytes to the device for {op}", bytes.len())
         })
@@ -169,6 +178,7 @@ impl DeviceBuf {
     pub fn write_range(&self, start: usize, bytes: &[u8], op: &str) -> Result<()> {
         let off = start * self.dtype.size();
         debug_assert!(off + bytes.len() <= self.numel * self.dtype.size());
+        gpu()?;
         // SAFETY: the range lies inside the block (checked by the caller's tiling).
         check(unsafe { cu::cuMemcpyHtoD_v2(self.ptr + off as u64, bytes.as_ptr() as *const _, bytes.len()) }, || {
             format!("copy of {} bytes to the device for {op}", bytes.len())
@@ -177,6 +187,9 @@ impl DeviceBuf {
     /// Copies the buffer to the host (waits for queued work).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let n = self.numel * self.dtype.size();
+        // Device tensors are read back from any thread (e.g. a CPU kernel's rayon worker), and
+        // a driver call needs the context current on the calling thread.
+        gpu()?;
         let mut out = vec![0u8; n];
         // SAFETY: `out` holds n bytes; the block holds at least n.
         check(unsafe { cu::cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut _, self.ptr, n) }, || format!("copy of {n} bytes from the device"))?;

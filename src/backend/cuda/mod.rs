@@ -38,6 +38,9 @@ const MODULES: [(&str, &str); 8] = [
     ("adamw", include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"))),
 ];
 
+/// How the emulated driver (cuda/emu) names its device.
+const EMULATOR_NAME: &str = "spectune CUDA emulator";
+
 /// The initialized device.
 pub struct Gpu {
     ctx: cu::CUcontext,
@@ -46,6 +49,8 @@ pub struct Gpu {
     /// Compute capability (major, minor).
     pub capability: (i32, i32),
     pub total_memory: usize,
+    /// True under spectune's emulated driver (cuda/emu): "CUDA (emulated)", not a GPU.
+    pub emulated: bool,
     modules: Vec<(&'static str, cu::CUmodule)>,
     functions: Mutex<HashMap<&'static str, usize>>,
 }
@@ -117,7 +122,8 @@ fn init() -> std::result::Result<Gpu, String> {
                 .map_err(|err| format!("{err} (the driver JIT-compiles PTX built for SPECTUNE_CUDA_ARCH; is the driver older than the toolkit?)"))?;
             modules.push((family, module));
         }
-        Ok(Gpu { ctx, name, capability: (major, minor), total_memory: total, modules, functions: Mutex::new(HashMap::new()) })
+        let emulated = name.starts_with(EMULATOR_NAME);
+        Ok(Gpu { ctx, name, capability: (major, minor), total_memory: total, emulated, modules, functions: Mutex::new(HashMap::new()) })
     }
 }
 
@@ -169,6 +175,24 @@ pub(crate) enum Arg {
     Dims([u32; 8]),
 }
 
+/// Marks the argument trailer after the kernelParams (see [`launch`]); "MARAPUME" in ASCII.
+const PARAMS_MAGIC: u64 = 0x454d_5550_4152_414d;
+
+impl Arg {
+    /// Size in bytes | kind << 8, the kind being b'P' pointer, b'I' integer, b'F' float, b'A' struct.
+    fn trailer_word(&self) -> usize {
+        let (size, kind) = match self {
+            Arg::Ptr(_) => (8, b'P'),
+            Arg::I32(_) => (4, b'I'),
+            Arg::I64(_) | Arg::U64(_) => (8, b'I'),
+            Arg::F32(_) => (4, b'F'),
+            Arg::F64(_) => (8, b'F'),
+            Arg::Dims(_) => (32, b'A'),
+        };
+        size | (kind as usize) << 8
+    }
+}
+
 /// Launches `name` on a grid of `grid` blocks of `block` threads and checks the launch.
 /// `shapes` describes the call for error messages.
 pub(crate) fn launch(name: &'static str, grid: (u32, u32, u32), block: u32, args: &[Arg], shapes: impl Fn() -> String) -> Result<()> {
@@ -186,12 +210,19 @@ pub(crate) fn launch(name: &'static str, grid: (u32, u32, u32), block: u32, args
             Arg::Dims(v) => v.as_mut_ptr() as *mut c_void,
         })
         .collect();
+    // The argument trailer: a driver reads exactly one pointer per kernel parameter and never
+    // looks past them; the emulated driver (cuda/emu) reads the null, the magic word and each
+    // argument's size and kind, and checks them against the kernel's PTX signature.
+    ptrs.push(std::ptr::null_mut());
+    ptrs.push(PARAMS_MAGIC as usize as *mut c_void);
+    ptrs.extend(args.iter().map(|a| a.trailer_word() as *mut c_void));
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Ok(());
     }
     let what = || format!("kernel {name} ({}; grid {grid:?} × {block} threads)", shapes());
     // SAFETY: `ptrs` point into `vals`, which outlives the call; the argument list matches the
-    // kernel's signature in cuda/*.cu (checked by tests/backends.rs on a GPU).
+    // kernel's signature in cuda/*.cu (checked on every launch under the emulated driver, and by
+    // tests/backends.rs on a GPU).
     check(unsafe { cu::cuLaunchKernel(f, grid.0, grid.1, grid.2, block, 1, 1, 0, std::ptr::null_mut(), ptrs.as_mut_ptr(), std::ptr::null_mut()) }, what)?;
     if sync_each_launch() {
         synchronize(what)?;
