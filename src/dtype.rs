@@ -167,20 +167,28 @@ impl DType {
                     out[j + 16] = d * (byte >> 4) as f32 + m;
                 }
             }
-            DType::Q5_0 | DType::Q5_1 => {
-                // [d][m (Q5_1)][qh: u32, bit j = 5th bit of element j][16 bytes of nibbles].
-                let (d, m, at) = if self == DType::Q5_0 { (h(0), 0.0, 2) } else { (h(0), h(2), 4) };
-                let qh = u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]);
-                for (j, &byte) in blk[at + 4..at + 20].iter().enumerate() {
-                    let lo = (byte & 0x0f) as u32 | ((qh >> j) & 1) << 4;
-                    let hi = (byte >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
-                    if self == DType::Q5_0 {
-                        out[j] = d * (lo as i32 - 16) as f32;
-                        out[j + 16] = d * (hi as i32 - 16) as f32;
-                    } else {
-                        out[j] = d * lo as f32 + m;
-                        out[j + 16] = d * hi as f32 + m;
-                    }
+            DType::Q5_0 => {
+                // [d][qh: u32, bit j = 5th bit of element j][16 bytes of nibbles].
+                let d = h(0);
+                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                let (lo_out, hi_out) = out.split_at_mut(16);
+                for (j, (&byte, (lo, hi))) in blk[6..22].iter().zip(lo_out.iter_mut().zip(hi_out.iter_mut())).enumerate() {
+                    let ql = (byte & 0x0f) as u32 | ((qh >> j) & 1) << 4;
+                    let qu = (byte >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+                    *lo = d * (ql as i32 - 16) as f32;
+                    *hi = d * (qu as i32 - 16) as f32;
+                }
+            }
+            DType::Q5_1 => {
+                // [d][m][qh: u32][16 bytes of nibbles], as Q5_0 with x = d·q + m.
+                let (d, m) = (h(0), h(2));
+                let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
+                let (lo_out, hi_out) = out.split_at_mut(16);
+                for (j, (&byte, (lo, hi))) in blk[8..24].iter().zip(lo_out.iter_mut().zip(hi_out.iter_mut())).enumerate() {
+                    let ql = (byte & 0x0f) as u32 | ((qh >> j) & 1) << 4;
+                    let qu = (byte >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+                    *lo = d * ql as f32 + m;
+                    *hi = d * qu as f32 + m;
                 }
             }
             DType::IQ4NL => {
@@ -193,15 +201,25 @@ impl DType {
             DType::Q2K => {
                 // [scales 16: low nibble sc, high nibble m][qs 64][d][dmin]. Element
                 // e = 128c + 32j + l (c < 2, j < 4, l < 32) is bits 2j..2j+2 of qs[32c + l];
-                // group e / 16 uses scales[e / 16].
+                // group e / 16 = 8c + 2j + l / 16 uses scales[e / 16].
                 let (d, dmin) = (h(80), h(82));
-                for (e, o) in out.iter_mut().enumerate() {
-                    let (c, j, l) = (e / 128, (e / 32) % 4, e % 32);
-                    let q = (blk[16 + 32 * c + l] >> (2 * j)) & 3;
-                    let sc = blk[e / 16];
-                    let dl = d * (sc & 0x0f) as f32;
-                    let ml = dmin * (sc >> 4) as f32;
-                    *o = dl * q as f32 - ml;
+                let (mut dl, mut ml) = ([0f32; 16], [0f32; 16]);
+                for (g, &sc) in blk[..16].iter().enumerate() {
+                    dl[g] = d * (sc & 0x0f) as f32;
+                    ml[g] = dmin * (sc >> 4) as f32;
+                }
+                for c in 0..2 {
+                    let qs = &blk[16 + 32 * c..48 + 32 * c];
+                    for j in 0..4 {
+                        for half in 0..2 {
+                            let g = 8 * c + 2 * j + half;
+                            let (dl, ml) = (dl[g], ml[g]);
+                            let y = &mut out[16 * g..16 * g + 16];
+                            for (o, &q) in y.iter_mut().zip(&qs[16 * half..16 * half + 16]) {
+                                *o = dl * ((q >> (2 * j)) & 3) as f32 - ml;
+                            }
+                        }
+                    }
                 }
             }
             DType::Q3K => {
@@ -218,11 +236,23 @@ impl DType {
                     let hi = (sc[8 + s % 4] >> (2 * (s / 4))) & 3;
                     *v = d * ((lo | hi << 4) as i8 - 32) as f32;
                 }
-                for (e, o) in out.iter_mut().enumerate() {
-                    let (c, j, l) = (e / 128, (e / 32) % 4, e % 32);
-                    let lo = ((blk[32 + 32 * c + l] >> (2 * j)) & 3) as i8;
-                    let hbit = (blk[l] >> (e / 32)) & 1;
-                    *o = dl[e / 16] * (lo - (((hbit ^ 1) << 2) as i8)) as f32;
+                let hmask = &blk[..32];
+                for c in 0..2 {
+                    let qs = &blk[32 + 32 * c..64 + 32 * c];
+                    for j in 0..4 {
+                        let hb = 4 * c + j; // e / 32
+                        for half in 0..2 {
+                            let g = 8 * c + 2 * j + half;
+                            let dl = dl[g];
+                            let y = &mut out[16 * g..16 * g + 16];
+                            let r = 16 * half..16 * half + 16;
+                            for ((o, &q), &m) in y.iter_mut().zip(&qs[r.clone()]).zip(&hmask[r]) {
+                                let lo = ((q >> (2 * j)) & 3) as i8;
+                                let hbit = (m >> hb) & 1;
+                                *o = dl * (lo - (((hbit ^ 1) << 2) as i8)) as f32;
+                            }
+                        }
+                    }
                 }
             }
             DType::Q4K | DType::Q5K => {
@@ -246,15 +276,29 @@ impl DType {
             DType::Q6K => {
                 // [ql 128][qh 64][scales 16 × i8][d]. Element e = 128c + r (c < 2, r < 128):
                 // low nibble r / 64 of ql[64c + r % 64], high 2 bits at 2(r / 32) of
-                // qh[32c + r % 32]; group e / 16 uses scales[e / 16]; q − 32.
+                // qh[32c + r % 32]; group e / 16 uses scales[e / 16]; q − 32. Below, for
+                // l < 32, the four elements r = l, l + 32, l + 64, l + 96 share qh[32c + l].
                 let d = h(208);
-                for (e, o) in out.iter_mut().enumerate() {
-                    let (c, r) = (e / 128, e % 128);
-                    let lo = (blk[64 * c + r % 64] >> (4 * (r / 64))) & 0x0f;
-                    let hi = (blk[128 + 32 * c + r % 32] >> (2 * (r / 32))) & 3;
-                    let q = (lo | hi << 4) as i8 - 32;
-                    let dl = d * (blk[192 + e / 16] as i8) as f32;
-                    *o = dl * q as f32;
+                let mut dl = [0f32; 16];
+                for (g, &sc) in blk[192..208].iter().enumerate() {
+                    dl[g] = d * (sc as i8) as f32;
+                }
+                for c in 0..2 {
+                    let ql = &blk[64 * c..64 * c + 64];
+                    let qh = &blk[128 + 32 * c..160 + 32 * c];
+                    let y = &mut out[128 * c..128 * c + 128];
+                    for l in 0..32 {
+                        let (a, b, hb) = (ql[l], ql[l + 32], qh[l]);
+                        let g = 8 * c + l / 16;
+                        let q1 = ((a & 0x0f) | (hb & 3) << 4) as i8 - 32;
+                        let q2 = ((b & 0x0f) | ((hb >> 2) & 3) << 4) as i8 - 32;
+                        let q3 = ((a >> 4) | ((hb >> 4) & 3) << 4) as i8 - 32;
+                        let q4 = ((b >> 4) | ((hb >> 6) & 3) << 4) as i8 - 32;
+                        y[l] = dl[g] * q1 as f32;
+                        y[l + 32] = dl[g + 2] * q2 as f32;
+                        y[l + 64] = dl[g + 4] * q3 as f32;
+                        y[l + 96] = dl[g + 6] * q4 as f32;
+                    }
                 }
             }
             DType::IQ4XS => {

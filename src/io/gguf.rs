@@ -806,7 +806,7 @@ impl GgufFile {
         let map = self.map.clone().ok_or_else(|| self.err(format!("tensor `{name}`: the file is empty")))?;
         let offset =
             usize::try_from(info.offset).map_err(|_| self.err(format!("tensor `{name}`: offset {} exceeds this platform's address space", info.offset)))?;
-        let t = Tensor::from_mmap(map, offset, dtype, info.dims.clone(), name).map_err(|e| self.err(format!("tensor `{name}` ({dtype}): {e}")))?;
+        let t = Tensor::from_mmap(map.clone(), offset, dtype, info.dims.clone(), name).map_err(|e| self.err(format!("tensor `{name}` ({dtype}): {e}")))?;
         if dtype.is_quantized() {
             // A corrupted block (a NaN or infinite f16 scale) would turn every weight it holds
             // into NaN/inf on use; refuse it here, where the file and tensor can be named.
@@ -815,6 +815,17 @@ impl GgufFile {
                     "tensor `{name}` ({dtype}): block {b} (file byte {}) has a non-finite scale ({x}); the file is corrupted",
                     info.offset as u128 + (b * dtype.size() + at) as u128
                 )));
+            }
+            // The check paged the whole tensor in; hand those pages back so that only what
+            // training touches stays resident (an embedding table is read a few rows at a
+            // time). The map is read-only and file-backed: a later read faults the same bytes
+            // back in from the page cache.
+            #[cfg(unix)]
+            if let Some(size) = info.size.and_then(|s| usize::try_from(s).ok()) {
+                // SAFETY: MADV_DONTNEED on a read-only shared file mapping only drops page-table
+                // entries; the contents seen through the map (and any slice borrowed from it)
+                // stay the file's bytes. The range lies inside the map (checked by from_mmap).
+                let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, size) };
             }
         }
         Ok(t)
