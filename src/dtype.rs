@@ -47,10 +47,10 @@ pub enum DType {
     /// Super-blocks of 256: 128 bytes of low nibbles, 64 bytes of 2 high bits, 16 × i8 scales,
     /// f16 d; x = (d·sc)·(q − 32) per group of 16.
     Q6K,
-    /// Blocks of 32: f16 d + 16 bytes of nibbles indexing a fixed non-linear table; x = d·kv[q].
+    /// Blocks of 32: f16 d + 16 bytes of nibbles indexing a fixed non-linear table; x = d·kv(q).
     IQ4NL,
     /// Super-blocks of 256: f16 d, u16 high scale bits, 4 bytes of low scale nibbles, 128 bytes
-    /// of nibbles; x = (d·(sc − 32))·kv[q] per group of 32.
+    /// of nibbles; x = (d·(sc − 32))·kv(q) per group of 32.
     IQ4XS,
 }
 

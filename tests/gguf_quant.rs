@@ -277,3 +277,68 @@ fn a_tensor_table_that_lies_about_types_is_rejected() {
     let v = GgufFile::open(&path).unwrap().tensor("w").unwrap().to_vec_f32();
     assert_eq!((v[0], v[1], v[32]), (1.5, 0.0, 0.0));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Speed (optional).
+
+/// The frozen-weight GEMM with each block type as its right operand against the same values
+/// stored as f32, at Qwen2.5-0.5B's down projection (W [896, 4864], 256 tokens): forward
+/// y = x·Wᵀ and dX = dY·W. Runs alternate f32 / stored (order flipped every repetition) so a
+/// shared machine's drift hits both; prints the median times and the stored type's rate as a
+/// fraction of f32's. Timing only, so ignored:
+/// `cargo test --release --test gguf_quant -- --ignored --nocapture gemm_rate`.
+#[test]
+#[ignore = "timing; run with --ignored --nocapture"]
+fn gemm_rate_of_each_block_type_vs_f32() {
+    use std::time::Instant;
+    let (m, out_f, in_f) = (256usize, 896usize, 4864usize);
+    let mut rng = SplitMix::new(1);
+    let x = Tensor::from_vec(rng.vec(m * in_f, -1.0, 1.0).iter().map(|&v| v as f32).collect::<Vec<f32>>(), [m, in_f]).unwrap();
+    let dy = Tensor::from_vec(rng.vec(m * out_f, -1.0, 1.0).iter().map(|&v| v as f32).collect::<Vec<f32>>(), [m, out_f]).unwrap();
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("{:8} {:>10} {:>10} {:>7} {:>10} {:>10} {:>7}", "type", "f32 fwd", "fwd ms", "rate", "f32 dX", "dX ms", "rate");
+    let (mut worst, mut worst_name) = (f64::INFINITY, "");
+    for (name, dtype, _) in TYPES {
+        // Random blocks with typical scales, in an anonymous read-only map.
+        let size = dtype.storage_bytes(out_f * in_f).unwrap();
+        let mut bytes: Vec<u8> = (0..size).map(|_| rng.next_u64() as u8).collect();
+        for blk in bytes.chunks_exact_mut(dtype.size()) {
+            for &o in dtype.scale_offsets() {
+                blk[o..o + 2].copy_from_slice(&half::f16::from_f32(0.004).to_le_bytes());
+            }
+        }
+        let mut map = memmap2::MmapOptions::new().len(size).map_anon().unwrap();
+        map.copy_from_slice(&bytes);
+        let w = Tensor::from_mmap(std::sync::Arc::new(map.make_read_only().unwrap()), 0, dtype, [out_f, in_f], name).unwrap();
+        let dense = Tensor::from_vec(w.to_vec_f32(), [out_f, in_f]).unwrap();
+        let time = |w: &Tensor, fwd: bool| {
+            let t0 = Instant::now();
+            let y = if fwd { ops::matmul(&x, w, false, true) } else { ops::matmul(&dy, w, false, false) };
+            std::hint::black_box(y.unwrap());
+            t0.elapsed().as_secs_f64() * 1e3
+        };
+        let (mut f, mut q, mut fd, mut qd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for rep in 0..9 {
+            if rep % 2 == 0 {
+                f.push(time(&dense, true));
+                q.push(time(&w, true));
+                fd.push(time(&dense, false));
+                qd.push(time(&w, false));
+            } else {
+                q.push(time(&w, true));
+                f.push(time(&dense, true));
+                qd.push(time(&w, false));
+                fd.push(time(&dense, false));
+            }
+        }
+        let (f, q, fd, qd) = (med(f), med(q), med(fd), med(qd));
+        println!("{name:8} {f:>10.1} {q:>10.1} {:>6.0}% {fd:>10.1} {qd:>10.1} {:>6.0}%", 100.0 * f / q, 100.0 * fd / qd);
+        if (f / q).min(fd / qd) < worst {
+            (worst, worst_name) = ((f / q).min(fd / qd), name);
+        }
+    }
+    println!("lowest rate: {worst_name} at {:.0}% of f32", 100.0 * worst);
+}
