@@ -166,6 +166,88 @@ fn bench_matmul(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// stored weights: the frozen-weight GEMM with each storage dtype as the right operand
+// ---------------------------------------------------------------------------------------------
+
+/// Storage dtypes of the `stored_weight` group (f32 first: the baseline the others are
+/// fractions of).
+const STORED: [DType; 15] = [
+    DType::F32,
+    DType::BF16,
+    DType::F16,
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q2K,
+    DType::Q3K,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
+    DType::IQ4NL,
+    DType::IQ4XS,
+];
+
+/// A mapped (anonymous memory map) frozen matrix [rows, cols] of `dtype`: random values for
+/// the float dtypes; for the block dtypes random bytes with every f16 scale set to a typical
+/// weight scale, so each block is valid.
+fn stored_matrix(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> Tensor {
+    let n = rows * cols;
+    let bytes: Vec<u8> = match dtype {
+        DType::F32 => rng.vec(n, 0.05).iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::BF16 => rng.vec(n, 0.05).iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+        DType::F16 => rng.vec(n, 0.05).iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+        _ => {
+            let size = dtype.storage_bytes(n).expect("whole blocks");
+            let mut b: Vec<u8> = (0..size).map(|_| rng.next_u64() as u8).collect();
+            for blk in b.chunks_exact_mut(dtype.size()) {
+                for &o in dtype.scale_offsets() {
+                    blk[o..o + 2].copy_from_slice(&half::f16::from_f32(0.004).to_le_bytes());
+                }
+            }
+            b
+        }
+    };
+    let mut map = memmap2::MmapOptions::new().len(bytes.len()).map_anon().expect("anonymous map");
+    map.copy_from_slice(&bytes);
+    let map = std::sync::Arc::new(map.make_read_only().expect("read-only map"));
+    Tensor::from_mmap(map, 0, dtype, [rows, cols], dtype.name()).expect("valid stored matrix")
+}
+
+/// Qwen2.5-0.5B's down projection (the K-quant matrices of a Q4_K_M file): W [896, 4864],
+/// N = 256 tokens. `fwd`: y[N, 896] = x[N, 4864]·Wᵀ; `dx`: dX[N, 4864] = dY[N, 896]·W (the
+/// backward's product through the frozen weight). W is converted a tile at a time.
+fn bench_stored_weight(c: &mut Criterion) {
+    let mut g = c.benchmark_group("stored_weight");
+    let mut rng = Rng::new(7);
+    let (m, out_f, in_f) = (TOKENS, 896, 4864);
+    let x = rand_tensor(&mut rng, &[m, in_f], 1.0);
+    let dy = rand_tensor(&mut rng, &[m, out_f], 1.0);
+    g.throughput(flops(m, in_f, out_f));
+    for dtype in STORED {
+        let w = stored_matrix(&mut rng, dtype, out_f, in_f);
+        g.bench_function(format!("{dtype}/fwd_{m}x{in_f}x{out_f}"), |b| b.iter(|| black_box(ops::matmul(&x, &w, false, true).unwrap())));
+        g.bench_function(format!("{dtype}/dx_{m}x{out_f}x{in_f}"), |b| b.iter(|| black_box(ops::matmul(&dy, &w, false, false).unwrap())));
+    }
+    g.finish();
+    // The conversion alone: the whole matrix decoded to f32 on one thread (elem/s = weights/s).
+    let mut g = c.benchmark_group("stored_decode");
+    g.throughput(Throughput::Elements((out_f * in_f) as u64));
+    let mut buf = vec![0f32; out_f * in_f];
+    for dtype in STORED {
+        let w = stored_matrix(&mut rng, dtype, out_f, in_f);
+        g.bench_function(format!("{dtype}/{out_f}x{in_f}"), |b| {
+            b.iter(|| {
+                w.read().read_into(0, &mut buf);
+                black_box(&buf);
+            })
+        });
+    }
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
 // elementwise
 // ---------------------------------------------------------------------------------------------
 
@@ -313,6 +395,6 @@ fn bench_adapter(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_matmul, bench_elementwise, bench_norm, bench_rope, bench_attention, bench_loss, bench_embedding, bench_adapter
+    targets = bench_matmul, bench_stored_weight, bench_elementwise, bench_norm, bench_rope, bench_attention, bench_loss, bench_embedding, bench_adapter
 }
 criterion_main!(benches);

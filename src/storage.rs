@@ -3,7 +3,9 @@
 //! - [`HostData`]: owned host memory, one variant per dtype.
 //! - [`Storage::Mapped`]: a read-only byte range of a memory-mapped checkpoint file. Frozen
 //!   weights stay here; an f32 weight is used in place when aligned (zero copy), other dtypes are
-//!   converted per use, a tile at a time (see [`Storage::read_into`]).
+//!   converted per use, a tile at a time (see [`Storage::read_into`]). Block-quantized dtypes
+//!   (blocks of 32 or super-blocks of 256) decode whole blocks; a range that starts or ends
+//!   inside a block decodes that block and keeps the part asked for.
 //!
 //! - `Storage::Cuda` (feature `cuda`): a device buffer (f32 activations and adapters, bf16
 //!   frozen matrices). Host-side reads of it copy the buffer back (tests, logging, checkpoints).
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use memmap2::Mmap;
 
-use crate::dtype::{DType, Float};
+use crate::dtype::{DType, Float, QK_K};
 
 /// Owned host memory.
 #[derive(Clone, Debug)]
@@ -199,6 +201,14 @@ impl Storage {
         }
     }
 
+    /// The raw bytes of a mapped range (in file order, ignoring any row map).
+    pub fn mapped_bytes(&self) -> Option<&[u8]> {
+        match self {
+            Storage::Mapped { bytes, .. } => Some(bytes.bytes()),
+            _ => None,
+        }
+    }
+
     /// True if the storage is a memory-mapped file range.
     pub fn is_mapped(&self) -> bool {
         matches!(self, Storage::Mapped { .. })
@@ -229,21 +239,25 @@ fn decode_range<T: Float>(bytes: &[u8], dtype: DType, start: usize, out: &mut [T
         DType::F16 => {
             bytes[start * 2..end * 2].chunks_exact(2).zip(out.iter_mut()).for_each(|(c, o)| *o = T::from_f16(f16::from_bits(u16::from_le_bytes([c[0], c[1]]))))
         }
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+        _ if dtype.is_quantized() => {
+            // Whole blocks decode straight into `out` when T is f32, else through `blk`; a
+            // block cut by the range (a row or tile seam inside it) decodes into `blk` and
+            // copies the part asked for.
             let (bs, bb) = (dtype.block_size(), dtype.size());
-            let mut blk = [T::ZERO; 32];
+            let mut blk = [0f32; QK_K];
             let mut i = start;
             while i < end {
                 let b = i / bs;
                 let off = i % bs;
                 let n = (bs - off).min(end - i);
                 let o = &mut out[i - start..i - start + n];
-                if off == 0 && n == bs {
-                    let dst: &mut [T; 32] = o.try_into().expect("a whole block is 32 elements");
-                    dtype.dequantize_block(&bytes[b * bb..(b + 1) * bb], dst);
-                } else {
-                    dtype.dequantize_block(&bytes[b * bb..(b + 1) * bb], &mut blk);
-                    o.copy_from_slice(&blk[off..off + n]);
+                let src = &bytes[b * bb..(b + 1) * bb];
+                match as_f32_mut(o) {
+                    Some(o) if off == 0 && n == bs => dtype.dequantize_block(src, o),
+                    _ => {
+                        dtype.dequantize_block(src, &mut blk[..bs]);
+                        o.iter_mut().zip(&blk[off..off + n]).for_each(|(o, &x)| *o = T::from_f32(x));
+                    }
                 }
                 i += n;
             }
@@ -254,6 +268,13 @@ fn decode_range<T: Float>(bytes: &[u8], dtype: DType, start: usize, out: &mut [T
             out.iter_mut().enumerate().for_each(|(i, o)| *o = T::from_f64(dtype.decode_le(b, i)));
         }
     }
+}
+
+/// `out` as `&mut [f32]` when T is f32.
+fn as_f32_mut<T: Float>(out: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: T is f32 exactly when its DTYPE is F32 (Float is implemented for f32 and f64
+    // only), so the cast reinterprets a slice as its own type.
+    (T::DTYPE == DType::F32).then(|| unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) })
 }
 
 fn host_slice<T: Float>(h: &HostData) -> Option<&[T]> {

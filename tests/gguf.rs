@@ -36,6 +36,7 @@ const G_Q4_0: u32 = 2;
 const G_Q4_1: u32 = 3;
 const G_Q8_0: u32 = 8;
 const G_Q4_K: u32 = 12;
+const G_Q8_K: u32 = 15;
 const G_BF16: u32 = 30;
 
 fn put_str(b: &mut Vec<u8>, s: &[u8]) {
@@ -657,16 +658,17 @@ fn tensor_ranges_out_of_file_or_overlapping() {
 
 #[test]
 fn unsupported_types_list_but_fail_on_read() {
-    // Q4_K (type 12): 256 elements per 144-byte block; an unknown type id 99.
-    let w = good_file().tensor("kq", &[256, 2], G_Q4_K, vec![0; 288]).tensor("mystery", &[8], 99, vec![0; 8]);
+    // Q8_K (type 15, llama.cpp's intermediate type): 256 elements per 292-byte block; an
+    // unknown type id 99.
+    let w = good_file().tensor("kq", &[256, 2], G_Q8_K, vec![0; 584]).tensor("mystery", &[8], 99, vec![0; 8]);
     let (_d, path, g) = open_bytes(&w.build());
     let g = g.unwrap();
     let kq = g.tensor_info("kq").unwrap();
-    assert_eq!((kq.type_name, kq.ggml_type, kq.size, kq.dims.clone()), ("q4_k", 12, Some(288), vec![2, 256]));
+    assert_eq!((kq.type_name, kq.ggml_type, kq.size, kq.dims.clone()), ("q8_k", 15, Some(584), vec![2, 256]));
     assert_eq!(kq.dtype(), None);
     assert_eq!(g.tensor_info("mystery").unwrap().type_name, "unknown");
     let e = g.tensor("kq").unwrap_err();
-    check_err(&e, &path, &["`kq`", "12", "q4_k"]);
+    check_err(&e, &path, &["`kq`", "15", "q8_k"]);
     let e = g.tensor("mystery").unwrap_err();
     check_err(&e, &path, &["`mystery`", "99"]);
     // The supported tensors of the same file still read.

@@ -17,6 +17,8 @@ Examples:
   benches/peers/compare.py --shape smollm2-135m --dtype bf16 --threads 2   # bf16 frozen weights
   benches/peers/compare.py --a "spectune --checkpointing" --b spectune     # checkpointing cost
   benches/peers/compare.py --a "spectune --method speclora" --b spectune   # SpecLoRA vs LoRA
+  benches/peers/compare.py --model FILE.gguf --batch 1 --seq-len 128       # a real (quantized) file:
+      spectune trains on it as stored; the twin gets the same model dequantized to an f32 HF folder
 """
 import argparse
 import datetime
@@ -54,6 +56,8 @@ def last_json(out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="smollm2-135m")
+    ap.add_argument("--model", help="a real checkpoint (.gguf or HF folder) instead of --shape; the twin loads it "
+                    "dequantized to f32 (written once by spectune bench --save-init)")
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch", type=int, default=4)
@@ -69,14 +73,15 @@ def main():
     ap.add_argument("--json-out", help="also write every run's JSON here")
     a = ap.parse_args()
 
-    common = ["--shape", a.shape, "--dtype", a.dtype, "--rank", str(a.rank), "--batch", str(a.batch),
-              "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--lr", str(a.lr)]
+    what = ["--model", os.path.abspath(a.model)] if a.model else ["--shape", a.shape, "--dtype", a.dtype]
+    label = "model-" + os.path.basename(os.path.normpath(a.model)) if a.model else f"{a.shape}-{a.dtype}"
+    common = what + ["--rank", str(a.rank), "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--lr", str(a.lr)]
     runs = ["--steps", str(a.steps), "--warmup", str(a.warmup)]
     sb = spectune_bin()
     sides = {"A": shlex.split(a.a), "B": shlex.split(a.b)}
     init = None
     if any(s[0] == "pytorch" for s in sides.values()):
-        init = os.path.join(ROOT, "target", "peers-init", f"{a.shape}-{a.dtype}-r{a.rank}-b{a.batch}-t{a.seq_len}-s{a.seed}-lr{a.lr}")
+        init = os.path.join(ROOT, "target", "peers-init", f"{label}-r{a.rank}-b{a.batch}-t{a.seq_len}-s{a.seed}-lr{a.lr}")
         if not os.path.exists(os.path.join(init, "bench.json")):
             subprocess.run([sb, "bench", *common, *runs, "--save-init", init], check=True)
         py = python_bin()
@@ -111,7 +116,7 @@ def main():
     ta, tb = med("A", "tokens_per_s"), med("B", "tokens_per_s")
     ma, mb = med("A", "peak_rss_bytes"), med("B", "peak_rss_bytes")
     print()
-    print(f"date {datetime.date.today()} | {platform.node()} | {a.shape} {a.dtype} r{a.rank} batch {a.batch}x{a.seq_len} | "
+    print(f"date {datetime.date.today()} | {platform.node()} | {a.model or a.shape} {'' if a.model else a.dtype} r{a.rank} batch {a.batch}x{a.seq_len} | "
           f"{a.threads} threads | {a.rounds} rounds x {a.steps} timed steps | load average during runs {min(load):.2f}-{max(load):.2f}")
     print(f"A = {name['A']}\nB = {name['B']}")
     print(f"{'':10} {'tokens/s':>10} {'peak RSS MiB':>13} {'grad norm':>11} {'loss after ' + str(a.warmup + a.steps) + ' steps':>22}")

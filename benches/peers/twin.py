@@ -82,13 +82,16 @@ def main():
         s = json.load(f)
     steps = a.steps if a.steps is not None else s["steps"]
     warmup = a.warmup if a.warmup is not None else s["warmup"]
-    dtype_name = a.dtype or s["weights_dtype"]
+    # --save-init writes f32 and bf16 weights as stored and every other stored dtype (a GGUF's
+    # block types) dequantized to f32.
+    dtype_name = a.dtype or (s["weights_dtype"] if s["weights_dtype"] in ("f32", "bf16") else "f32")
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
 
     kw = {"attn_implementation": "sdpa"}
     major = int(transformers.__version__.split(".")[0])
     kw["dtype" if major >= 5 else "torch_dtype"] = dtype
-    model = transformers.LlamaForCausalLM.from_pretrained(a.init, **kw)
+    # config.json names the architecture (LlamaForCausalLM, or Qwen2ForCausalLM for q/k/v biases).
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.init, **kw)
     model.config.use_cache = False
     model = PeftModel.from_pretrained(model, os.path.join(a.init, "adapter"), is_trainable=True)
     if a.checkpointing:

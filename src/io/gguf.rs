@@ -28,9 +28,14 @@
 //!
 //! # Tensor types
 //!
-//! [`GgufFile::tensor`] maps F32 (0), F16 (1), Q4_0 (2), Q4_1 (3), Q8_0 (8) and BF16 (30) without
-//! copying. Files holding other types (Q4_K = 12, Q6_K = 14, …) still open and list; asking for
-//! such a tensor is an error naming the type.
+//! [`GgufFile::tensor`] maps F32 (0), F16 (1), Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8),
+//! Q2_K … Q6_K (10–14), IQ4_NL (20), IQ4_XS (23) and BF16 (30) without copying; the weights are
+//! dequantized per use (see [`crate::dtype::DType::dequantize_block`]). Files holding other
+//! types (Q8_K, the IQ2/IQ3/IQ1 families, TQ*, MXFP4, …) still open and list; asking for such a
+//! tensor is an error naming the type. Asking for a quantized tensor also checks the f16
+//! scales of its blocks: a NaN or infinite scale is reported as a corrupted block (file,
+//! tensor, type, block, byte). A row length (`ne[0]`) that is not a whole number of blocks —
+//! e.g. 896 for a K-quant, whose super-blocks hold 256 — is rejected when the file is opened.
 //!
 //! # llama.cpp's q/k row permutation
 //!
@@ -289,7 +294,7 @@ fn ggml_type(id: u32) -> Option<(&'static str, Option<(u64, u64)>)> {
         20 => ("iq4_nl", Some((32, 18))),
         21 => ("iq3_s", None),
         22 => ("iq2_s", None),
-        23 => ("iq4_xs", None),
+        23 => ("iq4_xs", Some((256, 136))),
         24 => ("i8", Some((1, 1))),
         25 => ("i16", Some((1, 2))),
         26 => ("i32", Some((1, 4))),
@@ -309,6 +314,10 @@ pub fn ggml_type_name(id: u32) -> Option<&'static str> {
     ggml_type(id).map(|t| t.0)
 }
 
+/// The GGML types [`GgufFile::tensor`] reads, for error messages.
+const SUPPORTED_TYPES: &str =
+    "f32 (0), f16 (1), q4_0 (2), q4_1 (3), q5_0 (6), q5_1 (7), q8_0 (8), q2_k (10), q3_k (11), q4_k (12), q5_k (13), q6_k (14), iq4_nl (20), iq4_xs (23), bf16 (30)";
+
 /// The spectune dtype that stores GGML type `id` as is, for the supported types.
 pub fn ggml_dtype(id: u32) -> Option<DType> {
     Some(match id {
@@ -316,7 +325,16 @@ pub fn ggml_dtype(id: u32) -> Option<DType> {
         1 => DType::F16,
         2 => DType::Q4_0,
         3 => DType::Q4_1,
+        6 => DType::Q5_0,
+        7 => DType::Q5_1,
         8 => DType::Q8_0,
+        10 => DType::Q2K,
+        11 => DType::Q3K,
+        12 => DType::Q4K,
+        13 => DType::Q5K,
+        14 => DType::Q6K,
+        20 => DType::IQ4NL,
+        23 => DType::IQ4XS,
         30 => DType::BF16,
         _ => return None,
     })
@@ -781,14 +799,36 @@ impl GgufFile {
         let info = self.tensor_info(name).ok_or_else(|| self.err(format!("no tensor `{name}` in this file ({} tensors)", self.tensors.len())))?;
         let dtype = info.dtype().ok_or_else(|| {
             self.err(format!(
-                "tensor `{name}` has GGML type {} ({}), which spectune does not read; supported: f32 (0), f16 (1), q4_0 (2), q4_1 (3), q8_0 (8), bf16 (30)",
+                "tensor `{name}` has GGML type {} ({}), which spectune does not read; supported: {SUPPORTED_TYPES}",
                 info.ggml_type, info.type_name
             ))
         })?;
         let map = self.map.clone().ok_or_else(|| self.err(format!("tensor `{name}`: the file is empty")))?;
         let offset =
             usize::try_from(info.offset).map_err(|_| self.err(format!("tensor `{name}`: offset {} exceeds this platform's address space", info.offset)))?;
-        Tensor::from_mmap(map, offset, dtype, info.dims.clone(), name).map_err(|e| self.err(format!("tensor `{name}`: {e}")))
+        let t = Tensor::from_mmap(map.clone(), offset, dtype, info.dims.clone(), name).map_err(|e| self.err(format!("tensor `{name}` ({dtype}): {e}")))?;
+        if dtype.is_quantized() {
+            // A corrupted block (a NaN or infinite f16 scale) would turn every weight it holds
+            // into NaN/inf on use; refuse it here, where the file and tensor can be named.
+            if let Some((b, at, x)) = dtype.find_bad_block(t.read().mapped_bytes().unwrap_or(&[])) {
+                return Err(self.err(format!(
+                    "tensor `{name}` ({dtype}): block {b} (file byte {}) has a non-finite scale ({x}); the file is corrupted",
+                    info.offset as u128 + (b * dtype.size() + at) as u128
+                )));
+            }
+            // The check paged the whole tensor in; hand those pages back so that only what
+            // training touches stays resident (an embedding table is read a few rows at a
+            // time). The map is read-only and file-backed: a later read faults the same bytes
+            // back in from the page cache.
+            #[cfg(unix)]
+            if let Some(size) = info.size.and_then(|s| usize::try_from(s).ok()) {
+                // SAFETY: MADV_DONTNEED on a read-only shared file mapping only drops page-table
+                // entries; the contents seen through the map (and any slice borrowed from it)
+                // stay the file's bytes. The range lies inside the map (checked by from_mmap).
+                let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, size) };
+            }
+        }
+        Ok(t)
     }
 
     fn meta_str(&self, key: &str) -> Result<Option<&str>> {
