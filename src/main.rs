@@ -208,6 +208,20 @@ enum Cmd {
         #[arg(long)]
         control: bool,
     },
+    /// Print the token ids of a text file's whole content on one line, space-separated, with the
+    /// model's tokenizer (GGUF metadata: SentencePiece or byte-level BPE; or tokenizer.json).
+    /// Special tokens written in the text (`<|im_start|>`) become their ids.
+    Tokenize {
+        /// A .gguf file (a vocabulary-only one will do) or an HF folder with tokenizer.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// The text to tokenize, read whole (no newline is stripped).
+        #[arg(long)]
+        text_file: PathBuf,
+        /// Add BOS/EOS as the model would (`add_bos_token`, `add_eos_token`).
+        #[arg(long)]
+        special: bool,
+    },
     /// List a checkpoint's tensors (name, dtype, shape) and its parsed config and tokenizer.
     Inspect {
         /// A .gguf file, a .safetensors file, or an HF folder.
@@ -353,6 +367,7 @@ fn main() -> ExitCode {
         }
         Cmd::Fuse { model, adapter, out } => run_fuse(&model, &adapter, &out),
         Cmd::Inspect { path, limit } => inspect(&path, limit),
+        Cmd::Tokenize { model, text_file, special } => run_tokenize(&model, &text_file, special),
         Cmd::Generate { model, adapter, prompt, chat, system, max_tokens, greedy, temperature, top_p, seed } => {
             let opts = GenerateOptions { max_new_tokens: max_tokens, greedy, temperature, top_p, seed, stop_ids: Vec::new() };
             run_generate(&model, adapter.as_deref(), &prompt, chat, system.as_deref(), opts)
@@ -593,6 +608,19 @@ fn run_eval(model: &Path, adapter: Option<&Path>, data: &Path, seq_len: usize, b
     let batches = data::eval_batches(t.sequences, batch, seq_len, data::Layout::Packed, tok.eos_id().unwrap_or(0))?;
     let (loss, ppl) = spectune::train::evaluate(&m, &batches)?;
     println!("loss {loss:.4}  perplexity {ppl:.3}");
+    Ok(())
+}
+
+fn run_tokenize(model: &Path, text_file: &Path, special: bool) -> spectune::Result<()> {
+    let tok = Checkpoint::open(model)?.tokenizer()?;
+    let bytes = std::fs::read(text_file).map_err(|e| spectune::Error::Io { path: text_file.to_path_buf(), source: e })?;
+    let text = String::from_utf8(bytes).map_err(|e| spectune::Error::Format {
+        path: text_file.to_path_buf(),
+        msg: format!("not UTF-8 text (first bad byte at offset {})", e.utf8_error().valid_up_to()),
+    })?;
+    let ids = tok.encode(&text, special)?;
+    let line: Vec<String> = ids.iter().map(u32::to_string).collect();
+    println!("{}", line.join(" "));
     Ok(())
 }
 

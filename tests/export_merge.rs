@@ -276,6 +276,7 @@ fn gguf_vocab() -> GgufVocab {
         unk_id: None,
         add_bos: Some(true),
         chat_template: Some(spectune::tokenizer::CHATML_TEMPLATE.to_string()),
+        ..GgufVocab::default()
     }
 }
 
