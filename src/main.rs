@@ -46,19 +46,39 @@ enum ExportFormat {
     /// A plain HF PEFT LoRA (SpecLoRA's row scales folded in as k extra rank).
     #[value(name = "peft-lora")]
     PeftLora,
+    /// A llama.cpp LoRA adapter GGUF (`--out FILE.gguf`; load it with llama.cpp's `--lora`).
+    #[value(name = "gguf-lora")]
+    GgufLora,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MergeFormat {
+    /// An HF folder: config.json, model.safetensors (f32), tokenizer files.
+    Hf,
+    /// One GGUF file (`--out FILE.gguf`) with the GGUF base's metadata and tokenizer.
+    Gguf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GgufOutType {
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Turn an adapter saved by spectune (LoRA, SpecLoRA, SpecLoRA-SVD) into a plain HF PEFT
-    /// LoRA of rank r + k that stock PEFT (and other LoRA tools) load.
+    /// Turn an adapter saved by spectune (LoRA, SpecLoRA, SpecLoRA-SVD, PiSSA, MiLoRA, Spectral)
+    /// into a plain LoRA of its exact rank (r + k for SpecLoRA): an HF PEFT folder that stock
+    /// PEFT loads, or a llama.cpp LoRA GGUF (`--format gguf-lora`).
     Export {
         /// The adapter folder (adapter_config.json + adapter_model.safetensors).
         #[arg(long)]
         adapter: PathBuf,
         #[arg(long, value_enum, default_value_t = ExportFormat::PeftLora)]
         format: ExportFormat,
-        /// Output folder (created if needed).
+        /// Output folder (peft-lora, created if needed) or file (gguf-lora).
         #[arg(long)]
         out: PathBuf,
         /// The base model (HF folder or .gguf) the adapter was trained on; default: the
@@ -76,9 +96,16 @@ enum Cmd {
         /// The adapter folder saved by spectune (or a plain PEFT LoRA).
         #[arg(long)]
         adapter: PathBuf,
-        /// Output folder (created if needed).
+        /// Output folder (hf, created if needed) or file (gguf).
         #[arg(long)]
         out: PathBuf,
+        /// hf: an HF folder with f32 weights; gguf: one GGUF file from a GGUF base, with its
+        /// metadata and tokenizer, that llama.cpp runs.
+        #[arg(long, value_enum, default_value_t = MergeFormat::Hf)]
+        format: MergeFormat,
+        /// With --format gguf: the matrices' type (norms and biases stay f32).
+        #[arg(long, value_enum, default_value_t = GgufOutType::F16)]
+        outtype: GgufOutType,
     },
     /// Time training steps on a named model shape (random weights) or a checkpoint: median step
     /// time, tokens/s, useful FLOP/s, peak RSS, gradient norm (see docs/performance.md).
@@ -341,7 +368,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Export { adapter, format, out, model } => run_export(&adapter, format, &out, model.as_deref()),
-        Cmd::Merge { model, adapter, out } => run_merge(&model, &adapter, &out),
+        Cmd::Merge { model, adapter, out, format, outtype } => run_merge(&model, &adapter, &out, format, outtype),
         Cmd::Compare { methods, steps, rank, k, no_budget_match, batch, seq_len, lr, eval_tokens, fidelity_layers, out, seed, synthetic } => {
             let o = spectune::train::compare::CompareOptions {
                 methods,
@@ -626,8 +653,21 @@ fn run_tokenize(model: &Path, text_file: &Path, special: bool) -> spectune::Resu
 
 fn run_export(adapter: &Path, format: ExportFormat, out: &Path, model: Option<&Path>) -> spectune::Result<()> {
     match format {
+        ExportFormat::GgufLora => {
+            let s = spectune::peft::export::export_adapter_dir(adapter, model, out, spectune::peft::export::ExportFormat::GgufLora)?;
+            println!(
+                "exported {} adapter on {} modules as a llama.cpp LoRA GGUF: rank {} (LoRA rank {} + the method's exact extra directions), adapter.lora.alpha = {:.6} (scale {:.6})",
+                s.method,
+                s.modules,
+                s.rank,
+                s.lora_rank,
+                s.lora_alpha,
+                s.lora_alpha / s.rank as f64
+            );
+            println!("wrote {}", out.display());
+        }
         ExportFormat::PeftLora => {
-            let s = spectune::peft::export::export_adapter_dir(adapter, model, out)?;
+            let s = spectune::peft::export::export_adapter_dir(adapter, model, out, spectune::peft::export::ExportFormat::PeftLora)?;
             if !matches!(s.method, "lora" | "speclora" | "speclora-svd") {
                 println!(
                     "exported {} adapter on {} modules as a plain PEFT LoRA: r = {} (the update's exact low-rank form: 2r for PiSSA/MiLoRA and Spectral^A, r for Spectral^R), lora_alpha = {:.6} (scale {:.6})",
@@ -659,8 +699,37 @@ fn run_export(adapter: &Path, format: ExportFormat, out: &Path, model: Option<&P
     Ok(())
 }
 
-fn run_merge(model: &Path, adapter: &Path, out: &Path) -> spectune::Result<()> {
+fn run_merge(model: &Path, adapter: &Path, out: &Path, format: MergeFormat, outtype: GgufOutType) -> spectune::Result<()> {
     let t0 = Instant::now();
+    if let MergeFormat::Gguf = format {
+        use spectune::io::gguf_write::GgmlType;
+        let ty = match outtype {
+            GgufOutType::F16 => GgmlType::F16,
+            GgufOutType::Bf16 => GgmlType::BF16,
+            GgufOutType::Q8_0 => GgmlType::Q8_0,
+        };
+        let s = spectune::peft::export::merge_checkpoint_gguf(model, adapter, out, ty)?;
+        println!(
+            "merged {} into {} ({:.1} MB, {} matrices, f32 norms; metadata and tokenizer from {}) in {:.1} s",
+            adapter.display(),
+            out.display(),
+            s.weights_bytes as f64 / 1e6,
+            ty.name(),
+            model.display(),
+            t0.elapsed().as_secs_f64()
+        );
+        println!(
+            "largest |logit difference| merged {} file vs un-merged f32 model on a {}-token probe: {:.3e} (the {} rounding of the weights)",
+            ty.name(),
+            s.probe_len,
+            s.max_abs_diff,
+            ty.name()
+        );
+        if !s.max_abs_diff.is_finite() {
+            eprintln!("warning: the merged model's logits are not finite");
+        }
+        return Ok(());
+    }
     let s = spectune::peft::export::merge_checkpoint(model, adapter, out)?;
     println!(
         "merged {} into {}: {} ({:.1} MB, f32) and config.json in {:.1} s",

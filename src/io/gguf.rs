@@ -426,7 +426,7 @@ pub fn unpermute_qk_rows(rows: usize, n_head: usize) -> Option<Vec<u32>> {
 }
 
 /// Architectures whose llama.cpp converter permutes the q/k rows (rope on adjacent pairs).
-fn arch_permutes_qk(arch: &str) -> bool {
+pub fn arch_permutes_qk(arch: &str) -> bool {
     matches!(arch, "llama" | "mistral")
 }
 
