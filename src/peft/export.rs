@@ -1,4 +1,5 @@
-//! Export to plain PEFT LoRA, and merging adapters into an HF checkpoint.
+//! Export to plain PEFT LoRA or a llama.cpp LoRA GGUF, and merging adapters into an HF
+//! checkpoint or a GGUF.
 //!
 //! ## SpecLoRA as a plain LoRA ([`export_peft_lora`])
 //!
@@ -63,6 +64,13 @@
 //! GGUF source, writes the tokenizer rebuilt from the GGUF vocabulary as `tokenizer.json` plus a
 //! `tokenizer_config.json` with the chat template and BOS/EOS tokens. [`merge_report`] reloads
 //! the folder and returns the largest |Δlogit| against the adapted model on a probe batch.
+//!
+//! ## Out to llama.cpp ([`export_gguf_lora`], [`merge_to_gguf`])
+//!
+//! The same plain-LoRA factors, written as llama.cpp's LoRA adapter GGUF (`.lora_a` [R, in],
+//! `.lora_b` [out, R] per base tensor, `adapter.lora.alpha` = s'·R); and a merged model written as
+//! a GGUF carrying its GGUF source's metadata and tokenizer. For llama/mistral GGUFs the q/k rows
+//! (of `lora_b`, of the merged weight) are put in llama.cpp's RoPE row order.
 
 use std::collections::BTreeMap;
 use std::io::Write;
