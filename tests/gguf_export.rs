@@ -330,10 +330,12 @@ fn llamacpp_style_ppl(m: &Llama, ids: &[u32], n_ctx: usize, n_chunks: usize, bos
     (nll / count as f64).exp()
 }
 
-/// Runs llama-perplexity and returns its final estimate.
+/// Runs llama-perplexity and returns its final estimate. `-nr` (no weight repacking into
+/// llama.cpp's extra CPU buffer types): with `GGML_NATIVE` on a CPU that reports AMX, the AMX
+/// matmul path crashed in the VM this was verified on; without it, plain ggml CPU kernels run.
 fn llamacpp_ppl(bin: &Path, model: &Path, lora: Option<&Path>, text: &Path, n_ctx: usize, n_chunks: usize) -> f64 {
     let mut c = std::process::Command::new(bin.join("llama-perplexity"));
-    c.arg("-m").arg(model).arg("-f").arg(text).args(["-c", &n_ctx.to_string(), "-b", &n_ctx.to_string(), "--chunks", &n_chunks.to_string(), "-t", "2"]);
+    c.arg("-m").arg(model).arg("-f").arg(text).args(["-c", &n_ctx.to_string(), "-b", &n_ctx.to_string(), "--chunks", &n_chunks.to_string(), "-t", "2", "-nr"]);
     if let Some(l) = lora {
         c.arg("--lora").arg(l);
     }

@@ -9,6 +9,9 @@
 # Needs: python3 with pip (download only), curl, a C++17 compiler, cmake >= 3.14
 # (Debian: apt-get install cmake).
 # Afterwards: export SPECTUNE_LLAMACPP=DIR/llama_cpp_python-0.3.36/vendor/llama.cpp
+# Note: with GGML_NATIVE on a CPU that reports AMX (seen in a VM), llama.cpp's AMX matmul path
+# segfaulted; the tools then run with `-nr` (--no-repack: no extra CPU buffer types), which the
+# checks here pass.
 set -euo pipefail
 VERSION=0.3.36
 DIR=${1:-${SPECTUNE_LLAMACPP_DIR:-$HOME/.cache/spectune/llamacpp}}
