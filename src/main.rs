@@ -46,19 +46,39 @@ enum ExportFormat {
     /// A plain HF PEFT LoRA (SpecLoRA's row scales folded in as k extra rank).
     #[value(name = "peft-lora")]
     PeftLora,
+    /// A llama.cpp LoRA adapter GGUF (`--out FILE.gguf`; load it with llama.cpp's `--lora`).
+    #[value(name = "gguf-lora")]
+    GgufLora,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MergeFormat {
+    /// An HF folder: config.json, model.safetensors (f32), tokenizer files.
+    Hf,
+    /// One GGUF file (`--out FILE.gguf`) with the GGUF base's metadata and tokenizer.
+    Gguf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GgufOutType {
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Turn an adapter saved by spectune (LoRA, SpecLoRA, SpecLoRA-SVD) into a plain HF PEFT
-    /// LoRA of rank r + k that stock PEFT (and other LoRA tools) load.
+    /// Turn an adapter saved by spectune (LoRA, SpecLoRA, SpecLoRA-SVD, PiSSA, MiLoRA, Spectral)
+    /// into a plain LoRA of its exact rank (r + k for SpecLoRA): an HF PEFT folder that stock
+    /// PEFT loads, or a llama.cpp LoRA GGUF (`--format gguf-lora`).
     Export {
         /// The adapter folder (adapter_config.json + adapter_model.safetensors).
         #[arg(long)]
         adapter: PathBuf,
         #[arg(long, value_enum, default_value_t = ExportFormat::PeftLora)]
         format: ExportFormat,
-        /// Output folder (created if needed).
+        /// Output folder (peft-lora, created if needed) or file (gguf-lora).
         #[arg(long)]
         out: PathBuf,
         /// The base model (HF folder or .gguf) the adapter was trained on; default: the
@@ -67,8 +87,9 @@ enum Cmd {
         model: Option<PathBuf>,
     },
     /// Merge an adapter into its base model and write an HF folder (config.json,
-    /// model.safetensors in f32, tokenizer files); reports the largest difference between the
-    /// merged and the un-merged logits on a probe sequence.
+    /// model.safetensors in f32, tokenizer files) or, with `--format gguf`, one GGUF that
+    /// llama.cpp runs; reports the largest difference between the merged and the un-merged
+    /// logits on a probe sequence.
     Merge {
         /// A .gguf file or an HF folder.
         #[arg(long)]
@@ -76,9 +97,16 @@ enum Cmd {
         /// The adapter folder saved by spectune (or a plain PEFT LoRA).
         #[arg(long)]
         adapter: PathBuf,
-        /// Output folder (created if needed).
+        /// Output folder (hf, created if needed) or file (gguf).
         #[arg(long)]
         out: PathBuf,
+        /// hf: an HF folder with f32 weights; gguf: one GGUF file from a GGUF base, with its
+        /// metadata and tokenizer, that llama.cpp runs.
+        #[arg(long, value_enum, default_value_t = MergeFormat::Hf)]
+        format: MergeFormat,
+        /// With --format gguf: the matrices' type (norms and biases stay f32).
+        #[arg(long, value_enum, default_value_t = GgufOutType::F16)]
+        outtype: GgufOutType,
     },
     /// Time training steps on a named model shape (random weights) or a checkpoint: median step
     /// time, tokens/s, useful FLOP/s, peak RSS, gradient norm (see docs/performance.md).
@@ -208,6 +236,20 @@ enum Cmd {
         #[arg(long)]
         control: bool,
     },
+    /// Print the token ids of a text file's whole content on one line, space-separated, with the
+    /// model's tokenizer (GGUF metadata: SentencePiece or byte-level BPE; or tokenizer.json).
+    /// Special tokens written in the text (`<|im_start|>`) become their ids.
+    Tokenize {
+        /// A .gguf file (a vocabulary-only one will do) or an HF folder with tokenizer.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// The text to tokenize, read whole (no newline is stripped).
+        #[arg(long)]
+        text_file: PathBuf,
+        /// Add BOS/EOS as the model would (`add_bos_token`, `add_eos_token`).
+        #[arg(long)]
+        special: bool,
+    },
     /// List a checkpoint's tensors (name, dtype, shape) and its parsed config and tokenizer.
     Inspect {
         /// A .gguf file, a .safetensors file, or an HF folder.
@@ -330,7 +372,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Export { adapter, format, out, model } => run_export(&adapter, format, &out, model.as_deref()),
-        Cmd::Merge { model, adapter, out } => run_merge(&model, &adapter, &out),
+        Cmd::Merge { model, adapter, out, format, outtype } => run_merge(&model, &adapter, &out, format, outtype),
         Cmd::Compare { methods, steps, rank, k, no_budget_match, batch, seq_len, lr, eval_tokens, fidelity_layers, out, seed, synthetic } => {
             let o = spectune::train::compare::CompareOptions {
                 methods,
@@ -356,6 +398,7 @@ fn main() -> ExitCode {
         }
         Cmd::Fuse { model, adapter, out } => run_fuse(&model, &adapter, &out),
         Cmd::Inspect { path, limit } => inspect(&path, limit),
+        Cmd::Tokenize { model, text_file, special } => run_tokenize(&model, &text_file, special),
         Cmd::Generate { model, adapter, prompt, chat, system, max_tokens, greedy, temperature, top_p, seed } => {
             let opts = GenerateOptions { max_new_tokens: max_tokens, greedy, temperature, top_p, seed, stop_ids: Vec::new() };
             run_generate(&model, adapter.as_deref(), &prompt, chat, system.as_deref(), opts)
@@ -605,10 +648,36 @@ fn run_eval(model: &Path, adapter: Option<&Path>, data: &Path, seq_len: usize, b
     Ok(())
 }
 
+fn run_tokenize(model: &Path, text_file: &Path, special: bool) -> spectune::Result<()> {
+    let tok = Checkpoint::open(model)?.tokenizer()?;
+    let bytes = std::fs::read(text_file).map_err(|e| spectune::Error::Io { path: text_file.to_path_buf(), source: e })?;
+    let text = String::from_utf8(bytes).map_err(|e| spectune::Error::Format {
+        path: text_file.to_path_buf(),
+        msg: format!("not UTF-8 text (first bad byte at offset {})", e.utf8_error().valid_up_to()),
+    })?;
+    let ids = tok.encode(&text, special)?;
+    let line: Vec<String> = ids.iter().map(u32::to_string).collect();
+    println!("{}", line.join(" "));
+    Ok(())
+}
+
 fn run_export(adapter: &Path, format: ExportFormat, out: &Path, model: Option<&Path>) -> spectune::Result<()> {
     match format {
+        ExportFormat::GgufLora => {
+            let s = spectune::peft::export::export_adapter_dir(adapter, model, out, spectune::peft::export::ExportFormat::GgufLora)?;
+            println!(
+                "exported {} adapter on {} modules as a llama.cpp LoRA GGUF: rank {} (LoRA rank {} + the method's exact extra directions), adapter.lora.alpha = {:.6} (scale {:.6})",
+                s.method,
+                s.modules,
+                s.rank,
+                s.lora_rank,
+                s.lora_alpha,
+                s.lora_alpha / s.rank as f64
+            );
+            println!("wrote {}", out.display());
+        }
         ExportFormat::PeftLora => {
-            let s = spectune::peft::export::export_adapter_dir(adapter, model, out)?;
+            let s = spectune::peft::export::export_adapter_dir(adapter, model, out, spectune::peft::export::ExportFormat::PeftLora)?;
             if !matches!(s.method, "lora" | "speclora" | "speclora-svd") {
                 println!(
                     "exported {} adapter on {} modules as a plain PEFT LoRA: r = {} (the update's exact low-rank form: 2r for PiSSA/MiLoRA and Spectral^A, r for Spectral^R), lora_alpha = {:.6} (scale {:.6})",
@@ -640,8 +709,37 @@ fn run_export(adapter: &Path, format: ExportFormat, out: &Path, model: Option<&P
     Ok(())
 }
 
-fn run_merge(model: &Path, adapter: &Path, out: &Path) -> spectune::Result<()> {
+fn run_merge(model: &Path, adapter: &Path, out: &Path, format: MergeFormat, outtype: GgufOutType) -> spectune::Result<()> {
     let t0 = Instant::now();
+    if let MergeFormat::Gguf = format {
+        use spectune::io::gguf_write::GgmlType;
+        let ty = match outtype {
+            GgufOutType::F16 => GgmlType::F16,
+            GgufOutType::Bf16 => GgmlType::BF16,
+            GgufOutType::Q8_0 => GgmlType::Q8_0,
+        };
+        let s = spectune::peft::export::merge_checkpoint_gguf(model, adapter, out, ty)?;
+        println!(
+            "merged {} into {} ({:.1} MB, {} matrices, f32 norms; metadata and tokenizer from {}) in {:.1} s",
+            adapter.display(),
+            out.display(),
+            s.weights_bytes as f64 / 1e6,
+            ty.name(),
+            model.display(),
+            t0.elapsed().as_secs_f64()
+        );
+        println!(
+            "largest |logit difference| merged {} file vs un-merged f32 model on a {}-token probe: {:.3e} (the {} rounding of the weights)",
+            ty.name(),
+            s.probe_len,
+            s.max_abs_diff,
+            ty.name()
+        );
+        if !s.max_abs_diff.is_finite() {
+            eprintln!("warning: the merged model's logits are not finite");
+        }
+        return Ok(());
+    }
     let s = spectune::peft::export::merge_checkpoint(model, adapter, out)?;
     println!(
         "merged {} into {}: {} ({:.1} MB, f32) and config.json in {:.1} s",

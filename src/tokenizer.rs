@@ -1,12 +1,13 @@
-//! Tokenizers: HF `tokenizer.json` through the `tokenizers` crate, or a gpt2-style byte-level BPE
-//! rebuilt from GGUF metadata; chat templates rendered with minijinja.
+//! Tokenizers: HF `tokenizer.json` through the `tokenizers` crate, or one rebuilt from GGUF
+//! metadata (byte-level BPE or SentencePiece); chat templates rendered with minijinja.
 //!
 //! - [`Tokenizer::from_file`] reads a HF `tokenizer.json` and, when present beside it,
 //!   `tokenizer_config.json` (chat template, BOS/EOS names, `add_bos_token`),
 //!   `special_tokens_map.json` and `chat_template.jinja`.
 //! - [`Tokenizer::from_gguf`] rebuilds the tokenizer a GGUF file describes from its
-//!   [`GgufVocab`] (`tokenizer.ggml.*` metadata). Byte-level BPE (`tokenizer.ggml.model = "gpt2"`)
-//!   is supported; SentencePiece (`"llama"`) is not yet and returns an error.
+//!   [`GgufVocab`] (`tokenizer.ggml.*` metadata): byte-level BPE (`tokenizer.ggml.model = "gpt2"`)
+//!   with the pre-tokenizer `tokenizer.ggml.pre` names, or SentencePiece (`"llama"`), encoded
+//!   exactly as llama.cpp does (piece scores, byte fallback, `add_space_prefix`).
 //! - [`Tokenizer::apply_chat_template`] renders the model's Jinja chat template the way
 //!   transformers does (trim_blocks, lstrip_blocks, `raise_exception`, the Python string and dict
 //!   methods templates call). A model without a template gets ChatML.
@@ -86,10 +87,19 @@ pub struct GgufVocab {
     pub unk_id: Option<u32>,
     /// `tokenizer.ggml.add_bos_token`.
     pub add_bos: Option<bool>,
+    /// `tokenizer.ggml.add_eos_token`.
+    pub add_eos: Option<bool>,
+    /// `tokenizer.ggml.scores`, indexed by id: SentencePiece piece scores (higher merges first).
+    /// Empty for BPE vocabularies.
+    pub scores: Vec<f32>,
+    /// `tokenizer.ggml.add_space_prefix` (SentencePiece: prepend a space to the text; default true).
+    pub add_space_prefix: Option<bool>,
     /// `tokenizer.chat_template` (Jinja).
     pub chat_template: Option<String>,
 }
 
+/// GGUF `token_type` of the unknown token (`<unk>`).
+pub const TOKEN_TYPE_UNKNOWN: i32 = 2;
 /// GGUF `token_type` of a control token (`<|im_start|>`, `<|endoftext|>`): an added special token.
 pub const TOKEN_TYPE_CONTROL: i32 = 3;
 /// GGUF `token_type` of a user-defined token (`<think>`): an added, non-special token.
@@ -170,6 +180,11 @@ pub struct Tokenizer {
     chat_template: Option<String>,
     /// The compiled chat template (the model's, or ChatML).
     env: Arc<Environment<'static>>,
+    /// SentencePiece vocabularies: the llama.cpp-exact encoder that `encode` uses (`inner` then
+    /// serves decoding, id lookups and the exported `tokenizer.json`).
+    spm: Option<Arc<Spm>>,
+    /// The EOS id `encode(…, true)` appends (`tokenizer.ggml.add_eos_token`).
+    append_eos: Option<u32>,
 }
 
 const CHAT: &str = "chat";
@@ -262,17 +277,19 @@ impl Tokenizer {
     ///   the names it does not know either. A model whose pre-tokenizer differs may then encode
     ///   some strings differently from its original tokenizer.
     ///
-    /// `model = "llama"` (SentencePiece) and any other model return an error.
+    /// The Llama-3 names also emit a pre-token that is itself a vocabulary entry without merging
+    /// (`ignore_merges`, as llama.cpp and the HF file do), and default `add_bos` to true.
+    ///
+    /// `model = "llama"` (SentencePiece): llama.cpp's algorithm (see `Spm` in the source): special
+    /// tokens split off, a space prefix (`add_space_prefix`, default true) and `▁` for spaces,
+    /// then the adjacent pair whose concatenation is the highest-scoring piece merges until none
+    /// does; characters outside the vocabulary fall back to `<0xXX>` byte tokens. `add_bos`
+    /// defaults to true. Decoding uses an HF-style twin (BPE with merges derived from the scores,
+    /// byte fallback), which is also what [`Tokenizer::inner`] returns.
+    ///
+    /// `add_eos` makes `encode(…, true)` append EOS. Any other model is an error.
     pub fn from_gguf(vocab: &GgufVocab) -> Result<Tokenizer> {
         const OP: &str = "tokenizer.from_gguf";
-        match vocab.model.as_str() {
-            "gpt2" => {}
-            "llama" => crate::bail!(
-                OP,
-                "SentencePiece tokenizers (tokenizer.ggml.model = \"llama\") are not supported yet; load the model's HF tokenizer.json with Tokenizer::from_file instead"
-            ),
-            other => crate::bail!(OP, "tokenizer.ggml.model = {other:?} is not supported (only \"gpt2\", byte-level BPE)"),
-        }
         let n = vocab.tokens.len();
         crate::ensure!(n > 0, OP, "the vocabulary has no tokens (tokenizer.ggml.tokens is empty)");
         crate::ensure!(
@@ -287,6 +304,11 @@ impl Tokenizer {
                     return Err(Error::OutOfRange { op: OP, what, index: id as i64, size: n });
                 }
             }
+        }
+        match vocab.model.as_str() {
+            "gpt2" => {}
+            "llama" => return Self::from_gguf_spm(vocab),
+            other => crate::bail!(OP, "tokenizer.ggml.model = {other:?} is not supported (only \"gpt2\", byte-level BPE, and \"llama\", SentencePiece)"),
         }
         let ttype = |i: usize| vocab.token_types.get(i).copied().unwrap_or(1);
         let is_added = |i: usize| matches!(ttype(i), TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED);
@@ -308,10 +330,17 @@ impl Tokenizer {
                 _ => crate::bail!(OP, "merge {r} ({m:?}) is not two tokens separated by one space"),
             }
         }
-        let bpe = BPE::builder().vocab_and_merges(map, merges).build().map_err(|e| Error::invalid(OP, format!("cannot build the BPE model: {e}")))?;
+        let pre = vocab.pre.as_deref().unwrap_or("default");
+        // llama.cpp (and the HF Llama-3 tokenizer.json) emit a pre-token that is a whole
+        // vocabulary entry as that entry, without running the merges.
+        let ignore_merges = LLAMA3_NAMES.contains(&pre);
+        let bpe = BPE::builder()
+            .vocab_and_merges(map, merges)
+            .ignore_merges(ignore_merges)
+            .build()
+            .map_err(|e| Error::invalid(OP, format!("cannot build the BPE model: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
 
-        let pre = vocab.pre.as_deref().unwrap_or("default");
         let (pre_tok, nfc) = pre_tokenizer_for(pre).map_err(|e| Error::invalid(OP, e))?;
         inner.with_pre_tokenizer(Some(pre_tok));
         if nfc {
@@ -332,7 +361,8 @@ impl Tokenizer {
 
         let named = |id: Option<u32>| id.map(|id| (vocab.tokens[id as usize].clone(), id));
         let (bos, eos) = (named(vocab.bos_id), named(vocab.eos_id));
-        if vocab.add_bos.unwrap_or(false) {
+        // llama.cpp's default when the key is missing: true for the Llama-3 family, else false.
+        if vocab.add_bos.unwrap_or(ignore_merges) {
             let (name, id) = bos.clone().ok_or_else(|| Error::invalid(OP, "add_bos_token is true but the file names no BOS token"))?;
             inner.with_post_processor(Some(bos_processor(&name, id).map_err(|e| Error::invalid(OP, e))?));
         } else {
@@ -344,7 +374,106 @@ impl Tokenizer {
                 special_tokens.insert(name.to_string(), vocab.tokens[id as usize].clone());
             }
         }
-        Self::assemble(inner, "GGUF vocabulary".into(), n, bos, eos, special_tokens, vocab.chat_template.clone())
+        let mut tok = Self::assemble(inner, "GGUF vocabulary".into(), n, bos, eos, special_tokens, vocab.chat_template.clone())?;
+        tok.append_eos = Self::eos_to_append(vocab)?;
+        Ok(tok)
+    }
+
+    fn eos_to_append(vocab: &GgufVocab) -> Result<Option<u32>> {
+        if !vocab.add_eos.unwrap_or(false) {
+            return Ok(None);
+        }
+        vocab.eos_id.map(Some).ok_or_else(|| Error::invalid("tokenizer.from_gguf", "add_eos_token is true but the file names no EOS token"))
+    }
+
+    /// A SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`): pieces with `scores`, byte
+    /// fallback through the `<0xXX>` tokens, spaces written as `▁`.
+    fn from_gguf_spm(vocab: &GgufVocab) -> Result<Tokenizer> {
+        const OP: &str = "tokenizer.from_gguf";
+        let n = vocab.tokens.len();
+        crate::ensure!(
+            vocab.scores.len() == n,
+            OP,
+            "tokenizer.ggml.scores has {} entries but tokenizer.ggml.tokens has {n} (a SentencePiece vocabulary needs one score per token)",
+            vocab.scores.len()
+        );
+        if let Some(i) = vocab.scores.iter().position(|s| !s.is_finite()) {
+            crate::bail!(OP, "tokenizer.ggml.scores[{i}] = {} is not finite", vocab.scores[i]);
+        }
+        let ttype = |i: usize| vocab.token_types.get(i).copied().unwrap_or(1);
+        let add_bos = vocab.add_bos.unwrap_or(true);
+        crate::ensure!(!add_bos || vocab.bos_id.is_some(), OP, "add_bos_token is true (the SentencePiece default) but the file names no BOS token");
+        let spm = Spm::new(vocab, add_bos);
+
+        // The `tokenizers` twin (decoding, id lookups, an exported tokenizer.json): HF's
+        // SentencePiece-BPE layout, merges derived from the scores (a pair merges when their
+        // concatenation is a piece; a higher piece score merges first).
+        let mut map = tokenizers::models::bpe::Vocab::default();
+        for (i, t) in vocab.tokens.iter().enumerate() {
+            map.insert(t.clone(), i as u32);
+        }
+        let mut merges: Vec<(f32, u32, String, String)> = Vec::new();
+        for (i, t) in vocab.tokens.iter().enumerate() {
+            if ttype(i) != 1 {
+                continue;
+            }
+            for (k, _) in t.char_indices().skip(1) {
+                let (a, b) = t.split_at(k);
+                if map.contains_key(a) && map.contains_key(b) {
+                    merges.push((vocab.scores[i], i as u32, a.to_string(), b.to_string()));
+                }
+            }
+        }
+        merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        let merges: Vec<(String, String)> = merges.into_iter().map(|(_, _, a, b)| (a, b)).collect();
+        let mut builder = BPE::builder().vocab_and_merges(map, merges).byte_fallback(true).fuse_unk(true);
+        if let Some(u) = vocab.unk_id {
+            builder = builder.unk_token(vocab.tokens[u as usize].clone());
+        }
+        let bpe = builder.build().map_err(|e| Error::invalid(OP, format!("cannot build the SentencePiece twin: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let replace_space = tokenizers::normalizers::Replace::new(" ", "\u{2581}").map_err(|e| Error::invalid(OP, e.to_string()))?;
+        let mut norms: Vec<tokenizers::NormalizerWrapper> = Vec::new();
+        if spm.add_space_prefix {
+            norms.push(tokenizers::normalizers::Prepend::new("\u{2581}".into()).into());
+        }
+        norms.push(replace_space.into());
+        inner.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)));
+        let unreplace = tokenizers::normalizers::Replace::new("\u{2581}", " ").map_err(|e| Error::invalid(OP, e.to_string()))?;
+        let mut decoders: Vec<tokenizers::DecoderWrapper> =
+            vec![unreplace.into(), tokenizers::decoders::byte_fallback::ByteFallback::new().into(), tokenizers::decoders::fuse::Fuse::new().into()];
+        if spm.add_space_prefix {
+            decoders.push(tokenizers::decoders::strip::Strip::new(' ', 1, 0).into());
+        }
+        inner.with_decoder(Some(tokenizers::decoders::sequence::Sequence::new(decoders)));
+        let special: Vec<AddedToken> = (0..n)
+            .filter(|&i| matches!(ttype(i), TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL) && !vocab.tokens[i].is_empty())
+            .map(|i| AddedToken::from(vocab.tokens[i].clone(), true).normalized(false))
+            .collect();
+        let user: Vec<AddedToken> = (0..n)
+            .filter(|&i| ttype(i) == TOKEN_TYPE_USER_DEFINED && !vocab.tokens[i].is_empty())
+            .map(|i| AddedToken::from(vocab.tokens[i].clone(), false).normalized(false))
+            .collect();
+        inner.add_special_tokens(&special);
+        inner.add_tokens(&user);
+
+        let named = |id: Option<u32>| id.map(|id| (vocab.tokens[id as usize].clone(), id));
+        let (bos, eos) = (named(vocab.bos_id), named(vocab.eos_id));
+        if add_bos {
+            if let Some((name, id)) = &bos {
+                inner.with_post_processor(Some(bos_processor(name, *id).map_err(|e| Error::invalid(OP, e))?));
+            }
+        }
+        let mut special_tokens = BTreeMap::new();
+        for (name, id) in [("bos_token", vocab.bos_id), ("eos_token", vocab.eos_id), ("unk_token", vocab.unk_id), ("pad_token", vocab.pad_id)] {
+            if let Some(id) = id {
+                special_tokens.insert(name.to_string(), vocab.tokens[id as usize].clone());
+            }
+        }
+        let mut tok = Self::assemble(inner, "GGUF vocabulary".into(), n, bos, eos, special_tokens, vocab.chat_template.clone())?;
+        tok.spm = Some(Arc::new(spm));
+        tok.append_eos = Self::eos_to_append(vocab)?;
+        Ok(tok)
     }
 
     fn assemble(
@@ -366,14 +495,26 @@ impl Tokenizer {
         }
         let env = chat_environment(chat_template.as_deref().unwrap_or(CHATML_TEMPLATE))
             .map_err(|e| Error::invalid("tokenizer.chat_template", format!("{source}: the chat template does not compile: {e:#}")))?;
-        Ok(Tokenizer { inner, source, bos, eos, special_tokens, stop_ids, vocab_size, chat_template, env: Arc::new(env) })
+        Ok(Tokenizer { inner, source, bos, eos, special_tokens, stop_ids, vocab_size, chat_template, env: Arc::new(env), spm: None, append_eos: None })
     }
 
     /// Token ids of `text`. `add_special_tokens` applies the post-processor (e.g. a BOS); special
     /// tokens written in the text (`<|im_start|>`) are always recognised.
+    ///
+    /// SentencePiece vocabularies from GGUF encode as llama.cpp does (see [`Tokenizer::from_gguf`]).
+    /// `add_special_tokens` also appends EOS where the GGUF says `add_eos_token = true`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::invalid("tokenizer.encode", format!("{}: {e}", self.source)))?;
-        Ok(enc.get_ids().to_vec())
+        let mut ids = match &self.spm {
+            Some(spm) => spm.encode(text, add_special_tokens)?,
+            None => {
+                let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::invalid("tokenizer.encode", format!("{}: {e}", self.source)))?;
+                enc.get_ids().to_vec()
+            }
+        };
+        if add_special_tokens {
+            ids.extend(self.append_eos);
+        }
+        Ok(ids)
     }
 
     /// The text of `ids`; `skip_special_tokens` drops special tokens (`<|im_end|>`, …).
@@ -517,6 +658,9 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// Qwen2's.
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The `pre` names llama.cpp treats as Llama 3's pre-tokenizer (with `ignore_merges`).
+const LLAMA3_NAMES: [&str; 7] = ["llama-bpe", "llama3", "llama-v3", "falcon3", "smaug-bpe", "dbrx", "pixtral"];
+
 /// The pre-tokenizer for GGUF `pre` name, and whether an NFC normalizer goes before it.
 fn pre_tokenizer_for(pre: &str) -> std::result::Result<(PreTokenizerWrapper, bool), String> {
     let split_then_bytes = |re: &str| -> std::result::Result<PreTokenizerWrapper, String> {
@@ -529,7 +673,7 @@ fn pre_tokenizer_for(pre: &str) -> std::result::Result<(PreTokenizerWrapper, boo
         "smollm" | "starcoder" | "refact" | "codeshell" | "command-r" | "exaone" | "minerva" => {
             (Sequence::new(vec![Digits::new(true).into(), gpt2()]).into(), false)
         }
-        "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "smaug-bpe" | "dbrx" | "pixtral" => (split_then_bytes(LLAMA3_SPLIT)?, false),
+        p if LLAMA3_NAMES.contains(&p) => (split_then_bytes(LLAMA3_SPLIT)?, false),
         "qwen2" | "deepseek-r1-qwen" | "megrez" => (split_then_bytes(QWEN2_SPLIT)?, true),
         // "gpt2", "default" and unknown names: GPT-2's regex inside ByteLevel.
         _ => (gpt2(), false),
@@ -848,4 +992,233 @@ fn py_method(_state: &minijinja::State, value: &Value, method: &str, args: &[Val
         };
     }
     Err(minijinja::Error::from(ErrorKind::UnknownMethod))
+}
+
+// ---------------------------------------------------------------------------------------------
+// SentencePiece (llama.cpp's "SPM" tokenizer)
+// ---------------------------------------------------------------------------------------------
+
+/// SentencePiece encoding as llama.cpp does it for `tokenizer.ggml.model = "llama"`.
+///
+/// 1. The text is split at special tokens (unknown, control and user-defined tokens written
+///    literally; the longest is searched first); each becomes its id.
+/// 2. Each remaining fragment gets a leading space when it starts the text or follows a special
+///    token (`add_space_prefix`), and every space becomes `▁`.
+/// 3. The fragment starts as one symbol per UTF-8 character. Repeatedly, of all adjacent pairs
+///    whose concatenation is a vocabulary piece, the one whose piece has the highest score merges
+///    (the leftmost on a tie).
+/// 4. A final symbol that is a piece emits its id; one that is not (a character outside the
+///    vocabulary) emits the `<0xXX>` token of each of its bytes (byte fallback), or the unknown
+///    token where the vocabulary has no such byte token.
+#[derive(Debug)]
+struct Spm {
+    /// Piece text → (id, score). A text that occurs twice maps to its last id.
+    pieces: std::collections::HashMap<String, (u32, f32)>,
+    /// The id of `<0xXX>` for each byte.
+    byte_ids: Vec<Option<u32>>,
+    unk_id: Option<u32>,
+    /// The BOS id `encode(…, true)` prepends (`add_bos_token`).
+    bos_id: Option<u32>,
+    add_space_prefix: bool,
+    /// Special token texts, longest first.
+    specials: Vec<(String, u32)>,
+}
+
+/// A merge candidate: adjacent symbols `left`, `right` whose concatenation (`size` bytes) is a
+/// piece of `score`.
+#[derive(Debug)]
+struct SpmBigram {
+    score: f32,
+    left: usize,
+    right: usize,
+    size: usize,
+}
+
+impl PartialEq for SpmBigram {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for SpmBigram {}
+impl PartialOrd for SpmBigram {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for SpmBigram {
+    /// The max-heap pops the highest score, then the leftmost pair.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.score.total_cmp(&o.score).then(o.left.cmp(&self.left))
+    }
+}
+
+/// A symbol of the fragment being merged: bytes `start..start + len` of the text (len 0 once
+/// merged into its left neighbour), linked to its live neighbours.
+#[derive(Clone, Copy, Debug)]
+struct SpmSymbol {
+    start: usize,
+    len: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+}
+
+type SpmRev<'a> = std::collections::HashMap<&'a str, (usize, usize)>;
+
+impl Spm {
+    fn new(vocab: &GgufVocab, add_bos: bool) -> Spm {
+        let ttype = |i: usize| vocab.token_types.get(i).copied().unwrap_or(1);
+        let mut pieces = std::collections::HashMap::with_capacity(vocab.tokens.len());
+        for (i, t) in vocab.tokens.iter().enumerate() {
+            pieces.insert(t.clone(), (i as u32, vocab.scores[i]));
+        }
+        let byte_ids = (0..=255u8).map(|b| pieces.get(&format!("<0x{b:02X}>")).map(|p| p.0)).collect();
+        let mut specials: Vec<(String, u32)> = (0..vocab.tokens.len())
+            .filter(|&i| matches!(ttype(i), TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED) && !vocab.tokens[i].is_empty())
+            .map(|i| (vocab.tokens[i].clone(), i as u32))
+            .collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        Spm {
+            pieces,
+            byte_ids,
+            unk_id: vocab.unk_id,
+            bos_id: if add_bos { vocab.bos_id } else { None },
+            add_space_prefix: vocab.add_space_prefix.unwrap_or(true),
+            specials,
+        }
+    }
+
+    fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        enum Frag<'a> {
+            Text(&'a str),
+            Token(u32),
+        }
+        let mut frags: Vec<Frag> = if text.is_empty() { Vec::new() } else { vec![Frag::Text(text)] };
+        for (sp, id) in &self.specials {
+            if !frags.iter().any(|f| matches!(f, Frag::Text(t) if t.contains(sp.as_str()))) {
+                continue;
+            }
+            let mut next = Vec::with_capacity(frags.len() + 2);
+            for f in frags {
+                match f {
+                    Frag::Text(t) => {
+                        let mut rest = t;
+                        while let Some(k) = rest.find(sp.as_str()) {
+                            if k > 0 {
+                                next.push(Frag::Text(&rest[..k]));
+                            }
+                            next.push(Frag::Token(*id));
+                            rest = &rest[k + sp.len()..];
+                        }
+                        if !rest.is_empty() {
+                            next.push(Frag::Text(rest));
+                        }
+                    }
+                    tok => next.push(tok),
+                }
+            }
+            frags = next;
+        }
+        let mut out = Vec::new();
+        if add_bos {
+            out.extend(self.bos_id);
+        }
+        let mut prev_special = true;
+        for f in frags {
+            match f {
+                Frag::Token(id) => {
+                    out.push(id);
+                    prev_special = true;
+                }
+                Frag::Text(t) => {
+                    let mut s = String::with_capacity(t.len() + 3);
+                    if self.add_space_prefix && prev_special {
+                        s.push(' ');
+                    }
+                    s.push_str(t);
+                    let s = s.replace(' ', "\u{2581}");
+                    self.encode_fragment(&s, &mut out)?;
+                    prev_special = false;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queues the pair (l, r) when their concatenation is a piece.
+    fn try_add<'t>(
+        &self,
+        text: &'t str,
+        l: Option<usize>,
+        r: Option<usize>,
+        syms: &[SpmSymbol],
+        heap: &mut std::collections::BinaryHeap<SpmBigram>,
+        rev: &mut SpmRev<'t>,
+    ) {
+        let (Some(l), Some(r)) = (l, r) else { return };
+        let piece = &text[syms[l].start..syms[l].start + syms[l].len + syms[r].len];
+        if let Some(&(_, score)) = self.pieces.get(piece) {
+            heap.push(SpmBigram { score, left: l, right: r, size: piece.len() });
+            rev.insert(piece, (l, r));
+        }
+    }
+
+    /// Steps 3 and 4 of the type docs on one whitespace-escaped fragment.
+    fn encode_fragment(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        let mut syms: Vec<SpmSymbol> = Vec::with_capacity(text.len());
+        for (i, (start, c)) in text.char_indices().enumerate() {
+            let len = c.len_utf8();
+            syms.push(SpmSymbol { start, len, prev: i.checked_sub(1), next: (start + len < text.len()).then_some(i + 1) });
+        }
+        if syms.is_empty() {
+            return Ok(());
+        }
+        let mut heap = std::collections::BinaryHeap::new();
+        // The pair each merged piece text came from, for re-splitting a non-piece (llama.cpp's
+        // `rev_merge`).
+        let mut rev: SpmRev = std::collections::HashMap::new();
+        for i in 1..syms.len() {
+            self.try_add(text, Some(i - 1), Some(i), &syms, &mut heap, &mut rev);
+        }
+        while let Some(b) = heap.pop() {
+            let (l, r) = (syms[b.left], syms[b.right]);
+            // Stale: one side was merged away since this pair was queued.
+            if l.len == 0 || r.len == 0 || l.len + r.len != b.size {
+                continue;
+            }
+            syms[b.left].len += r.len;
+            syms[b.right].len = 0;
+            syms[b.left].next = r.next;
+            if let Some(nx) = r.next {
+                syms[nx].prev = Some(b.left);
+            }
+            self.try_add(text, syms[b.left].prev, Some(b.left), &syms, &mut heap, &mut rev);
+            self.try_add(text, Some(b.left), syms[b.left].next, &syms, &mut heap, &mut rev);
+        }
+        let mut cur = Some(0);
+        while let Some(i) = cur {
+            // Resegment: a piece emits its id, a merged non-piece re-splits, the rest falls back
+            // to bytes (an explicit stack instead of recursion).
+            let mut stack = vec![i];
+            while let Some(j) = stack.pop() {
+                let piece = &text[syms[j].start..syms[j].start + syms[j].len];
+                if let Some(&(id, _)) = self.pieces.get(piece) {
+                    out.push(id);
+                } else if let Some(&(a, b)) = rev.get(piece).filter(|&&(a, b)| a != j && b != j && syms[a].len > 0 && syms[b].len > 0) {
+                    stack.push(b);
+                    stack.push(a);
+                } else {
+                    for byte in piece.bytes() {
+                        match self.byte_ids[byte as usize].or(self.unk_id) {
+                            Some(id) => out.push(id),
+                            None => {
+                                crate::bail!("tokenizer.encode", "GGUF vocabulary: byte 0x{byte:02X} has no <0x{byte:02X}> token and there is no unknown token")
+                            }
+                        }
+                    }
+                }
+            }
+            cur = syms[i].next;
+        }
+        Ok(())
+    }
 }

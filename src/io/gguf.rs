@@ -444,7 +444,7 @@ pub fn unpermute_qk_rows(rows: usize, n_head: usize) -> Option<Vec<u32>> {
 }
 
 /// Architectures whose llama.cpp converter permutes the q/k rows (rope on adjacent pairs).
-fn arch_permutes_qk(arch: &str) -> bool {
+pub fn arch_permutes_qk(arch: &str) -> bool {
     matches!(arch, "llama" | "mistral")
 }
 
@@ -1045,6 +1045,18 @@ impl GgufFile {
                 a.iter().map(|x| x.as_i64().and_then(|i| i32::try_from(i).ok()).ok_or_else(bad)).collect::<Result<Vec<i32>>>()?
             }
         };
+        let scores_key = "tokenizer.ggml.scores";
+        let scores = match self.metadata.get(scores_key) {
+            None => Vec::new(),
+            Some(v) => {
+                let bad = || self.err(format!("metadata `{scores_key}` is {} ({v}), expected an array of f32", v.type_name()));
+                let a = v.as_array().ok_or_else(bad)?;
+                a.iter().map(|x| x.as_f64().map(|f| f as f32).ok_or_else(bad)).collect::<Result<Vec<f32>>>()?
+            }
+        };
+        if !scores.is_empty() && scores.len() != tokens.len() {
+            return Err(self.err(format!("metadata `{scores_key}` has {} entries but `{tokens_key}` has {}", scores.len(), tokens.len())));
+        }
         if !token_types.is_empty() && token_types.len() != tokens.len() {
             return Err(self.err(format!("metadata `{tt_key}` has {} entries but `{tokens_key}` has {}", token_types.len(), tokens.len())));
         }
@@ -1066,6 +1078,9 @@ impl GgufFile {
             pad_id: id("padding_token_id")?,
             unk_id: id("unknown_token_id")?,
             add_bos: self.meta_bool("tokenizer.ggml.add_bos_token")?,
+            add_eos: self.meta_bool("tokenizer.ggml.add_eos_token")?,
+            add_space_prefix: self.meta_bool("tokenizer.ggml.add_space_prefix")?,
+            scores,
             chat_template: self.meta_str("tokenizer.chat_template")?.map(str::to_string),
             tokens,
         })

@@ -2,6 +2,7 @@
 //! Frozen weights come out as [`Tensor`](crate::Tensor)s viewing the mapped file.
 
 pub mod gguf;
+pub mod gguf_write;
 pub mod safetensors;
 
 use std::path::{Path, PathBuf};

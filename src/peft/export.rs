@@ -1,4 +1,5 @@
-//! Export to plain PEFT LoRA, and merging adapters into an HF checkpoint.
+//! Export to plain PEFT LoRA or a llama.cpp LoRA GGUF, and merging adapters into an HF
+//! checkpoint or a GGUF.
 //!
 //! ## SpecLoRA as a plain LoRA ([`export_peft_lora`])
 //!
@@ -63,6 +64,13 @@
 //! GGUF source, writes the tokenizer rebuilt from the GGUF vocabulary as `tokenizer.json` plus a
 //! `tokenizer_config.json` with the chat template and BOS/EOS tokens. [`merge_report`] reloads
 //! the folder and returns the largest |Δlogit| against the adapted model on a probe batch.
+//!
+//! ## Out to llama.cpp ([`export_gguf_lora`], [`merge_to_gguf`])
+//!
+//! The same plain-LoRA factors, written as llama.cpp's LoRA adapter GGUF (`.lora_a` [R, in],
+//! `.lora_b` [out, R] per base tensor, `adapter.lora.alpha` = s'·R); and a merged model written as
+//! a GGUF carrying its GGUF source's metadata and tokenizer. For llama/mistral GGUFs the q/k rows
+//! (of `lora_b`, of the merged weight) are put in llama.cpp's RoPE row order.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -82,8 +90,17 @@ use crate::peft::{Adapter, LoraConfig};
 use crate::tensor::Tensor;
 use crate::tokenizer::Tokenizer;
 
-/// The formats [`export_peft_lora`] (and `spectune export --format`) produce.
-pub const EXPORT_FORMATS: [&str; 1] = ["peft-lora"];
+/// The formats `spectune export --format` produces: [`export_peft_lora`], [`export_gguf_lora`].
+pub const EXPORT_FORMATS: [&str; 2] = ["peft-lora", "gguf-lora"];
+
+/// What [`export_adapter_dir`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// An HF PEFT LoRA folder ([`export_peft_lora`]).
+    PeftLora,
+    /// A llama.cpp LoRA adapter GGUF file ([`export_gguf_lora`]).
+    GgufLora,
+}
 
 /// What [`export_peft_lora`] wrote.
 #[derive(Clone, Debug, PartialEq)]
@@ -235,7 +252,100 @@ fn method_name(ad: &Adapter) -> &'static str {
 /// `base_model_name_or_path`.
 pub fn export_peft_lora(model_with_adapters: &Llama, out: &Path, lora: &LoraConfig, base: &str) -> Result<ExportSummary> {
     const OP: &str = "export_peft_lora";
-    let model = model_with_adapters;
+    let p = plain_lora(model_with_adapters, OP)?;
+    let le = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect() };
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    for m in &p.mods {
+        tensors.insert(format!("{}.lora_A.weight", m.prefix), (vec![p.rank, m.in_f], le(&m.a)));
+        tensors.insert(format!("{}.lora_B.weight", m.prefix), (vec![m.out_f, p.rank], le(&m.b)));
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, (shape, bytes))| TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (k.clone(), v)))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::invalid(OP, format!("{e}")))?;
+    let metadata: std::collections::HashMap<String, String> =
+        [("format".to_string(), "pt".to_string()), ("spectune_export".to_string(), p.provenance().to_string())].into_iter().collect();
+    let bytes = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| Error::invalid(OP, format!("{e}")))?;
+    let lora_alpha = p.lora_alpha();
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": p.rank,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora.dropout,
+        "use_rslora": false,
+        "bias": "none",
+        "target_modules": p.targets,
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    });
+    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?;
+    write_atomic(&out.join(WEIGHTS_FILE), &bytes)?;
+    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid(OP, e.to_string()))?;
+    write_atomic(&out.join(CONFIG_FILE), text.as_bytes())?;
+    Ok(p.summary())
+}
+
+/// One module of a [`PlainLora`]: A' [R, in] and B' [out, R], row-major, zero-padded to R.
+struct PlainModule {
+    layer: usize,
+    target: Target,
+    /// The PEFT module name (`base_model.model.model.layers.3.self_attn.q_proj`).
+    prefix: String,
+    out_f: usize,
+    in_f: usize,
+    a: Vec<f64>,
+    b: Vec<f64>,
+}
+
+/// The adapted model's update as one plain LoRA of uniform rank R at scale s' (module docs):
+/// W' = W + s'·B'·A' on every module.
+struct PlainLora {
+    mods: Vec<PlainModule>,
+    rank: usize,
+    lora_rank: usize,
+    s_common: f64,
+    first_scale: f64,
+    method: &'static str,
+    padded_modules: usize,
+    targets: Vec<&'static str>,
+    ks: BTreeMap<String, usize>,
+}
+
+impl PlainLora {
+    /// α' = s'·R, so that α'/R = s'.
+    fn lora_alpha(&self) -> f64 {
+        self.s_common * self.rank as f64
+    }
+    fn provenance(&self) -> Value {
+        json!({
+            "method": self.method,
+            "lora_rank": self.lora_rank,
+            "lora_scale": self.first_scale,
+            "k": self.ks,
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+    }
+    fn summary(&self) -> ExportSummary {
+        ExportSummary {
+            lora_rank: self.lora_rank,
+            rank: self.rank,
+            lora_alpha: self.lora_alpha(),
+            modules: self.mods.len(),
+            padded_modules: self.padded_modules,
+            method: self.method,
+        }
+    }
+}
+
+/// Collects every adapted linear of `model` as a [`PlainLora`].
+fn plain_lora(model: &Llama, op: &'static str) -> Result<PlainLora> {
     let adapted: Vec<(usize, Target, &Linear, &Adapter)> = model
         .layers
         .iter()
@@ -243,14 +353,14 @@ pub fn export_peft_lora(model_with_adapters: &Llama, out: &Path, lora: &LoraConf
         .flat_map(|(li, l)| Target::ALL.into_iter().filter_map(move |t| l.linear(t).adapter.as_ref().map(|ad| (li, t, l.linear(t), ad))))
         .collect();
     let Some(&(_, _, _, first)) = adapted.first() else {
-        return Err(Error::invalid(OP, "the model has no adapters attached"));
+        return Err(Error::invalid(op, "the model has no adapters attached"));
     };
     // The Spectral methods have no LoRA scale: their factors are exported at scale 1.
     let first_scale = first.scale().unwrap_or(1.0);
     // s' = the adapters' own scale (A and B unchanged); 1 if that is 0 (the LoRA part is zero).
     let s_common = if first_scale.is_finite() && first_scale != 0.0 { first_scale } else { 1.0 };
     let mut method = "lora";
-    let mut mods: Vec<(String, usize, usize, Factors)> = Vec::with_capacity(adapted.len());
+    let mut mods: Vec<(usize, Target, String, usize, usize, Factors)> = Vec::with_capacity(adapted.len());
     let mut targets: Vec<&'static str> = Vec::new();
     let mut ks: BTreeMap<String, usize> = BTreeMap::new();
     for &(li, t, lin, ad) in &adapted {
@@ -263,21 +373,19 @@ pub fn export_peft_lora(model_with_adapters: &Llama, out: &Path, lora: &LoraConf
         let f = factors(lin, ad, s_common)?;
         let p = module_prefix(li, t);
         ks.insert(p.clone(), f.rk - f.r);
-        mods.push((p, lin.out_features(), lin.in_features(), f));
+        mods.push((li, t, p, lin.out_features(), lin.in_features(), f));
     }
-    let lora_rank = mods[0].3.r;
+    let lora_rank = mods[0].5.r;
     // One LoRA rank per adapter for the methods with a LoRA part (their k directions may vary);
     // the update-factor methods (PiSSA, Spectral) may have per-module ranks (clamped r), padded.
     let has_lora_part = matches!(method, "lora" | "speclora" | "speclora-svd");
-    if let Some(m) = mods.iter().filter(|_| has_lora_part).find(|m| m.3.r != lora_rank) {
-        return Err(Error::invalid(OP, format!("{}: LoRA rank {} differs from {} (one rank per adapter)", m.0, m.3.r, lora_rank)));
+    if let Some(m) = mods.iter().filter(|_| has_lora_part).find(|m| m.5.r != lora_rank) {
+        return Err(Error::invalid(op, format!("{}: LoRA rank {} differs from {} (one rank per adapter)", m.2, m.5.r, lora_rank)));
     }
-    let rank = mods.iter().map(|m| m.3.rk).max().unwrap_or(lora_rank);
+    let rank = mods.iter().map(|m| m.5.rk).max().unwrap_or(lora_rank);
     let mut padded_modules = 0;
-    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
-    let le = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect() };
-    for (p, out_f, in_f, f) in &mods {
-        let (out_f, in_f) = (*out_f, *in_f);
+    let mut out_mods = Vec::with_capacity(mods.len());
+    for (layer, target, prefix, out_f, in_f, f) in mods {
         if f.rk < rank {
             padded_modules += 1;
         }
@@ -289,47 +397,118 @@ pub fn export_peft_lora(model_with_adapters: &Llama, out: &Path, lora: &LoraConf
         for i in 0..out_f {
             b[i * rank..i * rank + f.rk].copy_from_slice(&f.b[i * f.rk..(i + 1) * f.rk]);
         }
-        tensors.insert(format!("{p}.lora_A.weight"), (vec![rank, in_f], le(&a)));
-        tensors.insert(format!("{p}.lora_B.weight"), (vec![out_f, rank], le(&b)));
+        out_mods.push(PlainModule { layer, target, prefix, out_f, in_f, a, b });
     }
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(k, (shape, bytes))| TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (k.clone(), v)))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::invalid(OP, format!("{e}")))?;
-    let provenance = json!({
-        "method": method,
-        "lora_rank": lora_rank,
-        "lora_scale": first_scale,
-        "k": ks,
-        "version": env!("CARGO_PKG_VERSION"),
-    });
-    let metadata: std::collections::HashMap<String, String> =
-        [("format".to_string(), "pt".to_string()), ("spectune_export".to_string(), provenance.to_string())].into_iter().collect();
-    let bytes = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| Error::invalid(OP, format!("{e}")))?;
-    let lora_alpha = s_common * rank as f64;
-    let config = json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base,
-        "r": rank,
-        "lora_alpha": lora_alpha,
-        "lora_dropout": lora.dropout,
-        "use_rslora": false,
-        "bias": "none",
-        "target_modules": targets,
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "modules_to_save": null,
-        "layers_to_transform": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    });
-    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?;
-    write_atomic(&out.join(WEIGHTS_FILE), &bytes)?;
-    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid(OP, e.to_string()))?;
-    write_atomic(&out.join(CONFIG_FILE), text.as_bytes())?;
-    Ok(ExportSummary { lora_rank, rank, lora_alpha, modules: mods.len(), padded_modules, method })
+    Ok(PlainLora { mods: out_mods, rank, lora_rank, s_common, first_scale, method, padded_modules, targets, ks })
+}
+
+/// The llama.cpp tensor name of module `t` of layer `layer` (`blk.3.attn_q.weight`).
+fn gguf_weight_name(layer: usize, t: Target) -> String {
+    let group = match t {
+        Target::Q | Target::K | Target::V | Target::O => "self_attn",
+        _ => "mlp",
+    };
+    crate::io::gguf::hf_to_gguf_name(&format!("model.layers.{layer}.{group}.{}.weight", t.hf_name())).expect("every target has a llama.cpp name")
+}
+
+/// The llama.cpp row order of a q/k projection's output rows for `heads` heads: `perm[hf_row]`
+/// = the GGUF row (see [`crate::io::gguf::unpermute_qk_rows`]); `None` when the architecture
+/// does not permute or `t` is not q/k.
+fn qk_permutation(arch: &str, cfg: &LlamaConfig, t: Target, rows: usize, op: &'static str) -> Result<Option<Vec<u32>>> {
+    if !crate::io::gguf::arch_permutes_qk(arch) {
+        return Ok(None);
+    }
+    let heads = match t {
+        Target::Q => cfg.num_attention_heads,
+        Target::K => cfg.num_key_value_heads,
+        _ => return Ok(None),
+    };
+    crate::io::gguf::unpermute_qk_rows(rows, heads)
+        .map(Some)
+        .ok_or_else(|| Error::invalid(op, format!("{} rows of {} do not split into {heads} heads of an even size", rows, t.hf_name())))
+}
+
+/// Writes the adapters of `model_with_adapters` as a llama.cpp LoRA adapter GGUF at `out`, the
+/// layout of llama.cpp's `convert_lora_to_gguf.py`, which `llama-cli`/`llama-perplexity --lora`
+/// load on the base GGUF:
+///
+/// - metadata `general.architecture = arch` (the base model's llama.cpp architecture, which
+///   llama.cpp checks), `general.type = "adapter"`, `adapter.type = "lora"`,
+///   `adapter.lora.alpha` (f32) = s'·R, so llama.cpp's scale α/R is the adapter's scale s';
+/// - per adapted linear, `blk.N.<name>.weight.lora_a` (shape [R, in], GGUF ne = [in, R]) and
+///   `….lora_b` ([out, R]), f32: the same exact rank-R factors as [`export_peft_lora`] (SpecLoRA
+///   as rank r + k, PiSSA/MiLoRA/Spectral^A as 2r, …);
+/// - for architectures whose GGUF weights have llama.cpp's q/k row permutation (llama, mistral),
+///   the rows of q's and k's `lora_b` are permuted the same way, since ΔW's rows are B's rows.
+pub fn export_gguf_lora(model_with_adapters: &Llama, out: &Path, arch: &str, base: &str) -> Result<ExportSummary> {
+    const OP: &str = "export_gguf_lora";
+    use crate::io::gguf::GgufValue as V;
+    use crate::io::gguf_write::{write_gguf, GgmlType, TensorSpec};
+    let p = plain_lora(model_with_adapters, OP)?;
+    let cfg = &model_with_adapters.cfg;
+    let mut specs = Vec::with_capacity(2 * p.mods.len());
+    let mut perms = Vec::with_capacity(p.mods.len());
+    for m in &p.mods {
+        let name = gguf_weight_name(m.layer, m.target);
+        specs.push(TensorSpec { name: format!("{name}.lora_a"), dims: vec![p.rank, m.in_f], ty: GgmlType::F32 });
+        specs.push(TensorSpec { name: format!("{name}.lora_b"), dims: vec![m.out_f, p.rank], ty: GgmlType::F32 });
+        perms.push(qk_permutation(arch, cfg, m.target, m.out_f, OP)?);
+    }
+    let metadata: Vec<(String, V)> = vec![
+        ("general.architecture".into(), V::String(arch.to_string())),
+        ("general.type".into(), V::String("adapter".into())),
+        ("general.name".into(), V::String(format!("{} adapter exported by spectune {}", p.method, env!("CARGO_PKG_VERSION")))),
+        ("general.base_model.0.name".into(), V::String(base.to_string())),
+        ("adapter.type".into(), V::String("lora".into())),
+        ("adapter.lora.alpha".into(), V::F32(p.lora_alpha() as f32)),
+        ("spectune.export".into(), V::String(p.provenance().to_string())),
+    ];
+    write_gguf(out, &metadata, &specs, |i| {
+        let m = &p.mods[i / 2];
+        let vals: Vec<f32> = if i % 2 == 0 {
+            m.a.iter().map(|&x| x as f32).collect()
+        } else {
+            match &perms[i / 2] {
+                None => m.b.iter().map(|&x| x as f32).collect(),
+                Some(perm) => {
+                    let mut v = vec![0.0f32; m.b.len()];
+                    for (hf_row, &g) in perm.iter().enumerate() {
+                        let (src, dst) = (hf_row * p.rank, g as usize * p.rank);
+                        for q in 0..p.rank {
+                            v[dst + q] = m.b[src + q] as f32;
+                        }
+                    }
+                    v
+                }
+            }
+        };
+        if let Some(j) = vals.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite { op: OP, what: format!("{} element {j}", specs[i].name) });
+        }
+        GgmlType::F32.encode(&vals, *specs[i].dims.last().unwrap_or(&1))
+    })?;
+    Ok(p.summary())
+}
+
+/// The llama.cpp architecture of a checkpoint: a GGUF's `general.architecture`, else the HF
+/// config's `model_type` ("llama", "mistral", "qwen2"), else "qwen2" when q/k/v carry a bias and
+/// "llama" otherwise.
+pub fn llama_cpp_arch(ck: &Checkpoint, cfg: &LlamaConfig) -> Result<String> {
+    if let Checkpoint::Gguf(g) = ck {
+        return Ok(g.architecture()?.to_string());
+    }
+    if let Checkpoint::Safetensors(s) = ck {
+        let src = s.source();
+        let dir = if src.is_dir() { src.to_path_buf() } else { src.parent().map(Path::to_path_buf).unwrap_or_default() };
+        let p = dir.join("config.json");
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            let v: Value = serde_json::from_str(&text).map_err(|e| Error::Format { path: p.clone(), msg: format!("not valid JSON: {e}") })?;
+            if let Some(t) = v.get("model_type").and_then(Value::as_str) {
+                return Ok(t.to_string());
+            }
+        }
+    }
+    Ok(if cfg.attention_bias { "qwen2" } else { "llama" }.to_string())
 }
 
 /// Reads `base_model_name_or_path` from an adapter folder's config (None when absent or empty).
@@ -344,7 +523,10 @@ pub fn adapter_base_model(adapter_dir: &Path) -> Result<Option<String>> {
 /// `base_model_name_or_path` if that is a local path), applies the adapter in `adapter_dir` and
 /// exports it with [`export_peft_lora`]. The base model is needed because positional SpecLoRA's
 /// exported rows are rows of the frozen weight.
-pub fn export_adapter_dir(adapter_dir: &Path, model_path: Option<&Path>, out: &Path) -> Result<ExportSummary> {
+///
+/// [`ExportFormat::GgufLora`] writes the file `out` with [`export_gguf_lora`] instead, for the
+/// base's llama.cpp architecture ([`llama_cpp_arch`]).
+pub fn export_adapter_dir(adapter_dir: &Path, model_path: Option<&Path>, out: &Path, format: ExportFormat) -> Result<ExportSummary> {
     let recorded = adapter_base_model(adapter_dir)?;
     let path: PathBuf = match (model_path, &recorded) {
         (Some(p), _) => p.to_path_buf(),
@@ -363,7 +545,13 @@ pub fn export_adapter_dir(adapter_dir: &Path, model_path: Option<&Path>, out: &P
     let mut model = ck.llama(DType::F32)?;
     let lora = crate::peft::io::load_adapter(&mut model, adapter_dir)?;
     let base = recorded.unwrap_or_else(|| path.display().to_string());
-    export_peft_lora(&model, out, &lora, &base)
+    match format {
+        ExportFormat::PeftLora => export_peft_lora(&model, out, &lora, &base),
+        ExportFormat::GgufLora => {
+            let arch = llama_cpp_arch(&ck, &model.cfg)?;
+            export_gguf_lora(&model, out, &arch, &base)
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -668,4 +856,100 @@ pub fn merge_checkpoint(model_path: &Path, adapter_dir: &Path, out: &Path) -> Re
     let wpath = out.join(MERGED_WEIGHTS_FILE);
     let weights_bytes = std::fs::metadata(&wpath).map_err(|e| Error::Io { path: wpath, source: e })?.len();
     Ok(MergeSummary { tokenizer_files, tokenizer_error, max_abs_diff, probe_len: probe.len(), weights_bytes })
+}
+
+/// Writes `model` (adapters merged in) as a GGUF at `out` that llama.cpp runs, on the layout of
+/// its GGUF source `src`: every metadata entry of `src` (architecture, hyper-parameters,
+/// tokenizer, chat template) with `general.file_type` set for `ty`, and every tensor of `src`
+/// under its own name and in its order. Adapted linears hold W' = merged weight, put in llama.cpp's
+/// q/k row order where `src`'s architecture has it; the other tensors are `src`'s, converted.
+/// Matrices are stored as `ty` (F16, BF16 or Q8_0; Q8_0 falls back to F16 for a row length that is
+/// not a multiple of 32, as llama-quantize does), 1-D tensors (norms, biases) as F32. One tensor
+/// is in memory at a time. Returns the file size.
+pub fn merge_to_gguf(model: &Llama, src: &crate::io::gguf::GgufFile, out: &Path, ty: crate::io::gguf_write::GgmlType) -> Result<u64> {
+    const OP: &str = "merge_to_gguf";
+    use crate::io::gguf::GgufValue as V;
+    use crate::io::gguf_write::{write_gguf, GgmlType, TensorSpec};
+    let arch = src.architecture()?.to_string();
+    let mut adapted: BTreeMap<String, (Target, &Linear)> = BTreeMap::new();
+    for (li, l) in model.layers.iter().enumerate() {
+        for t in Target::ALL {
+            if l.linear(t).adapter.is_some() {
+                adapted.insert(gguf_weight_name(li, t), (t, l.linear(t)));
+            }
+        }
+    }
+    let mut specs = Vec::with_capacity(src.tensor_infos().len());
+    for info in src.tensor_infos() {
+        let dims = info.dims.clone();
+        let t = match dims.len() {
+            1 => GgmlType::F32,
+            _ if ty == GgmlType::Q8_0 && dims.last().is_some_and(|c| c % 32 != 0) => GgmlType::F16,
+            _ => ty,
+        };
+        specs.push(TensorSpec { name: info.name.clone(), dims, ty: t });
+    }
+    for name in adapted.keys() {
+        if !specs.iter().any(|s| &s.name == name) {
+            return Err(Error::invalid(OP, format!("{}: the adapted tensor `{name}` is not in the source", src.path().display())));
+        }
+    }
+    let mut metadata: Vec<(String, V)> =
+        src.metadata().iter().filter(|(k, _)| k.as_str() != "general.file_type").map(|(k, v)| (k.clone(), v.clone())).collect();
+    metadata.push(("general.file_type".into(), V::U32(ty.file_type())));
+    write_gguf(out, &metadata, &specs, |i| {
+        let spec = &specs[i];
+        let vals: Vec<f32> = match adapted.get(&spec.name) {
+            None => src.tensor(&spec.name)?.to_vec_f32(),
+            Some(&(t, lin)) => {
+                let merged: Vec<f32> = match &lin.adapter {
+                    Some(ad) => ad.merged_weight(&lin.weight)?.into_iter().map(|x| x as f32).collect(),
+                    None => lin.weight.to_vec_f32(),
+                };
+                let (rows, cols) = (lin.out_features(), lin.in_features());
+                if spec.dims != [rows, cols] {
+                    return Err(Error::shape(OP, "merged weight", format!("{:?} (`{}` in the source)", spec.dims, spec.name), format!("[{rows}, {cols}]")));
+                }
+                match qk_permutation(&arch, &model.cfg, t, rows, OP)? {
+                    None => merged,
+                    Some(perm) => {
+                        let mut v = vec![0.0f32; merged.len()];
+                        for (hf_row, &g) in perm.iter().enumerate() {
+                            v[g as usize * cols..(g as usize + 1) * cols].copy_from_slice(&merged[hf_row * cols..(hf_row + 1) * cols]);
+                        }
+                        v
+                    }
+                }
+            }
+        };
+        if let Some(j) = vals.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite { op: OP, what: format!("{} element {j}", spec.name) });
+        }
+        spec.ty.encode(&vals, *spec.dims.last().unwrap_or(&1))
+    })?;
+    Ok(std::fs::metadata(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?.len())
+}
+
+/// `spectune merge --format gguf`: loads the GGUF at `model_path`, applies the adapter in
+/// `adapter_dir`, writes the merged GGUF `out` with [`merge_to_gguf`], and measures it with
+/// [`merge_report`] (reloading `out`; with F16/BF16/Q8_0 weights the difference is that
+/// rounding, not an error). The summary's `tokenizer_files` is `["(GGUF metadata)"]`.
+pub fn merge_checkpoint_gguf(model_path: &Path, adapter_dir: &Path, out: &Path, ty: crate::io::gguf_write::GgmlType) -> Result<MergeSummary> {
+    let ck = Checkpoint::open(model_path)?;
+    let Checkpoint::Gguf(src) = &ck else {
+        return Err(Error::invalid(
+            "spectune merge",
+            format!(
+                "--format gguf needs a GGUF base model (its metadata and tokenizer are copied into the merged file); {} is not one: merge to an HF folder (--format hf) and convert that with llama.cpp's convert_hf_to_gguf.py",
+                model_path.display()
+            ),
+        ));
+    };
+    let mut model = ck.llama(DType::F32)?;
+    crate::peft::io::load_adapter(&mut model, adapter_dir)?;
+    let weights_bytes = merge_to_gguf(&model, src, out, ty)?;
+    let tok = ck.tokenizer().ok();
+    let probe = probe_ids(tok.as_ref(), PROBE_TEXT, model.cfg.vocab_size, 32.min(model.cfg.max_position_embeddings))?;
+    let max_abs_diff = merge_report(&model, out, &probe)?;
+    Ok(MergeSummary { tokenizer_files: vec!["(GGUF metadata)".into()], tokenizer_error: None, max_abs_diff, probe_len: probe.len(), weights_bytes })
 }
