@@ -165,13 +165,16 @@ enum Cmd {
         #[arg(long)]
         synthetic: bool,
     },
-    /// Train several adapter methods on the same data with a matched trainable budget and compare
-    /// held-out loss/perplexity; shows SpecLoRA's positional vs SVD-form d (fidelity check).
-    /// Default task: SmolLM2-135M-Instruct on Shakespeare, as the demo (downloads on first run).
+    /// Train several adapter methods on the same data with a matched trainable budget, a
+    /// learning-rate sweep per method and several seeds; compare held-out loss and accuracy (mean
+    /// ± std over seeds), wall time and peak memory; a table, compare.json and compare.png. Shows
+    /// SpecLoRA's positional vs SVD-form d (fidelity check). Default task: SmolLM2-135M-Instruct on
+    /// Shakespeare, as the demo (downloads on first run).
     Compare {
         /// Comma-separated method names, as `train --method` takes them.
         #[arg(long, value_delimiter = ',', default_values_t = spectune::train::compare::DEFAULT_METHODS.map(String::from))]
         methods: Vec<String>,
+        /// Optimizer steps per run.
         #[arg(long, default_value_t = 60)]
         steps: u64,
         /// LoRA rank that sets the trainable budget (default 16; --synthetic 8).
@@ -183,20 +186,48 @@ enum Cmd {
         /// Train every method at --rank instead of matching LoRA's trainable count.
         #[arg(long)]
         no_budget_match: bool,
+        /// Sequences per step (default 2; --synthetic 4).
         #[arg(long)]
         batch: Option<usize>,
+        /// Tokens per sequence (default 128; --synthetic 64).
         #[arg(long)]
         seq_len: Option<usize>,
-        #[arg(long)]
+        /// One learning rate for every method (no sweep).
+        #[arg(long, conflicts_with = "lrs")]
         lr: Option<f64>,
-        /// Held-out tokens evaluated (the same ones for every method).
+        /// The learning-rate grid of every method, comma-separated (default per method:
+        /// 3e-4,1e-3,3e-3; full fine-tuning 1e-5,3e-5,1e-4; --synthetic 3e-3,1e-2).
+        #[arg(long, value_delimiter = ',')]
+        lrs: Option<Vec<f64>>,
+        /// A grid for one method, e.g. `--lr-grid dora=1e-4,3e-4` (repeatable; wins over --lrs).
+        #[arg(long)]
+        lr_grid: Vec<String>,
+        /// Seeds per method and learning rate (--seed, --seed + 1, …).
+        #[arg(long, default_value_t = 3)]
+        seeds: usize,
+        /// Held-out tokens evaluated (the same ones for every run): the first half chooses each
+        /// method's learning rate, the second half is reported.
         #[arg(long, default_value_t = 2048)]
         eval_tokens: usize,
+        /// Another task's model (with --data and --eval-data).
+        #[arg(long, requires_all = ["data", "eval_data"])]
+        model: Option<PathBuf>,
+        /// Training data for --model (any `train --data` format, multiple-choice lines included).
+        #[arg(long, requires = "model")]
+        data: Option<PathBuf>,
+        /// Held-out data for --model; when every line is multiple choice, accuracy is `eval --task mc`'s acc.
+        #[arg(long, requires = "model")]
+        eval_data: Option<PathBuf>,
+        /// Do not draw compare.png.
+        #[arg(long)]
+        no_plot: bool,
         /// Layers whose learned d vectors are printed (default: first, middle, last).
         #[arg(long, value_delimiter = ',')]
         fidelity_layers: Option<Vec<usize>>,
+        /// Output folder: compare.json, compare.png and one folder per run.
         #[arg(long, default_value = "spectune-compare")]
         out: PathBuf,
+        /// The first seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// The offline task of `demo --synthetic` (a tiny random model, generated text; seconds).
@@ -361,7 +392,28 @@ fn main() -> ExitCode {
         }
         Cmd::Export { adapter, format, out, model } => run_export(&adapter, format, &out, model.as_deref()),
         Cmd::Merge { model, adapter, out } => run_merge(&model, &adapter, &out),
-        Cmd::Compare { methods, steps, rank, k, no_budget_match, batch, seq_len, lr, eval_tokens, fidelity_layers, out, seed, synthetic } => {
+        Cmd::Compare {
+            methods,
+            steps,
+            rank,
+            k,
+            no_budget_match,
+            batch,
+            seq_len,
+            lr,
+            lrs,
+            lr_grid,
+            seeds,
+            eval_tokens,
+            model,
+            data,
+            eval_data,
+            no_plot,
+            fidelity_layers,
+            out,
+            seed,
+            synthetic,
+        } => parse_lr_grid(&lr_grid).and_then(|lr_grid| {
             let o = spectune::train::compare::CompareOptions {
                 methods,
                 rank,
@@ -370,17 +422,24 @@ fn main() -> ExitCode {
                 batch,
                 seq_len,
                 lr,
+                lrs,
+                lr_grid,
+                seeds: Some(seeds),
                 eval_tokens,
                 seed,
                 out,
                 synthetic,
+                model,
+                data,
+                eval_data,
                 no_budget_match,
                 fidelity_layers,
                 progress: true,
+                no_plot,
             };
             let mut log = |m: String| eprintln!("{m}");
             spectune::train::compare::compare(&o, &mut log).map(|r| print!("{}", spectune::train::compare::render(&r)))
-        }
+        }),
         Cmd::Spectrum { base, tuned, adapter, k, targets, json, plot, brief, control } => {
             run_spectrum(&base, tuned, adapter, k, targets.as_deref(), json.as_deref(), plot.as_deref(), brief, control)
         }
@@ -653,6 +712,19 @@ fn run_eval(
         }
     }
     Ok(())
+}
+
+/// `--lr-grid method=lr,lr,…` values to (method, rates).
+fn parse_lr_grid(items: &[String]) -> spectune::Result<Vec<(String, Vec<f64>)>> {
+    items
+        .iter()
+        .map(|it| {
+            let bad = |why: String| spectune::Error::invalid("compare", format!("--lr-grid {it:?}: {why} (expected method=lr,lr,…, e.g. dora=1e-4,3e-4)"));
+            let (m, rates) = it.split_once('=').ok_or_else(|| bad("no '='".into()))?;
+            let rates = rates.split(',').map(|r| r.trim().parse::<f64>().map_err(|e| bad(format!("{r:?}: {e}")))).collect::<spectune::Result<Vec<f64>>>()?;
+            Ok((m.trim().to_string(), rates))
+        })
+        .collect()
 }
 
 /// Pretty JSON of a report.

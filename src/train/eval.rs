@@ -185,6 +185,36 @@ pub fn render_ppl(r: &PplReport) -> String {
     )
 }
 
+/// Next-token top-1 accuracy over the counted targets of `batches`: the share of positions whose
+/// highest logit is the target (ties: the lowest id). Only the counted positions' hidden states go
+/// through the LM head.
+pub fn token_accuracy(model: &Llama, batches: &[data::Batch]) -> Result<f64> {
+    let (mut hit, mut total) = (0usize, 0usize);
+    no_grad(|| -> Result<()> {
+        for b in batches {
+            let h = model.hidden_states(&b.ids, b.b, b.t, b.key_mask.as_deref())?;
+            let hidden = h.dims()[1];
+            let hv = h.to_vec::<f32>();
+            let rows: Vec<usize> = (0..b.targets.len()).filter(|&i| b.targets[i] != IGNORE).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let sel: Vec<f32> = rows.iter().flat_map(|&i| hv[i * hidden..(i + 1) * hidden].iter().copied()).collect();
+            let logits = ops::linear(&Tensor::from_vec(sel, [rows.len(), hidden])?, model.head())?.to_vec::<f32>();
+            let vocab = logits.len() / rows.len();
+            for (k, &i) in rows.iter().enumerate() {
+                let row = &logits[k * vocab..(k + 1) * vocab];
+                let best = (0..vocab).fold(0, |a, j| if row[j] > row[a] { j } else { a });
+                hit += usize::from(best as i64 == b.targets[i]);
+                total += 1;
+            }
+        }
+        Ok(())
+    })?;
+    crate::ensure!(total > 0, "eval.accuracy", "no counted targets in the evaluation data");
+    Ok(hit as f64 / total as f64)
+}
+
 // =============================================================================================
 // Multiple choice
 // =============================================================================================
