@@ -245,6 +245,13 @@ struct Task {
     name: String,
 }
 
+/// SpecLoRA's learned row scales (and the rows they scale) per (layer, linear).
+type DRows = HashMap<(usize, Target), (Vec<f64>, SpecRows)>;
+/// SpecLoRA-SVD's learned σ scales per (layer, linear).
+type DSvd = HashMap<(usize, Target), Vec<f64>>;
+/// A plot panel: title, the base model's value, (mean, std) per method.
+type Panel<'a> = (&'a str, f64, Vec<(f64, f64)>);
+
 /// Resets the process's resident-set high-water mark (Linux ≥ 4.0: `clear_refs` 5); false where
 /// that is not possible.
 fn reset_peak_rss() -> bool {
@@ -416,7 +423,7 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
         let mut grid = Vec::new();
         let mut peak: Option<u64> = None;
         // The first seed's learned d vectors and adapter folder at each rate (kept for the chosen one).
-        let mut firsts: Vec<(PathBuf, HashMap<(usize, Target), (Vec<f64>, SpecRows)>, HashMap<(usize, Target), Vec<f64>>)> = Vec::new();
+        let mut firsts: Vec<(PathBuf, DRows, DSvd)> = Vec::new();
         for lr in grid_of(m) {
             let mut runs = Vec::new();
             for si in 0..seeds {
@@ -697,7 +704,7 @@ pub fn plot(r: &CompareReport, path: &std::path::Path) -> Result<()> {
     register()?;
     let n = r.results.len();
     let names: Vec<String> = r.results.iter().map(|m| m.method.clone()).collect();
-    let panels: [(&str, f64, Vec<(f64, f64)>); 2] = [
+    let panels: [Panel<'_>; 2] = [
         ("held-out loss (lower is better)", r.base_loss, r.results.iter().map(|m| (m.eval_loss, m.eval_loss_std)).collect()),
         (r.accuracy.as_str(), r.base_accuracy, r.results.iter().map(|m| (m.accuracy, m.accuracy_std)).collect()),
     ];
