@@ -240,3 +240,41 @@ fn arc_easy_matches_the_transformers_reference() {
         assert!((got - w).abs() <= 0.005, "{k}: spectune {got} vs reference {w}");
     }
 }
+
+#[test]
+fn cli_every_eval_flag_has_help_and_both_tasks_run() {
+    let bin = env!("CARGO_BIN_EXE_spectune");
+    let help = std::process::Command::new(bin).args(["eval", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).to_string();
+    // clap prints `--flag <VALUE>` then the help text on the same line (or the next one when long).
+    let lines: Vec<&str> = help.lines().collect();
+    let mut flags = 0;
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim_start();
+        if t.starts_with("--") && !t.starts_with("--help") && !t.starts_with("--threads") {
+            flags += 1;
+            let same = t.split_once("  ").map(|(_, h)| h.trim()).unwrap_or("");
+            let next = lines.get(i + 1).map(|n| n.trim()).unwrap_or("");
+            assert!(!same.is_empty() || (!next.is_empty() && !next.starts_with('-')), "no help text for {t:?}:\n{help}");
+        }
+    }
+    assert!(flags >= 9, "{help}");
+    let m = model_path();
+    let out = std::process::Command::new(bin)
+        .args(["eval", "--model", m.to_str().unwrap(), "--data", here("two_lines.txt").to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((j["tokens"].as_u64(), j["scored"].as_u64(), j["add_eos"].as_bool()), (Some(25), Some(24), Some(false)));
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("q.jsonl");
+    std::fs::write(&f, "{\"query\": \"The capital of France is\", \"choices\": [\"Paris\", \"Berlin\"], \"gold\": 0}\n").unwrap();
+    let out = std::process::Command::new(bin).args(["eval", "--model", m.to_str().unwrap(), "--task", "mc", "--data", f.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("acc_norm") && text.contains("1 questions"), "{text}");
+    std::fs::write(&f, "{\"query\": \"q\", \"choices\": [\"a\"], \"gold\": 3}\n").unwrap();
+    let out = std::process::Command::new(bin).args(["eval", "--model", m.to_str().unwrap(), "--task", "mc", "--data", f.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("q.jsonl") && err.contains("line 1") && err.contains("gold"), "{err}");
+}
