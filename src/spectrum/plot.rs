@@ -20,7 +20,7 @@ use super::{MatrixSpectrum, SpectrumReport};
 use crate::error::{Error, Result};
 
 const SIZE: (u32, u32) = (1100, 780);
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 
 /// Colours of the module types (q, k, v, o, gate, up, down) in the `layers.png` legend.
 const MODULE_COLORS: [RGBColor; 7] = [
@@ -34,7 +34,7 @@ const MODULE_COLORS: [RGBColor; 7] = [
 ];
 const BLOCK_COLORS: [RGBColor; 3] = [RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(31, 119, 180)];
 
-fn register() -> Result<()> {
+pub(crate) fn register() -> Result<()> {
     static ONCE: Once = Once::new();
     let mut ok = true;
     ONCE.call_once(|| ok = register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_ok());
@@ -96,10 +96,10 @@ struct Panel<'a> {
     legend: SeriesLabelPosition,
 }
 
-type DynError = Box<dyn std::error::Error>;
+pub(crate) type DynError = Box<dyn std::error::Error>;
 /// The (U, V) principal-angle cosines of one block of a matrix.
 type BlockCosines = fn(&MatrixSpectrum) -> (&[f64], &[f64]);
-type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+pub(crate) type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
 /// Axes, lines and legend of a built chart (the same code for linear and log y axes).
 macro_rules! draw_chart {
@@ -180,7 +180,7 @@ const LOG_FLOOR: f64 = 1e-12;
 /// Renders `draw` on a white RGB canvas of [`SIZE`] and writes it to `path` as an indexed PNG
 /// (see [`palette`]) with best compression: the charts are mostly flat white, so a 150–300 KB RGB
 /// image becomes a few tens of KB.
-fn render_png(path: &Path, draw: impl FnOnce(&Area<'_>) -> std::result::Result<(), DynError>) -> std::result::Result<(), DynError> {
+pub(crate) fn render_png(path: &Path, draw: impl FnOnce(&Area<'_>) -> std::result::Result<(), DynError>) -> std::result::Result<(), DynError> {
     let (w, h) = SIZE;
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {

@@ -43,22 +43,82 @@ pub struct CompareOptions {
     pub steps: u64,
     pub batch: Option<usize>,
     pub seq_len: Option<usize>,
+    /// One learning rate for every method (a one-point grid); overrides the default grids.
     pub lr: Option<f64>,
-    /// Held-out tokens evaluated (the first ones of the held-out data).
+    /// The learning-rate grid of every method (overrides the per-method defaults, see
+    /// [`default_lr_grid`]).
+    pub lrs: Option<Vec<f64>>,
+    /// Per-method grids, `(method, lrs)`; win over `lrs` and `lr` for that method.
+    pub lr_grid: Vec<(String, Vec<f64>)>,
+    /// Seeds per (method, learning rate): `seed, seed + 1, …` (default 3).
+    pub seeds: Option<usize>,
+    /// Held-out tokens evaluated (the first ones of the held-out data), split in two halves: the
+    /// first chooses the learning rate, the second is reported.
     pub eval_tokens: usize,
     pub seed: u64,
     pub out: PathBuf,
     /// The offline task of `demo --synthetic` instead of SmolLM2 + Shakespeare.
     pub synthetic: bool,
+    /// Another task: a model, training data and held-out data (all three, or none). When every
+    /// held-out line is multiple choice, the accuracy reported is `eval --task mc`'s acc.
+    pub model: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub eval_data: Option<PathBuf>,
     /// Train every method at `rank` instead of matching LoRA's trainable count.
     pub no_budget_match: bool,
     /// Layers whose d vectors are shown (default: first, middle, last).
     pub fidelity_layers: Option<Vec<usize>>,
     /// Show an indicatif progress bar while training.
     pub progress: bool,
+    /// Skip `compare.png`.
+    pub no_plot: bool,
 }
 
-/// One trained method.
+/// The default learning-rate grid of a method: half-decade steps around the usual adapter rates
+/// (full fine-tuning of whole matrices one decade lower); the synthetic task's tiny model trains
+/// with larger rates.
+pub fn default_lr_grid(method: &str, synthetic: bool) -> Vec<f64> {
+    match (method, synthetic) {
+        ("full", true) => vec![1e-3, 3e-3],
+        (_, true) => vec![3e-3, 1e-2],
+        ("full", false) => vec![1e-5, 3e-5, 1e-4],
+        (_, false) => vec![3e-4, 1e-3, 3e-3],
+    }
+}
+
+/// Mean and sample standard deviation (n − 1; 0 for one value).
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (m, 0.0);
+    }
+    (m, (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0)).sqrt())
+}
+
+/// One seed's run.
+#[derive(Clone, Debug, Serialize)]
+pub struct SeedRun {
+    pub seed: u64,
+    /// Held-out loss on the selection half and on the reported half.
+    pub val_loss: f64,
+    pub eval_loss: f64,
+    pub accuracy: f64,
+    pub last_train_loss: f64,
+    pub seconds: f64,
+}
+
+/// One point of a method's learning-rate sweep.
+#[derive(Clone, Debug, Serialize)]
+pub struct GridPoint {
+    pub lr: f64,
+    /// Mean and spread over seeds of the selection-half loss (the choice criterion).
+    pub val_loss: f64,
+    pub val_loss_std: f64,
+    pub runs: Vec<SeedRun>,
+}
+
+/// One method, at its chosen learning rate (means and spreads over seeds).
 #[derive(Clone, Debug, Serialize)]
 pub struct MethodResult {
     pub method: String,
@@ -66,10 +126,23 @@ pub struct MethodResult {
     pub trainable: usize,
     /// trainable / the LoRA budget.
     pub budget_ratio: f64,
+    /// The learning rate with the lowest mean selection-half loss.
+    pub lr: f64,
+    pub grid: Vec<GridPoint>,
+    /// Reported-half loss: mean and sample std over seeds; perplexity = exp(mean loss).
     pub eval_loss: f64,
+    pub eval_loss_std: f64,
     pub eval_ppl: f64,
+    /// Held-out accuracy (see [`CompareReport::accuracy`]): mean and std over seeds.
+    pub accuracy: f64,
+    pub accuracy_std: f64,
     pub last_train_loss: f64,
+    /// Mean wall time of one run at the chosen rate.
     pub seconds: f64,
+    /// The largest resident set seen while this method trained (bytes; None where the OS
+    /// cannot reset the high-water mark between methods).
+    pub peak_rss: Option<u64>,
+    /// The first seed's adapter at the chosen rate.
     pub adapter_dir: PathBuf,
 }
 
@@ -111,6 +184,15 @@ pub struct CompareReport {
     pub reference_rank: usize,
     pub base_loss: f64,
     pub base_ppl: f64,
+    pub base_accuracy: f64,
+    /// What "accuracy" is: next-token top-1 accuracy, or multiple-choice acc.
+    pub accuracy: String,
+    /// Seeds per (method, learning rate).
+    pub seeds: usize,
+    /// Held-out tokens of the selection half (chooses each method's rate).
+    pub val_counted: usize,
+    /// True when the held-out data was one batch, so the rate was chosen on the reported data.
+    pub selected_on_reported: bool,
     pub results: Vec<MethodResult>,
     pub fidelity: Vec<FidelityRow>,
     pub fidelity_summary: Vec<FidelitySummary>,
@@ -163,8 +245,25 @@ struct Task {
     name: String,
 }
 
-/// Runs the comparison; `log` receives progress lines. Writes `compare.json` and one run folder
-/// per method (`<out>/<method>/adapter`, metrics, checkpoint) under `o.out`.
+/// SpecLoRA's learned row scales (and the rows they scale) per (layer, linear).
+type DRows = HashMap<(usize, Target), (Vec<f64>, SpecRows)>;
+/// SpecLoRA-SVD's learned σ scales per (layer, linear).
+type DSvd = HashMap<(usize, Target), Vec<f64>>;
+/// A plot panel: title, the base model's value, (mean, std) per method.
+type Panel<'a> = (&'a str, f64, Vec<(f64, f64)>);
+
+/// Resets the process's resident-set high-water mark (Linux ≥ 4.0: `clear_refs` 5); false where
+/// that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Runs the comparison; `log` receives progress lines. For every method (at its matched rank),
+/// every learning rate of its grid and every seed, trains from the same frozen model on the same
+/// data (the batch order shuffled by the seed) and evaluates on the held-out batches: their
+/// first half picks the rate (lowest mean loss over seeds), the second half is reported. Writes
+/// `compare.json`, `compare.png` and one run folder per run
+/// (`<out>/<method>/lr<lr>/seed<seed>/adapter`, metrics, checkpoint) under `o.out`.
 pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<CompareReport> {
     const OP: &str = "compare";
     if o.methods.is_empty() {
@@ -173,20 +272,68 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
     if o.steps == 0 {
         return Err(Error::invalid(OP, "--steps must be at least 1"));
     }
+    let seeds = o.seeds.unwrap_or(3);
+    if seeds == 0 {
+        return Err(Error::invalid(OP, "--seeds must be at least 1"));
+    }
     let syn = o.synthetic;
     let rank = o.rank.unwrap_or(if syn { 8 } else { 16 });
     let k = o.k.unwrap_or(if syn { 32 } else { 200 });
     let batch = o.batch.unwrap_or(if syn { 4 } else { 2 });
     let seq_len = o.seq_len.unwrap_or(if syn { 64 } else { 128 });
-    let lr = o.lr.unwrap_or(if syn { 1e-2 } else { 1e-3 });
-    let task = if syn {
-        let (model, data) = write_synthetic(&o.out, o.seed)?;
-        Task { model, train: data.join("train"), eval: Some(data.join("eval")), split: None, name: "synthetic counting stories (demo --synthetic)".into() }
-    } else {
-        let d = demo_data()?;
-        Task { model: d.gguf, train: d.texts, eval: None, split: Some((d.train, d.eval)), name: "Shakespeare (6 plays; held out: Hamlet, The Tempest)".into() }
+    let grid_of = |m: &str| -> Vec<f64> {
+        if let Some((_, g)) = o.lr_grid.iter().find(|(n, _)| n == m) {
+            return g.clone();
+        }
+        match (&o.lrs, o.lr) {
+            (Some(g), _) => g.clone(),
+            (None, Some(lr)) => vec![lr],
+            (None, None) => default_lr_grid(m, syn),
+        }
     };
-    let settings_for = |method: &str, r: usize| -> Result<TrainSettings> {
+    for (m, g) in &o.lr_grid {
+        if !o.methods.contains(m) {
+            return Err(Error::invalid(OP, format!("--lr-grid names {m}, which is not among --methods {:?}", o.methods)));
+        }
+        if g.is_empty() {
+            return Err(Error::invalid(OP, format!("--lr-grid {m}: no learning rate")));
+        }
+    }
+    for m in &o.methods {
+        if let Some(bad) = grid_of(m).iter().find(|&&lr| !(lr.is_finite() && lr > 0.0)) {
+            return Err(Error::invalid(OP, format!("{m}: learning rate {bad} is not a positive number")));
+        }
+    }
+    let task = match (&o.model, &o.data, &o.eval_data) {
+        (Some(model), Some(data), Some(eval)) => Task {
+            model: model.clone(),
+            train: data.clone(),
+            eval: Some(eval.clone()),
+            split: None,
+            name: format!("{} (held out: {})", data.display(), eval.display()),
+        },
+        (None, None, None) if syn => {
+            let (model, data) = write_synthetic(&o.out, o.seed)?;
+            Task { model, train: data.join("train"), eval: Some(data.join("eval")), split: None, name: "synthetic counting stories (demo --synthetic)".into() }
+        }
+        (None, None, None) => {
+            let d = demo_data()?;
+            Task {
+                model: d.gguf,
+                train: d.texts,
+                eval: None,
+                split: Some((d.train, d.eval)),
+                name: "Shakespeare (6 plays; held out: Hamlet, The Tempest)".into(),
+            }
+        }
+        _ => return Err(Error::invalid(OP, "--model, --data and --eval-data go together (give all three, or none for the built-in tasks)")),
+    };
+    // Multiple-choice held-out data: accuracy is eval --task mc's acc.
+    let mc = match &task.eval {
+        Some(p) if p.is_file() => super::eval::read_mc(p).ok().map(|items| (p.clone(), items)),
+        _ => None,
+    };
+    let settings_for = |method: &str, r: usize, lr: f64, seed: u64| -> Result<TrainSettings> {
         let args = TrainArgs {
             model: Some(task.model.clone()),
             data: Some(task.train.clone()),
@@ -199,28 +346,50 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
             steps: Some(o.steps),
             batch: Some(batch),
             seq_len: Some(seq_len),
-            seed: Some(o.seed),
-            out: Some(o.out.join(method)),
+            seed: Some(seed),
+            out: Some(o.out.join(method).join(format!("lr{lr:e}")).join(format!("seed{seed}"))),
             ..TrainArgs::default()
         };
         args.resolve().map_err(|e| Error::invalid(OP, format!("--methods {method}: {e}")))
     };
     // Every name must parse before any training starts.
     for m in &o.methods {
-        settings_for(m, rank)?;
+        settings_for(m, rank, 1e-3, o.seed)?;
     }
-    let lora = settings_for("lora", rank)?;
+    let lora = settings_for("lora", rank, 1e-3, o.seed)?;
     let mut prepared = prepare(&lora, task.split.clone(), log)?;
     let per_batch = batch * seq_len;
-    let keep = o.eval_tokens.div_ceil(per_batch).max(1);
+    let keep = o.eval_tokens.div_ceil(per_batch).max(2);
     prepared.eval.truncate(keep);
     if prepared.eval.is_empty() {
         return Err(Error::invalid(OP, "no held-out data to evaluate on"));
     }
-    let eval = prepared.eval.clone();
-    let eval_counted: usize = eval.iter().map(|b| b.counted).sum();
-    let (base_loss, base_ppl) = evaluate(&prepared.model, &eval)?;
-    log(format!("base model: held-out loss {base_loss:.4}, perplexity {base_ppl:.2} on {eval_counted} tokens"));
+    // Selection half and reported half of the held-out batches.
+    let all_eval = prepared.eval.clone();
+    let selected_on_reported = all_eval.len() < 2;
+    let (val, test) = if selected_on_reported {
+        log("note: the held-out data is one batch, so the learning rate is chosen on the reported data (give more --eval-tokens)".into());
+        (all_eval.clone(), all_eval.clone())
+    } else {
+        let half = all_eval.len() / 2;
+        (all_eval[..half].to_vec(), all_eval[half..].to_vec())
+    };
+    let eval_counted: usize = test.iter().map(|b| b.counted).sum();
+    let val_counted: usize = val.iter().map(|b| b.counted).sum();
+    let tok = prepared.tokenizer.clone();
+    let accuracy_of = |m: &Llama| -> Result<f64> {
+        match &mc {
+            Some((p, items)) => {
+                let opts = super::eval::McOptions { max_len: 2048, batch: 16, progress: false };
+                Ok(super::eval::mc_eval(m, &tok, items, p, &opts)?.acc)
+            }
+            None => super::eval::token_accuracy(m, &test),
+        }
+    };
+    let (base_loss, base_ppl) = evaluate(&prepared.model, &test)?;
+    let base_accuracy = accuracy_of(&prepared.model)?;
+    let accuracy = if mc.is_some() { "multiple-choice acc (eval --task mc)" } else { "next-token top-1 accuracy" }.to_string();
+    log(format!("base model: held-out loss {base_loss:.4}, perplexity {base_ppl:.2}, accuracy {base_accuracy:.4} on {eval_counted} tokens (rates chosen on another {val_counted})"));
     let proxy = prepared.model.clone();
     let budget = trainable_count(&proxy, &lora)?;
     // Ranks: matched to LoRA's budget.
@@ -231,58 +400,108 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
             if let Some(&c) = cache.get(&r) {
                 return Ok(c);
             }
-            let c = trainable_count(&proxy, &settings_for(m, r)?)?;
+            let c = trainable_count(&proxy, &settings_for(m, r, 1e-3, o.seed)?)?;
             cache.insert(r, c);
             Ok(c)
         };
         let r = if o.no_budget_match || count(1)? == count(4 * rank)? { rank } else { closest_rank(budget, 4 * rank, &mut count)? };
         let c = count(r)?;
-        log(format!("{m}: rank {r}, {c} trainable values ({:.1}% of LoRA r={rank}'s {budget})", 100.0 * c as f64 / budget as f64));
+        log(format!(
+            "{m}: rank {r}, {c} trainable values ({:.1}% of LoRA r={rank}'s {budget}); learning rates {:?} × {seeds} seeds",
+            100.0 * c as f64 / budget as f64,
+            grid_of(m)
+        ));
         plan.push((m.clone(), r, c));
     }
     let mut results = Vec::new();
     let mut d_rows: HashMap<(usize, Target), (Vec<f64>, SpecRows)> = HashMap::new();
     let mut d_svd: HashMap<(usize, Target), Vec<f64>> = HashMap::new();
-    // Every method starts from the same frozen model, the same batch order and the same
-    // held-out batches: the one prepared run is reset between methods.
+    // Every run starts from the same frozen model and the same held-out batches; the batch order
+    // is the prepared one reshuffled by the run's seed.
     let start = prepared.train.state();
     for (m, r, c) in &plan {
-        let s = settings_for(m, *r)?;
-        log(format!("\n== {m} (rank {r}) =="));
-        let p = &mut prepared;
-        for l in &mut p.model.layers {
-            for t in Target::ALL {
-                l.linear_mut(t).adapter = None;
-            }
-        }
-        p.train.restore(&start)?;
-        p.eval.clone_from(&eval);
-        let report = run(&s, p, o.progress, log)?;
-        let (loss, ppl) = report.eval.ok_or_else(|| Error::invalid(OP, "no held-out evaluation"))?;
-        log(format!("{m}: held-out loss {loss:.4}, perplexity {ppl:.2} (base {base_ppl:.2}); {} steps in {:.0} s", report.steps, report.seconds));
-        for (li, layer) in p.model.layers.iter().enumerate() {
-            for t in Target::ALL {
-                match &layer.linear(t).adapter {
-                    Some(Adapter::SpecLora { d, rows, .. }) => {
-                        d_rows.insert((li, t), (d.to_vec_f64(), rows.clone()));
+        let mut grid = Vec::new();
+        let mut peak: Option<u64> = None;
+        // The first seed's learned d vectors and adapter folder at each rate (kept for the chosen one).
+        let mut firsts: Vec<(PathBuf, DRows, DSvd)> = Vec::new();
+        for lr in grid_of(m) {
+            let mut runs = Vec::new();
+            for si in 0..seeds {
+                let seed = o.seed + si as u64;
+                let s = settings_for(m, *r, lr, seed)?;
+                log(format!("\n== {m} (rank {r}), lr {lr:e}, seed {seed} =="));
+                let p = &mut prepared;
+                for l in &mut p.model.layers {
+                    for t in Target::ALL {
+                        l.linear_mut(t).adapter = None;
                     }
-                    Some(Adapter::SpecLoraSvd { d, .. }) => {
-                        d_svd.insert((li, t), d.to_vec_f64());
-                    }
-                    _ => {}
                 }
+                let mut st = start.clone();
+                st.seed = seed;
+                p.train.restore(&st)?;
+                p.eval.clone_from(&val);
+                let resettable = reset_peak_rss();
+                let report = run(&s, p, o.progress, log)?;
+                if resettable {
+                    peak = peak.max(crate::bench::peak_rss_bytes());
+                }
+                let (val_loss, _) = report.eval.ok_or_else(|| Error::invalid(OP, "no held-out evaluation"))?;
+                let (eval_loss, _) = evaluate(&p.model, &test)?;
+                let acc = accuracy_of(&p.model)?;
+                log(format!(
+                    "{m} lr {lr:e} seed {seed}: held-out loss {eval_loss:.4} (selection half {val_loss:.4}), accuracy {acc:.4}; {:.0} s",
+                    report.seconds
+                ));
+                if si == 0 {
+                    let (mut a, mut b) = (HashMap::new(), HashMap::new());
+                    for (li, layer) in p.model.layers.iter().enumerate() {
+                        for t in Target::ALL {
+                            match &layer.linear(t).adapter {
+                                Some(Adapter::SpecLora { d, rows, .. }) => {
+                                    a.insert((li, t), (d.to_vec_f64(), rows.clone()));
+                                }
+                                Some(Adapter::SpecLoraSvd { d, .. }) => {
+                                    b.insert((li, t), d.to_vec_f64());
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    firsts.push((report.adapter_dir.clone(), a, b));
+                }
+                runs.push(SeedRun { seed, val_loss, eval_loss, accuracy: acc, last_train_loss: report.last_loss, seconds: report.seconds });
             }
+            let (vm, vs) = mean_std(&runs.iter().map(|x| x.val_loss).collect::<Vec<_>>());
+            grid.push(GridPoint { lr, val_loss: vm, val_loss_std: vs, runs });
         }
+        // The rate with the lowest mean selection-half loss (a non-finite mean never wins).
+        let key = |g: &GridPoint| if g.val_loss.is_finite() { g.val_loss } else { f64::INFINITY };
+        let best = (0..grid.len()).fold(0, |a, i| if key(&grid[i]) < key(&grid[a]) { i } else { a });
+        let g = &grid[best];
+        let (el, es) = mean_std(&g.runs.iter().map(|x| x.eval_loss).collect::<Vec<_>>());
+        let (am, asd) = mean_std(&g.runs.iter().map(|x| x.accuracy).collect::<Vec<_>>());
+        let (tl, _) = mean_std(&g.runs.iter().map(|x| x.last_train_loss).collect::<Vec<_>>());
+        let (secs, _) = mean_std(&g.runs.iter().map(|x| x.seconds).collect::<Vec<_>>());
+        let (adapter_dir, a, b) = firsts.swap_remove(best);
+        d_rows.extend(a);
+        d_svd.extend(b);
+        log(format!("{m}: chose lr {:e}; held-out loss {el:.4} ± {es:.4}, accuracy {am:.4} ± {asd:.4} over {seeds} seeds", g.lr));
         results.push(MethodResult {
             method: m.clone(),
             rank: *r,
             trainable: *c,
             budget_ratio: *c as f64 / budget as f64,
-            eval_loss: loss,
-            eval_ppl: ppl,
-            last_train_loss: report.last_loss,
-            seconds: report.seconds,
-            adapter_dir: report.adapter_dir,
+            lr: g.lr,
+            eval_loss: el,
+            eval_loss_std: es,
+            eval_ppl: el.exp(),
+            accuracy: am,
+            accuracy_std: asd,
+            last_train_loss: tl,
+            seconds: secs,
+            peak_rss: peak,
+            adapter_dir,
+            grid,
         });
     }
     let (fidelity, fidelity_summary) = fidelity(&proxy, &d_rows, &d_svd, o.fidelity_layers.as_deref())?;
@@ -296,6 +515,11 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
         reference_rank: rank,
         base_loss,
         base_ppl,
+        base_accuracy,
+        accuracy,
+        seeds,
+        val_counted,
+        selected_on_reported,
         results,
         fidelity,
         fidelity_summary,
@@ -303,6 +527,9 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
     let text = serde_json::to_string_pretty(&report).map_err(|e| Error::invalid(OP, e.to_string()))?;
     std::fs::create_dir_all(&o.out).map_err(|e| Error::Io { path: o.out.clone(), source: e })?;
     crate::peft::io::write_atomic(&o.out.join("compare.json"), text.as_bytes())?;
+    if !o.no_plot {
+        plot(&report, &o.out.join("compare.png"))?;
+    }
     Ok(report)
 }
 
@@ -372,35 +599,62 @@ fn fidelity(
     Ok((rows, summary))
 }
 
-/// The comparison as text: the method table, then the fidelity tables.
+/// Bytes as MiB, or "-".
+fn mib(b: Option<u64>) -> String {
+    b.map(|b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)).unwrap_or_else(|| "-".into())
+}
+
+/// The comparison as text: the method table, the learning-rate sweeps, then the fidelity tables.
 pub fn render(r: &CompareReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "\ncompare on {} — {}", r.model, r.task);
     let _ = writeln!(
         out,
-        "{} steps of {} tokens each; held-out: {} tokens; budget: LoRA r={} = {} trainable values",
-        r.steps, r.tokens_per_step, r.eval_counted, r.reference_rank, r.budget
+        "{} steps of {} tokens each; {} seeds per learning rate; budget: LoRA r={} = {} trainable values",
+        r.steps, r.tokens_per_step, r.seeds, r.reference_rank, r.budget
     );
     let _ = writeln!(
         out,
-        "\n{:<16} {:>5} {:>12} {:>8}  {:>9} {:>10} {:>9}  {:>9}",
-        "method", "rank", "trainable", "budget", "eval loss", "perplexity", "Δ ppl", "time"
+        "held-out: rate chosen on {} tokens, reported on another {}{}; accuracy = {}; ± = sample std over seeds",
+        r.val_counted,
+        r.eval_counted,
+        if r.selected_on_reported { " (the same batch: too little held-out data)" } else { "" },
+        r.accuracy
     );
-    let _ = writeln!(out, "{}", "-".repeat(88));
-    let _ = writeln!(out, "{:<16} {:>5} {:>12} {:>8}  {:>9.4} {:>10.3} {:>9}  {:>9}", "base (none)", "-", 0, "-", r.base_loss, r.base_ppl, "-", "-");
+    let _ = writeln!(
+        out,
+        "\n{:<14} {:>4} {:>10} {:>7} {:>8}  {:>17} {:>9}  {:>17}  {:>8} {:>9}",
+        "method", "rank", "trainable", "budget", "lr", "held-out loss", "ppl", "accuracy", "time/run", "peak mem"
+    );
+    let _ = writeln!(out, "{}", "-".repeat(118));
+    let _ = writeln!(
+        out,
+        "{:<14} {:>4} {:>10} {:>7} {:>8}  {:>17.4} {:>9.3}  {:>17.4}  {:>8} {:>9}",
+        "base (none)", "-", 0, "-", "-", r.base_loss, r.base_ppl, r.base_accuracy, "-", "-"
+    );
     for m in &r.results {
         let _ = writeln!(
             out,
-            "{:<16} {:>5} {:>12} {:>7.1}%  {:>9.4} {:>10.3} {:>+9.3}  {:>8.0}s",
+            "{:<14} {:>4} {:>10} {:>6.1}% {:>8.0e}  {:>8.4} ± {:<6.4} {:>9.3}  {:>8.4} ± {:<6.4}  {:>7.1}s {:>9}",
             m.method,
             m.rank,
             m.trainable,
             100.0 * m.budget_ratio,
+            m.lr,
             m.eval_loss,
+            m.eval_loss_std,
             m.eval_ppl,
-            m.eval_ppl - r.base_ppl,
-            m.seconds
+            m.accuracy,
+            m.accuracy_std,
+            m.seconds,
+            mib(m.peak_rss)
         );
+    }
+    let _ = writeln!(out, "\nlearning-rate sweeps (selection-half loss, mean ± std over seeds; * = chosen)");
+    for m in &r.results {
+        let cells: Vec<String> =
+            m.grid.iter().map(|g| format!("{:.0e}: {:.4} ± {:.4}{}", g.lr, g.val_loss, g.val_loss_std, if g.lr == m.lr { "*" } else { "" })).collect();
+        let _ = writeln!(out, "{:<14} {}", m.method, cells.join("   "));
     }
     if r.fidelity.is_empty() {
         let _ = writeln!(out, "\n(no fidelity check: it needs both speclora and speclora-svd among --methods)");
@@ -440,4 +694,67 @@ pub fn render(r: &CompareReport) -> String {
         );
     }
     out
+}
+
+/// `compare.png`: held-out loss and accuracy per method (mean, with ± one std over seeds as error
+/// bars), the base model as a dashed line.
+pub fn plot(r: &CompareReport, path: &std::path::Path) -> Result<()> {
+    use crate::spectrum::plot::{register, render_png, FONT};
+    use plotters::prelude::*;
+    register()?;
+    let n = r.results.len();
+    let names: Vec<String> = r.results.iter().map(|m| m.method.clone()).collect();
+    let panels: [Panel<'_>; 2] = [
+        ("held-out loss (lower is better)", r.base_loss, r.results.iter().map(|m| (m.eval_loss, m.eval_loss_std)).collect()),
+        (r.accuracy.as_str(), r.base_accuracy, r.results.iter().map(|m| (m.accuracy, m.accuracy_std)).collect()),
+    ];
+    let title = format!("{} steps, {} seeds, matched budget (LoRA r={}): mean ± std at each method's chosen lr", r.steps, r.seeds, r.reference_rank);
+    render_png(path, |root| {
+        root.fill(&WHITE)?;
+        let root = root.titled(&title, (FONT, 22))?;
+        let areas = root.split_evenly((1, 2));
+        for (area, (label, base, vals)) in areas.iter().zip(&panels) {
+            let (mut lo, mut hi) = (*base, *base);
+            for &(m, s) in vals {
+                if m.is_finite() {
+                    lo = lo.min(m - s);
+                    hi = hi.max(m + s);
+                }
+            }
+            let pad = ((hi - lo) * 0.15).max(1e-3);
+            let mut chart = ChartBuilder::on(area)
+                .caption(*label, (FONT, 18))
+                .margin(16)
+                .x_label_area_size(70)
+                .y_label_area_size(70)
+                .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (lo - pad)..(hi + pad))?;
+            let fmt = |x: &f64| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
+                    names[i as usize].clone()
+                } else {
+                    String::new()
+                }
+            };
+            chart.configure_mesh().x_labels(n.max(1) * 4 + 1).x_label_formatter(&fmt).disable_x_mesh().label_style((FONT, 15)).draw()?;
+            chart
+                .draw_series(DashedLineSeries::new(vec![(-0.5, *base), (n as f64 - 0.5, *base)], 8, 5, ShapeStyle::from(&BLACK).stroke_width(1)))?
+                .label("base model")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+            let color = RGBColor(31, 119, 180);
+            // Error bars: a vertical line from mean − std to mean + std with short caps.
+            for (i, &(m, s)) in vals.iter().enumerate() {
+                let x = i as f64;
+                let style = ShapeStyle::from(&color).stroke_width(2);
+                chart.draw_series(std::iter::once(PathElement::new(vec![(x, m - s), (x, m + s)], style)))?;
+                for y in [m - s, m + s] {
+                    chart.draw_series(std::iter::once(PathElement::new(vec![(x - 0.08, y), (x + 0.08, y)], style)))?;
+                }
+            }
+            chart.draw_series(vals.iter().enumerate().map(|(i, &(m, _))| Circle::new((i as f64, m), 5, color.filled())))?;
+            chart.configure_series_labels().background_style(WHITE).border_style(BLACK).label_font((FONT, 14)).draw()?;
+        }
+        Ok(())
+    })
+    .map_err(|e| Error::invalid("compare plot", format!("{}: {e}", path.display())))
 }

@@ -7,7 +7,11 @@
 //!    - `{"text": "..."}`: causal language modelling on the whole text;
 //!    - `{"prompt": "...", "completion": "..."}`: the loss is taken on the completion only;
 //!    - `{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}`: the
-//!      model's chat template is applied and the loss is taken on the assistant answers only.
+//!      model's chat template is applied and the loss is taken on the assistant answers only;
+//!    - `{"query": "...", "choices": ["...", ...], "gold": i}` (multiple choice, the shape
+//!      `spectune eval --task mc` reads): trained as prompt = the query and completion =
+//!      `" " + choices[gold]` (the query's trailing whitespace moved to the completion, as the
+//!      evaluation splits it), so one file serves training and evaluation.
 //!
 //!    A `.txt` file is one [`Example::Text`]; a folder is every `.jsonl`, `.json` (JSONL) and `.txt`
 //!    file directly inside it, in file-name order. A bad line is an [`Error::Format`] naming the
@@ -101,8 +105,64 @@ impl DataFile {
     }
 }
 
-const SHAPES: &str =
-    r#"{"text": string}, {"prompt": string, "completion": string} or {"messages": [{"role": "system"|"user"|"assistant", "content": string}, ...]}"#;
+const SHAPES: &str = r#"{"text": string}, {"prompt": string, "completion": string}, {"messages": [{"role": "system"|"user"|"assistant", "content": string}, ...]} or {"query": string, "choices": [string, ...], "gold": int}"#;
+
+/// The multiple-choice line shape, for error messages.
+pub const MC_SHAPE: &str = r#"{"query": string, "choices": [string, ...], "gold": int (0-based index into choices)}"#;
+
+/// One multiple-choice question: the answer `choices[gold]` continues `query`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct McItem {
+    pub query: String,
+    pub choices: Vec<String>,
+    pub gold: usize,
+    /// The 1-based line it came from (0 when not from a file).
+    pub line: usize,
+}
+
+impl McItem {
+    /// The training example: prompt = the query without its trailing whitespace, completion =
+    /// that whitespace + `" " + choices[gold]` (the context/continuation split of evaluation).
+    pub fn to_example(&self) -> Example {
+        let trimmed = self.query.trim_end();
+        let completion = format!("{} {}", &self.query[trimmed.len()..], self.choices[self.gold]);
+        Example::PromptCompletion { prompt: trimmed.to_string(), completion }
+    }
+}
+
+/// A multiple-choice object to an [`McItem`] (`line` 0), or what is wrong with it: a missing or
+/// non-string `query`, `choices` missing, empty or not all strings, `gold` missing, not a
+/// non-negative integer, or out of range.
+pub fn parse_mc(obj: &serde_json::Map<String, Value>) -> std::result::Result<McItem, String> {
+    let query = match obj.get("query") {
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => return Err(format!("\"query\" must be a string, got {} (expected {MC_SHAPE})", json_kind(v))),
+        None => return Err(format!("missing \"query\" (expected {MC_SHAPE})")),
+    };
+    let choices = match obj.get("choices") {
+        Some(Value::Array(a)) if a.is_empty() => return Err(format!("\"choices\" is empty; expected at least one answer (expected {MC_SHAPE})")),
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match c {
+                Value::String(s) => Ok(s.clone()),
+                v => Err(format!("choices[{i}] must be a string, got {}", json_kind(v))),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?,
+        Some(v) => return Err(format!("\"choices\" must be an array of strings, got {} (expected {MC_SHAPE})", json_kind(v))),
+        None => return Err(format!("missing \"choices\" (expected {MC_SHAPE})")),
+    };
+    let gold = match obj.get("gold") {
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(g) if (g as usize) < choices.len() => g as usize,
+            Some(g) => return Err(format!("\"gold\" is {g}, out of range for {} choices (0-based: 0..={})", choices.len(), choices.len() - 1)),
+            None => return Err(format!("\"gold\" must be a non-negative integer index into choices, got {n}")),
+        },
+        Some(v) => return Err(format!("\"gold\" must be an integer index into choices, got {}", json_kind(v))),
+        None => return Err(format!("missing \"gold\" (the index of the right answer; expected {MC_SHAPE})")),
+    };
+    Ok(McItem { query, choices, gold, line: 0 })
+}
 
 fn is_jsonl(p: &Path) -> bool {
     p.extension().is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("json"))
@@ -112,11 +172,13 @@ fn is_txt(p: &Path) -> bool {
     p.extension().is_some_and(|e| e.eq_ignore_ascii_case("txt"))
 }
 
-fn read_text(path: &Path) -> Result<String> {
+/// A file's text (a leading BOM dropped). Not UTF-8: an error naming the line and byte offset.
+pub fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
-    let text = String::from_utf8(bytes).map_err(|e| Error::Format {
-        path: path.to_path_buf(),
-        msg: format!("not valid UTF-8 (first bad byte at offset {}); convert the file to UTF-8", e.utf8_error().valid_up_to()),
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        Error::Format { path: path.to_path_buf(), msg: format!("line {line}: not valid UTF-8 (first bad byte at offset {at}); convert the file to UTF-8") }
     })?;
     Ok(match text.strip_prefix('\u{feff}') {
         Some(rest) => rest.to_string(),
@@ -213,14 +275,21 @@ fn parse_line(line: &str) -> std::result::Result<Example, String> {
         return Err(format!("expected a JSON object ({SHAPES}), got {}", json_kind(&v)));
     };
     let has = |k: &str| obj.contains_key(k);
-    let shapes = [has("text"), has("prompt") || has("completion"), has("messages")];
+    let shapes = [has("text"), has("prompt") || has("completion"), has("messages"), has("query") || has("choices") || has("gold")];
     match shapes.iter().filter(|&&s| s).count() {
         0 => {
             let keys: Vec<&String> = obj.keys().collect();
             return Err(format!("expected {SHAPES}, got an object with keys {keys:?}"));
         }
         1 => {}
-        _ => return Err(format!("ambiguous example: use exactly one of \"text\", \"prompt\"/\"completion\" or \"messages\" (expected {SHAPES})")),
+        _ => {
+            return Err(format!(
+                "ambiguous example: use exactly one of \"text\", \"prompt\"/\"completion\", \"messages\" or \"query\"/\"choices\"/\"gold\" (expected {SHAPES})"
+            ))
+        }
+    }
+    if shapes[3] {
+        return Ok(parse_mc(&obj)?.to_example());
     }
     if shapes[0] {
         return Ok(Example::Text(string_field(&obj, "text", "")?));

@@ -5,6 +5,7 @@ pub mod compare;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod eval;
 pub mod run;
 
 use std::collections::BTreeMap;
