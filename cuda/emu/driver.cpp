@@ -15,6 +15,7 @@
 // real driver never reads; here they are checked against the kernel's `.entry` in the PTX and
 // against the host-compiled kernel's C++ signature, and pointer arguments must point into live
 // device memory (or be null).
+#include <ctype.h>
 #include <cuda.h>
 #include <signal.h>
 #include <stdio.h>
@@ -99,10 +100,7 @@ std::string describe_address(uintptr_t a, bool* in_guard) {
     *in_guard = false;
     std::lock_guard<std::mutex> g(g_mu);
     const Alloc* al = find_alloc_locked(a);
-    if (!al) {
-        // The nearest allocation below, for a hint.
-        return "not in any device allocation (a wild, freed or host pointer)";
-    }
+    if (!al) return "not in any device allocation (a wild, freed or host pointer)";
     if (a >= al->start && a < al->start + al->size) return "";
     *in_guard = true;
     if (a >= al->start + al->size)

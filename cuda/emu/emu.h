@@ -32,7 +32,10 @@ enum Status : int {
 Status fail(Status s, const std::string& detail);
 
 // Where `addr` lies relative to the device allocations (for fault messages); empty when it is
-// inside a live allocation. Async-signal-unsafe parts are avoided: it only reads the table.
+// inside a live allocation; `in_guard` tells whether it is in an allocation's guard page. The
+// fault handler calls it (taking the table's lock and allocating) before it leaves the kernel
+// with siglongjmp: not async-signal-safe in general, but the faulting kernel code holds no
+// lock and does not allocate.
 std::string describe_address(uintptr_t addr, bool* in_guard);
 // True when [p, p + n) lies inside one live allocation.
 bool is_device_range(uintptr_t p, size_t n);

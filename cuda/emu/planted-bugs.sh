@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# Shows that the emulated driver catches the three kinds of bug it exists for. Each bug is
-# planted by a one-line edit, the affected test is run under the emulation and must fail with
-# the expected message, and the file is restored (also on error or Ctrl-C):
+# Shows that the emulated driver catches the kinds of bug it exists for. Each bug is planted by a
+# small edit, the affected test is run under the emulation and must fail with the expected
+# message, and the file is restored (also on error or Ctrl-C):
 #
 #   1. off-by-one index in a kernel: rms_norm_fwd reads x[row·c + c] (`i <= c`)
 #      → the guard page after x: CUDA_ERROR_ILLEGAL_ADDRESS naming rms_norm_fwd
 #   2. missing __syncthreads: gemm_f32 computes from its shared tiles before all threads stored
 #      them → wrong products (the f32 matmul check fails)
-#   3. arguments swapped between Rust and a kernel: rms_norm_fwd gets (eps, c) for (int c, float
+#   3. a barrier in divergent code: rms_norm_fwd returns early for threads ≥ 32, the rest reach
+#      block_sum's __syncthreads → CUDA_ERROR_LAUNCH_FAILED naming the kernel
+#   4. a warp shuffle with a lane gone: attn_bwd_prep returns early for lane 5
+#      → CUDA_ERROR_LAUNCH_FAILED naming the kernel and the lane
+#   5. arguments swapped between Rust and a kernel: rms_norm_fwd gets (eps, c) for (int c, float
 #      eps) → the launch's signature check names the kernel and the parameter
 #
-#   cuda/emu/planted-bugs.sh      # about 5 minutes on 2 cores (bug 3 rebuilds the test binary)
+# Bugs 1-4 edit only cuda/*.cu, so only the emulated driver is rebuilt and the test binary built
+# from the clean tree runs them (the PTX it embeds is the clean one; under the emulation the PTX
+# supplies only the kernels' signatures, which these edits leave alone). Bug 5 edits Rust and
+# rebuilds the test binary.
+#
+#   cuda/emu/planted-bugs.sh      # about 6 minutes on 2 cores, most of it building the test binary
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 command -v nvcc >/dev/null || eval "$(cuda/install-toolkit.sh)"
@@ -49,12 +58,18 @@ open(path, "w").write(s.replace(old, new))
 EOF
 }
 
-# expect NAME TEST PATTERN: the test must fail and its output contain PATTERN.
+# expect NAME TEST PATTERN [rebuild]: the test must fail and its output contain PATTERN.
 ok=0
+clean_exe="$(test_binary)" # built from the unmodified tree
+[ -n "$clean_exe" ] || { echo "the test binary did not build" >&2; exit 1; }
+clean_copy="target/cuda-emu/backends-clean"
+cp "$clean_exe" "$clean_copy"
 expect() {
-    local name="$1" test="$2" pattern="$3" exe out
-    exe="$(test_binary)"
-    [ -n "$exe" ] || { echo "$name: the test binary did not build" | tee -a "$log"; return; }
+    local name="$1" test="$2" pattern="$3" exe="$clean_copy" out
+    if [ "${4:-}" = rebuild ]; then
+        exe="$(test_binary)"
+        [ -n "$exe" ] || { echo "$name: the test binary did not build" | tee -a "$log"; return; }
+    fi
     out="$(LD_LIBRARY_PATH="$PWD/target/cuda-emu/lib" "$exe" --ignored --exact "$test" 2>&1)"
     echo "$out" | grep -E "CUDA \(emulated\)|panicked|error" | head -5 | sed "s/^/  /" >>"$log"
     if echo "$out" | grep -q "test result: FAILED" && echo "$out" | grep -qE "$pattern"; then
@@ -82,16 +97,36 @@ cuda/emulate.sh build 2>/dev/null
 expect "missing __syncthreads" cuda::matmul "relative error"
 restore
 
-echo "== 3. (c, eps) passed as (eps, c) to rms_norm_fwd" | tee -a "$log"
+echo "== 3. __syncthreads in divergent code (rms_norm_fwd)" | tee -a "$log"
+plant cuda/norm.cu "    const long row = blockIdx.x;
+    const float* xr = x + row * c;
+    float ss = 0.f;" "    const long row = blockIdx.x;
+    if (threadIdx.x >= 32) return;
+    const float* xr = x + row * c;
+    float ss = 0.f;"
+cuda/emulate.sh build 2>/dev/null
+expect "divergent barrier" cuda::norm "CUDA_ERROR_LAUNCH_FAILED.*kernel rms_norm_fwd.*__syncthreads reached after 224 of the block's 256 threads returned"
+restore
+
+echo "== 4. a warp shuffle after a lane returned (attn_bwd_prep)" | tee -a "$log"
+plant cuda/attention.cu "    if (row >= rows) return;
+    float s = 0.f;" "    if (row >= rows || lane == 5) return;
+    float s = 0.f;"
+cuda/emulate.sh build 2>/dev/null
+expect "lane gone" cuda::attention "CUDA_ERROR_LAUNCH_FAILED.*kernel attn_bwd_prep.*lane 5 has already returned"
+restore
+
+echo "== 5. (c, eps) passed as (eps, c) to rms_norm_fwd" | tee -a "$log"
 plant src/backend/cuda/ops.rs "            Arg::I32(c as i32),
             Arg::F32(eps as f32),
         ]," "            Arg::F32(eps as f32),
             Arg::I32(c as i32),
         ],"
 cuda/emulate.sh build 2>/dev/null
-expect "argument order" cuda::norm "kernel rms_norm_fwd \(cuda/norm.cu\): parameter 4 is a 4-byte integer .*caller passed a 4-byte float"
+expect "argument order" cuda::norm "kernel rms_norm_fwd \(cuda/norm.cu\): parameter 4 is a 4-byte integer .*caller passed a 4-byte float" rebuild
 restore
 
 cuda/emulate.sh build 2>/dev/null
-echo "planted bugs caught: $ok of 3 (log: $log); every file restored" | tee -a "$log"
-[ "$ok" = 3 ]
+rm -f "$clean_copy"
+echo "planted bugs caught: $ok of 5 (log: $log); every file restored" | tee -a "$log"
+[ "$ok" = 5 ]
