@@ -935,6 +935,9 @@ pub fn merge_to_gguf(model: &Llama, src: &crate::io::gguf::GgufFile, out: &Path,
 /// [`merge_report`] (reloading `out`; with F16/BF16/Q8_0 weights the difference is that
 /// rounding, not an error). The summary's `tokenizer_files` is `["(GGUF metadata)"]`.
 pub fn merge_checkpoint_gguf(model_path: &Path, adapter_dir: &Path, out: &Path, ty: crate::io::gguf_write::GgmlType) -> Result<MergeSummary> {
+    if !out.extension().is_some_and(|e| e == "gguf") {
+        return Err(Error::invalid("spectune merge", format!("--format gguf writes one file: --out {} must end in .gguf", out.display())));
+    }
     let ck = Checkpoint::open(model_path)?;
     let Checkpoint::Gguf(src) = &ck else {
         return Err(Error::invalid(
