@@ -268,6 +268,8 @@ fn bad_inputs_are_errors() {
     std::fs::create_dir_all(&hf).unwrap();
     let e = merge_checkpoint_gguf(&hf, &dir.path().join("adapter"), &dir.path().join("m.gguf"), GgmlType::F16).unwrap_err().to_string();
     assert!(!e.is_empty());
+    let e = merge_checkpoint_gguf(&base_path, &dir.path().join("adapter"), &dir.path().join("merged"), GgmlType::F16).unwrap_err().to_string();
+    assert!(e.contains("must end in .gguf"), "{e}");
 }
 
 #[test]

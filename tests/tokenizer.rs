@@ -693,7 +693,7 @@ fn llamacpp_vocab_fixtures() {
         let model = root.join(format!("models/ggml-vocab-{name}.gguf"));
         let inp = std::fs::read_to_string(model.with_extension("gguf.inp")).unwrap();
         let out = std::fs::read_to_string(model.with_extension("gguf.out")).unwrap();
-        // As llama.cpp's test-tokenizer-0 reads them: a trailing separator ends the last string.
+        // As llama.cpp's own tokenizer test reads them: a trailing separator ends the last string.
         let mut texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
         if texts.last() == Some(&"") {
             texts.pop();

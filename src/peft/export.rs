@@ -429,7 +429,7 @@ fn qk_permutation(arch: &str, cfg: &LlamaConfig, t: Target, rows: usize, op: &'s
 }
 
 /// Writes the adapters of `model_with_adapters` as a llama.cpp LoRA adapter GGUF at `out`, the
-/// layout of llama.cpp's `convert_lora_to_gguf.py`, which `llama-cli`/`llama-perplexity --lora`
+/// layout of llama.cpp's own LoRA-to-GGUF converter, which `llama-cli`/`llama-perplexity --lora`
 /// load on the base GGUF:
 ///
 /// - metadata `general.architecture = arch` (the base model's llama.cpp architecture, which
@@ -935,12 +935,15 @@ pub fn merge_to_gguf(model: &Llama, src: &crate::io::gguf::GgufFile, out: &Path,
 /// [`merge_report`] (reloading `out`; with F16/BF16/Q8_0 weights the difference is that
 /// rounding, not an error). The summary's `tokenizer_files` is `["(GGUF metadata)"]`.
 pub fn merge_checkpoint_gguf(model_path: &Path, adapter_dir: &Path, out: &Path, ty: crate::io::gguf_write::GgmlType) -> Result<MergeSummary> {
+    if !out.extension().is_some_and(|e| e == "gguf") {
+        return Err(Error::invalid("spectune merge", format!("--format gguf writes one file: --out {} must end in .gguf", out.display())));
+    }
     let ck = Checkpoint::open(model_path)?;
     let Checkpoint::Gguf(src) = &ck else {
         return Err(Error::invalid(
             "spectune merge",
             format!(
-                "--format gguf needs a GGUF base model (its metadata and tokenizer are copied into the merged file); {} is not one: merge to an HF folder (--format hf) and convert that with llama.cpp's convert_hf_to_gguf.py",
+                "--format gguf needs a GGUF base model (its metadata and tokenizer are copied into the merged file); {} is not one: merge to an HF folder (--format hf) and convert that with llama.cpp's HF-to-GGUF converter",
                 model_path.display()
             ),
         ));
