@@ -6,7 +6,7 @@
 #
 # Usage: tests/llamacpp/build.sh [DIR]   (DIR defaults to $SPECTUNE_LLAMACPP_DIR,
 #        then ~/.cache/spectune/llamacpp). About 30-40 min on 2 cores, once.
-# Needs: python3 with pip (download only), curl, a C++17 compiler, cmake >= 3.14
+# Needs: python3 with pip (download only), a C++17 compiler, cmake >= 3.14
 # (Debian: apt-get install cmake).
 # Afterwards: export SPECTUNE_LLAMACPP=DIR/llama_cpp_python-0.3.36/vendor/llama.cpp
 # Note: with GGML_NATIVE on a CPU that reports AMX (seen in a VM), llama.cpp's AMX matmul path
@@ -20,12 +20,9 @@ mkdir -p "$DIR"
 cd "$DIR"
 SDIST=llama_cpp_python-$VERSION.tar.gz
 if [ ! -f "$SDIST" ]; then
-  # `pip download --no-binary :all:` would try to build the package's metadata
-  # (needs scikit-build-core); ask the index for the sdist's URL instead.
-  URL=$(curl -fsSL -H "Accept: application/vnd.pypi.simple.v1+json" \
-      https://pypi.org/simple/llama-cpp-python/ |
-    "$PY" -c "import json,sys; print(next(f['url'] for f in json.load(sys.stdin)['files'] if f['filename'] == '$SDIST'))")
-  curl -fsSLO "$URL"
+  # A plain `pip download` fetches the sdist (its metadata step installs only the pure-Python
+  # build backend); `--no-binary :all:` would also build cmake itself from source.
+  "$PY" -m pip download --no-deps --disable-pip-version-check -q -d . "llama-cpp-python==$VERSION"
 fi
 [ -d "llama_cpp_python-$VERSION" ] || tar xzf "$SDIST"
 SRC=$DIR/llama_cpp_python-$VERSION/vendor/llama.cpp
