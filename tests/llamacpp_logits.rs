@@ -12,12 +12,13 @@
 //! argmax agrees, and KL(p_llama.cpp ‖ p_spectune) of the softmax. llama.cpp runs twice: with
 //! its default f16 KV cache and with an f32 one.
 //!
-//! Why they are not equal: for K-quant (Q4_K, Q6_K) weights llama.cpp's CPU kernels quantize the
-//! activation row to Q8_K (per 256 values: one f32 scale, i8 values) and for Q5_0/Q8_0 to Q8_0
-//! (per 32 values: an f16 scale, i8 values), then take integer dot products; spectune
-//! dequantizes the weight tile to f32 and multiplies with f32 activations. Rounding an
-//! activation x to i8 on a block of max |x| = m errs by up to m/254 per value, so each matmul
-//! output carries a relative error of order 1/254/√(block) … 1/254, compounding over 24 layers.
+//! Why they are not equal: in this file most matrices are Q5_0 or Q8_0 (rows of 896 are not
+//! whole 256-blocks), only ffn_down is Q4_K/Q6_K. For Q5_0/Q8_0 weights llama.cpp's CPU kernels
+//! quantize the activation row to Q8_0 (per 32 values: an f16 scale, i8 values), for Q4_K/Q6_K
+//! to Q8_K (per 256 values: an f32 scale, i8 values), then take integer dot products; spectune
+//! dequantizes the weight tile to f32 and multiplies with f32 activations. Rounding to i8 on a
+//! block of max |x| = m errs by up to m/254 per value. An F16 copy of the same dequantized
+//! weights (llama.cpp then rounds activations to f16 instead) is the control.
 
 use spectune::io::gguf_write::GgmlType;
 use spectune::io::Checkpoint;
@@ -126,8 +127,12 @@ fn qwen2_q4km_logits_match_llamacpp() {
     assert_eq!(v, m.cfg.vocab_size);
 
     // 1. The Q4_K_M file itself, with llama.cpp's default (f16) attention and with f32 attention.
-    let default = summarize("Q4_K_M, llama.cpp defaults (f16 KV, flash attention)", &ours, &llamacpp_logits(&tool, &model, &ids, "f16", dir.path()), n, v);
-    let q4 = summarize("Q4_K_M, f32 attention", &ours, &llamacpp_logits(&tool, &model, &ids, "f32", dir.path()), n, v);
+    let theirs_default = llamacpp_logits(&tool, &model, &ids, "f16", dir.path());
+    let theirs_f32 = llamacpp_logits(&tool, &model, &ids, "f32", dir.path());
+    let default = summarize("Q4_K_M, llama.cpp defaults (f16 KV, flash attention)", &ours, &theirs_default, n, v);
+    let q4 = summarize("Q4_K_M, f32 attention", &ours, &theirs_f32, n, v);
+    // llama.cpp against itself (defaults vs f32 attention): how far its own rounding moves it.
+    let own = summarize("llama.cpp defaults vs llama.cpp f32 attention", &theirs_default.iter().map(|&x| x as f64).collect::<Vec<_>>(), &theirs_f32, n, v);
     // 2. Control: the same weights dequantized by spectune and written as F16. llama.cpp's F16
     //    matmul rounds activations to f16 (11-bit significand) instead of 8-bit blocks, so if
     //    the Q4_K_M gap is the Q8_K/Q8_0 activation rounding, it shrinks here.
@@ -135,7 +140,7 @@ fn qwen2_q4km_logits_match_llamacpp() {
     let f16 = dir.path().join("dequantized-f16.gguf");
     merge_to_gguf(&m, g, &f16, GgmlType::F16).unwrap();
     let control = summarize("dequantized to F16, f32 attention", &ours, &llamacpp_logits(&tool, &f16, &ids, "f32", dir.path()), n, v);
-    eprintln!("\n{}\n{}\n{}", default.line, q4.line, control.line);
+    eprintln!("\n{}\n{}\n{}\n{}", default.line, q4.line, own.line, control.line);
 
     // The tolerance (see docs/ARCHITECTURE.md, GGUF): what 8-bit activation blocks explain.
     let mut failures = Vec::new();
