@@ -348,16 +348,7 @@ impl Tokenizer {
         }
         inner.with_decoder(Some(ByteLevel::new(false, true, true)));
 
-        let special: Vec<AddedToken> = (0..n)
-            .filter(|&i| ttype(i) == TOKEN_TYPE_CONTROL && !vocab.tokens[i].is_empty())
-            .map(|i| AddedToken::from(vocab.tokens[i].clone(), true).normalized(false))
-            .collect();
-        let user: Vec<AddedToken> = (0..n)
-            .filter(|&i| ttype(i) == TOKEN_TYPE_USER_DEFINED && !vocab.tokens[i].is_empty())
-            .map(|i| AddedToken::from(vocab.tokens[i].clone(), false).normalized(false))
-            .collect();
-        inner.add_special_tokens(&special);
-        inner.add_tokens(&user);
+        add_vocab_tokens(&mut inner, vocab, |ty| ty == TOKEN_TYPE_CONTROL);
 
         let named = |id: Option<u32>| id.map(|id| (vocab.tokens[id as usize].clone(), id));
         let (bos, eos) = (named(vocab.bos_id), named(vocab.eos_id));
@@ -446,16 +437,7 @@ impl Tokenizer {
             decoders.push(tokenizers::decoders::strip::Strip::new(' ', 1, 0).into());
         }
         inner.with_decoder(Some(tokenizers::decoders::sequence::Sequence::new(decoders)));
-        let special: Vec<AddedToken> = (0..n)
-            .filter(|&i| matches!(ttype(i), TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL) && !vocab.tokens[i].is_empty())
-            .map(|i| AddedToken::from(vocab.tokens[i].clone(), true).normalized(false))
-            .collect();
-        let user: Vec<AddedToken> = (0..n)
-            .filter(|&i| ttype(i) == TOKEN_TYPE_USER_DEFINED && !vocab.tokens[i].is_empty())
-            .map(|i| AddedToken::from(vocab.tokens[i].clone(), false).normalized(false))
-            .collect();
-        inner.add_special_tokens(&special);
-        inner.add_tokens(&user);
+        add_vocab_tokens(&mut inner, vocab, |ty| matches!(ty, TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL));
 
         let named = |id: Option<u32>| id.map(|id| (vocab.tokens[id as usize].clone(), id));
         let (bos, eos) = (named(vocab.bos_id), named(vocab.eos_id));
@@ -733,6 +715,22 @@ fn template_from_json(v: &serde_json::Value) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// Registers a GGUF vocabulary's non-empty tokens whose type `is_special` accepts as special
+/// (never split, skipped when decoding) and its user-defined tokens as plain added tokens; a
+/// missing type reads as normal (1), as llama.cpp does.
+fn add_vocab_tokens(inner: &mut tokenizers::Tokenizer, vocab: &GgufVocab, is_special: impl Fn(i32) -> bool) {
+    let ttype = |i: usize| vocab.token_types.get(i).copied().unwrap_or(1);
+    let n = vocab.tokens.len();
+    let added = |keep: &dyn Fn(i32) -> bool, special: bool| -> Vec<AddedToken> {
+        (0..n)
+            .filter(|&i| keep(ttype(i)) && !vocab.tokens[i].is_empty())
+            .map(|i| AddedToken::from(vocab.tokens[i].clone(), special).normalized(false))
+            .collect()
+    };
+    inner.add_special_tokens(&added(&is_special, true));
+    inner.add_tokens(&added(&|ty| ty == TOKEN_TYPE_USER_DEFINED, false));
 }
 
 fn named_id(inner: &tokenizers::Tokenizer, name: Option<&String>) -> Option<(String, u32)> {
