@@ -31,3 +31,18 @@ extern "C" __global__ void rms_norm_bwd(float* __restrict__ dx, float* __restric
     if (dw)
         for (int i = threadIdx.x; i < c; i += blockDim.x) atomicAdd(&dw[i], gr[i] * xr[i] * r);
 }
+
+// dx from the output y = x̂ ⊙ w instead of x (w frozen, no zero entry): x̂ = y / w and
+// g ⊙ x̂ = dy ⊙ y, so dx = r·(dy ⊙ w − (y / w)·mean(dy ⊙ y)).
+extern "C" __global__ void rms_norm_bwd_from_y(float* __restrict__ dx, const float* __restrict__ dy, const float* __restrict__ y,
+                                               const float* __restrict__ w, const float* __restrict__ rstd, int c) {
+    __shared__ float scratch[32];
+    const long row = blockIdx.x;
+    const float* yr = y + row * c;
+    const float* gr = dy + row * c;
+    const float r = rstd[row];
+    float s = 0.f;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) s += gr[i] * yr[i];
+    float mean = block_sum(s, scratch) / c;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) dx[row * c + i] = r * (gr[i] * w[i] - yr[i] / w[i] * mean);
+}

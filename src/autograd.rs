@@ -15,7 +15,6 @@
 //! - A graph is played once: each backward step is consumed (and its saved tensors freed) as it
 //!   runs, like PyTorch's `retain_graph=False`.
 
-use rayon::prelude::*;
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -126,34 +125,14 @@ fn add_grads(acc: Tensor, g: &Tensor) -> Result<Tensor> {
     if acc.shape() != g.shape() || acc.dtype() != g.dtype() {
         return Err(Error::Autograd(format!("cannot accumulate a {} {} gradient into a {} {} one", g.dtype(), g.shape(), acc.dtype(), acc.shape())));
     }
-    #[cfg(feature = "cuda")]
-    if acc.device() == crate::device::Device::Cuda {
-        use crate::backend::cuda::ops as dev;
-        if !acc.same_storage(g) && acc.is_exclusive() {
-            dev::add_inplace(&acc, g)?;
-            return Ok(acc);
-        }
-        return dev::add_new(&acc, g);
+    let k = crate::backend::kernels_for("accumulate", &[("gradient", &acc), ("added gradient", g)])?;
+    if !acc.same_storage(g) && acc.is_exclusive() {
+        k.add_assign(&mut acc.write(), &g.read(), "accumulate")?;
+        return Ok(acc);
     }
-    with_float!(acc.dtype(), "accumulate", |T| {
-        let gv = g.read();
-        let gs = gv.slice::<T>().ok_or_else(|| Error::Autograd("gradient is not host memory".into()))?;
-        let exclusive = !acc.same_storage(g) && acc.is_exclusive();
-        if exclusive {
-            {
-                let mut w = acc.write();
-                let a = w.slice_mut::<T>().ok_or_else(|| Error::Autograd("gradient is not host memory".into()))?;
-                // a += g, chunked over the pool (gradients of activations are megabytes).
-                a.par_chunks_mut(1 << 16).zip(gs.par_chunks(1 << 16)).for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, b)| *a += *b));
-            }
-            Ok(acc)
-        } else {
-            let av = acc.read();
-            let a = av.slice::<T>().ok_or_else(|| Error::Autograd("gradient is not host memory".into()))?;
-            let sum: Vec<T> = a.par_iter().zip(gs.par_iter()).map(|(a, b)| *a + *b).collect();
-            Tensor::from_vec(sum, acc.shape().clone())
-        }
-    })
+    let mut sum = k.zeros(acc.dtype(), acc.numel(), "accumulate")?;
+    k.add(&mut sum, &acc.read(), &g.read(), "accumulate")?;
+    Ok(Tensor::from_storage(sum, acc.shape().clone()))
 }
 
 thread_local! {

@@ -1,11 +1,8 @@
 //! Devices and the one place that dispatches a kernel call.
 //!
-//! Two dispatches happen here. By compute dtype: `with_float!` turns a runtime
-//! [`DType`](crate::DType) into the `T: Float` a generic CPU kernel in [`crate::backend::cpu`] is
-//! instantiated with. By device: [`on_cuda`] tells an op that its inputs live on the GPU, and the
-//! op hands over to its device path in `backend::cuda::ops` (feature `cuda`); every input of one
-//! op must then be on the device (the device path returns an error naming the argument that is
-//! not).
+//! [`Device`] names where a tensor's storage lives; [`crate::backend::kernels`] maps it to that
+//! device's kernels (the one place that decides CPU or CUDA). `with_float!` turns a runtime
+//! [`DType`](crate::DType) into the `T: Float` a generic CPU kernel is instantiated with.
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -31,15 +28,7 @@ impl Device {
     /// Checks that the device can be used: always for the CPU; for CUDA, that spectune was built
     /// with `--features cuda` and a device initializes.
     pub fn ensure_available(self) -> Result<()> {
-        match self {
-            Device::Cpu => Ok(()),
-            #[cfg(feature = "cuda")]
-            Device::Cuda => crate::backend::cuda::gpu().map(|_| ()),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda => {
-                Err(Error::Cuda { op: "device".into(), msg: "spectune was built without the `cuda` feature (cargo build --release --features cuda)".into() })
-            }
-        }
+        crate::backend::kernels(self).map(|_| ())
     }
 }
 

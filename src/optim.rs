@@ -18,9 +18,8 @@
 //! trainable leaves: frozen weights are refused, so they never get moments.
 
 use crate::autograd::GradStore;
-use crate::backend::cpu;
+use crate::backend::AdamWStep;
 use crate::device::with_float;
-use crate::dtype::Float;
 use crate::error::{Error, Result};
 use crate::storage::{host_from_vec, Storage};
 use crate::tensor::Tensor;
@@ -80,15 +79,9 @@ struct Slot {
 
 impl Slot {
     fn zeros(param: Tensor) -> Result<Slot> {
-        let n = param.numel();
-        #[cfg(feature = "cuda")]
-        if param.device() == crate::device::Device::Cuda {
-            use crate::backend::cuda::DeviceBuf;
-            let (m, v) = (DeviceBuf::zeros(crate::DType::F32, n, "AdamW::new")?, DeviceBuf::zeros(crate::DType::F32, n, "AdamW::new")?);
-            return Ok(Slot { param, step: 0, m: Storage::Cuda(m), v: Storage::Cuda(v), decay: true });
-        }
-        let (m, v) = with_float!(param.dtype(), "AdamW::new", |T| { Ok((host_from_vec(vec![T::ZERO; n]), host_from_vec(vec![T::ZERO; n]))) })?;
-        Ok(Slot { param, step: 0, m: Storage::Host(m), v: Storage::Host(v), decay: true })
+        let (n, k) = (param.numel(), crate::backend::kernels(param.device())?);
+        let (m, v) = (k.zeros(param.dtype(), n, "AdamW::new")?, k.zeros(param.dtype(), n, "AdamW::new")?);
+        Ok(Slot { param, step: 0, m, v, decay: true })
     }
 
     fn describe(&self, index: usize) -> String {
@@ -210,56 +203,23 @@ impl AdamW {
             if g.dtype() != s.param.dtype() {
                 return Err(Error::dtype(OP, "gradient", format!("{} for {}", s.param.dtype(), s.describe(i)), g.dtype()));
             }
-            let finite = if g.device() == crate::device::Device::Cuda {
-                grad_sum_sq(g)?.is_finite()
-            } else {
-                with_float!(g.dtype(), OP, |T| { Ok(all_finite::<T>(&g.read())) })?
-            };
+            let finite = crate::backend::kernels(g.device())?.all_finite(&g.read(), OP)?;
             if !finite {
                 return Err(Error::NonFinite { op: OP, what: format!("the gradient of {}", s.describe(i)) });
             }
         }
         let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.config;
-        for (i, s) in self.slots.iter_mut().enumerate() {
+        for s in self.slots.iter_mut() {
             let Some(g) = grads.get(&s.param) else {
                 continue;
             };
             let t = s.step + 1;
-            let what = describe(i, &s.param);
-            #[cfg(feature = "cuda")]
-            if let (Storage::Cuda(m), Storage::Cuda(v)) = (&s.m, &s.v) {
-                let wd = if s.decay { weight_decay } else { 0.0 };
-                crate::backend::cuda::ops::adamw_step(&s.param, m, v, g, lr, beta1, beta2, eps, wd, t)?;
-                s.step = t;
-                continue;
-            }
-            with_float!(s.param.dtype(), OP, |T| {
-                let host = || Error::dtype(OP, "param", format!("host {}", T::DTYPE), format!("{what} (not host memory)"));
-                let m = s.m.slice_mut::<T>().ok_or_else(host)?;
-                let v = s.v.slice_mut::<T>().ok_or_else(host)?;
-                // A gradient sharing the parameter's storage cannot be read while the parameter is
-                // locked for writing, and a gradient not stored as [T] must be converted: copy those.
-                let copied: Vec<T>;
-                let guard;
-                let gs: &[T] = if g.same_storage(&s.param) {
-                    copied = g.to_vec::<T>();
-                    &copied
-                } else {
-                    guard = g.read();
-                    match guard.slice::<T>() {
-                        Some(x) => x,
-                        None => {
-                            copied = g.to_vec::<T>();
-                            &copied
-                        }
-                    }
-                };
-                let mut pw = s.param.write();
-                let p = pw.slice_mut::<T>().ok_or_else(host)?;
-                let wd = if s.decay { weight_decay } else { 0.0 };
-                cpu::adamw_step(p, m, v, gs, lr, beta1, beta2, eps, wd, t);
-                Ok(())
-            })?;
+            let h = AdamWStep { lr, beta1, beta2, eps, weight_decay: if s.decay { weight_decay } else { 0.0 }, step: t };
+            let k = crate::backend::kernels_for(OP, &[("param", &s.param), ("gradient", g)])?;
+            // A gradient sharing the parameter's storage cannot be read while the parameter is
+            // locked for writing: update from a copy then.
+            let g = if g.same_storage(&s.param) { Tensor::from_storage(k.upload(&g.read(), g.dtype(), OP)?, g.shape().clone()) } else { g.clone() };
+            k.adamw_step(&mut s.param.write(), &mut s.m, &mut s.v, &g.read(), &h)?;
             s.step = t;
         }
         self.step += 1;
@@ -309,14 +269,9 @@ impl AdamW {
                 let conv = |x: &[f64]| host_from_vec(x.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>());
                 Ok((conv(&ps.m), conv(&ps.v)))
             })?;
-            #[cfg(feature = "cuda")]
-            if s.param.device() == crate::device::Device::Cuda {
-                use crate::backend::cuda::DeviceBuf;
-                let up = |x: &[f64]| DeviceBuf::from_f32(&x.iter().map(|&x| x as f32).collect::<Vec<f32>>(), OP);
-                fresh.push((Storage::Cuda(up(&ps.m)?), Storage::Cuda(up(&ps.v)?), ps.step));
-                continue;
-            }
-            fresh.push((Storage::Host(m), Storage::Host(v), ps.step));
+            let k = crate::backend::kernels(s.param.device())?;
+            let (m, v) = (k.upload(&Storage::Host(m), s.param.dtype(), OP)?, k.upload(&Storage::Host(v), s.param.dtype(), OP)?);
+            fresh.push((m, v, ps.step));
         }
         for (s, (m, v, step)) in self.slots.iter_mut().zip(fresh) {
             s.m = m;
@@ -325,30 +280,6 @@ impl AdamW {
         }
         self.step = state.step;
         Ok(())
-    }
-}
-
-fn all_finite<T: Float>(s: &Storage) -> bool {
-    match s.slice::<T>() {
-        Some(x) => x.iter().all(|v| v.is_finite()),
-        None => {
-            let mut x = vec![T::ZERO; s.len()];
-            s.read_into(0, &mut x);
-            x.iter().all(|v| v.is_finite())
-        }
-    }
-}
-
-/// Sum of squares of `s` in f64.
-fn sum_sq<T: Float>(s: &Storage) -> f64 {
-    let sq = |x: &[T]| x.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>();
-    match s.slice::<T>() {
-        Some(x) => sq(x),
-        None => {
-            let mut x = vec![T::ZERO; s.len()];
-            s.read_into(0, &mut x);
-            sq(&x)
-        }
     }
 }
 
@@ -370,7 +301,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, max_norm: f64) -> Result<f64> {
     for (_, g) in grads.iter() {
         let ss = grad_sum_sq(g)?;
         if !ss.is_finite() {
-            let finite = with_float!(g.dtype(), OP, |T| { Ok(all_finite::<T>(&g.read())) })?;
+            let finite = crate::backend::kernels(g.device())?.all_finite(&g.read(), OP)?;
             let what = if finite { format!("the norm of a {} gradient (overflow)", g.shape()) } else { format!("a {} {} gradient", g.shape(), g.dtype()) };
             return Err(Error::NonFinite { op: OP, what });
         }
@@ -398,32 +329,21 @@ pub fn clip_grad_norm(grads: &mut GradStore, max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
-/// Σ g² in f64 (on the device for a device gradient).
+/// Σ g² in f64, on the gradient's device.
 fn grad_sum_sq(g: &Tensor) -> Result<f64> {
-    #[cfg(feature = "cuda")]
-    if g.device() == crate::device::Device::Cuda {
-        return crate::backend::cuda::ops::reduce_sum_value(g, true, "clip_grad_norm");
-    }
-    with_float!(g.dtype(), "clip_grad_norm", |T| { Ok(sum_sq::<T>(&g.read())) })
+    crate::backend::kernels(g.device())?.sum_squares(&g.read(), "clip_grad_norm")
 }
 
-/// `c·g`: in place when `g` is exclusively owned host memory, otherwise a new tensor.
+/// `c·g`: in place when the store holds the only handle on `g`'s storage, otherwise a new tensor.
 fn scale_grad(g: &Tensor, c: f64) -> Result<Tensor> {
-    if g.device() == crate::device::Device::Cuda {
-        return crate::autograd::no_grad(|| crate::ops::scale(&g.detach(), c));
+    let k = crate::backend::kernels(g.device())?;
+    if g.is_exclusive() {
+        k.scale_assign(&mut g.write(), c, "clip_grad_norm")?;
+        return Ok(g.clone());
     }
-    with_float!(g.dtype(), "clip_grad_norm", |T| {
-        if g.is_exclusive() {
-            let mut w = g.write();
-            if let Some(s) = w.slice_mut::<T>() {
-                s.iter_mut().for_each(|x| *x = T::from_f64(x.to_f64() * c));
-                drop(w);
-                return Ok(g.clone());
-            }
-        }
-        let v: Vec<T> = g.to_vec::<T>().into_iter().map(|x| T::from_f64(x.to_f64() * c)).collect();
-        Tensor::from_vec(v, g.shape().clone())
-    })
+    let mut copy = k.upload(&g.read(), g.dtype(), "clip_grad_norm")?;
+    k.scale_assign(&mut copy, c, "clip_grad_norm")?;
+    Ok(Tensor::from_storage(copy, g.shape().clone()))
 }
 
 /// A learning-rate schedule: the rate for optimizer step `step` (counting from 0) given the base

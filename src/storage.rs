@@ -91,8 +91,8 @@ pub enum Storage {
         numel: usize,
         rows: Option<RowMap>,
     },
-    #[cfg(feature = "cuda")]
-    Cuda(crate::backend::cuda::DeviceBuf),
+    /// A device buffer (only constructible with the `cuda` feature).
+    Cuda(crate::backend::DeviceBuf),
 }
 
 /// Reinterprets little-endian bytes as `[T]` when the dtype matches and the address is aligned.
@@ -111,7 +111,6 @@ impl Storage {
         match self {
             Storage::Host(h) => h.dtype(),
             Storage::Mapped { dtype, .. } => *dtype,
-            #[cfg(feature = "cuda")]
             Storage::Cuda(b) => b.dtype(),
         }
     }
@@ -120,7 +119,6 @@ impl Storage {
         match self {
             Storage::Host(h) => h.len(),
             Storage::Mapped { numel, .. } => *numel,
-            #[cfg(feature = "cuda")]
             Storage::Cuda(b) => b.numel(),
         }
     }
@@ -147,7 +145,6 @@ impl Storage {
 
     /// As [`Storage::read_into`], with a failed device-to-host copy returned as an error.
     pub fn try_read_into<T: Float>(&self, start: usize, out: &mut [T]) -> crate::error::Result<()> {
-        #[cfg(feature = "cuda")]
         if let Storage::Cuda(b) = self {
             let v = b.to_f32()?;
             let end = start + out.len();
@@ -162,9 +159,9 @@ impl Storage {
     /// for frozen weights stored as bf16/f16 (or f32 read by an f64 kernel). The caller checks
     /// the range against `len()`.
     ///
-    /// Device storage (feature `cuda`) is copied back whole first; if that copy fails this
-    /// panics — code that may see device tensors (checkpoints, optimizer state, `Tensor::item`)
-    /// calls [`Storage::try_read_into`] instead.
+    /// Device storage (feature `cuda`) is copied back whole first; if that copy fails `out` is
+    /// filled with NaN — code that may see device tensors (checkpoints, optimizer state,
+    /// `Tensor::item`) calls [`Storage::try_read_into`] instead, which returns the error.
     pub fn read_into<T: Float>(&self, start: usize, out: &mut [T]) {
         let end = start + out.len();
         if let Some(s) = self.slice::<T>() {
@@ -192,7 +189,6 @@ impl Storage {
             }
             // Device memory: copied back whole (host reads of device tensors are for tests,
             // logging and checkpoints, never for the training step itself).
-            #[cfg(feature = "cuda")]
             Storage::Cuda(_) => {
                 if let Err(e) = self.try_read_into(start, out) {
                     panic!("reading a device tensor back to the host failed: {e}");
@@ -222,7 +218,6 @@ impl Storage {
             Storage::Host(HostData::BF16(v)) => v.as_ptr() as *const u8,
             Storage::Host(HostData::F16(v)) => v.as_ptr() as *const u8,
             Storage::Mapped { bytes, .. } => bytes.as_ptr(),
-            #[cfg(feature = "cuda")]
             Storage::Cuda(b) => b.ptr() as *const u8,
         }
     }

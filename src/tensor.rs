@@ -141,7 +141,6 @@ impl Tensor {
                 let composed: Vec<u32> = perm.iter().map(|&p| m.perm[p as usize]).collect();
                 Storage::Mapped { bytes: bytes.clone(), dtype: *dtype, numel: *numel, rows: Some(RowMap { row_len: cols, perm: composed.into() }) }
             }
-            #[cfg(feature = "cuda")]
             Storage::Cuda(_) => return Err(Error::invalid(OP, "permute the rows before moving the tensor to the device")),
             Storage::Host(h) => {
                 fn gather<E: Copy>(v: &[E], perm: &[u32], cols: usize) -> Vec<E> {
@@ -161,31 +160,18 @@ impl Tensor {
     /// Marks this tensor's values as a trainable leaf (an adapter parameter). Returns a new handle
     /// (fresh id) sharing the storage. Only host tensors of a compute dtype can be trained.
     pub fn param(&self) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if let Storage::Cuda(b) = &*self.read() {
-            if self.dtype() != DType::F32 {
-                return Err(Error::dtype("Tensor::param", "tensor", "f32 on the device", self.dtype()));
-            }
-            let copy = b.duplicate("Tensor::param")?;
-            return Ok(Self::from_storage(Storage::Cuda(copy), self.shape().clone()).relink(GradLink::Leaf));
-        }
-        if !self.dtype().is_compute() || self.read().is_mapped() {
+        let mapped = self.read().is_mapped();
+        if !self.dtype().is_compute() || mapped {
             return Err(Error::dtype(
                 "Tensor::param",
                 "tensor",
-                "host f32 or f64",
-                format!("{} ({})", self.dtype(), if self.read().is_mapped() { "mapped" } else { "host" }),
+                "f32 or f64 in host or device memory",
+                format!("{} ({})", self.dtype(), if mapped { "mapped" } else { "stored" }),
             ));
         }
-        let data = self.read_storage_clone();
-        Ok(Self::from_storage(Storage::Host(data), self.shape().clone()).relink(GradLink::Leaf))
-    }
-
-    fn read_storage_clone(&self) -> HostData {
-        match &*self.read() {
-            Storage::Host(h) => h.clone(),
-            _ => unreachable!("checked by caller"),
-        }
+        // A copy on the tensor's own device: the parameter never shares storage with the input.
+        let data = crate::backend::kernels(self.device())?.upload(&self.read(), self.dtype(), "Tensor::param")?;
+        Ok(Self::from_storage(data, self.shape().clone()).relink(GradLink::Leaf))
     }
 
     /// A handle on the same storage that does not take part in autograd.
@@ -277,7 +263,6 @@ impl Tensor {
 
     /// Where the elements live.
     pub fn device(&self) -> crate::device::Device {
-        #[cfg(feature = "cuda")]
         if matches!(&*self.read(), Storage::Cuda(_)) {
             return crate::device::Device::Cuda;
         }
@@ -303,48 +288,12 @@ impl Tensor {
     /// usually uploaded as bf16, converted a tile at a time from whatever the checkpoint stores);
     /// f32/f64 on the CPU.
     pub fn to_device_as(&self, device: crate::device::Device, dtype: DType) -> Result<Tensor> {
-        use crate::device::Device;
         let link = if self.is_param() { GradLink::Leaf } else { GradLink::None };
-        match device {
-            Device::Cpu => {
-                if self.device() == Device::Cpu && self.dtype() == dtype && !self.is_param() {
-                    return Ok(self.clone());
-                }
-                let data = match dtype {
-                    DType::F32 => host_from_vec(self.to_vec::<f32>()),
-                    DType::F64 => host_from_vec(self.to_vec::<f64>()),
-                    DType::BF16 => HostData::BF16(self.to_vec::<f32>().into_iter().map(half::bf16::from_f32).collect()),
-                    other => return Err(Error::dtype("Tensor::to_device", "dtype", "f32, f64 or bf16 on the CPU", other)),
-                };
-                Ok(Self::from_storage(Storage::Host(data), self.shape().clone()).relink(link))
-            }
-            #[cfg(feature = "cuda")]
-            Device::Cuda => {
-                use crate::backend::cuda::DeviceBuf;
-                if self.device() == Device::Cuda && self.dtype() == dtype && !self.is_param() {
-                    return Ok(self.clone());
-                }
-                let n = self.numel();
-                let buf = DeviceBuf::new(dtype, n, "Tensor::to_device")?;
-                // Convert and upload in tiles so a mapped or quantized weight is never copied whole.
-                const TILE: usize = 1 << 20;
-                let mut tmp = vec![0f32; TILE.min(n)];
-                let g = self.read();
-                for start in (0..n).step_by(TILE) {
-                    let len = TILE.min(n - start);
-                    g.read_into(start, &mut tmp[..len]);
-                    let bytes: Vec<u8> = match dtype {
-                        DType::F32 => tmp[..len].iter().flat_map(|v| v.to_le_bytes()).collect(),
-                        DType::BF16 => tmp[..len].iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect(),
-                        other => return Err(Error::dtype("Tensor::to_device", "dtype", "f32 or bf16 on the device", other)),
-                    };
-                    buf.write_range(start, &bytes, "Tensor::to_device")?;
-                }
-                Ok(Self::from_storage(Storage::Cuda(buf), self.shape().clone()).relink(link))
-            }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda => Device::Cuda.ensure_available().map(|_| self.clone()),
+        if self.device() == device && self.dtype() == dtype && !self.is_param() {
+            return Ok(self.clone());
         }
+        let data = crate::backend::kernels(device)?.upload(&self.read(), dtype, "Tensor::to_device")?;
+        Ok(Self::from_storage(data, self.shape().clone()).relink(link))
     }
 
     /// Overwrites a trainable tensor's values (used by optimizers and checkpoint loading).
@@ -354,13 +303,11 @@ impl Tensor {
         }
         let mut g = self.write();
         let dtype = g.dtype();
-        #[cfg(feature = "cuda")]
-        if let Storage::Cuda(b) = &*g {
-            if dtype != DType::F32 {
-                return Err(Error::dtype("Tensor::set_values", "tensor", "f32 on the device", dtype));
-            }
-            let v: Vec<f32> = values.iter().map(|x| x.to_f64() as f32).collect();
-            return b.write_bytes(crate::backend::cuda::as_bytes(&v), "Tensor::set_values");
+        if let Storage::Cuda(_) = &*g {
+            // Replace the device buffer's contents by an upload of the values (same dtype).
+            let host = Storage::Host(host_from_vec(values.to_vec()));
+            *g = crate::backend::kernels(crate::device::Device::Cuda)?.upload(&host, dtype, "Tensor::set_values")?;
+            return Ok(());
         }
         match g.slice_mut::<T>() {
             Some(s) => {

@@ -1,20 +1,231 @@
-//! The kernel interface.
+//! The kernel interface: [`Kernels`], implemented once per device, and [`kernels`], the one place
+//! that decides CPU or CUDA.
 //!
-//! A kernel is a free function on contiguous, row-major buffers with explicit dimensions, in
-//! llm.c's argument order: outputs first, then saved buffers, then inputs, then dims. Forward and
-//! backward kernels of one family sit side by side. `cpu` holds the readable reference kernels,
-//! generic over [`Float`](crate::Float) so gradient checks can run them in f64. The CUDA
-//! backend (feature `cuda`) mirrors these names in `cuda/<family>.cu`.
+//! A kernel works on [`Storage`] buffers with explicit dimensions, in llm.c's argument order:
+//! outputs first (`&mut Storage`), then saved buffers, then inputs, then dims. It never records
+//! anything for autograd (the op layer in [`crate::ops`] does, once, for every device), never
+//! allocates its outputs (the op layer calls [`Kernels::zeros`]), never checks user input (the op
+//! layer has validated shapes and dtypes; kernels only return an error for what a device cannot
+//! do, e.g. a bf16 left GEMM operand on CUDA), and writes its outputs with `=` unless its doc says
+//! it accumulates.
 //!
-//! Conventions: a kernel never allocates its outputs (the op layer does), never checks user
-//! input (the op layer has validated shapes; kernels only `debug_assert!`), and writes its
-//! outputs with `=` unless its doc says it accumulates.
+//! - [`host::Cpu`]: the readable reference, generic over [`Float`](crate::Float) (f32 and f64, so
+//!   gradient checks run in f64), on the kernels of [`cpu`] and [`cpu_attn`]. Frozen inputs may be
+//!   stored in any dtype (bf16, f16, GGUF blocks, mapped files) and are converted per use.
+//! - `cuda::Cuda` (feature `cuda`): the launchers of the kernels in `cuda/<family>.cu`, f32
+//!   activations and trainables, frozen matrices f32 or bf16.
+//!
+//! Why a trait object rather than a generic or an enum: the set of kernels is what must be
+//! complete on every device, and a trait makes the compiler check exactly that (a kernel
+//! missing on one device does not build), while the op layer stays one non-generic function per
+//! op. A kernel call is a few microseconds of work at the least, so the virtual call is noise.
 
 pub mod cpu;
 pub mod cpu_attn;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod host;
 pub mod vmath;
+
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+use crate::tensor::Tensor;
+
+/// A device buffer (feature `cuda`), held by [`Storage::Cuda`].
+#[cfg(feature = "cuda")]
+pub use cuda::DeviceBuf;
+/// Without the `cuda` feature no device buffer can exist: this type has no values, so
+/// [`Storage::Cuda`] is never constructed and its match arms are dead code the compiler drops.
+#[cfg(not(feature = "cuda"))]
+pub use nodevice::DeviceBuf;
+
+#[cfg(not(feature = "cuda"))]
+mod nodevice {
+    use crate::dtype::DType;
+    use crate::error::Result;
+
+    enum Never {}
+    /// A device buffer that cannot exist (built without the `cuda` feature).
+    pub struct DeviceBuf(Never);
+    impl DeviceBuf {
+        pub fn dtype(&self) -> DType {
+            match self.0 {}
+        }
+        pub fn numel(&self) -> usize {
+            match self.0 {}
+        }
+        pub fn ptr(&self) -> u64 {
+            match self.0 {}
+        }
+        pub fn to_f32(&self) -> Result<Vec<f32>> {
+            match self.0 {}
+        }
+    }
+    impl std::fmt::Debug for DeviceBuf {
+        fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self.0 {}
+        }
+    }
+}
+
+/// One GEMM call: C = alpha·op(A)·op(B) + beta·C for every batch, row-major and contiguous.
+///
+/// op(A) is [m, k] (A stored [m, k], or [k, m] when `ta`); op(B) is [k, n] (B stored [k, n], or
+/// [n, k] when `tb`); C is [m, n]. Batch i reads A at `a_off + i·m·k`, B at `b_off + i·k·n` when
+/// `b_batched` (else every batch shares B at `b_off`) and writes C at `c_off + i·m·n` (offsets in
+/// elements). A and C have the compute dtype; B may be a frozen matrix in any stored dtype.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub ta: bool,
+    pub tb: bool,
+    pub alpha: f64,
+    pub beta: f64,
+    pub batch: usize,
+    pub b_batched: bool,
+    pub a_off: usize,
+    pub b_off: usize,
+    pub c_off: usize,
+}
+
+impl Gemm {
+    /// C [m, n] = A [m, k] · B [k, n] (alpha 1, beta 0, one batch, no offsets).
+    pub fn new(m: usize, k: usize, n: usize) -> Gemm {
+        Gemm { m, k, n, ta: false, tb: false, alpha: 1.0, beta: 0.0, batch: 1, b_batched: false, a_off: 0, b_off: 0, c_off: 0 }
+    }
+    /// Sets the transpose flags.
+    pub fn trans(self, ta: bool, tb: bool) -> Gemm {
+        Gemm { ta, tb, ..self }
+    }
+    /// Sets alpha and beta.
+    pub fn scaled(self, alpha: f64, beta: f64) -> Gemm {
+        Gemm { alpha, beta, ..self }
+    }
+    /// `batch` batches; B batched or shared.
+    pub fn batched(self, batch: usize, b_batched: bool) -> Gemm {
+        Gemm { batch, b_batched, ..self }
+    }
+    /// Element offsets of the first A, B and C.
+    pub fn offsets(self, a_off: usize, b_off: usize, c_off: usize) -> Gemm {
+        Gemm { a_off, b_off, c_off, ..self }
+    }
+}
+
+/// AdamW's hyper-parameters for one update (decoupled weight decay; `step` = t ≥ 1 of the
+/// parameter's bias corrections).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub step: u64,
+}
+
+/// Every kernel the op layer, autograd and the optimizer need, for one device.
+///
+/// Sections follow the kernel families of `cuda/<family>.cu`. Arguments are storages with
+/// explicit dimensions (the op layer's validated shapes); `op` names the calling op in errors.
+pub trait Kernels: Sync {
+    /// The device whose buffers this implementation reads and writes.
+    fn device(&self) -> Device;
+
+    // --- memory -------------------------------------------------------------------------------
+
+    /// A buffer of `n` zeros of compute dtype `dtype` on this device.
+    fn zeros(&self, dtype: DType, n: usize, op: &'static str) -> Result<Storage>;
+    /// A copy of `src` (any storage on any device) on this device, converted to `dtype`. Mapped
+    /// and block-quantized sources are converted a tile at a time, never copied whole first.
+    fn upload(&self, src: &Storage, dtype: DType, op: &'static str) -> Result<Storage>;
+
+    // --- elementwise --------------------------------------------------------------------------
+
+    /// y = a + b, where b repeats over a's leading elements (`a.len()` is a multiple of
+    /// `b.len()`: a bias row, or a gradient of the same shape).
+    fn add(&self, y: &mut Storage, a: &Storage, b: &Storage, op: &'static str) -> Result<()>;
+    /// acc += g (same length), accumulating in place.
+    fn add_assign(&self, acc: &mut Storage, g: &Storage, op: &'static str) -> Result<()>;
+    /// x ← s·x in place.
+    fn scale_assign(&self, x: &mut Storage, s: f64, op: &'static str) -> Result<()>;
+
+    // --- reductions ---------------------------------------------------------------------------
+
+    /// Σ x² accumulated in f64.
+    fn sum_squares(&self, x: &Storage, op: &'static str) -> Result<f64>;
+    /// True when no element is NaN or ±∞.
+    fn all_finite(&self, x: &Storage, op: &'static str) -> Result<bool>;
+
+    // --- matmul -------------------------------------------------------------------------------
+
+    /// C = alpha·op(A)·op(B) + beta·C as described by `g` (see [`Gemm`]).
+    fn gemm(&self, c: &mut Storage, a: &Storage, b: &Storage, g: &Gemm, op: &'static str) -> Result<()>;
+
+    // --- norm ---------------------------------------------------------------------------------
+
+    /// RMSNorm over rows of `c`: y = x·r ⊙ w, rstd = r = (mean(x²) + eps)^(−½) per row.
+    fn rms_norm_fwd(&self, y: &mut Storage, rstd: &mut Storage, x: &Storage, w: &Storage, c: usize, eps: f64) -> Result<()>;
+    /// With g = dy ⊙ w, x̂ = x·r: dx = r·(g − x̂·mean(g ⊙ x̂)); dw = Σ_rows dy ⊙ x̂ (written, not
+    /// accumulated). Either output may be absent.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_bwd(&self, dx: Option<&mut Storage>, dw: Option<&mut Storage>, dy: &Storage, x: &Storage, w: &Storage, rstd: &Storage, c: usize) -> Result<()>;
+    /// dx as [`Kernels::rms_norm_bwd`] from the output y instead of x (x̂ = y / w, so g ⊙ x̂ =
+    /// dy ⊙ y): used when w is frozen with no zero entry, so x itself need not be kept.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_bwd_from_y(&self, dx: &mut Storage, dy: &Storage, y: &Storage, w: &Storage, rstd: &Storage, c: usize) -> Result<()>;
+
+    // --- rope ---------------------------------------------------------------------------------
+
+    // --- attention ----------------------------------------------------------------------------
+
+    // --- loss ---------------------------------------------------------------------------------
+
+    // --- embedding ----------------------------------------------------------------------------
+
+    // --- optimizer ----------------------------------------------------------------------------
+
+    /// One AdamW update of p with moments m, v (all of p's dtype) and gradient g:
+    ///   m = β1·m + (1−β1)·g;  v = β2·v + (1−β2)·g²;
+    ///   p −= lr·( m/(1−β1^t) / (√(v/(1−β2^t)) + eps) + wd·p ).
+    fn adamw_step(&self, p: &mut Storage, m: &mut Storage, v: &mut Storage, g: &Storage, h: &AdamWStep) -> Result<()>;
+
+    // --- adapter helpers ----------------------------------------------------------------------
+}
+
+/// The kernels of `device`: the one place that decides CPU or CUDA. CUDA needs the `cuda`
+/// feature and a device that initializes; otherwise this is the error saying so.
+pub fn kernels(device: Device) -> Result<&'static dyn Kernels> {
+    match device {
+        Device::Cpu => Ok(&host::Cpu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => {
+            cuda::gpu()?;
+            Ok(&cuda::Cuda)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => {
+            Err(Error::Cuda { op: "device".into(), msg: "spectune was built without the `cuda` feature (cargo build --release --features cuda)".into() })
+        }
+    }
+}
+
+/// The kernels of the device every one of `inputs` (named for the error) lives on; an input on
+/// another device than the first is an error naming the op and that input.
+pub fn kernels_for(op: &'static str, inputs: &[(&str, &Tensor)]) -> Result<&'static dyn Kernels> {
+    let dev = inputs.first().map(|(_, t)| t.device()).unwrap_or_default();
+    if let Some((name, t)) = inputs.iter().find(|(_, t)| t.device() != dev) {
+        let first = inputs[0].0;
+        return Err(Error::invalid(
+            op,
+            format!("{name} ({}) is on the {} while {first} is on the {dev}; move every input with Tensor::to_device", t.shape(), t.device()),
+        ));
+    }
+    kernels(dev)
+}
 
 /// Starts a new peak-device-memory measurement (no-op without the `cuda` feature).
 pub fn cuda_reset_peak() {
@@ -32,7 +243,7 @@ pub fn cuda_peak_bytes() -> usize {
 
 /// Waits for queued device work (no-op on the CPU or without the `cuda` feature), so a timed
 /// step includes its kernels.
-pub fn device_synchronize() -> crate::error::Result<()> {
+pub fn device_synchronize() -> Result<()> {
     #[cfg(feature = "cuda")]
     if cuda::available() {
         return cuda::synchronize(|| "device_synchronize".into());

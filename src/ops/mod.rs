@@ -33,8 +33,6 @@ pub use reduce::{mean, sum};
 pub use rope::{rope, Rope};
 pub use spectral::{cayley, cayley_f64, spectral_a_linear, spectral_r_linear};
 
-use std::borrow::Cow;
-
 use crate::autograd::{record, Backward, GradStore};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
@@ -49,17 +47,7 @@ pub(crate) fn out<T: Float>(v: Vec<T>, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(Storage::Host(host_from_vec(v)), shape)
 }
 
-/// Elements of `g` as `[T]`: borrowed when stored as T (host, or aligned map), else converted.
-pub(crate) fn vals<'a, T: Float>(g: &'a Storage) -> Cow<'a, [T]> {
-    match g.slice::<T>() {
-        Some(s) => Cow::Borrowed(s),
-        None => {
-            let mut v = crate::backend::cpu::zeros::<T>(g.len());
-            g.read_into(0, &mut v);
-            Cow::Owned(v)
-        }
-    }
-}
+pub(crate) use crate::backend::host::vals;
 
 /// Rejects tensors with a zero-sized dimension (empty tensors are not supported by the ops).
 pub(crate) fn nonempty(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {

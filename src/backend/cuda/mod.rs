@@ -8,14 +8,17 @@
 //! asynchronous and surface at the next synchronizing call; `SPECTUNE_CUDA_SYNC=1` synchronizes
 //! after every launch so a fault is reported with the kernel that caused it.
 //!
-//! Layout: `mod.rs` (runtime), `alloc.rs` (caching allocator, [`DeviceBuf`]), `ops.rs` (the
-//! device path of each op in [`crate::ops`], forward and backward).
+//! Layout: `mod.rs` (runtime), `alloc.rs` (caching allocator, [`DeviceBuf`]), `kernels.rs` (the
+//! [`Kernels`](crate::backend::Kernels) implementation: checked launches, no autograd), `ops.rs`
+//! (device paths of ops not yet moved onto the kernel interface).
 
 mod alloc;
+pub(crate) mod kernels;
 pub(crate) mod ops;
 
 pub(crate) use alloc::as_bytes;
 pub use alloc::{memory_stats, reset_peak, DeviceBuf, MemoryStats};
+pub use kernels::Cuda;
 
 use std::cell::Cell;
 use std::collections::HashMap;

@@ -1,0 +1,182 @@
+//! [`Kernels`] on the CPU: each method picks the compute type (f32 or f64) from its output buffer
+//! with `with_float!` and runs the generic reference kernel of [`super::cpu`]. Inputs that are
+//! not host memory of that type (bf16/f16/GGUF-block weights, mapped files) are converted per use
+//! ([`vals`]; the GEMM's right operand a tile at a time inside [`cpu::gemm_stored`]).
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use super::{cpu, AdamWStep, Gemm, Kernels};
+use crate::device::{with_float, Device};
+use crate::dtype::{DType, Float};
+use crate::error::{Error, Result};
+use crate::storage::{host_from_vec, HostData, Storage};
+
+/// The CPU device.
+pub struct Cpu;
+
+/// Elements of `g` as `[T]`: borrowed when stored as T (host, or aligned map), else converted.
+pub fn vals<T: Float>(g: &Storage) -> Cow<'_, [T]> {
+    match g.slice::<T>() {
+        Some(s) => Cow::Borrowed(s),
+        None => {
+            let mut v = cpu::zeros::<T>(g.len());
+            g.read_into(0, &mut v);
+            Cow::Owned(v)
+        }
+    }
+}
+
+/// `s` as mutable host `[T]`, or an error naming the op (an output buffer of the wrong kind is a
+/// bug in the op layer, reported rather than panicking).
+pub fn out_mut<'a, T: Float>(s: &'a mut Storage, op: &'static str, arg: &str) -> Result<&'a mut [T]> {
+    let dt = s.dtype();
+    s.slice_mut::<T>().ok_or_else(|| Error::invalid(op, format!("{arg} must be host {} memory, got {dt}", T::DTYPE)))
+}
+
+impl Kernels for Cpu {
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn zeros(&self, dtype: DType, n: usize, op: &'static str) -> Result<Storage> {
+        with_float!(dtype, op, |T| { Ok(Storage::Host(host_from_vec(cpu::zeros::<T>(n)))) })
+    }
+
+    fn upload(&self, src: &Storage, dtype: DType, op: &'static str) -> Result<Storage> {
+        let n = src.len();
+        let data = match dtype {
+            DType::F32 => {
+                let mut v = vec![0f32; n];
+                src.try_read_into(0, &mut v)?;
+                HostData::F32(v)
+            }
+            DType::F64 => {
+                let mut v = vec![0f64; n];
+                src.try_read_into(0, &mut v)?;
+                HostData::F64(v)
+            }
+            DType::BF16 => {
+                let mut v = vec![0f32; n];
+                src.try_read_into(0, &mut v)?;
+                HostData::BF16(v.into_iter().map(half::bf16::from_f32).collect())
+            }
+            other => return Err(Error::dtype(op, "dtype", "f32, f64 or bf16 on the CPU", other)),
+        };
+        Ok(Storage::Host(data))
+    }
+
+    fn add(&self, y: &mut Storage, a: &Storage, b: &Storage, op: &'static str) -> Result<()> {
+        with_float!(y.dtype(), op, |T| {
+            cpu::add_fwd(out_mut::<T>(y, op, "y")?, &vals::<T>(a), &vals::<T>(b));
+            Ok(())
+        })
+    }
+
+    fn add_assign(&self, acc: &mut Storage, g: &Storage, op: &'static str) -> Result<()> {
+        with_float!(acc.dtype(), op, |T| {
+            let gv = vals::<T>(g);
+            // Chunked over the pool: gradients of activations are megabytes.
+            out_mut::<T>(acc, op, "acc")?
+                .par_chunks_mut(1 << 16)
+                .zip(gv.par_chunks(1 << 16))
+                .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, b)| *a += *b));
+            Ok(())
+        })
+    }
+
+    fn scale_assign(&self, x: &mut Storage, s: f64, op: &'static str) -> Result<()> {
+        with_float!(x.dtype(), op, |T| {
+            out_mut::<T>(x, op, "x")?.iter_mut().for_each(|v| *v = T::from_f64(v.to_f64() * s));
+            Ok(())
+        })
+    }
+
+    fn sum_squares(&self, x: &Storage, op: &'static str) -> Result<f64> {
+        with_float!(x.dtype(), op, |T| { Ok(vals::<T>(x).iter().map(|v| v.to_f64() * v.to_f64()).sum()) })
+    }
+
+    fn all_finite(&self, x: &Storage, op: &'static str) -> Result<bool> {
+        with_float!(x.dtype(), op, |T| { Ok(vals::<T>(x).iter().all(|v| v.is_finite())) })
+    }
+
+    fn gemm(&self, c: &mut Storage, a: &Storage, b: &Storage, g: &Gemm, op: &'static str) -> Result<()> {
+        with_float!(c.dtype(), op, |T| {
+            let cs = out_mut::<T>(c, op, "c")?;
+            let av = vals::<T>(a);
+            let (m, k, n) = (g.m, g.k, g.n);
+            // One GEMM over batch·m rows when B is shared and A is not transposed.
+            let folded = !g.b_batched && !g.ta;
+            let (batches, rows) = if folded { (1, g.batch * m) } else { (g.batch, m) };
+            for i in 0..batches {
+                let cb = &mut cs[g.c_off + i * rows * n..][..rows * n];
+                let ab = &av[g.a_off + i * rows * k..][..rows * k];
+                let b0 = g.b_off + if g.b_batched { i * k * n } else { 0 };
+                gemm_one::<T>(cb, ab, b, b0, rows, k, n, g.ta, g.tb, T::from_f64(g.alpha), T::from_f64(g.beta));
+            }
+            Ok(())
+        })
+    }
+
+    fn rms_norm_fwd(&self, y: &mut Storage, rstd: &mut Storage, x: &Storage, w: &Storage, c: usize, eps: f64) -> Result<()> {
+        const OP: &str = "rms_norm";
+        with_float!(y.dtype(), OP, |T| {
+            cpu::rms_norm_fwd(out_mut::<T>(y, OP, "y")?, out_mut::<T>(rstd, OP, "rstd")?, &vals::<T>(x), &vals::<T>(w), c, T::from_f64(eps));
+            Ok(())
+        })
+    }
+
+    fn rms_norm_bwd(&self, dx: Option<&mut Storage>, dw: Option<&mut Storage>, dy: &Storage, x: &Storage, w: &Storage, rstd: &Storage, c: usize) -> Result<()> {
+        const OP: &str = "rms_norm.backward";
+        with_float!(dy.dtype(), OP, |T| {
+            let dx = dx.map(|s| out_mut::<T>(s, OP, "dx")).transpose()?;
+            let dw = dw.map(|s| out_mut::<T>(s, OP, "dw")).transpose()?;
+            cpu::rms_norm_bwd(dx, dw, &vals::<T>(dy), &vals::<T>(x), &vals::<T>(w), &vals::<T>(rstd), c);
+            Ok(())
+        })
+    }
+
+    fn rms_norm_bwd_from_y(&self, dx: &mut Storage, dy: &Storage, y: &Storage, w: &Storage, rstd: &Storage, c: usize) -> Result<()> {
+        const OP: &str = "rms_norm.backward";
+        with_float!(dy.dtype(), OP, |T| {
+            cpu::rms_norm_bwd_from_y(out_mut::<T>(dx, OP, "dx")?, &vals::<T>(dy), &vals::<T>(y), &vals::<T>(w), &vals::<T>(rstd), c);
+            Ok(())
+        })
+    }
+
+    fn adamw_step(&self, p: &mut Storage, m: &mut Storage, v: &mut Storage, g: &Storage, h: &AdamWStep) -> Result<()> {
+        const OP: &str = "AdamW::step";
+        with_float!(p.dtype(), OP, |T| {
+            let gv = vals::<T>(g);
+            cpu::adamw_step(
+                out_mut::<T>(p, OP, "param")?,
+                out_mut::<T>(m, OP, "m")?,
+                out_mut::<T>(v, OP, "v")?,
+                &gv,
+                h.lr,
+                h.beta1,
+                h.beta2,
+                h.eps,
+                h.weight_decay,
+                h.step,
+            );
+            Ok(())
+        })
+    }
+}
+
+/// C [m, n] = alpha·op(A)·op(B) + beta·C with B read from `b` at element `b0`: in place when B
+/// is host `[T]`, else through the tiled converting GEMM (alpha applied to a scratch product).
+#[allow(clippy::too_many_arguments)]
+fn gemm_one<T: Float>(c: &mut [T], a: &[T], b: &Storage, b0: usize, m: usize, k: usize, n: usize, ta: bool, tb: bool, alpha: T, beta: T) {
+    if let Some(bs) = b.slice::<T>() {
+        return cpu::gemm(c, a, &bs[b0..b0 + k * n], m, k, n, ta, tb, alpha, beta);
+    }
+    if alpha == T::ONE {
+        return cpu::gemm_stored(c, a, b, b0, m, k, n, ta, tb, beta);
+    }
+    let mut t = cpu::zeros::<T>(m * n);
+    cpu::gemm_stored(&mut t, a, b, b0, m, k, n, ta, tb, T::ZERO);
+    c.iter_mut().zip(&t).for_each(|(c, t)| *c = alpha * *t + beta * *c);
+}
