@@ -17,6 +17,8 @@ Examples:
   benches/peers/compare.py --shape smollm2-135m --dtype bf16 --threads 2   # bf16 frozen weights
   benches/peers/compare.py --a "spectune --checkpointing" --b spectune     # checkpointing cost
   benches/peers/compare.py --a "spectune --method speclora" --b spectune   # SpecLoRA vs LoRA
+  benches/peers/compare.py --a spectune --b spectune@/tmp/old/spectune     # a refactor: this build
+      against another binary (e.g. the previous commit's), same flags, alternating
   benches/peers/compare.py --model FILE.gguf --batch 1 --seq-len 128       # a real (quantized) file:
       spectune trains on it as stored; the twin gets the same model dequantized to an f32 HF folder
 """
@@ -88,11 +90,12 @@ def main():
 
     def cmd(side):
         kind, extra = sides[side][0], sides[side][1:]
-        if kind == "spectune":
-            return [sb, "--threads", str(a.threads), "bench", *common, *runs, "--json", *extra]
+        if kind == "spectune" or kind.startswith("spectune@"):
+            binary = kind.split("@", 1)[1] if "@" in kind else sb
+            return [binary, "--threads", str(a.threads), "bench", *common, *runs, "--json", *extra]
         if kind == "pytorch":
             return [py, os.path.join(HERE, "twin.py"), "--init", init, "--threads", str(a.threads), *runs, "--json", *extra]
-        sys.exit(f"unknown side {kind!r}: use spectune or pytorch")
+        sys.exit(f"unknown side {kind!r}: use spectune, spectune@BINARY or pytorch")
 
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     results = {"A": [], "B": []}
