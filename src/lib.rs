@@ -74,6 +74,7 @@ pub mod gradcheck;
 pub mod io;
 pub mod memory;
 pub mod model;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod peft;
