@@ -54,13 +54,39 @@ pub struct MappedBytes {
     map: Arc<Mmap>,
     offset: usize,
     len: usize,
+    /// Hand the pages of every converting read back to the kernel once it is done (see
+    /// [`MappedBytes::release_after_read`]).
+    release: bool,
 }
 
 impl MappedBytes {
     /// Returns `None` if `offset..offset+len` is not inside the map.
     pub fn new(map: Arc<Mmap>, offset: usize, len: usize) -> Option<Self> {
         let end = offset.checked_add(len)?;
-        (end <= map.len()).then_some(MappedBytes { map, offset, len })
+        (end <= map.len()).then_some(MappedBytes { map, offset, len, release: false })
+    }
+
+    /// Marks the range for [`Storage::release_read_pages`]: once a kernel has finished reading
+    /// it (a whole frozen-weight GEMM, a device upload), its pages are dropped from this
+    /// process's page tables (`MADV_DONTNEED`). The map is read-only and file-backed, so the
+    /// bytes stay the file's: the next use faults them back in from the page cache (minor faults,
+    /// no disk read while the cache holds them). A block-quantized weight is always decoded,
+    /// never used in place, so its packed bytes then stay resident only while an op reads them.
+    pub fn release_after_read(&mut self) {
+        self.release = true;
+    }
+
+    /// Drops the pages of the whole range if [`release_after_read`](Self::release_after_read)
+    /// was asked for.
+    fn release_pages(&self) {
+        #[cfg(unix)]
+        if self.release && self.len > 0 {
+            // SAFETY: MADV_DONTNEED on a read-only shared file mapping only drops page-table
+            // entries: every later read through the map (or a slice borrowed from it) sees the
+            // file's bytes again. The range lies inside the map (checked by `new`); memmap2
+            // widens it to whole pages, which at worst re-faults a neighbour's bytes.
+            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.offset, self.len) };
+        }
     }
     pub fn bytes(&self) -> &[u8] {
         &self.map[self.offset..self.offset + self.len]
@@ -194,6 +220,15 @@ impl Storage {
                     panic!("reading a device tensor back to the host failed: {e}");
                 }
             }
+        }
+    }
+
+    /// For mapped storage marked with [`MappedBytes::release_after_read`]: drops its pages from
+    /// the resident set now that a kernel has finished reading it (no-op otherwise). Kernels call
+    /// this after an op's last read of a frozen operand, once per op, not per tile.
+    pub fn release_read_pages(&self) {
+        if let Storage::Mapped { bytes, .. } = self {
+            bytes.release_pages();
         }
     }
 

@@ -117,6 +117,14 @@ impl Tensor {
         Ok(Self::from_storage(Storage::Mapped { bytes, dtype, numel: shape.numel(), rows: None }, shape))
     }
 
+    /// For a memory-mapped tensor: release its pages after every converting read (see
+    /// [`MappedBytes::release_after_read`]); no effect on other storage.
+    pub fn release_pages_after_read(&self) {
+        if let Storage::Mapped { bytes, .. } = &mut *self.write() {
+            bytes.release_after_read();
+        }
+    }
+
     /// A frozen view of this matrix [rows, cols] whose logical row i is row `perm[i]` of this
     /// one. Mapped storage is not copied (rows are remapped on every read); host storage is
     /// reordered into a new buffer. `perm` must be a permutation of 0..rows.

@@ -115,6 +115,7 @@ impl Kernels for Cpu {
                 let b0 = g.b_off + if g.b_batched { i * k * n } else { 0 };
                 gemm_one::<T>(cb, ab, b, b0, rows, k, n, g.ta, g.tb, T::from_f64(g.alpha), T::from_f64(g.beta));
             }
+            b.release_read_pages();
             Ok(())
         })
     }

@@ -827,6 +827,9 @@ impl GgufFile {
                 // stay the file's bytes. The range lies inside the map (checked by from_mmap).
                 let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, size) };
             }
+            // And after every use: a block-quantized weight is always decoded (never used in
+            // place), a tile at a time, so its pages need not stay resident between uses.
+            t.release_pages_after_read();
         }
         Ok(t)
     }

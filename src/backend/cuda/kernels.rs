@@ -157,6 +157,7 @@ impl Kernels for Cuda {
             };
             buf.write_range(start, &bytes, op)?;
         }
+        src.release_read_pages();
         Ok(Storage::Cuda(buf))
     }
 
