@@ -44,7 +44,7 @@ use crate::model::llama::expected_weights;
 use crate::model::{Llama, LlamaConfig, Target};
 use crate::ops::CeOptions;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::peft::{LoraConfig, Method};
+use crate::peft::{LoraConfig, Method, MethodOptions};
 use crate::storage::HostData;
 use crate::tensor::Tensor;
 
@@ -221,13 +221,14 @@ pub fn named_shape(name: &str) -> Result<LlamaConfig> {
     })
 }
 
+/// The methods the bench times (the FLOP formula and the PyTorch twin cover these).
+const BENCH_METHODS: [&str; 3] = ["lora", "speclora", "speclora-svd"];
+
 fn parse_method(s: &str, k: usize) -> Result<Method> {
-    match s {
-        "lora" => Ok(Method::Lora),
-        "speclora" => Ok(Method::SpecLora { k, by_norm: false }),
-        "speclora-svd" => Ok(Method::SpecLoraSvd { k }),
-        other => Err(Error::invalid("bench", format!("unknown --method {other:?}; expected lora, speclora or speclora-svd"))),
+    if !BENCH_METHODS.contains(&s) {
+        return Err(Error::invalid("bench", format!("unknown --method {s:?}; expected lora, speclora or speclora-svd")));
     }
+    Method::parse(s, MethodOptions { k, ..MethodOptions::default() }, "bench")
 }
 
 fn parse_storage(s: &str) -> Result<DType> {

@@ -36,7 +36,7 @@
 //!
 //! // SpecLoRA (k = 8 rows per weight) plus rank-4 LoRA on all seven linears of every layer.
 //! let lora = LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 };
-//! model.attach_adapters(&Target::ALL, &lora, &Method::SpecLora { k: 8, by_norm: false }, 1)?;
+//! model.attach_adapters(&Target::ALL, &lora, &Method::speclora(8), 1)?;
 //! let params = model.trainable_params();
 //! let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..AdamWConfig::default() })?;
 //! for d in model.no_decay_params() {

@@ -25,20 +25,9 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Method {
-    Lora,
-    Speclora,
-    #[value(name = "speclora-svd")]
-    SpecloraSvd,
-    #[value(name = "spectral-a")]
-    SpectralA,
-    #[value(name = "spectral-r")]
-    SpectralR,
-    Pissa,
-    Milora,
-    Dora,
-    Full,
+/// `--method` values: the names of the method registry.
+fn method_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(spectune::peft::registry::METHODS.iter().map(|m| m.name))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -352,8 +341,8 @@ enum Cmd {
     /// forward, backward, AdamW, checkpointing. Prints the loss curve and the memory that the
     /// adapters and their optimizer state take.
     TrainTiny {
-        #[arg(long, value_enum, default_value_t = Method::Speclora)]
-        method: Method,
+        #[arg(long, default_value = "speclora", value_parser = method_names())]
+        method: String,
         #[arg(long, default_value_t = 60)]
         steps: usize,
         #[arg(long, default_value_t = 8)]
@@ -429,7 +418,7 @@ fn main() -> ExitCode {
         Cmd::Demo { steps, batch, seq_len, eval_tokens, out, seed, synthetic } => {
             if synthetic {
                 let o = spectune::train::demo::DemoOptions { steps: steps * 4, batch: 4, seq_len: 64, eval_tokens, out, seed, ..Default::default() };
-                spectune::train::demo::synthetic(&o, spectune::peft::Method::SpecLora { k: 32, by_norm: false }, false).map(|_| ())
+                spectune::train::demo::synthetic(&o, AdapterMethod::speclora(32), false).map(|_| ())
             } else {
                 let o = spectune::train::demo::DemoOptions { steps, batch, seq_len, eval_tokens, out, seed, ..Default::default() };
                 spectune::train::demo::demo(&o)
@@ -496,7 +485,7 @@ fn main() -> ExitCode {
             run_generate(&model, adapter.as_deref(), &prompt, chat, system.as_deref(), opts)
         }
         Cmd::TrainTiny { method, steps, rank, alpha, k, lr, layers, hidden, batch, seq_len, checkpointing, seed, device } => {
-            train_tiny(method, steps, rank, alpha, k, lr, layers, hidden, batch, seq_len, checkpointing, seed, &device)
+            train_tiny(&method, steps, rank, alpha, k, lr, layers, hidden, batch, seq_len, checkpointing, seed, &device)
         }
     };
     match res {
@@ -510,7 +499,7 @@ fn main() -> ExitCode {
 
 #[allow(clippy::too_many_arguments)]
 fn train_tiny(
-    method: Method,
+    method: &str,
     steps: usize,
     rank: usize,
     alpha: f64,
@@ -544,17 +533,7 @@ fn train_tiny(
     };
     let mut model = Llama::random(cfg.clone(), DType::F32, seed)?;
     model.checkpointing = checkpointing;
-    let adapter = match method {
-        Method::Lora => AdapterMethod::Lora,
-        Method::Speclora => AdapterMethod::SpecLora { k, by_norm: false },
-        Method::SpecloraSvd => AdapterMethod::SpecLoraSvd { k },
-        Method::SpectralA => AdapterMethod::SpectralA { block: 0 },
-        Method::SpectralR => AdapterMethod::SpectralR { block: 0 },
-        Method::Pissa => AdapterMethod::Pissa,
-        Method::Milora => AdapterMethod::Milora,
-        Method::Dora => AdapterMethod::Dora,
-        Method::Full => AdapterMethod::Full,
-    };
+    let adapter = AdapterMethod::parse(method, spectune::peft::MethodOptions { k, ..Default::default() }, "train-tiny")?;
     model.attach_adapters(&Target::ALL, &LoraConfig { rank, alpha, rslora: false, dropout: 0.0 }, &adapter, seed + 1)?;
     if device != spectune::device::Device::Cpu {
         model = model.to_device(device, DType::BF16)?;
@@ -937,7 +916,7 @@ fn run_spectrum(
 fn run_fuse(model: &Path, adapters: &[PathBuf], out: &Path) -> spectune::Result<()> {
     let t0 = Instant::now();
     let dirs: Vec<&Path> = adapters.iter().map(PathBuf::as_path).collect();
-    let s = spectune::peft::spectral::fuse_checkpoint(model, &dirs, out)?;
+    let s = spectune::peft::fuse::fuse_checkpoint(model, &dirs, out)?;
     println!(
         "fused {} adapters (blocks {:?}) into {} linears; wrote {} in {:.1} s",
         s.adapters,

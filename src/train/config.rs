@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::model::Target;
 use crate::optim::LrSchedule;
-use crate::peft::{LoraConfig, Method};
+use crate::peft::{LoraConfig, Method, MethodOptions};
 
 /// Every setting of a training run, each optional so the file and the flags can be merged.
 #[derive(Clone, Debug, Default, Deserialize, clap::Args)]
@@ -176,26 +176,11 @@ impl TrainArgs {
         let data = self.data.clone().ok_or_else(|| bad("data", "required (.jsonl, .txt or a folder of .txt)".into()))?;
         let rank = self.rank.unwrap_or(16);
         let k = self.k.unwrap_or(200);
-        let method = match self.method.as_deref().unwrap_or("speclora") {
-            "lora" => Method::Lora,
-            "speclora" => Method::SpecLora { k, by_norm: self.rows_by_norm.unwrap_or(false) },
-            "speclora-svd" => Method::SpecLoraSvd { k },
-            "spectral-a" => Method::SpectralA { block: self.block.unwrap_or(0) },
-            "spectral-r" => Method::SpectralR { block: self.block.unwrap_or(0) },
-            "pissa" => Method::Pissa,
-            "milora" => Method::Milora,
-            "dora" => Method::Dora,
-            "full" => Method::Full,
-            other => {
-                return Err(bad(
-                    "method",
-                    format!("unknown method `{other}` (lora, speclora, speclora-svd, spectral-a, spectral-r, pissa, milora, dora, full)"),
-                ))
-            }
-        };
-        if self.block.is_some() && !matches!(method, Method::SpectralA { .. } | Method::SpectralR { .. }) {
-            return Err(bad("block", format!("only applies to spectral-a and spectral-r, not {}", method.name())));
-        }
+        let method = Method::parse(
+            self.method.as_deref().unwrap_or("speclora"),
+            MethodOptions { k, by_norm: self.rows_by_norm.unwrap_or(false), block: self.block },
+            "train",
+        )?;
         let targets = match &self.targets {
             None => Target::ALL.to_vec(),
             Some(s) => parse_targets(s)?,
