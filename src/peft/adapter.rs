@@ -130,7 +130,7 @@ pub trait LinearAdapter: Debug + Send + Sync {
     /// A copy sharing the tensors (the `Clone` of [`Adapter`]).
     fn clone_box(&self) -> Box<dyn LinearAdapter>;
 
-    /// For downcasting to the method's type ([`downcast_ref`](dyn LinearAdapter::downcast_ref)).
+    /// For downcasting to the method's type (`downcast_ref` on `dyn LinearAdapter`).
     fn as_any(&self) -> &dyn Any;
 }
 

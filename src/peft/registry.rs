@@ -1,7 +1,7 @@
 //! The one registry of adapter methods: their `--method` names, help, settings, constructors and
 //! file loaders. The CLI, the TOML run file, `bench` and `compare` all parse method names here.
 //!
-//! Adding a method: its file in src/peft/ (a type implementing [`LinearAdapter`] and a
+//! Adding a method: its file in src/peft/ (a type implementing [`LinearAdapter`](super::LinearAdapter) and a
 //! [`MethodKind`]), one line in [`METHODS`] (and in [`LOAD_ORDER`] if it has its own file
 //! layout), and its `mod` line in src/peft/mod.rs.
 
