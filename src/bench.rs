@@ -44,71 +44,52 @@ use crate::model::llama::expected_weights;
 use crate::model::{Llama, LlamaConfig, Target};
 use crate::ops::CeOptions;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::peft::{LoraConfig, Method};
+use crate::peft::{LoraConfig, Method, MethodOptions};
 use crate::storage::HostData;
 use crate::tensor::Tensor;
 
-/// `spectune bench` flags.
-#[derive(Clone, Debug, clap::Args)]
+/// `spectune bench` settings (the CLI's `bench` flags convert into them; [`Default`] gives the
+/// flags' defaults with `shape = "tiny"`).
+#[derive(Clone, Debug)]
 pub struct BenchArgs {
     /// A named model shape with random frozen weights: smollm2-135m, llama-3.2-1b, llama-3.2-3b,
     /// llama-3.1-8b (or `tiny`, 2 small layers, for tests).
-    #[arg(long, conflicts_with = "model")]
     pub shape: Option<String>,
     /// A real checkpoint instead (.gguf file or HF folder).
-    #[arg(long)]
     pub model: Option<PathBuf>,
     /// lora | speclora | speclora-svd
-    #[arg(long, default_value = "lora")]
     pub method: String,
-    #[arg(long, default_value_t = 16)]
     pub rank: usize,
-    #[arg(long, default_value_t = 32.0)]
     pub alpha: f64,
     /// SpecLoRA: rows (or singular directions) per weight.
-    #[arg(long, default_value_t = 32)]
     pub k: usize,
     /// Sequences per step.
-    #[arg(long, default_value_t = 4)]
     pub batch: usize,
-    #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
     /// Timed steps.
-    #[arg(long, default_value_t = 5)]
     pub steps: usize,
     /// Untimed steps first.
-    #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Storage dtype of the random frozen weights of a named shape: f32 | bf16 (compute is f32).
-    #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Recompute each decoder layer in the backward instead of keeping its activations.
-    #[arg(long)]
     pub checkpointing: bool,
     /// With --checkpointing: the last N layers keep their activations (more memory, less
     /// recomputation).
-    #[arg(long, default_value_t = 1)]
     pub checkpoint_keep: usize,
     /// cpu | cuda
-    #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Print one JSON object as the last line of stdout.
-    #[arg(long)]
     pub json: bool,
     /// Time every op (forward and backward, by op name) and print the breakdown.
-    #[arg(long)]
     pub profile: bool,
-    #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write the starting point (weights, adapter, batch, settings) for benches/peers/ to DIR and
     /// exit without training.
-    #[arg(long)]
     pub save_init: Option<PathBuf>,
     /// Instead of training: time a SIZE³ f32 GEMM and the same GEMM with a bf16-stored right
     /// operand (the frozen-weight path), the ceilings the training figures are fractions of.
-    #[arg(long, value_name = "SIZE")]
     pub gemm_ceiling: Option<usize>,
 }
 
@@ -221,13 +202,14 @@ pub fn named_shape(name: &str) -> Result<LlamaConfig> {
     })
 }
 
+/// The methods the bench times (the FLOP formula and the PyTorch twin cover these).
+const BENCH_METHODS: [&str; 3] = ["lora", "speclora", "speclora-svd"];
+
 fn parse_method(s: &str, k: usize) -> Result<Method> {
-    match s {
-        "lora" => Ok(Method::Lora),
-        "speclora" => Ok(Method::SpecLora { k, by_norm: false }),
-        "speclora-svd" => Ok(Method::SpecLoraSvd { k }),
-        other => Err(Error::invalid("bench", format!("unknown --method {other:?}; expected lora, speclora or speclora-svd"))),
+    if !BENCH_METHODS.contains(&s) {
+        return Err(Error::invalid("bench", format!("unknown --method {s:?}; expected lora, speclora or speclora-svd")));
     }
+    Method::parse(s, MethodOptions { k, ..MethodOptions::default() }, "bench")
 }
 
 fn parse_storage(s: &str) -> Result<DType> {

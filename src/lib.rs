@@ -10,6 +10,8 @@
 //!   [`GradStore`] holding gradients for exactly those, and [`AdamW`] keeps state only for them.
 //! - Every op in [`ops`] has its backward beside its forward and a finite-difference check
 //!   ([`gradcheck`]); CPU kernels ([`backend::cpu`]) are generic over f32 and f64.
+//! - Adapter methods implement one trait ([`peft::LinearAdapter`]), one file per method, and
+//!   their `--method` names live in one registry ([`peft::registry`]).
 //! - [`checkpoint`] trades compute for memory: a block keeps only its input and is recomputed
 //!   during backward.
 //! - A training program should call [`memory::retain_freed_memory`] once at start-up (the CLI
@@ -36,7 +38,7 @@
 //!
 //! // SpecLoRA (k = 8 rows per weight) plus rank-4 LoRA on all seven linears of every layer.
 //! let lora = LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 };
-//! model.attach_adapters(&Target::ALL, &lora, &Method::SpecLora { k: 8, by_norm: false }, 1)?;
+//! model.attach_adapters(&Target::ALL, &lora, &Method::speclora(8), 1)?;
 //! let params = model.trainable_params();
 //! let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..AdamWConfig::default() })?;
 //! for d in model.no_decay_params() {
@@ -57,10 +59,14 @@
 //! }
 //! assert!(losses[9] < losses[0]);
 //!
-//! // The trained adapter values and the optimizer state, ready to be written out.
-//! let adapter: Vec<Vec<f32>> = params.iter().map(|p| p.try_to_vec::<f32>()).collect::<Result<_, _>>()?;
-//! let state = opt.state()?;
-//! assert_eq!(adapter.len(), state.params.len());
+//! // Save the adapters as an HF PEFT folder (adapter_config.json + adapter_model.safetensors)
+//! // and load them onto a fresh copy of the base.
+//! let dir = std::env::temp_dir().join(format!("spectune-doctest-{}", std::process::id()));
+//! spectune::peft::io::save_adapter(&model, &dir, &lora, "random")?;
+//! let mut fresh = Llama::random(model.cfg.clone(), DType::F32, 0)?;
+//! spectune::peft::io::load_adapter(&mut fresh, &dir)?;
+//! assert_eq!(fresh.trainable_params().len(), params.len());
+//! # std::fs::remove_dir_all(&dir).ok();
 //! # Ok::<(), spectune::Error>(())
 //! ```
 pub mod autograd;

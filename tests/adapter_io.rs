@@ -15,7 +15,7 @@ fn cfg() -> LlamaConfig {
 #[test]
 fn every_method_round_trips_exactly() {
     let lora = LoraConfig { rank: 3, alpha: 6.0, rslora: false, dropout: 0.1 };
-    for method in [Method::Lora, Method::SpecLora { k: 5, by_norm: false }, Method::SpecLora { k: 4, by_norm: true }, Method::SpecLoraSvd { k: 3 }] {
+    for method in [Method::lora(), Method::speclora(5), Method::speclora_by_norm(4), Method::speclora_svd(3)] {
         let base = Llama::random(cfg(), DType::F32, 1).unwrap();
         let mut m = base.clone();
         m.attach_adapters(&[Target::Q, Target::V, Target::Down], &lora, &method, 2).unwrap();
@@ -54,7 +54,7 @@ fn every_method_round_trips_exactly() {
 fn saved_rank2_lora() -> (LoraConfig, tempfile::TempDir) {
     let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
     let mut m = Llama::random(cfg(), DType::F32, 1).unwrap();
-    m.attach_adapters(&Target::ALL, &lora, &Method::Lora, 2).unwrap();
+    m.attach_adapters(&Target::ALL, &lora, &Method::lora(), 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_adapter(&m, dir.path(), &lora, "x").unwrap();
     (lora, dir)
@@ -122,7 +122,7 @@ fn adapter_tensors_for_missing_modules_are_errors() {
 fn full_finetuning_matrices_for_missing_layers_are_errors() {
     let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
     let mut m = Llama::random(cfg(), DType::F32, 1).unwrap();
-    m.attach_adapters(&[Target::Q, Target::V], &lora, &Method::Full, 2).unwrap();
+    m.attach_adapters(&[Target::Q, Target::V], &lora, &Method::full(), 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_adapter(&m, dir.path(), &lora, "x").unwrap();
     // Round trip into the same shape works.

@@ -358,10 +358,10 @@ backend_tests! {
     loss => loss_body;
     adapter => adapter_body;
     adamw => adamw_body;
-    tiny_llama_lora_training => |d| tiny_llama_training_body(d, Method::Lora, false);
-    tiny_llama_lora_training_checkpointed => |d| tiny_llama_training_body(d, Method::Lora, true);
-    tiny_llama_speclora_training => |d| tiny_llama_training_body(d, Method::SpecLora { k: 8, by_norm: false }, false);
-    tiny_llama_svd_training => |d| tiny_llama_training_body(d, Method::SpecLoraSvd { k: 4 }, false);
+    tiny_llama_lora_training => |d| tiny_llama_training_body(d, Method::lora(), false);
+    tiny_llama_lora_training_checkpointed => |d| tiny_llama_training_body(d, Method::lora(), true);
+    tiny_llama_speclora_training => |d| tiny_llama_training_body(d, Method::speclora(8), false);
+    tiny_llama_svd_training => |d| tiny_llama_training_body(d, Method::speclora_svd(4), false);
 }
 
 /// SmolLM2-135M (the Q4_1 GGUF): 20 LoRA / SpecLoRA AdamW steps on the GPU (weights uploaded as
@@ -384,7 +384,7 @@ fn cuda_smollm2_training_matches_cpu() {
     assert!(ids.len() > b * t + 1);
     let x: Vec<u32> = ids[..b * t].to_vec();
     let y: Vec<i64> = ids[1..b * t + 1].iter().map(|&v| v as i64).collect();
-    for method in [Method::Lora, Method::SpecLora { k: 16, by_norm: false }] {
+    for method in [Method::lora(), Method::speclora(16)] {
         let mut cpu = ck.llama(DType::F32).unwrap();
         cpu.attach_adapters(&Target::ALL, &LoraConfig { rank: 16, alpha: 32.0, rslora: false, dropout: 0.0 }, &method, 3).unwrap();
         spectune::backend::cuda_reset_peak();

@@ -20,7 +20,7 @@ fn checkpoint_keep_sets_how_many_layers_are_recomputed() {
         let mut m = Llama::random(cfg.clone(), DType::F32, 3).unwrap();
         m.checkpointing = true;
         m.checkpoint_keep = keep;
-        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, &Method::Lora, 1).unwrap();
+        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, &Method::lora(), 1).unwrap();
         let loss = m.loss(&ids, &targets, 2, 8, None, &CeOptions::default()).unwrap();
         spectune::profile::enable(true);
         spectune::profile::reset();

@@ -50,7 +50,7 @@ fn base() -> Llama {
 
 fn fresh() -> (Llama, AdamW) {
     let mut m = base();
-    m.attach_adapters(&Target::ALL, &lora(), &Method::Lora, 2).unwrap();
+    m.attach_adapters(&Target::ALL, &lora(), &Method::lora(), 2).unwrap();
     let opt = optimizer_for(&m, ocfg()).unwrap();
     (m, opt)
 }

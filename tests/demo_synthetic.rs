@@ -9,10 +9,10 @@ use spectune::DType;
 
 #[test]
 fn lora_and_speclora_lower_held_out_loss_on_the_synthetic_task() {
-    for method in [Method::Lora, Method::SpecLora { k: 32, by_norm: false }] {
+    for method in [Method::lora(), Method::speclora(32)] {
         let dir = tempfile::tempdir().unwrap();
         let o = DemoOptions { steps: 120, batch: 4, seq_len: 64, out: dir.path().to_path_buf(), ..Default::default() };
-        let (before, after) = synthetic(&o, method.clone(), true).unwrap();
+        let (before, after) = synthetic(&o, method, true).unwrap();
         assert!(after < before - 1.0, "{method:?}: held-out loss {before:.3} → {after:.3}");
         // The saved adapter reproduces the trained model: load it onto the base from the HF
         // folder and compare with the checkpoint's own adapter.

@@ -13,7 +13,8 @@ use spectune::peft::export::{
     export_adapter_dir, export_peft_lora, merge_checkpoint, merge_report, merge_to_hf, write_tokenizer, ExportFormat, MERGED_CONFIG_FILE, MERGED_WEIGHTS_FILE,
 };
 use spectune::peft::io::{load_adapter, save_adapter, CONFIG_FILE, WEIGHTS_FILE};
-use spectune::peft::{Adapter, LoraConfig, Method};
+use spectune::peft::lora::Lora;
+use spectune::peft::{LoraConfig, Method};
 use spectune::storage::HostData;
 use spectune::tokenizer::{byte_to_unicode, ChatMessage, GgufVocab, Tokenizer};
 use spectune::{DType, Tensor};
@@ -129,7 +130,7 @@ fn check_export(m: &Llama, fresh: &mut Llama, lora: &LoraConfig, expect_rank: us
     for l in &fresh.layers {
         for t in Target::ALL {
             if let Some(ad) = &l.linear(t).adapter {
-                assert!(matches!(ad, Adapter::Lora { .. }), "{what}: the export must load as plain LoRA");
+                assert!(ad.downcast_ref::<Lora>().is_some(), "{what}: the export must load as plain LoRA");
             }
         }
     }
@@ -151,12 +152,12 @@ fn export_every_method_to_plain_lora_f32() {
     let c = cfg(50, false, false);
     let r = 3;
     for (method, k_max) in [
-        (Method::Lora, 0),
+        (Method::lora(), 0),
         // k = 12 is clamped to 8 on k_proj/v_proj: those modules are zero-padded to r + 12.
-        (Method::SpecLora { k: 12, by_norm: false }, 12),
-        (Method::SpecLora { k: 6, by_norm: true }, 6),
+        (Method::speclora(12), 12),
+        (Method::speclora_by_norm(6), 6),
         // SVD: k clamped to min(out, in) = 8 on k/v.
-        (Method::SpecLoraSvd { k: 12 }, 12),
+        (Method::speclora_svd(12), 12),
     ] {
         for rslora in [false, true] {
             let lora = LoraConfig { rank: r, alpha: 6.0, rslora, dropout: 0.05 };
@@ -174,14 +175,7 @@ fn export_every_method_to_plain_lora_f32() {
 fn export_on_a_bf16_base_and_a_subset_of_targets() {
     let c = cfg(40, true, true);
     let lora = LoraConfig { rank: 4, alpha: 16.0, rslora: false, dropout: 0.0 };
-    for method in [
-        Method::SpecLora { k: 5, by_norm: true },
-        Method::SpecLora { k: 7, by_norm: false },
-        Method::SpecLoraSvd { k: 6 },
-        Method::Pissa,
-        Method::SpectralA { block: 0 },
-        Method::SpectralR { block: 1 },
-    ] {
+    for method in [Method::speclora_by_norm(5), Method::speclora(7), Method::speclora_svd(6), Method::pissa(), Method::spectral_a(0), Method::spectral_r(1)] {
         let base = bf16_model(c.clone(), 21);
         assert_eq!(base.layers[0].q.weight.dtype(), DType::BF16);
         let mut m = base.clone();
@@ -189,10 +183,10 @@ fn export_on_a_bf16_base_and_a_subset_of_targets() {
         perturb(&m, 23);
         let mut fresh = base.clone();
         // r + k for SpecLoRA; 2r for PiSSA ([A | A0]) and Spectral^A ([ΔU | U]); r for Spectral^R.
-        let rank = match method {
-            Method::SpecLora { k, .. } | Method::SpecLoraSvd { k } => 4 + k,
-            Method::Pissa | Method::SpectralA { .. } => 8,
-            Method::SpectralR { .. } => 4,
+        let rank = match method.name() {
+            "speclora" | "speclora-svd" => 4 + method.k,
+            "pissa" | "spectral-a" => 8,
+            "spectral-r" => 4,
             _ => unreachable!("not in the list above"),
         };
         check_export(&m, &mut fresh, &lora, rank, &format!("bf16 {method:?}"));
@@ -240,7 +234,7 @@ fn check_merge(m: &Llama, what: &str) {
 fn merge_reproduces_the_adapted_model() {
     let lora = LoraConfig { rank: 3, alpha: 6.0, rslora: false, dropout: 0.0 };
     for (c, bf16) in [(cfg(50, true, false), false), (cfg(50, false, true), false), (cfg(50, false, false), true)] {
-        for method in [Method::SpecLora { k: 6, by_norm: false }, Method::SpecLora { k: 5, by_norm: true }, Method::SpecLoraSvd { k: 4 }, Method::Lora] {
+        for method in [Method::speclora(6), Method::speclora_by_norm(5), Method::speclora_svd(4), Method::lora()] {
             let mut m = if bf16 { bf16_model(c.clone(), 31) } else { Llama::random(c.clone(), DType::F32, 31).unwrap() };
             m.attach_adapters(&Target::ALL, &lora, &method, 32).unwrap();
             perturb(&m, 33);
@@ -314,7 +308,7 @@ fn merge_and_export_from_folders() {
 
     let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
     let mut m = Checkpoint::open(base_dir.path()).unwrap().llama(DType::F32).unwrap();
-    m.attach_adapters(&Target::ALL, &lora, &Method::SpecLora { k: 9, by_norm: true }, 42).unwrap();
+    m.attach_adapters(&Target::ALL, &lora, &Method::speclora_by_norm(9), 42).unwrap();
     perturb(&m, 43);
     let adapter_dir = tempfile::tempdir().unwrap();
     save_adapter(&m, adapter_dir.path(), &lora, &base_dir.path().display().to_string()).unwrap();

@@ -9,8 +9,8 @@ use spectune::io::Checkpoint;
 use spectune::model::{Llama, LlamaConfig, Target};
 use spectune::ops::CeOptions;
 use spectune::peft::export::merge_to_hf;
+use spectune::peft::fuse::{fuse_checkpoint, fuse_models};
 use spectune::peft::io::save_adapter;
-use spectune::peft::spectral::{fuse_checkpoint, fuse_models};
 use spectune::peft::{LoraConfig, Method};
 use spectune::{backward, no_grad, AdamW, AdamWConfig, DType, Tensor};
 
@@ -90,7 +90,7 @@ fn two_tasks_on_disjoint_blocks_fuse_and_keep_their_gains() {
     let (train_b, eval_b) = (task(16, 3, next_b, (20, 40)), task(16, 4, next_b, (20, 40)));
     let targets = [Target::Q, Target::V];
     let run = |m0: Method, m1: Method, fuse: &dyn Fn(&Llama, &Llama) -> Llama| {
-        let alpha = if m0 == Method::Lora { 8.0 } else { 4.0 };
+        let alpha = if m0 == Method::lora() { 8.0 } else { 4.0 };
         let cfg = LoraConfig { rank: 4, alpha, rslora: false, dropout: 0.0 };
         let mut ma = base.clone();
         ma.attach_adapters(&targets, &cfg, &m0, 10).unwrap();
@@ -108,8 +108,8 @@ fn two_tasks_on_disjoint_blocks_fuse_and_keep_their_gains() {
         (b_a - a_a, b_b - a_b, keep_a, keep_b)
     };
     let fuse = |a: &Llama, b: &Llama| fuse_models(&base, &[a, b]).unwrap();
-    for (m0, m1) in [(Method::SpectralA { block: 0 }, Method::SpectralA { block: 1 }), (Method::SpectralR { block: 0 }, Method::SpectralR { block: 1 })] {
-        let (gain_a, gain_b, keep_a, keep_b) = run(m0.clone(), m1, &fuse);
+    for (m0, m1) in [(Method::spectral_a(0), Method::spectral_a(1)), (Method::spectral_r(0), Method::spectral_r(1))] {
+        let (gain_a, gain_b, keep_a, keep_b) = run(m0, m1, &fuse);
         // Each adapter learned its task …
         assert!(gain_a > 0.1 && gain_b > 0.1, "{m0:?}: the adapters must learn their tasks ({gain_a:.3}, {gain_b:.3})");
         // … and the fused model keeps most of each gain.
@@ -119,8 +119,8 @@ fn two_tasks_on_disjoint_blocks_fuse_and_keep_their_gains() {
     // fused by summing their updates. Disjoint blocks keep the adapters' parameters apart; the
     // tasks still share the inputs, so some interference remains either way.
     let sum = |a: &Llama, b: &Llama| sum_of_updates(&base, &[a, b]);
-    run(Method::SpectralA { block: 0 }, Method::SpectralA { block: 0 }, &sum);
-    run(Method::Lora, Method::Lora, &sum);
+    run(Method::spectral_a(0), Method::spectral_a(0), &sum);
+    run(Method::lora(), Method::lora(), &sum);
 }
 
 #[test]
@@ -142,8 +142,8 @@ fn fuse_through_files_and_its_errors() {
         save_adapter(&m, &d, &lora(2), "base").unwrap();
         (m, d)
     };
-    let (ma, da) = make(Method::SpectralA { block: 0 }, 1, "a");
-    let (mb, db) = make(Method::SpectralR { block: 1 }, 2, "b");
+    let (ma, da) = make(Method::spectral_a(0), 1, "a");
+    let (mb, db) = make(Method::spectral_r(1), 2, "b");
     let out = dir.path().join("fused");
     let s = fuse_checkpoint(&base_dir, &[&da, &db], &out).unwrap();
     eprintln!("{s:?}");
@@ -158,10 +158,10 @@ fn fuse_through_files_and_its_errors() {
     let want: Vec<f32> = ma.layers[0].q.adapter.as_ref().unwrap().merged_weight(&base.layers[0].q.weight).unwrap().iter().map(|&v| v as f32).collect();
     assert_eq!(one.layers[0].q.weight.to_vec_f32(), want);
     // Errors: overlapping blocks, a non-spectral adapter, factors from another base.
-    let (_, da2) = make(Method::SpectralR { block: 0 }, 3, "a2");
+    let (_, da2) = make(Method::spectral_r(0), 3, "a2");
     let e = fuse_checkpoint(&base_dir, &[&da, &da2], &dir.path().join("x")).unwrap_err().to_string();
     assert!(e.contains("overlap"), "{e}");
-    let (_, dl) = make(Method::Pissa, 4, "p");
+    let (_, dl) = make(Method::pissa(), 4, "p");
     let e = fuse_checkpoint(&base_dir, &[&da, &dl], &dir.path().join("y")).unwrap_err().to_string();
     assert!(e.contains("Spectral"), "{e}");
     let other = Llama::random(common::tiny_config(41, true), DType::F32, 77).unwrap();

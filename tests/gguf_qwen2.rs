@@ -80,7 +80,7 @@ fn qwen2_5_coder_q4_k_m_loads_answers_and_trains() {
     let t = text_ids.len() - 1;
     let (x, y): (Vec<u32>, Vec<i64>) = (text_ids[..t].to_vec(), text_ids[1..].iter().map(|&i| i as i64).collect());
     let lora = LoraConfig { rank: 8, alpha: 16.0, rslora: false, dropout: 0.0 };
-    for method in [Method::Lora, Method::SpecLora { k: 16, by_norm: false }] {
+    for method in [Method::lora(), Method::speclora(16)] {
         let mut model = ck.llama(DType::F32).unwrap(); // a fresh model over the same map
         model.attach_adapters(&Target::ALL, &lora, &method, 1).unwrap();
         let params = model.trainable_params();

@@ -24,7 +24,8 @@ use safetensors::{Dtype, SafeTensors};
 use spectune::io::safetensors::load_llama;
 use spectune::model::{Llama, Target};
 use spectune::ops::CeOptions;
-use spectune::peft::{Adapter, LoraConfig, Method};
+use spectune::peft::lora::Lora;
+use spectune::peft::{LoraConfig, Method};
 use spectune::{backward, DType, Tensor};
 
 const LOGIT_TOL: f64 = 1e-4;
@@ -162,11 +163,11 @@ fn run(variant: &str, tie: bool, dtype: DType) -> Vec<(String, Errors)> {
     // PEFT's lora_dropout = 0: the branch is deterministic, as in the reference.
     let lora = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
     assert!(!lora.rslora && lora.dropout == 0.0, "the reference uses plain LoRA scaling and no dropout: {lora:?}");
-    model.attach_adapters(&Target::ALL, &lora, &Method::Lora, 7).unwrap();
+    model.attach_adapters(&Target::ALL, &lora, &Method::lora(), 7).unwrap();
     let mut pairs = Vec::new();
     for (l, layer) in model.layers.iter().enumerate() {
         for tg in Target::ALL {
-            let Some(Adapter::Lora { a, b: bm, scale, .. }) = &layer.linear(tg).adapter else {
+            let Some(Lora { a, b: bm, scale, .. }) = layer.linear(tg).adapter.as_deref().and_then(|ad| ad.downcast_ref()) else {
                 panic!("layer {l} {}: no LoRA adapter attached", tg.hf_name());
             };
             assert_eq!(*scale, 2.0, "LoRA scale α/r");

@@ -9,21 +9,24 @@ use spectune::io::Checkpoint;
 use spectune::model::{Llama, Target};
 use spectune::ops;
 use spectune::peft::export::{export_peft_lora, merge_to_hf};
+use spectune::peft::full::Full;
 use spectune::peft::io::{load_adapter, save_adapter, CONFIG_FILE, WEIGHTS_FILE};
-use spectune::peft::{Adapter, LoraConfig, Method};
+use spectune::peft::lora::Lora;
+use spectune::peft::spectral::SpectralR;
+use spectune::peft::{Adapter, AdapterCtx, LoraConfig, Method};
 use spectune::svd::{thin_svd, top_k_svd};
 use spectune::train::config::TrainArgs;
 use spectune::{backward, AdamW, AdamWConfig, DType, Tensor};
 
 const NEW_METHODS: [Method; 8] = [
-    Method::SpectralA { block: 0 },
-    Method::SpectralA { block: 1 },
-    Method::SpectralR { block: 0 },
-    Method::SpectralR { block: 1 },
-    Method::Pissa,
-    Method::Milora,
-    Method::Dora,
-    Method::Full,
+    Method::spectral_a(0),
+    Method::spectral_a(1),
+    Method::spectral_r(0),
+    Method::spectral_r(1),
+    Method::pissa(),
+    Method::milora(),
+    Method::dora(),
+    Method::full(),
 ];
 
 fn t64(v: &[f64], dims: &[usize]) -> Tensor {
@@ -137,11 +140,11 @@ fn case_8_spectral_a_reaches_rank_2r_where_lora_reaches_r() {
     let mut rng = SplitMix::new(8);
     let w = t64(&rng.vec(m * n, -1.0, 1.0), &[m, n]);
     let cfg = LoraConfig { rank: r, alpha: r as f64, rslora: false, dropout: 0.0 };
-    let sa = Adapter::new(&Method::SpectralA { block: 0 }, &w, &cfg, DType::F64, &mut rng).unwrap();
+    let sa = Method::spectral_a(0).build(&w, &cfg, DType::F64, &mut rng).unwrap();
     perturb(&sa.params(), 9);
     let wm = sa.merged_weight(&w).unwrap();
     let delta: Vec<f64> = wm.iter().zip(w.to_vec_f64()).map(|(a, b)| a - b).collect();
-    let lora = Adapter::new(&Method::Lora, &w, &cfg, DType::F64, &mut rng).unwrap();
+    let lora = Method::lora().build(&w, &cfg, DType::F64, &mut rng).unwrap();
     perturb(&lora.params(), 10);
     let ld: Vec<f64> = lora.merged_weight(&w).unwrap().iter().zip(w.to_vec_f64()).map(|(a, b)| a - b).collect();
     let count = |a: &Adapter| a.params().iter().map(|p| p.numel()).sum::<usize>();
@@ -162,15 +165,15 @@ fn case_9_merge_equivalence_for_every_method() {
     let x = Tensor::from_vec(rng.vec(5 * n, -1.0, 1.0).into_iter().map(|v| v as f32).collect::<Vec<f32>>(), [5, n]).unwrap();
     let xv = x.to_vec_f64();
     let cfg = LoraConfig { rank: 3, alpha: 5.0, rslora: false, dropout: 0.0 };
-    let older = [Method::Lora, Method::SpecLora { k: 4, by_norm: false }, Method::SpecLora { k: 4, by_norm: true }, Method::SpecLoraSvd { k: 4 }];
+    let older = [Method::lora(), Method::speclora(4), Method::speclora_by_norm(4), Method::speclora_svd(4)];
     for method in older.into_iter().chain(NEW_METHODS) {
-        let ad = Adapter::new(&method, &w, &cfg, DType::F32, &mut rng).unwrap();
+        let ad = method.build(&w, &cfg, DType::F32, &mut rng).unwrap();
         perturb(&ad.params(), 13);
-        let y = ad.forward(&x, &w, None).unwrap().to_vec_f64();
+        let y = ad.forward(&x, &w, &AdapterCtx::default()).unwrap().to_vec_f64();
         let wm = ad.merged_weight(&w).unwrap();
         let want: Vec<f64> = (0..5 * m).map(|idx| (0..n).map(|j| xv[(idx / m) * n + j] * wm[(idx % m) * n + j]).sum()).collect();
         let err = rel_err(&y, &want);
-        let moved = rel_err(&ad.forward(&x, &w, None).unwrap().to_vec_f64(), &ops::linear(&x, &w).unwrap().to_vec_f64());
+        let moved = rel_err(&ad.forward(&x, &w, &AdapterCtx::default()).unwrap().to_vec_f64(), &ops::linear(&x, &w).unwrap().to_vec_f64());
         eprintln!("case 9 {method:?}: relative error {err:.1e} (the adapter moved the output by {moved:.2})");
         assert!(err < 1e-5, "{method:?}: merged vs un-merged relative error {err:e}");
         assert!(moved > 1e-2, "{method:?}: the perturbed adapter must change the output");
@@ -183,14 +186,14 @@ fn case_10_parameter_counts() {
     let mut rng = SplitMix::new(1);
     for (m, n) in [(12, 10), (8, 16), (16, 8)] {
         let w = t64(&rng.vec(m * n, -1.0, 1.0), &[m, n]);
-        for method in NEW_METHODS.iter().filter(|x| !matches!(x, Method::SpectralA { block: 1 } | Method::SpectralR { block: 1 })).chain(&[Method::Lora]) {
-            let ad = Adapter::new(method, &w, &lora_cfg(), DType::F64, &mut rng).unwrap();
+        for method in NEW_METHODS.iter().filter(|x| x.block != 1).chain(&[Method::lora()]) {
+            let ad = method.build(&w, &lora_cfg(), DType::F64, &mut rng).unwrap();
             let actual: usize = ad.params().iter().map(|p| p.numel()).sum();
             assert_eq!(method.trainable_count(m, n, 3), actual, "{method:?} on [{m}, {n}]");
         }
     }
     // … Spectral^A on DeBERTaV3-base q/k/v (12 layers × 3 modules of 768×768), r = 24: the paper's 1,327,104.
-    let sa = Method::SpectralA { block: 0 };
+    let sa = Method::spectral_a(0);
     assert_eq!(36 * sa.trainable_count(768, 768, 24), 1_327_104);
     // … and the Llama-3-8B table (32 layers; q/o 4096×4096, k/v 1024×4096, gate/up 14336×4096,
     // down 4096×14336), printed for docs/ARCHITECTURE.md.
@@ -198,7 +201,7 @@ fn case_10_parameter_counts() {
     let total_dense: usize = 32 * shapes.iter().map(|(o, i)| o * i).sum::<usize>();
     eprintln!("Llama-3-8B, all seven linears × 32 layers ({total_dense} dense values):");
     for r in [8usize, 16] {
-        for method in [Method::Lora, Method::SpectralA { block: 0 }, Method::SpectralR { block: 0 }, Method::Pissa, Method::Dora, Method::Full] {
+        for method in [Method::lora(), Method::spectral_a(0), Method::spectral_r(0), Method::pissa(), Method::dora(), Method::full()] {
             let n: usize = 32 * shapes.iter().map(|&(o, i)| method.trainable_count(o, i, r)).sum::<usize>();
             eprintln!("  r = {r:>2}  {:<22} {n:>13}  ({:.3} % of the linears)", method.label(), 100.0 * n as f64 / total_dense as f64);
         }
@@ -217,9 +220,9 @@ fn frozen_weights_get_no_gradient_and_no_optimizer_state() {
     let targets: Vec<i64> = ids.iter().skip(1).map(|&t| t as i64).chain([-100]).collect();
     for method in NEW_METHODS {
         let mut m = base.clone();
-        let tg = if method == Method::Full { vec![Target::Q, Target::V] } else { Target::ALL.to_vec() };
+        let tg = if method == Method::full() { vec![Target::Q, Target::V] } else { Target::ALL.to_vec() };
         m.attach_adapters(&tg, &lora_cfg(), &method, 3).unwrap();
-        if method != Method::Full {
+        if method != Method::full() {
             perturb(&m.trainable_params(), 4);
         }
         let params = m.trainable_params();
@@ -236,7 +239,7 @@ fn frozen_weights_get_no_gradient_and_no_optimizer_state() {
         let opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
         let n: usize = params.iter().map(|p| p.numel()).sum();
         assert_eq!(opt.state_numel(), 2 * n, "{method:?}");
-        if method == Method::Full {
+        if method == Method::full() {
             // Dense state for q_proj and v_proj only: 2 layers × (16×16 + 8×16).
             assert_eq!(n, 2 * (16 * 16 + 8 * 16));
         }
@@ -266,14 +269,14 @@ fn save_and_load_round_trip_exactly_for_every_new_method() {
         let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap()).unwrap();
         let bytes = std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        match method {
-            Method::Dora => {
+        match method.name() {
+            "dora" => {
                 // Stock PEFT DoRA: use_dora and …lora_magnitude_vector, nothing spectune-specific.
                 assert_eq!(cfg["use_dora"], true);
                 assert!(cfg.get("spectune").is_none());
                 assert_eq!(st.tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector").unwrap().shape(), &[16]);
             }
-            Method::Full => {
+            "full" => {
                 assert_eq!(cfg["spectune"]["method"], "full");
                 assert!(cfg.get("peft_type").is_none());
                 assert_eq!(st.tensor("model.layers.1.mlp.down_proj.weight").unwrap().shape(), &[16, 24]);
@@ -289,14 +292,13 @@ fn svd_factors_are_stored_not_recomputed() {
     // Corrupting W after init must not change the stored factors (they are never recomputed).
     let base = tiny();
     let mut m = base.clone();
-    m.attach_adapters(&[Target::Q], &lora_cfg(), &Method::SpectralR { block: 0 }, 1).unwrap();
+    m.attach_adapters(&[Target::Q], &lora_cfg(), &Method::spectral_r(0), 1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_adapter(&m, dir.path(), &lora_cfg(), "x").unwrap();
     let mut other = Llama::random(common::tiny_config(41, true), DType::F32, 99).unwrap();
     load_adapter(&mut other, dir.path()).unwrap();
-    let (Some(Adapter::SpectralR { u: u1, .. }), Some(Adapter::SpectralR { u: u2, .. })) = (&m.layers[0].q.adapter, &other.layers[0].q.adapter) else {
-        panic!()
-    };
+    let sr = |l: &spectune::model::llama::Linear| l.adapter.as_deref().and_then(|a| a.downcast_ref::<SpectralR>()).cloned();
+    let (Some(SpectralR { u: u1, .. }), Some(SpectralR { u: u2, .. })) = (sr(&m.layers[0].q), sr(&other.layers[0].q)) else { panic!() };
     assert_eq!(u1.to_vec_f32(), u2.to_vec_f32());
 }
 
@@ -304,9 +306,7 @@ fn svd_factors_are_stored_not_recomputed() {
 fn export_to_plain_lora_for_the_low_rank_methods() {
     let base = tiny();
     let probe = ids();
-    for (method, rank) in
-        [(Method::Pissa, 6), (Method::Milora, 6), (Method::SpectralA { block: 0 }, 6), (Method::SpectralA { block: 1 }, 6), (Method::SpectralR { block: 0 }, 3)]
-    {
+    for (method, rank) in [(Method::pissa(), 6), (Method::milora(), 6), (Method::spectral_a(0), 6), (Method::spectral_a(1), 6), (Method::spectral_r(0), 3)] {
         let mut m = base.clone();
         m.attach_adapters(&Target::ALL, &lora_cfg(), &method, 4).unwrap();
         perturb(&m.trainable_params(), 6);
@@ -317,7 +317,7 @@ fn export_to_plain_lora_for_the_low_rank_methods() {
         assert_eq!(s.padded_modules, 0);
         let mut fresh = base.clone();
         load_adapter(&mut fresh, dir.path()).unwrap();
-        assert!(fresh.layers.iter().all(|l| Target::ALL.iter().all(|&t| matches!(l.linear(t).adapter, Some(Adapter::Lora { .. })))));
+        assert!(fresh.layers.iter().all(|l| Target::ALL.iter().all(|&t| l.linear(t).adapter.as_ref().is_some_and(|a| a.downcast_ref::<Lora>().is_some()))));
         let got = fresh.logits(&probe, 2, 6, None).unwrap().to_vec_f64();
         let err = rel_err(&got, &want);
         let moved = rel_err(&base.logits(&probe, 2, 6, None).unwrap().to_vec_f64(), &want);
@@ -325,7 +325,7 @@ fn export_to_plain_lora_for_the_low_rank_methods() {
         assert!(err < 1e-5, "{method:?}: {err:e}");
         assert!(moved > 1e-2);
     }
-    for method in [Method::Dora, Method::Full] {
+    for method in [Method::dora(), Method::full()] {
         let mut m = base.clone();
         m.attach_adapters(&[Target::Q], &lora_cfg(), &method, 4).unwrap();
         let e = export_peft_lora(&m, tempfile::tempdir().unwrap().path(), &lora_cfg(), "x").unwrap_err().to_string();
@@ -337,7 +337,7 @@ fn export_to_plain_lora_for_the_low_rank_methods() {
 fn full_fine_tuning_trains_only_the_chosen_matrices_and_merges_to_a_checkpoint() {
     let base = tiny();
     let mut m = base.clone();
-    m.attach_adapters(&[Target::Q, Target::V], &lora_cfg(), &Method::Full, 0).unwrap();
+    m.attach_adapters(&[Target::Q, Target::V], &lora_cfg(), &Method::full(), 0).unwrap();
     let ids = ids();
     let targets: Vec<i64> = ids.iter().skip(1).map(|&t| t as i64).chain([-100]).collect();
     let mut opt = AdamW::new(&m.trainable_params(), AdamWConfig { lr: 1e-2, ..AdamWConfig::default() }).unwrap();
@@ -356,7 +356,7 @@ fn full_fine_tuning_trains_only_the_chosen_matrices_and_merges_to_a_checkpoint()
         for t in Target::ALL {
             assert_eq!(lb.linear(t).weight.to_vec_f32(), lm.linear(t).weight.to_vec_f32());
         }
-        let Some(Adapter::Full { w }) = &lm.q.adapter else { panic!() };
+        let Some(Full { w }) = lm.q.adapter.as_deref().and_then(|a| a.downcast_ref()) else { panic!() };
         assert_ne!(w.to_vec_f32(), lb.q.weight.to_vec_f32());
         assert!(lm.k.adapter.is_none());
     }
@@ -366,7 +366,7 @@ fn full_fine_tuning_trains_only_the_chosen_matrices_and_merges_to_a_checkpoint()
     let merged = Checkpoint::open(dir.path()).unwrap().llama(DType::F32).unwrap();
     let (a, b) = (m.logits(&ids, 1, 12, None).unwrap().to_vec_f64(), merged.logits(&ids, 1, 12, None).unwrap().to_vec_f64());
     assert!(rel_err(&a, &b) < 1e-6);
-    let Some(Adapter::Full { w }) = &m.layers[1].v.adapter else { panic!() };
+    let Some(Full { w }) = m.layers[1].v.adapter.as_deref().and_then(|a| a.downcast_ref()) else { panic!() };
     assert_eq!(merged.layers[1].v.weight.to_vec_f32(), w.to_vec_f32());
 }
 
@@ -380,12 +380,12 @@ fn train_method_names_parse() {
         ..TrainArgs::default()
     };
     let cases = [
-        ("spectral-a", Some(1), Method::SpectralA { block: 1 }),
-        ("spectral-r", None, Method::SpectralR { block: 0 }),
-        ("pissa", None, Method::Pissa),
-        ("milora", None, Method::Milora),
-        ("dora", None, Method::Dora),
-        ("full", None, Method::Full),
+        ("spectral-a", Some(1), Method::spectral_a(1)),
+        ("spectral-r", None, Method::spectral_r(0)),
+        ("pissa", None, Method::pissa()),
+        ("milora", None, Method::milora()),
+        ("dora", None, Method::dora()),
+        ("full", None, Method::full()),
     ];
     for (name, block, want) in cases {
         let s = args(name, block).resolve().unwrap();
@@ -398,13 +398,13 @@ fn train_method_names_parse() {
     assert!(e.contains("spectral-a") && e.contains("full"), "{e}");
     // A block that does not fit the weight is an error naming the sizes, not a panic.
     let mut m = tiny();
-    let e = m.attach_adapters(&[Target::K], &lora_cfg(), &Method::SpectralA { block: 2 }, 0).unwrap_err().to_string();
+    let e = m.attach_adapters(&[Target::K], &lora_cfg(), &Method::spectral_a(2), 0).unwrap_err().to_string();
     assert!(e.contains("block 2") && e.contains("[8, 16]"), "{e}");
 }
 
 #[test]
 fn dora_or_full_cannot_share_a_folder_with_another_method() {
-    for (a, b) in [(Method::Dora, Method::Lora), (Method::Pissa, Method::Full)] {
+    for (a, b) in [(Method::dora(), Method::lora()), (Method::pissa(), Method::full())] {
         let mut m = tiny();
         m.attach_adapters(&[Target::Q], &lora_cfg(), &a, 1).unwrap();
         m.attach_adapters(&[Target::V], &lora_cfg(), &b, 2).unwrap();
@@ -413,8 +413,8 @@ fn dora_or_full_cannot_share_a_folder_with_another_method() {
     }
     // LoRA-layout methods may share one (told apart per module at load).
     let mut m = tiny();
-    m.attach_adapters(&[Target::Q], &lora_cfg(), &Method::Lora, 1).unwrap();
-    m.attach_adapters(&[Target::V], &lora_cfg(), &Method::SpectralA { block: 0 }, 2).unwrap();
+    m.attach_adapters(&[Target::Q], &lora_cfg(), &Method::lora(), 1).unwrap();
+    m.attach_adapters(&[Target::V], &lora_cfg(), &Method::spectral_a(0), 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_adapter(&m, dir.path(), &lora_cfg(), "x").unwrap();
     let mut fresh = tiny();

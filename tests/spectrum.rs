@@ -219,7 +219,7 @@ fn tiny_model_and_adapter(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf
     merge_to_hf(&Llama::random(cfg, DType::F32, 11).unwrap(), &base).unwrap();
     let mut model = Checkpoint::open(&base).unwrap().llama(DType::F32).unwrap();
     let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
-    model.attach_adapters(&Target::ALL, &lora, &Method::SpecLora { k: 3, by_norm: false }, 5).unwrap();
+    model.attach_adapters(&Target::ALL, &lora, &Method::speclora(3), 5).unwrap();
     let mut opt = AdamW::new(&model.trainable_params(), AdamWConfig { lr: 3e-2, weight_decay: 0.0, ..AdamWConfig::default() }).unwrap();
     let ids: Vec<u32> = (0..32).map(|i| (i * 5 % 64) as u32).collect();
     let targets: Vec<i64> = (0..32).map(|i| if i % 16 == 15 { -100 } else { ids[i + 1] as i64 }).collect();
@@ -340,7 +340,7 @@ fn cli_bad_input_is_a_clear_error() {
     let (ok, _, err) = spectune(&["spectrum", "--base", b, "--tuned", deep_dir.to_str().unwrap()]);
     assert!(!ok && err.contains("3 layers") && err.contains("has 2"), "{err}");
     let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
-    dm.attach_adapters(&[Target::Q], &lora, &Method::Lora, 0).unwrap();
+    dm.attach_adapters(&[Target::Q], &lora, &Method::lora(), 0).unwrap();
     let deep_adapter = dir.path().join("deep-adapter");
     save_adapter(&dm, &deep_adapter, &lora, "deep").unwrap();
     let (ok, _, err) = spectune(&["spectrum", "--base", b, "--adapter", deep_adapter.to_str().unwrap()]);

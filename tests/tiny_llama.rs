@@ -6,7 +6,10 @@ mod common;
 use spectune::gradcheck::{gradcheck, GradcheckOptions, SplitMix};
 use spectune::model::{Llama, LlamaConfig, Target};
 use spectune::ops::CeOptions;
-use spectune::peft::{Adapter, LoraConfig, Method};
+use spectune::peft::lora::Lora;
+use spectune::peft::speclora::SpecLora;
+use spectune::peft::speclora_svd::SpecLoraSvd;
+use spectune::peft::{LoraConfig, Method};
 use spectune::{backward, AdamW, AdamWConfig, DType};
 
 fn tiny(tie: bool) -> LlamaConfig {
@@ -31,7 +34,7 @@ fn adapters_are_identity_at_init_bit_exact() {
         let base = Llama::random(tiny(tie), DType::F32, 1).unwrap();
         let (ids, _) = batch(2, 2, 5, 37);
         let y0 = base.logits(&ids, 2, 5, None).unwrap().to_vec_f32();
-        for spec in [Method::Lora, Method::SpecLora { k: 3, by_norm: false }, Method::SpecLora { k: 5, by_norm: true }, Method::SpecLoraSvd { k: 4 }] {
+        for spec in [Method::lora(), Method::speclora(3), Method::speclora_by_norm(5), Method::speclora_svd(4)] {
             let mut m = base.clone();
             m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, &spec, 7).unwrap();
             let y = m.logits(&ids, 2, 5, None).unwrap().to_vec_f32();
@@ -66,8 +69,8 @@ fn train_losses_keep(spec: Method, checkpointing: bool, keep: usize, steps: usiz
 
 #[test]
 fn loss_falls_over_50_adamw_steps() {
-    for spec in [Method::Lora, Method::SpecLora { k: 5, by_norm: false }, Method::SpecLoraSvd { k: 5 }] {
-        let l = train_losses(spec.clone(), false, 50);
+    for spec in [Method::lora(), Method::speclora(5), Method::speclora_svd(5)] {
+        let l = train_losses(spec, false, 50);
         assert!(l.iter().all(|v| v.is_finite()));
         assert!(l[49] < 0.5 * l[0], "spec={spec:?}: loss went from {} to {} in 50 steps", l[0], l[49]);
     }
@@ -75,14 +78,14 @@ fn loss_falls_over_50_adamw_steps() {
 
 #[test]
 fn checkpointing_gives_identical_training() {
-    let a = train_losses(Method::SpecLora { k: 5, by_norm: false }, false, 6);
-    let b = train_losses(Method::SpecLora { k: 5, by_norm: false }, true, 6);
+    let a = train_losses(Method::speclora(5), false, 6);
+    let b = train_losses(Method::speclora(5), true, 6);
     assert_eq!(a, b, "activation checkpointing changed the losses");
     // Any number of un-checkpointed final layers (0 = every layer re-run, more than the model
     // has = none) trains identically too.
     let layers = tiny(false).num_hidden_layers;
     for keep in [0, 2, layers, layers + 3] {
-        let c = train_losses_keep(Method::SpecLora { k: 5, by_norm: false }, true, keep, 6);
+        let c = train_losses_keep(Method::speclora(5), true, keep, 6);
         assert_eq!(a, c, "checkpoint_keep = {keep} changed the losses");
     }
 }
@@ -92,14 +95,14 @@ fn whole_model_adapter_gradients_match_finite_differences() {
     // DoRA is left out: its backward treats the row norm as a constant (by design), so it is not
     // the exact gradient of the whole model (its op is gradchecked with ν as an input).
     for (spec, tie, bias) in [
-        (Method::Lora, true, false),
-        (Method::SpecLora { k: 3, by_norm: false }, false, true),
-        (Method::SpecLoraSvd { k: 3 }, false, false),
-        (Method::SpectralA { block: 1 }, true, false),
-        (Method::SpectralR { block: 0 }, false, true),
-        (Method::Pissa, true, false),
-        (Method::Milora, false, false),
-        (Method::Full, true, false),
+        (Method::lora(), true, false),
+        (Method::speclora(3), false, true),
+        (Method::speclora_svd(3), false, false),
+        (Method::spectral_a(1), true, false),
+        (Method::spectral_r(0), false, true),
+        (Method::pissa(), true, false),
+        (Method::milora(), false, false),
+        (Method::full(), true, false),
     ] {
         let cfg = LlamaConfig { attention_bias: bias, ..tiny(tie) };
         let mut m = Llama::random(cfg, DType::F64, 21).unwrap();
@@ -108,16 +111,16 @@ fn whole_model_adapter_gradients_match_finite_differences() {
         let mut rng = SplitMix::new(99);
         for layer in &m.layers {
             for t in Target::ALL {
-                match layer.linear(t).adapter.as_ref().unwrap() {
-                    Adapter::Lora { b, .. } => b.set_values(&rng.vec(b.numel(), -0.3, 0.3)).unwrap(),
-                    Adapter::SpecLora { d, b, .. } | Adapter::SpecLoraSvd { d, b, .. } => {
-                        b.set_values(&rng.vec(b.numel(), -0.3, 0.3)).unwrap();
-                        d.set_values(&rng.vec(d.numel(), 0.7, 1.3)).unwrap();
-                    }
-                    other => {
-                        for p in other.params() {
-                            p.set_values(&p.to_vec_f64().iter().map(|x| x + rng.uniform(-0.2, 0.2)).collect::<Vec<f64>>()).unwrap();
-                        }
+                let ad = layer.linear(t).adapter.as_deref().unwrap();
+                let spec_db = ad.downcast_ref::<SpecLora>().map(|s| (&s.d, &s.b)).or_else(|| ad.downcast_ref::<SpecLoraSvd>().map(|s| (&s.d, &s.b)));
+                if let Some(Lora { b, .. }) = ad.downcast_ref() {
+                    b.set_values(&rng.vec(b.numel(), -0.3, 0.3)).unwrap();
+                } else if let Some((d, b)) = spec_db {
+                    b.set_values(&rng.vec(b.numel(), -0.3, 0.3)).unwrap();
+                    d.set_values(&rng.vec(d.numel(), 0.7, 1.3)).unwrap();
+                } else {
+                    for p in ad.params() {
+                        p.set_values(&p.to_vec_f64().iter().map(|x| x + rng.uniform(-0.2, 0.2)).collect::<Vec<f64>>()).unwrap();
                     }
                 }
             }
@@ -136,8 +139,7 @@ fn whole_model_adapter_gradients_match_finite_differences() {
 #[test]
 fn only_adapter_parameters_are_trainable() {
     let mut m = Llama::random(tiny(true), DType::F32, 4).unwrap();
-    m.attach_adapters(&[Target::Q, Target::V], &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, &Method::SpecLora { k: 3, by_norm: false }, 5)
-        .unwrap();
+    m.attach_adapters(&[Target::Q, Target::V], &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, &Method::speclora(3), 5).unwrap();
     let params = m.trainable_params();
     // 2 layers × 2 targets × (d, A, B)
     assert_eq!(params.len(), 12);
@@ -195,8 +197,7 @@ fn greedy_generation_is_deterministic_and_stops() {
 fn adapter_dropout_is_reproduced_exactly_by_checkpoint_recompute() {
     let grads = |ckpt: bool, training: bool| {
         let mut m = Llama::random(tiny(false), DType::F32, 41).unwrap();
-        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.3 }, &Method::SpecLora { k: 3, by_norm: false }, 42)
-            .unwrap();
+        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.3 }, &Method::speclora(3), 42).unwrap();
         for p in m.trainable_params() {
             let n = p.numel();
             p.set_values(&SplitMix::new(n as u64).vec(n, -0.2, 0.2).into_iter().map(|v| v as f32 + 1.0).collect::<Vec<_>>()).unwrap();
@@ -224,7 +225,7 @@ fn merged_weights_reproduce_the_adapted_forward() {
     // docs/ops.md §22 case 9: for every method, x·W_mergedᵀ equals the un-merged forward.
     let base = Llama::random(tiny(false), DType::F64, 51).unwrap();
     let mut rng = SplitMix::new(52);
-    for method in [Method::Lora, Method::SpecLora { k: 5, by_norm: false }, Method::SpecLora { k: 7, by_norm: true }, Method::SpecLoraSvd { k: 4 }] {
+    for method in [Method::lora(), Method::speclora(5), Method::speclora_by_norm(7), Method::speclora_svd(4)] {
         let mut m = base.clone();
         m.attach_adapters(&Target::ALL, &LoraConfig { rank: 3, alpha: 6.0, rslora: true, dropout: 0.0 }, &method, 53).unwrap();
         for p in m.trainable_params() {

@@ -48,7 +48,7 @@ fn grad_accumulation_of_4x1_equals_one_batch_of_4() {
     // Rows with different numbers of counted tokens (padding), where a per-micro-batch mean
     // would weight tokens unequally.
     let rows: Vec<_> = (0..4).map(|i| row(10 + i, 9, [0, 3, 6, 1][i as usize])).collect();
-    let m = model(&Method::SpecLora { k: 3, by_norm: false });
+    let m = model(&Method::speclora(3));
     let (l_big, g_big, _, n_big) = accumulate(&m, &[batch_of(&rows)]).unwrap();
     let micro: Vec<Batch> = rows.iter().map(|r| batch_of(std::slice::from_ref(r))).collect();
     let (l_acc, g_acc, _, n_acc) = accumulate(&m, &micro).unwrap();
@@ -81,15 +81,15 @@ fn resume_continues_bit_identically() {
         x
     };
     for method in [
-        Method::Lora,
-        Method::SpecLora { k: 4, by_norm: true },
-        Method::SpecLoraSvd { k: 3 },
-        Method::SpectralA { block: 1 },
-        Method::SpectralR { block: 0 },
-        Method::Pissa,
-        Method::Milora,
-        Method::Dora,
-        Method::Full,
+        Method::lora(),
+        Method::speclora_by_norm(4),
+        Method::speclora_svd(3),
+        Method::spectral_a(1),
+        Method::spectral_r(0),
+        Method::pissa(),
+        Method::milora(),
+        Method::dora(),
+        Method::full(),
     ] {
         let ocfg = AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..AdamWConfig::default() };
         // 10 steps straight.
@@ -119,7 +119,7 @@ fn resume_continues_bit_identically() {
 
 #[test]
 fn a_non_finite_loss_stops_without_changing_the_adapter() {
-    let mut m = model(&Method::Lora);
+    let mut m = model(&Method::lora());
     let mut opt = AdamW::new(&m.trainable_params(), AdamWConfig::default()).unwrap();
     let before: Vec<Vec<f64>> = m.trainable_params().iter().map(|p| p.to_vec_f64()).collect();
     // Poison one adapter value: the loss becomes NaN.

@@ -14,7 +14,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gradcheck::SplitMix;
 use crate::ops::{self, AttnOptions, CeOptions, Rope};
-use crate::peft::{Adapter, LoraConfig, Method};
+use crate::peft::{Adapter, AdapterCtx, LoraConfig, Method};
 use crate::tensor::Tensor;
 
 /// Shape hyper-parameters of a Llama-family model (HF config.json names).
@@ -98,7 +98,7 @@ impl Linear {
     /// `dropout_seed`: Some while training (adapter dropout on), None for evaluation.
     pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let y = match &self.adapter {
-            Some(ad) => ad.forward(x, &self.weight, dropout_seed)?,
+            Some(ad) => ad.forward(x, &self.weight, &AdapterCtx { dropout_seed })?,
             None => ops::linear(x, &self.weight)?,
         };
         match &self.bias {
@@ -111,7 +111,7 @@ impl Linear {
     /// last op while its backward re-runs it), so an adapter skips computing them.
     pub fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, dropout_seed: Option<u64>, graph_only: bool) -> Result<Tensor> {
         let y = match &self.adapter {
-            Some(ad) => ad.forward_swiglu(gate, up, &self.weight, dropout_seed, graph_only)?,
+            Some(ad) => ad.forward_swiglu(gate, up, &self.weight, &AdapterCtx { dropout_seed }, graph_only)?,
             None => ops::linear(&crate::profile::fwd("swiglu", || ops::swiglu(gate, up))?, &self.weight)?,
         };
         match &self.bias {
@@ -291,7 +291,7 @@ impl Llama {
         for layer in &mut self.layers {
             for &t in targets {
                 let lin = layer.linear_mut(t);
-                lin.adapter = Some(Adapter::new(method, &lin.weight, lora, dtype, &mut rng)?);
+                lin.adapter = Some(method.build(&lin.weight, lora, dtype, &mut rng)?);
             }
         }
         Ok(())

@@ -41,7 +41,7 @@
 //!
 //! ## PiSSA, MiLoRA and the Spectral methods
 //!
-//! Their updates are exact low-rank products ([`Adapter::delta_factors`]), exported at the common
+//! Their updates are exact low-rank products ([`LinearAdapter::delta_factors`]), exported at the common
 //! scale s' (the LoRA scale; 1 for the Spectral methods, which have none):
 //!
 //! ```text
@@ -58,7 +58,7 @@
 //!
 //! [`merge_to_hf`] writes an HF folder: `config.json` (LlamaForCausalLM, or Qwen2ForCausalLM when
 //! q/k/v carry a bias) and `model.safetensors` with every weight in f32: adapted linears replaced
-//! by [`Adapter::merged_weight`], bf16/f16/quantized weights dequantized. The safetensors file is
+//! by [`LinearAdapter::merged_weight`], bf16/f16/quantized weights dequantized. The safetensors file is
 //! streamed one tensor at a time into a temporary file (fsync, rename), so peak memory is one
 //! weight, not the model. [`write_tokenizer`] copies an HF folder's tokenizer files, or, for a
 //! GGUF source, writes the tokenizer rebuilt from the GGUF vocabulary as `tokenizer.json` plus a
@@ -84,9 +84,8 @@ use crate::error::{Error, Result};
 use crate::io::Checkpoint;
 use crate::model::llama::Linear;
 use crate::model::{Llama, LlamaConfig, Target};
-use crate::ops::SpecRows;
 use crate::peft::io::{write_atomic, CONFIG_FILE, WEIGHTS_FILE};
-use crate::peft::{Adapter, LoraConfig};
+use crate::peft::{LinearAdapter, LoraConfig, LoraFactors};
 use crate::tensor::Tensor;
 use crate::tokenizer::Tokenizer;
 
@@ -126,123 +125,6 @@ fn module_prefix(layer: usize, t: Target) -> String {
         _ => "mlp",
     };
     format!("base_model.model.model.layers.{layer}.{group}.{}", t.hf_name())
-}
-
-/// One module's exported factors before padding: A' [rk, in], B' [out, rk] (f64, row-major).
-struct Factors {
-    a: Vec<f64>,
-    b: Vec<f64>,
-    rk: usize,
-    r: usize,
-}
-
-fn row_indices(rows: &SpecRows, out_f: usize) -> Result<Vec<usize>> {
-    let idx: Vec<usize> = match rows {
-        SpecRows::Top(k) => (0..*k).collect(),
-        SpecRows::Indices(ix) => ix.iter().map(|&i| i as usize).collect(),
-    };
-    if let Some(&bad) = idx.iter().find(|&&i| i >= out_f) {
-        return Err(Error::OutOfRange { op: "export_peft_lora", what: "speclora row", index: bad as i64, size: out_f });
-    }
-    Ok(idx)
-}
-
-/// The rank-(r + k) factors of one adapted linear for the common scale `s_common`.
-fn factors(lin: &Linear, ad: &Adapter, s_common: f64) -> Result<Factors> {
-    const OP: &str = "export_peft_lora";
-    let (out_f, in_f) = (lin.out_features(), lin.in_features());
-    // PiSSA/MiLoRA, Spectral^A/R: the update is scale·B'·A' exactly; exported as s'·B'·A'' with
-    // A'' = A'·(scale/s') (A' unchanged when the scales agree, as for PiSSA).
-    if let Some((bp, ap, q, scale)) = ad.delta_factors() {
-        if bp.len() != out_f * q || ap.len() != q * in_f {
-            return Err(Error::shape(OP, "update factors", format!("[{out_f}, {q}] and [{q}, {in_f}]"), format!("{} and {} values", bp.len(), ap.len())));
-        }
-        let ratio = scale / s_common;
-        let a = if ratio == 1.0 { ap } else { ap.iter().map(|x| x * ratio).collect() };
-        return Ok(Factors { a, b: bp, rk: q, r: q });
-    }
-    let (a, b, scale) = match ad {
-        Adapter::Lora { a, b, scale, .. } | Adapter::SpecLora { a, b, scale, .. } | Adapter::SpecLoraSvd { a, b, scale, .. } => (a, b, *scale),
-        Adapter::Dora { .. } => {
-            return Err(Error::invalid(
-                OP,
-                "DoRA's update diag(mag/ν)·(W + s·B·A) − W is not low-rank, so it has no plain-LoRA form; its adapter folder is already a stock PEFT DoRA adapter (use_dora = true, lora_magnitude_vector), or merge it with `spectune merge`",
-            ))
-        }
-        Adapter::Full { .. } => {
-            return Err(Error::invalid(OP, "full fine-tuning changes W densely (not low-rank); use `spectune merge` to write the tuned checkpoint"))
-        }
-        Adapter::SpectralA { .. } | Adapter::SpectralR { .. } | Adapter::Pissa { .. } => unreachable!("handled by delta_factors above"),
-    };
-    let r = a.dims()[0];
-    if a.dims() != [r, in_f] || b.dims() != [out_f, r] {
-        return Err(Error::shape(OP, "lora A/B", format!("[r, {in_f}] and [{out_f}, r]"), format!("{:?} and {:?}", a.dims(), b.dims())));
-    }
-    let (av, bv) = (a.to_vec_f64(), b.to_vec_f64());
-    let ratio = scale / s_common;
-    // Spectral part: k rows of A'' (already divided by s') and k columns of B''.
-    let (extra_a, extra_b, k): (Vec<f64>, Vec<f64>, usize) = match ad {
-        Adapter::Lora { .. } => (Vec::new(), Vec::new(), 0),
-        Adapter::SpectralA { .. } | Adapter::SpectralR { .. } | Adapter::Pissa { .. } | Adapter::Dora { .. } | Adapter::Full { .. } => {
-            unreachable!("returned above")
-        }
-        Adapter::SpecLora { d, rows, .. } => {
-            let idx = row_indices(rows, out_f)?;
-            let dv = d.to_vec_f64();
-            if dv.len() != idx.len() {
-                return Err(Error::invalid(OP, format!("{} speclora scales for {} rows", dv.len(), idx.len())));
-            }
-            let k = idx.len();
-            let w = lin.weight.read();
-            let mut row = vec![0.0f64; in_f];
-            let mut ea = Vec::with_capacity(k * in_f);
-            for (&i, &dj) in idx.iter().zip(&dv) {
-                w.read_into(i * in_f, &mut row);
-                let f = (dj - 1.0) / s_common;
-                ea.extend(row.iter().map(|&x| x * f));
-            }
-            let mut eb = vec![0.0f64; out_f * k];
-            for (j, &i) in idx.iter().enumerate() {
-                eb[i * k + j] = 1.0;
-            }
-            (ea, eb, k)
-        }
-        Adapter::SpecLoraSvd { d, u, sigma, v, .. } => {
-            let (dv, uv, sv, vv) = (d.to_vec_f64(), u.to_vec_f64(), sigma.to_vec_f64(), v.to_vec_f64());
-            let k = dv.len();
-            if u.dims() != [out_f, k] || sigma.dims() != [k] || v.dims() != [in_f, k] {
-                return Err(Error::shape(
-                    OP,
-                    "speclora-svd factors",
-                    format!("u [{out_f}, {k}], sigma [{k}], v [{in_f}, {k}]"),
-                    format!("{:?}, {:?}, {:?}", u.dims(), sigma.dims(), v.dims()),
-                ));
-            }
-            let mut ea = Vec::with_capacity(k * in_f);
-            for q in 0..k {
-                let f = (dv[q] - 1.0) * sv[q] / s_common;
-                ea.extend((0..in_f).map(|j| vv[j * k + q] * f));
-            }
-            (ea, uv, k)
-        }
-    };
-    let rk = r + k;
-    let mut a2 = av;
-    a2.extend(extra_a);
-    let mut b2 = vec![0.0f64; out_f * rk];
-    for i in 0..out_f {
-        for q in 0..r {
-            b2[i * rk + q] = bv[i * r + q] * ratio;
-        }
-        for j in 0..k {
-            b2[i * rk + r + j] = extra_b[i * k + j];
-        }
-    }
-    Ok(Factors { a: a2, b: b2, rk, r })
-}
-
-fn method_name(ad: &Adapter) -> &'static str {
-    ad.method().name()
 }
 
 /// Writes the adapters of `model_with_adapters` into `out` as a plain HF PEFT LoRA (rank
@@ -346,11 +228,11 @@ impl PlainLora {
 
 /// Collects every adapted linear of `model` as a [`PlainLora`].
 fn plain_lora(model: &Llama, op: &'static str) -> Result<PlainLora> {
-    let adapted: Vec<(usize, Target, &Linear, &Adapter)> = model
+    let adapted: Vec<(usize, Target, &Linear, &dyn LinearAdapter)> = model
         .layers
         .iter()
         .enumerate()
-        .flat_map(|(li, l)| Target::ALL.into_iter().filter_map(move |t| l.linear(t).adapter.as_ref().map(|ad| (li, t, l.linear(t), ad))))
+        .flat_map(|(li, l)| Target::ALL.into_iter().filter_map(move |t| l.linear(t).adapter.as_deref().map(|ad| (li, t, l.linear(t), ad))))
         .collect();
     let Some(&(_, _, _, first)) = adapted.first() else {
         return Err(Error::invalid(op, "the model has no adapters attached"));
@@ -360,17 +242,18 @@ fn plain_lora(model: &Llama, op: &'static str) -> Result<PlainLora> {
     // s' = the adapters' own scale (A and B unchanged); 1 if that is 0 (the LoRA part is zero).
     let s_common = if first_scale.is_finite() && first_scale != 0.0 { first_scale } else { 1.0 };
     let mut method = "lora";
-    let mut mods: Vec<(usize, Target, String, usize, usize, Factors)> = Vec::with_capacity(adapted.len());
+    let mut mods: Vec<(usize, Target, String, usize, usize, LoraFactors)> = Vec::with_capacity(adapted.len());
     let mut targets: Vec<&'static str> = Vec::new();
     let mut ks: BTreeMap<String, usize> = BTreeMap::new();
     for &(li, t, lin, ad) in &adapted {
-        if method_name(ad) != "lora" {
-            method = method_name(ad);
+        let name = ad.method().name();
+        if name != "lora" {
+            method = name;
         }
         if !targets.contains(&t.hf_name()) {
             targets.push(t.hf_name());
         }
-        let f = factors(lin, ad, s_common)?;
+        let f = ad.lora_factors(&lin.weight, s_common)?;
         let p = module_prefix(li, t);
         ks.insert(p.clone(), f.rk - f.r);
         mods.push((li, t, p, lin.out_features(), lin.in_features(), f));
@@ -378,7 +261,7 @@ fn plain_lora(model: &Llama, op: &'static str) -> Result<PlainLora> {
     let lora_rank = mods[0].5.r;
     // One LoRA rank per adapter for the methods with a LoRA part (their k directions may vary);
     // the update-factor methods (PiSSA, Spectral) may have per-module ranks (clamped r), padded.
-    let has_lora_part = matches!(method, "lora" | "speclora" | "speclora-svd");
+    let has_lora_part = mods.iter().all(|m| m.5.uniform_r);
     if let Some(m) = mods.iter().filter(|_| has_lora_part).find(|m| m.5.r != lora_rank) {
         return Err(Error::invalid(op, format!("{}: LoRA rank {} differs from {} (one rank per adapter)", m.2, m.5.r, lora_rank)));
     }

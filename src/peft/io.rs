@@ -18,7 +18,7 @@
 //!
 //! Files are written atomically: a temporary file in the same folder, fsync, rename.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -27,8 +27,9 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::model::{Llama, Target};
-use crate::ops::SpecRows;
-use crate::peft::{Adapter, LoraConfig};
+use crate::peft::full::Full;
+use crate::peft::registry::{file_suffixes, LOAD_ORDER};
+use crate::peft::{Adapter, LoraConfig, ModuleFile, ModuleNames, TensorMap};
 use crate::tensor::Tensor;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -43,29 +44,6 @@ pub fn hf_weight_name(layer: usize, t: Target) -> String {
     };
     format!("model.layers.{layer}.{group}.{}.weight", t.hf_name())
 }
-
-/// Every tensor-name suffix an adapter file may hold after its module prefix.
-const ADAPTER_SUFFIXES: [&str; 19] = [
-    ".lora_A.weight",
-    ".lora_B.weight",
-    ".lora_magnitude_vector",
-    ".pissa_A0",
-    ".pissa_B0",
-    ".speclora_d",
-    ".speclora_rows",
-    ".speclora_sigma",
-    ".speclora_u",
-    ".speclora_v",
-    ".spectral_block",
-    ".spectral_c",
-    ".spectral_du",
-    ".spectral_dv",
-    ".spectral_qu",
-    ".spectral_qv",
-    ".spectral_sigma",
-    ".spectral_u",
-    ".spectral_v",
-];
 
 fn module_prefix(layer: usize, t: Target) -> String {
     let group = match t {
@@ -95,16 +73,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// adapters were created with; `base_model` is recorded for PEFT.
 pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
-    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>, Dtype)> = BTreeMap::new();
+    let mut tensors = TensorMap::new();
     let mut targets: Vec<&'static str> = Vec::new();
     let mut method: &'static str = "lora";
-    let mut rows_kind = "top";
-    let f32_bytes = |t: &Tensor| -> Result<(Vec<usize>, Vec<u8>, Dtype)> {
-        Ok((t.dims().to_vec(), t.try_to_vec::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32))
-    };
-    let mut block: Option<usize> = None;
+    let mut sp = serde_json::Map::new();
     let mut layer_methods: Vec<&'static str> = Vec::new();
-    let i64_bytes = |v: &[i64]| -> (Vec<usize>, Vec<u8>, Dtype) { (vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect(), Dtype::I64) };
     for (li, layer) in model.layers.iter().enumerate() {
         for t in Target::ALL {
             let Some(ad) = &layer.linear(t).adapter else { continue };
@@ -122,56 +95,8 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
             if name != "lora" {
                 method = name;
             }
-            let p = module_prefix(li, t);
-            let (a, b) = match ad {
-                Adapter::Lora { a, b, .. } | Adapter::Pissa { a, b, .. } | Adapter::Dora { a, b, .. } => (a, b),
-                Adapter::SpecLora { d, rows, a, b, .. } => {
-                    tensors.insert(format!("{p}.speclora_d"), f32_bytes(d)?);
-                    let idx: Vec<i64> = match rows {
-                        SpecRows::Top(k) => (0..*k as i64).collect(),
-                        SpecRows::Indices(ix) => {
-                            rows_kind = "indices";
-                            ix.iter().map(|&i| i as i64).collect()
-                        }
-                    };
-                    tensors.insert(format!("{p}.speclora_rows"), i64_bytes(&idx));
-                    (a, b)
-                }
-                Adapter::SpecLoraSvd { d, u, sigma, v, a, b, .. } => {
-                    tensors.insert(format!("{p}.speclora_d"), f32_bytes(d)?);
-                    tensors.insert(format!("{p}.speclora_u"), f32_bytes(u)?);
-                    tensors.insert(format!("{p}.speclora_sigma"), f32_bytes(sigma)?);
-                    tensors.insert(format!("{p}.speclora_v"), f32_bytes(v)?);
-                    (a, b)
-                }
-                Adapter::SpectralA { du, dv, u, sigma, v, block: bl } | Adapter::SpectralR { qu: du, qv: dv, u, sigma, v, block: bl, .. } => {
-                    let (n1, n2) = if matches!(ad, Adapter::SpectralA { .. }) { ("spectral_du", "spectral_dv") } else { ("spectral_qu", "spectral_qv") };
-                    tensors.insert(format!("{p}.{n1}"), f32_bytes(du)?);
-                    tensors.insert(format!("{p}.{n2}"), f32_bytes(dv)?);
-                    if let Adapter::SpectralR { c, .. } = ad {
-                        tensors.insert(format!("{p}.spectral_c"), f32_bytes(c)?);
-                    }
-                    tensors.insert(format!("{p}.spectral_u"), f32_bytes(u)?);
-                    tensors.insert(format!("{p}.spectral_sigma"), f32_bytes(sigma)?);
-                    tensors.insert(format!("{p}.spectral_v"), f32_bytes(v)?);
-                    tensors.insert(format!("{p}.spectral_block"), i64_bytes(&[*bl as i64]));
-                    block = Some(*bl);
-                    continue;
-                }
-                Adapter::Full { w } => {
-                    tensors.insert(hf_weight_name(li, t), f32_bytes(w)?);
-                    continue;
-                }
-            };
-            if let Adapter::Pissa { a0, b0, .. } = ad {
-                tensors.insert(format!("{p}.pissa_A0"), f32_bytes(a0)?);
-                tensors.insert(format!("{p}.pissa_B0"), f32_bytes(b0)?);
-            }
-            if let Adapter::Dora { mag, .. } = ad {
-                tensors.insert(format!("{p}.lora_magnitude_vector"), f32_bytes(mag)?);
-            }
-            tensors.insert(format!("{p}.lora_A.weight"), f32_bytes(a)?);
-            tensors.insert(format!("{p}.lora_B.weight"), f32_bytes(b)?);
+            ad.save(&ModuleNames { prefix: module_prefix(li, t), weight: hf_weight_name(li, t) }, &mut tensors)?;
+            ad.save_config(&mut sp);
         }
     }
     if tensors.is_empty() {
@@ -204,14 +129,16 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
         "lora" => {}
         "dora" => config["use_dora"] = json!(true),
         _ => {
-            let mut sp = json!({ "method": method, "version": env!("CARGO_PKG_VERSION") });
+            let mut obj = serde_json::Map::new();
+            obj.insert("method".into(), json!(method));
+            obj.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
             if method == "speclora" {
-                sp["rows"] = json!(rows_kind);
+                obj.insert("rows".into(), sp.get("rows").cloned().unwrap_or(json!("top")));
             }
-            if let Some(b) = block {
-                sp["block"] = json!(b);
+            if let Some(b) = sp.get("block") {
+                obj.insert("block".into(), b.clone());
             }
-            config["spectune"] = sp;
+            config["spectune"] = Value::Object(obj);
             if method == "full" {
                 if let Some(o) = config.as_object_mut() {
                     for k in ["peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "fan_in_fan_out"] {
@@ -259,31 +186,7 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format { path: wpath.clone(), msg: e.to_string() })?;
     let wfmt = |msg: String| Error::Format { path: wpath.clone(), msg };
     let names: HashMap<String, ()> = st.names().into_iter().map(|n| (n.to_string(), ())).collect();
-    let get = |name: &str, dims: &[usize]| -> Result<Vec<f32>> {
-        let t = st.tensor(name).map_err(|_| wfmt(format!("missing tensor {name}")))?;
-        if t.shape() != dims {
-            return Err(wfmt(format!("{name}: expected shape {dims:?}, got {:?}", t.shape())));
-        }
-        let data = t.data();
-        match t.dtype() {
-            Dtype::F32 => Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-            Dtype::BF16 => Ok(data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-            Dtype::F16 => Ok(data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-            other => Err(wfmt(format!("{name}: unsupported dtype {other:?}"))),
-        }
-    };
-    let tensor = |v: Vec<f32>, dims: &[usize], param: bool| -> Result<Tensor> {
-        let t = crate::device::with_float!(model.dtype, "load_adapter", |T| {
-            Tensor::from_vec(v.iter().map(|&x| T::from_f64(x as f64)).collect::<Vec<T>>(), dims.to_vec())
-        })?;
-        if param {
-            t.param()
-        } else {
-            Ok(t)
-        }
-    };
     let use_dora = cfg.get("use_dora").and_then(Value::as_bool).unwrap_or(false);
-    let milora = sp_method.as_deref() == Some("milora");
     let mut found = 0;
     let mut loaded: std::collections::HashSet<String> = std::collections::HashSet::new();
     // Attached only once the whole file has been read and checked: an error leaves the model as
@@ -291,117 +194,28 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let mut staged: Vec<(usize, Target, Adapter)> = Vec::new();
     for li in 0..model.layers.len() {
         for t in Target::ALL {
-            let p = module_prefix(li, t);
-            let a_name = format!("{p}.lora_A.weight");
-            let spectral = names.contains_key(&format!("{p}.spectral_u"));
-            if !names.contains_key(&a_name) && !spectral {
-                continue;
-            }
-            let lin = model.layers[li].linear(t);
-            let (o, i) = (lin.out_features(), lin.in_features());
-            if spectral {
-                let sname = format!("{p}.spectral_sigma");
-                let r = st.tensor(&sname).map_err(|_| wfmt(format!("missing tensor {sname}")))?.shape().first().copied().unwrap_or(0);
-                let bname = format!("{p}.spectral_block");
-                let bt = st.tensor(&bname).map_err(|_| wfmt(format!("missing tensor {bname}")))?;
-                if bt.dtype() != Dtype::I64 || bt.shape() != [1] {
-                    return Err(wfmt(format!("{bname}: expected I64 [1], got {:?} {:?}", bt.dtype(), bt.shape())));
-                }
-                let block = i64::from_le_bytes(bt.data()[..8].try_into().expect("8 bytes"));
-                if block < 0 || (block as usize + 1) * r > o.min(i) {
-                    return Err(wfmt(format!("{bname}: block {block} of rank {r} does not fit a [{o}, {i}] weight")));
-                }
-                let block = block as usize;
-                let u = tensor(get(&format!("{p}.spectral_u"), &[o, r])?, &[o, r], false)?;
-                let sigma = tensor(get(&sname, &[r])?, &[r], false)?;
-                let v = tensor(get(&format!("{p}.spectral_v"), &[i, r])?, &[i, r], false)?;
-                let adapter = if names.contains_key(&format!("{p}.spectral_du")) {
-                    Adapter::SpectralA {
-                        du: tensor(get(&format!("{p}.spectral_du"), &[o, r])?, &[o, r], true)?,
-                        dv: tensor(get(&format!("{p}.spectral_dv"), &[i, r])?, &[i, r], true)?,
-                        u,
-                        sigma,
-                        v,
-                        block,
-                    }
-                } else {
-                    Adapter::SpectralR {
-                        qu: tensor(get(&format!("{p}.spectral_qu"), &[r, r])?, &[r, r], true)?,
-                        qv: tensor(get(&format!("{p}.spectral_qv"), &[r, r])?, &[r, r], true)?,
-                        c: tensor(get(&format!("{p}.spectral_c"), &[r])?, &[r], true)?,
-                        u,
-                        sigma,
-                        v,
-                        block,
-                    }
-                };
-                staged.push((li, t, adapter));
-                found += 1;
-                loaded.insert(p);
-                continue;
-            }
-            let pissa = names.contains_key(&format!("{p}.pissa_A0"));
-            // PiSSA/MiLoRA clamp r to min(out, in) per module; every other LoRA has rank r.
-            let ra = if pissa { st.tensor(&a_name).map_err(|_| wfmt(format!("missing tensor {a_name}")))?.shape().first().copied().unwrap_or(0) } else { rank };
-            if ra == 0 || ra > rank {
-                return Err(wfmt(format!("{a_name}: rank {ra} is not in 1..={rank}")));
-            }
-            let a = tensor(get(&a_name, &[ra, i])?, &[ra, i], true)?;
-            let b = tensor(get(&format!("{p}.lora_B.weight"), &[o, ra])?, &[o, ra], true)?;
-            let d_name = format!("{p}.speclora_d");
-            let mag_name = format!("{p}.lora_magnitude_vector");
-            if use_dora && !names.contains_key(&mag_name) {
-                return Err(wfmt(format!("use_dora is set but {mag_name} is missing")));
-            }
-            let adapter = if pissa {
-                Adapter::Pissa {
-                    a,
-                    b,
-                    a0: tensor(get(&format!("{p}.pissa_A0"), &[ra, i])?, &[ra, i], false)?,
-                    b0: tensor(get(&format!("{p}.pissa_B0"), &[o, ra])?, &[o, ra], false)?,
-                    scale: lora.scale(),
-                    dropout,
-                    milora,
-                }
-            } else if names.contains_key(&mag_name) {
-                let wn2 = crate::ops::row_norms2(&model.layers[li].linear(t).weight)?;
-                Adapter::Dora { a, b, mag: tensor(get(&mag_name, &[o])?, &[o], true)?, wnorm2: Tensor::from_vec(wn2, [o])?, scale: lora.scale(), dropout }
-            } else if names.contains_key(&format!("{p}.speclora_u")) {
-                let k = st.tensor(&d_name).map_err(|_| wfmt(format!("missing tensor {d_name}")))?.shape().first().copied().unwrap_or(0);
-                let dv = get(&d_name, &[k])?;
-                Adapter::SpecLoraSvd {
-                    d: tensor(dv, &[k], true)?,
-                    u: tensor(get(&format!("{p}.speclora_u"), &[o, k])?, &[o, k], false)?,
-                    sigma: tensor(get(&format!("{p}.speclora_sigma"), &[k])?, &[k], false)?,
-                    v: tensor(get(&format!("{p}.speclora_v"), &[i, k])?, &[i, k], false)?,
-                    a,
-                    b,
-                    scale: lora.scale(),
-                    dropout,
-                }
-            } else if names.contains_key(&d_name) {
-                let rows_name = format!("{p}.speclora_rows");
-                let rt = st.tensor(&rows_name).map_err(|_| wfmt(format!("missing tensor {rows_name}")))?;
-                if rt.dtype() != Dtype::I64 || rt.shape().len() != 1 {
-                    return Err(wfmt(format!("{rows_name}: expected I64 [k], got {:?} {:?}", rt.dtype(), rt.shape())));
-                }
-                let idx: Vec<i64> = rt.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-                let k = idx.len();
-                if idx.iter().any(|&r| r < 0 || r as usize >= o) {
-                    return Err(wfmt(format!("{rows_name}: row index out of range 0..{o}")));
-                }
-                let rows = if idx.iter().enumerate().all(|(j, &r)| r == j as i64) {
-                    SpecRows::Top(k)
-                } else {
-                    SpecRows::Indices(idx.iter().map(|&r| r as u32).collect())
-                };
-                Adapter::SpecLora { d: tensor(get(&d_name, &[k])?, &[k], true)?, rows, a, b, scale: lora.scale(), dropout }
-            } else {
-                Adapter::Lora { a, b, scale: lora.scale(), dropout }
+            let f = ModuleFile {
+                st: &st,
+                path: &wpath,
+                names: ModuleNames { prefix: module_prefix(li, t), weight: hf_weight_name(li, t) },
+                weight: &model.layers[li].linear(t).weight,
+                dtype: model.dtype,
+                lora: &lora,
+                use_dora,
+                spectune_method: sp_method.as_deref(),
             };
+            // The first method whose layout the module's tensors match.
+            let mut adapter = None;
+            for load in LOAD_ORDER {
+                if let Some(ad) = load(&f)? {
+                    adapter = Some(ad);
+                    break;
+                }
+            }
+            let Some(adapter) = adapter else { continue };
             staged.push((li, t, adapter));
             found += 1;
-            loaded.insert(p);
+            loaded.insert(f.names.prefix);
         }
     }
     if found == 0 {
@@ -412,8 +226,9 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     // otherwise be dropped without a word, and the model would not be the one that was saved.
     let mut names: Vec<&str> = names.keys().map(String::as_str).collect();
     names.sort_unstable();
+    let suffixes: Vec<String> = file_suffixes().iter().map(|s| format!(".{s}")).collect();
     for name in names {
-        let module = ADAPTER_SUFFIXES.iter().find_map(|suf| name.strip_suffix(suf));
+        let module = suffixes.iter().find_map(|suf| name.strip_suffix(suf.as_str()));
         if !module.is_some_and(|m| loaded.contains(m)) {
             return Err(wfmt(format!(
                 "tensor {name} belongs to no module of this model ({} layers): expected \
@@ -421,7 +236,7 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                  then one of {}",
                 model.layers.len(),
                 model.layers.len().saturating_sub(1),
-                ADAPTER_SUFFIXES.join(" ")
+                suffixes.join(" ")
             )));
         }
     }
@@ -433,7 +248,7 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
 
 /// Loads a full fine-tuning folder (`spectune.method = "full"`): the tuned matrices under their
 /// HF names (`model.layers.{i}.self_attn.q_proj.weight` [out, in]) become trainable
-/// [`Adapter::Full`] copies on the matching linears. Returns the default [`LoraConfig`] (full
+/// [`Full`] copies on the matching linears. Returns the default [`LoraConfig`] (full
 /// fine-tuning has no LoRA settings).
 fn load_full(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let wpath = dir.join(WEIGHTS_FILE);
@@ -463,7 +278,7 @@ fn load_full(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                 Tensor::from_vec(vals.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>(), dims.to_vec())
             })?
             .param()?;
-            staged.push((li, t, Adapter::Full { w }));
+            staged.push((li, t, Box::new(Full { w })));
             used.insert(name);
             found += 1;
         }

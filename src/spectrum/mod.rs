@@ -25,7 +25,7 @@
 //!
 //! Matrices come from two checkpoints (`--tuned`: every linear that changed) or from a base and
 //! an adapter folder (`--adapter`: every adapted linear, merged one at a time through
-//! [`Adapter::merged_weight`](crate::peft::Adapter::merged_weight), whatever the method). Work is
+//! [`LinearAdapter::merged_weight`](crate::peft::LinearAdapter::merged_weight), whatever the method). Work is
 //! parallel over matrices (rayon); each task holds only its own two dense f64 matrices and their
 //! SVD factors, never the whole model densely.
 

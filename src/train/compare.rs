@@ -27,7 +27,8 @@ use super::run::{prepare, run};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Target};
 use crate::ops::SpecRows;
-use crate::peft::Adapter;
+use crate::peft::speclora::SpecLora;
+use crate::peft::speclora_svd::SpecLoraSvd;
 
 /// The methods compared when none are named: the ones this build has.
 pub const DEFAULT_METHODS: [&str; 3] = ["lora", "speclora", "speclora-svd"];
@@ -456,14 +457,11 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
                     let (mut a, mut b) = (HashMap::new(), HashMap::new());
                     for (li, layer) in p.model.layers.iter().enumerate() {
                         for t in Target::ALL {
-                            match &layer.linear(t).adapter {
-                                Some(Adapter::SpecLora { d, rows, .. }) => {
-                                    a.insert((li, t), (d.to_vec_f64(), rows.clone()));
-                                }
-                                Some(Adapter::SpecLoraSvd { d, .. }) => {
-                                    b.insert((li, t), d.to_vec_f64());
-                                }
-                                _ => {}
+                            let Some(ad) = layer.linear(t).adapter.as_deref() else { continue };
+                            if let Some(SpecLora { d, rows, .. }) = ad.downcast_ref() {
+                                a.insert((li, t), (d.to_vec_f64(), rows.clone()));
+                            } else if let Some(SpecLoraSvd { d, .. }) = ad.downcast_ref() {
+                                b.insert((li, t), d.to_vec_f64());
                             }
                         }
                     }

@@ -9,102 +9,70 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::model::Target;
 use crate::optim::LrSchedule;
-use crate::peft::{LoraConfig, Method};
+use crate::peft::{LoraConfig, Method, MethodOptions};
 
-/// Every setting of a training run, each optional so the file and the flags can be merged.
-#[derive(Clone, Debug, Default, Deserialize, clap::Args)]
+/// Every setting of a training run, each optional so the file and the flags can be merged. The
+/// keys of the TOML file are these names in kebab case; the CLI's `train` flags convert into it.
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrainArgs {
     /// A TOML run file whose keys mirror these flags.
-    #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// HF folder or .gguf file.
-    #[arg(long)]
     pub model: Option<PathBuf>,
     /// Training data: .jsonl ({"text"}, {"prompt","completion"} or {"messages"}), .txt, or a folder of .txt.
-    #[arg(long)]
     pub data: Option<PathBuf>,
-    #[arg(long)]
     pub eval_data: Option<PathBuf>,
     /// Hold out this fraction of the training examples for evaluation (when no --eval-data).
-    #[arg(long)]
     pub eval_fraction: Option<f64>,
     /// lora | speclora | speclora-svd | spectral-a | spectral-r | pissa | milora | dora | full
     /// (full: dense fine-tuning of the --targets matrices).
-    #[arg(long)]
     pub method: Option<String>,
-    #[arg(long)]
     pub rank: Option<usize>,
-    #[arg(long)]
     pub alpha: Option<f64>,
     /// SpecLoRA: rows (or singular directions) per weight, clamped to the weight's size.
-    #[arg(long)]
     pub k: Option<usize>,
     /// Spectral^A/R: the block of singular triplets to tune (block j = triplets j·r … (j+1)·r − 1);
     /// adapters on different blocks can be fused with `spectune fuse`.
-    #[arg(long)]
     pub block: Option<usize>,
     /// SpecLoRA: pick the k rows of largest norm instead of the first k.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub rows_by_norm: Option<bool>,
     /// Comma-separated subset of q,k,v,o,gate,up,down (default: all seven).
-    #[arg(long)]
     pub targets: Option<String>,
-    #[arg(long)]
     pub dropout: Option<f64>,
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub rslora: Option<bool>,
-    #[arg(long)]
     pub lr: Option<f64>,
     /// constant | cosine | linear (with --warmup steps of linear warmup).
-    #[arg(long)]
     pub schedule: Option<String>,
-    #[arg(long)]
     pub warmup: Option<u64>,
-    #[arg(long)]
     pub weight_decay: Option<f64>,
-    #[arg(long)]
     pub max_grad_norm: Option<f64>,
     /// Optimizer steps (takes precedence over --epochs).
-    #[arg(long)]
     pub steps: Option<u64>,
-    #[arg(long)]
     pub epochs: Option<f64>,
     /// Sequences per micro-batch.
-    #[arg(long)]
     pub batch: Option<usize>,
     /// Micro-batches per optimizer step.
-    #[arg(long)]
     pub grad_accum: Option<usize>,
-    #[arg(long)]
     pub seq_len: Option<usize>,
-    #[arg(long)]
     pub seed: Option<u64>,
     /// Evaluate every N steps (0 = only at the end).
-    #[arg(long)]
     pub eval_every: Option<u64>,
     /// Save a resumable checkpoint every N steps (0 = only at the end).
-    #[arg(long)]
     pub save_every: Option<u64>,
     /// Output folder: adapter, checkpoint/, metrics.jsonl.
-    #[arg(long)]
     pub out: Option<PathBuf>,
     /// Resume from a checkpoint folder written by an earlier run.
-    #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Activation checkpointing (recompute each layer in backward).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub checkpointing: Option<bool>,
     /// With checkpointing: the last N layers keep their activations (default 1; more memory,
     /// less recomputation).
-    #[arg(long)]
     pub checkpoint_keep: Option<usize>,
     /// Worker threads (on the command line this is spectune's global `--threads`).
-    #[arg(skip)]
     pub threads: Option<usize>,
     /// cpu | cuda
-    #[arg(long)]
     pub device: Option<String>,
 }
 
@@ -176,26 +144,11 @@ impl TrainArgs {
         let data = self.data.clone().ok_or_else(|| bad("data", "required (.jsonl, .txt or a folder of .txt)".into()))?;
         let rank = self.rank.unwrap_or(16);
         let k = self.k.unwrap_or(200);
-        let method = match self.method.as_deref().unwrap_or("speclora") {
-            "lora" => Method::Lora,
-            "speclora" => Method::SpecLora { k, by_norm: self.rows_by_norm.unwrap_or(false) },
-            "speclora-svd" => Method::SpecLoraSvd { k },
-            "spectral-a" => Method::SpectralA { block: self.block.unwrap_or(0) },
-            "spectral-r" => Method::SpectralR { block: self.block.unwrap_or(0) },
-            "pissa" => Method::Pissa,
-            "milora" => Method::Milora,
-            "dora" => Method::Dora,
-            "full" => Method::Full,
-            other => {
-                return Err(bad(
-                    "method",
-                    format!("unknown method `{other}` (lora, speclora, speclora-svd, spectral-a, spectral-r, pissa, milora, dora, full)"),
-                ))
-            }
-        };
-        if self.block.is_some() && !matches!(method, Method::SpectralA { .. } | Method::SpectralR { .. }) {
-            return Err(bad("block", format!("only applies to spectral-a and spectral-r, not {}", method.name())));
-        }
+        let method = Method::parse(
+            self.method.as_deref().unwrap_or("speclora"),
+            MethodOptions { k, by_norm: self.rows_by_norm.unwrap_or(false), block: self.block },
+            "train",
+        )?;
         let targets = match &self.targets {
             None => Target::ALL.to_vec(),
             Some(s) => parse_targets(s)?,

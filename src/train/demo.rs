@@ -73,7 +73,7 @@ pub fn demo(o: &DemoOptions) -> Result<()> {
     let DemoData { gguf, texts, train: train_files, eval: eval_files } = demo_data()?;
     println!("model: {}\ntrain plays: {}\nheld-out plays: {}", gguf.display(), TRAIN_PLAYS.join(", "), EVAL_PLAYS.join(", "));
     let settings = TrainSettings {
-        method: Method::SpecLora { k: 200, by_norm: false },
+        method: Method::speclora(200),
         lora: LoraConfig { rank: 16, alpha: 32.0, rslora: false, dropout: 0.0 },
         lr: 1e-3,
         warmup: (o.steps / 10).max(1),
