@@ -125,7 +125,7 @@ fn add_grads(acc: Tensor, g: &Tensor) -> Result<Tensor> {
     if acc.shape() != g.shape() || acc.dtype() != g.dtype() {
         return Err(Error::Autograd(format!("cannot accumulate a {} {} gradient into a {} {} one", g.dtype(), g.shape(), acc.dtype(), acc.shape())));
     }
-    let k = crate::backend::kernels_for("accumulate", &[("gradient", &acc), ("added gradient", g)])?;
+    let k = crate::tensor::kernels_for("accumulate", &[("gradient", &acc), ("added gradient", g)])?;
     if !acc.same_storage(g) && acc.is_exclusive() {
         k.add_assign(&mut acc.write(), &g.read(), "accumulate")?;
         return Ok(acc);

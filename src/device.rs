@@ -25,11 +25,6 @@ impl Device {
             other => Err(Error::invalid("device", format!("unknown device `{other}` (expected cpu or cuda)"))),
         }
     }
-    /// Checks that the device can be used: always for the CPU; for CUDA, that spectune was built
-    /// with `--features cuda` and a device initializes.
-    pub fn ensure_available(self) -> Result<()> {
-        crate::backend::kernels(self).map(|_| ())
-    }
 }
 
 impl std::fmt::Display for Device {

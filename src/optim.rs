@@ -215,7 +215,7 @@ impl AdamW {
             };
             let t = s.step + 1;
             let h = AdamWStep { lr, beta1, beta2, eps, weight_decay: if s.decay { weight_decay } else { 0.0 }, step: t };
-            let k = crate::backend::kernels_for(OP, &[("param", &s.param), ("gradient", g)])?;
+            let k = crate::tensor::kernels_for(OP, &[("param", &s.param), ("gradient", g)])?;
             // A gradient sharing the parameter's storage cannot be read while the parameter is
             // locked for writing: update from a copy then.
             let g = if g.same_storage(&s.param) { Tensor::from_storage(k.upload(&g.read(), g.dtype(), OP)?, g.shape().clone()) } else { g.clone() };

@@ -326,3 +326,17 @@ impl Tensor {
         }
     }
 }
+
+/// The kernels of the device every one of `inputs` (named for the error) lives on; an input on
+/// another device than the first is an error naming the op and that input.
+pub fn kernels_for(op: &'static str, inputs: &[(&str, &Tensor)]) -> Result<&'static dyn crate::backend::Kernels> {
+    let dev = inputs.first().map(|(_, t)| t.device()).unwrap_or_default();
+    if let Some((name, t)) = inputs.iter().find(|(_, t)| t.device() != dev) {
+        let first = inputs[0].0;
+        return Err(Error::invalid(
+            op,
+            format!("{name} ({}) is on the {} while {first} is on the {dev}; move every input with Tensor::to_device", t.shape(), t.device()),
+        ));
+    }
+    crate::backend::kernels(dev)
+}

@@ -18,10 +18,10 @@ const LAYERS: &[(&str, usize)] = &[
     ("dtype", 1),
     ("storage", 1),
     ("backend", 1),
-    // 2 engine core: tensors, the tape, device handles, profiling, the gradient checker and RNG
+    ("device", 1),
+    // 2 engine core: tensors, the tape, profiling, the gradient checker and RNG
     ("tensor", 2),
     ("autograd", 2),
-    ("device", 2),
     ("profile", 2),
     ("gradcheck", 2),
     // 3 ops (each op with its backward), the optimizer, SVD
@@ -31,7 +31,9 @@ const LAYERS: &[(&str, usize)] = &[
     // 4 file formats and tokenizers (name → tensor; no model knowledge, see KNOWN)
     ("io", 4),
     ("tokenizer", 4),
-    // 5 adapter methods: the LinearAdapter trait, the registry, one file per method
+    // 5 building blocks of the model families, and the adapter methods: the LinearAdapter trait,
+    //   the registry, one file per method
+    ("nn", 5),
     ("peft", 5),
     // 6 models
     ("model", 6),
@@ -54,6 +56,9 @@ const KNOWN: &[(&str, &str)] = &[
     ("backend/cuda", "autograd"),
     ("backend/cuda", "ops"),
     ("backend/cuda", "tensor"),
+    // `device::on_cuda(&[&Tensor])`, the old per-op device test, goes with the last op that
+    // still has its own device path.
+    ("device", "tensor"),
     // Format readers still build the Llama model and parse its config (io ↔ model): io/mod.rs,
     // io/gguf.rs, io/safetensors.rs.
     ("io", "model"),

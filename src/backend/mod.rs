@@ -1,5 +1,6 @@
 //! The kernel interface: [`Kernels`], implemented once per device, and [`kernels`], the one place
-//! that decides CPU or CUDA.
+//! that decides CPU or CUDA (ops ask through `tensor::kernels_for`, which checks that every
+//! input lives on one device).
 //!
 //! A kernel works on [`Storage`] buffers with explicit dimensions, in llm.c's argument order:
 //! outputs first (`&mut Storage`), then saved buffers, then inputs, then dims. It never records
@@ -29,9 +30,8 @@ pub mod vmath;
 
 use crate::device::Device;
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::storage::Storage;
-use crate::tensor::Tensor;
 
 /// A device buffer (feature `cuda`), held by [`Storage::Cuda`].
 #[cfg(feature = "cuda")]
@@ -213,18 +213,12 @@ pub fn kernels(device: Device) -> Result<&'static dyn Kernels> {
     }
 }
 
-/// The kernels of the device every one of `inputs` (named for the error) lives on; an input on
-/// another device than the first is an error naming the op and that input.
-pub fn kernels_for(op: &'static str, inputs: &[(&str, &Tensor)]) -> Result<&'static dyn Kernels> {
-    let dev = inputs.first().map(|(_, t)| t.device()).unwrap_or_default();
-    if let Some((name, t)) = inputs.iter().find(|(_, t)| t.device() != dev) {
-        let first = inputs[0].0;
-        return Err(Error::invalid(
-            op,
-            format!("{name} ({}) is on the {} while {first} is on the {dev}; move every input with Tensor::to_device", t.shape(), t.device()),
-        ));
+impl Device {
+    /// Checks that the device can be used: always for the CPU; for CUDA, that spectune was built
+    /// with `--features cuda` and a device initializes.
+    pub fn ensure_available(self) -> Result<()> {
+        kernels(self).map(|_| ())
     }
-    kernels(dev)
 }
 
 /// Starts a new peak-device-memory measurement (no-op without the `cuda` feature).

@@ -3,9 +3,9 @@
 
 use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::{kernels_for, Kernels};
+use crate::backend::Kernels;
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{kernels_for, Tensor};
 
 /// x: [.., c], w: `[c]`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
