@@ -207,9 +207,10 @@ pub fn kernels(device: Device) -> Result<&'static dyn Kernels> {
             Ok(&cuda::Cuda)
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda => {
-            Err(Error::Cuda { op: "device".into(), msg: "spectune was built without the `cuda` feature (cargo build --release --features cuda)".into() })
-        }
+        Device::Cuda => Err(crate::error::Error::Cuda {
+            op: "device".into(),
+            msg: "spectune was built without the `cuda` feature (cargo build --release --features cuda)".into(),
+        }),
     }
 }
 
