@@ -2,10 +2,11 @@
 //! the ops in [`crate::ops`], parameters, merge, export factors, file tensors, device moves), one
 //! file per method, and one registry of method names ([`registry`]).
 //!
-//! Every method is the identity at init (adapted layer == frozen layer): bit-exactly for LoRA, SpecLoRA (B = 0, d = 1 make the deltas exact zeros), and also
-//! for Spectral^A (ΔU = ΔV = 0), Spectral^R (Q = 0 gives R = I exactly, c = 1), PiSSA/MiLoRA
-//! (the two branches are formed separately and cancel exactly), DoRA (mag = ν, B = 0) and full
-//! fine-tuning (the trainable copy of W). tests/spectral_methods.rs checks each.
+//! Every method is the identity at init (adapted layer == frozen layer): bit-exactly for LoRA,
+//! SpecLoRA (B = 0, d = 1 make the deltas exact zeros), and also for Spectral^A (ΔU = ΔV = 0),
+//! Spectral^R (Q = 0 gives R = I exactly, c = 1), PiSSA/MiLoRA (the two branches are formed
+//! separately and cancel exactly), DoRA (mag = ν, B = 0) and full fine-tuning (the trainable copy
+//! of W). tests/spectral_methods.rs checks each.
 //!
 //! | method | file | trainable (per [out, in] linear) | frozen extras stored with the adapter |
 //! |---|---|---|---|

@@ -115,12 +115,6 @@ impl Method {
         })
     }
 
-    /// A method without settings, or with the given ones: `Method::named("dora")`. Panics on an
-    /// unknown name (for constants in code; parse user input with [`Method::parse`]).
-    pub fn named(name: &str) -> Method {
-        Method::parse(name, MethodOptions::default(), "method").unwrap_or_else(|e| panic!("{e}"))
-    }
-
     /// Sets the settings directly (for the method files' constructors).
     pub(crate) const fn with(name: &'static str, k: usize, by_norm: bool, block: usize) -> Method {
         Method { name, k, by_norm, block }
