@@ -175,7 +175,7 @@ pub trait Kernels: Sync {
     fn sum_leading(&self, db: &mut Storage, dy: &Storage, a: Option<&Storage>, op: &'static str) -> Result<()>;
     /// y = s·x.
     fn scale(&self, y: &mut Storage, x: &Storage, s: f64, op: &'static str) -> Result<()>;
-    /// y[i] = v for every i (v rounded to y's dtype).
+    /// `y[i] = v` for every i (v rounded to y's dtype).
     fn fill(&self, y: &mut Storage, v: f64, op: &'static str) -> Result<()>;
     /// y [batch, cols, rows] = xᵀ per batch, x [batch, rows, cols].
     fn transpose(&self, y: &mut Storage, x: &Storage, batch: usize, rows: usize, cols: usize, op: &'static str) -> Result<()>;
@@ -203,7 +203,7 @@ pub trait Kernels: Sync {
     fn sum_squares(&self, x: &Storage, op: &'static str) -> Result<f64>;
     /// True when no element is NaN or ±∞.
     fn all_finite(&self, x: &Storage, op: &'static str) -> Result<bool>;
-    /// y[0] = factor·Σ x (accumulated in f64; y holds one element).
+    /// `y[0] = factor·Σ x` (accumulated in f64; y holds one element).
     fn sum(&self, y: &mut Storage, x: &Storage, factor: f64, op: &'static str) -> Result<()>;
 
     // --- matmul -------------------------------------------------------------------------------
@@ -227,8 +227,8 @@ pub trait Kernels: Sync {
     // --- rope ---------------------------------------------------------------------------------
 
     /// Rotate-half RoPE of x [rows, h, hd] (rows = b·t, one position each in `pos`), angle
-    /// θ = pos·inv_freq[i] for the pair (i, i + hd/2):
-    ///   y[i] = x[i]·cos θ − x[i+hd/2]·sin θ;  y[i+hd/2] = x[i+hd/2]·cos θ + x[i]·sin θ.
+    /// θ = `pos·inv_freq[i]` for the pair (i, i + hd/2):
+    ///   `y[i] = x[i]·cos θ − x[i+hd/2]·sin θ`;  `y[i+hd/2] = x[i+hd/2]·cos θ + x[i]·sin θ`.
     /// `inverse` rotates by −θ: the backward, dx = R(θ)ᵀ·dy = R(−θ)·dy.
     #[allow(clippy::too_many_arguments)]
     fn rope(&self, y: &mut Storage, x: &Storage, pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, inverse: bool) -> Result<()>;
@@ -270,7 +270,7 @@ pub trait Kernels: Sync {
     #[allow(clippy::too_many_arguments)]
     fn ce_bwd(&self, x: &mut Storage, lse: &Storage, lse_off: usize, targets: &[i64], ignore: i64, vocab: usize, g: f64) -> Result<()>;
     /// The loss of logits h·Wᵀ without storing them (h [N, d], W [vocab, d] in any stored dtype):
-    /// writes lse [N], returns Σ over counted rows of lse_r − logit_r,target. With `dh`, also
+    /// writes lse `[N]`, returns Σ over counted rows of lse_r − logit_r,target. With `dh`, also
     /// writes dh = g·(softmax − onehot)·W, the gradient for dy = 1 (0 on ignored rows). The CPU
     /// walks `c.rows_blk` rows × `c.cols` columns of logits at a time with an online softmax; CUDA
     /// takes `c.chunk` rows against the whole vocabulary at a time.
@@ -279,10 +279,10 @@ pub trait Kernels: Sync {
 
     // --- embedding ----------------------------------------------------------------------------
 
-    /// y[i, :] = table[ids[i], :] (y [ids.len(), dim]); the table may be stored in any dtype and
+    /// `y[i, :] = table[ids[i], :]` (y `[ids.len(), dim]`); the table may be stored in any dtype and
     /// is read a row at a time.
     fn embedding_fwd(&self, y: &mut Storage, table: &Storage, ids: &[u32], dim: usize) -> Result<()>;
-    /// dtable[ids[i], :] += dy[i, :] (accumulates; dtable zeroed by the caller).
+    /// `dtable[ids[i], :] += dy[i, :]` (accumulates; dtable zeroed by the caller).
     fn embedding_bwd(&self, dtable: &mut Storage, dy: &Storage, ids: &[u32], dim: usize) -> Result<()>;
 
     // --- optimizer ----------------------------------------------------------------------------
