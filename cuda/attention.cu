@@ -1,6 +1,8 @@
 // Causal GQA attention with a key padding mask, memory linear in sequence length: the forward
 // keeps an online softmax (running max m, running sum l) per query and saves only the output and
-// lse = m + log l; the backward recomputes P = exp(scale·q·kᵀ − lse).
+// lse = m + log l; the backward recomputes P = exp(S − lse). With a soft cap c > 0 the score is
+// S = c·tanh(z/c) of z = scale·q·k (c = 0: S = z), and the backward multiplies dS by
+// dS/dz = 1 − tanh²(z/c).
 //
 // Layouts: q, o, dO [b, t, nh, hd]; k, v [b, s, nkv, hd]; lse, D [b, t, nh]; mask [b, s] (1 = real
 // key) or null. Query i sees keys j < vis(i) = (causal ? s − t + i + 1 : s) that are not masked.
@@ -17,6 +19,17 @@ struct Dims {
 };
 
 __device__ __forceinline__ int visible(const Dims& d, int i) { return d.causal ? d.s - d.t + i + 1 : d.s; }
+
+// The score S of z = scale·q·k under soft cap c (0 = none), and dS/dz in *dz.
+__device__ __forceinline__ float capped(float z, float cap, float* dz) {
+    if (cap <= 0.f) {
+        *dz = 1.f;
+        return z;
+    }
+    float t = tanhf(z / cap);
+    *dz = 1.f - t * t;
+    return cap * t;
+}
 
 __device__ __forceinline__ void load_row(float (&r)[MAXV], const float* p, int hd, int lane, float mul) {
 #pragma unroll
@@ -37,7 +50,7 @@ __device__ __forceinline__ float dot_row(const float (&r)[MAXV], const float* p,
 
 // grid (ceil(t / WARPS), nh, b), block 32·WARPS.
 extern "C" __global__ void attn_fwd(float* __restrict__ o, float* __restrict__ lse, const float* __restrict__ q,
-                                    const float* __restrict__ k, const float* __restrict__ v, const unsigned char* __restrict__ mask, Dims d) {
+                                    const float* __restrict__ k, const float* __restrict__ v, const unsigned char* __restrict__ mask, Dims d, float cap) {
     const int lane = threadIdx.x & 31;
     const int i = blockIdx.x * WARPS + (threadIdx.x >> 5), h = blockIdx.y, bi = blockIdx.z;
     if (i >= d.t) return;
@@ -52,7 +65,8 @@ extern "C" __global__ void attn_fwd(float* __restrict__ o, float* __restrict__ l
     for (int j = 0; j < vis; ++j) {
         if (mask && !mask[(long)bi * d.s + j]) continue;
         const long krow = (((long)bi * d.s + j) * d.nkv + kh) * d.hd;
-        float sc = dot_row(qr, k + krow, d.hd, lane);
+        float dz;
+        float sc = capped(dot_row(qr, k + krow, d.hd, lane), cap, &dz);
         float mn = fmaxf(m, sc);
         float corr = expf(m - mn), p = expf(sc - mn);
         l = l * corr + p;
@@ -83,10 +97,10 @@ extern "C" __global__ void attn_bwd_prep(float* __restrict__ D, const float* __r
     if (lane == 0) D[row] = s;
 }
 
-// dQ_i = scale Σ_j dS_ij k_j with dS_ij = P_ij (dO_i·v_j − D_i). grid as attn_fwd.
+// dQ_i = scale Σ_j dS_ij k_j with dS_ij = P_ij (dO_i·v_j − D_i)·dS/dz. grid as attn_fwd.
 extern "C" __global__ void attn_bwd_dq(float* __restrict__ dq, const float* __restrict__ dout, const float* __restrict__ q,
                                        const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
-                                       const float* __restrict__ D, const unsigned char* __restrict__ mask, Dims d) {
+                                       const float* __restrict__ D, const unsigned char* __restrict__ mask, Dims d, float cap) {
     const int lane = threadIdx.x & 31;
     const int i = blockIdx.x * WARPS + (threadIdx.x >> 5), h = blockIdx.y, bi = blockIdx.z;
     if (i >= d.t) return;
@@ -103,8 +117,9 @@ extern "C" __global__ void attn_bwd_dq(float* __restrict__ dq, const float* __re
     for (int j = 0; j < vis; ++j) {
         if (mask && !mask[(long)bi * d.s + j]) continue;
         const long krow = (((long)bi * d.s + j) * d.nkv + kh) * d.hd;
-        float p = expf(dot_row(qr, k + krow, d.hd, lane) - L);
-        float ds = p * (dot_row(gr, v + krow, d.hd, lane) - Di);
+        float dz;
+        float p = expf(capped(dot_row(qr, k + krow, d.hd, lane), cap, &dz) - L);
+        float ds = p * (dot_row(gr, v + krow, d.hd, lane) - Di) * dz;
 #pragma unroll
         for (int u = 0; u < MAXV; ++u) {
             int e = lane + 32 * u;
@@ -123,7 +138,7 @@ extern "C" __global__ void attn_bwd_dq(float* __restrict__ dq, const float* __re
 extern "C" __global__ void attn_bwd_dkv(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ dout,
                                         const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                                         const float* __restrict__ lse, const float* __restrict__ D, const unsigned char* __restrict__ mask,
-                                        Dims d) {
+                                        Dims d, float cap) {
     const int lane = threadIdx.x & 31;
     const int j = blockIdx.x * WARPS + (threadIdx.x >> 5), kh = blockIdx.y, bi = blockIdx.z;
     if (j >= d.s) return;
@@ -145,8 +160,9 @@ extern "C" __global__ void attn_bwd_dkv(float* __restrict__ dk, float* __restric
             if (L == -INFINITY) continue;
             const float* qp = q + qi * d.hd;
             const float* gp = dout + qi * d.hd;
-            float p = expf(dot_row(kr, qp, d.hd, lane) * d.scale - L);
-            float ds = p * (dot_row(vr, gp, d.hd, lane) - D[qi]);
+            float dz;
+            float p = expf(capped(dot_row(kr, qp, d.hd, lane) * d.scale, cap, &dz) - L);
+            float ds = p * (dot_row(vr, gp, d.hd, lane) - D[qi]) * dz;
 #pragma unroll
             for (int u = 0; u < MAXV; ++u) {
                 int e = lane + 32 * u;

@@ -40,6 +40,39 @@ extern "C" __global__ void swiglu_bwd(float* dg, float* du, const float* dy, con
         if (du) du[i] = dy[i] * g[i] * s;
     }
 }
+// gelu_tanh(x) = ½x(1 + τ), τ = tanh(c(x + a·x³)), c = √(2/π), a = 0.044715;
+// gelu_tanh'(x) = ½(1 + τ) + ½x(1 − τ²)·c(1 + 3a·x²).
+#define GELU_C 0.7978845608028654f
+#define GELU_A 0.044715f
+__device__ __forceinline__ float gelu_tanhf(float x) { return 0.5f * x * (1.f + tanhf(GELU_C * (x + GELU_A * x * x * x))); }
+__device__ __forceinline__ float gelu_tanh_gradf(float x) {
+    float t = tanhf(GELU_C * (x + GELU_A * x * x * x));
+    return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * GELU_C * (1.f + 3.f * GELU_A * x * x);
+}
+extern "C" __global__ void gelu_tanh_fwd(float* y, const float* x, long n) {
+    FOR_EACH(i, n) y[i] = gelu_tanhf(x[i]);
+}
+extern "C" __global__ void gelu_tanh_bwd(float* dx, const float* dy, const float* x, long n) {
+    FOR_EACH(i, n) dx[i] = dy[i] * gelu_tanh_gradf(x[i]);
+}
+// y = gelu_tanh(g)·u;  dg = dy·u·gelu_tanh'(g), du = dy·gelu_tanh(g). dg or du may be null.
+extern "C" __global__ void geglu_fwd(float* y, const float* g, const float* u, long n) {
+    FOR_EACH(i, n) y[i] = gelu_tanhf(g[i]) * u[i];
+}
+extern "C" __global__ void geglu_bwd(float* dg, float* du, const float* dy, const float* g, const float* u, long n) {
+    FOR_EACH(i, n) {
+        if (dg) dg[i] = dy[i] * u[i] * gelu_tanh_gradf(g[i]);
+        if (du) du[i] = dy[i] * gelu_tanhf(g[i]);
+    }
+}
+// y[b, j, i] = x[b, i, j] for x [batch, rows, cols].
+extern "C" __global__ void transpose_f32(float* y, const float* x, long batch, long rows, long cols) {
+    FOR_EACH(e, batch * rows * cols) {
+        long b = e / (rows * cols), r = e % (rows * cols);
+        long i = r / cols, j = r % cols;
+        y[b * rows * cols + j * rows + i] = x[e];
+    }
+}
 // db[j] = Σ_r dy[r·bn + j] (·a[r·bn + j] when a is given): the gradient of a broadcast operand.
 extern "C" __global__ void sum_leading(float* db, const float* dy, const float* a, long rows, long bn) {
     FOR_EACH(j, bn) {

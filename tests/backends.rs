@@ -148,6 +148,10 @@ fn elementwise_body(dev: Device) {
     check("silu", dev, &[a], F32_TOL, &|t| ops::silu(&t[0]));
     let (g, u) = (input(&mut rng, &[11, 24], Role::Param), input(&mut rng, &[11, 24], Role::Param));
     check("swiglu", dev, &[g, u], F32_TOL, &|t| ops::swiglu(&t[0], &t[1]));
+    let a = input(&mut rng, &[300], Role::Param);
+    check("gelu_tanh", dev, &[a], F32_TOL, &|t| ops::gelu_tanh(&ops::scale(&t[0], 4.0)?));
+    let (g, u) = (input(&mut rng, &[11, 24], Role::Param), input(&mut rng, &[11, 24], Role::Param));
+    check("geglu", dev, &[g, u], F32_TOL, &|t| ops::geglu(&ops::scale(&t[0], 4.0)?, &t[1]));
     let a = input(&mut rng, &[13, 7], Role::Param);
     check("sum", dev, &[a], F32_TOL, &|t| ops::sum(&t[0]));
     let a = input(&mut rng, &[13, 7], Role::Param);
@@ -177,13 +181,19 @@ fn attention_body(dev: Device) {
     let v = input(&mut rng, &[b, t, nkv, hd], Role::Param);
     let mut mask = vec![true; b * t];
     mask[t..t + 4].iter_mut().for_each(|m| *m = false);
-    let opts = AttnOptions { causal: true, key_mask: Some(mask), scale: None };
+    let opts = AttnOptions { causal: true, key_mask: Some(mask.clone()), scale: None, softcap: None };
     check("attention (causal GQA, padded)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
+    // The same with soft-capped scores (q scaled up so the cap bends them: |scale·q·k| reaches ~3).
+    let q = input(&mut rng, &[b, t, nh, hd], Role::Param);
+    let k = input(&mut rng, &[b, t, nkv, hd], Role::Param);
+    let v = input(&mut rng, &[b, t, nkv, hd], Role::Param);
+    let opts = AttnOptions { causal: true, key_mask: Some(mask), scale: Some(0.5), softcap: Some(2.0) };
+    check("attention (soft-capped)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
     // Non-causal, more keys than queries, head_dim 40 (not a multiple of 32).
     let q = input(&mut rng, &[1, 5, 2, 40], Role::Param);
     let k = input(&mut rng, &[1, 11, 1, 40], Role::Param);
     let v = input(&mut rng, &[1, 11, 1, 40], Role::Param);
-    let opts = AttnOptions { causal: false, key_mask: None, scale: Some(0.3) };
+    let opts = AttnOptions { causal: false, key_mask: None, scale: Some(0.3), softcap: None };
     check("attention (full, s > t)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
 }
 

@@ -165,6 +165,8 @@ fn bad_inputs_return_errors_naming_the_op() {
     check(ops::add(&x, &w), "add");
     check(ops::mul(&x, &t32(&[1.0; 2], &[2])), "mul");
     check(ops::swiglu(&x, &w), "swiglu");
+    check(ops::geglu(&x, &w), "geglu");
+    check(ops::gelu_tanh(&Tensor::from_host(spectune::storage::HostData::BF16(vec![half::bf16::ONE; 2]), vec![2]).unwrap()), "gelu_tanh");
     check(ops::rms_norm(&x, &t32(&[1.0; 2], &[2]), 1e-5), "rms_norm");
     check(ops::rope(&t32(&[1.0; 6], &[1, 1, 2, 3]), &Rope::new(4, 1e4).unwrap(), &[0]), "rope");
     assert!(Rope::new(3, 1e4).is_err());
@@ -174,6 +176,9 @@ fn bad_inputs_return_errors_naming_the_op() {
     let k = t32(&[1.0; 4], &[1, 1, 2, 2]);
     check(ops::attention(&q, &k, &k, &AttnOptions { causal: true, ..Default::default() }), "attention");
     check(ops::attention(&q, &q, &q, &AttnOptions { key_mask: Some(vec![true]), ..Default::default() }), "attention");
+    for cap in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        check(ops::attention(&q, &q, &q, &AttnOptions { softcap: Some(cap), ..Default::default() }), "softcap");
+    }
     check(ops::embedding(&w, &[0, 2], DType::F32), "embedding");
     check(ops::cross_entropy(&x, &[0, 3], &CeOptions::default()), "cross_entropy");
     check(ops::cross_entropy(&x, &[0], &CeOptions::default()), "cross_entropy");

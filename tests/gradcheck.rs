@@ -91,6 +91,7 @@ proptest! {
         let x = param(&mut rng, &[r, c], -4.0, 4.0);
         check("scale", std::slice::from_ref(&x), |x| ops::scale(&x[0], s))?;
         check("silu", std::slice::from_ref(&x), |x| ops::silu(&x[0]))?;
+        check("gelu_tanh", std::slice::from_ref(&x), |x| ops::gelu_tanh(&x[0]))?;
         check("sum", std::slice::from_ref(&x), |x| ops::sum(&x[0]))?;
         check("mean", std::slice::from_ref(&x), |x| ops::mean(&x[0]))?;
         check("reshape", std::slice::from_ref(&x), |x| ops::reshape(&x[0], [c, r]))?;
@@ -102,6 +103,14 @@ proptest! {
         let g = param(&mut rng, &[r, c], -4.0, 4.0);
         let u = param(&mut rng, &[r, c], -2.0, 2.0);
         check("swiglu", &[g, u], |x| ops::swiglu(&x[0], &x[1]))?;
+    }
+
+    #[test]
+    fn geglu_op(r in dim(), c in dim(), seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let g = param(&mut rng, &[r, c], -4.0, 4.0);
+        let u = param(&mut rng, &[r, c], -2.0, 2.0);
+        check("geglu", &[g, u], |x| ops::geglu(&x[0], &x[1]))?;
     }
 
     #[test]
@@ -139,7 +148,7 @@ proptest! {
 
     #[test]
     fn attention_op(b in 1usize..3, t in dim(), extra in 0usize..3, nkv in 1usize..3, group in 1usize..4, hd in 1usize..5,
-                    causal: bool, masked: bool, seed: u64) {
+                    causal: bool, masked: bool, softcap in proptest::option::of(0.3f64..4.0), seed: u64) {
         let mut rng = SplitMix::new(seed);
         let s = t + extra;
         let nh = nkv * group;
@@ -147,7 +156,7 @@ proptest! {
         let k = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
         let v = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
         let key_mask = masked.then(|| (0..b * s).map(|_| rng.next_u64() % 4 != 0).collect());
-        let opts = AttnOptions { causal, key_mask, scale: None };
+        let opts = AttnOptions { causal, key_mask, scale: None, softcap };
         check("attention", &[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], &opts))?;
     }
 

@@ -248,6 +248,62 @@ pub fn swiglu_bwd<T: Float>(dg: &mut [T], du: &mut [T], dy: &[T], g: &[T], u: &[
         .for_each(|((dg, du), (dy, (g, u)))| T::swiglu_grad(dg, du, dy, g, u));
 }
 
+/// tanh in T, computed in f64 and rounded (the [`Float`] trait has no tanh).
+#[inline]
+pub fn tanh<T: Float>(x: T) -> T {
+    T::from_f64(x.to_f64().tanh())
+}
+
+/// √(2/π), the slope of gelu_tanh's inner polynomial.
+const GELU_C: f64 = 0.797_884_560_802_865_4;
+/// The cubic coefficient of gelu_tanh's inner polynomial.
+const GELU_A: f64 = 0.044_715;
+
+/// gelu_tanh(x) = ½x(1 + τ), τ = tanh(c(x + a·x³)).
+#[inline]
+fn gelu_tanh<T: Float>(x: T) -> T {
+    let (c, a, h) = (T::from_f64(GELU_C), T::from_f64(GELU_A), T::from_f64(0.5));
+    h * x * (T::ONE + tanh(c * (x + a * x * x * x)))
+}
+
+/// gelu_tanh'(x) = ½(1 + τ) + ½x(1 − τ²)·c(1 + 3a·x²).
+#[inline]
+fn gelu_tanh_grad<T: Float>(x: T) -> T {
+    let (c, a, h) = (T::from_f64(GELU_C), T::from_f64(GELU_A), T::from_f64(0.5));
+    let th = tanh(c * (x + a * x * x * x));
+    h * (T::ONE + th) + h * x * (T::ONE - th * th) * c * (T::ONE + T::from_f64(3.0) * a * x * x)
+}
+
+/// y = gelu_tanh(x) (see [`gelu_tanh_bwd`] for the derivative).
+pub fn gelu_tanh_fwd<T: Float>(y: &mut [T], x: &[T]) {
+    y.par_chunks_mut(ELEM_GRAIN).zip(x.par_chunks(ELEM_GRAIN)).for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y = gelu_tanh(*x)));
+}
+
+/// dx = dy·gelu_tanh'(x), gelu_tanh'(x) = ½(1 + τ) + ½x(1 − τ²)·c(1 + 3a·x²).
+pub fn gelu_tanh_bwd<T: Float>(dx: &mut [T], dy: &[T], x: &[T]) {
+    dx.par_chunks_mut(ELEM_GRAIN)
+        .zip(dy.par_chunks(ELEM_GRAIN).zip(x.par_chunks(ELEM_GRAIN)))
+        .for_each(|(dx, (dy, x))| dx.iter_mut().zip(dy).zip(x).for_each(|((dx, dy), x)| *dx = *dy * gelu_tanh_grad(*x)));
+}
+
+/// y = gelu_tanh(g) ⊙ u (GeGLU).
+pub fn geglu_fwd<T: Float>(y: &mut [T], g: &[T], u: &[T]) {
+    y.par_chunks_mut(ELEM_GRAIN)
+        .zip(g.par_chunks(ELEM_GRAIN).zip(u.par_chunks(ELEM_GRAIN)))
+        .for_each(|(y, (g, u))| y.iter_mut().zip(g).zip(u).for_each(|((y, g), u)| *y = gelu_tanh(*g) * *u));
+}
+
+/// dg = dy ⊙ u ⊙ gelu_tanh'(g), du = dy ⊙ gelu_tanh(g).
+pub fn geglu_bwd<T: Float>(dg: &mut [T], du: &mut [T], dy: &[T], g: &[T], u: &[T]) {
+    let c = ELEM_GRAIN;
+    dg.par_chunks_mut(c).zip(du.par_chunks_mut(c)).zip(dy.par_chunks(c).zip(g.par_chunks(c).zip(u.par_chunks(c)))).for_each(|((dg, du), (dy, (g, u)))| {
+        for i in 0..dy.len() {
+            dg[i] = dy[i] * u[i] * gelu_tanh_grad(g[i]);
+            du[i] = dy[i] * gelu_tanh(g[i]);
+        }
+    });
+}
+
 /// [`swiglu_bwd`] with dg written over dy: `dy_dg` holds dy on entry and dg on return (each
 /// chunk of dy is copied aside first, so the arithmetic is exactly `swiglu_bwd`'s).
 pub fn swiglu_bwd_in_place<T: Float>(dy_dg: &mut [T], du: &mut [T], g: &[T], u: &[T]) {
@@ -363,7 +419,8 @@ fn rope_table(inv_freq: &[f64], npos: usize) -> std::sync::Arc<Vec<(f64, f64)>> 
 // ---------------------------------------------------------------------------------------------
 
 /// Dimensions of one attention call. q: [b, t, nh, hd]; k, v: [b, s, nkv, hd]; nh = nkv·group.
-/// With `causal`, query i (absolute position s − t + i) sees keys j ≤ s − t + i.
+/// With `causal`, query i (absolute position s − t + i) sees keys j ≤ s − t + i. With a soft
+/// cap c, a score z = scale·q·k becomes c·tanh(z/c) before the masks and the softmax.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnDims {
     pub b: usize,
@@ -374,6 +431,7 @@ pub struct AttnDims {
     pub hd: usize,
     pub causal: bool,
     pub scale: f64,
+    pub softcap: Option<f64>,
 }
 
 impl AttnDims {
@@ -414,6 +472,10 @@ pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: 
                 }
                 let kv = &k[((bi * s + j) * nkv + kh) * hd..][..hd];
                 *pj = scale * dot(qv, kv);
+                if let Some(c) = d.softcap {
+                    let c = T::from_f64(c);
+                    *pj = c * tanh(*pj / c);
+                }
                 m = m.max(*pj);
             }
             let oh = &mut o[h * hd..(h + 1) * hd];
@@ -438,8 +500,9 @@ pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: 
     });
 }
 
-/// Backward of [`attention_fwd`], recomputing P = exp(scale·q·kᵀ − lse) instead of storing it:
-///   D_i = dO_i·O_i;  dV_j = Σ_i P_ij dO_i;  dS_ij = P_ij (dO_i·v_j − D_i);
+/// Backward of [`attention_fwd`], recomputing P = exp(S − lse) instead of storing it:
+///   D_i = dO_i·O_i;  dV_j = Σ_i P_ij dO_i;  dS_ij = P_ij (dO_i·v_j − D_i) (times
+///   1 − tanh²(z_ij/c) under a soft cap c, z = scale·q·k);
 ///   dQ_i = scale Σ_j dS_ij k_j;  dK_j = scale Σ_i dS_ij q_i.
 /// Parallel over (batch, kv head): each task owns its kv head's dK/dV and its query heads' dQ.
 #[allow(clippy::too_many_arguments)]
@@ -486,9 +549,19 @@ pub fn attention_bwd<T: Float>(
                         }
                         let kv = &k[((bi * s + j) * nkv + kh) * hd..][..hd];
                         let vv = &v[((bi * s + j) * nkv + kh) * hd..][..hd];
-                        let p = (scale * dot(qv, kv) - l).exp();
+                        // z = scale·q·k; under a soft cap S = c·tanh(z/c) and dS/dz = 1 − tanh²(z/c).
+                        let z = scale * dot(qv, kv);
+                        let (sc, dz) = match d.softcap {
+                            Some(c) => {
+                                let c = T::from_f64(c);
+                                let th = tanh(z / c);
+                                (c * th, T::ONE - th * th)
+                            }
+                            None => (z, T::ONE),
+                        };
+                        let p = (sc - l).exp();
                         ldv[j * hd..(j + 1) * hd].iter_mut().zip(dov).for_each(|(x, g)| *x += p * *g);
-                        let ds = p * (dot(dov, vv) - di) * scale;
+                        let ds = p * (dot(dov, vv) - di) * dz * scale;
                         dqi.iter_mut().zip(kv).for_each(|(x, kk)| *x += ds * *kk);
                         ldk[j * hd..(j + 1) * hd].iter_mut().zip(qv).for_each(|(x, qq)| *x += ds * *qq);
                     }

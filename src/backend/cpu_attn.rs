@@ -24,6 +24,7 @@
 
 use rayon::prelude::*;
 
+use super::cpu::tanh;
 use super::cpu::AttnDims;
 use crate::dtype::Float;
 
@@ -101,6 +102,11 @@ pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: 
         unsafe {
             gemm_seq(rows, kend, hd, p.as_mut_ptr(), kend as isize, 1, q[q0..].as_ptr(), qrs, 1, k[k0..].as_ptr(), 1, krs, scale, T::ZERO);
         }
+        if let Some(c) = d.softcap {
+            // Soft cap: S = c·tanh(z/c) (the causally hidden tail is zeroed below).
+            let c = T::from_f64(c);
+            p.iter_mut().for_each(|x| *x = c * tanh(*x / c));
+        }
         let mut row_lse = vec![T::ZERO; rows];
         for (r, pr) in p.chunks_mut(kend).enumerate() {
             // Keys 0..vis are causally visible to this query; padded keys among them get −∞.
@@ -167,6 +173,8 @@ pub fn attention_bwd<T: Float>(
         }
         let mut p: Vec<T> = Vec::new();
         let mut dp: Vec<T> = Vec::new();
+        // Under a soft cap: tanh(z/c) per score, for dS/dz = 1 − tanh².
+        let mut th: Vec<T> = Vec::new();
         for gi in 0..group {
             let h = kh * group + gi;
             for blk in 0..nblk {
@@ -185,6 +193,12 @@ pub fn attention_bwd<T: Float>(
                     // dP = dO_blk·Vᵀ
                     gemm_seq(rows, kend, hd, dp.as_mut_ptr(), kend as isize, 1, dout[q0..].as_ptr(), qrs, 1, v[k0..].as_ptr(), 1, krs, T::ONE, T::ZERO);
                 }
+                if let Some(c) = d.softcap {
+                    let c = T::from_f64(c);
+                    th.clear();
+                    th.extend(p.iter().map(|x| tanh(*x / c)));
+                    p.iter_mut().zip(&th).for_each(|(x, t)| *x = c * *t);
+                }
                 for (r, (pr, dpr)) in p.chunks_mut(kend).zip(dp.chunks_mut(kend)).enumerate() {
                     let i = i0 + r;
                     let l = lse[(bi * t + i) * nh + h];
@@ -202,6 +216,10 @@ pub fn attention_bwd<T: Float>(
                     }
                     // P = exp(S − lse);  dS = scale·P ⊙ (dP − D)
                     T::softmax_grad_row(pv, gv, l, di, scale);
+                    if d.softcap.is_some() {
+                        // dz = dS ⊙ (1 − tanh²(z/c)).
+                        gv.iter_mut().zip(&th[r * kend..]).for_each(|(g, t)| *g *= T::ONE - *t * *t);
+                    }
                 }
                 // SAFETY: see the task comment; dq rows of head h (owned), dk/dv of kv head kh.
                 unsafe {
@@ -262,9 +280,11 @@ mod tests {
         {
             for causal in [true, false] {
                 for mask in [false, true] {
-                    let d = AttnDims { b, t, s, nh, nkv, hd, causal, scale: 1.0 / (hd as f64).sqrt() };
-                    check(d, mask, seed);
-                    seed += 1;
+                    for softcap in [None, Some(0.7)] {
+                        let d = AttnDims { b, t, s, nh, nkv, hd, causal, scale: 1.0 / (hd as f64).sqrt(), softcap };
+                        check(d, mask, seed);
+                        seed += 1;
+                    }
                 }
             }
         }

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::{cpu, AdamWStep, Gemm, Kernels};
+use super::{cpu, cpu_attn, AdamWStep, AttnDims, CeBlocks, Gemm, Kernels};
 use crate::device::{with_float, Device};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
@@ -40,6 +40,8 @@ impl Kernels for Cpu {
         Device::Cpu
     }
 
+    // --- memory -------------------------------------------------------------------------------
+
     fn zeros(&self, dtype: DType, n: usize, op: &'static str) -> Result<Storage> {
         with_float!(dtype, op, |T| { Ok(Storage::Host(host_from_vec(cpu::zeros::<T>(n)))) })
     }
@@ -67,6 +69,8 @@ impl Kernels for Cpu {
         Ok(Storage::Host(data))
     }
 
+    // --- elementwise --------------------------------------------------------------------------
+
     fn add(&self, y: &mut Storage, a: &Storage, b: &Storage, op: &'static str) -> Result<()> {
         with_float!(y.dtype(), op, |T| {
             cpu::add_fwd(out_mut::<T>(y, op, "y")?, &vals::<T>(a), &vals::<T>(b));
@@ -93,6 +97,113 @@ impl Kernels for Cpu {
         })
     }
 
+    fn mul(&self, y: &mut Storage, a: &Storage, b: &Storage, op: &'static str) -> Result<()> {
+        with_float!(y.dtype(), op, |T| {
+            cpu::mul_fwd(out_mut::<T>(y, op, "y")?, &vals::<T>(a), &vals::<T>(b));
+            Ok(())
+        })
+    }
+
+    fn sum_leading(&self, db: &mut Storage, dy: &Storage, a: Option<&Storage>, op: &'static str) -> Result<()> {
+        with_float!(db.dtype(), op, |T| {
+            let out = out_mut::<T>(db, op, "db")?;
+            match a {
+                Some(a) => cpu::sum_leading_mul(out, &vals::<T>(dy), &vals::<T>(a)),
+                None => cpu::sum_leading(out, &vals::<T>(dy)),
+            }
+            Ok(())
+        })
+    }
+
+    fn scale(&self, y: &mut Storage, x: &Storage, s: f64, op: &'static str) -> Result<()> {
+        with_float!(y.dtype(), op, |T| {
+            cpu::scale(out_mut::<T>(y, op, "y")?, &vals::<T>(x), T::from_f64(s));
+            Ok(())
+        })
+    }
+
+    fn fill(&self, y: &mut Storage, v: f64, op: &'static str) -> Result<()> {
+        with_float!(y.dtype(), op, |T| {
+            out_mut::<T>(y, op, "y")?.iter_mut().for_each(|y| *y = T::from_f64(v));
+            Ok(())
+        })
+    }
+
+    fn transpose(&self, y: &mut Storage, x: &Storage, batch: usize, rows: usize, cols: usize, op: &'static str) -> Result<()> {
+        with_float!(y.dtype(), op, |T| {
+            let (ys, xs) = (out_mut::<T>(y, op, "y")?, vals::<T>(x));
+            for bi in 0..batch {
+                let (yb, xb) = (&mut ys[bi * rows * cols..][..rows * cols], &xs[bi * rows * cols..][..rows * cols]);
+                for i in 0..rows {
+                    for j in 0..cols {
+                        yb[j * rows + i] = xb[i * cols + j];
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn silu_fwd(&self, y: &mut Storage, x: &Storage) -> Result<()> {
+        const OP: &str = "silu";
+        with_float!(y.dtype(), OP, |T| {
+            cpu::silu_fwd(out_mut::<T>(y, OP, "y")?, &vals::<T>(x));
+            Ok(())
+        })
+    }
+
+    fn silu_bwd(&self, dx: &mut Storage, dy: &Storage, x: &Storage) -> Result<()> {
+        const OP: &str = "silu.backward";
+        with_float!(dx.dtype(), OP, |T| {
+            cpu::silu_bwd(out_mut::<T>(dx, OP, "dx")?, &vals::<T>(dy), &vals::<T>(x));
+            Ok(())
+        })
+    }
+
+    fn swiglu_fwd(&self, y: &mut Storage, g: &Storage, u: &Storage) -> Result<()> {
+        const OP: &str = "swiglu";
+        with_float!(y.dtype(), OP, |T| {
+            cpu::swiglu_fwd(out_mut::<T>(y, OP, "y")?, &vals::<T>(g), &vals::<T>(u));
+            Ok(())
+        })
+    }
+
+    fn swiglu_bwd(&self, dg: Option<&mut Storage>, du: Option<&mut Storage>, dy: &Storage, g: &Storage, u: &Storage) -> Result<()> {
+        const OP: &str = "swiglu.backward";
+        with_float!(dy.dtype(), OP, |T| { gated_bwd::<T>(dg, du, dy, g, u, OP, cpu::swiglu_bwd::<T>) })
+    }
+
+    fn gelu_tanh_fwd(&self, y: &mut Storage, x: &Storage) -> Result<()> {
+        const OP: &str = "gelu_tanh";
+        with_float!(y.dtype(), OP, |T| {
+            cpu::gelu_tanh_fwd(out_mut::<T>(y, OP, "y")?, &vals::<T>(x));
+            Ok(())
+        })
+    }
+
+    fn gelu_tanh_bwd(&self, dx: &mut Storage, dy: &Storage, x: &Storage) -> Result<()> {
+        const OP: &str = "gelu_tanh.backward";
+        with_float!(dx.dtype(), OP, |T| {
+            cpu::gelu_tanh_bwd(out_mut::<T>(dx, OP, "dx")?, &vals::<T>(dy), &vals::<T>(x));
+            Ok(())
+        })
+    }
+
+    fn geglu_fwd(&self, y: &mut Storage, g: &Storage, u: &Storage) -> Result<()> {
+        const OP: &str = "geglu";
+        with_float!(y.dtype(), OP, |T| {
+            cpu::geglu_fwd(out_mut::<T>(y, OP, "y")?, &vals::<T>(g), &vals::<T>(u));
+            Ok(())
+        })
+    }
+
+    fn geglu_bwd(&self, dg: Option<&mut Storage>, du: Option<&mut Storage>, dy: &Storage, g: &Storage, u: &Storage) -> Result<()> {
+        const OP: &str = "geglu.backward";
+        with_float!(dy.dtype(), OP, |T| { gated_bwd::<T>(dg, du, dy, g, u, OP, cpu::geglu_bwd::<T>) })
+    }
+
+    // --- reductions ---------------------------------------------------------------------------
+
     fn sum_squares(&self, x: &Storage, op: &'static str) -> Result<f64> {
         with_float!(x.dtype(), op, |T| { Ok(vals::<T>(x).iter().map(|v| v.to_f64() * v.to_f64()).sum()) })
     }
@@ -100,6 +211,16 @@ impl Kernels for Cpu {
     fn all_finite(&self, x: &Storage, op: &'static str) -> Result<bool> {
         with_float!(x.dtype(), op, |T| { Ok(vals::<T>(x).iter().all(|v| v.is_finite())) })
     }
+
+    fn sum(&self, y: &mut Storage, x: &Storage, factor: f64, op: &'static str) -> Result<()> {
+        with_float!(y.dtype(), op, |T| {
+            let s: f64 = vals::<T>(x).iter().map(|v| v.to_f64()).sum();
+            out_mut::<T>(y, op, "y")?[0] = T::from_f64(s * factor);
+            Ok(())
+        })
+    }
+
+    // --- matmul -------------------------------------------------------------------------------
 
     fn gemm(&self, c: &mut Storage, a: &Storage, b: &Storage, g: &Gemm, op: &'static str) -> Result<()> {
         with_float!(c.dtype(), op, |T| {
@@ -119,6 +240,8 @@ impl Kernels for Cpu {
             Ok(())
         })
     }
+
+    // --- norm ---------------------------------------------------------------------------------
 
     fn rms_norm_fwd(&self, y: &mut Storage, rstd: &mut Storage, x: &Storage, w: &Storage, c: usize, eps: f64) -> Result<()> {
         const OP: &str = "rms_norm";
@@ -145,6 +268,98 @@ impl Kernels for Cpu {
             Ok(())
         })
     }
+
+    // --- rope ---------------------------------------------------------------------------------
+
+    fn rope(&self, y: &mut Storage, x: &Storage, pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, inverse: bool) -> Result<()> {
+        const OP: &str = "rope";
+        with_float!(y.dtype(), OP, |T| {
+            cpu::rope(out_mut::<T>(y, OP, "y")?, &vals::<T>(x), pos, inv_freq, h, hd, inverse);
+            Ok(())
+        })
+    }
+
+    // --- attention ----------------------------------------------------------------------------
+
+    fn attn_fwd(&self, o: &mut Storage, lse: &mut Storage, q: &Storage, k: &Storage, v: &Storage, mask: Option<&[bool]>, d: &AttnDims) -> Result<()> {
+        const OP: &str = "attention";
+        with_float!(o.dtype(), OP, |T| {
+            cpu_attn::attention_fwd(out_mut::<T>(o, OP, "o")?, out_mut::<T>(lse, OP, "lse")?, &vals::<T>(q), &vals::<T>(k), &vals::<T>(v), mask, *d);
+            Ok(())
+        })
+    }
+
+    fn attn_bwd(
+        &self,
+        dq: Option<&mut Storage>,
+        dk: Option<&mut Storage>,
+        dv: Option<&mut Storage>,
+        dout: &Storage,
+        q: &Storage,
+        k: &Storage,
+        v: &Storage,
+        o: &Storage,
+        lse: &Storage,
+        mask: Option<&[bool]>,
+        d: &AttnDims,
+    ) -> Result<()> {
+        const OP: &str = "attention.backward";
+        with_float!(dout.dtype(), OP, |T| {
+            // The tiled kernel writes all three; absent outputs go to scratch.
+            let (mut sq, mut sk, mut sv) = (Vec::new(), Vec::new(), Vec::new());
+            let dq = out_or_scratch::<T>(dq, &mut sq, q.len(), OP)?;
+            let dk = out_or_scratch::<T>(dk, &mut sk, k.len(), OP)?;
+            let dv = out_or_scratch::<T>(dv, &mut sv, v.len(), OP)?;
+            cpu_attn::attention_bwd(dq, dk, dv, &vals::<T>(dout), &vals::<T>(q), &vals::<T>(k), &vals::<T>(v), &vals::<T>(o), &vals::<T>(lse), mask, *d);
+            Ok(())
+        })
+    }
+
+    // --- loss ---------------------------------------------------------------------------------
+
+    fn ce_fwd(&self, lse: &mut Storage, x: &Storage, targets: &[i64], ignore: i64, vocab: usize) -> Result<f64> {
+        const OP: &str = "cross_entropy";
+        with_float!(lse.dtype(), OP, |T| { Ok(cpu::cross_entropy_fwd(out_mut::<T>(lse, OP, "lse")?, &vals::<T>(x), targets, ignore, vocab)) })
+    }
+
+    fn ce_bwd(&self, x: &mut Storage, lse: &Storage, lse_off: usize, targets: &[i64], ignore: i64, vocab: usize, g: f64) -> Result<()> {
+        const OP: &str = "cross_entropy.backward";
+        with_float!(x.dtype(), OP, |T| {
+            let rows = targets.len();
+            let xs = &mut out_mut::<T>(x, OP, "x")?[..rows * vocab];
+            cpu::cross_entropy_bwd_inplace(xs, &vals::<T>(lse)[lse_off..lse_off + rows], targets, ignore, vocab, T::from_f64(g));
+            Ok(())
+        })
+    }
+
+    fn linear_ce_fwd(&self, lse: &mut Storage, dh: Option<&mut Storage>, h: &Storage, w: &Storage, targets: &[i64], c: &CeBlocks, g: f64) -> Result<f64> {
+        const OP: &str = "linear_cross_entropy";
+        with_float!(lse.dtype(), OP, |T| {
+            let dh = dh.map(|s| out_mut::<T>(s, OP, "dh")).transpose()?;
+            let l = out_mut::<T>(lse, OP, "lse")?;
+            Ok(cpu::linear_cross_entropy_fwd(l, dh, &vals::<T>(h), w, targets, c.ignore, c.d, c.vocab, c.rows_blk, c.cols, T::from_f64(g)))
+        })
+    }
+
+    // --- embedding ----------------------------------------------------------------------------
+
+    fn embedding_fwd(&self, y: &mut Storage, table: &Storage, ids: &[u32], dim: usize) -> Result<()> {
+        const OP: &str = "embedding";
+        with_float!(y.dtype(), OP, |T| {
+            cpu::embedding_fwd(out_mut::<T>(y, OP, "y")?, table, ids, dim);
+            Ok(())
+        })
+    }
+
+    fn embedding_bwd(&self, dtable: &mut Storage, dy: &Storage, ids: &[u32], dim: usize) -> Result<()> {
+        const OP: &str = "embedding.backward";
+        with_float!(dtable.dtype(), OP, |T| {
+            cpu::embedding_bwd(out_mut::<T>(dtable, OP, "dtable")?, &vals::<T>(dy), ids, dim);
+            Ok(())
+        })
+    }
+
+    // --- optimizer ----------------------------------------------------------------------------
 
     fn adamw_step(&self, p: &mut Storage, m: &mut Storage, v: &mut Storage, g: &Storage, h: &AdamWStep) -> Result<()> {
         const OP: &str = "AdamW::step";
@@ -180,4 +395,37 @@ fn gemm_one<T: Float>(c: &mut [T], a: &[T], b: &Storage, b0: usize, m: usize, k:
     let mut t = cpu::zeros::<T>(m * n);
     cpu::gemm_stored(&mut t, a, b, b0, m, k, n, ta, tb, T::ZERO);
     c.iter_mut().zip(&t).for_each(|(c, t)| *c = alpha * *t + beta * *c);
+}
+
+/// `s` as a mutable output, or `scratch` resized to `n` when the caller wants no such output.
+fn out_or_scratch<'a, T: Float>(s: Option<&'a mut Storage>, scratch: &'a mut Vec<T>, n: usize, op: &'static str) -> Result<&'a mut [T]> {
+    match s {
+        Some(s) => out_mut::<T>(s, op, "gradient"),
+        None => {
+            *scratch = cpu::zeros::<T>(n);
+            Ok(&mut scratch[..])
+        }
+    }
+}
+
+/// A gated product's backward kernel: (dg, du, dy, g, u).
+type GatedGrad<T> = fn(&mut [T], &mut [T], &[T], &[T], &[T]);
+
+/// The backward of a gated product y = f(g) ⊙ u through `kernel(dg, du, dy, g, u)`, which writes
+/// both gradients: an absent one goes to scratch.
+fn gated_bwd<T: Float>(
+    dg: Option<&mut Storage>,
+    du: Option<&mut Storage>,
+    dy: &Storage,
+    g: &Storage,
+    u: &Storage,
+    op: &'static str,
+    kernel: GatedGrad<T>,
+) -> Result<()> {
+    let n = dy.len();
+    let (mut sg, mut su) = (Vec::new(), Vec::new());
+    let dg = out_or_scratch::<T>(dg, &mut sg, n, op)?;
+    let du = out_or_scratch::<T>(du, &mut su, n, op)?;
+    kernel(dg, du, &vals::<T>(dy), &vals::<T>(g), &vals::<T>(u));
+    Ok(())
 }

@@ -115,6 +115,22 @@ impl Gemm {
     }
 }
 
+pub use cpu::AttnDims;
+
+/// The blocking of [`Kernels::linear_ce_fwd`]: hidden size `d`, `vocab`, the ignored target,
+/// and the block sizes each device uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CeBlocks {
+    pub d: usize,
+    pub vocab: usize,
+    pub ignore: i64,
+    /// CPU: rows × `cols` logits per online-softmax block.
+    pub rows_blk: usize,
+    pub cols: usize,
+    /// CUDA: rows per chunk of full-vocabulary logits.
+    pub chunk: usize,
+}
+
 /// AdamW's hyper-parameters for one update (decoupled weight decay; `step` = t ≥ 1 of the
 /// parameter's bias corrections).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -152,6 +168,34 @@ pub trait Kernels: Sync {
     fn add_assign(&self, acc: &mut Storage, g: &Storage, op: &'static str) -> Result<()>;
     /// x ← s·x in place.
     fn scale_assign(&self, x: &mut Storage, s: f64, op: &'static str) -> Result<()>;
+    /// y = a ⊙ b, b repeating over a's leading elements as in [`Kernels::add`].
+    fn mul(&self, y: &mut Storage, a: &Storage, b: &Storage, op: &'static str) -> Result<()>;
+    /// db = Σ_r dy[r, :] (⊙ a[r, :] when `a` is given) over the rows of dy viewed as
+    /// [dy.len() / db.len(), db.len()]: the gradient of an operand broadcast by add or mul.
+    fn sum_leading(&self, db: &mut Storage, dy: &Storage, a: Option<&Storage>, op: &'static str) -> Result<()>;
+    /// y = s·x.
+    fn scale(&self, y: &mut Storage, x: &Storage, s: f64, op: &'static str) -> Result<()>;
+    /// `y[i] = v` for every i (v rounded to y's dtype).
+    fn fill(&self, y: &mut Storage, v: f64, op: &'static str) -> Result<()>;
+    /// y [batch, cols, rows] = xᵀ per batch, x [batch, rows, cols].
+    fn transpose(&self, y: &mut Storage, x: &Storage, batch: usize, rows: usize, cols: usize, op: &'static str) -> Result<()>;
+    /// y = silu(x) = x·σ(x).
+    fn silu_fwd(&self, y: &mut Storage, x: &Storage) -> Result<()>;
+    /// dx = dy·silu'(x) = dy·σ(x)·(1 + x·(1 − σ(x))).
+    fn silu_bwd(&self, dx: &mut Storage, dy: &Storage, x: &Storage) -> Result<()>;
+    /// y = silu(g) ⊙ u.
+    fn swiglu_fwd(&self, y: &mut Storage, g: &Storage, u: &Storage) -> Result<()>;
+    /// dg = dy ⊙ u ⊙ silu'(g);  du = dy ⊙ silu(g). Either output may be absent.
+    fn swiglu_bwd(&self, dg: Option<&mut Storage>, du: Option<&mut Storage>, dy: &Storage, g: &Storage, u: &Storage) -> Result<()>;
+    /// y = gelu_tanh(x) = ½x(1 + tanh(c(x + 0.044715x³))), c = √(2/π).
+    fn gelu_tanh_fwd(&self, y: &mut Storage, x: &Storage) -> Result<()>;
+    /// dx = dy·gelu_tanh'(x), with τ = tanh(c(x + 0.044715x³)):
+    ///   gelu_tanh'(x) = ½(1 + τ) + ½x(1 − τ²)·c(1 + 3·0.044715x²).
+    fn gelu_tanh_bwd(&self, dx: &mut Storage, dy: &Storage, x: &Storage) -> Result<()>;
+    /// y = gelu_tanh(g) ⊙ u (GeGLU, Gemma's MLP gate).
+    fn geglu_fwd(&self, y: &mut Storage, g: &Storage, u: &Storage) -> Result<()>;
+    /// dg = dy ⊙ u ⊙ gelu_tanh'(g);  du = dy ⊙ gelu_tanh(g). Either output may be absent.
+    fn geglu_bwd(&self, dg: Option<&mut Storage>, du: Option<&mut Storage>, dy: &Storage, g: &Storage, u: &Storage) -> Result<()>;
 
     // --- reductions ---------------------------------------------------------------------------
 
@@ -159,6 +203,8 @@ pub trait Kernels: Sync {
     fn sum_squares(&self, x: &Storage, op: &'static str) -> Result<f64>;
     /// True when no element is NaN or ±∞.
     fn all_finite(&self, x: &Storage, op: &'static str) -> Result<bool>;
+    /// `y[0] = factor·Σ x` (accumulated in f64; y holds one element).
+    fn sum(&self, y: &mut Storage, x: &Storage, factor: f64, op: &'static str) -> Result<()>;
 
     // --- matmul -------------------------------------------------------------------------------
 
@@ -180,11 +226,64 @@ pub trait Kernels: Sync {
 
     // --- rope ---------------------------------------------------------------------------------
 
+    /// Rotate-half RoPE of x [rows, h, hd] (rows = b·t, one position each in `pos`), angle
+    /// θ = `pos·inv_freq[i]` for the pair (i, i + hd/2):
+    ///   `y[i] = x[i]·cos θ − x[i+hd/2]·sin θ`;  `y[i+hd/2] = x[i+hd/2]·cos θ + x[i]·sin θ`.
+    /// `inverse` rotates by −θ: the backward, dx = R(θ)ᵀ·dy = R(−θ)·dy.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(&self, y: &mut Storage, x: &Storage, pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, inverse: bool) -> Result<()>;
+
     // --- attention ----------------------------------------------------------------------------
+
+    /// o [b, t, nh, hd] = softmax(S + masks)·V per head, S = cap·tanh(scale·QKᵀ / cap) with a
+    /// soft cap (else S = scale·QKᵀ); lse [b, t, nh] = logsumexp of the masked row of S (−∞, and
+    /// o = 0, for a query that sees no key). `mask` [b·s]: true = real key. See [`AttnDims`].
+    #[allow(clippy::too_many_arguments)]
+    fn attn_fwd(&self, o: &mut Storage, lse: &mut Storage, q: &Storage, k: &Storage, v: &Storage, mask: Option<&[bool]>, d: &AttnDims) -> Result<()>;
+    /// Recomputes P = exp(S − lse); D = rowsum(dO ⊙ O); dV = Pᵀ·dO; dS = P ⊙ (dO·Vᵀ − D), times
+    /// 1 − (S/cap)² under a soft cap (d/dz cap·tanh(z/cap) = 1 − tanh²(z/cap)); dQ = scale·dS·K;
+    /// dK = scale·dSᵀ·Q (summed over the query heads of a kv head). Absent outputs are skipped.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_bwd(
+        &self,
+        dq: Option<&mut Storage>,
+        dk: Option<&mut Storage>,
+        dv: Option<&mut Storage>,
+        dout: &Storage,
+        q: &Storage,
+        k: &Storage,
+        v: &Storage,
+        o: &Storage,
+        lse: &Storage,
+        mask: Option<&[bool]>,
+        d: &AttnDims,
+    ) -> Result<()>;
 
     // --- loss ---------------------------------------------------------------------------------
 
+    /// Per row r of x [targets.len(), vocab]: lse_r = log Σ_j exp(x_rj) (written); returns
+    /// Σ_r (lse_r − x_r,target_r) over rows whose target is not `ignore`.
+    fn ce_fwd(&self, lse: &mut Storage, x: &Storage, targets: &[i64], ignore: i64, vocab: usize) -> Result<f64>;
+    /// In place over the first targets.len() rows of x [.., vocab]:
+    ///   x_rj ← g·(exp(x_rj − lse_(lse_off + r)) − [j = target_r]), 0 on ignored rows
+    /// (the softmax cross-entropy gradient, g = dy / denominator).
+    #[allow(clippy::too_many_arguments)]
+    fn ce_bwd(&self, x: &mut Storage, lse: &Storage, lse_off: usize, targets: &[i64], ignore: i64, vocab: usize, g: f64) -> Result<()>;
+    /// The loss of logits h·Wᵀ without storing them (h [N, d], W [vocab, d] in any stored dtype):
+    /// writes lse `[N]`, returns Σ over counted rows of lse_r − logit_r,target. With `dh`, also
+    /// writes dh = g·(softmax − onehot)·W, the gradient for dy = 1 (0 on ignored rows). The CPU
+    /// walks `c.rows_blk` rows × `c.cols` columns of logits at a time with an online softmax; CUDA
+    /// takes `c.chunk` rows against the whole vocabulary at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_ce_fwd(&self, lse: &mut Storage, dh: Option<&mut Storage>, h: &Storage, w: &Storage, targets: &[i64], c: &CeBlocks, g: f64) -> Result<f64>;
+
     // --- embedding ----------------------------------------------------------------------------
+
+    /// `y[i, :] = table[ids[i], :]` (y `[ids.len(), dim]`); the table may be stored in any dtype and
+    /// is read a row at a time.
+    fn embedding_fwd(&self, y: &mut Storage, table: &Storage, ids: &[u32], dim: usize) -> Result<()>;
+    /// `dtable[ids[i], :] += dy[i, :]` (accumulates; dtable zeroed by the caller).
+    fn embedding_bwd(&self, dtable: &mut Storage, dy: &Storage, ids: &[u32], dim: usize) -> Result<()>;
 
     // --- optimizer ----------------------------------------------------------------------------
 

@@ -319,7 +319,7 @@ impl Llama {
             b,
             t,
             positions: (0..t).collect(),
-            attn: AttnOptions { causal: true, key_mask: key_mask.map(|m| m.to_vec()), scale: None },
+            attn: AttnOptions { causal: true, key_mask: key_mask.map(|m| m.to_vec()), ..Default::default() },
             seed: self.training.then_some(self.dropout_seed),
         };
         let mut h = crate::profile::fwd("embedding", || ops::embedding(&self.embed, ids, self.dtype))?;
@@ -497,7 +497,7 @@ impl Llama {
                 b,
                 t,
                 positions: (start..start + t).collect(),
-                attn: AttnOptions { causal: true, key_mask: None, scale: None },
+                attn: AttnOptions { causal: true, ..Default::default() },
                 seed: None,
             };
             cache.layers.resize(self.layers.len(), (None, None));

@@ -5,11 +5,9 @@
 //! Layouts follow the projections directly, so no transposes are needed:
 //! q [b, t, nh, hd], k and v [b, s, nkv, hd], output [b, t, nh, hd]; nh must be a multiple of nkv.
 
-use super::{check_dtype, compute_dtype, out, vals};
+use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::cpu::AttnDims;
-use crate::backend::cpu_attn;
-use crate::device::with_float;
+use crate::backend::{kernels_for, AttnDims};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -22,9 +20,12 @@ pub struct AttnOptions {
     pub key_mask: Option<Vec<bool>>,
     /// Score scale; default 1/√hd.
     pub scale: Option<f64>,
+    /// Soft cap c of the scores (Gemma 2): S = c·tanh(scale·q·k / c) before the masks and the
+    /// softmax; `None` leaves the scores uncapped.
+    pub softcap: Option<f64>,
 }
 
-/// softmax(scale·QKᵀ + masks)·V per head; query heads h use kv head h / (nh/nkv).
+/// softmax(scale·QKᵀ + masks)·V per head (the scores soft-capped first when `opts.softcap`); query heads h use kv head h / (nh/nkv).
 /// A query that can see no key (all padding) outputs zeros.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<Tensor> {
     let dt = compute_dtype("attention", "q", q)?;
@@ -51,17 +52,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Resu
         }
     }
     let scale = opts.scale.unwrap_or(1.0 / (hd as f64).sqrt());
-    let d = AttnDims { b, t, s, nh, nkv, hd, causal: opts.causal, scale };
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[q, k, v]) {
-        return crate::backend::cuda::ops::attention(q, k, v, opts.key_mask.as_deref(), [b, t, s, nh, nkv, hd], opts.causal, scale);
+    if let Some(c) = opts.softcap {
+        if !(c > 0.0 && c.is_finite()) {
+            return Err(Error::invalid("attention", format!("softcap must be finite and > 0, got {c}")));
+        }
     }
-    let (o, lse) = with_float!(dt, "attention", |T| {
-        let mut o = crate::backend::cpu::zeros::<T>(q.numel());
-        let mut lse = crate::backend::cpu::zeros::<T>(b * t * nh);
-        cpu_attn::attention_fwd(&mut o, &mut lse, &vals::<T>(&q.read()), &vals::<T>(&k.read()), &vals::<T>(&v.read()), opts.key_mask.as_deref(), d);
-        Ok((out(o, q.shape().clone()), out(lse, [b, t, nh])))
-    })?;
+    let d = AttnDims { b, t, s, nh, nkv, hd, causal: opts.causal, scale, softcap: opts.softcap };
+    let kr = kernels_for("attention", &[("q", q), ("k", k), ("v", v)])?;
+    let (mut o, mut lse) = (kr.zeros(dt, q.numel(), "attention")?, kr.zeros(dt, b * t * nh, "attention")?);
+    kr.attn_fwd(&mut o, &mut lse, &q.read(), &k.read(), &v.read(), opts.key_mask.as_deref(), &d)?;
+    let (o, lse) = (Tensor::from_storage(o, q.shape().clone()), Tensor::from_storage(lse, [b, t, nh].into()));
     let saved_o = o.detach();
     Ok(record(o, &[q, k, v], |_| Box::new(AttentionBwd { q: q.detach(), k: k.detach(), v: v.detach(), o: saved_o, lse, mask: opts.key_mask.clone(), d })))
 }
@@ -80,32 +80,32 @@ impl Backward for AttentionBwd {
         "attention"
     }
     /// P = exp(S − lse) recomputed; D = rowsum(dO ⊙ O); dV = Pᵀ dO; dS = P ⊙ (dO Vᵀ − D);
-    /// dQ = scale·dS K; dK = scale·dSᵀ Q (GQA: summed over the query heads sharing a kv head).
+    /// under a soft cap S = c·tanh(z/c) of z = scale·QKᵀ, so dz = dS ⊙ (1 − tanh²(z/c));
+    /// dQ = scale·dz K; dK = scale·dzᵀ Q (GQA: summed over the query heads sharing a kv head).
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
-        with_float!(dy.dtype(), "attention.backward", |T| {
-            let (mut dq, mut dk, mut dv) = (
-                crate::backend::cpu::zeros::<T>(self.q.numel()),
-                crate::backend::cpu::zeros::<T>(self.k.numel()),
-                crate::backend::cpu::zeros::<T>(self.v.numel()),
-            );
-            cpu_attn::attention_bwd(
-                &mut dq,
-                &mut dk,
-                &mut dv,
-                &vals::<T>(&dy.read()),
-                &vals::<T>(&self.q.read()),
-                &vals::<T>(&self.k.read()),
-                &vals::<T>(&self.v.read()),
-                &vals::<T>(&self.o.read()),
-                &vals::<T>(&self.lse.read()),
-                self.mask.as_deref(),
-                self.d,
-            );
-            Ok(vec![
-                needs[0].then(|| out(dq, self.q.shape().clone())),
-                needs[1].then(|| out(dk, self.k.shape().clone())),
-                needs[2].then(|| out(dv, self.v.shape().clone())),
-            ])
-        })
+        const OP: &str = "attention.backward";
+        let k = kernels_for(OP, &[("dy", dy), ("q", &self.q)])?;
+        let dt = dy.dtype();
+        let mut dq = needs[0].then(|| k.zeros(dt, self.q.numel(), OP)).transpose()?;
+        let mut dk = needs[1].then(|| k.zeros(dt, self.k.numel(), OP)).transpose()?;
+        let mut dv = needs[2].then(|| k.zeros(dt, self.v.numel(), OP)).transpose()?;
+        k.attn_bwd(
+            dq.as_mut(),
+            dk.as_mut(),
+            dv.as_mut(),
+            &dy.read(),
+            &self.q.read(),
+            &self.k.read(),
+            &self.v.read(),
+            &self.o.read(),
+            &self.lse.read(),
+            self.mask.as_deref(),
+            &self.d,
+        )?;
+        Ok(vec![
+            dq.map(|s| Tensor::from_storage(s, self.q.shape().clone())),
+            dk.map(|s| Tensor::from_storage(s, self.k.shape().clone())),
+            dv.map(|s| Tensor::from_storage(s, self.v.shape().clone())),
+        ])
     }
 }

@@ -1,13 +1,13 @@
-//! Elementwise ops: add (residuals, biases), mul, scale, silu, and the fused SwiGLU gate.
-//! `add` and `mul` broadcast `b` over the leading dims of `a` when `b`'s shape is a suffix of
-//! `a`'s (a bias [c] onto activations [rows, c]).
+//! Elementwise ops: add (residuals, biases), mul, scale, silu, gelu_tanh, and the fused gates
+//! SwiGLU (Llama) and GeGLU (Gemma). `add` and `mul` broadcast `b` over the leading dims of `a`
+//! when `b`'s shape is a suffix of `a`'s (a bias [c] onto activations [rows, c]).
 
-use super::{check_dtype, compute_dtype, out, vals};
+use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::cpu;
-use crate::device::with_float;
+use crate::backend::{kernels_for, Kernels};
 use crate::error::{Error, Result};
 use crate::shape::Shape;
+use crate::storage::Storage;
 use crate::tensor::Tensor;
 
 fn check_broadcast(op: &'static str, a: &Tensor, b: &Tensor) -> Result<bool> {
@@ -25,16 +25,10 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dt = compute_dtype("add", "a", a)?;
     check_dtype("add", "b", b, dt, false)?;
     let broadcast = check_broadcast("add", a, b)?;
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[a, b]) {
-        return crate::backend::cuda::ops::add(a, b, broadcast);
-    }
-    let y = with_float!(dt, "add", |T| {
-        let (ag, bg) = (a.read(), b.read());
-        let mut y = crate::backend::cpu::zeros::<T>(a.numel());
-        cpu::add_fwd(&mut y, &vals::<T>(&ag), &vals::<T>(&bg));
-        Ok(out(y, a.shape().clone()))
-    })?;
+    let k = kernels_for("add", &[("a", a), ("b", b)])?;
+    let mut y = k.zeros(dt, a.numel(), "add")?;
+    k.add(&mut y, &a.read(), &b.read(), "add")?;
+    let y = Tensor::from_storage(y, a.shape().clone());
     let b_shape = b.shape().clone();
     Ok(record(y, &[a, b], |_| Box::new(AddBwd { b_shape, broadcast })))
 }
@@ -49,14 +43,14 @@ impl Backward for AddBwd {
     }
     /// da = dy;  db = dy (or Σ over the broadcast dims).
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
+        const OP: &str = "add.backward";
         let db = if !needs[1] {
             None
         } else if self.broadcast {
-            Some(with_float!(dy.dtype(), "add.backward", |T| {
-                let mut db = crate::backend::cpu::zeros::<T>(self.b_shape.numel());
-                cpu::sum_leading(&mut db, &vals::<T>(&dy.read()));
-                Ok(out(db, self.b_shape.clone()))
-            })?)
+            let k = kernels_for(OP, &[("dy", dy)])?;
+            let mut db = k.zeros(dy.dtype(), self.b_shape.numel(), OP)?;
+            k.sum_leading(&mut db, &dy.read(), None, OP)?;
+            Some(Tensor::from_storage(db, self.b_shape.clone()))
         } else {
             Some(dy.detach())
         };
@@ -69,16 +63,10 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dt = compute_dtype("mul", "a", a)?;
     check_dtype("mul", "b", b, dt, false)?;
     let broadcast = check_broadcast("mul", a, b)?;
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[a, b]) {
-        return crate::backend::cuda::ops::mul(a, b, broadcast);
-    }
-    let y = with_float!(dt, "mul", |T| {
-        let (ag, bg) = (a.read(), b.read());
-        let mut y = crate::backend::cpu::zeros::<T>(a.numel());
-        cpu::mul_fwd(&mut y, &vals::<T>(&ag), &vals::<T>(&bg));
-        Ok(out(y, a.shape().clone()))
-    })?;
+    let k = kernels_for("mul", &[("a", a), ("b", b)])?;
+    let mut y = k.zeros(dt, a.numel(), "mul")?;
+    k.mul(&mut y, &a.read(), &b.read(), "mul")?;
+    let y = Tensor::from_storage(y, a.shape().clone());
     Ok(record(y, &[a, b], |needs| Box::new(MulBwd { a: needs[1].then(|| a.detach()), b: needs[0].then(|| b.detach()), b_shape: b.shape().clone(), broadcast })))
 }
 
@@ -94,44 +82,45 @@ impl Backward for MulBwd {
     }
     /// da = dy ⊙ b;  db = dy ⊙ a (summed over broadcast dims).
     fn backward(&self, dy: &Tensor, _needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
-        with_float!(dy.dtype(), "mul.backward", |T| {
-            let g = dy.read();
-            let g = vals::<T>(&g);
-            let da = self.b.as_ref().map(|b| {
-                let mut da = crate::backend::cpu::zeros::<T>(g.len());
-                cpu::mul_fwd(&mut da, &g, &vals::<T>(&b.read()));
-                out(da, dy.shape().clone())
-            });
-            let db = self.a.as_ref().map(|a| {
-                let av = a.read();
-                let av = vals::<T>(&av);
-                let bshape = self.b_shape.clone();
+        const OP: &str = "mul.backward";
+        let k = kernels_for(OP, &[("dy", dy)])?;
+        let (g, dt) = (dy.read(), dy.dtype());
+        let da = match &self.b {
+            Some(b) => {
+                let mut da = k.zeros(dt, dy.numel(), OP)?;
+                k.mul(&mut da, &g, &b.read(), OP)?;
+                Some(Tensor::from_storage(da, dy.shape().clone()))
+            }
+            None => None,
+        };
+        let db = match &self.a {
+            Some(a) => {
+                let mut db = k.zeros(dt, self.b_shape.numel(), OP)?;
                 if self.broadcast {
-                    let mut db = crate::backend::cpu::zeros::<T>(bshape.numel());
-                    cpu::sum_leading_mul(&mut db, &g, &av);
-                    out(db, bshape)
+                    k.sum_leading(&mut db, &g, Some(&a.read()), OP)?;
                 } else {
-                    let mut db = crate::backend::cpu::zeros::<T>(g.len());
-                    cpu::mul_fwd(&mut db, &g, &av);
-                    out(db, bshape)
+                    k.mul(&mut db, &g, &a.read(), OP)?;
                 }
-            });
-            Ok(vec![da, db])
-        })
+                Some(Tensor::from_storage(db, self.b_shape.clone()))
+            }
+            None => None,
+        };
+        Ok(vec![da, db])
     }
 }
+
+/// y = s·x on `x`'s device (the forward and the backward of [`scale`]).
+fn scaled(x: &Tensor, s: f64, op: &'static str) -> Result<Tensor> {
+    let k = kernels_for(op, &[("x", x)])?;
+    let mut y = k.zeros(x.dtype(), x.numel(), op)?;
+    k.scale(&mut y, &x.read(), s, op)?;
+    Ok(Tensor::from_storage(y, x.shape().clone()))
+}
+
 /// y = s·x for a constant s.
 pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
-    let dt = compute_dtype("scale", "x", x)?;
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[x]) {
-        return crate::backend::cuda::ops::scale(x, s);
-    }
-    let y = with_float!(dt, "scale", |T| {
-        let mut y = crate::backend::cpu::zeros::<T>(x.numel());
-        cpu::scale(&mut y, &vals::<T>(&x.read()), T::from_f64(s));
-        Ok(out(y, x.shape().clone()))
-    })?;
+    compute_dtype("scale", "x", x)?;
+    let y = scaled(x, s, "scale")?;
     Ok(record(y, &[x], |_| Box::new(ScaleBwd { s })))
 }
 
@@ -144,87 +133,137 @@ impl Backward for ScaleBwd {
     }
     /// dx = s·dy.
     fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
-        with_float!(dy.dtype(), "scale.backward", |T| {
-            let mut dx = crate::backend::cpu::zeros::<T>(dy.numel());
-            cpu::scale(&mut dx, &vals::<T>(&dy.read()), T::from_f64(self.s));
-            Ok(vec![Some(out(dx, dy.shape().clone()))])
-        })
+        Ok(vec![Some(scaled(dy, self.s, "scale.backward")?)])
     }
+}
+
+/// A pointwise activation f and its derivative, as a pair of kernels.
+#[derive(Clone, Copy)]
+enum Act {
+    Silu,
+    GeluTanh,
+}
+
+impl Act {
+    fn name(self) -> &'static str {
+        match self {
+            Act::Silu => "silu",
+            Act::GeluTanh => "gelu_tanh",
+        }
+    }
+}
+
+fn unary(x: &Tensor, act: Act) -> Result<Tensor> {
+    let op = act.name();
+    let dt = compute_dtype(op, "x", x)?;
+    let k = kernels_for(op, &[("x", x)])?;
+    let mut y = k.zeros(dt, x.numel(), op)?;
+    match act {
+        Act::Silu => k.silu_fwd(&mut y, &x.read())?,
+        Act::GeluTanh => k.gelu_tanh_fwd(&mut y, &x.read())?,
+    }
+    let y = Tensor::from_storage(y, x.shape().clone());
+    Ok(record(y, &[x], |_| Box::new(UnaryBwd { x: x.detach(), act })))
 }
 
 /// y = silu(x) = x·σ(x).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    let dt = compute_dtype("silu", "x", x)?;
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[x]) {
-        return crate::backend::cuda::ops::silu(x);
-    }
-    let y = with_float!(dt, "silu", |T| {
-        let mut y = crate::backend::cpu::zeros::<T>(x.numel());
-        cpu::silu_fwd(&mut y, &vals::<T>(&x.read()));
-        Ok(out(y, x.shape().clone()))
-    })?;
-    Ok(record(y, &[x], |_| Box::new(SiluBwd { x: x.detach() })))
+    unary(x, Act::Silu)
 }
 
-struct SiluBwd {
-    x: Tensor,
+/// y = gelu_tanh(x) = ½x(1 + tanh(√(2/π)(x + 0.044715x³))), the tanh approximation of GELU
+/// (Gemma's `gelu_pytorch_tanh`).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    unary(x, Act::GeluTanh)
 }
-impl Backward for SiluBwd {
+
+struct UnaryBwd {
+    x: Tensor,
+    act: Act,
+}
+impl Backward for UnaryBwd {
     fn name(&self) -> &'static str {
-        "silu"
+        self.act.name()
     }
-    /// dx = dy·σ(x)(1 + x(1 − σ(x))).
+    /// dx = dy·f'(x):
+    ///   silu'(x) = σ(x)(1 + x(1 − σ(x)));
+    ///   gelu_tanh'(x) = ½(1 + τ) + ½x(1 − τ²)·√(2/π)(1 + 3·0.044715x²), τ = tanh(√(2/π)(x + 0.044715x³)).
     fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
-        with_float!(dy.dtype(), "silu.backward", |T| {
-            let mut dx = crate::backend::cpu::zeros::<T>(dy.numel());
-            cpu::silu_bwd(&mut dx, &vals::<T>(&dy.read()), &vals::<T>(&self.x.read()));
-            Ok(vec![Some(out(dx, dy.shape().clone()))])
-        })
+        let op = self.act.name();
+        let k = kernels_for(op, &[("dy", dy), ("x", &self.x)])?;
+        let mut dx = k.zeros(dy.dtype(), dy.numel(), op)?;
+        match self.act {
+            Act::Silu => k.silu_bwd(&mut dx, &dy.read(), &self.x.read())?,
+            Act::GeluTanh => k.gelu_tanh_bwd(&mut dx, &dy.read(), &self.x.read())?,
+        }
+        Ok(vec![Some(Tensor::from_storage(dx, dy.shape().clone()))])
     }
 }
 
 /// Fused SwiGLU: y = silu(gate) ⊙ up, gate and up of one shape.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let dt = check_swiglu_inputs(gate, up)?;
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[gate, up]) {
-        return crate::backend::cuda::ops::swiglu(gate, up);
+    gated(gate, up, Act::Silu)
+}
+
+/// Fused GeGLU: y = gelu_tanh(gate) ⊙ up, gate and up of one shape (Gemma's MLP).
+pub fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gated(gate, up, Act::GeluTanh)
+}
+
+fn gated(gate: &Tensor, up: &Tensor, act: Act) -> Result<Tensor> {
+    let op = match act {
+        Act::Silu => "swiglu",
+        Act::GeluTanh => "geglu",
+    };
+    let dt = check_gated_inputs(op, gate, up)?;
+    let k = kernels_for(op, &[("gate", gate), ("up", up)])?;
+    let mut y = k.zeros(dt, gate.numel(), op)?;
+    match act {
+        Act::Silu => k.swiglu_fwd(&mut y, &gate.read(), &up.read())?,
+        Act::GeluTanh => k.geglu_fwd(&mut y, &gate.read(), &up.read())?,
     }
-    let y = with_float!(dt, "swiglu", |T| {
-        let mut y = crate::backend::cpu::zeros::<T>(gate.numel());
-        cpu::swiglu_fwd(&mut y, &vals::<T>(&gate.read()), &vals::<T>(&up.read()));
-        Ok(out(y, gate.shape().clone()))
-    })?;
-    Ok(record(y, &[gate, up], |_| Box::new(SwigluBwd { g: gate.detach(), u: up.detach() })))
+    let y = Tensor::from_storage(y, gate.shape().clone());
+    Ok(record(y, &[gate, up], |_| Box::new(GatedBwd { g: gate.detach(), u: up.detach(), act, op })))
 }
 
 /// The checks [`swiglu`] makes on its inputs (same dtype, same shape); returns the dtype. Also
 /// for callers that record swiglu(gate, up) without forming it.
 pub(crate) fn check_swiglu_inputs(gate: &Tensor, up: &Tensor) -> Result<crate::dtype::DType> {
-    let dt = compute_dtype("swiglu", "gate", gate)?;
-    check_dtype("swiglu", "up", up, dt, true)?;
+    check_gated_inputs("swiglu", gate, up)
+}
+
+fn check_gated_inputs(op: &'static str, gate: &Tensor, up: &Tensor) -> Result<crate::dtype::DType> {
+    let dt = compute_dtype(op, "gate", gate)?;
+    check_dtype(op, "up", up, dt, true)?;
     if gate.shape() != up.shape() {
-        return Err(Error::shape("swiglu", "up", gate.shape(), up.shape()));
+        return Err(Error::shape(op, "up", gate.shape(), up.shape()));
     }
     Ok(dt)
 }
 
-struct SwigluBwd {
+struct GatedBwd {
     g: Tensor,
     u: Tensor,
+    act: Act,
+    op: &'static str,
 }
-impl Backward for SwigluBwd {
+impl Backward for GatedBwd {
     fn name(&self) -> &'static str {
-        "swiglu"
+        self.op
     }
-    /// dgate = dy ⊙ up ⊙ silu'(gate);  dup = dy ⊙ silu(gate).
+    /// y = f(gate) ⊙ up:  dgate = dy ⊙ up ⊙ f'(gate);  dup = dy ⊙ f(gate) (f = silu or gelu_tanh).
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
-        with_float!(dy.dtype(), "swiglu.backward", |T| {
-            let n = dy.numel();
-            let (mut dg, mut du) = (crate::backend::cpu::zeros::<T>(n), crate::backend::cpu::zeros::<T>(n));
-            cpu::swiglu_bwd(&mut dg, &mut du, &vals::<T>(&dy.read()), &vals::<T>(&self.g.read()), &vals::<T>(&self.u.read()));
-            Ok(vec![needs[0].then(|| out(dg, dy.shape().clone())), needs[1].then(|| out(du, dy.shape().clone()))])
-        })
+        let op = self.op;
+        let k: &dyn Kernels = kernels_for(op, &[("dy", dy), ("gate", &self.g)])?;
+        let (n, dt) = (dy.numel(), dy.dtype());
+        let mut dg = needs[0].then(|| k.zeros(dt, n, op)).transpose()?;
+        let mut du = needs[1].then(|| k.zeros(dt, n, op)).transpose()?;
+        let (dyg, gg, ug) = (dy.read(), self.g.read(), self.u.read());
+        match self.act {
+            Act::Silu => k.swiglu_bwd(dg.as_mut(), du.as_mut(), &dyg, &gg, &ug)?,
+            Act::GeluTanh => k.geglu_bwd(dg.as_mut(), du.as_mut(), &dyg, &gg, &ug)?,
+        }
+        let wrap = |s: Storage| Tensor::from_storage(s, dy.shape().clone());
+        Ok(vec![dg.map(wrap), du.map(wrap)])
     }
 }

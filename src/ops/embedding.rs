@@ -2,15 +2,15 @@
 //! gradient and is read one row per token; a trainable table (full fine-tuning) gets a dense
 //! scatter-added gradient.
 
-use super::{check_dtype, out};
+use super::check_dtype;
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::cpu;
-use crate::device::with_float;
+use crate::backend::kernels_for;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// table: [vocab, dim]; ids: any length n → [n, dim] in `dtype` (f32 or f64).
+/// table: [vocab, dim]; ids: any length n → [n, dim] in `dtype` (f32 or f64), on the table's
+/// device.
 pub fn embedding(table: &Tensor, ids: &[u32], dtype: DType) -> Result<Tensor> {
     if table.dims().len() != 2 {
         return Err(Error::shape("embedding", "table", "[vocab, dim]", table.shape()));
@@ -20,15 +20,13 @@ pub fn embedding(table: &Tensor, ids: &[u32], dtype: DType) -> Result<Tensor> {
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
         return Err(Error::OutOfRange { op: "embedding", what: "token id", index: bad as i64, size: vocab });
     }
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[table]) {
-        return crate::backend::cuda::ops::embedding(table, ids);
+    if !dtype.is_compute() {
+        return Err(Error::dtype("embedding", "dtype", "f32 or f64", dtype));
     }
-    let y = with_float!(dtype, "embedding", |T| {
-        let mut y = crate::backend::cpu::zeros::<T>(ids.len() * dim);
-        cpu::embedding_fwd(&mut y, &table.read(), ids, dim);
-        Ok(out(y, [ids.len(), dim]))
-    })?;
+    let k = kernels_for("embedding", &[("table", table)])?;
+    let mut y = k.zeros(dtype, ids.len() * dim, "embedding")?;
+    k.embedding_fwd(&mut y, &table.read(), ids, dim)?;
+    let y = Tensor::from_storage(y, [ids.len(), dim].into());
     Ok(record(y, &[table], |_| Box::new(EmbeddingBwd { ids: ids.to_vec(), vocab, dim })))
 }
 
@@ -43,10 +41,10 @@ impl Backward for EmbeddingBwd {
     }
     /// dtable[id] += dy[i] for each position i with ids[i] = id.
     fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
-        with_float!(dy.dtype(), "embedding.backward", |T| {
-            let mut dt = crate::backend::cpu::zeros::<T>(self.vocab * self.dim);
-            cpu::embedding_bwd(&mut dt, &super::vals::<T>(&dy.read()), &self.ids, self.dim);
-            Ok(vec![Some(out(dt, [self.vocab, self.dim]))])
-        })
+        const OP: &str = "embedding.backward";
+        let k = kernels_for(OP, &[("dy", dy)])?;
+        let mut dt = k.zeros(dy.dtype(), self.vocab * self.dim, OP)?;
+        k.embedding_bwd(&mut dt, &dy.read(), &self.ids, self.dim)?;
+        Ok(vec![Some(Tensor::from_storage(dt, [self.vocab, self.dim].into()))])
     }
 }

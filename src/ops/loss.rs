@@ -10,12 +10,13 @@
 //! tokens divided by `denominator` — by default the number of counted tokens in this call; a
 //! trainer with gradient accumulation passes the count over the whole accumulated batch.
 
-use super::{check_dtype, compute_dtype, out, vals};
+use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::cpu;
-use crate::device::with_float;
+use crate::backend::{kernels_for, CeBlocks, Gemm, Kernels};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shape::Shape;
+use crate::storage::{HostData, Storage};
 use crate::tensor::Tensor;
 
 /// Logits per block in the CPU forward of [`linear_cross_entropy`] (1024 rows × 2048 columns).
@@ -63,24 +64,32 @@ fn check_targets(op: &'static str, targets: &[i64], rows: usize, vocab: usize, o
     Ok(denom)
 }
 
+/// The value of the scalar upstream gradient dy, read to the host (dy may be the host seed of a
+/// device loss, so the backwards below take their device from their saved tensors).
+fn scalar(dy: &Tensor) -> Result<f64> {
+    Ok(dy.try_to_vec::<f64>()?[0])
+}
+
 /// Mean cross-entropy of logits [N, V] against N targets (a scalar).
 pub fn cross_entropy(logits: &Tensor, targets: &[i64], opts: &CeOptions) -> Result<Tensor> {
-    let dt = compute_dtype("cross_entropy", "logits", logits)?;
+    const OP: &str = "cross_entropy";
+    let dt = compute_dtype(OP, "logits", logits)?;
     if logits.dims().len() != 2 {
-        return Err(Error::shape("cross_entropy", "logits", "[N, vocab]", logits.shape()));
+        return Err(Error::shape(OP, "logits", "[N, vocab]", logits.shape()));
     }
     let (rows, vocab) = (logits.dims()[0], logits.dims()[1]);
-    let denom = check_targets("cross_entropy", targets, rows, vocab, opts)?;
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[logits]) {
-        return crate::backend::cuda::ops::cross_entropy(logits, targets, opts.ignore_index, denom);
-    }
-    let (y, lse) = with_float!(dt, "cross_entropy", |T| {
-        let mut lse = crate::backend::cpu::zeros::<T>(rows);
-        let total = cpu::cross_entropy_fwd(&mut lse, &vals::<T>(&logits.read()), targets, opts.ignore_index, vocab);
-        Ok((out(vec![T::from_f64(total / denom)], Shape::scalar()), out(lse, [rows])))
-    })?;
+    let denom = check_targets(OP, targets, rows, vocab, opts)?;
+    let k = kernels_for(OP, &[("logits", logits)])?;
+    let mut lse = k.zeros(dt, rows, OP)?;
+    let total = k.ce_fwd(&mut lse, &logits.read(), targets, opts.ignore_index, vocab)?;
+    let (y, lse) = (scalar_out(k, dt, total / denom, OP)?, Tensor::from_storage(lse, [rows].into()));
     Ok(record(y, &[logits], |_| Box::new(CrossEntropyBwd { logits: logits.detach(), lse, targets: targets.to_vec(), ignore_index: opts.ignore_index, denom })))
+}
+
+/// A scalar tensor holding `v` on `k`'s device.
+fn scalar_out(k: &dyn Kernels, dt: DType, v: f64, op: &'static str) -> Result<Tensor> {
+    let one = Storage::Host(HostData::F64(vec![v]));
+    Ok(Tensor::from_storage(k.upload(&one, dt, op)?, Shape::scalar()))
 }
 
 struct CrossEntropyBwd {
@@ -96,56 +105,53 @@ impl Backward for CrossEntropyBwd {
     }
     /// dlogits_rj = dy/denom · (exp(x_rj − lse_r) − [j = target_r]); 0 on ignored rows.
     fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
-        with_float!(dy.dtype(), "cross_entropy.backward", |T| {
-            let g = T::from_f64(vals::<T>(&dy.read())[0].to_f64() / self.denom);
-            let mut dx = vals::<T>(&self.logits.read()).into_owned();
-            let vocab = self.logits.dims()[1];
-            cpu::cross_entropy_bwd_inplace(&mut dx, &vals::<T>(&self.lse.read()), &self.targets, self.ignore_index, vocab, g);
-            Ok(vec![Some(out(dx, self.logits.shape().clone()))])
-        })
+        const OP: &str = "cross_entropy.backward";
+        let k = kernels_for(OP, &[("logits", &self.logits)])?;
+        let g = scalar(dy)? / self.denom;
+        let vocab = self.logits.dims()[1];
+        let mut dx = k.upload(&self.logits.read(), dy.dtype(), OP)?;
+        k.ce_bwd(&mut dx, &self.lse.read(), 0, &self.targets, self.ignore_index, vocab, g)?;
+        Ok(vec![Some(Tensor::from_storage(dx, self.logits.shape().clone()))])
     }
 }
 
 /// Cross-entropy of the logits h·Wᵀ without materializing them: h [N, d], W [V, d] (the LM head
 /// or the tied embedding, any stored dtype), N targets → scalar.
 pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[i64], opts: &CeOptions) -> Result<Tensor> {
-    let dt = compute_dtype("linear_cross_entropy", "h", h)?;
-    check_dtype("linear_cross_entropy", "w", w, dt, false)?;
+    const OP: &str = "linear_cross_entropy";
+    let dt = compute_dtype(OP, "h", h)?;
+    check_dtype(OP, "w", w, dt, false)?;
     let (hd, wd) = (h.dims(), w.dims());
     if hd.len() != 2 {
-        return Err(Error::shape("linear_cross_entropy", "h", "[N, d]", h.shape()));
+        return Err(Error::shape(OP, "h", "[N, d]", h.shape()));
     }
     if wd.len() != 2 || wd[1] != hd[1] {
-        return Err(Error::shape("linear_cross_entropy", "w", format!("[vocab, {}]", hd[1]), w.shape()));
+        return Err(Error::shape(OP, "w", format!("[vocab, {}]", hd[1]), w.shape()));
     }
     let (rows, d, vocab) = (hd[0], hd[1], wd[0]);
-    let denom = check_targets("linear_cross_entropy", targets, rows, vocab, opts)?;
-    // Default: about 8M logits per chunk (32 MiB in f32), chunks balanced so that no small tail
-    // chunk re-reads the whole head for a handful of rows.
+    let denom = check_targets(OP, targets, rows, vocab, opts)?;
+    // Row chunks of full-vocabulary logits (the CUDA forward and every backward): about 8M
+    // logits per chunk (32 MiB in f32), balanced so that no small tail chunk re-reads the whole
+    // head for a handful of rows.
     let budget = opts.chunk_rows.unwrap_or((1 << 23) / vocab.max(1)).clamp(1, rows.max(1));
     let chunk = rows.div_ceil(rows.div_ceil(budget));
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[h, w]) {
-        return crate::backend::cuda::ops::linear_cross_entropy(h, w, targets, opts.ignore_index, denom, chunk);
-    }
     // CPU forward blocks: `cols` vocabulary columns × `rows_blk` rows of logits, about
     // CPU_BLOCK_LOGITS (8 MiB in f32) unless the options say otherwise.
     let cols = opts.chunk_cols.unwrap_or((CPU_BLOCK_LOGITS / rows.max(1)).max(512)).clamp(1, vocab.max(1));
     let rows_blk = opts.chunk_rows.unwrap_or(CPU_BLOCK_LOGITS / cols).clamp(1, rows.max(1));
+    let blocks = CeBlocks { d, vocab, ignore: opts.ignore_index, rows_blk, cols, chunk };
     // Training through a frozen head (the usual case): the backward's softmax − onehot depends
     // on dy only through a scalar factor, so the forward computes dh for dy = 1 chunk by chunk
     // while the logits are at hand, and the backward only scales it — no second pass over the
     // head (one GEMM of N·d·V less per step) and no logits kept.
     let fuse = crate::autograd::is_grad_enabled() && h.requires_grad() && !w.requires_grad();
-    let (y, lse, dh) = with_float!(dt, "linear_cross_entropy", |T| {
-        let (hg, wg) = (h.read(), w.read());
-        let hv = vals::<T>(&hg);
-        let mut lse = crate::backend::cpu::zeros::<T>(rows);
-        let mut dh = fuse.then(|| crate::backend::cpu::zeros::<T>(rows * d));
-        let g = T::from_f64(1.0 / denom);
-        let total = cpu::linear_cross_entropy_fwd(&mut lse, dh.as_deref_mut(), &hv, &wg, targets, opts.ignore_index, d, vocab, rows_blk, cols, g);
-        Ok((out(vec![T::from_f64(total / denom)], Shape::scalar()), out(lse, [rows]), dh.map(|v| out(v, [rows, d]))))
-    })?;
+    let k = kernels_for(OP, &[("h", h), ("w", w)])?;
+    let mut lse = k.zeros(dt, rows, OP)?;
+    let mut dh = fuse.then(|| k.zeros(dt, rows * d, OP)).transpose()?;
+    let total = k.linear_ce_fwd(&mut lse, dh.as_mut(), &h.read(), &w.read(), targets, &blocks, 1.0 / denom)?;
+    let y = scalar_out(k, dt, total / denom, OP)?;
+    let lse = Tensor::from_storage(lse, [rows].into());
+    let dh = dh.map(|s| Tensor::from_storage(s, [rows, d].into()));
     Ok(record(y, &[h, w], |_| match dh {
         Some(dh) => Box::new(LinearCeFusedBwd { dh }) as Box<dyn Backward>,
         None => Box::new(LinearCeBwd { h: h.detach(), w: w.detach(), lse, targets: targets.to_vec(), ignore_index: opts.ignore_index, denom, chunk }),
@@ -162,12 +168,11 @@ impl Backward for LinearCeFusedBwd {
     }
     /// dh = dy · dh|dy=1 (the loss is linear in dy); the frozen head gets nothing.
     fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
-        with_float!(dy.dtype(), "linear_cross_entropy.backward", |T| {
-            let g = vals::<T>(&dy.read())[0];
-            let mut dh = crate::backend::cpu::zeros::<T>(self.dh.numel());
-            cpu::scale(&mut dh, &vals::<T>(&self.dh.read()), g);
-            Ok(vec![Some(out(dh, self.dh.shape().clone())), None])
-        })
+        const OP: &str = "linear_cross_entropy.backward";
+        let k = kernels_for(OP, &[("dh", &self.dh)])?;
+        let mut dh = k.zeros(dy.dtype(), self.dh.numel(), OP)?;
+        k.scale(&mut dh, &self.dh.read(), scalar(dy)?, OP)?;
+        Ok(vec![Some(Tensor::from_storage(dh, self.dh.shape().clone())), None])
     }
 }
 
@@ -186,31 +191,31 @@ impl Backward for LinearCeBwd {
     }
     /// Per chunk: G = dy/denom·(softmax(h Wᵀ) − onehot) recomputed;  dh = G·W;  dW += Gᵀ·h.
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
-        with_float!(dy.dtype(), "linear_cross_entropy.backward", |T| {
-            let g = T::from_f64(vals::<T>(&dy.read())[0].to_f64() / self.denom);
-            let (rows, d) = (self.h.dims()[0], self.h.dims()[1]);
-            let vocab = self.w.dims()[0];
-            let (hg, wg, lg) = (self.h.read(), self.w.read(), self.lse.read());
-            let (hv, lse) = (vals::<T>(&hg), vals::<T>(&lg));
-            let mut dh = needs[0].then(|| crate::backend::cpu::zeros::<T>(rows * d));
-            let mut dw = needs[1].then(|| crate::backend::cpu::zeros::<T>(vocab * d));
-            let mut logits = crate::backend::cpu::zeros::<T>(self.chunk * vocab);
-            for r0 in (0..rows).step_by(self.chunk) {
-                let r1 = (r0 + self.chunk).min(rows);
-                let n = r1 - r0;
-                let lgc = &mut logits[..n * vocab];
-                let hc = &hv[r0 * d..r1 * d];
-                cpu::gemm_stored(lgc, hc, &wg, 0, n, d, vocab, false, true, T::ZERO);
-                cpu::cross_entropy_bwd_inplace(lgc, &lse[r0..r1], &self.targets[r0..r1], self.ignore_index, vocab, g);
-                if let Some(dh) = dh.as_mut() {
-                    cpu::gemm_stored(&mut dh[r0 * d..r1 * d], lgc, &wg, 0, n, vocab, d, false, false, T::ZERO);
-                }
-                if let Some(dw) = dw.as_mut() {
-                    let beta = if r0 == 0 { T::ZERO } else { T::ONE };
-                    cpu::gemm(dw, lgc, hc, vocab, n, d, true, false, T::ONE, beta);
-                }
+        const OP: &str = "linear_cross_entropy.backward";
+        let k = kernels_for(OP, &[("h", &self.h)])?;
+        let g = scalar(dy)? / self.denom;
+        let (rows, d, dt) = (self.h.dims()[0], self.h.dims()[1], dy.dtype());
+        let vocab = self.w.dims()[0];
+        let (hg, wg, lg) = (self.h.read(), self.w.read(), self.lse.read());
+        let mut dh = needs[0].then(|| k.zeros(dt, rows * d, OP)).transpose()?;
+        let mut dw = needs[1].then(|| k.zeros(dt, vocab * d, OP)).transpose()?;
+        let mut logits = k.zeros(dt, self.chunk * vocab, OP)?;
+        for r0 in (0..rows).step_by(self.chunk) {
+            let r1 = (r0 + self.chunk).min(rows);
+            let n = r1 - r0;
+            // L = h[r0..r1]·Wᵀ [n, vocab], then G in place.
+            k.gemm(&mut logits, &hg, &wg, &Gemm::new(n, d, vocab).trans(false, true).offsets(r0 * d, 0, 0), OP)?;
+            k.ce_bwd(&mut logits, &lg, r0, &self.targets[r0..r1], self.ignore_index, vocab, g)?;
+            if let Some(dh) = dh.as_mut() {
+                // dh[r0..r1] = G·W [n, d]
+                k.gemm(dh, &logits, &wg, &Gemm::new(n, vocab, d).offsets(0, 0, r0 * d), OP)?;
             }
-            Ok(vec![dh.map(|v| out(v, [rows, d])), dw.map(|v| out(v, [vocab, d]))])
-        })
+            if let Some(dw) = dw.as_mut() {
+                // dW (+)= Gᵀ·h[r0..r1] [vocab, d]
+                let beta = if r0 == 0 { 0.0 } else { 1.0 };
+                k.gemm(dw, &logits, &hg, &Gemm::new(vocab, n, d).trans(true, false).scaled(1.0, beta).offsets(0, r0 * d, 0), OP)?;
+            }
+        }
+        Ok(vec![dh.map(|s| Tensor::from_storage(s, [rows, d].into())), dw.map(|s| Tensor::from_storage(s, [vocab, d].into()))])
     }
 }

@@ -5,11 +5,9 @@
 //! tile inside the GEMM and never copied whole, and needs no gradient. A trainable B must have
 //! A's dtype.
 
-use super::{check_dtype, compute_dtype, out, vals};
+use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::cpu;
-use crate::device::with_float;
-use crate::dtype::Float;
+use crate::backend::{kernels_for, Gemm};
 use crate::error::{Error, Result};
 use crate::shape::Shape;
 use crate::tensor::Tensor;
@@ -61,35 +59,11 @@ pub fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
     let dt = compute_dtype("matmul", "a", a)?;
     check_dtype("matmul", "b", b, dt, false)?;
     let (d, shape) = dims(a, b, ta, tb)?;
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[a, b]) {
-        return crate::backend::cuda::ops::matmul(a, b, ta, tb, d.batch, d.m, d.k, d.n, d.b_batched, shape);
-    }
-    let y = with_float!(dt, "matmul", |T| {
-        let mut c = crate::backend::cpu::zeros::<T>(shape.numel());
-        let (ag, bg) = (a.read(), b.read());
-        let av = vals::<T>(&ag);
-        if d.folded() {
-            cpu::gemm_stored(&mut c, &av, &bg, 0, d.batch * d.m, d.k, d.n, false, d.tb, T::ZERO);
-        } else {
-            for i in 0..d.batch {
-                let b0 = if d.b_batched { i * d.k * d.n } else { 0 };
-                cpu::gemm_stored(
-                    &mut c[i * d.m * d.n..(i + 1) * d.m * d.n],
-                    &av[i * d.m * d.k..(i + 1) * d.m * d.k],
-                    &bg,
-                    b0,
-                    d.m,
-                    d.k,
-                    d.n,
-                    d.ta,
-                    d.tb,
-                    T::ZERO,
-                );
-            }
-        }
-        Ok(out(c, shape))
-    })?;
+    let k = kernels_for("matmul", &[("a", a), ("b", b)])?;
+    let mut c = k.zeros(dt, shape.numel(), "matmul")?;
+    let g = Gemm::new(d.m, d.k, d.n).trans(d.ta, d.tb).batched(d.batch, d.b_batched);
+    k.gemm(&mut c, &a.read(), &b.read(), &g, "matmul")?;
+    let y = Tensor::from_storage(c, shape);
     Ok(record(y, &[a, b], |needs| {
         // dA needs B; dB needs A. Save each only if the other side wants a gradient.
         Box::new(MatmulBwd { a: needs[1].then(|| a.detach()), b: needs[0].then(|| b.detach()), a_shape: a.shape().clone(), b_shape: b.shape().clone(), d })
@@ -123,66 +97,56 @@ impl Backward for MatmulBwd {
     /// dA = dC·op(B)ᵀ (transposed back if ta);  dB = op(A)ᵀ·dC, or dCᵀ·op(A) if tb
     /// (summed over the batch when B is shared).
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
-        with_float!(dy.dtype(), "matmul.backward", |T| {
-            let g = dy.read();
-            let g = vals::<T>(&g);
-            let Dims { batch, m, k, n, ta, tb, b_batched } = self.d;
-            let da = match (&self.b, needs[0]) {
-                (Some(b), true) => {
-                    let bg = b.read();
-                    let mut da = crate::backend::cpu::zeros::<T>(batch * m * k);
-                    if self.d.folded() {
-                        cpu::gemm_stored(&mut da, &g, &bg, 0, batch * m, n, k, false, !tb, T::ZERO);
+        const OP: &str = "matmul.backward";
+        let kr = kernels_for(OP, &[("dy", dy)])?;
+        let (g, dt) = (dy.read(), dy.dtype());
+        let Dims { batch, m, k, n, ta, tb, b_batched } = self.d;
+        let da = match (&self.b, needs[0]) {
+            (Some(b), true) => {
+                let bg = b.read();
+                let mut da = kr.zeros(dt, batch * m * k, OP)?;
+                // dC·op(B)ᵀ [batch, m, k]: op(B)ᵀ is B read with the opposite transpose flag.
+                let gm = Gemm::new(m, n, k).trans(false, !tb).batched(batch, b_batched);
+                if ta {
+                    // dA is stored [k×m] per batch = (dC·op(B)ᵀ)ᵀ.
+                    let mut tmp = kr.zeros(dt, batch * m * k, OP)?;
+                    kr.gemm(&mut tmp, &g, &bg, &gm, OP)?;
+                    kr.transpose(&mut da, &tmp, batch, m, k, OP)?;
+                } else {
+                    kr.gemm(&mut da, &g, &bg, &gm, OP)?;
+                }
+                Some(Tensor::from_storage(da, self.a_shape.clone()))
+            }
+            _ => None,
+        };
+        let db = match (&self.a, needs[1]) {
+            (Some(a), true) => {
+                let ag = a.read();
+                let bn = k * n;
+                let mut db = kr.zeros(dt, if b_batched { batch * bn } else { bn }, OP)?;
+                let (mm, nb) = if self.d.folded() { (batch * m, 1) } else { (m, batch) };
+                for i in 0..nb {
+                    // Batch i of dB, or the shared dB accumulated over the batches.
+                    let (c_off, beta) = if b_batched { (i * bn, 0.0) } else { (0, if i == 0 { 0.0 } else { 1.0 }) };
+                    let (g_off, a_off) = (i * mm * n, i * mm * k);
+                    let gm = if tb {
+                        // dB [n, k] = dCᵀ·op(A)
+                        Gemm::new(n, mm, k).trans(true, ta).offsets(g_off, a_off, c_off)
                     } else {
-                        let mut tmp = crate::backend::cpu::zeros::<T>(m * k);
-                        for i in 0..batch {
-                            let b0 = if b_batched { i * k * n } else { 0 };
-                            let gi = &g[i * m * n..(i + 1) * m * n];
-                            let dai = &mut da[i * m * k..(i + 1) * m * k];
-                            if ta {
-                                // dA is stored [k×m] = (dC·op(B)ᵀ)ᵀ.
-                                cpu::gemm_stored(&mut tmp, gi, &bg, b0, m, n, k, false, !tb, T::ZERO);
-                                transpose(dai, &tmp, m, k);
-                            } else {
-                                cpu::gemm_stored(dai, gi, &bg, b0, m, n, k, false, !tb, T::ZERO);
-                            }
-                        }
+                        // dB [k, n] = op(A)ᵀ·dC
+                        Gemm::new(k, mm, n).trans(!ta, false).offsets(a_off, g_off, c_off)
+                    };
+                    let gm = gm.scaled(1.0, beta);
+                    if tb {
+                        kr.gemm(&mut db, &g, &ag, &gm, OP)?;
+                    } else {
+                        kr.gemm(&mut db, &ag, &g, &gm, OP)?;
                     }
-                    Some(out(da, self.a_shape.clone()))
                 }
-                _ => None,
-            };
-            let db = match (&self.a, needs[1]) {
-                (Some(a), true) => {
-                    let ag = a.read();
-                    let av = vals::<T>(&ag);
-                    let bn = k * n;
-                    let mut db = crate::backend::cpu::zeros::<T>(if b_batched { batch * bn } else { bn });
-                    let (mm, nb) = if self.d.folded() { (batch * m, 1) } else { (m, batch) };
-                    for i in 0..nb {
-                        let ai = &av[i * mm * k..(i + 1) * mm * k];
-                        let gi = &g[i * mm * n..(i + 1) * mm * n];
-                        let (dbi, beta) =
-                            if b_batched { (&mut db[i * bn..(i + 1) * bn], T::ZERO) } else { (&mut db[..], if i == 0 { T::ZERO } else { T::ONE }) };
-                        if tb {
-                            cpu::gemm(dbi, gi, ai, n, mm, k, true, ta, T::ONE, beta);
-                        } else {
-                            cpu::gemm(dbi, ai, gi, k, mm, n, !ta, false, T::ONE, beta);
-                        }
-                    }
-                    Some(out(db, self.b_shape.clone()))
-                }
-                _ => None,
-            };
-            Ok(vec![da, db])
-        })
-    }
-}
-
-fn transpose<T: Float>(dst: &mut [T], src: &[T], rows: usize, cols: usize) {
-    for i in 0..rows {
-        for j in 0..cols {
-            dst[j * rows + i] = src[i * cols + j];
-        }
+                Some(Tensor::from_storage(db, self.b_shape.clone()))
+            }
+            _ => None,
+        };
+        Ok(vec![da, db])
     }
 }

@@ -1,8 +1,9 @@
 //! Reductions to a scalar: sum and mean over all elements.
 
-use super::{compute_dtype, out, vals};
+use super::compute_dtype;
 use crate::autograd::{record, Backward, GradStore};
-use crate::device::with_float;
+use crate::backend::{kernels, kernels_for};
+use crate::device::Device;
 use crate::error::Result;
 use crate::shape::Shape;
 use crate::tensor::Tensor;
@@ -19,20 +20,18 @@ pub fn mean(x: &Tensor) -> Result<Tensor> {
 
 fn reduce(x: &Tensor, factor: f64, name: &'static str) -> Result<Tensor> {
     let dt = compute_dtype(name, "x", x)?;
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[x]) {
-        return crate::backend::cuda::ops::reduce(x, factor, name);
-    }
-    let y = with_float!(dt, name, |T| {
-        let s: f64 = vals::<T>(&x.read()).iter().map(|v| v.to_f64()).sum();
-        Ok(out(vec![T::from_f64(s * factor)], Shape::scalar()))
-    })?;
+    let k = kernels_for(name, &[("x", x)])?;
+    let mut y = k.zeros(dt, 1, name)?;
+    k.sum(&mut y, &x.read(), factor, name)?;
+    let y = Tensor::from_storage(y, Shape::scalar());
     let shape = x.shape().clone();
-    Ok(record(y, &[x], |_| Box::new(ReduceBwd { shape, factor, name })))
+    Ok(record(y, &[x], |_| Box::new(ReduceBwd { shape, device: x.device(), factor, name })))
 }
 
 struct ReduceBwd {
     shape: Shape,
+    /// x's device, where dx goes (the scalar dy may be a host seed).
+    device: Device,
     factor: f64,
     name: &'static str,
 }
@@ -42,9 +41,11 @@ impl Backward for ReduceBwd {
     }
     /// dx_i = factor·dy (factor = 1 for sum, 1/n for mean).
     fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
-        with_float!(dy.dtype(), "reduce.backward", |T| {
-            let g = T::from_f64(vals::<T>(&dy.read())[0].to_f64() * self.factor);
-            Ok(vec![Some(out(vec![g; self.shape.numel()], self.shape.clone()))])
-        })
+        const OP: &str = "reduce.backward";
+        let k = kernels(self.device)?;
+        let g = dy.try_to_vec::<f64>()?[0] * self.factor;
+        let mut dx = k.zeros(dy.dtype(), self.shape.numel(), OP)?;
+        k.fill(&mut dx, g, OP)?;
+        Ok(vec![Some(Tensor::from_storage(dx, self.shape.clone()))])
     }
 }

@@ -2,10 +2,9 @@
 //! angle = position · inv_freq[i], inv_freq[i] = θ^(−2i/hd). Positions are integers and never
 //! differentiable; the backward is the inverse rotation.
 
-use super::{compute_dtype, out, vals};
+use super::compute_dtype;
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::cpu;
-use crate::device::with_float;
+use crate::backend::kernels_for;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -33,7 +32,7 @@ impl Rope {
 /// x: [b, t, h, hd]; `positions`: t entries (shared by the batch) or b·t entries (per row, for
 /// left padding or a KV-cache offset).
 pub fn rope(x: &Tensor, table: &Rope, positions: &[usize]) -> Result<Tensor> {
-    let dt = compute_dtype("rope", "x", x)?;
+    compute_dtype("rope", "x", x)?;
     let xd = x.dims();
     if xd.len() != 4 || xd[3] != table.head_dim {
         return Err(Error::shape("rope", "x", format!("[b, t, heads, {}]", table.head_dim), x.shape()));
@@ -46,20 +45,17 @@ pub fn rope(x: &Tensor, table: &Rope, positions: &[usize]) -> Result<Tensor> {
     } else {
         return Err(Error::shape("rope", "positions", format!("{t} or {} entries", b * t), positions.len()));
     };
-    let y = rotate(dt, x, &pos, table, h, hd, false)?;
+    let y = rotate(x, &pos, table, h, hd, false)?;
     Ok(record(y, &[x], |_| Box::new(RopeBwd { pos, table: table.clone(), h, hd })))
 }
 
-fn rotate(dt: crate::DType, x: &Tensor, pos: &[usize], table: &Rope, h: usize, hd: usize, inverse: bool) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[x]) {
-        return crate::backend::cuda::ops::rope_raw(x, pos, &table.inv_freq, h, hd, inverse);
-    }
-    with_float!(dt, "rope", |T| {
-        let mut y = crate::backend::cpu::zeros::<T>(x.numel());
-        cpu::rope(&mut y, &vals::<T>(&x.read()), pos, &table.inv_freq, h, hd, inverse);
-        Ok(out(y, x.shape().clone()))
-    })
+/// y = R(±θ)·x on x's device.
+fn rotate(x: &Tensor, pos: &[usize], table: &Rope, h: usize, hd: usize, inverse: bool) -> Result<Tensor> {
+    let op = if inverse { "rope.backward" } else { "rope" };
+    let k = kernels_for(op, &[("x", x)])?;
+    let mut y = k.zeros(x.dtype(), x.numel(), op)?;
+    k.rope(&mut y, &x.read(), pos, &table.inv_freq, h, hd, inverse)?;
+    Ok(Tensor::from_storage(y, x.shape().clone()))
 }
 
 struct RopeBwd {
@@ -74,6 +70,6 @@ impl Backward for RopeBwd {
     }
     /// y = R(θ)x with R orthogonal, so dx = R(θ)ᵀ dy = R(−θ) dy.
     fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(rotate(dy.dtype(), dy, &self.pos, &self.table, self.h, self.hd, true)?)])
+        Ok(vec![Some(rotate(dy, &self.pos, &self.table, self.h, self.hd, true)?)])
     }
 }

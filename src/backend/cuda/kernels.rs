@@ -3,7 +3,7 @@
 //! and launches the kernels of `cuda/<family>.cu`. Nothing here records autograd steps.
 
 use super::{as_bytes, blocks_for, launch, Arg, DeviceBuf};
-use crate::backend::{AdamWStep, Gemm, Kernels};
+use crate::backend::{AdamWStep, AttnDims, CeBlocks, Gemm, Kernels};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -126,10 +126,71 @@ pub(crate) fn reduce_sum(x: &Storage, squares: bool, op: &str) -> Result<f64> {
     Ok(f64::from_le_bytes(b[..8].try_into().map_err(|_| Error::Cuda { op: op.into(), msg: "reduce_sum read back fewer than 8 bytes".into() })?))
 }
 
+/// Host values (ids, targets, positions, masks) as a temporary device buffer of their bytes.
+pub(crate) fn upload_host<T: Copy>(v: &[T], op: &str) -> Result<DeviceBuf> {
+    let bytes = as_bytes(v);
+    // An f32-typed buffer of the right byte length (the allocator only sees bytes).
+    let words = bytes.len().div_ceil(4).max(1);
+    let b = DeviceBuf::new(DType::F32, words, op)?;
+    if !bytes.is_empty() {
+        let mut padded = bytes.to_vec();
+        padded.resize(words * 4, 0);
+        b.write_bytes(&padded, op)?;
+    }
+    Ok(b)
+}
+
+/// Device address of an optional output (0 when absent: the kernels skip a null output).
+fn opt_f32p(s: Option<&mut Storage>, op: &str, arg: &str) -> Result<u64> {
+    Ok(s.map(|s| f32p(s, op, arg)).transpose()?.unwrap_or(0))
+}
+
+/// A pointwise kernel `name(y, x, n)` or `name(dx, dy, x, n)` over n elements.
+fn pointwise(name: &'static str, outs: &[u64], ins: &[&Storage], op: &str) -> Result<()> {
+    let n = ins[0].len();
+    let mut args: Vec<Arg> = outs.iter().map(|p| Arg::Ptr(*p)).collect();
+    for (i, s) in ins.iter().enumerate() {
+        args.push(Arg::Ptr(f32p(s, op, if i == 0 { "x" } else { "input" })?));
+    }
+    args.push(Arg::I64(n as i64));
+    launch(name, grid1(n), 256, &args, || format!("{op}: {n} elements"))
+}
+
+/// The attention dims as cuda/attention.cu's `Dims` struct (7 ints and a float).
+fn attn_dims(d: &AttnDims) -> Arg {
+    Arg::Dims([d.b as u32, d.t as u32, d.s as u32, d.nh as u32, d.nkv as u32, d.hd as u32, d.causal as u32, (d.scale as f32).to_bits()])
+}
+
+/// Rows of CE over x [rows, vocab] at `xp`: lse (at `lse`) and per-row losses (at `loss`).
+#[allow(clippy::too_many_arguments)]
+fn ce_rows(op: &str, xp: u64, lse: u64, loss: u64, targets: u64, ignore: i64, rows: usize, vocab: usize) -> Result<()> {
+    launch(
+        "ce_fwd",
+        (rows as u32, 1, 1),
+        256,
+        &[Arg::Ptr(lse), Arg::Ptr(loss), Arg::Ptr(xp), Arg::Ptr(targets), Arg::I64(ignore), Arg::I32(vocab as i32)],
+        || format!("{op}: {rows} rows × {vocab}"),
+    )
+}
+
+/// In place over x [rows, vocab] at `xp`: x ← g·(softmax − onehot), 0 on ignored rows.
+#[allow(clippy::too_many_arguments)]
+fn ce_grad(op: &str, xp: u64, lse: u64, targets: u64, ignore: i64, rows: usize, vocab: usize, g: f64) -> Result<()> {
+    launch(
+        "ce_bwd",
+        (rows as u32, 1, 1),
+        256,
+        &[Arg::Ptr(xp), Arg::Ptr(lse), Arg::Ptr(targets), Arg::I64(ignore), Arg::I32(vocab as i32), Arg::F32(g as f32)],
+        || format!("{op}: {rows} rows × {vocab}"),
+    )
+}
+
 impl Kernels for Cuda {
     fn device(&self) -> Device {
         Device::Cuda
     }
+
+    // --- memory -------------------------------------------------------------------------------
 
     fn zeros(&self, dtype: DType, n: usize, op: &'static str) -> Result<Storage> {
         if dtype != DType::F32 {
@@ -161,6 +222,8 @@ impl Kernels for Cuda {
         Ok(Storage::Cuda(buf))
     }
 
+    // --- elementwise --------------------------------------------------------------------------
+
     fn add(&self, y: &mut Storage, a: &Storage, b: &Storage, op: &'static str) -> Result<()> {
         let n = a.len();
         let args = [Arg::Ptr(f32p(y, op, "out")?), Arg::Ptr(f32p(a, op, "a")?), Arg::Ptr(f32p(b, op, "b")?), Arg::I64(n as i64), Arg::I64(b.len() as i64)];
@@ -178,6 +241,74 @@ impl Kernels for Cuda {
         launch("scale_f32", grid1(n), 256, &[Arg::Ptr(p), Arg::Ptr(p), Arg::F32(s as f32), Arg::I64(n as i64)], || format!("{op}: {n}"))
     }
 
+    fn mul(&self, y: &mut Storage, a: &Storage, b: &Storage, op: &'static str) -> Result<()> {
+        let n = a.len();
+        let args = [Arg::Ptr(f32p(y, op, "out")?), Arg::Ptr(f32p(a, op, "a")?), Arg::Ptr(f32p(b, op, "b")?), Arg::I64(n as i64), Arg::I64(b.len() as i64)];
+        launch("mul_bcast", grid1(n), 256, &args, || format!("{op}: a {n} b {}", b.len()))
+    }
+
+    fn sum_leading(&self, db: &mut Storage, dy: &Storage, a: Option<&Storage>, op: &'static str) -> Result<()> {
+        let bn = db.len();
+        let ap = a.map(|a| f32p(a, op, "a")).transpose()?.unwrap_or(0);
+        let args = [Arg::Ptr(f32p(db, op, "db")?), Arg::Ptr(f32p(dy, op, "dy")?), Arg::Ptr(ap), Arg::I64((dy.len() / bn) as i64), Arg::I64(bn as i64)];
+        launch("sum_leading", grid1(bn), 256, &args, || format!("{op}: dy {} into {bn}", dy.len()))
+    }
+
+    fn scale(&self, y: &mut Storage, x: &Storage, s: f64, op: &'static str) -> Result<()> {
+        let n = x.len();
+        let args = [Arg::Ptr(f32p(y, op, "out")?), Arg::Ptr(f32p(x, op, "x")?), Arg::F32(s as f32), Arg::I64(n as i64)];
+        launch("scale_f32", grid1(n), 256, &args, || format!("{op}: {n}"))
+    }
+
+    fn fill(&self, y: &mut Storage, v: f64, op: &'static str) -> Result<()> {
+        let n = y.len();
+        fill(f32p(y, op, "out")?, v as f32, n, op)
+    }
+
+    fn transpose(&self, y: &mut Storage, x: &Storage, batch: usize, rows: usize, cols: usize, op: &'static str) -> Result<()> {
+        let n = batch * rows * cols;
+        let args = [Arg::Ptr(f32p(y, op, "out")?), Arg::Ptr(f32p(x, op, "x")?), Arg::I64(batch as i64), Arg::I64(rows as i64), Arg::I64(cols as i64)];
+        launch("transpose_f32", grid1(n), 256, &args, || format!("{op}: {batch} × [{rows}, {cols}]"))
+    }
+
+    fn silu_fwd(&self, y: &mut Storage, x: &Storage) -> Result<()> {
+        pointwise("silu_fwd", &[f32p(y, "silu", "out")?], &[x], "silu")
+    }
+
+    fn silu_bwd(&self, dx: &mut Storage, dy: &Storage, x: &Storage) -> Result<()> {
+        const OP: &str = "silu.backward";
+        pointwise("silu_bwd", &[f32p(dx, OP, "dx")?], &[dy, x], OP)
+    }
+
+    fn swiglu_fwd(&self, y: &mut Storage, g: &Storage, u: &Storage) -> Result<()> {
+        pointwise("swiglu_fwd", &[f32p(y, "swiglu", "out")?], &[g, u], "swiglu")
+    }
+
+    fn swiglu_bwd(&self, dg: Option<&mut Storage>, du: Option<&mut Storage>, dy: &Storage, g: &Storage, u: &Storage) -> Result<()> {
+        const OP: &str = "swiglu.backward";
+        pointwise("swiglu_bwd", &[opt_f32p(dg, OP, "dg")?, opt_f32p(du, OP, "du")?], &[dy, g, u], OP)
+    }
+
+    fn gelu_tanh_fwd(&self, y: &mut Storage, x: &Storage) -> Result<()> {
+        pointwise("gelu_tanh_fwd", &[f32p(y, "gelu_tanh", "out")?], &[x], "gelu_tanh")
+    }
+
+    fn gelu_tanh_bwd(&self, dx: &mut Storage, dy: &Storage, x: &Storage) -> Result<()> {
+        const OP: &str = "gelu_tanh.backward";
+        pointwise("gelu_tanh_bwd", &[f32p(dx, OP, "dx")?], &[dy, x], OP)
+    }
+
+    fn geglu_fwd(&self, y: &mut Storage, g: &Storage, u: &Storage) -> Result<()> {
+        pointwise("geglu_fwd", &[f32p(y, "geglu", "out")?], &[g, u], "geglu")
+    }
+
+    fn geglu_bwd(&self, dg: Option<&mut Storage>, du: Option<&mut Storage>, dy: &Storage, g: &Storage, u: &Storage) -> Result<()> {
+        const OP: &str = "geglu.backward";
+        pointwise("geglu_bwd", &[opt_f32p(dg, OP, "dg")?, opt_f32p(du, OP, "du")?], &[dy, g, u], OP)
+    }
+
+    // --- reductions ---------------------------------------------------------------------------
+
     fn sum_squares(&self, x: &Storage, op: &'static str) -> Result<f64> {
         reduce_sum(x, true, op)
     }
@@ -187,6 +318,13 @@ impl Kernels for Cuda {
     fn all_finite(&self, x: &Storage, op: &'static str) -> Result<bool> {
         Ok(reduce_sum(x, true, op)?.is_finite())
     }
+
+    fn sum(&self, y: &mut Storage, x: &Storage, factor: f64, op: &'static str) -> Result<()> {
+        let s = reduce_sum(x, false, op)?;
+        fill(f32p(y, op, "out")?, (s * factor) as f32, 1, op)
+    }
+
+    // --- matmul -------------------------------------------------------------------------------
 
     fn gemm(&self, c: &mut Storage, a: &Storage, b: &Storage, g: &Gemm, op: &'static str) -> Result<()> {
         let (m, k, n) = (g.m, g.k, g.n);
@@ -201,6 +339,8 @@ impl Kernels for Cuda {
             gemm_strided(op, m, n, k, g.batch, am, bm, cp, (n, 1, m * n), alpha, beta)
         }
     }
+
+    // --- norm ---------------------------------------------------------------------------------
 
     fn rms_norm_fwd(&self, y: &mut Storage, rstd: &mut Storage, x: &Storage, w: &Storage, c: usize, eps: f64) -> Result<()> {
         const OP: &str = "rms_norm";
@@ -250,6 +390,192 @@ impl Kernels for Cuda {
         ];
         launch("rms_norm_bwd_from_y", (rows as u32, 1, 1), 256, &args, || format!("{OP}: {rows} rows of {c}"))
     }
+
+    // --- rope ---------------------------------------------------------------------------------
+
+    fn rope(&self, y: &mut Storage, x: &Storage, pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, inverse: bool) -> Result<()> {
+        let op = if inverse { "rope.backward" } else { "rope" };
+        let posv: Vec<i64> = pos.iter().map(|&p| p as i64).collect();
+        let (pb, fb) = (upload_host(&posv, op)?, upload_host(inv_freq, op)?);
+        let rows = pos.len();
+        let args = [
+            Arg::Ptr(f32p(y, op, "out")?),
+            Arg::Ptr(f32p(x, op, "x")?),
+            Arg::Ptr(pb.ptr()),
+            Arg::Ptr(fb.ptr()),
+            Arg::I64(rows as i64),
+            Arg::I32(h as i32),
+            Arg::I32(hd as i32),
+            Arg::I32(inverse as i32),
+        ];
+        launch("rope", grid1(rows * h * hd / 2), 256, &args, || format!("{op}: {rows} rows × {h} heads × {hd}"))
+    }
+
+    // --- attention ----------------------------------------------------------------------------
+
+    fn attn_fwd(&self, o: &mut Storage, lse: &mut Storage, q: &Storage, k: &Storage, v: &Storage, mask: Option<&[bool]>, d: &AttnDims) -> Result<()> {
+        const OP: &str = "attention";
+        if d.hd > 256 {
+            return Err(Error::Cuda { op: OP.into(), msg: format!("head_dim {} > 256 is not supported by cuda/attention.cu", d.hd) });
+        }
+        let mbuf = mask.map(|m| upload_host(&m.iter().map(|&x| x as u8).collect::<Vec<u8>>(), OP)).transpose()?;
+        let args = [
+            Arg::Ptr(f32p(o, OP, "out")?),
+            Arg::Ptr(f32p(lse, OP, "lse")?),
+            Arg::Ptr(f32p(q, OP, "q")?),
+            Arg::Ptr(f32p(k, OP, "k")?),
+            Arg::Ptr(f32p(v, OP, "v")?),
+            Arg::Ptr(mbuf.as_ref().map_or(0, |m| m.ptr())),
+            attn_dims(d),
+            Arg::F32(d.softcap.unwrap_or(0.0) as f32),
+        ];
+        launch("attn_fwd", (d.t.div_ceil(4) as u32, d.nh as u32, d.b as u32), 128, &args, || format!("{OP}: {d:?}"))
+    }
+
+    fn attn_bwd(
+        &self,
+        dq: Option<&mut Storage>,
+        dk: Option<&mut Storage>,
+        dv: Option<&mut Storage>,
+        dout: &Storage,
+        q: &Storage,
+        k: &Storage,
+        v: &Storage,
+        o: &Storage,
+        lse: &Storage,
+        mask: Option<&[bool]>,
+        d: &AttnDims,
+    ) -> Result<()> {
+        const OP: &str = "attention.backward";
+        let shapes = || format!("{OP}: {d:?}");
+        let rows = d.b * d.t * d.nh;
+        let dd = DeviceBuf::new(DType::F32, rows, OP)?;
+        let gp = f32p(dout, OP, "dy")?;
+        launch(
+            "attn_bwd_prep",
+            (rows.div_ceil(4) as u32, 1, 1),
+            128,
+            &[Arg::Ptr(dd.ptr()), Arg::Ptr(gp), Arg::Ptr(f32p(o, OP, "o")?), Arg::I64(rows as i64), Arg::I32(d.hd as i32)],
+            shapes,
+        )?;
+        let mbuf = mask.map(|m| upload_host(&m.iter().map(|&x| x as u8).collect::<Vec<u8>>(), OP)).transpose()?;
+        let mp = mbuf.as_ref().map_or(0, |m| m.ptr());
+        let (qp, kp, vp, lp) = (f32p(q, OP, "q")?, f32p(k, OP, "k")?, f32p(v, OP, "v")?, f32p(lse, OP, "lse")?);
+        let cap = Arg::F32(d.softcap.unwrap_or(0.0) as f32);
+        if let Some(dq) = dq {
+            let args = [
+                Arg::Ptr(f32p(dq, OP, "dq")?),
+                Arg::Ptr(gp),
+                Arg::Ptr(qp),
+                Arg::Ptr(kp),
+                Arg::Ptr(vp),
+                Arg::Ptr(lp),
+                Arg::Ptr(dd.ptr()),
+                Arg::Ptr(mp),
+                attn_dims(d),
+                cap,
+            ];
+            launch("attn_bwd_dq", (d.t.div_ceil(4) as u32, d.nh as u32, d.b as u32), 128, &args, shapes)?;
+        }
+        if dk.is_some() || dv.is_some() {
+            // One kernel writes both; an absent one goes to scratch.
+            let scratch = |s: &Option<&mut Storage>| if s.is_none() { DeviceBuf::new(DType::F32, k.len(), OP).map(Some) } else { Ok(None) };
+            let (sk, sv) = (scratch(&dk)?, scratch(&dv)?);
+            let dkp = match dk {
+                Some(s) => f32p(s, OP, "dk")?,
+                None => sk.as_ref().map_or(0, |b| b.ptr()),
+            };
+            let dvp = match dv {
+                Some(s) => f32p(s, OP, "dv")?,
+                None => sv.as_ref().map_or(0, |b| b.ptr()),
+            };
+            let args = [
+                Arg::Ptr(dkp),
+                Arg::Ptr(dvp),
+                Arg::Ptr(gp),
+                Arg::Ptr(qp),
+                Arg::Ptr(kp),
+                Arg::Ptr(vp),
+                Arg::Ptr(lp),
+                Arg::Ptr(dd.ptr()),
+                Arg::Ptr(mp),
+                attn_dims(d),
+                cap,
+            ];
+            launch("attn_bwd_dkv", (d.s.div_ceil(4) as u32, d.nkv as u32, d.b as u32), 128, &args, shapes)?;
+        }
+        Ok(())
+    }
+
+    // --- loss ---------------------------------------------------------------------------------
+
+    fn ce_fwd(&self, lse: &mut Storage, x: &Storage, targets: &[i64], ignore: i64, vocab: usize) -> Result<f64> {
+        const OP: &str = "cross_entropy";
+        let rows = targets.len();
+        let tb = upload_host(targets, OP)?;
+        let lr = DeviceBuf::new(DType::F32, rows, OP)?;
+        ce_rows(OP, f32p(x, OP, "logits")?, f32p(lse, OP, "lse")?, lr.ptr(), tb.ptr(), ignore, rows, vocab)?;
+        Ok(lr.to_f32()?.iter().map(|&v| v as f64).sum())
+    }
+
+    fn ce_bwd(&self, x: &mut Storage, lse: &Storage, lse_off: usize, targets: &[i64], ignore: i64, vocab: usize, g: f64) -> Result<()> {
+        const OP: &str = "cross_entropy.backward";
+        let tb = upload_host(targets, OP)?;
+        ce_grad(OP, f32p(x, OP, "x")?, f32p(lse, OP, "lse")? + 4 * lse_off as u64, tb.ptr(), ignore, targets.len(), vocab, g)
+    }
+
+    /// Row chunks of `c.chunk` rows: L = h_chunk·Wᵀ [n, vocab] (tensor cores for a bf16 head),
+    /// lse and the row losses from L; with dh, L becomes G = g·(softmax − onehot) in place and
+    /// dh_chunk = G·W.
+    fn linear_ce_fwd(&self, lse: &mut Storage, dh: Option<&mut Storage>, h: &Storage, w: &Storage, targets: &[i64], c: &CeBlocks, g: f64) -> Result<f64> {
+        const OP: &str = "linear_cross_entropy";
+        let (rows, d, vocab) = (targets.len(), c.d, c.vocab);
+        let tb = upload_host(targets, OP)?;
+        let lr = DeviceBuf::new(DType::F32, rows, OP)?;
+        let logits = DeviceBuf::new(DType::F32, c.chunk.min(rows) * vocab, OP)?;
+        let lm = Mat { ptr: logits.ptr(), bf16: false, s0: vocab as i64, s1: 1, sb: 0 };
+        let lp = f32p(lse, OP, "lse")?;
+        let dhp = dh.map(|s| f32p(s, OP, "dh")).transpose()?;
+        for r0 in (0..rows).step_by(c.chunk) {
+            let n = c.chunk.min(rows - r0);
+            // L = h[r0..r0+n]·Wᵀ  [n, vocab]
+            let hm = Mat::rows(h, OP, "h", d, r0 * d)?;
+            gemm_strided(OP, n, vocab, d, 1, hm, Mat::rows(w, OP, "w", d, 0)?.t(), logits.ptr(), (vocab, 1, 0), 1.0, 0.0)?;
+            ce_rows(OP, logits.ptr(), lp + 4 * r0 as u64, lr.ptr() + 4 * r0 as u64, tb.ptr() + 8 * r0 as u64, c.ignore, n, vocab)?;
+            if let Some(dhp) = dhp {
+                ce_grad(OP, logits.ptr(), lp + 4 * r0 as u64, tb.ptr() + 8 * r0 as u64, c.ignore, n, vocab, g)?;
+                // dh[r0..r0+n] = G·W  [n, d]
+                gemm_strided(OP, n, d, vocab, 1, lm, Mat::rows(w, OP, "w", d, 0)?, dhp + 4 * (r0 * d) as u64, (d, 1, 0), 1.0, 0.0)?;
+            }
+        }
+        Ok(lr.to_f32()?.iter().map(|&v| v as f64).sum())
+    }
+
+    // --- embedding ----------------------------------------------------------------------------
+
+    fn embedding_fwd(&self, y: &mut Storage, table: &Storage, ids: &[u32], dim: usize) -> Result<()> {
+        const OP: &str = "embedding";
+        let name = match table.dtype() {
+            DType::BF16 => "embedding_fwd_bf16",
+            DType::F32 => "embedding_fwd_f32",
+            other => return Err(Error::dtype(OP, "table", "f32 or bf16 on the device", other)),
+        };
+        let ib = upload_host(ids, OP)?;
+        let n = ids.len() * dim;
+        let args =
+            [Arg::Ptr(f32p(y, OP, "out")?), Arg::Ptr(dptr(table, OP, "table", None)?), Arg::Ptr(ib.ptr()), Arg::I64(ids.len() as i64), Arg::I64(dim as i64)];
+        launch(name, grid1(n), 256, &args, || format!("{OP}: {} ids × {dim}", ids.len()))
+    }
+
+    fn embedding_bwd(&self, dtable: &mut Storage, dy: &Storage, ids: &[u32], dim: usize) -> Result<()> {
+        const OP: &str = "embedding.backward";
+        let ib = upload_host(ids, OP)?;
+        let n = ids.len() * dim;
+        let args = [Arg::Ptr(f32p(dtable, OP, "dtable")?), Arg::Ptr(f32p(dy, OP, "dy")?), Arg::Ptr(ib.ptr()), Arg::I64(ids.len() as i64), Arg::I64(dim as i64)];
+        launch("embedding_bwd", grid1(n), 256, &args, || format!("{OP}: {} ids × {dim}", ids.len()))
+    }
+
+    // --- optimizer ----------------------------------------------------------------------------
 
     fn adamw_step(&self, p: &mut Storage, m: &mut Storage, v: &mut Storage, g: &Storage, h: &AdamWStep) -> Result<()> {
         const OP: &str = "adamw";
