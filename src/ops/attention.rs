@@ -7,7 +7,8 @@
 
 use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::{kernels_for, AttnDims};
+use crate::backend::AttnDims;
+use crate::tensor::kernels_for;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 

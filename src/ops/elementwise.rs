@@ -4,7 +4,8 @@
 
 use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::{kernels_for, Kernels};
+use crate::backend::{Kernels};
+use crate::tensor::kernels_for;
 use crate::error::{Error, Result};
 use crate::shape::Shape;
 use crate::storage::Storage;

@@ -4,7 +4,7 @@
 
 use super::check_dtype;
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::kernels_for;
+use crate::tensor::kernels_for;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;

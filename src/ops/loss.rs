@@ -12,7 +12,8 @@
 
 use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::{kernels_for, CeBlocks, Gemm, Kernels};
+use crate::backend::{CeBlocks, Gemm, Kernels};
+use crate::tensor::kernels_for;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shape::Shape;

@@ -2,7 +2,8 @@
 
 use super::compute_dtype;
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::{kernels, kernels_for};
+use crate::backend::kernels;
+use crate::tensor::kernels_for;
 use crate::device::Device;
 use crate::error::Result;
 use crate::shape::Shape;
