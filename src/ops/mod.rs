@@ -23,7 +23,7 @@ pub use adapter::{
     SpecRows, Spectral,
 };
 pub use attention::{attention, AttnOptions};
-pub use dora::{dora_linear, dora_merged, dora_row_norms, row_norms2};
+pub use dora::{dora_linear, dora_merged, dora_nu, dora_row_norms, row_norms2};
 pub use elementwise::{add, mul, scale, silu, swiglu};
 pub use embedding::embedding;
 pub use loss::{cross_entropy, linear_cross_entropy, CeOptions};

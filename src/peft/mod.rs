@@ -280,9 +280,10 @@ impl Adapter {
             Adapter::SpectralR { qu, qv, c, u, sigma, v, .. } => ops::spectral_r_linear(x, w, u, sigma, v, &ops::cayley(qu)?, &ops::cayley(qv)?, c),
             Adapter::Pissa { a, b, a0, b0, scale, dropout, .. } => ops::adapter_linear(x, w, ops::Spectral::Residual { a0, b0 }, a, b, *scale, drop(*dropout)),
             Adapter::Dora { a, b, mag, wnorm2, scale, dropout } => {
-                // ν from the current A, B, outside the graph: a constant for the backward.
-                let nu = ops::dora_row_norms(w, &wnorm2.to_vec_f64(), &a.to_vec_f64(), &b.to_vec_f64(), a.dims()[0], *scale);
-                ops::dora_linear(x, w, &Tensor::from_vec(nu, [w.dims()[0]])?, a, b, mag, *scale, drop(*dropout))
+                // ν from the current A, B, outside the graph (a constant for the backward), on the
+                // device of W: W is never read back to the host.
+                let nu = ops::dora_nu(w, wnorm2, a, b, *scale)?;
+                ops::dora_linear(x, w, &nu, a, b, mag, *scale, drop(*dropout))
             }
             Adapter::Full { w: tuned } => ops::linear(x, tuned),
         }
