@@ -231,7 +231,7 @@ pub trait Kernels: Sync {
     /// dg = δ ⊙ u ⊙ silu'(g) (into `dx_dg`), du = δ ⊙ silu(g); silu'(g) = σ(g)(1 + g(1 − σ(g))).
     fn swiglu_bwd_in_place(&self, dx_dg: &mut Storage, du: &mut Storage, g: &Storage, u: &Storage) -> Result<()>;
     /// DoRA's row norms ν_i = ‖W_i + s·B_i·A‖ from the small products, never from W + s·B·A:
-    /// ν_i = √max(0, ‖W_i‖² + 2s·Σ_q B[i,q]·(A·Wᵀ)[q,i] + s²·Σ_p B[i,p]·Σ_q (A·Aᵀ)[p,q]·B[i,q]).
+    /// ν_i = √max(0, ‖W_i‖² + 2s·Σ_q B[i, q]·(A·Wᵀ)[q, i] + s²·Σ_p B[i, p]·Σ_q (A·Aᵀ)[p, q]·B[i, q]).
     /// nu, wnorm2 `[m]`, b [m, r], awt [r, m], aat [r, r].
     #[allow(clippy::too_many_arguments)]
     fn dora_norms(&self, nu: &mut Storage, wnorm2: &Storage, b: &Storage, awt: &Storage, aat: &Storage, r: usize, s: f64) -> Result<()>;
