@@ -5,7 +5,6 @@
 //! [`DType`](crate::DType) into the `T: Float` a generic CPU kernel is instantiated with.
 
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
 
 /// The device a tensor lives on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -34,12 +33,6 @@ impl std::fmt::Display for Device {
             Device::Cuda => "cuda",
         })
     }
-}
-
-/// True when any of `inputs` lives on the GPU (always false without the `cuda` feature).
-#[inline]
-pub fn on_cuda(inputs: &[&Tensor]) -> bool {
-    cfg!(feature = "cuda") && inputs.iter().any(|t| t.device() == Device::Cuda)
 }
 
 /// `with_float!(dtype, "op", |T| { body })` runs `body` with `T` bound to f32 or f64 and returns

@@ -426,3 +426,242 @@ fn cuda_smollm2_training_matches_cpu() {
         assert!(lg[19] < lg[0], "the GPU run must train: {lg:?}");
     }
 }
+
+// =============================================================================================
+// Every adapter method on every device
+//
+// One body per method: the method's op (forward and every gradient) on the device under test
+// against the f64 CPU reference, through the same op code on both (the adapter ops have one
+// implementation over the kernel interface), then a tiny Llama trained with the method (the
+// adapter tensors moved with `Llama::to_device`) following the CPU's losses.
+
+/// The SVD factors of a test matrix are just random frozen matrices here: the ops never assume
+/// orthogonality, only the shapes.
+fn frozen(rng: &mut SplitMix, dims: &[usize]) -> Input {
+    input(rng, dims, Role::Const)
+}
+
+/// x [nr, n] (or gate, up), w [m, n] (f32 or bf16), A [r, n], B [m, r].
+const AD: (usize, usize, usize, usize) = (19, 40, 36, 4);
+
+fn lora_inputs(rng: &mut SplitMix, wrole: Role, fused: bool) -> Vec<Input> {
+    let (nr, m, n, r) = AD;
+    let mut v = vec![input(rng, &[nr, n], Role::Param)];
+    if fused {
+        v.push(input(rng, &[nr, n], Role::Param));
+    }
+    v.extend([input(rng, &[m, n], wrole), input(rng, &[r, n], Role::Param), input(rng, &[m, r], Role::Param)]);
+    v
+}
+
+fn tol_of(wrole: Role) -> f64 {
+    if wrole == Role::Bf16 {
+        BF16_TOL
+    } else {
+        F32_TOL
+    }
+}
+
+/// `spec` on the plain and on the fused SwiGLU down projection (with its graph-only variant),
+/// with and without dropout. `extra` builds the spectral part's inputs (appended after x or
+/// gate/up, w, A, B); `mk` builds the [`Spectral`] from them.
+fn adapter_method_checks(
+    dev: Device,
+    name: &str,
+    seed: u64,
+    extra: &dyn Fn(&mut SplitMix) -> Vec<Input>,
+    mk: &(dyn for<'a> Fn(&'a [Tensor]) -> Spectral<'a> + Sync),
+) {
+    let mut rng = SplitMix::new(seed);
+    for wrole in [Role::Const, Role::Bf16] {
+        for drop in [None, Some(Dropout { p: 0.2, seed: 41 })] {
+            let tol = tol_of(wrole);
+            let mut ins = lora_inputs(&mut rng, wrole, false);
+            ins.extend(extra(&mut rng));
+            check(&format!("{name} (w {wrole:?}, dropout {drop:?})"), dev, &ins, tol, &|t| {
+                ops::adapter_linear(&t[0], &t[1], mk(&t[4..]), &t[2], &t[3], 1.5, drop)
+            });
+            for graph_only in [false, true] {
+                let mut ins = lora_inputs(&mut rng, wrole, true);
+                ins.extend(extra(&mut rng));
+                check(&format!("{name}, fused SwiGLU down projection (graph only {graph_only}, w {wrole:?}, dropout {drop:?})"), dev, &ins, tol, &|t| {
+                    let f = if graph_only { ops::swiglu_adapter_linear_graph_only } else { ops::swiglu_adapter_linear };
+                    f(&t[0], &t[1], &t[2], mk(&t[5..]), &t[3], &t[4], 1.5, drop)
+                });
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Param => "param",
+            Role::Const => "f32",
+            Role::Bf16 => "bf16",
+        })
+    }
+}
+
+fn method_lora_body(dev: Device) {
+    adapter_method_checks(dev, "lora", 20, &|_| vec![], &|_| Spectral::None);
+}
+
+fn method_speclora_positional_body(dev: Device) {
+    static TOP: SpecRows = SpecRows::Top(7);
+    adapter_method_checks(dev, "speclora (first 7 rows)", 21, &|rng| vec![input(rng, &[7], Role::Param)], &|t| Spectral::Rows { d: &t[0], rows: &TOP });
+}
+
+fn method_speclora_by_norm_body(dev: Device) {
+    // The rows of largest norm of a fixed W, in the order the method lists them (any order and
+    // any subset are valid; the op only needs distinct indices).
+    let mut rng = SplitMix::new(22);
+    let w = rng.vec(AD.1 * AD.2, -1.0, 1.0);
+    let mut by_norm: Vec<u32> = (0..AD.1 as u32).collect();
+    let norm = |i: u32| w[i as usize * AD.2..(i as usize + 1) * AD.2].iter().map(|v| v * v).sum::<f64>();
+    by_norm.sort_by(|&a, &b| norm(b).total_cmp(&norm(a)));
+    by_norm.truncate(6);
+    // (Leaked: the spectral part borrows it for every lifetime the checks ask for.)
+    let rows: &'static SpecRows = Box::leak(Box::new(SpecRows::Indices(by_norm)));
+    adapter_method_checks(dev, "speclora (rows by norm)", 23, &|rng| vec![input(rng, &[6], Role::Param)], &|t| Spectral::Rows { d: &t[0], rows });
+}
+
+fn method_speclora_svd_body(dev: Device) {
+    let (_, m, n, _) = AD;
+    let k = 5;
+    adapter_method_checks(
+        dev,
+        "speclora-svd",
+        24,
+        &|rng| vec![input(rng, &[k], Role::Param), frozen(rng, &[m, k]), frozen(rng, &[k]), frozen(rng, &[n, k])],
+        &|t| Spectral::Svd { d: &t[0], u: &t[1], sigma: &t[2], v: &t[3] },
+    );
+}
+
+fn method_pissa_body(dev: Device) {
+    // PiSSA and MiLoRA are the same op (the residual form); they differ in which singular
+    // triplets initialise A0 = A, B0 = B, i.e. only in the values: both are checked, trained
+    // away from the initialisation (A ≠ A0, B ≠ B0) and at it.
+    let (nr, m, n, r) = AD;
+    let r0 = r;
+    adapter_method_checks(dev, "pissa/milora residual", 25, &|rng| vec![frozen(rng, &[r0, n]), frozen(rng, &[m, r0])], &|t| Spectral::Residual {
+        a0: &t[0],
+        b0: &t[1],
+    });
+    // At the initialisation the two branches cancel exactly on every device: y = x·Wᵀ bit for bit.
+    let mut rng = SplitMix::new(26);
+    let xs: Vec<f32> = rng.vec(nr * n, -1.0, 1.0).iter().map(|&v| v as f32).collect();
+    let ws: Vec<f32> = rng.vec(m * n, -1.0, 1.0).iter().map(|&v| v as f32).collect();
+    let a0: Vec<f32> = rng.vec(r * n, -1.0, 1.0).iter().map(|&v| v as f32).collect();
+    let b0: Vec<f32> = rng.vec(m * r, -1.0, 1.0).iter().map(|&v| v as f32).collect();
+    let on = |v: &Vec<f32>, dims: &[usize]| Tensor::from_vec(v.clone(), dims.to_vec()).unwrap().to_device(dev).unwrap();
+    let (x, w) = (on(&xs, &[nr, n]), on(&ws, &[m, n]));
+    let (a, b) = (on(&a0, &[r, n]).param().unwrap(), on(&b0, &[m, r]).param().unwrap());
+    let y = ops::pissa_linear(&x, &w, &a, &b, &on(&a0, &[r, n]), &on(&b0, &[m, r]), 2.0).unwrap();
+    assert_eq!(y.to_vec_f64(), ops::linear(&x, &w).unwrap().to_vec_f64(), "pissa at init on {dev}: y must equal x·Wᵀ exactly");
+}
+
+fn method_dora_body(dev: Device) {
+    let mut rng = SplitMix::new(27);
+    let (nr, m, n, r) = AD;
+    let s = 1.5;
+    for wrole in [Role::Const, Role::Bf16] {
+        for drop in [None, Some(Dropout { p: 0.2, seed: 43 })] {
+            let mut ins = lora_inputs(&mut rng, wrole, false);
+            // ‖W_i‖² (frozen, from the same values the op sees) and mag (trainable).
+            let wn2: Vec<f64> = ins[1].vals.chunks(n).map(|row| row.iter().map(|v| v * v).sum()).collect();
+            ins.push(Input { vals: wn2, dims: vec![m], role: Role::Const });
+            ins.push(input(&mut rng, &[m], Role::Param));
+            // ν = ‖W_i + s·B_i·A‖ on the device of the inputs (outside the graph), then the op.
+            check(&format!("dora (w {wrole:?}, dropout {drop:?})"), dev, &ins, tol_of(wrole), &move |t| {
+                let nu = ops::dora_nu(&t[1], &t[4], &t[2], &t[3], s)?;
+                ops::dora_linear(&t[0], &t[1], &nu, &t[2], &t[3], &t[5], s, drop)
+            });
+            // ν itself against the f64 host reference (the function merging uses).
+            let ins = lora_inputs(&mut rng, wrole, false);
+            let wn2: Vec<f64> = ins[1].vals.chunks(n).map(|row| row.iter().map(|v| v * v).sum()).collect();
+            let want = {
+                let w = Tensor::from_vec(ins[1].vals.clone(), [m, n]).unwrap();
+                ops::dora_row_norms(&w, &wn2, &ins[2].vals, &ins[3].vals, r, s)
+            };
+            let ts = materialize(&ins, dev, DType::F32);
+            let wn = Tensor::from_vec(wn2.iter().map(|&v| v as f32).collect::<Vec<f32>>(), [m]).unwrap().to_device(dev).unwrap();
+            let got = ops::dora_nu(&ts[1], &wn, &ts[2], &ts[3], s).unwrap();
+            assert_eq!(got.device(), dev, "dora_nu must stay on the device of W");
+            let e = rel_err(&got.to_vec_f64(), &want);
+            assert!(e <= tol_of(wrole), "dora_nu on {dev} (w {wrole:?}): relative error {e:.3e}");
+        }
+    }
+    let _ = nr;
+}
+
+fn method_spectral_a_body(dev: Device) {
+    let mut rng = SplitMix::new(28);
+    let (nr, m, n, _) = AD;
+    let r = 5;
+    for wrole in [Role::Const, Role::Bf16] {
+        let ins = vec![
+            input(&mut rng, &[nr, n], Role::Param),
+            input(&mut rng, &[m, n], wrole),
+            frozen(&mut rng, &[m, r]),
+            frozen(&mut rng, &[r]),
+            frozen(&mut rng, &[n, r]),
+            input(&mut rng, &[m, r], Role::Param),
+            input(&mut rng, &[n, r], Role::Param),
+        ];
+        check(&format!("spectral-a (w {wrole:?})"), dev, &ins, tol_of(wrole), &|t| ops::spectral_a_linear(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6]));
+    }
+}
+
+fn method_spectral_r_body(dev: Device) {
+    let mut rng = SplitMix::new(29);
+    let (nr, m, n, _) = AD;
+    let r = 5;
+    for wrole in [Role::Const, Role::Bf16] {
+        let ins = vec![
+            input(&mut rng, &[nr, n], Role::Param),
+            input(&mut rng, &[m, n], wrole),
+            frozen(&mut rng, &[m, r]),
+            frozen(&mut rng, &[r]),
+            frozen(&mut rng, &[n, r]),
+            input(&mut rng, &[r, r], Role::Param),
+            input(&mut rng, &[r, r], Role::Param),
+            input(&mut rng, &[r], Role::Param),
+        ];
+        // R_U, R_V = cayley(Q_U), cayley(Q_V): the gradients reach Q through the Cayley backward.
+        check(&format!("spectral-r (w {wrole:?})"), dev, &ins, tol_of(wrole), &|t| {
+            ops::spectral_r_linear(&t[0], &t[1], &t[2], &t[3], &t[4], &ops::cayley(&t[5])?, &ops::cayley(&t[6])?, &t[7])
+        });
+    }
+}
+
+fn method_full_body(dev: Device) {
+    // Full fine-tuning of a matrix: the trained copy of W through the plain linear.
+    let mut rng = SplitMix::new(30);
+    let (nr, m, n, _) = AD;
+    let ins = vec![input(&mut rng, &[nr, n], Role::Param), input(&mut rng, &[m, n], Role::Param)];
+    check("full fine-tuning", dev, &ins, F32_TOL, &|t| ops::linear(&t[0], &t[1]));
+}
+
+mod methods {
+    use super::*;
+
+    backend_tests! {
+        method_lora => method_lora_body;
+        method_speclora_positional => method_speclora_positional_body;
+        method_speclora_by_norm => method_speclora_by_norm_body;
+        method_speclora_svd => method_speclora_svd_body;
+        method_spectral_a => method_spectral_a_body;
+        method_spectral_r => method_spectral_r_body;
+        method_pissa_milora => method_pissa_body;
+        method_dora => method_dora_body;
+        method_full => method_full_body;
+        tiny_llama_speclora_by_norm_training => |d| tiny_llama_training_body(d, Method::speclora_by_norm(8), false);
+        tiny_llama_spectral_a_training => |d| tiny_llama_training_body(d, Method::spectral_a(0), false);
+        tiny_llama_spectral_r_training => |d| tiny_llama_training_body(d, Method::spectral_r(0), false);
+        tiny_llama_pissa_training => |d| tiny_llama_training_body(d, Method::pissa(), false);
+        tiny_llama_milora_training => |d| tiny_llama_training_body(d, Method::milora(), true);
+        tiny_llama_dora_training => |d| tiny_llama_training_body(d, Method::dora(), false);
+        tiny_llama_full_training => |d| tiny_llama_training_body(d, Method::full(), false);
+    }
+}

@@ -51,14 +51,6 @@ const LAYERS: &[(&str, usize)] = &[
 /// Imports that point up today, (from module, to module), each with its reason. Remove an entry
 /// when the edge is gone (the test fails on entries that no longer occur, so the list stays true).
 const KNOWN: &[(&str, &str)] = &[
-    // The CUDA backend is still a second op layer with its own Backward structs; the op-layer
-    // work replaces it by kernels behind one interface.
-    ("backend/cuda", "autograd"),
-    ("backend/cuda", "ops"),
-    ("backend/cuda", "tensor"),
-    // `device::on_cuda(&[&Tensor])`, the old per-op device test, goes with the last op that
-    // still has its own device path.
-    ("device", "tensor"),
     // Format readers still build the Llama model and parse its config (io ↔ model): io/mod.rs,
     // io/gguf.rs, io/safetensors.rs.
     ("io", "model"),

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::{cpu, cpu_attn, AdamWStep, AttnDims, CeBlocks, Gemm, Kernels};
+use super::{cpu, cpu_attn, dropout_factor, AdamWStep, AttnDims, CeBlocks, Gemm, Kernels};
 use crate::device::{with_float, Device};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
@@ -377,6 +377,171 @@ impl Kernels for Cpu {
                 h.weight_decay,
                 h.step,
             );
+            Ok(())
+        })
+    }
+
+    // --- adapter helpers ----------------------------------------------------------------------
+
+    fn dropout_apply(&self, y: &mut Storage, x: &Storage, p: f64, seed: u64, accumulate: bool) -> Result<()> {
+        const OP: &str = "dropout";
+        with_float!(y.dtype(), OP, |T| {
+            let (ys, xv) = (out_mut::<T>(y, OP, "y")?, vals::<T>(x));
+            let f = |i: usize| T::from_f64(dropout_factor(seed, p, i));
+            if accumulate {
+                ys.iter_mut().zip(xv.iter()).enumerate().for_each(|(i, (y, x))| *y += *x * f(i));
+            } else {
+                ys.iter_mut().zip(xv.iter()).enumerate().for_each(|(i, (y, x))| *y = *x * f(i));
+            }
+            Ok(())
+        })
+    }
+
+    fn gather_scale_cols(&self, z: &mut Storage, zk: &mut Storage, d: &Storage, idx: &[u32], m: usize) -> Result<()> {
+        const OP: &str = "speclora_linear";
+        with_float!(z.dtype(), OP, |T| {
+            let (zs, zks, dv) = (out_mut::<T>(z, OP, "z")?, out_mut::<T>(zk, OP, "zk")?, vals::<T>(d));
+            let k = idx.len();
+            for (zr, kr) in zs.chunks_mut(m).zip(zks.chunks_mut(k.max(1))) {
+                for (j, &i) in idx.iter().enumerate() {
+                    kr[j] = zr[i as usize];
+                    zr[i as usize] *= dv[j];
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn gather_cols(&self, out: &mut Storage, z: &Storage, d: &Storage, idx: &[u32], m: usize, shift: f64) -> Result<()> {
+        const OP: &str = "speclora_linear.backward";
+        with_float!(out.dtype(), OP, |T| {
+            let (os, zv, dv) = (out_mut::<T>(out, OP, "out")?, vals::<T>(z), vals::<T>(d));
+            let (k, sh) = (idx.len(), T::from_f64(shift));
+            for (zr, or) in zv.chunks(m).zip(os.chunks_mut(k.max(1))) {
+                for (j, &i) in idx.iter().enumerate() {
+                    or[j] = zr[i as usize] * (dv[j] - sh);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn gather_rows(&self, out: &mut Storage, w: &Storage, idx: &[u32], n: usize) -> Result<()> {
+        const OP: &str = "speclora_linear.backward";
+        with_float!(out.dtype(), OP, |T| {
+            for (r, &i) in out_mut::<T>(out, OP, "out")?.chunks_mut(n).zip(idx) {
+                w.try_read_into(i as usize * n, r)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn scale_cols(&self, out: &mut Storage, p: &Storage, c: &Storage) -> Result<()> {
+        const OP: &str = "scale_cols";
+        with_float!(out.dtype(), OP, |T| {
+            let (os, pv, cv) = (out_mut::<T>(out, OP, "out")?, vals::<T>(p), vals::<T>(c));
+            for (o, pr) in os.chunks_mut(cv.len()).zip(pv.chunks(cv.len())) {
+                o.iter_mut().zip(pr.iter().zip(cv.iter())).for_each(|(o, (p, c))| *o = *p * *c);
+            }
+            Ok(())
+        })
+    }
+
+    fn svd_coef(&self, c: &mut Storage, d: &Storage, sigma: &Storage) -> Result<()> {
+        const OP: &str = "speclora_svd_linear";
+        with_float!(c.dtype(), OP, |T| {
+            let (cs, dv, sv) = (out_mut::<T>(c, OP, "c")?, vals::<T>(d), vals::<T>(sigma));
+            cs.iter_mut().zip(dv.iter().zip(sv.iter())).for_each(|(c, (d, s))| *c = (*d - T::ONE) * *s);
+            Ok(())
+        })
+    }
+
+    fn col_dot(&self, dd: &mut Storage, a: &Storage, lda: usize, idx: Option<&[u32]>, b: &Storage, w: Option<&Storage>, divide: bool) -> Result<()> {
+        const OP: &str = "col_dot";
+        with_float!(dd.dtype(), OP, |T| {
+            let (ds, av, bv) = (out_mut::<T>(dd, OP, "dd")?, vals::<T>(a), vals::<T>(b));
+            let k = ds.len();
+            ds.iter_mut().for_each(|v| *v = T::ZERO);
+            // Row by row (the sums run over t in order, as the reference loops always did).
+            for (ar, br) in av.chunks(lda).zip(bv.chunks(k.max(1))) {
+                match idx {
+                    Some(ix) => ds.iter_mut().zip(ix.iter().zip(br)).for_each(|(d, (&i, b))| *d += ar[i as usize] * *b),
+                    None => ds.iter_mut().zip(ar.iter().zip(br)).for_each(|(d, (a, b))| *d += *a * *b),
+                }
+            }
+            if let Some(w) = w {
+                let wv = vals::<T>(w);
+                if divide {
+                    ds.iter_mut().zip(wv.iter()).for_each(|(d, w)| *d /= *w);
+                } else {
+                    ds.iter_mut().zip(wv.iter()).for_each(|(d, w)| *d *= *w);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn add_scaled(&self, y: &mut Storage, x: &Storage, s: f64) -> Result<()> {
+        const OP: &str = "add_scaled";
+        with_float!(y.dtype(), OP, |T| {
+            let (ys, xv, st) = (out_mut::<T>(y, OP, "y")?, vals::<T>(x), T::from_f64(s));
+            ys.iter_mut().zip(xv.iter()).for_each(|(y, x)| *y += st * *x);
+            Ok(())
+        })
+    }
+
+    fn sub_diag(&self, mm: &mut Storage, v: &Storage) -> Result<()> {
+        const OP: &str = "sub_diag";
+        with_float!(mm.dtype(), OP, |T| {
+            let (ms, vv) = (out_mut::<T>(mm, OP, "m")?, vals::<T>(v));
+            let r = vv.len();
+            (0..r).for_each(|i| ms[i * r + i] -= vv[i]);
+            Ok(())
+        })
+    }
+
+    fn swiglu_recompute(&self, x: &mut Storage, g: &Storage, u: &Storage) -> Result<()> {
+        const OP: &str = "swiglu_adapter_linear";
+        with_float!(x.dtype(), OP, |T| {
+            cpu::swiglu_fwd(out_mut::<T>(x, OP, "x")?, &vals::<T>(g), &vals::<T>(u));
+            Ok(())
+        })
+    }
+
+    fn swiglu_bwd_in_place(&self, dx_dg: &mut Storage, du: &mut Storage, g: &Storage, u: &Storage) -> Result<()> {
+        const OP: &str = "swiglu_adapter_linear.backward";
+        with_float!(dx_dg.dtype(), OP, |T| {
+            cpu::swiglu_bwd_in_place(out_mut::<T>(dx_dg, OP, "dx")?, out_mut::<T>(du, OP, "du")?, &vals::<T>(g), &vals::<T>(u));
+            Ok(())
+        })
+    }
+
+    fn dora_norms(&self, nu: &mut Storage, wnorm2: &Storage, b: &Storage, awt: &Storage, aat: &Storage, r: usize, s: f64) -> Result<()> {
+        const OP: &str = "dora_row_norms";
+        with_float!(nu.dtype(), OP, |T| {
+            let ns = out_mut::<T>(nu, OP, "nu")?;
+            let (wn, bv, awt, aat) = (vals::<T>(wnorm2), vals::<T>(b), vals::<T>(awt), vals::<T>(aat));
+            let (m, st, two) = (ns.len(), T::from_f64(s), T::from_f64(2.0));
+            for (i, nu) in ns.iter_mut().enumerate() {
+                let bi = &bv[i * r..(i + 1) * r];
+                let cross: T = (0..r).map(|q| bi[q] * awt[q * m + i]).sum();
+                let quad: T = (0..r).map(|p| bi[p] * (0..r).map(|q| aat[p * r + q] * bi[q]).sum::<T>()).sum();
+                let v = wn[i] + two * st * cross + st * st * quad;
+                *nu = if v > T::ZERO { v.sqrt() } else { T::ZERO };
+            }
+            Ok(())
+        })
+    }
+
+    fn dora_scale(&self, g: &mut Storage, nu_hat: &mut Storage, nu: &Storage, mag: &Storage, floor: f64) -> Result<()> {
+        const OP: &str = "dora_linear";
+        with_float!(g.dtype(), OP, |T| {
+            let (gs, hs) = (out_mut::<T>(g, OP, "g")?, out_mut::<T>(nu_hat, OP, "nu_hat")?);
+            let (nv, mv, fl) = (vals::<T>(nu), vals::<T>(mag), T::from_f64(floor));
+            for (i, (g, h)) in gs.iter_mut().zip(hs.iter_mut()).enumerate() {
+                *h = if nv[i] > fl { nv[i] } else { fl };
+                *g = mv[i] / *h;
+            }
             Ok(())
         })
     }

@@ -293,6 +293,66 @@ pub trait Kernels: Sync {
     fn adamw_step(&self, p: &mut Storage, m: &mut Storage, v: &mut Storage, g: &Storage, h: &AdamWStep) -> Result<()>;
 
     // --- adapter helpers ----------------------------------------------------------------------
+    //
+    // The pieces of the adapter linears (src/ops/adapter.rs, dora.rs, spectral.rs) that are not
+    // GEMMs. Row-major matrices; `rows` is implied by the buffer lengths. Index lists are host
+    // slices (k entries; the CUDA side uploads them per call).
+
+    /// LoRA dropout: y = x ⊙ f, f_i = [`dropout_factor`]`(seed, p, i)` ∈ {0, 1/(1 − p)};
+    /// with `accumulate`, y += x ⊙ f instead. The same mask on every device (a pure function of
+    /// seed and i), so the backward reapplies it: d(x ⊙ f)/dx = f.
+    fn dropout_apply(&self, y: &mut Storage, x: &Storage, p: f64, seed: u64, accumulate: bool) -> Result<()>;
+    /// SpecLoRA forward on Z [rows, m]: zk[t, j] = Z[t, idx_j] (kept for dd), then
+    /// Z[t, idx_j] ← Z[t, idx_j]·d_j (Z·Γᵀ without forming Γ). zk [rows, k], d `[k]`.
+    fn gather_scale_cols(&self, z: &mut Storage, zk: &mut Storage, d: &Storage, idx: &[u32], m: usize) -> Result<()>;
+    /// out[t, j] = z[t, idx_j]·(d_j − shift), z [rows, m], out [rows, k] (SpecLoRA's backward
+    /// takes dY[:, idx] ⊙ (d − 1) for the rank-k correction of dX).
+    fn gather_cols(&self, out: &mut Storage, z: &Storage, d: &Storage, idx: &[u32], m: usize, shift: f64) -> Result<()>;
+    /// out[j, :] = w[idx_j, :] converted to out's dtype; w [.., n] a frozen matrix in any stored
+    /// dtype (read one row at a time), out [k, n].
+    fn gather_rows(&self, out: &mut Storage, w: &Storage, idx: &[u32], n: usize) -> Result<()>;
+    /// out[t, j] = p[t, j]·c_j, p and out [rows, k], c `[k]` (a right product with diag(c)).
+    fn scale_cols(&self, out: &mut Storage, p: &Storage, c: &Storage) -> Result<()>;
+    /// SpecLoRA-SVD's coefficient c_j = (d_j − 1)·σ_j, all `[k]`.
+    fn svd_coef(&self, c: &mut Storage, d: &Storage, sigma: &Storage) -> Result<()>;
+    /// Column dot products: dd_j = (Σ_t a[t·lda + ia_j]·b[t·k + j]) ∘ w_j with ia_j = idx_j (or j
+    /// when `idx` is None), ∘ = · (or / when `divide`), w = 1 when None; b [rows, k], dd `[k]`.
+    /// The gradient of a per-column scale: d(Σ_t dY[t, j]·c_j·Z[t, j])/dc_j.
+    #[allow(clippy::too_many_arguments)]
+    fn col_dot(&self, dd: &mut Storage, a: &Storage, lda: usize, idx: Option<&[u32]>, b: &Storage, w: Option<&Storage>, divide: bool) -> Result<()>;
+    /// y += s·x (same length).
+    fn add_scaled(&self, y: &mut Storage, x: &Storage, s: f64) -> Result<()>;
+    /// M[i, i] −= v_i for a square M [r, r], v `[r]`.
+    fn sub_diag(&self, mm: &mut Storage, v: &Storage) -> Result<()>;
+    /// The fused down projection's input, recomputed: x = silu(g) ⊙ u (same length).
+    fn swiglu_recompute(&self, x: &mut Storage, g: &Storage, u: &Storage) -> Result<()>;
+    /// The SwiGLU gradient written over its upstream gradient: with δ = `dx_dg` on entry,
+    /// dg = δ ⊙ u ⊙ silu'(g) (into `dx_dg`), du = δ ⊙ silu(g); silu'(g) = σ(g)(1 + g(1 − σ(g))).
+    fn swiglu_bwd_in_place(&self, dx_dg: &mut Storage, du: &mut Storage, g: &Storage, u: &Storage) -> Result<()>;
+    /// DoRA's row norms ν_i = ‖W_i + s·B_i·A‖ from the small products, never from W + s·B·A:
+    /// ν_i = √max(0, ‖W_i‖² + 2s·Σ_q B[i, q]·(A·Wᵀ)[q, i] + s²·Σ_p B[i, p]·Σ_q (A·Aᵀ)[p, q]·B[i, q]).
+    /// nu, wnorm2 `[m]`, b [m, r], awt [r, m], aat [r, r].
+    #[allow(clippy::too_many_arguments)]
+    fn dora_norms(&self, nu: &mut Storage, wnorm2: &Storage, b: &Storage, awt: &Storage, aat: &Storage, r: usize, s: f64) -> Result<()>;
+    /// DoRA's row scale: ν̂_i = max(ν_i, floor) in the output dtype, g_i = mag_i / ν̂_i; all `[m]`.
+    fn dora_scale(&self, g: &mut Storage, nu_hat: &mut Storage, nu: &Storage, mag: &Storage, floor: f64) -> Result<()>;
+}
+
+/// The LoRA dropout multiplier of element i: 0 (dropped, probability p) or 1/(1 − p), from the
+/// SplitMix64 finalizer of seed ⊕ i·φ as a 53-bit uniform u (dropped when u < p). Every device
+/// computes the same mask (cuda/adapter.cu has the same function).
+#[inline]
+pub fn dropout_factor(seed: u64, p: f64, i: usize) -> f64 {
+    let mut z = seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+    if u < p {
+        0.0
+    } else {
+        1.0 / (1.0 - p)
+    }
 }
 
 /// The kernels of `device`: the one place that decides CPU or CUDA. CUDA needs the `cuda`

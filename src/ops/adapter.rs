@@ -11,13 +11,17 @@
 //! adapter op refuses a W that requires grad — and no m×n buffer is ever allocated for it: Γ ⊙ W
 //! is never formed; the forward scales the selected output columns of Z = x·Wᵀ instead, and saves
 //! only those k columns of Z for dd. Derivations: docs/ops.md.
+//!
+//! One implementation for every device: the forward and the one backward call only
+//! [`Kernels`] (GEMMs with transposes and the adapter helpers), on the device of the inputs.
 
-use super::{check_dtype, compute_dtype, out, vals};
+use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::cpu;
-use crate::device::with_float;
+use crate::backend::{Gemm, Kernels};
 use crate::error::{Error, Result};
 use crate::shape::Shape;
+use crate::storage::Storage;
+use crate::tensor::kernels_for;
 use crate::tensor::Tensor;
 
 /// Which rows of W the SpecLoRA vector d rescales.
@@ -30,9 +34,9 @@ pub enum SpecRows {
 }
 
 impl SpecRows {
-    fn resolve(&self, m: usize) -> Result<Vec<usize>> {
+    fn resolve(&self, m: usize) -> Result<Vec<u32>> {
         match self {
-            SpecRows::Top(k) if *k <= m => Ok((0..*k).collect()),
+            SpecRows::Top(k) if *k <= m => Ok((0..*k as u32).collect()),
             SpecRows::Top(k) => Err(Error::invalid("speclora_linear", format!("k = {k} exceeds the {m} rows of W (clamp k to the row count)"))),
             SpecRows::Indices(ix) => {
                 let mut seen = vec![false; m];
@@ -45,7 +49,7 @@ impl SpecRows {
                         if std::mem::replace(&mut seen[i], true) {
                             return Err(Error::invalid("speclora_linear", format!("row {i} is listed twice")));
                         }
-                        Ok(i)
+                        Ok(i as u32)
                     })
                     .collect()
             }
@@ -61,23 +65,6 @@ impl SpecRows {
 pub struct Dropout {
     pub p: f64,
     pub seed: u64,
-}
-
-impl Dropout {
-    /// The multiplier of element `i`: 0 (dropped) or 1/(1 − p).
-    #[inline]
-    pub(crate) fn factor(&self, i: usize) -> f64 {
-        let mut z = self.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        let u = (z >> 11) as f64 / (1u64 << 53) as f64;
-        if u < self.p {
-            0.0
-        } else {
-            1.0 / (1.0 - self.p)
-        }
-    }
 }
 
 /// The spectral part of an adapter linear, next to its LoRA branch.
@@ -181,8 +168,7 @@ pub fn swiglu_adapter_linear_graph_only(
 }
 
 /// The shared body of the two swiglu adapter ops: x = swiglu(gate, up) computed outside the graph
-/// and (gate, up) recorded in its place. The device path has neither the fused nor the graph-only
-/// variant: there swiglu is recorded and the plain adapter linear follows (same gradients).
+/// and (gate, up) recorded in its place (the same on every device).
 #[allow(clippy::too_many_arguments)]
 fn swiglu_adapter(
     gate: &Tensor,
@@ -195,22 +181,27 @@ fn swiglu_adapter(
     dropout: Option<Dropout>,
     values: bool,
 ) -> Result<Tensor> {
-    if crate::device::on_cuda(&[gate, up]) {
-        let x = super::swiglu(gate, up)?;
-        return adapter_linear_impl(&x, None, w, spec, a, b, s, dropout, true);
-    }
     // Graph-only plain LoRA without dropout, A trained: nothing in the forward reads x (no
     // output, and H = x·Aᵀ is recomputed by the backward, which forms x from gate and up
     // anyway), so x is not formed: gate and up get swiglu's checks, and gate (then of x's shape
     // and dtype) stands in for x in the linear's checks.
     let x_unread = !values && dropout.is_none() && matches!(spec, Spectral::None) && a.requires_grad();
+    super::elementwise::check_swiglu_inputs(gate, up)?;
     let x = if x_unread {
-        super::elementwise::check_swiglu_inputs(gate, up)?;
         gate.clone()
     } else {
-        crate::autograd::no_grad(|| super::swiglu(gate, up))?
+        const OP: &str = "swiglu_adapter_linear";
+        let k = kernels_for(OP, &[("gate", gate), ("up", up)])?;
+        let mut x = k.zeros(gate.dtype(), gate.numel(), OP)?;
+        k.swiglu_recompute(&mut x, &gate.read(), &up.read())?;
+        Tensor::from_storage(x, gate.shape().clone())
     };
     adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout, values)
+}
+
+/// A kernel output as a constant tensor (the op layer attaches the graph link).
+pub(super) fn tensor(s: Storage, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(s, shape.into())
 }
 
 /// `x_src`: x = swiglu(gate, up), the inputs recorded instead of x (see [`swiglu_adapter_linear`]).
@@ -252,11 +243,13 @@ fn adapter_linear_impl(
     if !s.is_finite() {
         return Err(Error::invalid(op, format!("scale must be finite, got {s}")));
     }
+    let mut ins: Vec<(&str, &Tensor)> = vec![("x", x), ("w", w), ("a", a), ("b", b)];
     let idx = match spec {
         Spectral::Rows { d, rows } => {
             let idx = rows.resolve(m)?;
             check_shape_eq(op, "d", d, &[idx.len()])?;
             check_dtype(op, "d", d, dt, true)?;
+            ins.push(("d", d));
             Some(idx)
         }
         Spectral::Svd { d, u, sigma, v } => {
@@ -272,6 +265,7 @@ fn adapter_linear_impl(
                     return Err(Error::invalid(op, format!("the SVD factor {name} must be frozen (it is stored with the adapter, never trained)")));
                 }
             }
+            ins.extend([("d", d), ("u", u), ("sigma", sigma), ("v", v)]);
             None
         }
         Spectral::Residual { a0, b0 } => {
@@ -285,97 +279,91 @@ fn adapter_linear_impl(
                     return Err(Error::invalid(op, format!("the residual factor {name} must be frozen (it is stored with the adapter, never trained)")));
                 }
             }
+            ins.extend([("a0", a0), ("b0", b0)]);
             None
         }
         Spectral::None => None,
     };
+    if let Some((g, u)) = x_src {
+        ins.extend([("gate", g), ("up", u)]);
+    }
+    let k = kernels_for(op, &ins)?;
     let nrows = x.shape().rows();
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank checked above") = m;
     let dims = LinDims { nrows, m, n, r, s };
-    #[cfg(feature = "cuda")]
-    if crate::device::on_cuda(&[x, w, a, b]) {
-        use crate::backend::cuda::ops::{self as dev, SpecDev};
-        let sd = match (spec, &idx) {
-            (Spectral::Rows { d, .. }, Some(idx)) => SpecDev::Rows { d, idx: idx.clone() },
-            (Spectral::Svd { d, u, sigma, v }, _) => SpecDev::Svd { d, u, sigma, v },
-            (Spectral::Residual { .. }, _) => {
-                return Err(Error::Cuda { op: op.into(), msg: "PiSSA/MiLoRA's residual branch has no device kernels yet; train it on the CPU".into() })
-            }
-            _ => SpecDev::None,
-        };
-        return dev::adapter_linear(op, x, w, sd, a, b, s, dropout, Shape::new(out_dims));
+
+    // Z = X·Wᵀ  [N, m]
+    let mut y = k.zeros(dt, nrows * m, op)?;
+    if values {
+        k.gemm(&mut y, &x.read(), &w.read(), &Gemm::new(nrows, n, m).trans(false, true), op)?;
     }
-    let (y, h, zk, xd, pk) = with_float!(dt, op, |T| {
-        let (xg, wg, ag, bg) = (x.read(), w.read(), a.read(), b.read());
-        let xv = vals::<T>(&xg);
-        // Z = X·Wᵀ  [N, m]
-        let mut y = crate::backend::cpu::zeros::<T>(nrows * m);
-        if values {
-            cpu::gemm_stored(&mut y, &xv, &wg, 0, nrows, n, m, false, true, T::ZERO);
+    // Γ: save Z[:, idx] for dd, then scale those columns by d.
+    let zk = match (&idx, spec) {
+        (Some(idx), Spectral::Rows { d, .. }) => {
+            let mut zk = k.zeros(dt, nrows * idx.len(), op)?;
+            k.gather_scale_cols(&mut y, &mut zk, &d.read(), idx, m)?;
+            Some(tensor(zk, [nrows, idx.len()]))
         }
-        // Γ: save Z[:, idx] for dd, then scale those columns by d.
-        let zk = match (&idx, spec) {
-            (Some(idx), Spectral::Rows { d, .. }) => {
-                let dv = vals::<T>(&d.read()).into_owned();
-                let k = idx.len();
-                let mut zk = crate::backend::cpu::zeros::<T>(nrows * k);
-                for (yr, zr) in y.chunks_mut(m).zip(zk.chunks_mut(k.max(1))) {
-                    for (j, &i) in idx.iter().enumerate() {
-                        zr[j] = yr[i];
-                        yr[i] *= dv[j];
-                    }
-                }
-                Some(out(zk, [nrows, k]))
+        _ => None,
+    };
+    // SVD form: P = X·V [N, k];  Y += (P ⊙ c)·Uᵀ with c = (d − 1) ⊙ σ. Saves P for dd.
+    let pk = match spec {
+        Spectral::Svd { d, u, sigma, v } => {
+            let kk = d.numel();
+            let mut p = k.zeros(dt, nrows * kk, op)?;
+            k.gemm(&mut p, &x.read(), &v.read(), &Gemm::new(nrows, n, kk), op)?;
+            let c = svd_coef(k, d, sigma, op)?;
+            let mut pc = k.zeros(dt, nrows * kk, op)?;
+            k.scale_cols(&mut pc, &p, &c)?;
+            if values {
+                k.gemm(&mut y, &pc, &u.read(), &Gemm::new(nrows, kk, m).trans(false, true).scaled(1.0, 1.0), op)?;
             }
-            _ => None,
-        };
-        // SVD form: P = X·V [N, k];  Y += (P ⊙ c)·Uᵀ with c = (d − 1) ⊙ σ. Saves P for dd.
-        let pk = match spec {
-            Spectral::Svd { d, u, sigma, v } => {
-                let k = d.numel();
-                let c = svd_coef::<T>(d, sigma);
-                let mut p = crate::backend::cpu::zeros::<T>(nrows * k);
-                cpu::gemm(&mut p, &xv, &vals::<T>(&v.read()), nrows, n, k, false, false, T::ONE, T::ZERO);
-                let pc: Vec<T> = p.chunks(k).flat_map(|row| row.iter().zip(&c).map(|(p, c)| *p * *c)).collect();
-                if values {
-                    cpu::gemm(&mut y, &pc, &vals::<T>(&u.read()), nrows, k, m, false, true, T::ONE, T::ONE);
-                }
-                Some(out(p, [nrows, k]))
-            }
-            _ => None,
-        };
-        // X̃ = dropout(X) for the LoRA branch only;  H = X̃·Aᵀ [N, r];  Y += s·H·Bᵀ
-        let xd: Option<Vec<T>> = dropout.map(|dr| xv.iter().enumerate().map(|(i, &v)| v * T::from_f64(dr.factor(i))).collect());
-        let xa: &[T] = xd.as_deref().unwrap_or(&xv);
-        // H is read by the output, or kept for dB when A is frozen (otherwise the backward
-        // recomputes it from X̃): a graph-only call with A trained skips it.
-        let h = (values || !a.requires_grad()).then(|| {
-            let mut h = crate::backend::cpu::zeros::<T>(nrows * r);
-            cpu::gemm(&mut h, xa, &vals::<T>(&ag), nrows, n, r, false, true, T::ONE, T::ZERO);
-            h
-        });
-        if let (true, Some(h)) = (values, &h) {
-            match spec {
-                // Residual: T1 = H·Bᵀ and T0 = (X·A0ᵀ)·B0ᵀ separately, then Y += s·(T1 − T0), so that
-                // A = A0, B = B0 (the PiSSA init, no dropout) gives exact zeros.
-                Spectral::Residual { a0, b0 } => {
-                    let r0 = a0.dims()[0];
-                    let mut t1 = crate::backend::cpu::zeros::<T>(nrows * m);
-                    cpu::gemm(&mut t1, h, &vals::<T>(&bg), nrows, r, m, false, true, T::ONE, T::ZERO);
-                    let mut h0 = crate::backend::cpu::zeros::<T>(nrows * r0);
-                    cpu::gemm(&mut h0, &xv, &vals::<T>(&a0.read()), nrows, n, r0, false, true, T::ONE, T::ZERO);
-                    let mut t0 = crate::backend::cpu::zeros::<T>(nrows * m);
-                    cpu::gemm(&mut t0, &h0, &vals::<T>(&b0.read()), nrows, r0, m, false, true, T::ONE, T::ZERO);
-                    let st = T::from_f64(s);
-                    y.iter_mut().zip(t1.iter().zip(&t0)).for_each(|(y, (t1, t0))| *y += st * (*t1 - *t0));
-                }
-                _ => cpu::gemm(&mut y, h, &vals::<T>(&bg), nrows, r, m, false, true, T::from_f64(s), T::ONE),
-            }
+            Some(tensor(p, [nrows, kk]))
         }
-        let h = h.map(|h| out(h, [nrows, r]));
-        Ok((out(y, Shape::new(out_dims.clone())), h, zk, xd.map(|v| out(v, [nrows, n])), pk))
-    })?;
+        _ => None,
+    };
+    // X̃ = dropout(X) for the LoRA branch only;  H = X̃·Aᵀ [N, r];  Y += s·H·Bᵀ
+    let xd = match dropout {
+        Some(dr) => {
+            let mut xd = k.zeros(dt, nrows * n, op)?;
+            k.dropout_apply(&mut xd, &x.read(), dr.p, dr.seed, false)?;
+            Some(tensor(xd, [nrows, n]))
+        }
+        None => None,
+    };
+    // H is read by the output, or kept for dB when A is frozen (otherwise the backward
+    // recomputes it from X̃): a graph-only call with A trained skips it.
+    let h = if values || !a.requires_grad() {
+        let mut h = k.zeros(dt, nrows * r, op)?;
+        let xa = xd.as_ref().unwrap_or(x).read();
+        k.gemm(&mut h, &xa, &a.read(), &Gemm::new(nrows, n, r).trans(false, true), op)?;
+        Some(h)
+    } else {
+        None
+    };
+    if let (true, Some(h)) = (values, &h) {
+        match spec {
+            // Residual: T1 = H·Bᵀ and T0 = (X·A0ᵀ)·B0ᵀ separately, then Y += s·(T1 − T0), so that
+            // A = A0, B = B0 (the PiSSA init, no dropout) gives exact zeros.
+            Spectral::Residual { a0, b0 } => {
+                let r0 = a0.dims()[0];
+                let mut t1 = k.zeros(dt, nrows * m, op)?;
+                k.gemm(&mut t1, h, &b.read(), &Gemm::new(nrows, r, m).trans(false, true), op)?;
+                let mut h0 = k.zeros(dt, nrows * r0, op)?;
+                k.gemm(&mut h0, &x.read(), &a0.read(), &Gemm::new(nrows, n, r0).trans(false, true), op)?;
+                let mut t0 = k.zeros(dt, nrows * m, op)?;
+                k.gemm(&mut t0, &h0, &b0.read(), &Gemm::new(nrows, r0, m).trans(false, true), op)?;
+                drop(h0);
+                k.add_scaled(&mut t1, &t0, -1.0)?;
+                drop(t0);
+                k.add_scaled(&mut y, &t1, s)?;
+            }
+            _ => k.gemm(&mut y, h, &b.read(), &Gemm::new(nrows, r, m).trans(false, true).scaled(s, 1.0), op)?,
+        }
+    }
+    let y = tensor(y, Shape::new(out_dims));
+    let h = h.map(|h| tensor(h, [nrows, r]));
     let mut inputs: Vec<&Tensor> = match x_src {
         Some((g, u)) => vec![g, u],
         None => vec![x],
@@ -432,6 +420,13 @@ fn check_shape_eq(op: &'static str, arg: &'static str, t: &Tensor, dims: &[usize
     super::check_shape(op, arg, t, dims)
 }
 
+/// c = (d − 1) ⊙ σ `[k]`, the SVD form's per-direction coefficient.
+fn svd_coef(k: &dyn Kernels, d: &Tensor, sigma: &Tensor, op: &'static str) -> Result<Storage> {
+    let mut c = k.zeros(d.dtype(), d.numel(), op)?;
+    k.svd_coef(&mut c, &d.read(), &sigma.read())?;
+    Ok(c)
+}
+
 #[derive(Clone, Copy)]
 struct LinDims {
     nrows: usize,
@@ -454,7 +449,7 @@ struct AdapterBwd {
     h: Option<Tensor>,
     d: Option<Tensor>,
     zk: Option<Tensor>,
-    idx: Option<Vec<usize>>,
+    idx: Option<Vec<u32>>,
     /// SVD form: the factors and d (for dX and dd), and P = X·V (for dd).
     svd: Option<SvdSaved>,
     /// PiSSA / MiLoRA: the frozen A0, B0 (for dX).
@@ -472,12 +467,6 @@ struct SvdSaved {
     v: Tensor,
 }
 
-/// c = (d − 1) ⊙ σ, the SVD form's per-direction coefficient.
-fn svd_coef<T: crate::Float>(d: &Tensor, sigma: &Tensor) -> Vec<T> {
-    let (dv, sv) = (d.to_vec::<T>(), sigma.to_vec::<T>());
-    dv.iter().zip(&sv).map(|(d, s)| (*d - T::ONE) * *s).collect()
-}
-
 impl Backward for AdapterBwd {
     fn name(&self) -> &'static str {
         self.name
@@ -485,168 +474,151 @@ impl Backward for AdapterBwd {
     /// With G = dY·B [N, r], dYΓ = dY with its selected columns scaled by d, and X̃ = dropout(X)
     /// (X̃ = X, mask = 1 without dropout):
     ///   dX = dYΓ·W + s·(G·A) ⊙ mask/(1−p);  dA = s·Gᵀ·X̃;  dB = s·dYᵀ·H;  dd_j = Σ_t dY[t, i_j]·Z[t, i_j].
+    /// SVD form, with Q = dY·U [N, k]: dd_i = σ_i·Σ_t Q[t, i]·P[t, i];  dX += (Q ⊙ c)·Vᵀ.
+    /// Residual form: dX −= s·(dY·B0)·A0.
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
+        const OP: &str = "adapter_linear.backward";
         let LinDims { nrows, m, n, r, s } = self.dims;
         let (nx, needs) = if self.fused { (needs[0] || needs[1], &needs[1..]) } else { (needs[0], needs) };
         let (nd, na, nb) = if self.has_d { (needs[1], needs[2], needs[3]) } else { (false, needs[1], needs[2]) };
-        with_float!(dy.dtype(), "adapter_linear.backward", |T| {
-            let gy = dy.read();
-            let gy = vals::<T>(&gy);
-            let st = T::from_f64(s);
-            // G = dY·B  [N, r]
-            let g = self.b.as_ref().map(|b| {
-                let mut g = crate::backend::cpu::zeros::<T>(nrows * r);
-                cpu::gemm(&mut g, &gy, &vals::<T>(&b.read()), nrows, m, r, false, false, T::ONE, T::ZERO);
-                g
-            });
-            let dx = match (nx, &self.w, &self.a, &g) {
-                (true, Some(w), Some(a), Some(g)) => {
-                    let mut dx = crate::backend::cpu::zeros::<T>(nrows * n);
-                    match (&self.d, &self.idx) {
-                        (Some(d), Some(idx)) => {
-                            // dYΓ·W = dY·W + (dY[:, idx] ⊙ (d − 1))·W[idx, :]: the full GEMM reads
-                            // dY in place and the k selected columns add a rank-k correction
-                            // (no N×m copy of dY on the graph thread).
-                            let wg = w.read();
-                            cpu::gemm_stored(&mut dx, &gy, &wg, 0, nrows, m, n, false, false, T::ZERO);
-                            let dv = vals::<T>(&d.read()).into_owned();
-                            let k = idx.len();
-                            if k > 0 {
-                                let mut gk = crate::backend::cpu::zeros::<T>(nrows * k);
-                                for (row, gr) in gy.chunks(m).zip(gk.chunks_mut(k)) {
-                                    for (j, &i) in idx.iter().enumerate() {
-                                        gr[j] = row[i] * (dv[j] - T::ONE);
-                                    }
-                                }
-                                // W[idx, :] [k, n], read (and converted) one row at a time.
-                                let mut wk = crate::backend::cpu::zeros::<T>(k * n);
-                                for (wr, &i) in wk.chunks_mut(n).zip(idx.iter()) {
-                                    wg.read_into(i * n, wr);
-                                }
-                                cpu::gemm(&mut dx, &gk, &wk, nrows, k, n, false, false, T::ONE, T::ONE);
-                            }
-                        }
-                        _ => cpu::gemm_stored(&mut dx, &gy, &w.read(), 0, nrows, m, n, false, false, T::ZERO),
+        let k = kernels_for(OP, &[("dy", dy)])?;
+        let dt = dy.dtype();
+        let gy = dy.read();
+        // G = dY·B  [N, r]
+        let g = match &self.b {
+            Some(b) => {
+                let mut g = k.zeros(dt, nrows * r, OP)?;
+                k.gemm(&mut g, &gy, &b.read(), &Gemm::new(nrows, m, r), OP)?;
+                Some(g)
+            }
+            None => None,
+        };
+        let dx = match (nx, &self.w, &self.a, &g) {
+            (true, Some(w), Some(a), Some(g)) => {
+                let mut dx = k.zeros(dt, nrows * n, OP)?;
+                let wg = w.read();
+                k.gemm(&mut dx, &gy, &wg, &Gemm::new(nrows, m, n), OP)?;
+                if let (Some(d), Some(idx)) = (&self.d, &self.idx) {
+                    // dYΓ·W = dY·W + (dY[:, idx] ⊙ (d − 1))·W[idx, :]: the full GEMM reads dY in
+                    // place and the k selected columns add a rank-k correction (no N×m copy of dY).
+                    let kk = idx.len();
+                    if kk > 0 {
+                        let mut gk = k.zeros(dt, nrows * kk, OP)?;
+                        k.gather_cols(&mut gk, &gy, &d.read(), idx, m, 1.0)?;
+                        // W[idx, :] [k, n], converted from W's stored dtype.
+                        let mut wk = k.zeros(dt, kk * n, OP)?;
+                        k.gather_rows(&mut wk, &wg, idx, n)?;
+                        k.gemm(&mut dx, &gk, &wk, &Gemm::new(nrows, kk, n).scaled(1.0, 1.0), OP)?;
                     }
-                    match self.dropout {
-                        // dX += s·(G·A) ⊙ mask/(1 − p)
-                        Some(dr) => {
-                            let mut ga = crate::backend::cpu::zeros::<T>(nrows * n);
-                            cpu::gemm(&mut ga, g, &vals::<T>(&a.read()), nrows, r, n, false, false, st, T::ZERO);
-                            dx.iter_mut().zip(&ga).enumerate().for_each(|(i, (d, v))| *d += *v * T::from_f64(dr.factor(i)));
-                        }
-                        None => cpu::gemm(&mut dx, g, &vals::<T>(&a.read()), nrows, r, n, false, false, st, T::ONE),
+                }
+                match self.dropout {
+                    // dX += s·(G·A) ⊙ mask/(1 − p)
+                    Some(dr) => {
+                        let mut ga = k.zeros(dt, nrows * n, OP)?;
+                        k.gemm(&mut ga, g, &a.read(), &Gemm::new(nrows, r, n).scaled(s, 0.0), OP)?;
+                        k.dropout_apply(&mut dx, &ga, dr.p, dr.seed, true)?;
                     }
-                    Some(dx)
+                    None => k.gemm(&mut dx, g, &a.read(), &Gemm::new(nrows, r, n).scaled(s, 1.0), OP)?,
+                }
+                Some(dx)
+            }
+            _ => None,
+        };
+        let mut dd = match (nd, &self.zk, &self.idx) {
+            (true, Some(zk), Some(idx)) => {
+                let mut dd = k.zeros(dt, idx.len(), OP)?;
+                k.col_dot(&mut dd, &gy, m, Some(idx), &zk.read(), None, false)?;
+                Some(tensor(dd, [idx.len()]))
+            }
+            _ => None,
+        };
+        // X̃ (the LoRA branch input): saved, or recomputed as silu(gate) ⊙ up for the fused
+        // down projection. Needed for dA, and for dB when H was not kept.
+        let xt: Option<Tensor> = if na || (nb && self.h.is_none()) {
+            match (&self.x, &self.src) {
+                (Some(x), _) => Some(x.clone()),
+                (None, Some((gt, up))) => {
+                    let mut x = k.zeros(dt, nrows * n, OP)?;
+                    k.swiglu_recompute(&mut x, &gt.read(), &up.read())?;
+                    Some(tensor(x, [nrows, n]))
                 }
                 _ => None,
-            };
-            let dd = match (nd, &self.zk, &self.idx) {
-                (true, Some(zk), Some(idx)) => {
-                    let k = idx.len();
-                    let zv = zk.read();
-                    let zv = vals::<T>(&zv);
-                    let mut dd = crate::backend::cpu::zeros::<T>(k);
-                    for (gr, zr) in gy.chunks(m).zip(zv.chunks(k.max(1))) {
-                        for (j, &i) in idx.iter().enumerate() {
-                            dd[j] += gr[i] * zr[j];
-                        }
-                    }
-                    Some(out(dd, [k]))
-                }
-                _ => None,
-            };
-            // X̃ (the LoRA branch input): saved, or recomputed as silu(gate) ⊙ up for the fused
-            // down projection. Needed for dA, and for dB when H was not kept.
-            let xguard = self.x.as_ref().map(|x| x.read());
-            let xt: Option<std::borrow::Cow<'_, [T]>> = if na || (nb && self.h.is_none()) {
-                match (&xguard, &self.src) {
-                    (Some(x), _) => Some(vals::<T>(x)),
-                    (None, Some((gt, up))) => {
-                        let mut x = crate::backend::cpu::zeros::<T>(nrows * n);
-                        cpu::swiglu_fwd(&mut x, &vals::<T>(&gt.read()), &vals::<T>(&up.read()));
-                        Some(std::borrow::Cow::Owned(x))
-                    }
-                    _ => None,
-                }
-            } else {
-                None
-            };
-            let da = match (na, &xt, &g) {
-                (true, Some(x), Some(g)) => {
-                    let mut da = crate::backend::cpu::zeros::<T>(r * n);
-                    cpu::gemm(&mut da, g, x, r, nrows, n, true, false, st, T::ZERO);
-                    Some(out(da, [r, n]))
-                }
-                _ => None,
-            };
-            let db = if nb {
-                // H = X̃·Aᵀ [N, r]: kept, or recomputed (the same GEMM as the forward's).
-                let h: Vec<T> = match (&self.h, &xt, &self.a) {
-                    (Some(h), ..) => vals::<T>(&h.read()).into_owned(),
-                    (None, Some(x), Some(a)) => {
-                        let mut h = crate::backend::cpu::zeros::<T>(nrows * r);
-                        cpu::gemm(&mut h, x, &vals::<T>(&a.read()), nrows, n, r, false, true, T::ONE, T::ZERO);
-                        h
-                    }
-                    _ => return Err(crate::error::Error::Autograd(format!("{}: backward has neither H nor X̃ for dB", self.name))),
-                };
-                let mut db = crate::backend::cpu::zeros::<T>(m * r);
-                cpu::gemm(&mut db, &gy, &h, m, nrows, r, true, false, st, T::ZERO);
-                Some(out(db, [m, r]))
-            } else {
-                None
-            };
-            // SVD form: Q = dY·U [N, k];  dd_i = σ_i Σ_t Q[t,i]·P[t,i];  dX += (Q ⊙ c)·Vᵀ.
-            let (mut dx, mut dd) = (dx, dd);
-            if let Some(sv) = &self.svd {
-                let k = sv.sigma.numel();
-                let mut q = crate::backend::cpu::zeros::<T>(nrows * k);
-                cpu::gemm(&mut q, &gy, &vals::<T>(&sv.u.read()), nrows, m, k, false, false, T::ONE, T::ZERO);
-                if let (true, Some(p)) = (nd, &self.pk) {
-                    let (pv, sig) = (p.to_vec::<T>(), sv.sigma.to_vec::<T>());
-                    let mut g = crate::backend::cpu::zeros::<T>(k);
-                    for (qr, pr) in q.chunks(k).zip(pv.chunks(k)) {
-                        g.iter_mut().zip(qr.iter().zip(pr)).for_each(|(g, (q, p))| *g += *q * *p);
-                    }
-                    g.iter_mut().zip(&sig).for_each(|(g, s)| *g *= *s);
-                    dd = Some(out(g, [k]));
-                }
-                if let Some(dxv) = dx.as_mut() {
-                    let c = svd_coef::<T>(&sv.d, &sv.sigma);
-                    let qc: Vec<T> = q.chunks(k).flat_map(|row| row.iter().zip(&c).map(|(q, c)| *q * *c)).collect();
-                    cpu::gemm(dxv, &qc, &vals::<T>(&sv.v.read()), nrows, k, n, false, true, T::ONE, T::ONE);
-                }
             }
-            // Residual: dX −= s·(dY·B0)·A0 (the residual branch sees the un-dropped X).
-            if let (Some((a0, b0)), Some(dxv)) = (&self.residual, dx.as_mut()) {
-                let r0 = a0.dims()[0];
-                let mut g0 = crate::backend::cpu::zeros::<T>(nrows * r0);
-                cpu::gemm(&mut g0, &gy, &vals::<T>(&b0.read()), nrows, m, r0, false, false, T::ONE, T::ZERO);
-                cpu::gemm(dxv, &g0, &vals::<T>(&a0.read()), nrows, r0, n, false, false, -st, T::ONE);
+        } else {
+            None
+        };
+        let da = match (na, &xt, &g) {
+            (true, Some(x), Some(g)) => {
+                let mut da = k.zeros(dt, r * n, OP)?;
+                k.gemm(&mut da, g, &x.read(), &Gemm::new(r, nrows, n).trans(true, false).scaled(s, 0.0), OP)?;
+                Some(tensor(da, [r, n]))
             }
-            // A recomputed X̃ is done with: free it before the SwiGLU gradient's buffers exist
-            // (this op's backward is where a checkpointed step peaks).
-            drop(xt);
-            // Fused: dx is ∂L/∂x for x = swiglu(gate, up); pass it through the SwiGLU gradient,
-            // dgate written over dx (one [N, n] buffer less at the peak).
-            let mut grads = match (&self.src, dx) {
-                (Some((gt, up)), Some(mut dxv)) if self.fused => {
-                    let mut du = crate::backend::cpu::zeros::<T>(nrows * n);
-                    cpu::swiglu_bwd_in_place(&mut dxv, &mut du, &vals::<T>(&gt.read()), &vals::<T>(&up.read()));
-                    vec![Some(out(dxv, gt.shape().clone())), Some(out(du, up.shape().clone()))]
+            _ => None,
+        };
+        let db = if nb {
+            // H = X̃·Aᵀ [N, r]: kept, or recomputed (the same GEMM as the forward's).
+            let h = match (&self.h, &xt, &self.a) {
+                (Some(h), ..) => h.clone(),
+                (None, Some(x), Some(a)) => {
+                    let mut h = k.zeros(dt, nrows * r, OP)?;
+                    k.gemm(&mut h, &x.read(), &a.read(), &Gemm::new(nrows, n, r).trans(false, true), OP)?;
+                    tensor(h, [nrows, r])
                 }
-                (_, dx) if self.fused => {
-                    let dx = dx.map(|v| out(v, self.x_shape.clone()));
-                    vec![dx.clone(), dx]
-                }
-                (_, dx) => vec![dx.map(|v| out(v, self.x_shape.clone()))],
+                _ => return Err(Error::Autograd(format!("{}: backward has neither H nor X̃ for dB", self.name))),
             };
-            if self.has_d {
-                grads.push(dd);
+            let mut db = k.zeros(dt, m * r, OP)?;
+            k.gemm(&mut db, &gy, &h.read(), &Gemm::new(m, nrows, r).trans(true, false).scaled(s, 0.0), OP)?;
+            Some(tensor(db, [m, r]))
+        } else {
+            None
+        };
+        // SVD form: Q = dY·U [N, k];  dd_i = σ_i Σ_t Q[t,i]·P[t,i];  dX += (Q ⊙ c)·Vᵀ.
+        let mut dx = dx;
+        if let Some(sv) = &self.svd {
+            let kk = sv.sigma.numel();
+            let mut q = k.zeros(dt, nrows * kk, OP)?;
+            k.gemm(&mut q, &gy, &sv.u.read(), &Gemm::new(nrows, m, kk), OP)?;
+            if let (true, Some(p)) = (nd, &self.pk) {
+                let mut t = k.zeros(dt, kk, OP)?;
+                k.col_dot(&mut t, &q, kk, None, &p.read(), Some(&sv.sigma.read()), false)?;
+                dd = Some(tensor(t, [kk]));
             }
-            grads.extend([da, db]);
-            Ok(grads)
-        })
+            if let Some(dxv) = dx.as_mut() {
+                let c = svd_coef(k, &sv.d, &sv.sigma, OP)?;
+                let mut qc = k.zeros(dt, nrows * kk, OP)?;
+                k.scale_cols(&mut qc, &q, &c)?;
+                k.gemm(dxv, &qc, &sv.v.read(), &Gemm::new(nrows, kk, n).trans(false, true).scaled(1.0, 1.0), OP)?;
+            }
+        }
+        // Residual: dX −= s·(dY·B0)·A0 (the residual branch sees the un-dropped X).
+        if let (Some((a0, b0)), Some(dxv)) = (&self.residual, dx.as_mut()) {
+            let r0 = a0.dims()[0];
+            let mut g0 = k.zeros(dt, nrows * r0, OP)?;
+            k.gemm(&mut g0, &gy, &b0.read(), &Gemm::new(nrows, m, r0), OP)?;
+            k.gemm(dxv, &g0, &a0.read(), &Gemm::new(nrows, r0, n).scaled(-s, 1.0), OP)?;
+        }
+        // A recomputed X̃ is done with: free it before the SwiGLU gradient's buffers exist
+        // (this op's backward is where a checkpointed step peaks).
+        drop(xt);
+        drop(g);
+        // Fused: dx is ∂L/∂x for x = swiglu(gate, up); pass it through the SwiGLU gradient,
+        // dgate written over dx (one [N, n] buffer less at the peak).
+        let mut grads = match (&self.src, dx) {
+            (Some((gt, up)), Some(mut dxv)) if self.fused => {
+                let mut du = k.zeros(dt, nrows * n, OP)?;
+                k.swiglu_bwd_in_place(&mut dxv, &mut du, &gt.read(), &up.read())?;
+                vec![Some(tensor(dxv, gt.shape().clone())), Some(tensor(du, up.shape().clone()))]
+            }
+            (_, dx) if self.fused => {
+                let dx = dx.map(|v| tensor(v, self.x_shape.clone()));
+                vec![dx.clone(), dx]
+            }
+            (_, dx) => vec![dx.map(|v| tensor(v, self.x_shape.clone()))],
+        };
+        if self.has_d {
+            grads.push(dd);
+        }
+        grads.extend([da, db]);
+        Ok(grads)
     }
 }

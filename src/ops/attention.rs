@@ -8,8 +8,8 @@
 use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
 use crate::backend::AttnDims;
-use crate::tensor::kernels_for;
 use crate::error::{Error, Result};
+use crate::tensor::kernels_for;
 use crate::tensor::Tensor;
 
 /// Options for [`attention`].

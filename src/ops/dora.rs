@@ -13,17 +13,62 @@
 //! op's gradients are exact for the function it computes (and finite differences check them).
 //! Derivation: docs/ops.md §20.
 
-use super::adapter::Dropout;
-use super::{check_dtype, check_shape, compute_dtype, out, vals};
+use super::adapter::{tensor, Dropout};
+use super::{check_dtype, check_shape, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::cpu;
-use crate::device::with_float;
+use crate::backend::{cpu, Gemm};
+use crate::device::Device;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shape::Shape;
+use crate::storage::Storage;
+use crate::tensor::kernels_for;
 use crate::tensor::Tensor;
 
 /// Smallest row norm divided by (a zero row of W + s·B·A gives g_i = mag_i / 1e-30).
 const MIN_NORM: f64 = 1e-30;
+
+/// ν_i = ‖W_i + s·B_i·A‖ `[m]` on the device of the inputs, outside the graph (a constant for
+/// [`dora_linear`]'s backward): w [m, n] frozen (any stored dtype), wnorm2 `[m]` = ‖W_i‖²,
+/// a [r, n], b [m, r]. Two small GEMMs (A·Wᵀ [r, m] over the stored W, A·Aᵀ [r, r]) and the
+/// per-row combination of [`Kernels::dora_norms`](crate::backend::Kernels::dora_norms); W + s·B·A
+/// is never formed. f64 on the CPU (as [`dora_row_norms`]), f32 on the device.
+pub fn dora_nu(w: &Tensor, wnorm2: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+    const OP: &str = "dora_row_norms";
+    if w.dims().len() != 2 {
+        return Err(Error::shape(OP, "w", "[out, in]", w.shape()));
+    }
+    let (m, n) = (w.dims()[0], w.dims()[1]);
+    if a.dims().len() != 2 || a.dims()[1] != n || a.dims()[0] == 0 {
+        return Err(Error::shape(OP, "a", format!("[r, {n}]"), a.shape()));
+    }
+    let r = a.dims()[0];
+    check_shape(OP, "b", b, &[m, r])?;
+    check_shape(OP, "wnorm2", wnorm2, &[m])?;
+    if !s.is_finite() {
+        return Err(Error::invalid(OP, format!("scale must be finite, got {s}")));
+    }
+    let k = kernels_for(OP, &[("w", w), ("wnorm2", wnorm2), ("a", a), ("b", b)])?;
+    let dt = if k.device() == Device::Cpu { DType::F64 } else { DType::F32 };
+    // a, b, ‖W_i‖² in dt: converted copies only where the stored dtype differs.
+    let conv = |t: &Tensor| -> Result<Option<Storage>> {
+        if t.dtype() == dt {
+            Ok(None)
+        } else {
+            k.upload(&t.read(), dt, OP).map(Some)
+        }
+    };
+    let (ac, bc, wc) = (conv(a)?, conv(b)?, conv(wnorm2)?);
+    let (ag, bg, wg) = (a.read(), b.read(), wnorm2.read());
+    let (av, bv, wn) = (ac.as_ref().unwrap_or(&ag), bc.as_ref().unwrap_or(&bg), wc.as_ref().unwrap_or(&wg));
+    let mut awt = k.zeros(dt, r * m, OP)?;
+    k.gemm(&mut awt, av, &w.read(), &Gemm::new(r, n, m).trans(false, true), OP)?;
+    let mut aat = k.zeros(dt, r * r, OP)?;
+    k.gemm(&mut aat, av, av, &Gemm::new(r, n, r).trans(false, true), OP)?;
+    let mut nu = k.zeros(dt, m, OP)?;
+    k.dora_norms(&mut nu, wn, bv, &awt, &aat, r, s)?;
+    Ok(tensor(nu, [m]))
+}
 
 /// ν_i = ‖W_i + s·B_i·A‖ for every row, in f64 (W read through tiled GEMMs, never densely).
 /// w [m, n] frozen (any stored dtype), wnorm2 `[m]` = ‖W_i‖², a [r, n], b [m, r] as f64 values.
@@ -94,30 +139,38 @@ pub fn dora_linear(x: &Tensor, w: &Tensor, nu: &Tensor, a: &Tensor, b: &Tensor, 
     if !s.is_finite() {
         return Err(Error::invalid(OP, format!("scale must be finite, got {s}")));
     }
+    let k = kernels_for(OP, &[("x", x), ("w", w), ("nu", nu), ("a", a), ("b", b), ("mag", mag)])?;
     let nrows = x.shape().rows();
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank checked") = m;
-    let nu = nu.to_vec_f64();
-    if nu.iter().any(|v| !v.is_finite() || *v < 0.0) {
+    // ν is [m]: its check reads m values (never W).
+    if nu.try_to_vec::<f64>()?.iter().any(|v| !v.is_finite() || *v < 0.0) {
         return Err(Error::invalid(OP, "the row norms nu must be finite and ≥ 0"));
     }
-    let (y, o, h, xd, g, nut) = with_float!(dt, OP, |T| {
-        let xg = x.read();
-        let xv = vals::<T>(&xg);
-        // O = X·Wᵀ + s·(X̃·Aᵀ)·Bᵀ  [N, m]
-        let mut o = crate::backend::cpu::zeros::<T>(nrows * m);
-        cpu::gemm_stored(&mut o, &xv, &w.read(), 0, nrows, n, m, false, true, T::ZERO);
-        let xd: Option<Vec<T>> = dropout.map(|dr| xv.iter().enumerate().map(|(i, &v)| v * T::from_f64(dr.factor(i))).collect());
-        let xa: &[T] = xd.as_deref().unwrap_or(&xv);
-        let mut h = crate::backend::cpu::zeros::<T>(nrows * r);
-        cpu::gemm(&mut h, xa, &vals::<T>(&a.read()), nrows, n, r, false, true, T::ONE, T::ZERO);
-        cpu::gemm(&mut o, &h, &vals::<T>(&b.read()), nrows, r, m, false, true, T::from_f64(s), T::ONE);
-        // g = mag / ν, with ν rounded to T first so that mag = ‖W_i‖ (init) gives g = 1 exactly.
-        let nut: Vec<T> = nu.iter().map(|&v| T::from_f64(v.max(MIN_NORM))).collect();
-        let g: Vec<T> = mag.to_vec::<T>().iter().zip(&nut).map(|(m, n)| *m / *n).collect();
-        let y: Vec<T> = o.chunks(m).flat_map(|row| row.iter().zip(&g).map(|(o, g)| *o * *g)).collect();
-        Ok((out(y, Shape::new(out_dims.clone())), out(o, [nrows, m]), out(h, [nrows, r]), xd.map(|v| out(v, [nrows, n])), out(g, [m]), out(nut, [m])))
-    })?;
+    let xg = x.read();
+    // O = X·Wᵀ + s·(X̃·Aᵀ)·Bᵀ  [N, m]
+    let mut o = k.zeros(dt, nrows * m, OP)?;
+    k.gemm(&mut o, &xg, &w.read(), &Gemm::new(nrows, n, m).trans(false, true), OP)?;
+    let xd = match dropout {
+        Some(dr) => {
+            let mut xd = k.zeros(dt, nrows * n, OP)?;
+            k.dropout_apply(&mut xd, &xg, dr.p, dr.seed, false)?;
+            Some(xd)
+        }
+        None => None,
+    };
+    let mut h = k.zeros(dt, nrows * r, OP)?;
+    k.gemm(&mut h, xd.as_ref().unwrap_or(&xg), &a.read(), &Gemm::new(nrows, n, r).trans(false, true), OP)?;
+    k.gemm(&mut o, &h, &b.read(), &Gemm::new(nrows, r, m).trans(false, true).scaled(s, 1.0), OP)?;
+    drop(xg);
+    // g = mag / ν̂ with ν̂ = max(ν, MIN_NORM) rounded to the compute dtype first, so that
+    // mag = ‖W_i‖ (init) gives g = 1 exactly;  Y = O·diag(g).
+    let (mut g, mut nut) = (k.zeros(dt, m, OP)?, k.zeros(dt, m, OP)?);
+    k.dora_scale(&mut g, &mut nut, &nu.read(), &mag.read(), MIN_NORM)?;
+    let mut y = k.zeros(dt, nrows * m, OP)?;
+    k.scale_cols(&mut y, &o, &g)?;
+    let (y, o, h) = (tensor(y, Shape::new(out_dims)), tensor(o, [nrows, m]), tensor(h, [nrows, r]));
+    let (xd, g, nut) = (xd.map(|v| tensor(v, [nrows, n])), tensor(g, [m]), tensor(nut, [m]));
     Ok(record(y, &[x, a, b, mag], |needs| {
         let (nx, na, nb, nm) = (needs[0], needs[1], needs[2], needs[3]);
         Box::new(DoraBwd {
@@ -146,7 +199,7 @@ struct DoraBwd {
     h: Option<Tensor>,
     /// O = X·Wᵀ + s·H·Bᵀ before the row scaling [N, m], for dmag.
     o: Option<Tensor>,
-    /// ν [m] (as used in the forward) and g = mag/ν [m].
+    /// ν̂ [m] (as used in the forward) and g = mag/ν̂ [m].
     nu: Tensor,
     g: Tensor,
     dropout: Option<Dropout>,
@@ -161,67 +214,65 @@ impl Backward for DoraBwd {
     ///   dmag_i = Σ_t dY[t, i]·O[t, i] / ν_i
     ///   dX = dO·W + s·(G·A) ⊙ mask/(1−p);  dA = s·Gᵀ·X̃;  dB = s·dOᵀ·H
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
+        const OP: &str = "dora_linear.backward";
         let (nrows, m, n, r, s) = self.dims;
         let (nx, na, nb, nm) = (needs[0], needs[1], needs[2], needs[3]);
-        with_float!(dy.dtype(), "dora_linear.backward", |T| {
-            let gy = dy.read();
-            let gy = vals::<T>(&gy);
-            let st = T::from_f64(s);
-            let gv = self.g.to_vec::<T>();
-            let dmag = match (nm, &self.o) {
-                (true, Some(o)) => {
-                    let ov = o.read();
-                    let ov = vals::<T>(&ov);
-                    let mut acc = crate::backend::cpu::zeros::<T>(m);
-                    for (gr, or) in gy.chunks(m).zip(ov.chunks(m)) {
-                        acc.iter_mut().zip(gr.iter().zip(or)).for_each(|(a, (g, o))| *a += *g * *o);
+        let k = kernels_for(OP, &[("dy", dy)])?;
+        let dt = dy.dtype();
+        let gy = dy.read();
+        let dmag = match (nm, &self.o) {
+            (true, Some(o)) => {
+                let mut dm = k.zeros(dt, m, OP)?;
+                k.col_dot(&mut dm, &gy, m, None, &o.read(), Some(&self.nu.read()), true)?;
+                Some(tensor(dm, [m]))
+            }
+            _ => None,
+        };
+        // dO = dY·diag(g)
+        let mut go = k.zeros(dt, nrows * m, OP)?;
+        k.scale_cols(&mut go, &gy, &self.g.read())?;
+        drop(gy);
+        let gb = match &self.b {
+            Some(b) => {
+                let mut g = k.zeros(dt, nrows * r, OP)?;
+                k.gemm(&mut g, &go, &b.read(), &Gemm::new(nrows, m, r), OP)?;
+                Some(g)
+            }
+            None => None,
+        };
+        let dx = match (nx, &self.w, &self.a, &gb) {
+            (true, Some(w), Some(a), Some(gb)) => {
+                let mut dx = k.zeros(dt, nrows * n, OP)?;
+                k.gemm(&mut dx, &go, &w.read(), &Gemm::new(nrows, m, n), OP)?;
+                match self.dropout {
+                    Some(dr) => {
+                        let mut ga = k.zeros(dt, nrows * n, OP)?;
+                        k.gemm(&mut ga, gb, &a.read(), &Gemm::new(nrows, r, n).scaled(s, 0.0), OP)?;
+                        k.dropout_apply(&mut dx, &ga, dr.p, dr.seed, true)?;
                     }
-                    let nu = self.nu.to_vec::<T>();
-                    Some(out(acc.iter().zip(&nu).map(|(a, n)| *a / *n).collect::<Vec<T>>(), [m]))
+                    None => k.gemm(&mut dx, gb, &a.read(), &Gemm::new(nrows, r, n).scaled(s, 1.0), OP)?,
                 }
-                _ => None,
-            };
-            // dO = dY·diag(g)
-            let go: Vec<T> = gy.chunks(m).flat_map(|row| row.iter().zip(&gv).map(|(d, g)| *d * *g)).collect();
-            let gb = self.b.as_ref().map(|b| {
-                let mut g = crate::backend::cpu::zeros::<T>(nrows * r);
-                cpu::gemm(&mut g, &go, &vals::<T>(&b.read()), nrows, m, r, false, false, T::ONE, T::ZERO);
-                g
-            });
-            let dx = match (nx, &self.w, &self.a, &gb) {
-                (true, Some(w), Some(a), Some(gb)) => {
-                    let mut dx = crate::backend::cpu::zeros::<T>(nrows * n);
-                    cpu::gemm_stored(&mut dx, &go, &w.read(), 0, nrows, m, n, false, false, T::ZERO);
-                    match self.dropout {
-                        Some(dr) => {
-                            let mut ga = crate::backend::cpu::zeros::<T>(nrows * n);
-                            cpu::gemm(&mut ga, gb, &vals::<T>(&a.read()), nrows, r, n, false, false, st, T::ZERO);
-                            dx.iter_mut().zip(&ga).enumerate().for_each(|(i, (d, v))| *d += *v * T::from_f64(dr.factor(i)));
-                        }
-                        None => cpu::gemm(&mut dx, gb, &vals::<T>(&a.read()), nrows, r, n, false, false, st, T::ONE),
-                    }
-                    Some(out(dx, self.x_shape.clone()))
-                }
-                _ => None,
-            };
-            let da = match (na, &self.x, &gb) {
-                (true, Some(x), Some(gb)) => {
-                    let mut da = crate::backend::cpu::zeros::<T>(r * n);
-                    cpu::gemm(&mut da, gb, &vals::<T>(&x.read()), r, nrows, n, true, false, st, T::ZERO);
-                    Some(out(da, [r, n]))
-                }
-                _ => None,
-            };
-            let db = match (nb, &self.h) {
-                (true, Some(h)) => {
-                    let mut db = crate::backend::cpu::zeros::<T>(m * r);
-                    cpu::gemm(&mut db, &go, &vals::<T>(&h.read()), m, nrows, r, true, false, st, T::ZERO);
-                    Some(out(db, [m, r]))
-                }
-                _ => None,
-            };
-            Ok(vec![dx, da, db, dmag])
-        })
+                Some(tensor(dx, self.x_shape.clone()))
+            }
+            _ => None,
+        };
+        let da = match (na, &self.x, &gb) {
+            (true, Some(x), Some(gb)) => {
+                let mut da = k.zeros(dt, r * n, OP)?;
+                k.gemm(&mut da, gb, &x.read(), &Gemm::new(r, nrows, n).trans(true, false).scaled(s, 0.0), OP)?;
+                Some(tensor(da, [r, n]))
+            }
+            _ => None,
+        };
+        let db = match (nb, &self.h) {
+            (true, Some(h)) => {
+                let mut db = k.zeros(dt, m * r, OP)?;
+                k.gemm(&mut db, &go, &h.read(), &Gemm::new(m, nrows, r).trans(true, false).scaled(s, 0.0), OP)?;
+                Some(tensor(db, [m, r]))
+            }
+            _ => None,
+        };
+        Ok(vec![dx, da, db, dmag])
     }
 }
 

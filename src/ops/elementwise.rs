@@ -4,11 +4,11 @@
 
 use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::{Kernels};
-use crate::tensor::kernels_for;
+use crate::backend::Kernels;
 use crate::error::{Error, Result};
 use crate::shape::Shape;
 use crate::storage::Storage;
+use crate::tensor::kernels_for;
 use crate::tensor::Tensor;
 
 fn check_broadcast(op: &'static str, a: &Tensor, b: &Tensor) -> Result<bool> {

@@ -4,9 +4,9 @@
 
 use super::check_dtype;
 use crate::autograd::{record, Backward, GradStore};
-use crate::tensor::kernels_for;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::tensor::kernels_for;
 use crate::tensor::Tensor;
 
 /// table: [vocab, dim]; ids: any length n → [n, dim] in `dtype` (f32 or f64), on the table's

@@ -13,11 +13,11 @@
 use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
 use crate::backend::{CeBlocks, Gemm, Kernels};
-use crate::tensor::kernels_for;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shape::Shape;
 use crate::storage::{HostData, Storage};
+use crate::tensor::kernels_for;
 use crate::tensor::Tensor;
 
 /// Logits per block in the CPU forward of [`linear_cross_entropy`] (1024 rows × 2048 columns).

@@ -8,9 +8,9 @@
 use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
 use crate::backend::Gemm;
-use crate::tensor::kernels_for;
 use crate::error::{Error, Result};
 use crate::shape::Shape;
+use crate::tensor::kernels_for;
 use crate::tensor::Tensor;
 
 #[derive(Clone, Copy, Debug)]

@@ -23,7 +23,7 @@ pub use adapter::{
     SpecRows, Spectral,
 };
 pub use attention::{attention, AttnOptions};
-pub use dora::{dora_linear, dora_merged, dora_row_norms, row_norms2};
+pub use dora::{dora_linear, dora_merged, dora_nu, dora_row_norms, row_norms2};
 pub use elementwise::{add, geglu, gelu_tanh, mul, scale, silu, swiglu};
 pub use embedding::embedding;
 pub use loss::{cross_entropy, linear_cross_entropy, CeOptions};
@@ -34,20 +34,10 @@ pub use rope::{rope, Rope};
 pub use spectral::{cayley, cayley_f64, spectral_a_linear, spectral_r_linear};
 
 use crate::autograd::{record, Backward, GradStore};
-use crate::dtype::{DType, Float};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shape::Shape;
-use crate::storage::{host_from_vec, Storage};
 use crate::tensor::Tensor;
-
-/// Wraps a freshly computed buffer as a constant tensor (the op layer attaches the graph link).
-pub(crate) fn out<T: Float>(v: Vec<T>, shape: impl Into<Shape>) -> Tensor {
-    let shape = shape.into();
-    debug_assert_eq!(v.len(), shape.numel());
-    Tensor::from_storage(Storage::Host(host_from_vec(v)), shape)
-}
-
-pub(crate) use crate::backend::host::vals;
 
 /// Rejects tensors with a zero-sized dimension (empty tensors are not supported by the ops).
 pub(crate) fn nonempty(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {

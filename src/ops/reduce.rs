@@ -3,10 +3,10 @@
 use super::compute_dtype;
 use crate::autograd::{record, Backward, GradStore};
 use crate::backend::kernels;
-use crate::tensor::kernels_for;
 use crate::device::Device;
 use crate::error::Result;
 use crate::shape::Shape;
+use crate::tensor::kernels_for;
 use crate::tensor::Tensor;
 
 /// Σ x over all elements, a scalar (accumulated in f64).

@@ -4,8 +4,8 @@
 
 use super::compute_dtype;
 use crate::autograd::{record, Backward, GradStore};
-use crate::tensor::kernels_for;
 use crate::error::{Error, Result};
+use crate::tensor::kernels_for;
 use crate::tensor::Tensor;
 
 /// The frequency table of one model (head_dim/2 inverse frequencies).

@@ -17,14 +17,15 @@
 use faer::linalg::solvers::Solve;
 use faer::Mat;
 
-use super::{check_dtype, check_shape, compute_dtype, out, vals};
+use super::adapter::tensor;
+use super::{check_dtype, check_shape, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::cpu;
-use crate::device::with_float;
+use crate::backend::{Gemm, Kernels};
 use crate::error::{Error, Result};
 use crate::shape::Shape;
+use crate::storage::{host_from_vec, Storage};
+use crate::tensor::kernels_for;
 use crate::tensor::Tensor;
-use crate::Float;
 
 // ---------------------------------------------------------------------------------------------
 // Cayley transform
@@ -81,8 +82,14 @@ pub fn cayley(q: &Tensor) -> Result<Tensor> {
         return Err(Error::NonFinite { op: OP, what: "q".into() });
     }
     let rv = cayley_f64(&qv, r);
-    let y = with_float!(dt, OP, |T| { Ok(out(rv.iter().map(|&v| T::from_f64(v)).collect::<Vec<T>>(), [r, r])) })?;
+    let y = f64_to_device(kernels_for(OP, &[("q", q)])?, &rv, dt, [r, r], OP)?;
     Ok(record(y, &[q], |_| Box::new(CayleyBwd { q: qv, r: rv, n: r })))
+}
+
+/// Host f64 values as a tensor of `dt` on the device of `k` (the r×r Cayley matrices are solved
+/// on the host in f64 whatever the device: r ≤ a few hundred, a few KiB each way).
+fn f64_to_device(k: &dyn Kernels, v: &[f64], dt: crate::DType, shape: impl Into<Shape>, op: &'static str) -> Result<Tensor> {
+    Ok(tensor(k.upload(&Storage::Host(host_from_vec(v.to_vec())), dt, op)?, shape))
 }
 
 struct CayleyBwd {
@@ -122,7 +129,8 @@ impl Backward for CayleyBwd {
                 dq[i * r + j] = 0.5 * (zt[i * r + j] - zt[j * r + i]);
             }
         }
-        with_float!(dy.dtype(), "cayley.backward", |T| { Ok(vec![Some(out(dq.iter().map(|&v| T::from_f64(v)).collect::<Vec<T>>(), [r, r]))]) })
+        const OP: &str = "cayley.backward";
+        Ok(vec![Some(f64_to_device(kernels_for(OP, &[("dy", dy)])?, &dq, dy.dtype(), [r, r], OP)?)])
     }
 }
 
@@ -162,10 +170,11 @@ fn out_dims(x: &Tensor, m: usize) -> Shape {
     Shape::new(d)
 }
 
-/// a [rows, r] with column j multiplied by s[j].
-fn scale_cols<T: Float>(a: &[T], s: &[T]) -> Vec<T> {
-    let r = s.len();
-    a.chunks(r).flat_map(|row| row.iter().zip(s).map(|(a, s)| *a * *s)).collect()
+/// out = p ⊙ c per column: p [rows, k], c `[k]` (a right product with diag(c)).
+fn scale_cols(k: &dyn Kernels, p: &Storage, c: &Storage, op: &'static str) -> Result<Storage> {
+    let mut o = k.zeros(p.dtype(), p.len(), op)?;
+    k.scale_cols(&mut o, p, c)?;
+    Ok(o)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -181,26 +190,27 @@ pub fn spectral_a_linear(x: &Tensor, w: &Tensor, u: &Tensor, sigma: &Tensor, v: 
     check_shape(OP, "dv", dv, &[n, r])?;
     check_dtype(OP, "du", du, dt, true)?;
     check_dtype(OP, "dv", dv, dt, true)?;
-    let (y, ps) = with_float!(dt, OP, |T| {
-        let xg = x.read();
-        let xv = vals::<T>(&xg);
-        let sg = sigma.to_vec::<T>();
-        // Y = X·Wᵀ  [N, m]
-        let mut y = crate::backend::cpu::zeros::<T>(nrows * m);
-        cpu::gemm_stored(&mut y, &xv, &w.read(), 0, nrows, n, m, false, true, T::ZERO);
-        // P = X·V, E = X·ΔV  [N, r]
-        let mut p = crate::backend::cpu::zeros::<T>(nrows * r);
-        cpu::gemm(&mut p, &xv, &vals::<T>(&v.read()), nrows, n, r, false, false, T::ONE, T::ZERO);
-        let mut e = crate::backend::cpu::zeros::<T>(nrows * r);
-        cpu::gemm(&mut e, &xv, &vals::<T>(&dv.read()), nrows, n, r, false, false, T::ONE, T::ZERO);
-        // Y += ((P + E) ⊙ σ)·ΔUᵀ + (E ⊙ σ)·Uᵀ
-        p.iter_mut().zip(&e).for_each(|(p, e)| *p += *e);
-        let ps = scale_cols(&p, &sg);
-        let es = scale_cols(&e, &sg);
-        cpu::gemm(&mut y, &ps, &vals::<T>(&du.read()), nrows, r, m, false, true, T::ONE, T::ONE);
-        cpu::gemm(&mut y, &es, &vals::<T>(&u.read()), nrows, r, m, false, true, T::ONE, T::ONE);
-        Ok((out(y, out_dims(x, m)), out(ps, [nrows, r])))
-    })?;
+    let k = kernels_for(OP, &[("x", x), ("w", w), ("u", u), ("sigma", sigma), ("v", v), ("du", du), ("dv", dv)])?;
+    let (xg, sg) = (x.read(), sigma.read());
+    // Y = X·Wᵀ  [N, m]
+    let mut y = k.zeros(dt, nrows * m, OP)?;
+    k.gemm(&mut y, &xg, &w.read(), &Gemm::new(nrows, n, m).trans(false, true), OP)?;
+    // P = X·V, E = X·ΔV  [N, r]
+    let mut p = k.zeros(dt, nrows * r, OP)?;
+    k.gemm(&mut p, &xg, &v.read(), &Gemm::new(nrows, n, r), OP)?;
+    let mut e = k.zeros(dt, nrows * r, OP)?;
+    k.gemm(&mut e, &xg, &dv.read(), &Gemm::new(nrows, n, r), OP)?;
+    drop(xg);
+    // Y += ((P + E) ⊙ σ)·ΔUᵀ + (E ⊙ σ)·Uᵀ
+    k.add_assign(&mut p, &e, OP)?;
+    let ps = scale_cols(k, &p, &sg, OP)?;
+    drop(p);
+    let es = scale_cols(k, &e, &sg, OP)?;
+    drop(e);
+    k.gemm(&mut y, &ps, &du.read(), &Gemm::new(nrows, r, m).trans(false, true).scaled(1.0, 1.0), OP)?;
+    k.gemm(&mut y, &es, &u.read(), &Gemm::new(nrows, r, m).trans(false, true).scaled(1.0, 1.0), OP)?;
+    drop(sg);
+    let (y, ps) = (tensor(y, out_dims(x, m)), tensor(ps, [nrows, r]));
     Ok(record(y, &[x, du, dv], |needs| {
         let (nx, ndu, ndv) = (needs[0], needs[1], needs[2]);
         Box::new(SpectralABwd {
@@ -241,44 +251,45 @@ impl Backward for SpectralABwd {
     ///   dΔV = Xᵀ·(Q' ⊙ σ)
     ///   dX  = dY·W + (Q_Δ ⊙ σ)·Vᵀ + (Q' ⊙ σ)·ΔVᵀ
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
+        const OP: &str = "spectral_a_linear.backward";
         let (nrows, m, n, r) = self.dims;
         let (nx, ndu, ndv) = (needs[0], needs[1], needs[2]);
-        with_float!(dy.dtype(), "spectral_a_linear.backward", |T| {
-            let gy = dy.read();
-            let gy = vals::<T>(&gy);
-            let ddu = match (ndu, &self.ps) {
-                (true, Some(ps)) => {
-                    let mut g = crate::backend::cpu::zeros::<T>(m * r);
-                    cpu::gemm(&mut g, &gy, &vals::<T>(&ps.read()), m, nrows, r, true, false, T::ONE, T::ZERO);
-                    Some(out(g, [m, r]))
-                }
-                _ => None,
-            };
-            let (mut ddv, mut dx) = (None, None);
-            if let (true, Some(u), Some(sigma), Some(du)) = (nx || ndv, &self.u, &self.sigma, &self.du) {
-                let sg = sigma.to_vec::<T>();
-                let mut qd = crate::backend::cpu::zeros::<T>(nrows * r);
-                cpu::gemm(&mut qd, &gy, &vals::<T>(&du.read()), nrows, m, r, false, false, T::ONE, T::ZERO);
-                // Q' = dY·U + Q_Δ
-                let mut qp = qd.clone();
-                cpu::gemm(&mut qp, &gy, &vals::<T>(&u.read()), nrows, m, r, false, false, T::ONE, T::ONE);
-                let qps = scale_cols(&qp, &sg);
-                if let (true, Some(x)) = (ndv, &self.x) {
-                    let mut g = crate::backend::cpu::zeros::<T>(n * r);
-                    cpu::gemm(&mut g, &vals::<T>(&x.read()), &qps, n, nrows, r, true, false, T::ONE, T::ZERO);
-                    ddv = Some(out(g, [n, r]));
-                }
-                if let (true, Some(w), Some(v), Some(dvt)) = (nx, &self.w, &self.v, &self.dv) {
-                    let mut g = crate::backend::cpu::zeros::<T>(nrows * n);
-                    cpu::gemm_stored(&mut g, &gy, &w.read(), 0, nrows, m, n, false, false, T::ZERO);
-                    let qds = scale_cols(&qd, &sg);
-                    cpu::gemm(&mut g, &qds, &vals::<T>(&v.read()), nrows, r, n, false, true, T::ONE, T::ONE);
-                    cpu::gemm(&mut g, &qps, &vals::<T>(&dvt.read()), nrows, r, n, false, true, T::ONE, T::ONE);
-                    dx = Some(out(g, self.x_shape.clone()));
-                }
+        let k = kernels_for(OP, &[("dy", dy)])?;
+        let dt = dy.dtype();
+        let gy = dy.read();
+        let ddu = match (ndu, &self.ps) {
+            (true, Some(ps)) => {
+                let mut g = k.zeros(dt, m * r, OP)?;
+                k.gemm(&mut g, &gy, &ps.read(), &Gemm::new(m, nrows, r).trans(true, false), OP)?;
+                Some(tensor(g, [m, r]))
             }
-            Ok(vec![dx, ddu, ddv])
-        })
+            _ => None,
+        };
+        let (mut ddv, mut dx) = (None, None);
+        if let (true, Some(u), Some(sigma), Some(du)) = (nx || ndv, &self.u, &self.sigma, &self.du) {
+            let sg = sigma.read();
+            let mut qd = k.zeros(dt, nrows * r, OP)?;
+            k.gemm(&mut qd, &gy, &du.read(), &Gemm::new(nrows, m, r), OP)?;
+            // Q' = dY·U + Q_Δ
+            let mut qp = k.upload(&qd, dt, OP)?;
+            k.gemm(&mut qp, &gy, &u.read(), &Gemm::new(nrows, m, r).scaled(1.0, 1.0), OP)?;
+            let qps = scale_cols(k, &qp, &sg, OP)?;
+            drop(qp);
+            if let (true, Some(x)) = (ndv, &self.x) {
+                let mut g = k.zeros(dt, n * r, OP)?;
+                k.gemm(&mut g, &x.read(), &qps, &Gemm::new(n, nrows, r).trans(true, false), OP)?;
+                ddv = Some(tensor(g, [n, r]));
+            }
+            if let (true, Some(w), Some(v), Some(dvt)) = (nx, &self.w, &self.v, &self.dv) {
+                let mut g = k.zeros(dt, nrows * n, OP)?;
+                k.gemm(&mut g, &gy, &w.read(), &Gemm::new(nrows, m, n), OP)?;
+                let qds = scale_cols(k, &qd, &sg, OP)?;
+                k.gemm(&mut g, &qds, &v.read(), &Gemm::new(nrows, r, n).trans(false, true).scaled(1.0, 1.0), OP)?;
+                k.gemm(&mut g, &qps, &dvt.read(), &Gemm::new(nrows, r, n).trans(false, true).scaled(1.0, 1.0), OP)?;
+                dx = Some(tensor(g, self.x_shape.clone()));
+            }
+        }
+        Ok(vec![dx, ddu, ddv])
     }
 }
 
@@ -287,16 +298,13 @@ impl Backward for SpectralABwd {
 // ---------------------------------------------------------------------------------------------
 
 /// M = R_U·diag(c ⊙ σ)·R_Vᵀ − diag(σ)  [r, r].
-fn rot_core<T: Float>(ru: &[T], rv: &[T], c: &[T], sg: &[T]) -> Vec<T> {
-    let r = sg.len();
-    let cs: Vec<T> = c.iter().zip(sg).map(|(c, s)| *c * *s).collect();
-    let ruc = scale_cols(ru, &cs);
-    let mut mm = crate::backend::cpu::zeros::<T>(r * r);
-    cpu::gemm(&mut mm, &ruc, rv, r, r, r, false, true, T::ONE, T::ZERO);
-    for i in 0..r {
-        mm[i * r + i] -= sg[i];
-    }
-    mm
+fn rot_core(k: &dyn Kernels, ru: &Storage, rv: &Storage, c: &Storage, sg: &Storage, r: usize, op: &'static str) -> Result<Storage> {
+    let cs = scale_cols(k, c, sg, op)?;
+    let ruc = scale_cols(k, ru, &cs, op)?;
+    let mut mm = k.zeros(ru.dtype(), r * r, op)?;
+    k.gemm(&mut mm, &ruc, rv, &Gemm::new(r, r, r).trans(false, true), op)?;
+    k.sub_diag(&mut mm, sg)?;
+    Ok(mm)
 }
 
 /// Spectral Adapter, rotational: x [.., n] through
@@ -313,20 +321,20 @@ pub fn spectral_r_linear(x: &Tensor, w: &Tensor, u: &Tensor, sigma: &Tensor, v: 
     for (name, t) in [("ru", ru), ("rv", rv), ("c", c)] {
         check_dtype(OP, name, t, dt, true)?;
     }
-    let (y, p, mm) = with_float!(dt, OP, |T| {
-        let xg = x.read();
-        let xv = vals::<T>(&xg);
-        let mm = rot_core(&ru.to_vec::<T>(), &rv.to_vec::<T>(), &c.to_vec::<T>(), &sigma.to_vec::<T>());
-        let mut y = crate::backend::cpu::zeros::<T>(nrows * m);
-        cpu::gemm_stored(&mut y, &xv, &w.read(), 0, nrows, n, m, false, true, T::ZERO);
-        // P = X·V [N, r];  Z = P·Mᵀ [N, r];  Y += Z·Uᵀ
-        let mut p = crate::backend::cpu::zeros::<T>(nrows * r);
-        cpu::gemm(&mut p, &xv, &vals::<T>(&v.read()), nrows, n, r, false, false, T::ONE, T::ZERO);
-        let mut z = crate::backend::cpu::zeros::<T>(nrows * r);
-        cpu::gemm(&mut z, &p, &mm, nrows, r, r, false, true, T::ONE, T::ZERO);
-        cpu::gemm(&mut y, &z, &vals::<T>(&u.read()), nrows, r, m, false, true, T::ONE, T::ONE);
-        Ok((out(y, out_dims(x, m)), out(p, [nrows, r]), out(mm, [r, r])))
-    })?;
+    let k = kernels_for(OP, &[("x", x), ("w", w), ("u", u), ("sigma", sigma), ("v", v), ("ru", ru), ("rv", rv), ("c", c)])?;
+    let mm = rot_core(k, &ru.read(), &rv.read(), &c.read(), &sigma.read(), r, OP)?;
+    let xg = x.read();
+    let mut y = k.zeros(dt, nrows * m, OP)?;
+    k.gemm(&mut y, &xg, &w.read(), &Gemm::new(nrows, n, m).trans(false, true), OP)?;
+    // P = X·V [N, r];  Z = P·Mᵀ [N, r];  Y += Z·Uᵀ
+    let mut p = k.zeros(dt, nrows * r, OP)?;
+    k.gemm(&mut p, &xg, &v.read(), &Gemm::new(nrows, n, r), OP)?;
+    drop(xg);
+    let mut z = k.zeros(dt, nrows * r, OP)?;
+    k.gemm(&mut z, &p, &mm, &Gemm::new(nrows, r, r).trans(false, true), OP)?;
+    k.gemm(&mut y, &z, &u.read(), &Gemm::new(nrows, r, m).trans(false, true).scaled(1.0, 1.0), OP)?;
+    drop(z);
+    let (y, p, mm) = (tensor(y, out_dims(x, m)), tensor(p, [nrows, r]), tensor(mm, [r, r]));
     Ok(record(y, &[x, ru, rv, c], |needs| {
         let (nx, nr) = (needs[0], needs[1] || needs[2] || needs[3]);
         Box::new(SpectralRBwd {
@@ -364,46 +372,49 @@ impl Backward for SpectralRBwd {
     ///   dX   = dY·W + (Q·M)·Vᵀ
     ///   dR_U = dM·R_V·C,   dR_V = dMᵀ·R_U·C,   dc_i = σ_i·(R_Uᵀ·dM·R_V)_ii
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
+        const OP: &str = "spectral_r_linear.backward";
         let (nrows, m, n, r) = self.dims;
-        with_float!(dy.dtype(), "spectral_r_linear.backward", |T| {
-            let gy = dy.read();
-            let gy = vals::<T>(&gy);
-            let mut q = crate::backend::cpu::zeros::<T>(nrows * r);
-            cpu::gemm(&mut q, &gy, &vals::<T>(&self.u.read()), nrows, m, r, false, false, T::ONE, T::ZERO);
-            let dx = match (needs[0], &self.w, &self.v, &self.mm) {
-                (true, Some(w), Some(v), Some(mm)) => {
-                    let mut g = crate::backend::cpu::zeros::<T>(nrows * n);
-                    cpu::gemm_stored(&mut g, &gy, &w.read(), 0, nrows, m, n, false, false, T::ZERO);
-                    let mut qm = crate::backend::cpu::zeros::<T>(nrows * r);
-                    cpu::gemm(&mut qm, &q, &vals::<T>(&mm.read()), nrows, r, r, false, false, T::ONE, T::ZERO);
-                    cpu::gemm(&mut g, &qm, &vals::<T>(&v.read()), nrows, r, n, false, true, T::ONE, T::ONE);
-                    Some(out(g, self.x_shape.clone()))
-                }
-                _ => None,
-            };
-            let (mut dru, mut drv, mut dc) = (None, None, None);
-            if let (Some(p), Some((ru, rv, c, sigma))) = (&self.p, &self.rot) {
-                let (ru, rv, c, sg) = (ru.to_vec::<T>(), rv.to_vec::<T>(), c.to_vec::<T>(), sigma.to_vec::<T>());
-                let cs: Vec<T> = c.iter().zip(&sg).map(|(c, s)| *c * *s).collect();
-                let mut dm = crate::backend::cpu::zeros::<T>(r * r);
-                cpu::gemm(&mut dm, &q, &vals::<T>(&p.read()), r, nrows, r, true, false, T::ONE, T::ZERO);
-                // dM·R_V [r, r]
-                let mut dmrv = crate::backend::cpu::zeros::<T>(r * r);
-                cpu::gemm(&mut dmrv, &dm, &rv, r, r, r, false, false, T::ONE, T::ZERO);
-                if needs[1] {
-                    dru = Some(out(scale_cols(&dmrv, &cs), [r, r]));
-                }
-                if needs[2] {
-                    let mut t = crate::backend::cpu::zeros::<T>(r * r);
-                    cpu::gemm(&mut t, &dm, &ru, r, r, r, true, false, T::ONE, T::ZERO);
-                    drv = Some(out(scale_cols(&t, &cs), [r, r]));
-                }
-                if needs[3] {
-                    let g: Vec<T> = (0..r).map(|i| sg[i] * (0..r).map(|a| ru[a * r + i] * dmrv[a * r + i]).sum::<T>()).collect();
-                    dc = Some(out(g, [r]));
-                }
+        let k = kernels_for(OP, &[("dy", dy)])?;
+        let dt = dy.dtype();
+        let gy = dy.read();
+        let mut q = k.zeros(dt, nrows * r, OP)?;
+        k.gemm(&mut q, &gy, &self.u.read(), &Gemm::new(nrows, m, r), OP)?;
+        let dx = match (needs[0], &self.w, &self.v, &self.mm) {
+            (true, Some(w), Some(v), Some(mm)) => {
+                let mut g = k.zeros(dt, nrows * n, OP)?;
+                k.gemm(&mut g, &gy, &w.read(), &Gemm::new(nrows, m, n), OP)?;
+                let mut qm = k.zeros(dt, nrows * r, OP)?;
+                k.gemm(&mut qm, &q, &mm.read(), &Gemm::new(nrows, r, r), OP)?;
+                k.gemm(&mut g, &qm, &v.read(), &Gemm::new(nrows, r, n).trans(false, true).scaled(1.0, 1.0), OP)?;
+                Some(tensor(g, self.x_shape.clone()))
             }
-            Ok(vec![dx, dru, drv, dc])
-        })
+            _ => None,
+        };
+        drop(gy);
+        let (mut dru, mut drv, mut dc) = (None, None, None);
+        if let (Some(p), Some((ru, rv, c, sigma))) = (&self.p, &self.rot) {
+            let (ru, rv, c, sg) = (ru.read(), rv.read(), c.read(), sigma.read());
+            let cs = scale_cols(k, &c, &sg, OP)?;
+            let mut dm = k.zeros(dt, r * r, OP)?;
+            k.gemm(&mut dm, &q, &p.read(), &Gemm::new(r, nrows, r).trans(true, false), OP)?;
+            // dM·R_V [r, r]
+            let mut dmrv = k.zeros(dt, r * r, OP)?;
+            k.gemm(&mut dmrv, &dm, &rv, &Gemm::new(r, r, r), OP)?;
+            if needs[1] {
+                dru = Some(tensor(scale_cols(k, &dmrv, &cs, OP)?, [r, r]));
+            }
+            if needs[2] {
+                let mut t = k.zeros(dt, r * r, OP)?;
+                k.gemm(&mut t, &dm, &ru, &Gemm::new(r, r, r).trans(true, false), OP)?;
+                drv = Some(tensor(scale_cols(k, &t, &cs, OP)?, [r, r]));
+            }
+            if needs[3] {
+                // dc_i = σ_i·Σ_a R_U[a, i]·(dM·R_V)[a, i]
+                let mut g = k.zeros(dt, r, OP)?;
+                k.col_dot(&mut g, &ru, r, None, &dmrv, Some(&sg), false)?;
+                dc = Some(tensor(g, [r]));
+            }
+        }
+        Ok(vec![dx, dru, drv, dc])
     }
 }

@@ -82,9 +82,10 @@ impl LinearAdapter for Dora {
         Method::dora()
     }
     fn forward(&self, x: &Tensor, w: &Tensor, ctx: &AdapterCtx) -> Result<Tensor> {
-        // ν from the current A, B, outside the graph: a constant for the backward.
-        let nu = ops::dora_row_norms(w, &self.wnorm2.to_vec_f64(), &self.a.to_vec_f64(), &self.b.to_vec_f64(), self.a.dims()[0], self.scale);
-        ops::dora_linear(x, w, &Tensor::from_vec(nu, [w.dims()[0]])?, &self.a, &self.b, &self.mag, self.scale, ctx.dropout(self.dropout))
+        // ν from the current A, B, outside the graph (a constant for the backward), on the device
+        // of W: W is never read back to the host.
+        let nu = ops::dora_nu(w, &self.wnorm2, &self.a, &self.b, self.scale)?;
+        ops::dora_linear(x, w, &nu, &self.a, &self.b, &self.mag, self.scale, ctx.dropout(self.dropout))
     }
     fn params(&self) -> Vec<Tensor> {
         vec![self.mag.clone(), self.a.clone(), self.b.clone()]

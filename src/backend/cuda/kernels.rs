@@ -598,4 +598,161 @@ impl Kernels for Cuda {
         ];
         launch("adamw_step", grid1(n), 256, &args, || format!("{OP}: {n}"))
     }
+
+    // --- adapter helpers ----------------------------------------------------------------------
+
+    fn dropout_apply(&self, y: &mut Storage, x: &Storage, p: f64, seed: u64, accumulate: bool) -> Result<()> {
+        const OP: &str = "dropout";
+        let n = x.len();
+        let args = [Arg::Ptr(f32p(y, OP, "y")?), Arg::Ptr(f32p(x, OP, "x")?), Arg::I64(n as i64), Arg::U64(seed), Arg::F64(p), Arg::I32(accumulate as i32)];
+        launch("dropout_apply", grid1(n), 256, &args, || format!("{OP}: {n} elements"))
+    }
+
+    fn gather_scale_cols(&self, z: &mut Storage, zk: &mut Storage, d: &Storage, idx: &[u32], m: usize) -> Result<()> {
+        const OP: &str = "speclora_linear";
+        let (k, rows) = (idx.len(), z.len() / m);
+        let ib = index_buf(idx, OP)?;
+        let args = [
+            Arg::Ptr(f32p(z, OP, "z")?),
+            Arg::Ptr(f32p(zk, OP, "zk")?),
+            Arg::Ptr(f32p(d, OP, "d")?),
+            Arg::Ptr(ib.ptr()),
+            Arg::I64(rows as i64),
+            Arg::I64(m as i64),
+            Arg::I64(k as i64),
+        ];
+        launch("gather_scale_cols", grid1(rows * k), 256, &args, || format!("{OP}: {rows}×{m}, {k} columns"))
+    }
+
+    fn gather_cols(&self, out: &mut Storage, z: &Storage, d: &Storage, idx: &[u32], m: usize, shift: f64) -> Result<()> {
+        const OP: &str = "speclora_linear.backward";
+        let (k, rows) = (idx.len(), z.len() / m);
+        let ib = index_buf(idx, OP)?;
+        let args = [
+            Arg::Ptr(f32p(out, OP, "out")?),
+            Arg::Ptr(f32p(z, OP, "z")?),
+            Arg::Ptr(f32p(d, OP, "d")?),
+            Arg::Ptr(ib.ptr()),
+            Arg::I64(rows as i64),
+            Arg::I64(m as i64),
+            Arg::I64(k as i64),
+            Arg::F32(shift as f32),
+        ];
+        launch("gather_cols", grid1(rows * k), 256, &args, || format!("{OP}: {rows}×{m}, {k} columns"))
+    }
+
+    fn gather_rows(&self, out: &mut Storage, w: &Storage, idx: &[u32], n: usize) -> Result<()> {
+        const OP: &str = "speclora_linear.backward";
+        let k = idx.len();
+        let name = match w.dtype() {
+            DType::F32 => "gather_rows_f32",
+            DType::BF16 => "gather_rows_bf16",
+            other => return Err(Error::Cuda { op: OP.into(), msg: format!("w must be f32 or bf16 on the device, got {other}") }),
+        };
+        let ib = index_buf(idx, OP)?;
+        let args = [Arg::Ptr(f32p(out, OP, "out")?), Arg::Ptr(dptr(w, OP, "w", None)?), Arg::Ptr(ib.ptr()), Arg::I64(k as i64), Arg::I64(n as i64)];
+        launch(name, grid1(k * n), 256, &args, || format!("{OP}: {k} rows of {n}"))
+    }
+
+    fn scale_cols(&self, out: &mut Storage, p: &Storage, c: &Storage) -> Result<()> {
+        const OP: &str = "scale_cols";
+        let (k, n) = (c.len(), p.len());
+        let args = [Arg::Ptr(f32p(out, OP, "out")?), Arg::Ptr(f32p(p, OP, "p")?), Arg::Ptr(f32p(c, OP, "c")?), Arg::I64((n / k) as i64), Arg::I64(k as i64)];
+        launch("scale_cols", grid1(n), 256, &args, || format!("{OP}: {}×{k}", n / k))
+    }
+
+    fn svd_coef(&self, c: &mut Storage, d: &Storage, sigma: &Storage) -> Result<()> {
+        const OP: &str = "speclora_svd_linear";
+        let k = c.len();
+        let args = [Arg::Ptr(f32p(c, OP, "c")?), Arg::Ptr(f32p(d, OP, "d")?), Arg::Ptr(f32p(sigma, OP, "sigma")?), Arg::I64(k as i64)];
+        launch("svd_coef", grid1(k), 256, &args, || format!("{OP}: k={k}"))
+    }
+
+    fn col_dot(&self, dd: &mut Storage, a: &Storage, lda: usize, idx: Option<&[u32]>, b: &Storage, w: Option<&Storage>, divide: bool) -> Result<()> {
+        const OP: &str = "col_dot";
+        let k = dd.len();
+        let rows = b.len() / k.max(1);
+        let ib = idx.map(|ix| index_buf(ix, OP)).transpose()?;
+        let args = [
+            Arg::Ptr(f32p(dd, OP, "dd")?),
+            Arg::Ptr(f32p(a, OP, "a")?),
+            Arg::I64(lda as i64),
+            Arg::Ptr(ib.as_ref().map_or(0, |b| b.ptr())),
+            Arg::Ptr(f32p(b, OP, "b")?),
+            Arg::Ptr(w.map(|w| f32p(w, OP, "w")).transpose()?.unwrap_or(0)),
+            Arg::I32(divide as i32),
+            Arg::I64(rows as i64),
+            Arg::I64(k as i64),
+        ];
+        launch("col_dot", (k as u32, 1, 1), 256, &args, || format!("{OP}: {rows} rows, {k} columns"))
+    }
+
+    fn add_scaled(&self, y: &mut Storage, x: &Storage, s: f64) -> Result<()> {
+        const OP: &str = "add_scaled";
+        let n = y.len();
+        launch("add_scaled", grid1(n), 256, &[Arg::Ptr(f32p(y, OP, "y")?), Arg::Ptr(f32p(x, OP, "x")?), Arg::F32(s as f32), Arg::I64(n as i64)], || {
+            format!("{OP}: {n}")
+        })
+    }
+
+    fn sub_diag(&self, mm: &mut Storage, v: &Storage) -> Result<()> {
+        const OP: &str = "sub_diag";
+        let r = v.len();
+        launch("sub_diag", grid1(r), 256, &[Arg::Ptr(f32p(mm, OP, "m")?), Arg::Ptr(f32p(v, OP, "v")?), Arg::I64(r as i64)], || format!("{OP}: r={r}"))
+    }
+
+    fn swiglu_recompute(&self, x: &mut Storage, g: &Storage, u: &Storage) -> Result<()> {
+        const OP: &str = "swiglu_adapter_linear";
+        let n = x.len();
+        // The forward kernel of the swiglu op (cuda/elementwise.cu).
+        let args = [Arg::Ptr(f32p(x, OP, "x")?), Arg::Ptr(f32p(g, OP, "gate")?), Arg::Ptr(f32p(u, OP, "up")?), Arg::I64(n as i64)];
+        launch("swiglu_fwd", grid1(n), 256, &args, || format!("{OP}: {n}"))
+    }
+
+    fn swiglu_bwd_in_place(&self, dx_dg: &mut Storage, du: &mut Storage, g: &Storage, u: &Storage) -> Result<()> {
+        const OP: &str = "swiglu_adapter_linear.backward";
+        let n = du.len();
+        let args =
+            [Arg::Ptr(f32p(dx_dg, OP, "dx")?), Arg::Ptr(f32p(du, OP, "du")?), Arg::Ptr(f32p(g, OP, "gate")?), Arg::Ptr(f32p(u, OP, "up")?), Arg::I64(n as i64)];
+        launch("swiglu_bwd_in_place", grid1(n), 256, &args, || format!("{OP}: {n}"))
+    }
+
+    fn dora_norms(&self, nu: &mut Storage, wnorm2: &Storage, b: &Storage, awt: &Storage, aat: &Storage, r: usize, s: f64) -> Result<()> {
+        const OP: &str = "dora_row_norms";
+        let m = nu.len();
+        let args = [
+            Arg::Ptr(f32p(nu, OP, "nu")?),
+            Arg::Ptr(f32p(wnorm2, OP, "wnorm2")?),
+            Arg::Ptr(f32p(b, OP, "b")?),
+            Arg::Ptr(f32p(awt, OP, "awt")?),
+            Arg::Ptr(f32p(aat, OP, "aat")?),
+            Arg::I64(m as i64),
+            Arg::I64(r as i64),
+            Arg::F32(s as f32),
+        ];
+        launch("dora_norms", grid1(m), 256, &args, || format!("{OP}: m={m} r={r}"))
+    }
+
+    fn dora_scale(&self, g: &mut Storage, nu_hat: &mut Storage, nu: &Storage, mag: &Storage, floor: f64) -> Result<()> {
+        const OP: &str = "dora_linear";
+        let m = g.len();
+        let args = [
+            Arg::Ptr(f32p(g, OP, "g")?),
+            Arg::Ptr(f32p(nu_hat, OP, "nu_hat")?),
+            Arg::Ptr(f32p(nu, OP, "nu")?),
+            Arg::Ptr(f32p(mag, OP, "mag")?),
+            Arg::F32(floor as f32),
+            Arg::I64(m as i64),
+        ];
+        launch("dora_scale", grid1(m), 256, &args, || format!("{OP}: m={m}"))
+    }
+}
+
+/// An index list uploaded as a temporary device buffer of u32 (k entries; at least one word).
+fn index_buf(idx: &[u32], op: &str) -> Result<DeviceBuf> {
+    let b = DeviceBuf::new(DType::F32, idx.len().max(1), op)?;
+    if !idx.is_empty() {
+        b.write_bytes(as_bytes(idx), op)?;
+    }
+    Ok(b)
 }

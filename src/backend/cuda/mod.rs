@@ -9,12 +9,10 @@
 //! after every launch so a fault is reported with the kernel that caused it.
 //!
 //! Layout: `mod.rs` (runtime), `alloc.rs` (caching allocator, [`DeviceBuf`]), `kernels.rs` (the
-//! [`Kernels`](crate::backend::Kernels) implementation: checked launches, no autograd), `ops.rs`
-//! (device paths of ops not yet moved onto the kernel interface).
+//! [`Kernels`](crate::backend::Kernels) implementation: checked launches, no autograd).
 
 mod alloc;
 pub(crate) mod kernels;
-pub(crate) mod ops;
 
 pub(crate) use alloc::as_bytes;
 pub use alloc::{memory_stats, reset_peak, DeviceBuf, MemoryStats};
