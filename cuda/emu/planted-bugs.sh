@@ -117,11 +117,11 @@ expect "lane gone" cuda::attention "CUDA_ERROR_LAUNCH_FAILED.*kernel attn_bwd_pr
 restore
 
 echo "== 5. (c, eps) passed as (eps, c) to rms_norm_fwd" | tee -a "$log"
-plant src/backend/cuda/ops.rs "            Arg::I32(c as i32),
+plant src/backend/cuda/kernels.rs "            Arg::I32(c as i32),
             Arg::F32(eps as f32),
-        ]," "            Arg::F32(eps as f32),
+        ];" "            Arg::F32(eps as f32),
             Arg::I32(c as i32),
-        ],"
+        ];"
 cuda/emulate.sh build 2>/dev/null
 expect "argument order" cuda::norm "kernel rms_norm_fwd \(cuda/norm.cu\): parameter 4 is a 4-byte integer .*caller passed a 4-byte float" rebuild
 restore

@@ -337,7 +337,9 @@ impl Kernels for Cpu {
         with_float!(lse.dtype(), OP, |T| {
             let dh = dh.map(|s| out_mut::<T>(s, OP, "dh")).transpose()?;
             let l = out_mut::<T>(lse, OP, "lse")?;
-            Ok(cpu::linear_cross_entropy_fwd(l, dh, &vals::<T>(h), w, targets, c.ignore, c.d, c.vocab, c.rows_blk, c.cols, T::from_f64(g)))
+            let loss = cpu::linear_cross_entropy_fwd(l, dh, &vals::<T>(h), w, targets, c.ignore, c.d, c.vocab, c.rows_blk, c.cols, T::from_f64(g));
+            w.release_read_pages();
+            Ok(loss)
         })
     }
 
