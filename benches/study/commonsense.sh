@@ -69,8 +69,10 @@ PY
 
 # Small files only: compare tables/json, base.json and every run's result.json.
 sync_results() {
-  for d in "$OUT"/*/; do
-    local name; name=$(basename "$d")
+  for s in "${STAGES[@]}"; do
+    local name=${s%%|*} d
+    d="$OUT/$name"
+    [[ -d $d ]] || continue
     mkdir -p "$RES/$name"
     cp "$d"/compare-seeds*.json "$d"/seeds*.txt "$d"/base.json "$RES/$name/" 2>/dev/null || true
     (cd "$d" && find . -name result.json -path '*/seed*/*') | while read -r f; do
