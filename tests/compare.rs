@@ -204,3 +204,53 @@ fn cli_prints_the_side_by_side_table() {
         .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("bogus"));
 }
+
+#[test]
+fn resume_reuses_finished_runs_and_reruns_only_what_is_missing_or_different() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = CompareOptions { seeds: Some(2), lrs: Some(vec![1e-2]), no_plot: true, ..opts(dir.path(), &["speclora", "speclora-svd"], 6) };
+    let first = compare(&o, &mut |_| {}).unwrap();
+    // Every run left its result.json, and the base evaluation its base.json.
+    let run_dir = |m: &str, seed: u64| dir.path().join(m).join("lr1e-2").join(format!("seed{seed}"));
+    for m in ["speclora", "speclora-svd"] {
+        for seed in [0, 1] {
+            let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir(m, seed).join("result.json")).unwrap()).unwrap();
+            assert_eq!(rec["run"]["seed"], seed);
+            assert!(rec["key"].as_str().unwrap().contains(&format!("method={m} ")));
+        }
+    }
+    assert!(dir.path().join("base.json").exists());
+    // Resumed with the same options: nothing trains, the numbers and the fidelity table are the same.
+    let resume = CompareOptions { resume: true, ..o.clone() };
+    let mut lines = Vec::new();
+    let again = compare(&resume, &mut |l| lines.push(l)).unwrap();
+    assert_eq!(lines.iter().filter(|l| l.contains("reused")).count(), 4, "{lines:#?}");
+    assert!(!lines.iter().any(|l| l.starts_with("\n== ")), "a run trained again: {lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("reusing the base model's evaluation")));
+    assert_eq!(again.base_loss, first.base_loss);
+    for (a, b) in first.results.iter().zip(&again.results) {
+        assert_eq!((a.eval_loss, a.accuracy, a.seconds), (b.eval_loss, b.accuracy, b.seconds), "{}", a.method);
+    }
+    assert_eq!(first.fidelity.len(), again.fidelity.len());
+    for (a, b) in first.fidelity.iter().zip(&again.fidelity) {
+        let close = |x: &[f64], y: &[f64]| x.len() == y.len() && x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-6);
+        assert!(close(&a.d_rows, &b.d_rows) && close(&a.d_svd, &b.d_svd), "layer {} {}", a.layer, a.module);
+    }
+    // A missing result (an interrupted run) is trained again, and only it.
+    std::fs::remove_file(run_dir("speclora-svd", 1).join("result.json")).unwrap();
+    let mut lines = Vec::new();
+    let third = compare(&resume, &mut |l| lines.push(l)).unwrap();
+    let trained: Vec<&String> = lines.iter().filter(|l| l.starts_with("\n== ")).collect();
+    assert_eq!(trained.len(), 1, "{trained:?}");
+    assert!(trained[0].contains("speclora-svd") && trained[0].contains("seed 1"), "{trained:?}");
+    assert!(run_dir("speclora-svd", 1).join("result.json").exists());
+    // Same seed, same data order, same initialization: the rerun reproduces the first numbers.
+    assert_eq!(third.results[1].grid[0].runs[1].eval_loss, first.results[1].grid[0].runs[1].eval_loss);
+    // Other settings (more steps) do not reuse the stored runs; without --resume nothing is reused.
+    let mut lines = Vec::new();
+    compare(&CompareOptions { steps: 7, methods: vec!["speclora".into()], seeds: Some(1), ..resume.clone() }, &mut |l| lines.push(l)).unwrap();
+    assert!(!lines.iter().any(|l| l.contains("reused") || l.contains("reusing")), "{lines:#?}");
+    let mut lines = Vec::new();
+    compare(&CompareOptions { methods: vec!["speclora".into()], seeds: Some(1), ..o }, &mut |l| lines.push(l)).unwrap();
+    assert!(!lines.iter().any(|l| l.contains("reused")), "{lines:#?}");
+}

