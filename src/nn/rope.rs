@@ -1,24 +1,24 @@
 //! RoPE frequency tables with the scaling variants of HF configs: the inverse frequencies the
-//! rotary op turns by (angle = position · inv_freq[i]) and the attention factor that multiplies
+//! rotary op turns by (angle = position · inv_freq(i)) and the attention factor that multiplies
 //! cos and sin (so q·k logits by its square).
 //!
 //! With d the rotary dimension (head_dim × `partial_rotary_factor`, even), base θ and
-//! i < d/2, the unscaled table is inv_freq[i] = θ^(−2i/d). The variants:
+//! i < d/2, the unscaled table is inv_freq(i) = θ^(−2i/d). The variants:
 //!
-//! - `linear` (factor s): inv_freq[i] / s — positions interpolated s-fold.
+//! - `linear` (factor s): inv_freq(i) / s — positions interpolated s-fold.
 //! - `llama3` (factor s, low/high frequency factors l, h, original context L): with wavelength
-//!   λ_i = 2π / inv_freq[i], long wavelengths λ > L/l are divided by s, short ones λ < L/h are
+//!   λ_i = 2π / inv_freq(i), long wavelengths λ > L/l are divided by s, short ones λ < L/h are
 //!   kept, and in between the two are blended with weight γ = (L/λ − l)/(h − l):
 //!   (1 − γ)·inv/s + γ·inv.
 //! - `yarn` (factor s, β_fast, β_slow, original context L): the dimension at which a frequency
 //!   makes r full turns over L is c(r) = d·ln(L/(2πr)) / (2 ln θ); with lo = ⌊c(β_fast)⌋ and
 //!   hi = ⌈c(β_slow)⌉ (clamped to [0, d−1]; not rounded when `truncate` is false) and the ramp
 //!   ρ_i = clamp((i − lo)/(hi − lo), 0, 1), the extrapolation weight is e_i = 1 − ρ_i and
-//!   inv_freq[i] = (inv[i]/s)·(1 − e_i) + inv[i]·e_i. Attention factor: `attention_factor` if
+//!   inv_freq(i) = (inv(i)/s)·(1 − e_i) + inv(i)·e_i. Attention factor: `attention_factor` if
 //!   given, else m(s, mscale)/m(s, mscale_all_dim) when both are given, else m(s, 1), with
 //!   m(s, k) = 0.1·k·ln s + 1 for s > 1 (1 otherwise).
 //! - `longrope` (Phi-3; per-dimension factors f_i, `short_factor` up to the original context L,
-//!   `long_factor` beyond it): inv_freq[i] = 1 / (f_i · θ^(2i/d)); attention factor
+//!   `long_factor` beyond it): inv_freq(i) = 1 / (f_i · θ^(2i/d)); attention factor
 //!   `attention_factor` if given, else √(1 + ln s / ln L) with s = max_position_embeddings / L
 //!   (1 when s ≤ 1).
 //!
