@@ -512,7 +512,8 @@ pub fn print_report(r: &BenchReport, json: bool) {
         r.final_loss
     );
     if r.peak_device_bytes > 0 {
-        println!("peak device memory {:.0} MiB (spectune's tensors, rounded allocator blocks)", mib(r.peak_device_bytes));
+        let blocks = if crate::backend::cuda_emulated() { "exact block sizes: CUDA (emulated)" } else { "rounded allocator blocks" };
+        println!("peak device memory {:.0} MiB (spectune's tensors, {blocks})", mib(r.peak_device_bytes));
     }
     if let Some(p) = &r.profile {
         println!("{:<5} {:<22} {:>8} {:>10} {:>6} {:>6}", "phase", "op", "calls", "ms/step", "%", "cores");

@@ -395,6 +395,16 @@ pub fn cuda_peak_bytes() -> usize {
     0
 }
 
+/// True when the CUDA device is spectune's emulated driver (cuda/emu): results there are "CUDA
+/// (emulated)", and its allocator hands out blocks of exactly the size asked (false without the
+/// `cuda` feature or a device).
+pub fn cuda_emulated() -> bool {
+    #[cfg(feature = "cuda")]
+    return cuda::available() && cuda::gpu().is_ok_and(|g| g.emulated);
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 /// Waits for queued device work (no-op on the CPU or without the `cuda` feature), so a timed
 /// step includes its kernels.
 pub fn device_synchronize() -> Result<()> {

@@ -225,13 +225,7 @@ pub fn write_gguf(path: &Path, metadata: &[(String, GgufValue)], tensors: &[Tens
     let pad = align(head.len() as u64) as usize - head.len();
     head.resize(head.len() + pad, 0);
 
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
-    let result = (|| -> Result<()> {
-        let tio = |e| Error::Io { path: tmp.clone(), source: e };
-        let file = std::fs::File::create(&tmp).map_err(tio)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    super::write_atomically(path, |w, tio| {
         w.write_all(&head).map_err(tio)?;
         for (i, t) in tensors.iter().enumerate() {
             let bytes = data(i)?;
@@ -245,13 +239,6 @@ pub fn write_gguf(path: &Path, metadata: &[(String, GgufValue)], tensors: &[Tens
             let pad = align(bytes.len() as u64) as usize - bytes.len();
             w.write_all(&vec![0u8; pad]).map_err(tio)?;
         }
-        let file = w.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
-        file.sync_all().map_err(tio)?;
         Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })
+    })
 }

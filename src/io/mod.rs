@@ -98,3 +98,36 @@ fn config_path(source: &Path) -> Result<PathBuf> {
         Err(Error::Io { path: p, source: std::io::Error::new(std::io::ErrorKind::NotFound, "no config.json beside the weights") })
     }
 }
+
+/// The buffered writer [`write_atomically`] hands its body, and the error mapper naming the
+/// temporary file.
+pub type AtomicWriter = std::io::BufWriter<std::fs::File>;
+
+/// Writes `path` atomically: `body` writes into a buffered temporary file beside it
+/// (`.NAME.tmp-PID`), which is synced and renamed over `path` only when `body` succeeded; the
+/// folder is synced after the rename. On any error the temporary file is removed and `path` is
+/// left as it was. `body` gets the writer and a function turning an I/O error into one naming
+/// the temporary file.
+pub fn write_atomically(path: &Path, body: impl FnOnce(&mut AtomicWriter, &dyn Fn(std::io::Error) -> Error) -> Result<()>) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    let result = (|| -> Result<()> {
+        let tio = |e| Error::Io { path: tmp.clone(), source: e };
+        let file = std::fs::File::create(&tmp).map_err(tio)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        body(&mut w, &tio)?;
+        let file = w.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
+        file.sync_all().map_err(tio)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

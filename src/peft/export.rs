@@ -538,7 +538,6 @@ fn merged_tensors(model: &Llama) -> Vec<(String, Source<'_>)> {
 
 /// Streams a safetensors file (all F32) to `path` atomically: temp file, fsync, rename.
 fn write_safetensors_streamed(path: &Path, tensors: &[(String, Source<'_>)], metadata: &BTreeMap<String, String>) -> Result<()> {
-    let io = |e| Error::Io { path: path.to_path_buf(), source: e };
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!(metadata));
     let mut offset = 0usize;
@@ -552,12 +551,7 @@ fn write_safetensors_streamed(path: &Path, tensors: &[(String, Source<'_>)], met
     while hbytes.len() % 8 != 0 {
         hbytes.push(b' ');
     }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
-    let result = (|| -> Result<()> {
-        let tio = |e| Error::Io { path: tmp.clone(), source: e };
-        let file = std::fs::File::create(&tmp).map_err(tio)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    crate::io::write_atomically(path, |w, tio| {
         w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(tio)?;
         w.write_all(&hbytes).map_err(tio)?;
         for (name, src) in tensors {
@@ -568,19 +562,8 @@ fn write_safetensors_streamed(path: &Path, tensors: &[(String, Source<'_>)], met
             let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
             w.write_all(&bytes).map_err(tio)?;
         }
-        let file = w.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
-        file.sync_all().map_err(tio)?;
         Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    })
 }
 
 /// Writes `model` (adapters merged in, every weight in f32) as an HF folder `out` (created if

@@ -53,20 +53,10 @@ fn module_prefix(layer: usize, t: Target) -> String {
     format!("base_model.model.model.layers.{layer}.{group}.{}", t.hf_name())
 }
 
-/// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename).
+/// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename; the temp file
+/// is removed on failure): [`crate::io::write_atomically`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |e| Error::Io { path: path.to_path_buf(), source: e };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::io::write_atomically(path, |w, tio| w.write_all(bytes).map_err(tio))
 }
 
 /// Saves every adapter of `model` into `dir` (created if needed). `lora` is the config the
