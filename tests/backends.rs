@@ -563,7 +563,7 @@ fn method_pissa_body(dev: Device) {
 
 fn method_dora_body(dev: Device) {
     let mut rng = SplitMix::new(27);
-    let (nr, m, n, r) = AD;
+    let (_, m, n, r) = AD;
     let s = 1.5;
     for wrole in [Role::Const, Role::Bf16] {
         for drop in [None, Some(Dropout { p: 0.2, seed: 43 })] {
@@ -592,7 +592,6 @@ fn method_dora_body(dev: Device) {
             assert!(e <= tol_of(wrole), "dora_nu on {dev} (w {wrole:?}): relative error {e:.3e}");
         }
     }
-    let _ = nr;
 }
 
 fn method_spectral_a_body(dev: Device) {
