@@ -40,8 +40,8 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gradcheck::SplitMix;
 use crate::io::Checkpoint;
-use crate::model::llama::expected_weights;
-use crate::model::{Llama, LlamaConfig, Target};
+
+use crate::model::{Decoder, DecoderConfig, RopeConfig};
 use crate::ops::CeOptions;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::peft::{LoraConfig, Method, MethodOptions};
@@ -175,8 +175,8 @@ pub struct BenchReport {
 }
 
 /// The shape of a named model (the real models' configs; weights random).
-pub fn named_shape(name: &str) -> Result<LlamaConfig> {
-    let c = |vocab, hidden, inter, layers, heads, kv, hd, theta, tied| LlamaConfig {
+pub fn named_shape(name: &str) -> Result<DecoderConfig> {
+    let c = |vocab, hidden, inter, layers, heads, kv, hd, theta, tied| DecoderConfig {
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: inter,
@@ -185,10 +185,10 @@ pub fn named_shape(name: &str) -> Result<LlamaConfig> {
         num_key_value_heads: kv,
         head_dim: hd,
         rms_norm_eps: 1e-5,
-        rope_theta: theta,
+        rope: RopeConfig { theta, ..Default::default() },
         tie_word_embeddings: tied,
-        attention_bias: false,
         max_position_embeddings: 8192,
+        ..DecoderConfig::default()
     };
     Ok(match name {
         "smollm2-135m" => c(49152, 576, 1536, 30, 9, 3, 64, 100000.0, true),
@@ -243,9 +243,9 @@ fn random_values<E: Send>(seed: u64, index: usize, n: usize, lo: f64, hi: f64, c
 /// A model of shape `cfg` with random frozen weights stored as `storage` (f32 or bf16; compute
 /// f32): linears and the embedding ~ U(−1/√in, 1/√in), norm weights ~ U(0.9, 1.1). No f64 or
 /// f32 copy of a bf16 weight is ever made.
-pub fn random_model(cfg: &LlamaConfig, storage: DType, seed: u64) -> Result<Llama> {
+pub fn random_model(cfg: &DecoderConfig, storage: DType, seed: u64) -> Result<Decoder> {
     let mut weights = std::collections::HashMap::new();
-    for (index, (name, dims)) in expected_weights(cfg).into_iter().enumerate() {
+    for (index, (name, dims)) in cfg.expected_weights().into_iter().enumerate() {
         let n: usize = dims.iter().product();
         let (lo, hi) = if name.ends_with("norm.weight") {
             (0.9, 1.1)
@@ -260,7 +260,7 @@ pub fn random_model(cfg: &LlamaConfig, storage: DType, seed: u64) -> Result<Llam
         };
         weights.insert(name, Tensor::from_host(data, dims)?);
     }
-    Llama::from_weights(cfg.clone(), DType::F32, |name| weights.remove(name).ok_or_else(|| Error::invalid("bench", format!("no weight {name}"))))
+    Decoder::from_weights(cfg.clone(), DType::F32, |name| weights.remove(name).ok_or_else(|| Error::invalid("bench", format!("no weight {name}"))))
 }
 
 /// The benchmark batch: `b` rows of `t` tokens cycling through a seeded motif of 31 tokens (each
@@ -275,20 +275,17 @@ pub fn bench_batch(vocab: usize, b: usize, t: usize, seed: u64) -> (Vec<u32>, Ve
 }
 
 /// Useful FLOPs of one training step (see the module docs).
-pub fn useful_flops(model: &Llama, b: usize, t: usize) -> f64 {
+pub fn useful_flops(model: &Decoder, b: usize, t: usize) -> f64 {
     let cfg = &model.cfg;
     let n = (b * t) as f64;
     let mut frozen = (cfg.vocab_size * cfg.hidden_size) as f64; // LM head
     let mut adapter = 0.0;
-    for l in &model.layers {
-        for tg in Target::ALL {
-            let lin = l.linear(tg);
-            let (o, i) = (lin.out_features() as f64, lin.in_features() as f64);
-            frozen += o * i;
-            if let Some(ad) = &lin.adapter {
-                let r = ad.params().iter().find(|p| p.dims().len() == 2).map(|a| a.dims()[0]).unwrap_or(0) as f64;
-                adapter += r * (o + i);
-            }
+    for lin in model.linears() {
+        let (o, i) = (lin.out_features() as f64, lin.in_features() as f64);
+        frozen += o * i;
+        if let Some(ad) = &lin.adapter {
+            let r = ad.params().iter().find(|p| p.dims().len() == 2).map(|a| a.dims()[0]).unwrap_or(0) as f64;
+            adapter += r * (o + i);
         }
     }
     let pairs = (b * cfg.num_attention_heads) as f64 * (t * (t + 1) / 2) as f64;
@@ -318,7 +315,7 @@ fn reset_peak_rss() -> bool {
 }
 
 /// Builds the model of `args` (named shape or checkpoint) with adapters attached.
-pub fn build_model(args: &BenchArgs) -> Result<(Llama, String, String, LoraConfig)> {
+pub fn build_model(args: &BenchArgs) -> Result<(Decoder, String, String, LoraConfig)> {
     let method = parse_method(&args.method, args.k)?;
     let (mut model, name, wdtype) = match (&args.shape, &args.model) {
         (Some(shape), None) => {
@@ -328,14 +325,14 @@ pub fn build_model(args: &BenchArgs) -> Result<(Llama, String, String, LoraConfi
         }
         (None, Some(path)) => {
             let ck = Checkpoint::open(path)?;
-            let m = ck.llama(DType::F32)?;
-            let dt = m.layers.first().map(|l| l.gate.weight.dtype()).unwrap_or(m.embed.dtype());
+            let m = crate::model::load(&ck, DType::F32)?;
+            let dt = m.layers.first().map(|l| l.down.weight.dtype()).unwrap_or(m.embed.dtype());
             (m, path.display().to_string(), dt.name().to_string())
         }
         _ => return Err(Error::invalid("bench", "give exactly one of --shape NAME or --model PATH")),
     };
     let lora = LoraConfig { rank: args.rank, alpha: args.alpha, rslora: false, dropout: 0.0 };
-    model.attach_adapters(&Target::ALL, &lora, &method, args.seed.wrapping_add(1))?;
+    model.attach_adapters(|_| Ok(true), &lora, &method, args.seed.wrapping_add(1))?;
     model.checkpointing = args.checkpointing;
     model.checkpoint_keep = args.checkpoint_keep;
     Ok((model, name, wdtype, lora))
@@ -381,7 +378,7 @@ fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
     let (ids, targets) = bench_batch(cfg.vocab_size, b, t, args.seed);
     let params = model.trainable_params();
     let trainable: usize = params.iter().map(|p| p.numel()).sum();
-    let frozen: usize = expected_weights(&cfg).iter().map(|(_, d)| d.iter().product::<usize>()).sum();
+    let frozen: usize = cfg.expected_weights().iter().map(|(_, d)| d.iter().product::<usize>()).sum();
     let mut opt = AdamW::new(&params, AdamWConfig { lr: args.lr, weight_decay: 0.0, ..AdamWConfig::default() })?;
     let ce = CeOptions::default();
     let setup_peak = peak_rss_bytes().unwrap_or(0);
@@ -542,24 +539,15 @@ pub fn save_init(args: &BenchArgs, dir: &Path) -> Result<()> {
     let mut cfg_json = crate::peft::export::hf_config_json(&model.cfg);
     cfg_json["torch_dtype"] = json!(if weights_dtype == "bf16" { "bfloat16" } else { "float32" });
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg_json).unwrap_or_default()).map_err(io)?;
-    let mut tensors: Vec<(String, &Tensor)> = vec![("model.embed_tokens.weight".into(), &model.embed)];
-    for (li, l) in model.layers.iter().enumerate() {
-        let p = format!("model.layers.{li}");
-        tensors.push((format!("{p}.input_layernorm.weight"), &l.input_norm));
-        tensors.push((format!("{p}.post_attention_layernorm.weight"), &l.post_norm));
-        for tg in Target::ALL {
-            let group = if matches!(tg, Target::Q | Target::K | Target::V | Target::O) { "self_attn" } else { "mlp" };
-            let lin = l.linear(tg);
-            tensors.push((format!("{p}.{group}.{}.weight", tg.hf_name()), &lin.weight));
-            if let Some(bias) = &lin.bias {
-                tensors.push((format!("{p}.{group}.{}.bias", tg.hf_name()), bias));
-            }
-        }
-    }
-    tensors.push(("model.norm.weight".into(), &model.norm));
-    if let Some(h) = &model.lm_head {
-        tensors.push(("lm_head.weight".into(), h));
-    }
+    // The frozen weights as stored (bf16 stays bf16): the base model the twin loads.
+    let tensors: Vec<(String, &Tensor)> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(name, t)| match t {
+            crate::model::NamedTensor::Plain(t) => (name, t),
+            crate::model::NamedTensor::Linear(l) => (name, &l.weight),
+        })
+        .collect();
     write_weights(&dir.join("model.safetensors"), &tensors)?;
     crate::peft::io::save_adapter(&model, &dir.join("adapter"), &lora, &dir.display().to_string())?;
     let (b, t) = (args.batch, args.seq_len);
@@ -576,7 +564,7 @@ pub fn save_init(args: &BenchArgs, dir: &Path) -> Result<()> {
         "model": name, "weights_dtype": weights_dtype, "method": "lora", "rank": lora.rank, "alpha": lora.alpha,
         "batch": b, "seq_len": t, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
         "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "seed": args.seed,
-        "targets": Target::ALL.iter().map(|t| t.hf_name()).collect::<Vec<_>>(),
+        "targets": model.layers.first().map(|b| b.linears().iter().map(|l| l.module().to_string()).collect::<Vec<_>>()).unwrap_or_default(),
     });
     std::fs::write(dir.join("bench.json"), serde_json::to_string_pretty(&settings).unwrap_or_default()).map_err(io)
 }

@@ -2,7 +2,7 @@
 //!
 //! A lean tensor engine with reverse-mode autograd, specialized for parameter-efficient
 //! fine-tuning (PEFT) of transformers: LoRA and SpecLoRA (learnable rescaling of the top rows of
-//! each frozen weight, plus LoRA) on Llama-family decoders.
+//! each frozen weight, plus LoRA) on Decoder-family decoders.
 //!
 //! - Frozen weights are constant tensors: host or memory-mapped, f32/bf16/f16, converted per use,
 //!   never given a gradient or optimizer state ([`Tensor::from_mmap`]).
@@ -20,20 +20,20 @@
 //! ## Training adapters from a program
 //!
 //! ```
-//! use spectune::model::{Llama, LlamaConfig, Target};
+//! use spectune::model::{Decoder, DecoderConfig, RopeConfig};
 //! use spectune::ops::CeOptions;
 //! use spectune::peft::{LoraConfig, Method};
 //! use spectune::{backward, clip_grad_norm, AdamW, AdamWConfig, DType};
 //!
-//! // A small Llama-style model with random frozen weights (real checkpoints load through
-//! // `Llama::from_weights`, which takes each HF-named tensor and validates its shape).
-//! let cfg = LlamaConfig {
+//! // A small Decoder-style model with random frozen weights (real checkpoints load through
+//! // `Decoder::from_weights`, which takes each HF-named tensor and validates its shape).
+//! let cfg = DecoderConfig {
 //!     vocab_size: 64, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
 //!     num_attention_heads: 4, num_key_value_heads: 2, head_dim: 8,
-//!     rms_norm_eps: 1e-5, rope_theta: 10000.0, tie_word_embeddings: true,
-//!     attention_bias: false, max_position_embeddings: 128,
+//!     rms_norm_eps: 1e-5, rope: RopeConfig { theta: 10000.0, ..Default::default() }, tie_word_embeddings: true,
+//!     qkv_bias: false, max_position_embeddings: 128,
 //! };
-//! let mut model = Llama::random(cfg, DType::F32, 0)?;
+//! let mut model = Decoder::random(cfg, DType::F32, 0)?;
 //! model.checkpointing = true; // recompute each layer in backward
 //!
 //! // SpecLoRA (k = 8 rows per weight) plus rank-4 LoRA on all seven linears of every layer.
@@ -63,7 +63,7 @@
 //! // and load them onto a fresh copy of the base.
 //! let dir = std::env::temp_dir().join(format!("spectune-doctest-{}", std::process::id()));
 //! spectune::peft::io::save_adapter(&model, &dir, &lora, "random")?;
-//! let mut fresh = Llama::random(model.cfg.clone(), DType::F32, 0)?;
+//! let mut fresh = Decoder::random(model.cfg.clone(), DType::F32, 0)?;
 //! spectune::peft::io::load_adapter(&mut fresh, &dir)?;
 //! assert_eq!(fresh.trainable_params().len(), params.len());
 //! # std::fs::remove_dir_all(&dir).ok();

@@ -143,7 +143,7 @@ impl AdamW {
 
     /// Turns weight decay on or off for one parameter (on by default). Decay pulls a parameter
     /// toward 0, which suits LoRA's A and B but not a multiplicative scale such as SpecLoRA's d,
-    /// whose identity value is 1: exclude those (see `Llama::no_decay_params`).
+    /// whose identity value is 1: exclude those (see `Decoder::no_decay_params`).
     pub fn set_weight_decay(&mut self, param: &Tensor, on: bool) -> Result<()> {
         match self.slots.iter_mut().find(|s| s.param.id() == param.id()) {
             Some(s) => {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use spectune::bench::BenchArgs;
 use spectune::io::Checkpoint;
-use spectune::model::{generate, GenerateOptions, Target};
+use spectune::model::{generate, GenerateOptions};
 use spectune::peft::Method as AdapterMethod;
 use spectune::tokenizer::ChatMessage;
 use spectune::train::config::{TrainArgs, TrainSettings};
@@ -343,7 +343,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Train adapters on a small random Llama-style model to exercise the whole engine:
+    /// Train adapters on a small random Decoder-style model to exercise the whole engine:
     /// forward, backward, AdamW, checkpointing. Prints the loss curve and the memory that the
     /// adapters and their optimizer state take.
     TrainTiny {
@@ -518,9 +518,9 @@ fn inspect(path: &Path, limit: usize) -> spectune::Result<()> {
         *by_dtype.entry(t.dtype.clone()).or_default() += 1;
     }
     println!("dtypes: {}", by_dtype.iter().map(|(d, n)| format!("{d} × {n}")).collect::<Vec<_>>().join(", "));
-    match ck.llama_config() {
-        Ok(cfg) => println!("config: {cfg:?}"),
-        Err(e) => println!("config: not loadable as a Llama-family decoder ({e})"),
+    match spectune::model::config_of(&ck) {
+        Ok(cfg) => println!("config: {:?}", spectune::model::DecoderConfig { source_json: None, ..cfg }),
+        Err(e) => println!("config: not loadable as a supported decoder ({e})"),
     }
     match ck.tokenizer() {
         Ok(t) => println!(
@@ -545,7 +545,7 @@ fn inspect(path: &Path, limit: usize) -> spectune::Result<()> {
 fn run_generate(path: &Path, adapter: Option<&Path>, prompt: &str, chat: bool, system: Option<&str>, mut opts: GenerateOptions) -> spectune::Result<()> {
     let ck = Checkpoint::open(path)?;
     let tok = ck.tokenizer()?;
-    let mut model = ck.llama(DType::F32)?;
+    let mut model = spectune::model::load(&ck, DType::F32)?;
     if let Some(dir) = adapter {
         spectune::peft::io::load_adapter(&mut model, dir)?;
     }
@@ -642,7 +642,7 @@ fn run_eval(
     use spectune::train::{data as d, eval};
     let ck = Checkpoint::open(model)?;
     let tok = ck.tokenizer()?;
-    let mut m = ck.llama(DType::F32)?;
+    let mut m = spectune::model::load(&ck, DType::F32)?;
     if let Some(dir) = adapter {
         spectune::peft::io::load_adapter(&mut m, dir)?;
     }
@@ -821,7 +821,7 @@ fn run_spectrum(
     };
     let targets = match targets {
         Some(s) => spectune::train::config::parse_targets(s)?,
-        None => Target::ALL.to_vec(),
+        None => spectune::train::config::Targets::AllLinear,
     };
     let t0 = Instant::now();
     let report = analyze(base, &source, &SpectrumOptions { k, targets, control })?;

@@ -1,10 +1,10 @@
-//! `spectune train-tiny`: adapters on a small random Llama-style model, trained with the
+//! `spectune train-tiny`: adapters on a small random Decoder-style model, trained with the
 //! library's [`train_step`] on one fixed batch (a repeating pattern the model memorizes).
 
 use std::time::Instant;
 
 use spectune::gradcheck::SplitMix;
-use spectune::model::{Llama, LlamaConfig, Target};
+use spectune::model::{Decoder, DecoderConfig, RopeConfig};
 use spectune::ops::CeOptions;
 use spectune::peft::{LoraConfig, Method as AdapterMethod, MethodOptions};
 use spectune::train::data::Batch;
@@ -31,7 +31,7 @@ pub fn train_tiny(
     device.ensure_available()?;
     let heads = (hidden / 32).max(1);
     let kv_heads = if heads % 3 == 0 { heads / 3 } else { heads };
-    let cfg = LlamaConfig {
+    let cfg = DecoderConfig {
         vocab_size: 512,
         hidden_size: hidden,
         intermediate_size: hidden * 8 / 3,
@@ -40,21 +40,21 @@ pub fn train_tiny(
         num_key_value_heads: kv_heads,
         head_dim: hidden / heads,
         rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
+        rope: RopeConfig { theta: 10000.0, ..Default::default() },
         tie_word_embeddings: true,
-        attention_bias: false,
         max_position_embeddings: seq_len,
+        ..DecoderConfig::default()
     };
-    let mut model = Llama::random(cfg.clone(), DType::F32, seed)?;
+    let mut model = Decoder::random(cfg.clone(), DType::F32, seed)?;
     model.checkpointing = checkpointing;
     let adapter = AdapterMethod::parse(method, MethodOptions { k, ..Default::default() }, "train-tiny")?;
-    model.attach_adapters(&Target::ALL, &LoraConfig { rank, alpha, rslora: false, dropout: 0.0 }, &adapter, seed + 1)?;
+    model.attach_adapters(|_| Ok(true), &LoraConfig { rank, alpha, rslora: false, dropout: 0.0 }, &adapter, seed + 1)?;
     if device != spectune::device::Device::Cpu {
         model = model.to_device(device, DType::BF16)?;
     }
     let params = model.trainable_params();
     let trainable: usize = params.iter().map(|p| p.numel()).sum();
-    let frozen: usize = spectune::model::llama::expected_weights(&cfg).iter().map(|(_, d)| d.iter().product::<usize>()).sum();
+    let frozen: usize = cfg.expected_weights().iter().map(|(_, d)| d.iter().product::<usize>()).sum();
     let mut opt = AdamW::new(&params, AdamWConfig { lr, weight_decay: 0.01, ..AdamWConfig::default() })?;
     for p in model.no_decay_params() {
         opt.set_weight_decay(&p, false)?;

@@ -65,7 +65,6 @@ use memmap2::Mmap;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::LlamaConfig;
 use crate::storage::HostData;
 use crate::tensor::Tensor;
 use crate::tokenizer::GgufVocab;
@@ -456,7 +455,7 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn err(&self, msg: impl Into<String>) -> Error {
+    pub fn err(&self, msg: impl Into<String>) -> Error {
         Error::Format { path: self.path.to_path_buf(), msg: msg.into() }
     }
     fn remaining(&self) -> usize {
@@ -757,7 +756,7 @@ impl GgufFile {
         })
     }
 
-    fn err(&self, msg: impl Into<String>) -> Error {
+    pub fn err(&self, msg: impl Into<String>) -> Error {
         Error::Format { path: self.path.clone(), msg: msg.into() }
     }
 
@@ -834,7 +833,7 @@ impl GgufFile {
         Ok(t)
     }
 
-    fn meta_str(&self, key: &str) -> Result<Option<&str>> {
+    pub fn meta_str(&self, key: &str) -> Result<Option<&str>> {
         match self.metadata.get(key) {
             None => Ok(None),
             Some(v) => v.as_str().map(Some).ok_or_else(|| self.err(format!("metadata `{key}` is {} ({v}), expected a string", v.type_name()))),
@@ -846,7 +845,7 @@ impl GgufFile {
             Some(v) => v.as_u64().map(Some).ok_or_else(|| self.err(format!("metadata `{key}` is {} ({v}), expected a non-negative integer", v.type_name()))),
         }
     }
-    fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
+    pub fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.meta_u64(key)? {
             None => Ok(None),
             Some(v) => usize::try_from(v).map(Some).map_err(|_| self.err(format!("metadata `{key}` = {v} does not fit usize"))),
@@ -861,7 +860,7 @@ impl GgufFile {
     /// A number for the model config. f32 values are taken at their shortest decimal form
     /// (`1e-5` stored as f32 reads as 1e-5, not 9.99999974e-6), which is what the converter
     /// was given.
-    fn meta_config_f64(&self, key: &str) -> Result<Option<f64>> {
+    pub fn meta_config_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.metadata.get(key) {
             Some(GgufValue::F32(x)) => Ok(Some(x.to_string().parse::<f64>().unwrap_or(*x as f64))),
             _ => self.meta_f64(key),
@@ -879,10 +878,10 @@ impl GgufFile {
             Some(v) => v.as_bool().map(Some).ok_or_else(|| self.err(format!("metadata `{key}` is {} ({v}), expected a bool", v.type_name()))),
         }
     }
-    fn required<T>(&self, key: &str, v: Option<T>, why: &str) -> Result<T> {
+    pub fn required<T>(&self, key: &str, v: Option<T>, why: &str) -> Result<T> {
         v.ok_or_else(|| self.err(format!("metadata `{key}` is missing ({why})")))
     }
-    fn meta_string_array(&self, key: &str) -> Result<Option<Vec<String>>> {
+    pub fn meta_string_array(&self, key: &str) -> Result<Option<Vec<String>>> {
         let Some(v) = self.metadata.get(key) else { return Ok(None) };
         let bad = || self.err(format!("metadata `{key}` is {} ({v}), expected an array of strings", v.type_name()));
         let a = v.as_array().ok_or_else(bad)?;
@@ -894,89 +893,6 @@ impl GgufFile {
         let key = "general.architecture";
         let arch = self.meta_str(key)?;
         self.required(key, arch, "every model file names its architecture")
-    }
-
-    /// The model config from `{arch}.*` metadata (arch = llama, mistral or qwen2) and the tensor
-    /// table: vocab from `token_embd.weight`, tied embeddings when `output.weight` is absent,
-    /// q/k/v biases when `blk.0.attn_q.bias` is present.
-    pub fn llama_config(&self) -> Result<LlamaConfig> {
-        let arch = self.architecture()?;
-        if !matches!(arch, "llama" | "mistral" | "qwen2") {
-            return Err(self.err(format!("metadata `general.architecture` is {arch:?}; spectune reads llama, mistral and qwen2 models")));
-        }
-        let k = |s: &str| format!("{arch}.{s}");
-        let need = |s: &str| -> Result<usize> {
-            let key = k(s);
-            let v = self.meta_usize(&key)?;
-            self.required(&key, v, "needed for the model config")
-        };
-        let hidden = need("embedding_length")?;
-        let layers = need("block_count")?;
-        let ffn = need("feed_forward_length")?;
-        let heads = need("attention.head_count")?;
-        let kv_heads = self.meta_usize(&k("attention.head_count_kv"))?.unwrap_or(heads);
-        let eps_key = k("attention.layer_norm_rms_epsilon");
-        let eps = self.meta_config_f64(&eps_key)?;
-        let eps = self.required(&eps_key, eps, "needed for the model config")?;
-        let theta = self.meta_config_f64(&k("rope.freq_base"))?.unwrap_or(10000.0);
-        let ctx = need("context_length")?;
-        if heads == 0 {
-            return Err(self.err(format!("metadata `{}` is 0", k("attention.head_count"))));
-        }
-        let head_dim = match self.meta_usize(&k("attention.key_length"))? {
-            Some(d) => d,
-            None if hidden % heads == 0 => hidden / heads,
-            None => {
-                return Err(
-                    self.err(format!("embedding_length {hidden} is not a multiple of head_count {heads} and `{}` is missing", k("attention.key_length")))
-                )
-            }
-        };
-        if let Some(vl) = self.meta_usize(&k("attention.value_length"))? {
-            if vl != head_dim {
-                return Err(self.err(format!(
-                    "metadata `{}` = {vl} differs from the key length {head_dim}; spectune needs equal head sizes",
-                    k("attention.value_length")
-                )));
-            }
-        }
-        let scaling_key = k("rope.scaling.type");
-        if let Some(s) = self.meta_str(&scaling_key)? {
-            if s != "none" {
-                return Err(self.err(format!("metadata `{scaling_key}` is {s:?}: rope scaling is not supported (expected absent or \"none\")")));
-            }
-        }
-        if self.tensor_info("rope_freqs.weight").is_some() {
-            return Err(self.err("tensor `rope_freqs.weight` present: per-frequency rope scaling (Llama 3.1 style) is not supported"));
-        }
-        let embd = self
-            .tensor_info("token_embd.weight")
-            .ok_or_else(|| self.err("no tensor `token_embd.weight` (HF `model.embed_tokens.weight`), needed for the vocabulary size"))?;
-        if embd.dims.len() != 2 || embd.dims[1] != hidden {
-            return Err(self.err(format!("tensor `token_embd.weight` has shape {:?}, expected [vocab, {hidden}]", embd.dims)));
-        }
-        let vocab_size = embd.dims[0];
-        if let Some(v) = self.meta_usize(&k("vocab_size"))? {
-            if v != vocab_size {
-                return Err(self.err(format!("metadata `{}` = {v} but tensor `token_embd.weight` has {vocab_size} rows", k("vocab_size"))));
-            }
-        }
-        let cfg = LlamaConfig {
-            vocab_size,
-            hidden_size: hidden,
-            intermediate_size: ffn,
-            num_hidden_layers: layers,
-            num_attention_heads: heads,
-            num_key_value_heads: kv_heads,
-            head_dim,
-            rms_norm_eps: eps,
-            rope_theta: theta,
-            tie_word_embeddings: self.tensor_info("output.weight").is_none(),
-            attention_bias: self.tensor_info("blk.0.attn_q.bias").is_some(),
-            max_position_embeddings: ctx,
-        };
-        cfg.validate().map_err(|e| self.err(format!("model config from metadata: {e}")))?;
-        Ok(cfg)
     }
 
     /// Tensor by its HF name (`model.layers.0.self_attn.q_proj.weight`), read from its llama.cpp

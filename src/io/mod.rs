@@ -7,9 +7,7 @@ pub mod safetensors;
 
 use std::path::{Path, PathBuf};
 
-use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::{Llama, LlamaConfig};
 use crate::tokenizer::Tokenizer;
 
 /// The file(s) a model was loaded from, kept open (mapped) for as long as the model lives.
@@ -46,11 +44,11 @@ impl Checkpoint {
         }
     }
 
-    /// The Llama-family config: from GGUF metadata, or `config.json` beside the weights.
-    pub fn llama_config(&self) -> Result<LlamaConfig> {
+    /// The `config.json` beside safetensors weights (`None` for GGUF, whose config is metadata).
+    pub fn config_json_path(&self) -> Result<Option<PathBuf>> {
         match self {
-            Checkpoint::Gguf(g) => g.llama_config(),
-            Checkpoint::Safetensors(s) => crate::model::config::parse_config(&config_path(s.source())?),
+            Checkpoint::Gguf(_) => Ok(None),
+            Checkpoint::Safetensors(s) => config_path(s.source()).map(Some),
         }
     }
 
@@ -68,16 +66,12 @@ impl Checkpoint {
         }
     }
 
-    /// Builds the model: validates every weight's presence, dtype and shape against the config,
-    /// then maps them (no weight is copied where its dtype allows use in place).
-    pub fn llama(&self, dtype: DType) -> Result<Llama> {
-        let cfg = self.llama_config()?;
+    /// The tensor `hf_name` (HF naming; for GGUF through llama.cpp's names, q/k rows restored
+    /// to HF order where the architecture's converter permuted them).
+    pub fn hf_tensor(&self, hf_name: &str) -> Result<crate::tensor::Tensor> {
         match self {
-            Checkpoint::Gguf(g) => Llama::from_weights(cfg, dtype, |n| g.hf_tensor(n)),
-            Checkpoint::Safetensors(s) => {
-                s.validate_llama(&cfg)?;
-                Llama::from_weights(cfg, dtype, |n| s.tensor(n))
-            }
+            Checkpoint::Gguf(g) => g.hf_tensor(hf_name),
+            Checkpoint::Safetensors(s) => s.tensor(hf_name),
         }
     }
 }

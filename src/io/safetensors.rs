@@ -39,8 +39,6 @@ use serde_json::Value;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::config::parse_config;
-use crate::model::llama::{expected_weights, Llama, LlamaConfig};
 use crate::tensor::Tensor;
 
 /// File name of a single-file checkpoint inside a model folder.
@@ -336,15 +334,14 @@ impl SafetensorsCheckpoint {
         self.shards.iter().map(|s| s.map.len()).sum()
     }
 
-    /// Checks, before any compute, that every weight a Llama-family model of `cfg` needs is
+    /// Checks, before any compute, that every weight in `expected` (HF name, shape) is
     /// present with the right shape and a loadable dtype, and that no layer tensor is left
     /// unused (an unused bias or extra layer means the config does not describe these weights).
     /// All problems are reported in one error naming each tensor, expected and got.
-    pub fn validate_llama(&self, cfg: &LlamaConfig) -> Result<()> {
-        cfg.validate()?;
+    /// `unused_ok`: names that may be present without being used (a tied head's `lm_head.weight`).
+    pub fn validate_weights(&self, expected: &[(String, Vec<usize>)], unused_ok: &[&str]) -> Result<()> {
         let mut problems = Vec::new();
-        let expected = expected_weights(cfg);
-        for (name, dims) in &expected {
+        for (name, dims) in expected {
             match self.entries.get(name) {
                 None => problems.push(format!("missing tensor `{name}` (expected shape {dims:?})")),
                 Some(e) => {
@@ -360,12 +357,12 @@ impl SafetensorsCheckpoint {
         }
         let wanted: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
         for (name, e) in &self.entries {
-            if wanted.contains(name.as_str()) || name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight") {
+            if wanted.contains(name.as_str()) || name.ends_with("rotary_emb.inv_freq") || unused_ok.contains(&name.as_str()) {
                 continue;
             }
             if name.starts_with("model.") || name.starts_with("lm_head.") {
                 problems.push(format!(
-                    "tensor `{name}` in {} is not used by this config (a config/checkpoint mismatch: attention_bias, num_hidden_layers, tie_word_embeddings?)",
+                    "tensor `{name}` in {} is not used by this config (a config/checkpoint mismatch: attention_bias, mlp_bias, num_hidden_layers, tie_word_embeddings?)",
                     self.shards[e.shard].path.display()
                 ));
             }
@@ -504,19 +501,3 @@ fn diagnose(bytes: &[u8]) -> Option<String> {
     None
 }
 
-/// Loads a Llama-family model from an HF folder (or a `.safetensors` file / index inside it):
-/// reads `config.json` beside the weights, opens and validates the checkpoint against it
-/// ([`SafetensorsCheckpoint::validate_llama`]) before any compute, then builds the model on
-/// mapped weights. `dtype` is the compute dtype (f32 or f64). The checkpoint is returned too
-/// (the model's tensors keep the maps alive on their own).
-pub fn load_llama(dir: &Path, dtype: DType) -> Result<(Llama, SafetensorsCheckpoint)> {
-    if !dtype.is_compute() {
-        return Err(Error::dtype("load_llama", "dtype", "f32 or f64 (compute dtype)", dtype));
-    }
-    let folder = if dir.is_dir() { dir.to_path_buf() } else { dir.parent().unwrap_or(Path::new(".")).to_path_buf() };
-    let cfg = parse_config(&folder.join("config.json"))?;
-    let ckpt = SafetensorsCheckpoint::open(dir)?;
-    ckpt.validate_llama(&cfg)?;
-    let model = Llama::from_weights(cfg, dtype, |name| ckpt.tensor(name))?;
-    Ok((model, ckpt))
-}

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::gradcheck::SplitMix;
-use crate::model::llama::{KvCache, Llama};
+use crate::model::decoder::{Decoder, KvCache};
 use crate::ops;
 use crate::tensor::Tensor;
 
@@ -29,7 +29,7 @@ impl Default for GenerateOptions {
 
 /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` with each new id as it is
 /// produced. Returns the new ids (a stop id, when hit, is included).
-pub fn generate(model: &Llama, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<Vec<u32>> {
+pub fn generate(model: &Decoder, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(Error::invalid("generate", "the prompt has no tokens"));
     }
@@ -55,7 +55,7 @@ pub fn generate(model: &Llama, prompt: &[u32], opts: &GenerateOptions, mut on_to
 }
 
 /// Logits of the last row of the hidden states [n, hidden].
-fn next_logits(model: &Llama, h: &Tensor) -> Result<Vec<f64>> {
+fn next_logits(model: &Decoder, h: &Tensor) -> Result<Vec<f64>> {
     let (n, d) = (h.dims()[0], h.dims()[1]);
     let last: Vec<f64> = h.to_vec_f64()[(n - 1) * d..].to_vec();
     let x = crate::device::with_float!(model.dtype, "generate", |T| { Tensor::from_vec(last.iter().map(|&v| T::from_f64(v)).collect::<Vec<T>>(), [1, d]) })?;

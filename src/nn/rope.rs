@@ -154,6 +154,29 @@ impl RopeScaling {
         })
     }
 
+    /// The HF `rope_scaling` object of this variant (`null` for no scaling); parses back to the
+    /// same value with [`RopeScaling::from_params`].
+    pub fn to_json(&self) -> Value {
+        use serde_json::json;
+        match self {
+            RopeScaling::None => Value::Null,
+            RopeScaling::Linear { factor } => json!({ "rope_type": "linear", "factor": factor }),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+            RopeScaling::Yarn { factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor, truncate } => json!({
+                "rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original_max_position_embeddings,
+                "beta_fast": beta_fast, "beta_slow": beta_slow, "mscale": mscale, "mscale_all_dim": mscale_all_dim,
+                "attention_factor": attention_factor, "truncate": truncate,
+            }),
+            RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings, factor, attention_factor } => json!({
+                "rope_type": "longrope", "short_factor": short_factor, "long_factor": long_factor,
+                "original_max_position_embeddings": original_max_position_embeddings, "factor": factor, "attention_factor": attention_factor,
+            }),
+        }
+    }
+
     /// The inverse frequencies (dim/2 of them) for rotary dimension `dim` (even) and base
     /// `theta`; `seq_len` picks LongRoPE's short or long factors (long beyond the original
     /// context). Errors on an odd or zero dim, a bad θ, or LongRoPE factors of the wrong length.

@@ -82,11 +82,10 @@ use serde_json::{json, Value};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
-use crate::model::llama::Linear;
-use crate::model::{Llama, LlamaConfig, Target};
+use crate::model::{Decoder, DecoderConfig, NamedTensor};
+use crate::nn::Linear;
 use crate::peft::io::{write_atomic, CONFIG_FILE, WEIGHTS_FILE};
 use crate::peft::{LinearAdapter, LoraConfig, LoraFactors};
-use crate::tensor::Tensor;
 use crate::tokenizer::Tokenizer;
 
 /// The formats `spectune export --format` produces: [`export_peft_lora`], [`export_gguf_lora`].
@@ -119,20 +118,13 @@ pub struct ExportSummary {
     pub method: &'static str,
 }
 
-fn module_prefix(layer: usize, t: Target) -> String {
-    let group = match t {
-        Target::Q | Target::K | Target::V | Target::O => "self_attn",
-        _ => "mlp",
-    };
-    format!("base_model.model.model.layers.{layer}.{group}.{}", t.hf_name())
-}
 
 /// Writes the adapters of `model_with_adapters` into `out` as a plain HF PEFT LoRA (rank
 /// r + max k, zero-padded where k was clamped; see the module docs) that stock PEFT and
 /// [`load_adapter`](crate::peft::io::load_adapter) load as LoRA, reproducing the adapted model's
 /// outputs. `lora` supplies the dropout recorded in the config; `base` is recorded as
 /// `base_model_name_or_path`.
-pub fn export_peft_lora(model_with_adapters: &Llama, out: &Path, lora: &LoraConfig, base: &str) -> Result<ExportSummary> {
+pub fn export_peft_lora(model_with_adapters: &Decoder, out: &Path, lora: &LoraConfig, base: &str) -> Result<ExportSummary> {
     const OP: &str = "export_peft_lora";
     let p = plain_lora(model_with_adapters, OP)?;
     let le = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect() };
@@ -176,8 +168,8 @@ pub fn export_peft_lora(model_with_adapters: &Llama, out: &Path, lora: &LoraConf
 
 /// One module of a [`PlainLora`]: A' [R, in] and B' [out, R], row-major, zero-padded to R.
 struct PlainModule {
-    layer: usize,
-    target: Target,
+    /// The module path (`model.layers.3.self_attn.q_proj`).
+    path: String,
     /// The PEFT module name (`base_model.model.model.layers.3.self_attn.q_proj`).
     prefix: String,
     out_f: usize,
@@ -196,7 +188,7 @@ struct PlainLora {
     first_scale: f64,
     method: &'static str,
     padded_modules: usize,
-    targets: Vec<&'static str>,
+    targets: Vec<String>,
     ks: BTreeMap<String, usize>,
 }
 
@@ -227,14 +219,9 @@ impl PlainLora {
 }
 
 /// Collects every adapted linear of `model` as a [`PlainLora`].
-fn plain_lora(model: &Llama, op: &'static str) -> Result<PlainLora> {
-    let adapted: Vec<(usize, Target, &Linear, &dyn LinearAdapter)> = model
-        .layers
-        .iter()
-        .enumerate()
-        .flat_map(|(li, l)| Target::ALL.into_iter().filter_map(move |t| l.linear(t).adapter.as_deref().map(|ad| (li, t, l.linear(t), ad))))
-        .collect();
-    let Some(&(_, _, _, first)) = adapted.first() else {
+fn plain_lora(model: &Decoder, op: &'static str) -> Result<PlainLora> {
+    let adapted: Vec<(&Linear, &dyn LinearAdapter)> = model.linears().into_iter().filter_map(|l| l.adapter.as_deref().map(|ad| (l, ad))).collect();
+    let Some(&(_, first)) = adapted.first() else {
         return Err(Error::invalid(op, "the model has no adapters attached"));
     };
     // The Spectral methods have no LoRA scale: their factors are exported at scale 1.
@@ -242,33 +229,33 @@ fn plain_lora(model: &Llama, op: &'static str) -> Result<PlainLora> {
     // s' = the adapters' own scale (A and B unchanged); 1 if that is 0 (the LoRA part is zero).
     let s_common = if first_scale.is_finite() && first_scale != 0.0 { first_scale } else { 1.0 };
     let mut method = "lora";
-    let mut mods: Vec<(usize, Target, String, usize, usize, LoraFactors)> = Vec::with_capacity(adapted.len());
-    let mut targets: Vec<&'static str> = Vec::new();
+    let mut mods: Vec<(String, String, usize, usize, LoraFactors)> = Vec::with_capacity(adapted.len());
+    let mut targets: Vec<String> = Vec::new();
     let mut ks: BTreeMap<String, usize> = BTreeMap::new();
-    for &(li, t, lin, ad) in &adapted {
+    for &(lin, ad) in &adapted {
         let name = ad.method().name();
         if name != "lora" {
             method = name;
         }
-        if !targets.contains(&t.hf_name()) {
-            targets.push(t.hf_name());
+        if !targets.iter().any(|t| t == lin.module()) {
+            targets.push(lin.module().to_string());
         }
         let f = ad.lora_factors(&lin.weight, s_common)?;
-        let p = module_prefix(li, t);
+        let p = crate::peft::io::module_prefix(lin);
         ks.insert(p.clone(), f.rk - f.r);
-        mods.push((li, t, p, lin.out_features(), lin.in_features(), f));
+        mods.push((lin.path.clone(), p, lin.out_features(), lin.in_features(), f));
     }
-    let lora_rank = mods[0].5.r;
+    let lora_rank = mods[0].4.r;
     // One LoRA rank per adapter for the methods with a LoRA part (their k directions may vary);
     // the update-factor methods (PiSSA, Spectral) may have per-module ranks (clamped r), padded.
-    let has_lora_part = mods.iter().all(|m| m.5.uniform_r);
-    if let Some(m) = mods.iter().filter(|_| has_lora_part).find(|m| m.5.r != lora_rank) {
-        return Err(Error::invalid(op, format!("{}: LoRA rank {} differs from {} (one rank per adapter)", m.2, m.5.r, lora_rank)));
+    let has_lora_part = mods.iter().all(|m| m.4.uniform_r);
+    if let Some(m) = mods.iter().filter(|_| has_lora_part).find(|m| m.4.r != lora_rank) {
+        return Err(Error::invalid(op, format!("{}: LoRA rank {} differs from {} (one rank per adapter)", m.1, m.4.r, lora_rank)));
     }
-    let rank = mods.iter().map(|m| m.5.rk).max().unwrap_or(lora_rank);
+    let rank = mods.iter().map(|m| m.4.rk).max().unwrap_or(lora_rank);
     let mut padded_modules = 0;
     let mut out_mods = Vec::with_capacity(mods.len());
-    for (layer, target, prefix, out_f, in_f, f) in mods {
+    for (path, prefix, out_f, in_f, f) in mods {
         if f.rk < rank {
             padded_modules += 1;
         }
@@ -280,35 +267,31 @@ fn plain_lora(model: &Llama, op: &'static str) -> Result<PlainLora> {
         for i in 0..out_f {
             b[i * rank..i * rank + f.rk].copy_from_slice(&f.b[i * f.rk..(i + 1) * f.rk]);
         }
-        out_mods.push(PlainModule { layer, target, prefix, out_f, in_f, a, b });
+        out_mods.push(PlainModule { path, prefix, out_f, in_f, a, b });
     }
     Ok(PlainLora { mods: out_mods, rank, lora_rank, s_common, first_scale, method, padded_modules, targets, ks })
 }
 
-/// The llama.cpp tensor name of module `t` of layer `layer` (`blk.3.attn_q.weight`).
-fn gguf_weight_name(layer: usize, t: Target) -> String {
-    let group = match t {
-        Target::Q | Target::K | Target::V | Target::O => "self_attn",
-        _ => "mlp",
-    };
-    crate::io::gguf::hf_to_gguf_name(&format!("model.layers.{layer}.{group}.{}.weight", t.hf_name())).expect("every target has a llama.cpp name")
+/// The llama.cpp tensor name of the linear at module `path` (`blk.3.attn_q.weight`).
+fn gguf_weight_name(path: &str, op: &'static str) -> Result<String> {
+    crate::io::gguf::hf_to_gguf_name(&format!("{path}.weight")).ok_or_else(|| Error::invalid(op, format!("module {path} has no llama.cpp tensor name")))
 }
 
 /// The llama.cpp row order of a q/k projection's output rows for `heads` heads: `perm[hf_row]`
 /// = the GGUF row (see [`crate::io::gguf::unpermute_qk_rows`]); `None` when the architecture
 /// does not permute or `t` is not q/k.
-fn qk_permutation(arch: &str, cfg: &LlamaConfig, t: Target, rows: usize, op: &'static str) -> Result<Option<Vec<u32>>> {
+fn qk_permutation(arch: &str, cfg: &DecoderConfig, path: &str, rows: usize, op: &'static str) -> Result<Option<Vec<u32>>> {
     if !crate::io::gguf::arch_permutes_qk(arch) {
         return Ok(None);
     }
-    let heads = match t {
-        Target::Q => cfg.num_attention_heads,
-        Target::K => cfg.num_key_value_heads,
+    let heads = match path.rsplit('.').next() {
+        Some("q_proj") => cfg.num_attention_heads,
+        Some("k_proj") => cfg.num_key_value_heads,
         _ => return Ok(None),
     };
     crate::io::gguf::unpermute_qk_rows(rows, heads)
         .map(Some)
-        .ok_or_else(|| Error::invalid(op, format!("{} rows of {} do not split into {heads} heads of an even size", rows, t.hf_name())))
+        .ok_or_else(|| Error::invalid(op, format!("{} rows of {path} do not split into {heads} heads of an even size", rows)))
 }
 
 /// Writes the adapters of `model_with_adapters` as a llama.cpp LoRA adapter GGUF at `out`, the
@@ -323,7 +306,7 @@ fn qk_permutation(arch: &str, cfg: &LlamaConfig, t: Target, rows: usize, op: &'s
 ///   as rank r + k, PiSSA/MiLoRA/Spectral^A as 2r, …);
 /// - for architectures whose GGUF weights have llama.cpp's q/k row permutation (llama, mistral),
 ///   the rows of q's and k's `lora_b` are permuted the same way, since ΔW's rows are B's rows.
-pub fn export_gguf_lora(model_with_adapters: &Llama, out: &Path, arch: &str, base: &str) -> Result<ExportSummary> {
+pub fn export_gguf_lora(model_with_adapters: &Decoder, out: &Path, arch: &str, base: &str) -> Result<ExportSummary> {
     const OP: &str = "export_gguf_lora";
     use crate::io::gguf::GgufValue as V;
     use crate::io::gguf_write::{write_gguf, GgmlType, TensorSpec};
@@ -332,10 +315,10 @@ pub fn export_gguf_lora(model_with_adapters: &Llama, out: &Path, arch: &str, bas
     let mut specs = Vec::with_capacity(2 * p.mods.len());
     let mut perms = Vec::with_capacity(p.mods.len());
     for m in &p.mods {
-        let name = gguf_weight_name(m.layer, m.target);
+        let name = gguf_weight_name(&m.path, OP)?;
         specs.push(TensorSpec { name: format!("{name}.lora_a"), dims: vec![p.rank, m.in_f], ty: GgmlType::F32 });
         specs.push(TensorSpec { name: format!("{name}.lora_b"), dims: vec![m.out_f, p.rank], ty: GgmlType::F32 });
-        perms.push(qk_permutation(arch, cfg, m.target, m.out_f, OP)?);
+        perms.push(qk_permutation(arch, cfg, &m.path, m.out_f, OP)?);
     }
     let metadata: Vec<(String, V)> = vec![
         ("general.architecture".into(), V::String(arch.to_string())),
@@ -376,7 +359,7 @@ pub fn export_gguf_lora(model_with_adapters: &Llama, out: &Path, arch: &str, bas
 /// The llama.cpp architecture of a checkpoint: a GGUF's `general.architecture`, else the HF
 /// config's `model_type` ("llama", "mistral", "qwen2"), else "qwen2" when q/k/v carry a bias and
 /// "llama" otherwise.
-pub fn llama_cpp_arch(ck: &Checkpoint, cfg: &LlamaConfig) -> Result<String> {
+pub fn llama_cpp_arch(ck: &Checkpoint, cfg: &DecoderConfig) -> Result<String> {
     if let Checkpoint::Gguf(g) = ck {
         return Ok(g.architecture()?.to_string());
     }
@@ -391,7 +374,7 @@ pub fn llama_cpp_arch(ck: &Checkpoint, cfg: &LlamaConfig) -> Result<String> {
             }
         }
     }
-    Ok(if cfg.attention_bias { "qwen2" } else { "llama" }.to_string())
+    Ok(crate::model::families::by_name(&cfg.family).and_then(|f| f.gguf_arch).unwrap_or("llama").to_string())
 }
 
 /// Reads `base_model_name_or_path` from an adapter folder's config (None when absent or empty).
@@ -425,7 +408,7 @@ pub fn export_adapter_dir(adapter_dir: &Path, model_path: Option<&Path>, out: &P
         }
     };
     let ck = Checkpoint::open(&path)?;
-    let mut model = ck.llama(DType::F32)?;
+    let mut model = crate::model::load(&ck, DType::F32)?;
     let lora = crate::peft::io::load_adapter(&mut model, adapter_dir)?;
     let base = recorded.unwrap_or_else(|| path.display().to_string());
     match format {
@@ -446,94 +429,36 @@ pub const MERGED_WEIGHTS_FILE: &str = "model.safetensors";
 /// File name of the merged model's config.
 pub const MERGED_CONFIG_FILE: &str = "config.json";
 
-/// The HF `config.json` of `cfg`: LlamaForCausalLM, or Qwen2ForCausalLM when q/k/v carry a
-/// bias (a Llama config cannot express q/k/v-only biases). Parses back to `cfg` with
-/// [`parse_config`](crate::model::config::parse_config).
-pub fn hf_config_json(cfg: &LlamaConfig) -> Value {
-    let mut v = json!({
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": null,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "use_cache": true,
-        "torch_dtype": "float32",
-    });
-    let o = v.as_object_mut().expect("object");
-    if cfg.attention_bias {
-        o.insert("architectures".into(), json!(["Qwen2ForCausalLM"]));
-        o.insert("model_type".into(), json!("qwen2"));
-        o.insert("use_sliding_window".into(), json!(false));
-        o.insert("sliding_window".into(), Value::Null);
-        o.insert("max_window_layers".into(), json!(cfg.num_hidden_layers));
-    } else {
-        o.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-        o.insert("model_type".into(), json!("llama"));
-        o.insert("attention_bias".into(), json!(false));
-        o.insert("mlp_bias".into(), json!(false));
-        o.insert("pretraining_tp".into(), json!(1));
-    }
-    v
+/// The HF `config.json` of `cfg`: the source's own when it came from an HF folder (every key
+/// kept, the dtype set to the f32 a merge writes), else its family's writer
+/// ([`crate::model::families`]). Parses back to `cfg`'s switches.
+pub fn hf_config_json(cfg: &DecoderConfig) -> Value {
+    crate::model::families::config_json(cfg)
 }
 
 /// Where one merged tensor's values come from.
-enum Source<'a> {
-    Plain(&'a Tensor),
-    Linear(&'a Linear),
+type Source<'a> = NamedTensor<'a>;
+
+fn source_dims(src: &Source<'_>) -> Vec<usize> {
+    match src {
+        Source::Plain(t) => t.dims().to_vec(),
+        Source::Linear(l) => l.weight.dims().to_vec(),
+    }
 }
 
-impl Source<'_> {
-    fn dims(&self) -> Vec<usize> {
-        match self {
-            Source::Plain(t) => t.dims().to_vec(),
-            Source::Linear(l) => l.weight.dims().to_vec(),
-        }
-    }
-    fn values(&self) -> Result<Vec<f32>> {
-        match self {
-            Source::Plain(t) => Ok(t.to_vec_f32()),
-            Source::Linear(l) => match &l.adapter {
-                Some(ad) => Ok(ad.merged_weight(&l.weight)?.into_iter().map(|x| x as f32).collect()),
-                None => Ok(l.weight.to_vec_f32()),
-            },
-        }
+fn source_values(src: &Source<'_>) -> Result<Vec<f32>> {
+    match src {
+        Source::Plain(t) => Ok(t.to_vec_f32()),
+        Source::Linear(l) => match &l.adapter {
+            Some(ad) => Ok(ad.merged_weight(&l.weight)?.into_iter().map(|x| x as f32).collect()),
+            None => Ok(l.weight.to_vec_f32()),
+        },
     }
 }
 
 /// Every tensor of the merged checkpoint, with its HF name, in file order.
-fn merged_tensors(model: &Llama) -> Vec<(String, Source<'_>)> {
-    let mut v = vec![("model.embed_tokens.weight".to_string(), Source::Plain(&model.embed))];
-    for (li, l) in model.layers.iter().enumerate() {
-        let p = format!("model.layers.{li}");
-        v.push((format!("{p}.input_layernorm.weight"), Source::Plain(&l.input_norm)));
-        for t in Target::ALL {
-            let group = match t {
-                Target::Q | Target::K | Target::V | Target::O => "self_attn",
-                _ => "mlp",
-            };
-            let lin = l.linear(t);
-            v.push((format!("{p}.{group}.{}.weight", t.hf_name()), Source::Linear(lin)));
-            if let Some(b) = &lin.bias {
-                v.push((format!("{p}.{group}.{}.bias", t.hf_name()), Source::Plain(b)));
-            }
-        }
-        v.push((format!("{p}.post_attention_layernorm.weight"), Source::Plain(&l.post_norm)));
-    }
-    v.push(("model.norm.weight".to_string(), Source::Plain(&model.norm)));
-    if let Some(h) = &model.lm_head {
-        v.push(("lm_head.weight".to_string(), Source::Plain(h)));
-    }
-    v
+fn merged_tensors(model: &Decoder) -> Vec<(String, Source<'_>)> {
+    model.named_tensors()
 }
 
 /// Streams a safetensors file (all F32) to `path` atomically: temp file, fsync, rename.
@@ -542,7 +467,7 @@ fn write_safetensors_streamed(path: &Path, tensors: &[(String, Source<'_>)], met
     header.insert("__metadata__".into(), json!(metadata));
     let mut offset = 0usize;
     for (name, src) in tensors {
-        let dims = src.dims();
+        let dims = source_dims(src);
         let n = dims.iter().product::<usize>() * 4;
         header.insert(name.clone(), json!({ "dtype": "F32", "shape": dims, "data_offsets": [offset, offset + n] }));
         offset += n;
@@ -555,7 +480,7 @@ fn write_safetensors_streamed(path: &Path, tensors: &[(String, Source<'_>)], met
         w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(tio)?;
         w.write_all(&hbytes).map_err(tio)?;
         for (name, src) in tensors {
-            let vals = src.values()?;
+            let vals = source_values(src)?;
             if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
                 return Err(Error::NonFinite { op: "merge_to_hf", what: format!("{name} element {i}") });
             }
@@ -569,7 +494,7 @@ fn write_safetensors_streamed(path: &Path, tensors: &[(String, Source<'_>)], met
 /// Writes `model` (adapters merged in, every weight in f32) as an HF folder `out` (created if
 /// needed): `model.safetensors` and `config.json`, both written atomically. Tokenizer files are
 /// written separately by [`write_tokenizer`].
-pub fn merge_to_hf(model: &Llama, out: &Path) -> Result<()> {
+pub fn merge_to_hf(model: &Decoder, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?;
     let tensors = merged_tensors(model);
     let mut meta = BTreeMap::new();
@@ -668,11 +593,11 @@ pub fn probe_ids(tok: Option<&Tokenizer>, text: &str, vocab_size: usize, len: us
 /// The largest |Δlogit| between `original` (with its adapters) and the merged folder
 /// `merged_dir` (loaded with [`Checkpoint::open`]`(…).llama(F32)`) on `probe_ids` (one
 /// sequence).
-pub fn merge_report(original: &Llama, merged_dir: &Path, probe_ids: &[u32]) -> Result<f64> {
+pub fn merge_report(original: &Decoder, merged_dir: &Path, probe_ids: &[u32]) -> Result<f64> {
     if probe_ids.is_empty() {
         return Err(Error::invalid("merge_report", "the probe batch is empty"));
     }
-    let merged = Checkpoint::open(merged_dir)?.llama(DType::F32)?;
+    let merged = crate::model::open(merged_dir, DType::F32)?;
     if merged.cfg != original.cfg {
         return Err(Error::invalid("merge_report", format!("the merged config {:?} differs from the original {:?}", merged.cfg, original.cfg)));
     }
@@ -707,7 +632,7 @@ pub const PROBE_TEXT: &str = "The quick brown fox jumps over the lazy dog. To be
 /// [`write_tokenizer`]) and measures it with [`merge_report`].
 pub fn merge_checkpoint(model_path: &Path, adapter_dir: &Path, out: &Path) -> Result<MergeSummary> {
     let ck = Checkpoint::open(model_path)?;
-    let mut model = ck.llama(DType::F32)?;
+    let mut model = crate::model::load(&ck, DType::F32)?;
     crate::peft::io::load_adapter(&mut model, adapter_dir)?;
     merge_to_hf(&model, out)?;
     let (tok, tokenizer_files, tokenizer_error) = match ck.tokenizer() {
@@ -732,17 +657,15 @@ pub fn merge_checkpoint(model_path: &Path, adapter_dir: &Path, out: &Path) -> Re
 /// Matrices are stored as `ty` (F16, BF16 or Q8_0; Q8_0 falls back to F16 for a row length that is
 /// not a multiple of 32, as llama-quantize does), 1-D tensors (norms, biases) as F32. One tensor
 /// is in memory at a time. Returns the file size.
-pub fn merge_to_gguf(model: &Llama, src: &crate::io::gguf::GgufFile, out: &Path, ty: crate::io::gguf_write::GgmlType) -> Result<u64> {
+pub fn merge_to_gguf(model: &Decoder, src: &crate::io::gguf::GgufFile, out: &Path, ty: crate::io::gguf_write::GgmlType) -> Result<u64> {
     const OP: &str = "merge_to_gguf";
     use crate::io::gguf::GgufValue as V;
     use crate::io::gguf_write::{write_gguf, GgmlType, TensorSpec};
     let arch = src.architecture()?.to_string();
-    let mut adapted: BTreeMap<String, (Target, &Linear)> = BTreeMap::new();
-    for (li, l) in model.layers.iter().enumerate() {
-        for t in Target::ALL {
-            if l.linear(t).adapter.is_some() {
-                adapted.insert(gguf_weight_name(li, t), (t, l.linear(t)));
-            }
+    let mut adapted: BTreeMap<String, &Linear> = BTreeMap::new();
+    for lin in model.linears() {
+        if lin.adapter.is_some() {
+            adapted.insert(gguf_weight_name(&lin.path, OP)?, lin);
         }
     }
     let mut specs = Vec::with_capacity(src.tensor_infos().len());
@@ -767,7 +690,7 @@ pub fn merge_to_gguf(model: &Llama, src: &crate::io::gguf::GgufFile, out: &Path,
         let spec = &specs[i];
         let vals: Vec<f32> = match adapted.get(&spec.name) {
             None => src.tensor(&spec.name)?.to_vec_f32(),
-            Some(&(t, lin)) => {
+            Some(&lin) => {
                 let merged: Vec<f32> = match &lin.adapter {
                     Some(ad) => ad.merged_weight(&lin.weight)?.into_iter().map(|x| x as f32).collect(),
                     None => lin.weight.to_vec_f32(),
@@ -776,7 +699,7 @@ pub fn merge_to_gguf(model: &Llama, src: &crate::io::gguf::GgufFile, out: &Path,
                 if spec.dims != [rows, cols] {
                     return Err(Error::shape(OP, "merged weight", format!("{:?} (`{}` in the source)", spec.dims, spec.name), format!("[{rows}, {cols}]")));
                 }
-                match qk_permutation(&arch, &model.cfg, t, rows, OP)? {
+                match qk_permutation(&arch, &model.cfg, &lin.path, rows, OP)? {
                     None => merged,
                     Some(perm) => {
                         let mut v = vec![0.0f32; merged.len()];
@@ -814,7 +737,7 @@ pub fn merge_checkpoint_gguf(model_path: &Path, adapter_dir: &Path, out: &Path, 
             ),
         ));
     };
-    let mut model = ck.llama(DType::F32)?;
+    let mut model = crate::model::load(&ck, DType::F32)?;
     crate::peft::io::load_adapter(&mut model, adapter_dir)?;
     let weights_bytes = merge_to_gguf(&model, src, out, ty)?;
     let tok = ck.tokenizer().ok();

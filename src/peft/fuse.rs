@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
-use crate::model::{Llama, Target};
+use crate::model::Decoder;
 use crate::peft::export::{merge_report, merge_to_hf, probe_ids, write_tokenizer, PROBE_TEXT};
 use crate::peft::io::load_adapter;
 use crate::peft::spectral::{fuse_weight, tuned_block};
@@ -18,7 +18,7 @@ use crate::tensor::Tensor;
 /// model without adapters: every linear adapted in any of them gets the dense
 /// [`fuse_weight`] of all their adapters on it (owned, in the model's compute dtype); the other
 /// linears keep their frozen weights.
-pub fn fuse_models(base: &Llama, adapted: &[&Llama]) -> Result<Llama> {
+pub fn fuse_models(base: &Decoder, adapted: &[&Decoder]) -> Result<Decoder> {
     const OP: &str = "fuse_spectral";
     if adapted.is_empty() {
         return Err(Error::invalid(OP, "no adapted models to fuse"));
@@ -29,15 +29,15 @@ pub fn fuse_models(base: &Llama, adapted: &[&Llama]) -> Result<Llama> {
             return Err(Error::invalid(OP, format!("adapted model {mi} has a different config from the base")));
         }
     }
-    for (li, layer) in fused.layers.iter_mut().enumerate() {
-        for t in Target::ALL {
-            let ads: Vec<&dyn LinearAdapter> = adapted.iter().filter_map(|m| m.layers[li].linear(t).adapter.as_deref()).collect();
+    let dtype = base.dtype;
+    for lin in fused.linears_mut() {
+        {
+            let ads: Vec<&dyn LinearAdapter> = adapted.iter().filter_map(|m| m.linear(&lin.path).and_then(|l| l.adapter.as_deref())).collect();
             if ads.is_empty() {
                 continue;
             }
-            let lin = layer.linear_mut(t);
-            let wm = fuse_weight(&lin.weight, &ads).map_err(|e| Error::invalid(OP, format!("layer {li} {}: {e}", t.hf_name())))?;
-            lin.weight = crate::device::with_float!(base.dtype, OP, |T| {
+            let wm = fuse_weight(&lin.weight, &ads).map_err(|e| Error::invalid(OP, format!("{}: {e}", lin.path)))?;
+            lin.weight = crate::device::with_float!(dtype, OP, |T| {
                 Tensor::from_vec(wm.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>(), lin.weight.dims().to_vec())
             })?;
             lin.adapter = None;
@@ -64,24 +64,19 @@ pub struct FuseSummary {
 /// model as an HF folder `out` (f32 weights, config, tokenizer), checked by reloading it.
 pub fn fuse_checkpoint(model_path: &Path, adapter_dirs: &[&Path], out: &Path) -> Result<FuseSummary> {
     let ck = Checkpoint::open(model_path)?;
-    let base = ck.llama(DType::F32)?;
+    let base = crate::model::load(&ck, DType::F32)?;
     let mut adapted = Vec::with_capacity(adapter_dirs.len());
     let mut blocks = Vec::new();
     for dir in adapter_dirs {
         let mut m = base.clone();
         load_adapter(&mut m, dir)?;
-        let b = m.layers.iter().flat_map(|l| Target::ALL.map(|t| l.linear(t).adapter.as_deref().and_then(tuned_block).map(|b| b.block))).flatten().next();
+        let b = m.linears().into_iter().find_map(|l| l.adapter.as_deref().and_then(tuned_block).map(|b| b.block));
         blocks.push(b.ok_or_else(|| Error::invalid("fuse_spectral", format!("{}: not a Spectral^A/R adapter", dir.display())))?);
         adapted.push(m);
     }
-    let refs: Vec<&Llama> = adapted.iter().collect();
+    let refs: Vec<&Decoder> = adapted.iter().collect();
     let fused = fuse_models(&base, &refs)?;
-    let modules = fused
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(li, _)| Target::ALL.iter().filter(|&&t| refs.iter().any(|m| m.layers[li].linear(t).adapter.is_some())).count())
-        .sum();
+    let modules = fused.linears().iter().filter(|l| refs.iter().any(|m| m.linear(&l.path).is_some_and(|x| x.adapter.is_some()))).count();
     merge_to_hf(&fused, out)?;
     let tok = ck.tokenizer().ok();
     let tokenizer_files = match &tok {

@@ -26,7 +26,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::model::{Llama, Target};
+use crate::model::Decoder;
+use crate::nn::Linear;
 use crate::peft::full::Full;
 use crate::peft::registry::{file_suffixes, LOAD_ORDER};
 use crate::peft::{Adapter, LoraConfig, ModuleFile, ModuleNames, TensorMap};
@@ -37,20 +38,22 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 /// The HF name of a linear's weight (`model.layers.{i}.self_attn.q_proj.weight`): full
 /// fine-tuning saves its tuned matrices under these names.
-pub fn hf_weight_name(layer: usize, t: Target) -> String {
-    let group = match t {
-        Target::Q | Target::K | Target::V | Target::O => "self_attn",
-        _ => "mlp",
-    };
-    format!("model.layers.{layer}.{group}.{}.weight", t.hf_name())
+pub fn hf_weight_name(lin: &Linear) -> String {
+    format!("{}.weight", lin.path)
 }
 
-fn module_prefix(layer: usize, t: Target) -> String {
-    let group = match t {
-        Target::Q | Target::K | Target::V | Target::O => "self_attn",
-        _ => "mlp",
-    };
-    format!("base_model.model.model.layers.{layer}.{group}.{}", t.hf_name())
+/// The PEFT key prefix of a linear's adapter tensors (`base_model.model.{module path}`).
+pub fn module_prefix(lin: &Linear) -> String {
+    format!("base_model.model.{}", lin.path)
+}
+
+/// The model's linears as a pattern for error messages (`model.layers.<0..N>.self_attn.q_proj | …`).
+fn module_list(model: &Decoder) -> String {
+    let mut mods: Vec<String> = Vec::new();
+    for l in model.layers.first().map(|b| b.linears()).unwrap_or_default() {
+        mods.push(l.path.replacen("layers.0.", &format!("layers.<0..{}>.", model.layers.len().saturating_sub(1)), 1));
+    }
+    mods.join(" | ")
 }
 
 /// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename; the temp file
@@ -61,18 +64,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Saves every adapter of `model` into `dir` (created if needed). `lora` is the config the
 /// adapters were created with; `base_model` is recorded for PEFT.
-pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &str) -> Result<()> {
+pub fn save_adapter(model: &Decoder, dir: &Path, lora: &LoraConfig, base_model: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
     let mut tensors = TensorMap::new();
-    let mut targets: Vec<&'static str> = Vec::new();
+    let mut targets: Vec<String> = Vec::new();
     let mut method: &'static str = "lora";
     let mut sp = serde_json::Map::new();
     let mut layer_methods: Vec<&'static str> = Vec::new();
-    for (li, layer) in model.layers.iter().enumerate() {
-        for t in Target::ALL {
-            let Some(ad) = &layer.linear(t).adapter else { continue };
-            if !targets.contains(&t.hf_name()) {
-                targets.push(t.hf_name());
+    for lin in model.linears() {
+        {
+            let Some(ad) = &lin.adapter else { continue };
+            if !targets.iter().any(|t| t == lin.module()) {
+                targets.push(lin.module().to_string());
             }
             // The LoRA-layout methods are told apart per module at load; DoRA (use_dora applies
             // to every module) and full fine-tuning (another format) cannot share a folder.
@@ -85,7 +88,7 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
             if name != "lora" {
                 method = name;
             }
-            ad.save(&ModuleNames { prefix: module_prefix(li, t), weight: hf_weight_name(li, t) }, &mut tensors)?;
+            ad.save(&ModuleNames { prefix: module_prefix(lin), weight: hf_weight_name(lin) }, &mut tensors)?;
             ad.save_config(&mut sp);
         }
     }
@@ -145,7 +148,7 @@ pub fn save_adapter(model: &Llama, dir: &Path, lora: &LoraConfig, base_model: &s
 
 /// Loads an adapter folder saved by [`save_adapter`] (or a plain PEFT LoRA) onto `model`,
 /// replacing any adapters it had. Returns the LoRA config read from the folder.
-pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
+pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
     let cfg_path = dir.join(CONFIG_FILE);
     let fmt = |msg: String| Error::Format { path: cfg_path.clone(), msg };
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.clone(), source: e })?;
@@ -181,14 +184,14 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let mut loaded: std::collections::HashSet<String> = std::collections::HashSet::new();
     // Attached only once the whole file has been read and checked: an error leaves the model as
     // it was.
-    let mut staged: Vec<(usize, Target, Adapter)> = Vec::new();
-    for li in 0..model.layers.len() {
-        for t in Target::ALL {
+    let mut staged: Vec<(String, Adapter)> = Vec::new();
+    for lin in model.linears() {
+        {
             let f = ModuleFile {
                 st: &st,
                 path: &wpath,
-                names: ModuleNames { prefix: module_prefix(li, t), weight: hf_weight_name(li, t) },
-                weight: &model.layers[li].linear(t).weight,
+                names: ModuleNames { prefix: module_prefix(lin), weight: hf_weight_name(lin) },
+                weight: &lin.weight,
                 dtype: model.dtype,
                 lora: &lora,
                 use_dora,
@@ -203,7 +206,7 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                 }
             }
             let Some(adapter) = adapter else { continue };
-            staged.push((li, t, adapter));
+            staged.push((lin.path.clone(), adapter));
             found += 1;
             loaded.insert(f.names.prefix);
         }
@@ -222,17 +225,14 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
         if !module.is_some_and(|m| loaded.contains(m)) {
             return Err(wfmt(format!(
                 "tensor {name} belongs to no module of this model ({} layers): expected \
-                 base_model.model.model.layers.<0..{}>.self_attn.<q|k|v|o>_proj or .mlp.<gate|up|down>_proj, \
-                 then one of {}",
+                 base_model.model.{{{}}}, then one of {}",
                 model.layers.len(),
-                model.layers.len().saturating_sub(1),
+                module_list(model),
                 suffixes.join(" ")
             )));
         }
     }
-    for (li, t, adapter) in staged {
-        model.layers[li].linear_mut(t).adapter = Some(adapter);
-    }
+    attach_staged(model, staged);
     Ok(lora)
 }
 
@@ -240,7 +240,7 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
 /// HF names (`model.layers.{i}.self_attn.q_proj.weight` [out, in]) become trainable
 /// [`Full`] copies on the matching linears. Returns the default [`LoraConfig`] (full
 /// fine-tuning has no LoRA settings).
-fn load_full(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
+fn load_full(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
     let wpath = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&wpath).map_err(|e| Error::Io { path: wpath.clone(), source: e })?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format { path: wpath.clone(), msg: e.to_string() })?;
@@ -248,12 +248,11 @@ fn load_full(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let mut found = 0;
     let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
     // Attached only after the whole file is checked: an error leaves the model as it was.
-    let mut staged: Vec<(usize, Target, Adapter)> = Vec::new();
-    for li in 0..model.layers.len() {
-        for t in Target::ALL {
-            let name = hf_weight_name(li, t);
+    let mut staged: Vec<(String, Adapter)> = Vec::new();
+    for lin in model.linears() {
+        {
+            let name = hf_weight_name(lin);
             let Ok(tv) = st.tensor(&name) else { continue };
-            let lin = model.layers[li].linear(t);
             let dims = [lin.out_features(), lin.in_features()];
             if tv.shape() != dims {
                 return Err(wfmt(format!("{name}: expected shape {dims:?}, got {:?}", tv.shape())));
@@ -268,7 +267,7 @@ fn load_full(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                 Tensor::from_vec(vals.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>(), dims.to_vec())
             })?
             .param()?;
-            staged.push((li, t, Box::new(Full { w })));
+            staged.push((lin.path.clone(), Box::new(Full { w })));
             used.insert(name);
             found += 1;
         }
@@ -281,13 +280,21 @@ fn load_full(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     names.sort_unstable();
     if let Some(name) = names.into_iter().find(|n| !used.contains(*n)) {
         return Err(wfmt(format!(
-            "tensor {name} is no linear of this model ({} layers): expected model.layers.<0..{}>.self_attn.<q|k|v|o>_proj.weight or .mlp.<gate|up|down>_proj.weight",
+            "tensor {name} is no linear of this model ({} layers): expected one of {{{}}} followed by .weight",
             model.layers.len(),
-            model.layers.len().saturating_sub(1)
+            module_list(model)
         )));
     }
-    for (li, t, adapter) in staged {
-        model.layers[li].linear_mut(t).adapter = Some(adapter);
-    }
+    attach_staged(model, staged);
     Ok(LoraConfig::default())
+}
+
+/// Attaches adapters staged by module path (every path came from `model.linears()`).
+fn attach_staged(model: &mut Decoder, staged: Vec<(String, Adapter)>) {
+    let mut staged: HashMap<String, Adapter> = staged.into_iter().collect();
+    for lin in model.linears_mut() {
+        if let Some(ad) = staged.remove(&lin.path) {
+            lin.adapter = Some(ad);
+        }
+    }
 }

@@ -41,8 +41,8 @@ use serde_json::Value;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::io::Checkpoint;
-use crate::model::{Llama, Target};
+use crate::model::Decoder;
+use crate::train::config::Targets;
 use crate::svd::thin_svd;
 
 pub use table::render_table;
@@ -134,14 +134,14 @@ pub struct SpectrumOptions {
     /// than some analysed matrix's min(m, n) is an error.
     pub k: Option<usize>,
     /// Which linears to consider (default: all seven).
-    pub targets: Vec<Target>,
+    pub targets: Targets,
     /// Also analyse a random change of the same norm per matrix (see [`MatrixSpectrum::control`]).
     pub control: bool,
 }
 
 impl Default for SpectrumOptions {
     fn default() -> Self {
-        SpectrumOptions { k: None, targets: Target::ALL.to_vec(), control: false }
+        SpectrumOptions { k: None, targets: Targets::AllLinear, control: false }
     }
 }
 
@@ -377,13 +377,6 @@ pub fn block_size(requested: Option<usize>, m: usize, n: usize, name: &str) -> R
     }
 }
 
-fn weight_name(layer: usize, t: Target) -> String {
-    let group = match t {
-        Target::Q | Target::K | Target::V | Target::O => "self_attn",
-        _ => "mlp",
-    };
-    format!("model.layers.{layer}.{group}.{}.weight", t.hf_name())
-}
 
 /// The method an adapter folder records (`spectune.method` in its config), "lora" for a plain
 /// PEFT LoRA.
@@ -406,18 +399,20 @@ fn adapter_layers(dir: &Path) -> Result<Vec<usize>> {
     Ok(layers)
 }
 
+/// The linear of module type `module` in layer `li` (the jobs were built from these).
+fn lin_of<'a>(m: &'a Decoder, li: usize, module: &str) -> &'a crate::nn::Linear {
+    m.layers[li].linears().into_iter().find(|l| l.module() == module).expect("a module type of this model")
+}
+
 /// Runs the analysis of `base` against `tuned` (see the module docs).
 pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Result<SpectrumReport> {
     const OP: &str = "spectrum";
-    if opts.targets.is_empty() {
-        return Err(Error::invalid(OP, "no target modules to analyse"));
-    }
-    let mut base_model = Checkpoint::open(base)?.llama(DType::F32)?;
+    let mut base_model = crate::model::open(base, DType::F32)?;
     let n_layers = base_model.layers.len();
     // W' from a second model, or (None) from the adapter loaded onto the base below.
-    let (tuned_model, method, tuned_path, adapter_path): (Option<Llama>, String, Option<String>, Option<String>) = match tuned {
+    let (tuned_model, method, tuned_path, adapter_path): (Option<Decoder>, String, Option<String>, Option<String>) = match tuned {
         TunedSource::Checkpoint(p) => {
-            let t = Checkpoint::open(p)?.llama(DType::F32)?;
+            let t = crate::model::open(p, DType::F32)?;
             if t.layers.len() != n_layers {
                 return Err(Error::invalid(
                     OP,
@@ -444,16 +439,21 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
         crate::peft::io::load_adapter(&mut base_model, dir)?;
     }
     // Jobs in report order: module type, then layer.
-    let mut jobs: Vec<(usize, Target, usize)> = Vec::new();
+    // Module types in the order of a layer's linears (q, k, v, o, gate, up, down, or the fused ones).
+    let module_types: Vec<String> = base_model.layers.first().map(|b| b.linears().iter().map(|l| l.module().to_string()).collect()).unwrap_or_default();
+    let mut jobs: Vec<(usize, usize, usize)> = Vec::new();
     let mut unchanged = Vec::new();
-    for &t in &opts.targets {
+    for (ti, t) in module_types.iter().enumerate() {
         for li in 0..n_layers {
-            let lin = base_model.layers[li].linear(t);
-            let name = weight_name(li, t);
+            let Some(&lin) = base_model.layers[li].linears().iter().find(|l| l.module() == t) else { continue };
+            if !opts.targets.selects(&lin.path)? {
+                continue;
+            }
+            let name = format!("{}.weight", lin.path);
             let (m, n) = (lin.out_features(), lin.in_features());
             match &tuned_model {
                 Some(tm) => {
-                    let tl = tm.layers[li].linear(t);
+                    let tl = tm.linear(&lin.path).ok_or_else(|| Error::invalid(OP, format!("the tuned model has no module {}", lin.path)))?;
                     if tl.weight.dims() != lin.weight.dims() {
                         return Err(Error::shape(
                             OP,
@@ -466,42 +466,42 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
                 None if lin.adapter.is_none() => continue,
                 None => {}
             }
-            jobs.push((li, t, block_size(opts.k, m, n, &name)?));
+            jobs.push((li, ti, block_size(opts.k, m, n, &name)?));
         }
     }
     let results: Vec<Option<MatrixSpectrum>> = jobs
         .par_iter()
-        .map(|&(li, t, k)| -> Result<Option<MatrixSpectrum>> {
-            let lin = base_model.layers[li].linear(t);
+        .map(|&(li, ti, k)| -> Result<Option<MatrixSpectrum>> {
+            let lin = lin_of(&base_model, li, &module_types[ti]);
             let (m, n) = (lin.out_features(), lin.in_features());
             let w0 = lin.weight.to_vec_f64();
             let w1 = match (&tuned_model, &lin.adapter) {
-                (Some(tm), _) => tm.layers[li].linear(t).weight.to_vec_f64(),
+                (Some(tm), _) => tm.linear(&lin.path).map(|l| l.weight.to_vec_f64()).unwrap_or_default(),
                 (None, Some(ad)) => ad.merged_weight(&lin.weight)?,
                 (None, None) => return Ok(None),
             };
             if tuned_model.is_some() && w0 == w1 {
                 return Ok(None);
             }
-            let name = weight_name(li, t);
+            let name = format!("{}.weight", lin.path);
             if let Some(i) = w1.iter().position(|v| !v.is_finite()) {
                 return Err(Error::NonFinite { op: OP, what: format!("the tuned {name}, element {i}") });
             }
             let stats = compare_matrices(&w0, &w1, m, n, k).map_err(|e| Error::invalid(OP, format!("{name}: {e}")))?;
             let control = if opts.control {
-                let wc = random_change(&w0, stats.norm_delta, (li as u64) << 8 | t as u64);
+                let wc = random_change(&w0, stats.norm_delta, (li as u64) << 8 | ti as u64);
                 Some(compare_matrices(&w0, &wc, m, n, k).map_err(|e| Error::invalid(OP, format!("{name} (control): {e}")))?)
             } else {
                 None
             };
-            Ok(Some(MatrixSpectrum { name, layer: li, module: t.hf_name().to_string(), stats, control }))
+            Ok(Some(MatrixSpectrum { name, layer: li, module: module_types[ti].clone(), stats, control }))
         })
         .collect::<Result<Vec<_>>>()?;
     let mut matrices = Vec::with_capacity(results.len());
-    for (res, &(li, t, _)) in results.into_iter().zip(&jobs) {
+    for (res, &(li, ti, _)) in results.into_iter().zip(&jobs) {
         match res {
             Some(ms) => matrices.push(ms),
-            None => unchanged.push(weight_name(li, t)),
+            None => unchanged.push(format!("{}.weight", lin_of(&base_model, li, &module_types[ti]).path)),
         }
     }
     if matrices.is_empty() {
@@ -515,7 +515,7 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
     }
     let mut by_module: BTreeMap<usize, (String, Vec<SummaryRow>, Vec<SummaryRow>)> = BTreeMap::new();
     for ms in &matrices {
-        let pos = Target::ALL.iter().position(|t| t.hf_name() == ms.module).unwrap_or(usize::MAX);
+        let pos = module_types.iter().position(|t| *t == ms.module).unwrap_or(usize::MAX);
         let e = by_module.entry(pos).or_insert_with(|| (ms.module.clone(), Vec::new(), Vec::new()));
         e.1.push(ms.row());
         if let Some(c) = &ms.control {

@@ -347,7 +347,7 @@ fn layers_chart(report: &SpectrumReport, root: &Area<'_>) -> std::result::Result
             .iter()
             .enumerate()
             .map(|(mi, &module)| {
-                let pos = crate::model::Target::ALL.iter().position(|t| t.hf_name() == module).unwrap_or(mi);
+                let pos = mi;
                 Line {
                     points: report.matrices.iter().filter(|m| m.module == module).map(|m| (m.layer as f64, get(m))).collect(),
                     color: rgba(MODULE_COLORS[pos % MODULE_COLORS.len()]),

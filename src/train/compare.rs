@@ -25,7 +25,8 @@ use super::demo::{demo_data, write_synthetic};
 use super::evaluate;
 use super::run::{prepare, run};
 use crate::error::{Error, Result};
-use crate::model::{Llama, Target};
+use crate::model::Decoder;
+use crate::nn::layer_of;
 use crate::ops::SpecRows;
 use crate::peft::speclora::SpecLora;
 use crate::peft::speclora_svd::SpecLoraSvd;
@@ -240,15 +241,13 @@ pub struct CompareReport {
 
 /// Trainable values of the settings' method on its targets of every layer of `model`, counted on
 /// a one-layer copy (adapters are built there, SVDs included) times the layer count.
-pub fn trainable_count(model: &Llama, s: &TrainSettings) -> Result<usize> {
+pub fn trainable_count(model: &Decoder, s: &TrainSettings) -> Result<usize> {
     let mut one = model.clone();
     one.layers.truncate(1);
-    for l in &mut one.layers {
-        for t in Target::ALL {
-            l.linear_mut(t).adapter = None;
-        }
+    for l in one.linears_mut() {
+        l.adapter = None;
     }
-    one.attach_adapters(&s.targets, &s.lora, &s.method, s.seed)?;
+    one.attach_adapters(|p| s.targets.selects(p), &s.lora, &s.method, s.seed)?;
     Ok(one.trainable_params().iter().map(|p| p.numel()).sum::<usize>() * model.layers.len())
 }
 
@@ -286,9 +285,9 @@ struct Task {
 }
 
 /// SpecLoRA's learned row scales (and the rows they scale) per (layer, linear).
-type DRows = HashMap<(usize, Target), (Vec<f64>, SpecRows)>;
+type DRows = HashMap<String, (Vec<f64>, SpecRows)>;
 /// SpecLoRA-SVD's learned σ scales per (layer, linear).
-type DSvd = HashMap<(usize, Target), Vec<f64>>;
+type DSvd = HashMap<String, Vec<f64>>;
 /// A plot panel: title, the base model's value, (mean, std) per method.
 type Panel<'a> = (&'a str, f64, Vec<(f64, f64)>);
 
@@ -417,7 +416,7 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
     let eval_counted: usize = test.iter().map(|b| b.counted).sum();
     let val_counted: usize = val.iter().map(|b| b.counted).sum();
     let tok = prepared.tokenizer.clone();
-    let accuracy_of = |m: &Llama| -> Result<f64> {
+    let accuracy_of = |m: &Decoder| -> Result<f64> {
         match &mc {
             Some((p, items)) => {
                 let opts = super::eval::McOptions { max_len: 2048, batch: 16, progress: false };
@@ -469,8 +468,8 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
         plan.push((m.clone(), r, c));
     }
     let mut results = Vec::new();
-    let mut d_rows: HashMap<(usize, Target), (Vec<f64>, SpecRows)> = HashMap::new();
-    let mut d_svd: HashMap<(usize, Target), Vec<f64>> = HashMap::new();
+    let mut d_rows: HashMap<String, (Vec<f64>, SpecRows)> = HashMap::new();
+    let mut d_svd: HashMap<String, Vec<f64>> = HashMap::new();
     // Every run starts from the same frozen model and the same held-out batches; the batch order
     // is the prepared one reshuffled by the run's seed.
     let start = prepared.train.state();
@@ -485,10 +484,8 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
                 let seed = o.seed + si as u64;
                 let s = settings_for(m, *r, lr, seed)?;
                 let p = &mut prepared;
-                for l in &mut p.model.layers {
-                    for t in Target::ALL {
-                        l.linear_mut(t).adapter = None;
-                    }
+                for l in p.model.linears_mut() {
+                    l.adapter = None;
                 }
                 let record_path = s.out.join("result.json");
                 let key = format!("{task_key} method={m} rank={r} lr={lr:e} seed={seed}");
@@ -594,16 +591,14 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
 }
 
 /// The learned d vectors of the model's SpecLoRA (positional) and SpecLoRA-SVD adapters.
-fn learned_d(model: &Llama) -> (DRows, DSvd) {
+fn learned_d(model: &Decoder) -> (DRows, DSvd) {
     let (mut a, mut b) = (HashMap::new(), HashMap::new());
-    for (li, layer) in model.layers.iter().enumerate() {
-        for t in Target::ALL {
-            let Some(ad) = layer.linear(t).adapter.as_deref() else { continue };
-            if let Some(SpecLora { d, rows, .. }) = ad.downcast_ref() {
-                a.insert((li, t), (d.to_vec_f64(), rows.clone()));
-            } else if let Some(SpecLoraSvd { d, .. }) = ad.downcast_ref() {
-                b.insert((li, t), d.to_vec_f64());
-            }
+    for lin in model.linears() {
+        let Some(ad) = lin.adapter.as_deref() else { continue };
+        if let Some(SpecLora { d, rows, .. }) = ad.downcast_ref() {
+            a.insert(lin.path.clone(), (d.to_vec_f64(), rows.clone()));
+        } else if let Some(SpecLoraSvd { d, .. }) = ad.downcast_ref() {
+            b.insert(lin.path.clone(), d.to_vec_f64());
         }
     }
     (a, b)
@@ -611,9 +606,9 @@ fn learned_d(model: &Llama) -> (DRows, DSvd) {
 
 /// Positional vs SVD-form d per (layer, module) for the chosen layers, and means per module type.
 fn fidelity(
-    base: &Llama,
-    d_rows: &HashMap<(usize, Target), (Vec<f64>, SpecRows)>,
-    d_svd: &HashMap<(usize, Target), Vec<f64>>,
+    base: &Decoder,
+    d_rows: &HashMap<String, (Vec<f64>, SpecRows)>,
+    d_svd: &HashMap<String, Vec<f64>>,
     layers: Option<&[usize]>,
 ) -> Result<(Vec<FidelityRow>, Vec<FidelitySummary>)> {
     let n_layers = base.layers.len();
@@ -625,10 +620,10 @@ fn fidelity(
         return Err(Error::invalid("compare", format!("--fidelity-layers: layer {bad} does not exist (the model has {n_layers})")));
     }
     let mut rows = Vec::new();
-    for &li in &chosen {
-        for t in Target::ALL {
-            let (Some((dr, sel)), Some(ds)) = (d_rows.get(&(li, t)), d_svd.get(&(li, t))) else { continue };
-            let lin = base.layers[li].linear(t);
+    for lin in base.linears() {
+        let Some(li) = lin.layer().filter(|l| chosen.contains(l)) else { continue };
+        {
+            let (Some((dr, sel)), Some(ds)) = (d_rows.get(&lin.path), d_svd.get(&lin.path)) else { continue };
             let (m, n) = (lin.out_features(), lin.in_features());
             let w0 = lin.weight.to_vec_f64();
             let mut w1 = w0.clone();
@@ -641,30 +636,37 @@ fn fidelity(
             }
             let shown = ds.len().min(8).min(m.min(n));
             let sp = crate::spectrum::compare_matrices(&w0, &w1, m, n, shown)?;
-            rows.push(FidelityRow { layer: li, module: t.hf_name().to_string(), d_rows: dr.clone(), d_svd: ds.clone(), induced_ratio: sp.ratio.top });
+            rows.push(FidelityRow { layer: li, module: lin.module().to_string(), d_rows: dr.clone(), d_svd: ds.clone(), induced_ratio: sp.ratio.top });
         }
     }
     let mut summary = Vec::new();
-    for t in Target::ALL {
-        let keys: Vec<&(usize, Target)> = d_rows.keys().filter(|(_, tt)| *tt == t).filter(|key| d_svd.contains_key(key)).collect();
+    let mut modules: Vec<&str> = Vec::new();
+    for lin in base.linears() {
+        if !modules.contains(&lin.module()) {
+            modules.push(lin.module());
+        }
+    }
+    for t in modules {
+        let module_of = |p: &str| p.rsplit('.').next().unwrap_or(p).to_string();
+        let keys: Vec<&String> = d_rows.keys().filter(|p| module_of(p) == t && layer_of(p).is_some()).filter(|key| d_svd.contains_key(*key)).collect();
         if keys.is_empty() {
             continue;
         }
         let (mut a, mut b, mut amp_a, mut amp_b, mut na, mut nb) = (0.0, 0.0, 0usize, 0usize, 0usize, 0usize);
         for key in &keys {
-            for &x in &d_rows[key].0 {
+            for &x in &d_rows[*key].0 {
                 a += (x - 1.0).abs();
                 amp_a += usize::from(x > 1.0);
                 na += 1;
             }
-            for &x in &d_svd[key] {
+            for &x in &d_svd[*key] {
                 b += (x - 1.0).abs();
                 amp_b += usize::from(x > 1.0);
                 nb += 1;
             }
         }
         summary.push(FidelitySummary {
-            module: t.hf_name().to_string(),
+            module: t.to_string(),
             matrices: keys.len(),
             rows_mean_abs_dev: a / na.max(1) as f64,
             svd_mean_abs_dev: b / nb.max(1) as f64,

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::model::Target;
 use crate::optim::LrSchedule;
 use crate::peft::{LoraConfig, Method, MethodOptions};
 
@@ -150,7 +149,7 @@ impl TrainArgs {
             "train",
         )?;
         let targets = match &self.targets {
-            None => Target::ALL.to_vec(),
+            None => Targets::AllLinear,
             Some(s) => parse_targets(s)?,
         };
         let dropout = self.dropout.unwrap_or(0.0);
@@ -207,20 +206,51 @@ impl TrainArgs {
     }
 }
 
-/// A comma-separated list of linears (`q,k,v,o,gate,up,down`, or their HF names `q_proj`, …).
-pub fn parse_targets(s: &str) -> Result<Vec<Target>> {
-    s.split(',')
-        .map(|t| match t.trim() {
-            "q" | "q_proj" => Ok(Target::Q),
-            "k" | "k_proj" => Ok(Target::K),
-            "v" | "v_proj" => Ok(Target::V),
-            "o" | "o_proj" => Ok(Target::O),
-            "gate" | "gate_proj" => Ok(Target::Gate),
-            "up" | "up_proj" => Ok(Target::Up),
-            "down" | "down_proj" => Ok(Target::Down),
-            other => Err(Error::invalid("train", format!("--targets: unknown module `{other}` (q, k, v, o, gate, up, down)"))),
+/// Which linears get an adapter.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Targets {
+    /// Every linear of the decoder layers (PEFT's `all-linear`: never the LM head).
+    AllLinear,
+    /// Module names, each matching a module path equal to it or ending in `.name` (PEFT's list
+    /// form of `target_modules`).
+    Names(Vec<String>),
+}
+
+impl Targets {
+    pub fn selects(&self, path: &str) -> Result<bool> {
+        Ok(match self {
+            Targets::AllLinear => true,
+            Targets::Names(n) => n.iter().any(|n| path == n || path.strip_suffix(n.as_str()).is_some_and(|p| p.ends_with('.'))),
         })
-        .collect()
+    }
+    /// The module names for an adapter_config.json `target_modules` (`all-linear` as PEFT spells it).
+    pub fn peft_json(&self) -> serde_json::Value {
+        match self {
+            Targets::AllLinear => "all-linear".into(),
+            Targets::Names(n) => n.clone().into(),
+        }
+    }
+}
+
+/// `all-linear`, or a comma-separated list of module names (`q_proj,v_proj`; the short forms
+/// `q,k,v,o,gate,up,down` stand for `q_proj`, …, `down_proj`).
+pub fn parse_targets(s: &str) -> Result<Targets> {
+    if s.trim() == "all-linear" {
+        return Ok(Targets::AllLinear);
+    }
+    let names = s
+        .split(',')
+        .map(|t| {
+            let t = t.trim();
+            match t {
+                "" => Err(Error::invalid("train", format!("--targets: empty module name in `{s}`"))),
+                "q" | "k" | "v" | "o" | "gate" | "up" | "down" => Ok(format!("{t}_proj")),
+                _ if t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') => Ok(t.to_string()),
+                other => Err(Error::invalid("train", format!("--targets: `{other}` is not a module name (letters, digits, `_`, `.`)"))),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Targets::Names(names))
 }
 
 /// Resolved settings with defaults filled in.
@@ -232,7 +262,7 @@ pub struct TrainSettings {
     pub eval_fraction: Option<f64>,
     pub method: Method,
     pub lora: LoraConfig,
-    pub targets: Vec<Target>,
+    pub targets: Targets,
     pub lr: f64,
     pub schedule_name: String,
     pub warmup: u64,

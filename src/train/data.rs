@@ -21,7 +21,7 @@
 //!    into windows with no token lost; prompt/completion and chat examples longer than `seq_len`
 //!    are truncated at the end (counted in [`TokenizeStats::truncated`]).
 //! 3. **Batching** ([`Batcher`], [`eval_batches`]) into [`Batch`]es for
-//!    [`Llama::loss`](crate::model::Llama::loss), either packed (sequences concatenated into full
+//!    [`Decoder::loss`](crate::model::Decoder::loss), either packed (sequences concatenated into full
 //!    rows of `seq_len`) or padded (one sequence per row), in a seeded order that a run can save
 //!    ([`Batcher::state`]) and resume bit-identically ([`Batcher::restore`]).
 //!
@@ -545,7 +545,7 @@ pub fn tokenize_files(tok: &Tokenizer, files: &[DataFile], opts: &TokenizeOption
 // Batching
 // =============================================================================================
 
-/// One batch for [`Llama::loss`](crate::model::Llama::loss): `b` rows of `t` tokens, row-major.
+/// One batch for [`Decoder::loss`](crate::model::Decoder::loss): `b` rows of `t` tokens, row-major.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
     /// Token ids [b·t].

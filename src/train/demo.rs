@@ -119,7 +119,7 @@ pub fn demo(o: &DemoOptions) -> Result<()> {
     Ok(())
 }
 
-/// `demo --synthetic`: the same pipeline, offline, on a tiny random Llama with a byte-level
+/// `demo --synthetic`: the same pipeline, offline, on a tiny random Decoder with a byte-level
 /// tokenizer and generated text (counting stories with a learnable structure). Writes the model
 /// as an HF folder and the data as .txt files under `out`, then trains, evaluates and samples.
 /// Returns (held-out loss before, after).
@@ -157,12 +157,12 @@ pub fn synthetic(o: &DemoOptions, method: Method, quiet: bool) -> Result<(f64, f
     Ok((l0, l1))
 }
 
-/// Writes the synthetic task of [`synthetic`] under `out`: a tiny random Llama with a byte-level
+/// Writes the synthetic task of [`synthetic`] under `out`: a tiny random Decoder with a byte-level
 /// tokenizer as an HF folder (`synthetic-model/`) and counting stories as .txt files
 /// (`synthetic-data/train/`, `synthetic-data/eval/`). Returns (model folder, data folder).
 pub fn write_synthetic(out: &Path, seed: u64) -> Result<(PathBuf, PathBuf)> {
     use crate::gradcheck::SplitMix;
-    use crate::model::{Llama, LlamaConfig};
+    use crate::model::{Decoder, DecoderConfig, RopeConfig};
     use crate::peft::io::write_atomic;
     use crate::tokenizer::{byte_to_unicode, GgufVocab, Tokenizer, TOKEN_TYPE_CONTROL};
     let model_dir = out.join("synthetic-model");
@@ -182,7 +182,7 @@ pub fn write_synthetic(out: &Path, seed: u64) -> Result<(PathBuf, PathBuf)> {
     let json = tok.inner().to_string(false).map_err(|e| Error::invalid("demo", format!("cannot serialize the tokenizer: {e}")))?;
     write_atomic(&model_dir.join("tokenizer.json"), json.as_bytes())?;
     write_atomic(&model_dir.join("tokenizer_config.json"), br#"{"eos_token": "<|endoftext|>", "add_bos_token": false}"#)?;
-    let cfg = LlamaConfig {
+    let cfg = DecoderConfig {
         vocab_size: 259,
         hidden_size: 64,
         intermediate_size: 128,
@@ -191,12 +191,12 @@ pub fn write_synthetic(out: &Path, seed: u64) -> Result<(PathBuf, PathBuf)> {
         num_key_value_heads: 2,
         head_dim: 16,
         rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
+        rope: RopeConfig { theta: 10000.0, ..Default::default() },
         tie_word_embeddings: true,
-        attention_bias: false,
         max_position_embeddings: 256,
+        ..DecoderConfig::default()
     };
-    crate::peft::export::merge_to_hf(&Llama::random(cfg, crate::DType::F32, seed)?, &model_dir)?;
+    crate::peft::export::merge_to_hf(&Decoder::random(cfg, crate::DType::F32, seed)?, &model_dir)?;
     // Counting stories: "ada has 3 apples. ada gets 2 more. now ada has 5 apples."
     let story = |rng: &mut SplitMix| {
         let names = ["ada", "bob", "cy", "dee", "eve"];

@@ -12,7 +12,7 @@ use super::data::{self, Batch, BatchConfig, Batcher, BatcherState, DataFile, Lay
 use super::{evaluate, load_checkpoint, optimizer_for, save_checkpoint, step_seed, train_step, TrainerState};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
-use crate::model::Llama;
+use crate::model::Decoder;
 use crate::optim::AdamWConfig;
 use crate::peft::io::save_adapter;
 use crate::tokenizer::Tokenizer;
@@ -34,7 +34,7 @@ pub struct RunReport {
 
 /// Model, tokenizer and data of a run, prepared once (the demo evaluates before training too).
 pub struct Prepared {
-    pub model: Llama,
+    pub model: Decoder,
     pub tokenizer: Tokenizer,
     pub train: Batcher,
     pub eval: Vec<Batch>,
@@ -47,7 +47,7 @@ pub struct Prepared {
 pub fn prepare(s: &TrainSettings, split: Option<(Vec<DataFile>, Vec<DataFile>)>, log: &mut dyn FnMut(String)) -> Result<Prepared> {
     let ck = Checkpoint::open(&s.model)?;
     let tokenizer = ck.tokenizer()?;
-    let mut model = ck.llama(DType::F32)?;
+    let mut model = crate::model::load(&ck, DType::F32)?;
     model.checkpointing = s.checkpointing;
     model.checkpoint_keep = s.checkpoint_keep;
     let (files, eval_files) = match split {
@@ -112,7 +112,7 @@ pub fn run(s: &TrainSettings, p: &mut Prepared, progress: bool, log: &mut dyn Fn
             (opt, st.step)
         }
         None => {
-            model.attach_adapters(&s.targets, &s.lora, &s.method, s.seed)?;
+            model.attach_adapters(|p| s.targets.selects(p), &s.lora, &s.method, s.seed)?;
             (optimizer_for(model, ocfg)?, 0)
         }
     };
@@ -131,9 +131,9 @@ pub fn run(s: &TrainSettings, p: &mut Prepared, progress: bool, log: &mut dyn Fn
     let total = s.steps.unwrap_or(((s.epochs * per_epoch as f64).ceil() as u64).max(1));
     let schedule = s.schedule(total)?;
     log(format!(
-        "training {} on {} linears × {} layers: {trainable} trainable values, optimizer state {} values; {total} steps of {} × {} × {} tokens",
+        "training {} on {} linears ({} layers): {trainable} trainable values, optimizer state {} values; {total} steps of {} × {} × {} tokens",
         s.method.label(),
-        s.targets.len(),
+        model.linears().iter().filter(|l| l.adapter.is_some()).count(),
         model.layers.len(),
         opt.state_numel(),
         s.grad_accum,
