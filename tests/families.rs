@@ -1,91 +1,141 @@
 //! Every decoder family against transformers at every position: the tiny checkpoints of
-//! tests/data/families (written by make_families.py with transformers; random weights, each
-//! family's distinguishing features switched on, a 12-token probe longer than the sliding
-//! windows and LongRoPE's original context) loaded through the real loader, logits compared at
-//! all 2 × 12 positions.
+//! tests/data/families (written by make_families.py with transformers and PEFT; random weights,
+//! each family's distinguishing features switched on, a 12-token probe longer than the sliding
+//! windows and LongRoPE's original context) loaded through the real loader. Per family:
 //!
-//! A family spectune does not implement yet must be refused with an error naming what is
-//! missing — never loaded and run silently wrong. The table below says which is which; a family
-//! that starts to load must also start to match.
+//! - logits at all 2 × 12 positions of the unpadded batch;
+//! - logits at every real position of a right-padded batch (padding keys masked);
+//! - transformers' causal-LM loss on the padded batch;
+//! - a stock PEFT LoRA (all-linear, nonzero A and B) loaded from its `save_pretrained` folder:
+//!   the loss and the gradient of every lora_A / lora_B against PyTorch autograd.
+//!
+//! Tolerance: |a − b| ≤ 1e-4·max(1, |b|) for logits and losses (f32 on both sides), and
+//! ≤ 1e-4·max(1e-2, max|g|) per gradient tensor.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use safetensors::{Dtype, SafeTensors};
-use spectune::io::Checkpoint;
+use spectune::autograd::backward;
+use spectune::model::Decoder;
+use spectune::ops::CeOptions;
 use spectune::DType;
 
-enum Expect {
-    /// Logits within |a − b| ≤ 1e-4·max(1, |b|) at every position.
-    Match,
-    /// Loading fails with an error containing every one of these words.
-    Refused(&'static [&'static str]),
-}
-
-static FAMILIES: [(&str, Expect); 9] = [
-    ("llama", Expect::Match),
-    ("llama3", Expect::Refused(&["rope_type", "llama3"])),
-    ("llama_bias", Expect::Refused(&["mlp_bias"])),
-    ("mistral", Expect::Refused(&["sliding_window"])),
-    ("qwen2", Expect::Match),
-    ("qwen3", Expect::Refused(&["Qwen3ForCausalLM"])),
-    ("gemma2", Expect::Refused(&["Gemma2ForCausalLM"])),
-    ("gemma3", Expect::Refused(&["Gemma3ForCausalLM"])),
-    ("phi3", Expect::Refused(&["Phi3ForCausalLM"])),
-];
+const FAMILIES: [&str; 9] = ["llama", "llama3", "llama_bias", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/families").join(name)
 }
 
-/// (input ids [2, T], logits [2, T, V]) from golden.safetensors, read with the `safetensors`
-/// crate (independently of the crate's own loader).
-fn golden(name: &str) -> (Vec<u32>, Vec<f64>, [usize; 3]) {
-    let path = dir(name).join("golden.safetensors");
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+/// A safetensors file read with the `safetensors` crate (independently of the crate's loader):
+/// name → (shape, values as f64).
+fn read(path: &PathBuf) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (ids, logits) = (st.tensor("input_ids").unwrap(), st.tensor("logits").unwrap());
-    assert_eq!((ids.dtype(), logits.dtype()), (Dtype::I64, Dtype::F32));
-    let ids = ids.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect();
-    let d = logits.shape();
-    let values = logits.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect();
-    (ids, values, [d[0], d[1], d[2]])
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let v: Vec<f64> = match t.dtype() {
+                Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+                Dtype::I64 => t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+                other => panic!("{}: {name}: unexpected dtype {other:?}", path.display()),
+            };
+            (name, (t.shape().to_vec(), v))
+        })
+        .collect()
 }
 
-#[test]
-fn every_family_matches_transformers_at_every_position_or_is_refused_by_name() {
+fn close(g: f64, w: f64, scale: f64) -> bool {
+    (g - w).abs() <= 1e-4 * scale.max(w.abs())
+}
+
+fn load(name: &str) -> Decoder {
+    spectune::model::open(&dir(name), DType::F32).unwrap_or_else(|e| panic!("{name}: expected to load, got: {e}"))
+}
+
+/// (ids, key mask, targets) of the padded batch: targets[t] = labels[t + 1] (the shift
+/// transformers' loss applies), −100 at each row's last position.
+fn padded_batch(g: &HashMap<String, (Vec<usize>, Vec<f64>)>) -> (Vec<u32>, Vec<bool>, Vec<i64>, usize, usize) {
+    let (shape, ids) = &g["input_ids_padded"];
+    let (b, t) = (shape[0], shape[1]);
+    let mask: Vec<bool> = g["attention_mask"].1.iter().map(|&m| m != 0.0).collect();
+    let labels = &g["labels"].1;
+    let targets = (0..b * t).map(|i| if (i + 1) % t == 0 { -100 } else { labels[i + 1] as i64 }).collect();
+    (ids.iter().map(|&x| x as u32).collect(), mask, targets, b, t)
+}
+
+fn check_logits(name: &str) {
+    let model = load(name);
+    let g = read(&dir(name).join("golden.safetensors"));
+    let (shape, ids) = &g["input_ids"];
+    let (b, t) = (shape[0], shape[1]);
+    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let want = &g["logits"].1;
+    let v = want.len() / (b * t);
+    let got = model.logits(&ids, b, t, None).unwrap_or_else(|e| panic!("{name}: forward: {e}")).to_vec_f64();
+    assert_eq!(got.len(), want.len(), "{name}: logits shape");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(close(*g, *w, 1.0), "{name}: sequence {} position {} vocab {}: {g} vs transformers {w}", i / (t * v), (i / v) % t, i % v);
+    }
+    // The padded batch: every real position (padding keys masked).
+    let (ids, mask, targets, b, t) = padded_batch(&g);
+    let got = model.logits(&ids, b, t, Some(&mask)).unwrap_or_else(|e| panic!("{name}: padded forward: {e}")).to_vec_f64();
+    let want = &g["logits_padded"].1;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if mask[i / v] {
+            assert!(close(*g, *w, 1.0), "{name}: padded sequence {} position {} vocab {}: {g} vs transformers {w}", i / (t * v), (i / v) % t, i % v);
+        }
+    }
+    let loss = model.loss(&ids, &targets, b, t, Some(&mask), &CeOptions::default()).unwrap().item().unwrap();
+    let want = g["loss"].1[0];
+    assert!(close(loss, want, 1.0), "{name}: loss {loss} vs transformers {want}");
+}
+
+fn check_lora_grads(name: &str) {
+    let mut model = load(name);
+    spectune::peft::io::load_adapter(&mut model, &dir(name).join("lora")).unwrap_or_else(|e| panic!("{name}: PEFT adapter: {e}"));
+    let g = read(&dir(name).join("golden.safetensors"));
+    let (ids, mask, targets, b, t) = padded_batch(&g);
+    let loss = model.loss(&ids, &targets, b, t, Some(&mask), &CeOptions::default()).unwrap();
+    let want = read(&dir(name).join("lora_grads.safetensors"));
+    let l = loss.item().unwrap();
+    assert!(close(l, want["lora_loss"].1[0], 1.0), "{name}: LoRA loss {l} vs PEFT {}", want["lora_loss"].1[0]);
+    let grads = backward(&loss).unwrap();
+    let mut checked = 0;
+    for lin in model.linears() {
+        let ad = lin.adapter.as_deref().unwrap_or_else(|| panic!("{name}: {} has no adapter (PEFT's all-linear adapts it)", lin.path));
+        let params = ad.params();
+        for (which, p) in [("lora_A", &params[0]), ("lora_B", &params[1])] {
+            let key = format!("base_model.model.{}.{which}.weight", lin.path);
+            let (shape, w) = want.get(&key).unwrap_or_else(|| panic!("{name}: no PEFT gradient {key}"));
+            assert_eq!(p.dims(), &shape[..], "{name}: {key} shape");
+            let got = grads.get(p).unwrap_or_else(|| panic!("{name}: no gradient for {key}")).to_vec_f64();
+            let scale = w.iter().fold(1e-2f64, |m, x| m.max(x.abs()));
+            for (i, (g, w)) in got.iter().zip(w).enumerate() {
+                assert!(close(*g, *w, scale), "{name}: d loss / d {key}[{i}] = {g} vs PyTorch {w}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, want.len() - 1, "{name}: every PEFT gradient is compared");
+}
+
+fn run_all(check: fn(&str)) {
     let mut failures = Vec::new();
-    for (name, expect) in &FAMILIES {
-        let r = std::panic::catch_unwind(|| check(name, expect));
-        if let Err(e) = r {
+    for name in FAMILIES {
+        if let Err(e) = std::panic::catch_unwind(|| check(name)) {
             failures.push(e.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{name}: failed")));
         }
     }
     assert!(failures.is_empty(), "{} of {} families failed:\n{}", failures.len(), FAMILIES.len(), failures.join("\n"));
 }
 
-fn check(name: &str, expect: &Expect) {
-    {
-        let loaded = Checkpoint::open(&dir(name)).and_then(|ck| ck.llama(DType::F32));
-        match (expect, loaded) {
-            (Expect::Match, Ok(model)) => {
-                let (ids, want, [b, t, v]) = golden(name);
-                let got = model.logits(&ids, b, t, None).unwrap_or_else(|e| panic!("{name}: forward: {e}")).to_vec_f64();
-                assert_eq!(got.len(), b * t * v, "{name}: logits shape");
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    let (row, pos) = (i / (t * v), (i / v) % t);
-                    assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{name}: sequence {row} position {pos} vocab {}: {g} vs transformers {w}", i % v);
-                }
-            }
-            (Expect::Match, Err(e)) => panic!("{name}: expected to load and match transformers, got: {e}"),
-            (Expect::Refused(words), Ok(_)) => {
-                panic!("{name}: loaded, but the table says it is not implemented (refused naming {words:?}): make it match transformers and flip the table")
-            }
-            (Expect::Refused(words), Err(e)) => {
-                let msg = e.to_string();
-                for w in words.iter() {
-                    assert!(msg.contains(w), "{name}: the refusal should name `{w}`: {msg}");
-                }
-            }
-        }
-    }
+#[test]
+fn every_family_matches_transformers_logits_and_loss_at_every_position() {
+    run_all(check_logits);
+}
+
+#[test]
+fn every_family_matches_peft_lora_gradients() {
+    run_all(check_lora_grads);
 }

@@ -22,8 +22,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gradcheck::SplitMix;
 use crate::nn::{GatedAct, Linear, RmsNorm, RopeScaling};
-use crate::ops::{self, CeOptions, Rope};
-use super::pending;
+use crate::ops::{self, AttnOptions, CeOptions, Rope};
 use crate::peft::{LoraConfig, Method};
 use crate::tensor::Tensor;
 
@@ -587,7 +586,7 @@ impl Decoder {
     pub fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
         let z = ops::linear(h, self.head())?;
         match self.cfg.final_softcap {
-            Some(c) => pending::softcap(&z, c),
+            Some(c) => ops::softcap(&z, c),
             None => Ok(z),
         }
     }
@@ -602,7 +601,7 @@ impl Decoder {
     /// through the chunked fused LM-head loss (with the final soft cap inside it).
     pub fn loss(&self, ids: &[u32], targets: &[i64], b: usize, t: usize, key_mask: Option<&[bool]>, opts: &CeOptions) -> Result<Tensor> {
         let h = self.hidden_states(ids, b, t, key_mask)?;
-        let opts = pending::ce_options(opts, self.cfg.final_softcap)?;
+        let opts = CeOptions { softcap: self.cfg.final_softcap.or(opts.softcap), ..opts.clone() };
         crate::profile::fwd("linear_cross_entropy", || ops::linear_cross_entropy(&h, self.head(), targets, &opts))
     }
 
@@ -719,7 +718,7 @@ fn rope_tables(cfg: &DecoderConfig, seq_len: usize) -> Result<(Rope, Option<Rope
     let table = |r: &RopeConfig| -> Result<Rope> {
         let rot = rotary_dim(cfg.head_dim, r.partial_rotary_factor);
         let inv_freq = r.scaling.inv_freq(rot, r.theta, seq_len)?;
-        pending::rope_with_table(cfg.head_dim, inv_freq, r.scaling.attention_factor(Some(cfg.max_position_embeddings as f64)))
+        Rope::with_table(cfg.head_dim, inv_freq, r.scaling.attention_factor(Some(cfg.max_position_embeddings as f64)))
     };
     Ok((table(&cfg.rope)?, cfg.rope_local.as_ref().map(table).transpose()?))
 }
@@ -771,7 +770,7 @@ fn layer_forward(l: &Block, li: usize, c: &Ctx, x: &Tensor, kv: Option<&mut (Opt
         Qkv::Separate { q, k, v } => (fwd("q_proj", || q.forward(&n, seed(0)))?, fwd("k_proj", || k.forward(&n, seed(1)))?, fwd("v_proj", || v.forward(&n, seed(2)))?),
         Qkv::Fused(qkv) => {
             let y = fwd("qkv_proj", || qkv.forward(&n, seed(0)))?;
-            let mut parts = pending::split_last(&y, &[nh * hd, nkv * hd, nkv * hd])?.into_iter();
+            let mut parts = ops::split_last(&y, &[nh * hd, nkv * hd, nkv * hd])?.into_iter();
             let (q, k, v) = (parts.next(), parts.next(), parts.next());
             (q.expect("3 parts"), k.expect("3 parts"), v.expect("3 parts"))
         }
@@ -798,7 +797,7 @@ fn layer_forward(l: &Block, li: usize, c: &Ctx, x: &Tensor, kv: Option<&mut (Opt
         *ck = Some(k.clone());
         *cv = Some(v.clone());
     }
-    let opts = pending::attn_options(c.key_mask.clone(), cfg.attn_scale, cfg.attn_softcap, window)?;
+    let opts = AttnOptions { causal: true, key_mask: c.key_mask.clone(), scale: cfg.attn_scale, softcap: cfg.attn_softcap, window };
     let a = fwd("attention", || ops::attention(&q, &k, &v, &opts))?;
     let a = ops::reshape(&a, [b * t, nh * hd])?;
     let mut o = fwd("o_proj", || l.o.forward(&a, seed(3)))?;
@@ -811,7 +810,7 @@ fn layer_forward(l: &Block, li: usize, c: &Ctx, x: &Tensor, kv: Option<&mut (Opt
         GateUp::Separate { gate, up } => (fwd("gate_proj", || gate.forward(&n, seed(4)))?, fwd("up_proj", || up.forward(&n, seed(5)))?),
         GateUp::Fused(gu) => {
             let y = fwd("gate_up_proj", || gu.forward(&n, seed(4)))?;
-            let mut parts = pending::split_last(&y, &[cfg.intermediate_size, cfg.intermediate_size])?.into_iter();
+            let mut parts = ops::split_last(&y, &[cfg.intermediate_size, cfg.intermediate_size])?.into_iter();
             let (g, u) = (parts.next(), parts.next());
             (g.expect("2 parts"), u.expect("2 parts"))
         }

@@ -8,7 +8,6 @@ pub mod decoder;
 pub mod families;
 pub mod generate;
 pub mod gguf;
-mod pending;
 
 use std::path::Path;
 
