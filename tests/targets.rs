@@ -2,7 +2,9 @@
 //! make_targets.py beside it from stock PEFT (`check_target_module_exists` on single keys, and
 //! `get_peft_model` on tiny transformers models for `all-linear`). Every config is read through
 //! `TargetSpec::from_peft_config`, as an adapter_config.json would be, and must select exactly the
-//! keys PEFT selected — or be refused where PEFT refused it.
+//! keys PEFT selected — or be refused where PEFT refused it. The adapter_config.json files PEFT
+//! wrote for the family fixtures are read the same way and must select the modules their adapter
+//! files hold.
 
 use std::path::PathBuf;
 
@@ -70,4 +72,45 @@ fn every_model_case_adapts_the_linears_peft_adapts() {
         assert_eq!(TargetSpec::from_peft_config(spec.to_peft_json().as_object().unwrap()).unwrap(), spec);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The adapter_config.json files PEFT wrote for the family fixtures (tests/data/families/*/lora,
+/// `all-linear` expanded by PEFT into full module paths) select exactly the modules that carry
+/// lora_A/lora_B tensors in their adapter_model.safetensors, out of the checkpoint's linears.
+#[test]
+fn peft_written_adapter_configs_select_the_modules_they_hold() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/families");
+    let mut families = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let dir = entry.unwrap().path();
+        let lora = dir.join("lora");
+        if !lora.is_dir() {
+            continue;
+        }
+        families += 1;
+        let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let config: Value = serde_json::from_slice(&read(lora.join("adapter_config.json"))).unwrap();
+        let spec = TargetSpec::from_peft_config(config.as_object().unwrap()).unwrap_or_else(|e| panic!("{}: {e}", lora.display()));
+        let weights = read(dir.join("model.safetensors"));
+        let weights = safetensors::SafeTensors::deserialize(&weights).unwrap();
+        // The checkpoint's linears: 2-D `<path>.weight` tensors other than the embedding and head.
+        let mut linears: Vec<String> = weights
+            .tensors()
+            .into_iter()
+            .filter(|(k, v)| v.shape().len() == 2 && !k.contains("embed_tokens") && !k.starts_with("lm_head"))
+            .filter_map(|(k, _)| k.strip_suffix(".weight").map(str::to_string))
+            .collect();
+        linears.sort();
+        let adapter = read(lora.join("adapter_model.safetensors"));
+        let adapter = safetensors::SafeTensors::deserialize(&adapter).unwrap();
+        let mut held: Vec<String> = adapter
+            .names()
+            .into_iter()
+            .filter_map(|k| k.strip_suffix(".lora_A.weight").and_then(|m| m.strip_prefix("base_model.model.")).map(str::to_string))
+            .collect();
+        held.sort();
+        let got = spec.select(linears.iter().map(String::as_str)).unwrap();
+        assert_eq!(got, held, "{}", lora.display());
+    }
+    assert_eq!(families, 9, "family fixtures with a lora/ folder");
 }
