@@ -34,6 +34,7 @@ pub mod registry;
 pub mod speclora;
 pub mod speclora_svd;
 pub mod spectral;
+pub mod targets;
 
 pub use adapter::{Adapter, AdapterCtx, LinearAdapter, LoraFactors, ModuleFile, ModuleNames, TensorMap};
 pub use lora::LoraConfig;
