@@ -41,7 +41,7 @@ use crate::error::{Error, Result};
 use crate::gradcheck::SplitMix;
 use crate::io::Checkpoint;
 
-use crate::model::{Decoder, DecoderConfig, RopeConfig};
+use crate::model::{Decoder, DecoderConfig, Model, RopeConfig};
 use crate::ops::CeOptions;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::peft::{LoraConfig, Method, MethodOptions};
@@ -275,8 +275,8 @@ pub fn bench_batch(vocab: usize, b: usize, t: usize, seed: u64) -> (Vec<u32>, Ve
 }
 
 /// Useful FLOPs of one training step (see the module docs).
-pub fn useful_flops(model: &Decoder, b: usize, t: usize) -> f64 {
-    let cfg = &model.cfg;
+pub fn useful_flops(model: &dyn Model, b: usize, t: usize) -> f64 {
+    let cfg = model.config();
     let n = (b * t) as f64;
     let mut frozen = (cfg.vocab_size * cfg.hidden_size) as f64; // LM head
     let mut adapter = 0.0;
@@ -315,7 +315,7 @@ fn reset_peak_rss() -> bool {
 }
 
 /// Builds the model of `args` (named shape or checkpoint) with adapters attached.
-pub fn build_model(args: &BenchArgs) -> Result<(Decoder, String, String, LoraConfig)> {
+pub fn build_model(args: &BenchArgs) -> Result<(Box<dyn Model>, String, String, LoraConfig)> {
     let method = parse_method(&args.method, args.k)?;
     let (mut model, name, wdtype) = match (&args.shape, &args.model) {
         (Some(shape), None) => {
@@ -335,7 +335,7 @@ pub fn build_model(args: &BenchArgs) -> Result<(Decoder, String, String, LoraCon
     model.attach_adapters(|_| Ok(true), &lora, &method, args.seed.wrapping_add(1))?;
     model.checkpointing = args.checkpointing;
     model.checkpoint_keep = args.checkpoint_keep;
-    Ok((model, name, wdtype, lora))
+    Ok((Box::new(model), name, wdtype, lora))
 }
 
 fn check_args(args: &BenchArgs) -> Result<()> {
@@ -370,7 +370,7 @@ fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
         model = model.to_device(device, wdt)?;
         crate::backend::cuda_reset_peak();
     }
-    let cfg = model.cfg.clone();
+    let cfg = model.config().clone();
     let (b, t) = (args.batch, args.seq_len);
     if t > cfg.max_position_embeddings {
         return Err(Error::invalid("bench", format!("--seq-len {t} exceeds the model's max_position_embeddings {}", cfg.max_position_embeddings)));
@@ -386,7 +386,7 @@ fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
     let reset = reset_peak_rss();
     let (mut losses, mut times) = (Vec::new(), Vec::new());
     let mut grad_norm = 0.0;
-    model.training = true;
+    model.set_training(true, 0);
     for step in 0..args.warmup + args.steps {
         let timed = step >= args.warmup;
         if timed && args.profile && step == args.warmup {
@@ -394,7 +394,7 @@ fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
             crate::profile::enable(true);
         }
         let t0 = Instant::now();
-        model.dropout_seed = step as u64;
+        model.set_training(true, step as u64);
         let loss = model.loss(&ids, &targets, b, t, None, &ce)?;
         let l = loss.item()?;
         if !l.is_finite() {
@@ -426,7 +426,7 @@ fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = if sorted.len() % 2 == 1 { sorted[sorted.len() / 2] } else { 0.5 * (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) };
-    let flops = useful_flops(&model, b, t);
+    let flops = useful_flops(&*model, b, t);
     let profile = args.profile.then(|| {
         let rows = crate::profile::rows();
         let total: f64 = rows.iter().map(|r| r.seconds).sum::<f64>().max(1e-12);
@@ -454,7 +454,7 @@ fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
         warmup: args.warmup,
         weights_dtype,
         checkpointing: args.checkpointing,
-        checkpoint_keep: if args.checkpointing { args.checkpoint_keep.min(model.layers.len()) } else { 0 },
+        checkpoint_keep: if args.checkpointing { args.checkpoint_keep.min(model.num_layers()) } else { 0 },
         device: args.device.clone(),
         threads: rayon::current_num_threads(),
         frozen_params: frozen,
@@ -536,7 +536,7 @@ pub fn save_init(args: &BenchArgs, dir: &Path) -> Result<()> {
     let (model, name, weights_dtype, lora) = build_model(args)?;
     let io = |e| Error::Io { path: dir.to_path_buf(), source: e };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let mut cfg_json = crate::peft::export::hf_config_json(&model.cfg);
+    let mut cfg_json = crate::peft::export::hf_config_json(model.config());
     cfg_json["torch_dtype"] = json!(if weights_dtype == "bf16" { "bfloat16" } else { "float32" });
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg_json).unwrap_or_default()).map_err(io)?;
     // The frozen weights as stored (bf16 stays bf16): the base model the twin loads.
@@ -549,9 +549,9 @@ pub fn save_init(args: &BenchArgs, dir: &Path) -> Result<()> {
         })
         .collect();
     write_weights(&dir.join("model.safetensors"), &tensors)?;
-    crate::peft::io::save_adapter(&model, &dir.join("adapter"), &lora, &dir.display().to_string())?;
+    crate::peft::io::save_adapter(&*model, &dir.join("adapter"), &lora, &dir.display().to_string())?;
     let (b, t) = (args.batch, args.seq_len);
-    let (ids, _) = bench_batch(model.cfg.vocab_size, b, t, args.seed);
+    let (ids, _) = bench_batch(model.config().vocab_size, b, t, args.seed);
     let ids64: Vec<u8> = ids.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
     let views = vec![
         ("input_ids".to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![b, t], &ids64)),
@@ -564,7 +564,7 @@ pub fn save_init(args: &BenchArgs, dir: &Path) -> Result<()> {
         "model": name, "weights_dtype": weights_dtype, "method": "lora", "rank": lora.rank, "alpha": lora.alpha,
         "batch": b, "seq_len": t, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
         "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "seed": args.seed,
-        "targets": model.layers.first().map(|b| b.linears().iter().map(|l| l.module().to_string()).collect::<Vec<_>>()).unwrap_or_default(),
+        "targets": model.linears().iter().filter(|l| l.layer() == Some(0)).map(|l| l.module().to_string()).collect::<Vec<_>>(),
     });
     std::fs::write(dir.join("bench.json"), serde_json::to_string_pretty(&settings).unwrap_or_default()).map_err(io)
 }

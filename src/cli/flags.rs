@@ -56,9 +56,18 @@ pub struct TrainFlags {
     /// SpecLoRA: pick the k rows of largest norm instead of the first k.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub rows_by_norm: Option<bool>,
-    /// Comma-separated subset of q,k,v,o,gate,up,down (default: all seven).
+    /// Which linears get an adapter, as PEFT's `target_modules`: `all-linear` (default: every
+    /// linear of the decoder layers), a comma-separated list of module names matched as whole
+    /// names or dotted suffixes (`q_proj,v_proj`, `self_attn.qkv_proj`; `q,k,v,o,gate,up,down`
+    /// are short for `q_proj`…`down_proj`), or `re:<regex>` matching the whole module path.
     #[arg(long)]
     pub targets: Option<String>,
+    /// Linears never adapted (PEFT's `exclude_modules`; the same forms as --targets).
+    #[arg(long)]
+    pub exclude_modules: Option<String>,
+    /// Only these decoder layers get adapters (PEFT's `layers_to_transform`): `0,1,5` or `0-3,8`.
+    #[arg(long)]
+    pub layers: Option<String>,
     #[arg(long)]
     pub dropout: Option<f64>,
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -128,6 +137,8 @@ impl From<TrainFlags> for TrainArgs {
             block: f.block,
             rows_by_norm: f.rows_by_norm,
             targets: f.targets,
+            exclude_modules: f.exclude_modules,
+            layers: f.layers,
             dropout: f.dropout,
             rslora: f.rslora,
             lr: f.lr,

@@ -820,8 +820,8 @@ fn run_spectrum(
         _ => return Err(spectune::Error::invalid("spectrum", "give exactly one of --tuned PATH or --adapter DIR")),
     };
     let targets = match targets {
-        Some(s) => spectune::train::config::parse_targets(s)?,
-        None => spectune::train::config::Targets::AllLinear,
+        Some(s) => spectune::peft::targets::TargetSpec::parse(s)?,
+        None => spectune::peft::targets::TargetSpec::parse("all-linear")?,
     };
     let t0 = Instant::now();
     let report = analyze(base, &source, &SpectrumOptions { k, targets, control })?;

@@ -500,4 +500,3 @@ fn diagnose(bytes: &[u8]) -> Option<String> {
     }
     None
 }
-

@@ -88,11 +88,9 @@ impl<'a> Reader<'a> {
             None => None,
         };
         match (from_arch, from_type) {
-            (Some(a), Some(t)) if a.name != t.name => Err(self.err(format!(
-                "architectures[0] `{}` and model_type `{}` name different architectures",
-                arch.unwrap_or(""),
-                model_type.unwrap_or("")
-            ))),
+            (Some(a), Some(t)) if a.name != t.name => {
+                Err(self.err(format!("architectures[0] `{}` and model_type `{}` name different architectures", arch.unwrap_or(""), model_type.unwrap_or(""))))
+            }
             (Some(a), _) => Ok(a),
             (None, Some(t)) => Ok(t),
             (None, None) => Err(self.err(format!("missing required key `architectures` (or `model_type`); supported: {supported}"))),
@@ -110,9 +108,9 @@ impl<'a> Reader<'a> {
             Some(d) => d,
             None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
             None => {
-                return Err(self.err(format!(
-                    "head_dim is absent and hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads})"
-                )))
+                return Err(
+                    self.err(format!("head_dim is absent and hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads})"))
+                )
             }
         };
         let rms_norm_eps = self.req_f64("rms_norm_eps")?;
@@ -327,7 +325,6 @@ impl<'a> Reader<'a> {
         }
         Ok(theta)
     }
-
 }
 
 /// A JSON number that is a non-negative integer (also accepts `4096.0`).

@@ -23,7 +23,6 @@ use crate::error::{Error, Result};
 use crate::gradcheck::SplitMix;
 use crate::nn::{GatedAct, Linear, RmsNorm, RopeScaling};
 use crate::ops::{self, AttnOptions, CeOptions, Rope};
-use crate::peft::{LoraConfig, Method};
 use crate::tensor::Tensor;
 
 /// RoPE of a set of layers: base θ, scaling variant and the rotated fraction of each head.
@@ -152,7 +151,9 @@ impl DecoderConfig {
         if self.layer_windows.iter().any(|w| *w == Some(0)) {
             return Err(Error::invalid(op, "a sliding window must be > 0"));
         }
-        for (what, v) in [("attn_softcap", self.attn_softcap), ("final_softcap", self.final_softcap), ("attn_scale", self.attn_scale), ("embed_scale", self.embed_scale)] {
+        for (what, v) in
+            [("attn_softcap", self.attn_softcap), ("final_softcap", self.final_softcap), ("attn_scale", self.attn_scale), ("embed_scale", self.embed_scale)]
+        {
             if let Some(x) = v {
                 if !(x.is_finite() && x > 0.0) {
                     return Err(Error::invalid(op, format!("{what} must be finite and > 0, got {x}")));
@@ -162,10 +163,22 @@ impl DecoderConfig {
         for r in std::iter::once(&self.rope).chain(&self.rope_local) {
             let rot = rotary_dim(self.head_dim, r.partial_rotary_factor);
             if rot == 0 || rot % 2 != 0 || rot > self.head_dim {
-                return Err(Error::invalid(op, format!("partial_rotary_factor {} of head_dim {} gives a rotary dimension of {rot} (must be even, > 0)", r.partial_rotary_factor, self.head_dim)));
+                return Err(Error::invalid(
+                    op,
+                    format!(
+                        "partial_rotary_factor {} of head_dim {} gives a rotary dimension of {rot} (must be even, > 0)",
+                        r.partial_rotary_factor, self.head_dim
+                    ),
+                ));
             }
         }
         Ok(())
+    }
+
+    /// Whether `other` describes the same model: every switch equal (the source config files
+    /// may differ in keys that do not change the math).
+    pub fn same_model(&self, other: &DecoderConfig) -> bool {
+        DecoderConfig { source_json: None, ..self.clone() } == DecoderConfig { source_json: None, ..other.clone() }
     }
 
     /// The sliding window of layer `l` (None: full attention).
@@ -406,11 +419,8 @@ impl Decoder {
             let post_attn_norm = norm(&mut w, post_attn, h)?;
             let mlp_norm = norm(&mut w, pre_mlp, h)?.expect("always present");
             let post_mlp_norm = norm(&mut w, post_mlp, h)?;
-            let (q_norm, k_norm) = if cfg.qk_norm {
-                (norm(&mut w, Some("self_attn.q_norm"), hd)?, norm(&mut w, Some("self_attn.k_norm"), hd)?)
-            } else {
-                (None, None)
-            };
+            let (q_norm, k_norm) =
+                if cfg.qk_norm { (norm(&mut w, Some("self_attn.q_norm"), hd)?, norm(&mut w, Some("self_attn.k_norm"), hd)?) } else { (None, None) };
             let qkv = if cfg.fused_qkv {
                 Qkv::Fused(w.linear(format!("{p}.self_attn.qkv_proj"), qd + 2 * kvd, h, cfg.qkv_bias)?)
             } else {
@@ -424,7 +434,10 @@ impl Decoder {
             let gate_up = if cfg.fused_gate_up {
                 GateUp::Fused(w.linear(format!("{p}.mlp.gate_up_proj"), 2 * f, h, cfg.mlp_bias)?)
             } else {
-                GateUp::Separate { gate: w.linear(format!("{p}.mlp.gate_proj"), f, h, cfg.mlp_bias)?, up: w.linear(format!("{p}.mlp.up_proj"), f, h, cfg.mlp_bias)? }
+                GateUp::Separate {
+                    gate: w.linear(format!("{p}.mlp.gate_proj"), f, h, cfg.mlp_bias)?,
+                    up: w.linear(format!("{p}.mlp.up_proj"), f, h, cfg.mlp_bias)?,
+                }
             };
             let down = w.linear(format!("{p}.mlp.down_proj"), h, f, cfg.mlp_bias)?;
             layers.push(Block { attn_norm, qkv, q_norm, k_norm, o, post_attn_norm, mlp_norm, gate_up, down, post_mlp_norm });
@@ -462,22 +475,16 @@ impl Decoder {
     }
 
     /// Attaches an adapter of `method` (identity at init) to every linear whose module path
-    /// `select` accepts; returns how many. Selecting none is an error naming the paths there are.
-    pub fn attach_adapters(&mut self, select: impl Fn(&str) -> Result<bool>, lora: &LoraConfig, method: &Method, seed: u64) -> Result<usize> {
-        let mut rng = SplitMix::new(seed);
-        let dtype = self.dtype;
-        let mut n = 0;
-        for lin in self.linears_mut() {
-            if select(&lin.path)? {
-                lin.adapter = Some(method.build(&lin.weight, lora, dtype, &mut rng)?);
-                n += 1;
-            }
-        }
-        if n == 0 {
-            let names: std::collections::BTreeSet<&str> = self.linears().into_iter().map(|l| l.module()).collect();
-            return Err(Error::invalid("attach_adapters", format!("the targets select no module; this model's linears are {}", names.into_iter().collect::<Vec<_>>().join(", "))));
-        }
-        Ok(n)
+    /// `select` accepts (e.g. `|p| spec.selects(p)` for a [`TargetSpec`](crate::peft::targets::TargetSpec),
+    /// [`crate::nn::modules`]); returns how many ([`Model::attach_where`](super::Model::attach_where)).
+    pub fn attach_adapters(
+        &mut self,
+        select: impl Fn(&str) -> Result<bool>,
+        lora: &crate::peft::LoraConfig,
+        method: &crate::peft::Method,
+        seed: u64,
+    ) -> Result<usize> {
+        super::Model::attach_where(self, &select, lora, method, seed)
     }
 
     /// The linear at module `path`, if any.
@@ -513,7 +520,8 @@ impl Decoder {
                 v.push((format!("{p}.self_attn.q_norm.weight"), NamedTensor::Plain(&q.weight)));
                 v.push((format!("{p}.self_attn.k_norm.weight"), NamedTensor::Plain(&k.weight)));
             }
-            let norms = [(pre_attn, Some(&l.attn_norm)), (post_attn, l.post_attn_norm.as_ref()), (pre_mlp, Some(&l.mlp_norm)), (post_mlp, l.post_mlp_norm.as_ref())];
+            let norms =
+                [(pre_attn, Some(&l.attn_norm)), (post_attn, l.post_attn_norm.as_ref()), (pre_mlp, Some(&l.mlp_norm)), (post_mlp, l.post_mlp_norm.as_ref())];
             for (name, n) in norms {
                 if let (Some(name), Some(n)) = (name, n) {
                     v.push((format!("{p}.{name}.weight"), NamedTensor::Plain(&n.weight)));
@@ -767,7 +775,9 @@ fn layer_forward(l: &Block, li: usize, c: &Ctx, x: &Tensor, kv: Option<&mut (Opt
     use crate::profile::fwd;
     let n = fwd("rms_norm", || l.attn_norm.forward(x))?;
     let (q, k, v) = match &l.qkv {
-        Qkv::Separate { q, k, v } => (fwd("q_proj", || q.forward(&n, seed(0)))?, fwd("k_proj", || k.forward(&n, seed(1)))?, fwd("v_proj", || v.forward(&n, seed(2)))?),
+        Qkv::Separate { q, k, v } => {
+            (fwd("q_proj", || q.forward(&n, seed(0)))?, fwd("k_proj", || k.forward(&n, seed(1)))?, fwd("v_proj", || v.forward(&n, seed(2)))?)
+        }
         Qkv::Fused(qkv) => {
             let y = fwd("qkv_proj", || qkv.forward(&n, seed(0)))?;
             let mut parts = ops::split_last(&y, &[nh * hd, nkv * hd, nkv * hd])?.into_iter();

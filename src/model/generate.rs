@@ -3,8 +3,8 @@
 
 use crate::error::{Error, Result};
 use crate::gradcheck::SplitMix;
-use crate::model::decoder::{Decoder, KvCache};
-use crate::ops;
+use crate::model::decoder::KvCache;
+use crate::model::Model;
 use crate::tensor::Tensor;
 
 /// How to pick each next token.
@@ -29,7 +29,7 @@ impl Default for GenerateOptions {
 
 /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` with each new id as it is
 /// produced. Returns the new ids (a stop id, when hit, is included).
-pub fn generate(model: &Decoder, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<Vec<u32>> {
+pub fn generate(model: &dyn Model, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(Error::invalid("generate", "the prompt has no tokens"));
     }
@@ -46,7 +46,7 @@ pub fn generate(model: &Decoder, prompt: &[u32], opts: &GenerateOptions, mut on_
         let tok = if opts.greedy { argmax(&logits) } else { sample(&logits, opts.temperature, opts.top_p, &mut rng) };
         out.push(tok);
         on_token(tok)?;
-        if opts.stop_ids.contains(&tok) || cache.len + 1 > model.cfg.max_position_embeddings {
+        if opts.stop_ids.contains(&tok) || cache.len + 1 > model.config().max_position_embeddings {
             break;
         }
         h = model.forward_cached(&[tok], 1, 1, &mut cache)?;
@@ -55,11 +55,11 @@ pub fn generate(model: &Decoder, prompt: &[u32], opts: &GenerateOptions, mut on_
 }
 
 /// Logits of the last row of the hidden states [n, hidden].
-fn next_logits(model: &Decoder, h: &Tensor) -> Result<Vec<f64>> {
+fn next_logits(model: &dyn Model, h: &Tensor) -> Result<Vec<f64>> {
     let (n, d) = (h.dims()[0], h.dims()[1]);
     let last: Vec<f64> = h.to_vec_f64()[(n - 1) * d..].to_vec();
-    let x = crate::device::with_float!(model.dtype, "generate", |T| { Tensor::from_vec(last.iter().map(|&v| T::from_f64(v)).collect::<Vec<T>>(), [1, d]) })?;
-    Ok(ops::linear(&x, model.head())?.to_vec_f64())
+    let x = crate::device::with_float!(model.dtype(), "generate", |T| { Tensor::from_vec(last.iter().map(|&v| T::from_f64(v)).collect::<Vec<T>>(), [1, d]) })?;
+    Ok(model.head_logits(&x)?.to_vec_f64())
 }
 
 /// Index of the largest logit (the first on ties).

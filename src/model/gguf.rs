@@ -36,18 +36,13 @@ pub fn gguf_config(g: &GgufFile) -> Result<DecoderConfig> {
     let head_dim = match g.meta_usize(&k("attention.key_length"))? {
         Some(d) => d,
         None if hidden % heads == 0 => hidden / heads,
-        None => {
-            return Err(
-                g.err(format!("embedding_length {hidden} is not a multiple of head_count {heads} and `{}` is missing", k("attention.key_length")))
-            )
-        }
+        None => return Err(g.err(format!("embedding_length {hidden} is not a multiple of head_count {heads} and `{}` is missing", k("attention.key_length")))),
     };
     if let Some(vl) = g.meta_usize(&k("attention.value_length"))? {
         if vl != head_dim {
-            return Err(g.err(format!(
-                "metadata `{}` = {vl} differs from the key length {head_dim}; spectune needs equal head sizes",
-                k("attention.value_length")
-            )));
+            return Err(
+                g.err(format!("metadata `{}` = {vl} differs from the key length {head_dim}; spectune needs equal head sizes", k("attention.value_length")))
+            );
         }
     }
     let scaling_key = k("rope.scaling.type");
@@ -94,4 +89,3 @@ pub fn gguf_config(g: &GgufFile) -> Result<DecoderConfig> {
     cfg.validate().map_err(|e| g.err(format!("model config from metadata: {e}")))?;
     Ok(cfg)
 }
-

@@ -22,7 +22,9 @@ impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64, plus_one: bool, dtype: DType) -> Result<RmsNorm> {
         let scale = if plus_one {
             let v: Vec<f64> = weight.to_vec_f64().iter().map(|w| 1.0 + w).collect();
-            crate::device::with_float!(dtype, "RmsNorm", |T| { Tensor::from_vec(v.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>(), weight.shape().clone()) })?
+            crate::device::with_float!(dtype, "RmsNorm", |T| {
+                Tensor::from_vec(v.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>(), weight.shape().clone())
+            })?
         } else {
             weight.clone()
         };

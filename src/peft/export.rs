@@ -82,7 +82,7 @@ use serde_json::{json, Value};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
-use crate::model::{Decoder, DecoderConfig, NamedTensor};
+use crate::model::{DecoderConfig, Model, NamedTensor};
 use crate::nn::Linear;
 use crate::peft::io::{write_atomic, CONFIG_FILE, WEIGHTS_FILE};
 use crate::peft::{LinearAdapter, LoraConfig, LoraFactors};
@@ -118,13 +118,12 @@ pub struct ExportSummary {
     pub method: &'static str,
 }
 
-
 /// Writes the adapters of `model_with_adapters` into `out` as a plain HF PEFT LoRA (rank
 /// r + max k, zero-padded where k was clamped; see the module docs) that stock PEFT and
 /// [`load_adapter`](crate::peft::io::load_adapter) load as LoRA, reproducing the adapted model's
 /// outputs. `lora` supplies the dropout recorded in the config; `base` is recorded as
 /// `base_model_name_or_path`.
-pub fn export_peft_lora(model_with_adapters: &Decoder, out: &Path, lora: &LoraConfig, base: &str) -> Result<ExportSummary> {
+pub fn export_peft_lora(model_with_adapters: &dyn Model, out: &Path, lora: &LoraConfig, base: &str) -> Result<ExportSummary> {
     const OP: &str = "export_peft_lora";
     let p = plain_lora(model_with_adapters, OP)?;
     let le = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect() };
@@ -219,7 +218,7 @@ impl PlainLora {
 }
 
 /// Collects every adapted linear of `model` as a [`PlainLora`].
-fn plain_lora(model: &Decoder, op: &'static str) -> Result<PlainLora> {
+fn plain_lora(model: &dyn Model, op: &'static str) -> Result<PlainLora> {
     let adapted: Vec<(&Linear, &dyn LinearAdapter)> = model.linears().into_iter().filter_map(|l| l.adapter.as_deref().map(|ad| (l, ad))).collect();
     let Some(&(_, first)) = adapted.first() else {
         return Err(Error::invalid(op, "the model has no adapters attached"));
@@ -306,12 +305,12 @@ fn qk_permutation(arch: &str, cfg: &DecoderConfig, path: &str, rows: usize, op: 
 ///   as rank r + k, PiSSA/MiLoRA/Spectral^A as 2r, …);
 /// - for architectures whose GGUF weights have llama.cpp's q/k row permutation (llama, mistral),
 ///   the rows of q's and k's `lora_b` are permuted the same way, since ΔW's rows are B's rows.
-pub fn export_gguf_lora(model_with_adapters: &Decoder, out: &Path, arch: &str, base: &str) -> Result<ExportSummary> {
+pub fn export_gguf_lora(model_with_adapters: &dyn Model, out: &Path, arch: &str, base: &str) -> Result<ExportSummary> {
     const OP: &str = "export_gguf_lora";
     use crate::io::gguf::GgufValue as V;
     use crate::io::gguf_write::{write_gguf, GgmlType, TensorSpec};
     let p = plain_lora(model_with_adapters, OP)?;
-    let cfg = &model_with_adapters.cfg;
+    let cfg = &model_with_adapters.config();
     let mut specs = Vec::with_capacity(2 * p.mods.len());
     let mut perms = Vec::with_capacity(p.mods.len());
     for m in &p.mods {
@@ -414,7 +413,7 @@ pub fn export_adapter_dir(adapter_dir: &Path, model_path: Option<&Path>, out: &P
     match format {
         ExportFormat::PeftLora => export_peft_lora(&model, out, &lora, &base),
         ExportFormat::GgufLora => {
-            let arch = llama_cpp_arch(&ck, &model.cfg)?;
+            let arch = llama_cpp_arch(&ck, model.config())?;
             export_gguf_lora(&model, out, &arch, &base)
         }
     }
@@ -457,7 +456,7 @@ fn source_values(src: &Source<'_>) -> Result<Vec<f32>> {
 }
 
 /// Every tensor of the merged checkpoint, with its HF name, in file order.
-fn merged_tensors(model: &Decoder) -> Vec<(String, Source<'_>)> {
+fn merged_tensors(model: &dyn Model) -> Vec<(String, Source<'_>)> {
     model.named_tensors()
 }
 
@@ -494,14 +493,14 @@ fn write_safetensors_streamed(path: &Path, tensors: &[(String, Source<'_>)], met
 /// Writes `model` (adapters merged in, every weight in f32) as an HF folder `out` (created if
 /// needed): `model.safetensors` and `config.json`, both written atomically. Tokenizer files are
 /// written separately by [`write_tokenizer`].
-pub fn merge_to_hf(model: &Decoder, out: &Path) -> Result<()> {
+pub fn merge_to_hf(model: &dyn Model, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?;
     let tensors = merged_tensors(model);
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert("spectune".to_string(), format!("merged by spectune {}", env!("CARGO_PKG_VERSION")));
     write_safetensors_streamed(&out.join(MERGED_WEIGHTS_FILE), &tensors, &meta)?;
-    let text = serde_json::to_string_pretty(&hf_config_json(&model.cfg)).map_err(|e| Error::invalid("merge_to_hf", e.to_string()))?;
+    let text = serde_json::to_string_pretty(&hf_config_json(model.config())).map_err(|e| Error::invalid("merge_to_hf", e.to_string()))?;
     write_atomic(&out.join(MERGED_CONFIG_FILE), text.as_bytes())
 }
 
@@ -591,15 +590,17 @@ pub fn probe_ids(tok: Option<&Tokenizer>, text: &str, vocab_size: usize, len: us
 }
 
 /// The largest |Δlogit| between `original` (with its adapters) and the merged folder
-/// `merged_dir` (loaded with [`Checkpoint::open`]`(…).llama(F32)`) on `probe_ids` (one
-/// sequence).
-pub fn merge_report(original: &Decoder, merged_dir: &Path, probe_ids: &[u32]) -> Result<f64> {
+/// `merged_dir` (loaded with [`crate::model::open`] in f32) on `probe_ids` (one sequence). The
+/// two must describe the same model (every switch of the config; the config files may differ in
+/// keys that do not change the math).
+pub fn merge_report(original: &dyn Model, merged_dir: &Path, probe_ids: &[u32]) -> Result<f64> {
     if probe_ids.is_empty() {
         return Err(Error::invalid("merge_report", "the probe batch is empty"));
     }
     let merged = crate::model::open(merged_dir, DType::F32)?;
-    if merged.cfg != original.cfg {
-        return Err(Error::invalid("merge_report", format!("the merged config {:?} differs from the original {:?}", merged.cfg, original.cfg)));
+    if !merged.cfg.same_model(original.config()) {
+        let (a, b) = (DecoderConfig { source_json: None, ..merged.cfg.clone() }, DecoderConfig { source_json: None, ..original.config().clone() });
+        return Err(Error::invalid("merge_report", format!("the merged config {a:?} differs from the original {b:?}")));
     }
     let t = probe_ids.len();
     crate::autograd::no_grad(|| {
@@ -642,7 +643,7 @@ pub fn merge_checkpoint(model_path: &Path, adapter_dir: &Path, out: &Path) -> Re
         }
         Err(e) => (None, Vec::new(), Some(e.to_string())),
     };
-    let probe = probe_ids(tok.as_ref(), PROBE_TEXT, model.cfg.vocab_size, 32.min(model.cfg.max_position_embeddings))?;
+    let probe = probe_ids(tok.as_ref(), PROBE_TEXT, model.config().vocab_size, 32.min(model.config().max_position_embeddings))?;
     let max_abs_diff = merge_report(&model, out, &probe)?;
     let wpath = out.join(MERGED_WEIGHTS_FILE);
     let weights_bytes = std::fs::metadata(&wpath).map_err(|e| Error::Io { path: wpath, source: e })?.len();
@@ -657,7 +658,7 @@ pub fn merge_checkpoint(model_path: &Path, adapter_dir: &Path, out: &Path) -> Re
 /// Matrices are stored as `ty` (F16, BF16 or Q8_0; Q8_0 falls back to F16 for a row length that is
 /// not a multiple of 32, as llama-quantize does), 1-D tensors (norms, biases) as F32. One tensor
 /// is in memory at a time. Returns the file size.
-pub fn merge_to_gguf(model: &Decoder, src: &crate::io::gguf::GgufFile, out: &Path, ty: crate::io::gguf_write::GgmlType) -> Result<u64> {
+pub fn merge_to_gguf(model: &dyn Model, src: &crate::io::gguf::GgufFile, out: &Path, ty: crate::io::gguf_write::GgmlType) -> Result<u64> {
     const OP: &str = "merge_to_gguf";
     use crate::io::gguf::GgufValue as V;
     use crate::io::gguf_write::{write_gguf, GgmlType, TensorSpec};
@@ -699,7 +700,7 @@ pub fn merge_to_gguf(model: &Decoder, src: &crate::io::gguf::GgufFile, out: &Pat
                 if spec.dims != [rows, cols] {
                     return Err(Error::shape(OP, "merged weight", format!("{:?} (`{}` in the source)", spec.dims, spec.name), format!("[{rows}, {cols}]")));
                 }
-                match qk_permutation(&arch, &model.cfg, &lin.path, rows, OP)? {
+                match qk_permutation(&arch, model.config(), &lin.path, rows, OP)? {
                     None => merged,
                     Some(perm) => {
                         let mut v = vec![0.0f32; merged.len()];
@@ -741,7 +742,7 @@ pub fn merge_checkpoint_gguf(model_path: &Path, adapter_dir: &Path, out: &Path, 
     crate::peft::io::load_adapter(&mut model, adapter_dir)?;
     let weights_bytes = merge_to_gguf(&model, src, out, ty)?;
     let tok = ck.tokenizer().ok();
-    let probe = probe_ids(tok.as_ref(), PROBE_TEXT, model.cfg.vocab_size, 32.min(model.cfg.max_position_embeddings))?;
+    let probe = probe_ids(tok.as_ref(), PROBE_TEXT, model.config().vocab_size, 32.min(model.config().max_position_embeddings))?;
     let max_abs_diff = merge_report(&model, out, &probe)?;
     Ok(MergeSummary { tokenizer_files: vec!["(GGUF metadata)".into()], tokenizer_error: None, max_abs_diff, probe_len: probe.len(), weights_bytes })
 }

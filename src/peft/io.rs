@@ -26,7 +26,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::model::Decoder;
+use crate::model::Model;
 use crate::nn::Linear;
 use crate::peft::full::Full;
 use crate::peft::registry::{file_suffixes, LOAD_ORDER};
@@ -48,10 +48,11 @@ pub fn module_prefix(lin: &Linear) -> String {
 }
 
 /// The model's linears as a pattern for error messages (`model.layers.<0..N>.self_attn.q_proj | …`).
-fn module_list(model: &Decoder) -> String {
+fn module_list(model: &dyn Model) -> String {
     let mut mods: Vec<String> = Vec::new();
-    for l in model.layers.first().map(|b| b.linears()).unwrap_or_default() {
-        mods.push(l.path.replacen("layers.0.", &format!("layers.<0..{}>.", model.layers.len().saturating_sub(1)), 1));
+    let last = model.num_layers().saturating_sub(1);
+    for l in model.linears().into_iter().filter(|l| l.layer() == Some(0)) {
+        mods.push(l.path.replacen("layers.0.", &format!("layers.<0..{last}>."), 1));
     }
     mods.join(" | ")
 }
@@ -64,7 +65,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Saves every adapter of `model` into `dir` (created if needed). `lora` is the config the
 /// adapters were created with; `base_model` is recorded for PEFT.
-pub fn save_adapter(model: &Decoder, dir: &Path, lora: &LoraConfig, base_model: &str) -> Result<()> {
+pub fn save_adapter(model: &dyn Model, dir: &Path, lora: &LoraConfig, base_model: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
     let mut tensors = TensorMap::new();
     let mut targets: Vec<String> = Vec::new();
@@ -148,7 +149,7 @@ pub fn save_adapter(model: &Decoder, dir: &Path, lora: &LoraConfig, base_model: 
 
 /// Loads an adapter folder saved by [`save_adapter`] (or a plain PEFT LoRA) onto `model`,
 /// replacing any adapters it had. Returns the LoRA config read from the folder.
-pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
+pub fn load_adapter(model: &mut dyn Model, dir: &Path) -> Result<LoraConfig> {
     let cfg_path = dir.join(CONFIG_FILE);
     let fmt = |msg: String| Error::Format { path: cfg_path.clone(), msg };
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.clone(), source: e })?;
@@ -192,7 +193,7 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
                 path: &wpath,
                 names: ModuleNames { prefix: module_prefix(lin), weight: hf_weight_name(lin) },
                 weight: &lin.weight,
-                dtype: model.dtype,
+                dtype: model.dtype(),
                 lora: &lora,
                 use_dora,
                 spectune_method: sp_method.as_deref(),
@@ -226,7 +227,7 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
             return Err(wfmt(format!(
                 "tensor {name} belongs to no module of this model ({} layers): expected \
                  base_model.model.{{{}}}, then one of {}",
-                model.layers.len(),
+                model.num_layers(),
                 module_list(model),
                 suffixes.join(" ")
             )));
@@ -240,7 +241,7 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
 /// HF names (`model.layers.{i}.self_attn.q_proj.weight` [out, in]) become trainable
 /// [`Full`] copies on the matching linears. Returns the default [`LoraConfig`] (full
 /// fine-tuning has no LoRA settings).
-fn load_full(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
+fn load_full(model: &mut dyn Model, dir: &Path) -> Result<LoraConfig> {
     let wpath = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&wpath).map_err(|e| Error::Io { path: wpath.clone(), source: e })?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format { path: wpath.clone(), msg: e.to_string() })?;
@@ -263,7 +264,7 @@ fn load_full(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
                 Dtype::F16 => tv.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
                 other => return Err(wfmt(format!("{name}: unsupported dtype {other:?}"))),
             };
-            let w = crate::device::with_float!(model.dtype, "load_adapter", |T| {
+            let w = crate::device::with_float!(model.dtype(), "load_adapter", |T| {
                 Tensor::from_vec(vals.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>(), dims.to_vec())
             })?
             .param()?;
@@ -281,7 +282,7 @@ fn load_full(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
     if let Some(name) = names.into_iter().find(|n| !used.contains(*n)) {
         return Err(wfmt(format!(
             "tensor {name} is no linear of this model ({} layers): expected one of {{{}}} followed by .weight",
-            model.layers.len(),
+            model.num_layers(),
             module_list(model)
         )));
     }
@@ -290,7 +291,7 @@ fn load_full(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
 }
 
 /// Attaches adapters staged by module path (every path came from `model.linears()`).
-fn attach_staged(model: &mut Decoder, staged: Vec<(String, Adapter)>) {
+fn attach_staged(model: &mut dyn Model, staged: Vec<(String, Adapter)>) {
     let mut staged: HashMap<String, Adapter> = staged.into_iter().collect();
     for lin in model.linears_mut() {
         if let Some(ad) = staged.remove(&lin.path) {

@@ -41,8 +41,8 @@ use serde_json::Value;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::Decoder;
-use crate::train::config::Targets;
+use crate::model::Model;
+use crate::peft::targets::TargetSpec;
 use crate::svd::thin_svd;
 
 pub use table::render_table;
@@ -134,14 +134,18 @@ pub struct SpectrumOptions {
     /// than some analysed matrix's min(m, n) is an error.
     pub k: Option<usize>,
     /// Which linears to consider (default: all seven).
-    pub targets: Targets,
+    pub targets: TargetSpec,
     /// Also analyse a random change of the same norm per matrix (see [`MatrixSpectrum::control`]).
     pub control: bool,
 }
 
 impl Default for SpectrumOptions {
     fn default() -> Self {
-        SpectrumOptions { k: None, targets: Targets::AllLinear, control: false }
+        SpectrumOptions {
+            k: None,
+            targets: TargetSpec { modules: crate::peft::targets::Modules::AllLinear, exclude: None, layers: None, layers_pattern: None },
+            control: false,
+        }
     }
 }
 
@@ -377,7 +381,6 @@ pub fn block_size(requested: Option<usize>, m: usize, n: usize, name: &str) -> R
     }
 }
 
-
 /// The method an adapter folder records (`spectune.method` in its config), "lora" for a plain
 /// PEFT LoRA.
 fn adapter_method(dir: &Path) -> Result<String> {
@@ -400,23 +403,23 @@ fn adapter_layers(dir: &Path) -> Result<Vec<usize>> {
 }
 
 /// The linear of module type `module` in layer `li` (the jobs were built from these).
-fn lin_of<'a>(m: &'a Decoder, li: usize, module: &str) -> &'a crate::nn::Linear {
-    m.layers[li].linears().into_iter().find(|l| l.module() == module).expect("a module type of this model")
+fn lin_of<'a>(m: &'a dyn Model, li: usize, module: &str) -> &'a crate::nn::Linear {
+    m.linears().into_iter().find(|l| l.layer() == Some(li) && l.module() == module).expect("a module type of this model")
 }
 
 /// Runs the analysis of `base` against `tuned` (see the module docs).
 pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Result<SpectrumReport> {
     const OP: &str = "spectrum";
-    let mut base_model = crate::model::open(base, DType::F32)?;
-    let n_layers = base_model.layers.len();
+    let mut base_model: Box<dyn Model> = Box::new(crate::model::open(base, DType::F32)?);
+    let n_layers = base_model.num_layers();
     // W' from a second model, or (None) from the adapter loaded onto the base below.
-    let (tuned_model, method, tuned_path, adapter_path): (Option<Decoder>, String, Option<String>, Option<String>) = match tuned {
+    let (tuned_model, method, tuned_path, adapter_path): (Option<Box<dyn Model>>, String, Option<String>, Option<String>) = match tuned {
         TunedSource::Checkpoint(p) => {
-            let t = crate::model::open(p, DType::F32)?;
-            if t.layers.len() != n_layers {
+            let t: Box<dyn Model> = Box::new(crate::model::open(p, DType::F32)?);
+            if t.num_layers() != n_layers {
                 return Err(Error::invalid(
                     OP,
-                    format!("{} has {} layers but the base {} has {n_layers}: not the same architecture", p.display(), t.layers.len(), base.display()),
+                    format!("{} has {} layers but the base {} has {n_layers}: not the same architecture", p.display(), t.num_layers(), base.display()),
                 ));
             }
             (Some(t), "checkpoint".into(), Some(p.display().to_string()), None)
@@ -436,16 +439,16 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
         }
     };
     if let TunedSource::Adapter(dir) = tuned {
-        crate::peft::io::load_adapter(&mut base_model, dir)?;
+        crate::peft::io::load_adapter(&mut *base_model, dir)?;
     }
     // Jobs in report order: module type, then layer.
     // Module types in the order of a layer's linears (q, k, v, o, gate, up, down, or the fused ones).
-    let module_types: Vec<String> = base_model.layers.first().map(|b| b.linears().iter().map(|l| l.module().to_string()).collect()).unwrap_or_default();
+    let module_types: Vec<String> = base_model.linears().iter().filter(|l| l.layer() == Some(0)).map(|l| l.module().to_string()).collect();
     let mut jobs: Vec<(usize, usize, usize)> = Vec::new();
     let mut unchanged = Vec::new();
     for (ti, t) in module_types.iter().enumerate() {
         for li in 0..n_layers {
-            let Some(&lin) = base_model.layers[li].linears().iter().find(|l| l.module() == t) else { continue };
+            let Some(lin) = base_model.linears().into_iter().find(|l| l.layer() == Some(li) && l.module() == t) else { continue };
             if !opts.targets.selects(&lin.path)? {
                 continue;
             }
@@ -472,7 +475,7 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
     let results: Vec<Option<MatrixSpectrum>> = jobs
         .par_iter()
         .map(|&(li, ti, k)| -> Result<Option<MatrixSpectrum>> {
-            let lin = lin_of(&base_model, li, &module_types[ti]);
+            let lin = lin_of(&*base_model, li, &module_types[ti]);
             let (m, n) = (lin.out_features(), lin.in_features());
             let w0 = lin.weight.to_vec_f64();
             let w1 = match (&tuned_model, &lin.adapter) {
@@ -501,7 +504,7 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
     for (res, &(li, ti, _)) in results.into_iter().zip(&jobs) {
         match res {
             Some(ms) => matrices.push(ms),
-            None => unchanged.push(format!("{}.weight", lin_of(&base_model, li, &module_types[ti]).path)),
+            None => unchanged.push(format!("{}.weight", lin_of(&*base_model, li, &module_types[ti]).path)),
         }
     }
     if matrices.is_empty() {

@@ -25,7 +25,7 @@ use super::demo::{demo_data, write_synthetic};
 use super::evaluate;
 use super::run::{prepare, run};
 use crate::error::{Error, Result};
-use crate::model::Decoder;
+use crate::model::Model;
 use crate::nn::layer_of;
 use crate::ops::SpecRows;
 use crate::peft::speclora::SpecLora;
@@ -241,14 +241,13 @@ pub struct CompareReport {
 
 /// Trainable values of the settings' method on its targets of every layer of `model`, counted on
 /// a one-layer copy (adapters are built there, SVDs included) times the layer count.
-pub fn trainable_count(model: &Decoder, s: &TrainSettings) -> Result<usize> {
-    let mut one = model.clone();
-    one.layers.truncate(1);
+pub fn trainable_count(model: &dyn Model, s: &TrainSettings) -> Result<usize> {
+    let mut one = model.clone_model();
     for l in one.linears_mut() {
         l.adapter = None;
     }
-    one.attach_adapters(|p| s.targets.selects(p), &s.lora, &s.method, s.seed)?;
-    Ok(one.trainable_params().iter().map(|p| p.numel()).sum::<usize>() * model.layers.len())
+    one.attach_where(&|p| Ok(layer_of(p) == Some(0) && s.targets.selects(p)?), &s.lora, &s.method, s.seed)?;
+    Ok(one.trainable_params().iter().map(|p| p.numel()).sum::<usize>() * model.num_layers())
 }
 
 /// The rank in 1..=max_rank whose count is closest to `budget` (ties: the smaller rank; `max_rank`
@@ -416,7 +415,7 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
     let eval_counted: usize = test.iter().map(|b| b.counted).sum();
     let val_counted: usize = val.iter().map(|b| b.counted).sum();
     let tok = prepared.tokenizer.clone();
-    let accuracy_of = |m: &Decoder| -> Result<f64> {
+    let accuracy_of = |m: &dyn Model| -> Result<f64> {
         match &mc {
             Some((p, items)) => {
                 let opts = super::eval::McOptions { max_len: 2048, batch: 16, progress: false };
@@ -435,8 +434,8 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
             (b.loss, b.accuracy)
         }
         None => {
-            let (loss, _) = evaluate(&prepared.model, &test)?;
-            let accuracy = accuracy_of(&prepared.model)?;
+            let (loss, _) = evaluate(&*prepared.model, &test)?;
+            let accuracy = accuracy_of(&*prepared.model)?;
             write_record(&base_path, &BaseRecord { key: task_key.clone(), loss, accuracy })?;
             (loss, accuracy)
         }
@@ -444,8 +443,8 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
     let base_ppl = base_loss.exp();
     let accuracy = if mc.is_some() { "multiple-choice acc (eval --task mc)" } else { "next-token top-1 accuracy" }.to_string();
     log(format!("base model: held-out loss {base_loss:.4}, perplexity {base_ppl:.2}, accuracy {base_accuracy:.4} on {eval_counted} tokens (rates chosen on another {val_counted})"));
-    let proxy = prepared.model.clone();
-    let budget = trainable_count(&proxy, &lora)?;
+    let proxy = prepared.model.clone_model();
+    let budget = trainable_count(&*proxy, &lora)?;
     // Ranks: matched to LoRA's budget.
     let mut plan: Vec<(String, usize, usize)> = Vec::new();
     for m in &o.methods {
@@ -454,7 +453,7 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
             if let Some(&c) = cache.get(&r) {
                 return Ok(c);
             }
-            let c = trainable_count(&proxy, &settings_for(m, r, 1e-3, o.seed)?)?;
+            let c = trainable_count(&*proxy, &settings_for(m, r, 1e-3, o.seed)?)?;
             cache.insert(r, c);
             Ok(c)
         };
@@ -496,8 +495,8 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
                     log(format!("{m} lr {lr:e} seed {seed}: finished earlier ({}), reused", record_path.display()));
                     if si == 0 {
                         // The d vectors for the fidelity check, from the saved adapter.
-                        crate::peft::io::load_adapter(&mut p.model, &adapter_dir)?;
-                        let (a, b) = learned_d(&p.model);
+                        crate::peft::io::load_adapter(&mut *p.model, &adapter_dir)?;
+                        let (a, b) = learned_d(&*p.model);
                         firsts.push((adapter_dir, a, b));
                     }
                     runs.push(rec.run);
@@ -514,14 +513,14 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
                     peak = peak.max(crate::bench::peak_rss_bytes());
                 }
                 let (val_loss, _) = report.eval.ok_or_else(|| Error::invalid(OP, "no held-out evaluation"))?;
-                let (eval_loss, _) = evaluate(&p.model, &test)?;
-                let acc = accuracy_of(&p.model)?;
+                let (eval_loss, _) = evaluate(&*p.model, &test)?;
+                let acc = accuracy_of(&*p.model)?;
                 log(format!(
                     "{m} lr {lr:e} seed {seed}: held-out loss {eval_loss:.4} (selection half {val_loss:.4}), accuracy {acc:.4}; {:.0} s",
                     report.seconds
                 ));
                 if si == 0 {
-                    let (a, b) = learned_d(&p.model);
+                    let (a, b) = learned_d(&*p.model);
                     firsts.push((report.adapter_dir.clone(), a, b));
                 }
                 let run = SeedRun { seed, val_loss, eval_loss, accuracy: acc, last_train_loss: report.last_loss, seconds: report.seconds };
@@ -591,7 +590,7 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
 }
 
 /// The learned d vectors of the model's SpecLoRA (positional) and SpecLoRA-SVD adapters.
-fn learned_d(model: &Decoder) -> (DRows, DSvd) {
+fn learned_d(model: &dyn Model) -> (DRows, DSvd) {
     let (mut a, mut b) = (HashMap::new(), HashMap::new());
     for lin in model.linears() {
         let Some(ad) = lin.adapter.as_deref() else { continue };
@@ -606,12 +605,12 @@ fn learned_d(model: &Decoder) -> (DRows, DSvd) {
 
 /// Positional vs SVD-form d per (layer, module) for the chosen layers, and means per module type.
 fn fidelity(
-    base: &Decoder,
+    base: &dyn Model,
     d_rows: &HashMap<String, (Vec<f64>, SpecRows)>,
     d_svd: &HashMap<String, Vec<f64>>,
     layers: Option<&[usize]>,
 ) -> Result<(Vec<FidelityRow>, Vec<FidelitySummary>)> {
-    let n_layers = base.layers.len();
+    let n_layers = base.num_layers();
     let default = [0, n_layers / 2, n_layers.saturating_sub(1)];
     let mut chosen: Vec<usize> = layers.map(<[usize]>::to_vec).unwrap_or_else(|| default.to_vec());
     chosen.sort_unstable();

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::optim::LrSchedule;
+use crate::peft::targets::TargetSpec;
 use crate::peft::{LoraConfig, Method, MethodOptions};
 
 /// Every setting of a training run, each optional so the file and the flags can be merged. The
@@ -37,8 +38,15 @@ pub struct TrainArgs {
     pub block: Option<usize>,
     /// SpecLoRA: pick the k rows of largest norm instead of the first k.
     pub rows_by_norm: Option<bool>,
-    /// Comma-separated subset of q,k,v,o,gate,up,down (default: all seven).
+    /// Which linears get an adapter, as PEFT's `target_modules`: `all-linear` (default: every
+    /// linear of the decoder layers), a comma-separated list of module names matched as whole
+    /// names or dotted suffixes (`q_proj,v_proj`, `self_attn.qkv_proj`; `q,k,v,o,gate,up,down`
+    /// are short for `q_proj`…`down_proj`), or `re:<regex>` matching the whole module path.
     pub targets: Option<String>,
+    /// Linears never adapted (PEFT's `exclude_modules`; the same forms as `targets`).
+    pub exclude_modules: Option<String>,
+    /// Only these decoder layers get adapters (PEFT's `layers_to_transform`): `0,1,5` or `0-3`.
+    pub layers: Option<String>,
     pub dropout: Option<f64>,
     pub rslora: Option<bool>,
     pub lr: Option<f64>,
@@ -104,6 +112,8 @@ impl TrainArgs {
             block,
             rows_by_norm,
             targets,
+            exclude_modules,
+            layers,
             dropout,
             rslora,
             lr,
@@ -148,10 +158,7 @@ impl TrainArgs {
             MethodOptions { k, by_norm: self.rows_by_norm.unwrap_or(false), block: self.block },
             "train",
         )?;
-        let targets = match &self.targets {
-            None => Targets::AllLinear,
-            Some(s) => parse_targets(s)?,
-        };
+        let targets = target_spec(self.targets.as_deref(), self.exclude_modules.as_deref(), self.layers.as_deref())?;
         let dropout = self.dropout.unwrap_or(0.0);
         if !(0.0..1.0).contains(&dropout) {
             return Err(bad("dropout", format!("must be in [0, 1), got {dropout}")));
@@ -206,51 +213,37 @@ impl TrainArgs {
     }
 }
 
-/// Which linears get an adapter.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Targets {
-    /// Every linear of the decoder layers (PEFT's `all-linear`: never the LM head).
-    AllLinear,
-    /// Module names, each matching a module path equal to it or ending in `.name` (PEFT's list
-    /// form of `target_modules`).
-    Names(Vec<String>),
+/// The adapter targets of `--targets`, `--exclude-modules` and `--layers` (see [`TrainArgs`]).
+pub fn target_spec(targets: Option<&str>, exclude: Option<&str>, layers: Option<&str>) -> Result<TargetSpec> {
+    let base = match targets {
+        Some(s) => TargetSpec::parse(s)?,
+        None => TargetSpec::parse("all-linear")?,
+    };
+    let exclude = exclude.map(|e| TargetSpec::parse(e).map(|s| s.modules)).transpose()?;
+    let layers = layers.map(parse_layers).transpose()?;
+    let pattern = layers.as_ref().map(|_| "layers".to_string());
+    TargetSpec::new(base.modules, exclude, layers, pattern)
 }
 
-impl Targets {
-    pub fn selects(&self, path: &str) -> Result<bool> {
-        Ok(match self {
-            Targets::AllLinear => true,
-            Targets::Names(n) => n.iter().any(|n| path == n || path.strip_suffix(n.as_str()).is_some_and(|p| p.ends_with('.'))),
-        })
-    }
-    /// The module names for an adapter_config.json `target_modules` (`all-linear` as PEFT spells it).
-    pub fn peft_json(&self) -> serde_json::Value {
-        match self {
-            Targets::AllLinear => "all-linear".into(),
-            Targets::Names(n) => n.clone().into(),
+/// `0,1,5` or `0-3` (ranges inclusive, combinable: `0-3,8`).
+fn parse_layers(s: &str) -> Result<Vec<usize>> {
+    let bad = || Error::invalid("train", format!("--layers `{s}`: expected layer indices like 0,1,5 or 0-3"));
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                v.extend(a..=b);
+            }
+            None => v.push(part.parse().map_err(|_| bad())?),
         }
     }
-}
-
-/// `all-linear`, or a comma-separated list of module names (`q_proj,v_proj`; the short forms
-/// `q,k,v,o,gate,up,down` stand for `q_proj`, …, `down_proj`).
-pub fn parse_targets(s: &str) -> Result<Targets> {
-    if s.trim() == "all-linear" {
-        return Ok(Targets::AllLinear);
-    }
-    let names = s
-        .split(',')
-        .map(|t| {
-            let t = t.trim();
-            match t {
-                "" => Err(Error::invalid("train", format!("--targets: empty module name in `{s}`"))),
-                "q" | "k" | "v" | "o" | "gate" | "up" | "down" => Ok(format!("{t}_proj")),
-                _ if t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') => Ok(t.to_string()),
-                other => Err(Error::invalid("train", format!("--targets: `{other}` is not a module name (letters, digits, `_`, `.`)"))),
-            }
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Targets::Names(names))
+    v.sort_unstable();
+    v.dedup();
+    Ok(v)
 }
 
 /// Resolved settings with defaults filled in.
@@ -262,7 +255,7 @@ pub struct TrainSettings {
     pub eval_fraction: Option<f64>,
     pub method: Method,
     pub lora: LoraConfig,
-    pub targets: Targets,
+    pub targets: TargetSpec,
     pub lr: f64,
     pub schedule_name: String,
     pub warmup: u64,

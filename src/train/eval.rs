@@ -30,8 +30,7 @@ use serde::Serialize;
 use super::data::{self, Example, McItem, Sequence, IGNORE};
 use crate::autograd::no_grad;
 use crate::error::{Error, Result};
-use crate::model::Decoder;
-use crate::ops;
+use crate::model::Model;
 use crate::tensor::Tensor;
 use crate::tokenizer::Tokenizer;
 
@@ -114,7 +113,7 @@ fn text_sequences(ids: &[u32], seq_len: usize, stride: usize) -> Vec<Sequence> {
 /// Perplexity and bits per byte of `model` on `files` (see the module docs). Plain-text
 /// examples use the sliding window; prompt/completion, chat and multiple-choice lines are scored
 /// on their answer tokens as training counts them (truncated to `seq_len`).
-pub fn perplexity(model: &Decoder, tok: &Tokenizer, files: &[data::DataFile], o: &PplOptions) -> Result<PplReport> {
+pub fn perplexity(model: &dyn Model, tok: &Tokenizer, files: &[data::DataFile], o: &PplOptions) -> Result<PplReport> {
     const OP: &str = "eval";
     crate::ensure!(o.seq_len >= 2, OP, "--seq-len must be at least 2, got {}", o.seq_len);
     crate::ensure!(o.batch >= 1, OP, "--batch must be at least 1");
@@ -188,7 +187,7 @@ pub fn render_ppl(r: &PplReport) -> String {
 /// Next-token top-1 accuracy over the counted targets of `batches`: the share of positions whose
 /// highest logit is the target (ties: the lowest id). Only the counted positions' hidden states go
 /// through the LM head.
-pub fn token_accuracy(model: &Decoder, batches: &[data::Batch]) -> Result<f64> {
+pub fn token_accuracy(model: &dyn Model, batches: &[data::Batch]) -> Result<f64> {
     let (mut hit, mut total) = (0usize, 0usize);
     no_grad(|| -> Result<()> {
         for b in batches {
@@ -200,7 +199,7 @@ pub fn token_accuracy(model: &Decoder, batches: &[data::Batch]) -> Result<f64> {
                 continue;
             }
             let sel: Vec<f32> = rows.iter().flat_map(|&i| hv[i * hidden..(i + 1) * hidden].iter().copied()).collect();
-            let logits = ops::linear(&Tensor::from_vec(sel, [rows.len(), hidden])?, model.head())?.to_vec::<f32>();
+            let logits = model.head_logits(&Tensor::from_vec(sel, [rows.len(), hidden])?)?.to_vec::<f32>();
             let vocab = logits.len() / rows.len();
             for (k, &i) in rows.iter().enumerate() {
                 let row = &logits[k * vocab..(k + 1) * vocab];
@@ -319,7 +318,7 @@ fn stderr_of(p: f64, n: usize) -> f64 {
 /// Σ log p(target) of the counted positions of each row: `rows` are `(ids, first)` where the
 /// positions `first..len-1` predict `ids[first+1..]`. Padded to the longest row; the hidden
 /// states of only the scored positions go through the LM head, then a log-softmax in f64.
-fn row_logliks(model: &Decoder, rows: &[(Vec<u32>, usize)], pad: u32) -> Result<Vec<f64>> {
+fn row_logliks(model: &dyn Model, rows: &[(Vec<u32>, usize)], pad: u32) -> Result<Vec<f64>> {
     let b = rows.len();
     let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(b * t);
@@ -345,7 +344,7 @@ fn row_logliks(model: &Decoder, rows: &[(Vec<u32>, usize)], pad: u32) -> Result<
     }
     let n = who.len();
     let x = Tensor::from_vec(sel, [n, hidden])?;
-    let logits = ops::linear(&x, model.head())?.to_vec_f64();
+    let logits = model.head_logits(&x)?.to_vec_f64();
     let vocab = logits.len() / n.max(1);
     let mut out = vec![0.0; b];
     for (k, &(ri, target)) in who.iter().enumerate() {
@@ -360,7 +359,7 @@ fn row_logliks(model: &Decoder, rows: &[(Vec<u32>, usize)], pad: u32) -> Result<
 
 /// Multiple-choice accuracy of `model` on `items` (see the module docs). `path` names the file
 /// in errors and the report.
-pub fn mc_eval(model: &Decoder, tok: &Tokenizer, items: &[McItem], path: &Path, o: &McOptions) -> Result<McReport> {
+pub fn mc_eval(model: &dyn Model, tok: &Tokenizer, items: &[McItem], path: &Path, o: &McOptions) -> Result<McReport> {
     const OP: &str = "eval.mc";
     crate::ensure!(o.batch >= 1, OP, "--batch must be at least 1");
     crate::ensure!(o.max_len >= 2, OP, "--seq-len must be at least 2, got {}", o.max_len);

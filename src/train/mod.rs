@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::autograd::{backward, no_grad, GradStore};
 use crate::error::{Error, Result};
-use crate::model::Decoder;
+use crate::model::Model;
 use crate::ops::CeOptions;
 use crate::optim::{clip_grad_norm, AdamW, AdamWState, ParamState};
 use crate::peft::io::{load_adapter, save_adapter, write_atomic};
@@ -39,7 +39,7 @@ pub struct StepStats {
 /// Each micro-batch's summed loss is divided by the number of counted targets of the WHOLE
 /// accumulated batch, so the accumulated gradient equals that of one big batch over the same
 /// tokens (no per-micro-batch mean, the gradient-accumulation bug).
-pub fn accumulate(model: &Decoder, micro: &[Batch]) -> Result<(f64, GradStore, usize, usize)> {
+pub fn accumulate(model: &dyn Model, micro: &[Batch]) -> Result<(f64, GradStore, usize, usize)> {
     let counted: usize = micro.iter().map(|b| b.counted).sum();
     if counted == 0 {
         return Err(Error::invalid("train", "the batch has no counted target tokens (all are -100)"));
@@ -59,11 +59,10 @@ pub fn accumulate(model: &Decoder, micro: &[Batch]) -> Result<(f64, GradStore, u
 /// One training step: accumulate over `micro`, stop on a non-finite loss or gradient (nothing is
 /// updated then), clip to `max_grad_norm`, and apply AdamW at `lr`. `dropout_seed` seeds the
 /// adapter dropout masks of this step.
-pub fn train_step(model: &mut Decoder, opt: &mut AdamW, micro: &[Batch], lr: f64, max_grad_norm: Option<f64>, dropout_seed: u64) -> Result<StepStats> {
-    model.training = true;
-    model.dropout_seed = dropout_seed;
+pub fn train_step(model: &mut dyn Model, opt: &mut AdamW, micro: &[Batch], lr: f64, max_grad_norm: Option<f64>, dropout_seed: u64) -> Result<StepStats> {
+    model.set_training(true, dropout_seed);
     let res = accumulate(model, micro);
-    model.training = false;
+    model.set_training(false, 0);
     let (loss, mut grads, tokens, counted) = res?;
     if !loss.is_finite() {
         return Err(Error::NonFinite { op: "train", what: format!("the loss ({loss})") });
@@ -84,7 +83,7 @@ pub fn train_step(model: &mut Decoder, opt: &mut AdamW, micro: &[Batch], lr: f64
 
 /// Held-out loss and perplexity: mean cross-entropy over every counted target of `batches`
 /// (no dropout, no graph).
-pub fn evaluate(model: &Decoder, batches: &[Batch]) -> Result<(f64, f64)> {
+pub fn evaluate(model: &dyn Model, batches: &[Batch]) -> Result<(f64, f64)> {
     let opts = CeOptions { denominator: Some(1.0), ..CeOptions::default() };
     let (mut total, mut counted) = (0.0, 0usize);
     no_grad(|| -> Result<()> {
@@ -119,7 +118,7 @@ pub const STATE_FILE: &str = "trainer_state.json";
 /// (f64, exact), and the trainer state. The files are written into `dir.partial`, fsynced, and the
 /// folder is then swapped in by rename, so a crash at any point leaves the previous checkpoint
 /// (at `dir`, or `dir.old` during the swap) intact.
-pub fn save_checkpoint(dir: &Path, model: &Decoder, opt: &AdamW, lora: &LoraConfig, state: &TrainerState, base_model: &str) -> Result<()> {
+pub fn save_checkpoint(dir: &Path, model: &dyn Model, opt: &AdamW, lora: &LoraConfig, state: &TrainerState, base_model: &str) -> Result<()> {
     let io = |p: &Path, e| Error::Io { path: p.to_path_buf(), source: e };
     let partial = with_suffix(dir, "partial");
     let old = with_suffix(dir, "old");
@@ -170,7 +169,7 @@ fn with_suffix(dir: &Path, suffix: &str) -> PathBuf {
 /// (replacing its adapters), builds an AdamW over the loaded parameters with `opt_config` and
 /// restores its moments. If `dir` is missing but an interrupted swap left `dir.old`, that one
 /// is used.
-pub fn load_checkpoint(dir: &Path, model: &mut Decoder, opt_config: crate::optim::AdamWConfig) -> Result<(AdamW, LoraConfig, TrainerState)> {
+pub fn load_checkpoint(dir: &Path, model: &mut dyn Model, opt_config: crate::optim::AdamWConfig) -> Result<(AdamW, LoraConfig, TrainerState)> {
     let dir = if !dir.exists() && with_suffix(dir, "old").exists() { with_suffix(dir, "old") } else { dir.to_path_buf() };
     let lora = load_adapter(model, &dir)?;
     let params = model.trainable_params();
@@ -206,7 +205,7 @@ pub fn load_checkpoint(dir: &Path, model: &mut Decoder, opt_config: crate::optim
 
 /// AdamW over the model's adapter parameters, with weight decay off for the multiplicative
 /// scales (SpecLoRA's d), as every training run sets it up.
-pub fn optimizer_for(model: &Decoder, cfg: crate::optim::AdamWConfig) -> Result<AdamW> {
+pub fn optimizer_for(model: &dyn Model, cfg: crate::optim::AdamWConfig) -> Result<AdamW> {
     let mut opt = AdamW::new(&model.trainable_params(), cfg)?;
     for d in model.no_decay_params() {
         opt.set_weight_decay(&d, false)?;

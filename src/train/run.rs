@@ -12,7 +12,7 @@ use super::data::{self, Batch, BatchConfig, Batcher, BatcherState, DataFile, Lay
 use super::{evaluate, load_checkpoint, optimizer_for, save_checkpoint, step_seed, train_step, TrainerState};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
-use crate::model::Decoder;
+use crate::model::Model;
 use crate::optim::AdamWConfig;
 use crate::peft::io::save_adapter;
 use crate::tokenizer::Tokenizer;
@@ -34,7 +34,7 @@ pub struct RunReport {
 
 /// Model, tokenizer and data of a run, prepared once (the demo evaluates before training too).
 pub struct Prepared {
-    pub model: Decoder,
+    pub model: Box<dyn Model>,
     pub tokenizer: Tokenizer,
     pub train: Batcher,
     pub eval: Vec<Batch>,
@@ -47,9 +47,8 @@ pub struct Prepared {
 pub fn prepare(s: &TrainSettings, split: Option<(Vec<DataFile>, Vec<DataFile>)>, log: &mut dyn FnMut(String)) -> Result<Prepared> {
     let ck = Checkpoint::open(&s.model)?;
     let tokenizer = ck.tokenizer()?;
-    let mut model = crate::model::load(&ck, DType::F32)?;
-    model.checkpointing = s.checkpointing;
-    model.checkpoint_keep = s.checkpoint_keep;
+    let mut model: Box<dyn Model> = Box::new(crate::model::load(&ck, DType::F32)?);
+    model.set_checkpointing(s.checkpointing, s.checkpoint_keep);
     let (files, eval_files) = match split {
         Some((tr, ev)) => (tr, Some(ev)),
         None => (data::read_files(&s.data)?, None),
@@ -100,10 +99,9 @@ pub fn run(s: &TrainSettings, p: &mut Prepared, progress: bool, log: &mut dyn Fn
     std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.clone(), source: e })?;
     let ckpt_dir = out.join("checkpoint");
     let ocfg = AdamWConfig { lr: s.lr, weight_decay: s.weight_decay, ..AdamWConfig::default() };
-    let model = &mut p.model;
     let (mut opt, start) = match &s.resume {
         Some(dir) => {
-            let (opt, lora, st) = load_checkpoint(dir, model, ocfg)?;
+            let (opt, lora, st) = load_checkpoint(dir, &mut *p.model, ocfg)?;
             if lora.rank != s.lora.rank {
                 log(format!("note: resuming with the checkpoint's rank {} (not --rank {})", lora.rank, s.lora.rank));
             }
@@ -112,17 +110,18 @@ pub fn run(s: &TrainSettings, p: &mut Prepared, progress: bool, log: &mut dyn Fn
             (opt, st.step)
         }
         None => {
-            model.attach_adapters(|p| s.targets.selects(p), &s.lora, &s.method, s.seed)?;
-            (optimizer_for(model, ocfg)?, 0)
+            p.model.attach_where(&|p| s.targets.selects(p), &s.lora, &s.method, s.seed)?;
+            (optimizer_for(&*p.model, ocfg)?, 0)
         }
     };
     if s.device != crate::device::Device::Cpu {
         // Upload once: frozen matrices as bf16, adapters (and the optimizer state) as f32.
         let state = opt.state()?;
-        *model = model.to_device(s.device, DType::BF16)?;
-        opt = optimizer_for(model, ocfg)?;
+        p.model = p.model.to_device(s.device, DType::BF16)?;
+        opt = optimizer_for(&*p.model, ocfg)?;
         opt.load_state(&state)?;
     }
+    let model = &mut *p.model;
     // Loading and attaching leave freed temporaries behind; under memory::retain_freed_memory
     // they would stay resident through training.
     crate::memory::release_free_memory();
@@ -134,7 +133,7 @@ pub fn run(s: &TrainSettings, p: &mut Prepared, progress: bool, log: &mut dyn Fn
         "training {} on {} linears ({} layers): {trainable} trainable values, optimizer state {} values; {total} steps of {} × {} × {} tokens",
         s.method.label(),
         model.linears().iter().filter(|l| l.adapter.is_some()).count(),
-        model.layers.len(),
+        model.num_layers(),
         opt.state_numel(),
         s.grad_accum,
         s.batch,

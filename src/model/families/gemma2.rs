@@ -12,15 +12,8 @@ use crate::model::config::{any_window, base_json, layer_types_json, Reader};
 use crate::model::decoder::DecoderConfig;
 use crate::nn::GatedAct;
 
-pub static FAMILY: Family = Family {
-    name: "gemma2",
-    architecture: "Gemma2ForCausalLM",
-    model_types: &["gemma2"],
-    gguf_arch: Some("gemma2"),
-    gguf_permutes_qk: false,
-    from_hf,
-    to_hf,
-};
+pub static FAMILY: Family =
+    Family { name: "gemma2", architecture: "Gemma2ForCausalLM", model_types: &["gemma2"], gguf_arch: Some("gemma2"), gguf_permutes_qk: false, from_hf, to_hf };
 
 /// The switches Gemma 2 and 3 share.
 pub(crate) fn gemma_base(r: &Reader) -> Result<DecoderConfig> {

@@ -9,15 +9,8 @@ use crate::error::Result;
 use crate::model::config::{base_json, Reader};
 use crate::model::decoder::DecoderConfig;
 
-pub static FAMILY: Family = Family {
-    name: "llama",
-    architecture: "LlamaForCausalLM",
-    model_types: &["llama"],
-    gguf_arch: Some("llama"),
-    gguf_permutes_qk: true,
-    from_hf,
-    to_hf,
-};
+pub static FAMILY: Family =
+    Family { name: "llama", architecture: "LlamaForCausalLM", model_types: &["llama"], gguf_arch: Some("llama"), gguf_permutes_qk: true, from_hf, to_hf };
 
 fn from_hf(r: &Reader) -> Result<DecoderConfig> {
     r.activation("hidden_act", "silu", &["silu", "swish"])?;

@@ -11,15 +11,8 @@ use crate::model::config::{any_window, base_json, Reader};
 use crate::model::decoder::DecoderConfig;
 use crate::nn::RopeScaling;
 
-pub static FAMILY: Family = Family {
-    name: "phi3",
-    architecture: "Phi3ForCausalLM",
-    model_types: &["phi3"],
-    gguf_arch: Some("phi3"),
-    gguf_permutes_qk: false,
-    from_hf,
-    to_hf,
-};
+pub static FAMILY: Family =
+    Family { name: "phi3", architecture: "Phi3ForCausalLM", model_types: &["phi3"], gguf_arch: Some("phi3"), gguf_permutes_qk: false, from_hf, to_hf };
 
 fn from_hf(r: &Reader) -> Result<DecoderConfig> {
     r.activation("hidden_act", "silu", &["silu", "swish"])?;

@@ -9,15 +9,8 @@ use crate::error::Result;
 use crate::model::config::{any_window, base_json, layer_types_json, Reader};
 use crate::model::decoder::DecoderConfig;
 
-pub static FAMILY: Family = Family {
-    name: "qwen2",
-    architecture: "Qwen2ForCausalLM",
-    model_types: &["qwen2"],
-    gguf_arch: Some("qwen2"),
-    gguf_permutes_qk: false,
-    from_hf,
-    to_hf,
-};
+pub static FAMILY: Family =
+    Family { name: "qwen2", architecture: "Qwen2ForCausalLM", model_types: &["qwen2"], gguf_arch: Some("qwen2"), gguf_permutes_qk: false, from_hf, to_hf };
 
 /// Qwen2/Qwen3 sliding layers: `use_sliding_window` turns `sliding_window` on for layers
 /// i ≥ `max_window_layers` (default 28) unless `layer_types` says otherwise.

@@ -9,15 +9,8 @@ use crate::error::Result;
 use crate::model::config::{base_json, Reader};
 use crate::model::decoder::DecoderConfig;
 
-pub static FAMILY: Family = Family {
-    name: "qwen3",
-    architecture: "Qwen3ForCausalLM",
-    model_types: &["qwen3"],
-    gguf_arch: Some("qwen3"),
-    gguf_permutes_qk: false,
-    from_hf,
-    to_hf,
-};
+pub static FAMILY: Family =
+    Family { name: "qwen3", architecture: "Qwen3ForCausalLM", model_types: &["qwen3"], gguf_arch: Some("qwen3"), gguf_permutes_qk: false, from_hf, to_hf };
 
 fn from_hf(r: &Reader) -> Result<DecoderConfig> {
     r.activation("hidden_act", "silu", &["silu", "swish"])?;
