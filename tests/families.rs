@@ -139,3 +139,47 @@ fn every_family_matches_transformers_logits_and_loss_at_every_position() {
 fn every_family_matches_peft_lora_gradients() {
     run_all(check_lora_grads);
 }
+
+/// The family's config.json with `edit` applied, parsed.
+fn parse_edited(name: &str, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> spectune::Result<spectune::model::DecoderConfig> {
+    let text = std::fs::read_to_string(dir(name).join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(v.as_object_mut().unwrap());
+    spectune::model::config::parse_config_str(&v.to_string(), &format!("{name}/config.json"))
+}
+
+fn refused(r: spectune::Result<spectune::model::DecoderConfig>, words: &[&str]) {
+    let msg = r.expect_err("should be refused").to_string();
+    for w in words {
+        assert!(msg.contains(w), "the error should name `{w}`: {msg}");
+    }
+}
+
+#[test]
+fn unimplemented_architectures_and_math_changing_keys_are_refused_by_name() {
+    use serde_json::json;
+    refused(parse_edited("llama", |m| drop(m.insert("architectures".into(), json!(["FalconForCausalLM"])))), &["FalconForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM"]);
+    refused(parse_edited("llama", |m| drop(m.insert("hidden_act".into(), json!("gelu")))), &["hidden_act", "gelu"]);
+    refused(parse_edited("gemma2", |m| drop(m.insert("hidden_activation".into(), json!("relu")))), &["hidden_activation", "relu"]);
+    refused(parse_edited("llama3", |m| drop(m.insert("rope_parameters".into(), json!({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})))), &["dynamic", "longrope"]);
+    refused(parse_edited("gemma3", |m| drop(m.insert("use_bidirectional_attention".into(), json!(true)))), &["use_bidirectional_attention"]);
+    refused(parse_edited("gemma3", |m| drop(m.insert("layer_types".into(), json!(["sliding_attention"])))), &["layer_types", "2 layers"]);
+    refused(parse_edited("mistral", |m| drop(m.insert("layer_types".into(), json!(["chunked_attention", "full_attention"])))), &["chunked_attention"]);
+    refused(parse_edited("qwen2", |m| drop(m.insert("quantization_config".into(), json!({"quant_method": "gptq"})))), &["quantization_config"]);
+    refused(parse_edited("llama", |m| drop(m.insert("pretraining_tp".into(), json!(2)))), &["pretraining_tp"]);
+    refused(parse_edited("phi3", |m| drop(m.insert("partial_rotary_factor".into(), json!(0.3)))), &["partial_rotary_factor"]);
+    refused(parse_edited("qwen3", |m| drop(m.insert("architectures".into(), json!(["Qwen2ForCausalLM"])))), &["architectures", "model_type"]);
+}
+
+#[test]
+fn a_checkpoint_that_contradicts_its_config_names_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir("qwen3").join(f), tmp.path().join(f)).unwrap();
+    }
+    // Qwen3 without q/k norms in the config is Qwen2-shaped: the norm tensors are then unused.
+    let text = std::fs::read_to_string(tmp.path().join("config.json")).unwrap().replace("Qwen3ForCausalLM", "Qwen2ForCausalLM").replace("\"qwen3\"", "\"qwen2\"");
+    std::fs::write(tmp.path().join("config.json"), text).unwrap();
+    let msg = spectune::model::open(tmp.path(), DType::F32).err().expect("should be refused").to_string();
+    assert!(msg.contains("q_norm.weight") && msg.contains("q_proj.bias"), "{msg}");
+}

@@ -165,9 +165,16 @@ impl<'a> Reader<'a> {
             Some(v) => v.as_f64().filter(|t| t.is_finite() && *t > 0.0).ok_or_else(|| self.type_err("rope_parameters.rope_theta", "a number > 0", v))?,
             None => self.rope_theta()?,
         };
-        let prf = match params.and_then(|m| m.get("partial_rotary_factor")).filter(|v| !v.is_null()).or_else(|| self.get("partial_rotary_factor")) {
-            Some(v) => v.as_f64().filter(|f| *f > 0.0 && *f <= 1.0).ok_or_else(|| self.type_err("partial_rotary_factor", "a number in (0, 1]", v))?,
-            None => 1.0,
+        let factor = |v: &Value| v.as_f64().filter(|f| *f > 0.0 && *f <= 1.0).ok_or_else(|| self.type_err("partial_rotary_factor", "a number in (0, 1]", v));
+        let nested = params.and_then(|m| m.get("partial_rotary_factor")).filter(|v| !v.is_null()).map(factor).transpose()?;
+        let top = self.get("partial_rotary_factor").map(factor).transpose()?;
+        let prf = match (top, nested) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(self.err(format!("partial_rotary_factor ({a}) and rope_parameters.partial_rotary_factor ({b}) disagree")));
+            }
+            (Some(a), _) => a,
+            (None, Some(b)) => b,
+            (None, None) => 1.0,
         };
         Ok(RopeConfig { theta, scaling, partial_rotary_factor: prf })
     }
