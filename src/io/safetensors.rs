@@ -20,7 +20,7 @@
 //! with (integers, bool, fp8, fp4/fp6) are listed but refused when requested; a sharded index
 //! must be a JSON object with a `weight_map` of tensor → shard file names that stay inside the
 //! folder; every shard it names must exist and hold the tensors the index assigns to it; no
-//! tensor may appear in two shards; [`SafetensorsCheckpoint::validate_llama`] checks names,
+//! tensor may appear in two shards; [`SafetensorsCheckpoint::validate_weights`] checks names,
 //! shapes and dtypes against a config before any compute.
 //!
 //! Safety of the maps: as with every memory-mapped reader, the files must not be modified or
@@ -46,7 +46,7 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// File name of a sharded checkpoint's index inside a model folder.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// How many problems [`SafetensorsCheckpoint::validate_llama`] spells out before summarizing.
+/// How many problems [`SafetensorsCheckpoint::validate_weights`] spells out before summarizing.
 const MAX_LISTED_PROBLEMS: usize = 20;
 
 /// One tensor of a checkpoint, as listed in its header.

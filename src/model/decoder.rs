@@ -148,7 +148,7 @@ impl DecoderConfig {
         if !self.layer_windows.is_empty() && self.layer_windows.len() != self.num_hidden_layers {
             return Err(Error::invalid(op, format!("{} layer windows for {} layers", self.layer_windows.len(), self.num_hidden_layers)));
         }
-        if self.layer_windows.iter().any(|w| *w == Some(0)) {
+        if self.layer_windows.contains(&Some(0)) {
             return Err(Error::invalid(op, "a sliding window must be > 0"));
         }
         for (what, v) in

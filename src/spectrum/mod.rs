@@ -407,13 +407,17 @@ fn lin_of<'a>(m: &'a dyn Model, li: usize, module: &str) -> &'a crate::nn::Linea
     m.linears().into_iter().find(|l| l.layer() == Some(li) && l.module() == module).expect("a module type of this model")
 }
 
+/// The tuned side: a second model (or none: the adapter on the base), the method, the tuned
+/// checkpoint's path and the adapter's path.
+type Tuned = (Option<Box<dyn Model>>, String, Option<String>, Option<String>);
+
 /// Runs the analysis of `base` against `tuned` (see the module docs).
 pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Result<SpectrumReport> {
     const OP: &str = "spectrum";
     let mut base_model: Box<dyn Model> = Box::new(crate::model::open(base, DType::F32)?);
     let n_layers = base_model.num_layers();
     // W' from a second model, or (None) from the adapter loaded onto the base below.
-    let (tuned_model, method, tuned_path, adapter_path): (Option<Box<dyn Model>>, String, Option<String>, Option<String>) = match tuned {
+    let (tuned_model, method, tuned_path, adapter_path): Tuned = match tuned {
         TunedSource::Checkpoint(p) => {
             let t: Box<dyn Model> = Box::new(crate::model::open(p, DType::F32)?);
             if t.num_layers() != n_layers {

@@ -1,5 +1,5 @@
 //! Qwen3 (`Qwen3ForCausalLM`): Qwen2's layout with a per-head RMSNorm of q and k before RoPE
-//! (`q_norm`, `k_norm`, [head_dim]), no fixed q/k/v bias (`attention_bias` biases q, k, v and o).
+//! (`q_norm`, `k_norm`, of size head_dim), no fixed q/k/v bias (`attention_bias` biases q, k, v and o).
 
 use serde_json::Value;
 
