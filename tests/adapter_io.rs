@@ -3,12 +3,12 @@
 mod common;
 
 use spectune::gradcheck::SplitMix;
-use spectune::model::{Llama, LlamaConfig, Target};
+use spectune::model::{Decoder, DecoderConfig};
 use spectune::peft::io::{load_adapter, save_adapter, CONFIG_FILE, WEIGHTS_FILE};
 use spectune::peft::{LoraConfig, Method};
 use spectune::DType;
 
-fn cfg() -> LlamaConfig {
+fn cfg() -> DecoderConfig {
     common::tiny_config(41, true)
 }
 
@@ -16,9 +16,9 @@ fn cfg() -> LlamaConfig {
 fn every_method_round_trips_exactly() {
     let lora = LoraConfig { rank: 3, alpha: 6.0, rslora: false, dropout: 0.1 };
     for method in [Method::lora(), Method::speclora(5), Method::speclora_by_norm(4), Method::speclora_svd(3)] {
-        let base = Llama::random(cfg(), DType::F32, 1).unwrap();
+        let base = Decoder::random(cfg(), DType::F32, 1).unwrap();
         let mut m = base.clone();
-        m.attach_adapters(&[Target::Q, Target::V, Target::Down], &lora, &method, 2).unwrap();
+        m.attach_adapters(spectune::nn::modules(&["q_proj", "v_proj", "down_proj"]), &lora, &method, 2).unwrap();
         let mut rng = SplitMix::new(3);
         for p in m.trainable_params() {
             let n = p.numel();
@@ -53,8 +53,8 @@ fn every_method_round_trips_exactly() {
 /// A rank-2 LoRA on every linear of the tiny model, saved into a fresh temporary folder.
 fn saved_rank2_lora() -> (LoraConfig, tempfile::TempDir) {
     let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
-    let mut m = Llama::random(cfg(), DType::F32, 1).unwrap();
-    m.attach_adapters(&Target::ALL, &lora, &Method::lora(), 2).unwrap();
+    let mut m = Decoder::random(cfg(), DType::F32, 1).unwrap();
+    m.attach_adapters(|_| Ok(true), &lora, &Method::lora(), 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_adapter(&m, dir.path(), &lora, "x").unwrap();
     (lora, dir)
@@ -65,7 +65,7 @@ fn bad_adapter_folders_are_clear_errors() {
     let (lora, dir) = saved_rank2_lora();
     let cpath = dir.path().join(CONFIG_FILE);
     let good = std::fs::read_to_string(&cpath).unwrap();
-    let mut fresh = Llama::random(cfg(), DType::F32, 1).unwrap();
+    let mut fresh = Decoder::random(cfg(), DType::F32, 1).unwrap();
     // Wrong rank in the config → shape error naming the tensor.
     std::fs::write(&cpath, good.replace("\"r\": 2", "\"r\": 5")).unwrap();
     let e = load_adapter(&mut fresh, dir.path()).unwrap_err().to_string();
@@ -84,7 +84,7 @@ fn bad_adapter_folders_are_clear_errors() {
     // Missing folder.
     assert!(load_adapter(&mut fresh, &dir.path().join("nope")).is_err());
     // A model without adapters cannot be saved.
-    assert!(save_adapter(&Llama::random(cfg(), DType::F32, 1).unwrap(), dir.path(), &lora, "x").is_err());
+    assert!(save_adapter(&Decoder::random(cfg(), DType::F32, 1).unwrap(), dir.path(), &lora, "x").is_err());
 }
 
 /// Tensors that belong to no module of the model (a deeper model's layers, an unknown suffix)
@@ -96,7 +96,7 @@ fn adapter_tensors_for_missing_modules_are_errors() {
     // Saved from a 2-layer model, loaded into a 1-layer one: layer 1's tensors have no home.
     let mut shallow_cfg = cfg();
     shallow_cfg.num_hidden_layers = 1;
-    let mut shallow = Llama::random(shallow_cfg, DType::F32, 1).unwrap();
+    let mut shallow = Decoder::random(shallow_cfg, DType::F32, 1).unwrap();
     let e = load_adapter(&mut shallow, dir.path()).unwrap_err().to_string();
     assert!(e.contains("model.layers.1.") && e.contains("1 layers") && e.contains(WEIGHTS_FILE), "{e}");
     assert!(shallow.trainable_params().is_empty(), "a failed load must not attach anything");
@@ -111,7 +111,7 @@ fn adapter_tensors_for_missing_modules_are_errors() {
     views.push((stray.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &extra).unwrap()));
     let out = safetensors::serialize(views, None).unwrap();
     std::fs::write(&wpath, out).unwrap();
-    let mut fresh = Llama::random(cfg(), DType::F32, 1).unwrap();
+    let mut fresh = Decoder::random(cfg(), DType::F32, 1).unwrap();
     let e = load_adapter(&mut fresh, dir.path()).unwrap_err().to_string();
     assert!(e.contains(&stray), "{e}");
     assert!(fresh.trainable_params().is_empty());
@@ -121,17 +121,17 @@ fn adapter_tensors_for_missing_modules_are_errors() {
 #[test]
 fn full_finetuning_matrices_for_missing_layers_are_errors() {
     let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
-    let mut m = Llama::random(cfg(), DType::F32, 1).unwrap();
-    m.attach_adapters(&[Target::Q, Target::V], &lora, &Method::full(), 2).unwrap();
+    let mut m = Decoder::random(cfg(), DType::F32, 1).unwrap();
+    m.attach_adapters(spectune::nn::modules(&["q_proj", "v_proj"]), &lora, &Method::full(), 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_adapter(&m, dir.path(), &lora, "x").unwrap();
     // Round trip into the same shape works.
-    let mut same = Llama::random(cfg(), DType::F32, 1).unwrap();
+    let mut same = Decoder::random(cfg(), DType::F32, 1).unwrap();
     load_adapter(&mut same, dir.path()).unwrap();
     assert_eq!(same.trainable_params().len(), 4);
     let mut shallow_cfg = cfg();
     shallow_cfg.num_hidden_layers = 1;
-    let mut shallow = Llama::random(shallow_cfg, DType::F32, 1).unwrap();
+    let mut shallow = Decoder::random(shallow_cfg, DType::F32, 1).unwrap();
     let e = load_adapter(&mut shallow, dir.path()).unwrap_err().to_string();
     assert!(e.contains("model.layers.1.self_attn.q_proj.weight") && e.contains("1 layers"), "{e}");
     assert!(shallow.trainable_params().is_empty(), "a failed load must not attach anything");

@@ -15,7 +15,7 @@ mod common;
 use spectune::autograd::backward_with_seed;
 use spectune::device::Device;
 use spectune::gradcheck::SplitMix;
-use spectune::model::{Llama, Target};
+use spectune::model::Decoder;
 use spectune::ops::{self, AttnOptions, CeOptions, Dropout, Rope, SpecRows, Spectral};
 use spectune::peft::{LoraConfig, Method};
 use spectune::storage::HostData;
@@ -181,19 +181,19 @@ fn attention_body(dev: Device) {
     let v = input(&mut rng, &[b, t, nkv, hd], Role::Param);
     let mut mask = vec![true; b * t];
     mask[t..t + 4].iter_mut().for_each(|m| *m = false);
-    let opts = AttnOptions { causal: true, key_mask: Some(mask.clone()), scale: None, softcap: None };
+    let opts = AttnOptions { causal: true, key_mask: Some(mask.clone()), scale: None, softcap: None, window: None };
     check("attention (causal GQA, padded)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
     // The same with soft-capped scores (q scaled up so the cap bends them: |scale·q·k| reaches ~3).
     let q = input(&mut rng, &[b, t, nh, hd], Role::Param);
     let k = input(&mut rng, &[b, t, nkv, hd], Role::Param);
     let v = input(&mut rng, &[b, t, nkv, hd], Role::Param);
-    let opts = AttnOptions { causal: true, key_mask: Some(mask), scale: Some(0.5), softcap: Some(2.0) };
+    let opts = AttnOptions { causal: true, key_mask: Some(mask), scale: Some(0.5), softcap: Some(2.0), window: None };
     check("attention (soft-capped)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
     // Non-causal, more keys than queries, head_dim 40 (not a multiple of 32).
     let q = input(&mut rng, &[1, 5, 2, 40], Role::Param);
     let k = input(&mut rng, &[1, 11, 1, 40], Role::Param);
     let v = input(&mut rng, &[1, 11, 1, 40], Role::Param);
-    let opts = AttnOptions { causal: false, key_mask: None, scale: Some(0.3), softcap: None };
+    let opts = AttnOptions { causal: false, key_mask: None, scale: Some(0.3), softcap: None, window: None };
     check("attention (full, s > t)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
 }
 
@@ -280,8 +280,8 @@ fn adamw_body(dev: Device) {
 /// weights) follow the CPU's (the same bf16 weights read in f32) within bf16 tolerance.
 fn tiny_llama_training_body(dev: Device, method: Method, checkpointing: bool) {
     let cfg = common::tiny_config(97, true);
-    let mut base = Llama::random(cfg, DType::F32, 11).unwrap();
-    base.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, &method, 5).unwrap();
+    let mut base = Decoder::random(cfg, DType::F32, 11).unwrap();
+    base.attach_adapters(|_| Ok(true), &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, &method, 5).unwrap();
     let cpu = base.to_device(Device::Cpu, DType::F32).unwrap();
     // Round the CPU model's frozen matrices to bf16 too, so both runs see the same weights.
     let mut cpu = round_frozen_bf16(cpu);
@@ -290,7 +290,7 @@ fn tiny_llama_training_body(dev: Device, method: Method, checkpointing: bool) {
     let (b, t) = (2, 24);
     let ids: Vec<u32> = (0..b * t).map(|i| (i * 31 % 97) as u32).collect();
     let targets: Vec<i64> = (0..b * t).map(|i| ((i * 31 + 31) % 97) as i64).collect();
-    let train = |model: &Llama| -> Vec<f64> {
+    let train = |model: &Decoder| -> Vec<f64> {
         let params = model.trainable_params();
         let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
         (0..20)
@@ -311,15 +311,12 @@ fn tiny_llama_training_body(dev: Device, method: Method, checkpointing: bool) {
     println!("{method:?}: cpu {:?}\n{dev}: {:?}", lc, lg);
 }
 
-fn round_frozen_bf16(m: Llama) -> Llama {
+fn round_frozen_bf16(m: Decoder) -> Decoder {
     let r = |t: &Tensor| t.to_device_as(Device::Cpu, DType::BF16).unwrap();
     let mut m = m;
     m.embed = r(&m.embed);
-    for l in &mut m.layers {
-        for t in Target::ALL {
-            let lin = l.linear_mut(t);
-            lin.weight = r(&lin.weight);
-        }
+    for lin in m.linears_mut() {
+        lin.weight = r(&lin.weight);
     }
     m
 }
@@ -395,11 +392,11 @@ fn cuda_smollm2_training_matches_cpu() {
     let x: Vec<u32> = ids[..b * t].to_vec();
     let y: Vec<i64> = ids[1..b * t + 1].iter().map(|&v| v as i64).collect();
     for method in [Method::lora(), Method::speclora(16)] {
-        let mut cpu = ck.llama(DType::F32).unwrap();
-        cpu.attach_adapters(&Target::ALL, &LoraConfig { rank: 16, alpha: 32.0, rslora: false, dropout: 0.0 }, &method, 3).unwrap();
+        let mut cpu = spectune::model::load(&ck, DType::F32).unwrap();
+        cpu.attach_adapters(|_| Ok(true), &LoraConfig { rank: 16, alpha: 32.0, rslora: false, dropout: 0.0 }, &method, 3).unwrap();
         spectune::backend::cuda_reset_peak();
         let gpu = cpu.to_device(Device::Cuda, DType::BF16).unwrap();
-        let train = |model: &Llama| -> (Vec<f64>, f64) {
+        let train = |model: &Decoder| -> (Vec<f64>, f64) {
             let params = model.trainable_params();
             let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
             let t0 = std::time::Instant::now();
@@ -433,7 +430,7 @@ fn cuda_smollm2_training_matches_cpu() {
 // One body per method: the method's op (forward and every gradient) on the device under test
 // against the f64 CPU reference, through the same op code on both (the adapter ops have one
 // implementation over the kernel interface), then a tiny Llama trained with the method (the
-// adapter tensors moved with `Llama::to_device`) following the CPU's losses.
+// adapter tensors moved with `Decoder::to_device`) following the CPU's losses.
 
 /// The SVD factors of a test matrix are just random frozen matrices here: the ops never assume
 /// orthogonality, only the shapes.

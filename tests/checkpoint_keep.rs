@@ -1,9 +1,9 @@
-//! `Llama::checkpoint_keep`: how many final layers keep their activations under checkpointing.
+//! `Decoder::checkpoint_keep`: how many final layers keep their activations under checkpointing.
 //! Its own test binary: it counts backward steps through the process-wide profiler, which
 //! other tests' concurrent backward passes would add to.
 mod common;
 
-use spectune::model::{Llama, Target};
+use spectune::model::Decoder;
 use spectune::ops::CeOptions;
 use spectune::peft::{LoraConfig, Method};
 use spectune::{backward, DType};
@@ -17,10 +17,10 @@ fn checkpoint_keep_sets_how_many_layers_are_recomputed() {
     let targets: Vec<i64> = (0..16).map(|i| if i % 8 == 7 { -100 } else { ids[i + 1] as i64 }).collect();
     // The tape of a checkpointed forward holds one `checkpoint` step per re-run layer.
     let count = |keep: usize| {
-        let mut m = Llama::random(cfg.clone(), DType::F32, 3).unwrap();
+        let mut m = Decoder::random(cfg.clone(), DType::F32, 3).unwrap();
         m.checkpointing = true;
         m.checkpoint_keep = keep;
-        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, &Method::lora(), 1).unwrap();
+        m.attach_adapters(|_| Ok(true), &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, &Method::lora(), 1).unwrap();
         let loss = m.loss(&ids, &targets, 2, 8, None, &CeOptions::default()).unwrap();
         spectune::profile::enable(true);
         spectune::profile::reset();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use spectune::gradcheck::SplitMix;
-use spectune::model::{Llama, LlamaConfig, Target};
+use spectune::model::{Decoder, DecoderConfig};
 use spectune::optim::{AdamW, AdamWConfig};
 use spectune::peft::io::{CONFIG_FILE, WEIGHTS_FILE};
 use spectune::peft::{LoraConfig, Method};
@@ -31,7 +31,7 @@ const VOCAB: usize = 50;
 /// 2 layers × 7 targets × (A, B).
 const N_PARAMS: usize = 2 * 7 * 2;
 
-fn cfg() -> LlamaConfig {
+fn cfg() -> DecoderConfig {
     common::tiny_config(VOCAB, false)
 }
 
@@ -44,13 +44,13 @@ fn ocfg() -> AdamWConfig {
 }
 
 /// The frozen base (same weights in parent and child); adapters come from `attach` or a checkpoint.
-fn base() -> Llama {
-    Llama::random(cfg(), DType::F32, 1).unwrap()
+fn base() -> Decoder {
+    Decoder::random(cfg(), DType::F32, 1).unwrap()
 }
 
-fn fresh() -> (Llama, AdamW) {
+fn fresh() -> (Decoder, AdamW) {
     let mut m = base();
-    m.attach_adapters(&Target::ALL, &lora(), &Method::lora(), 2).unwrap();
+    m.attach_adapters(|_| Ok(true), &lora(), &Method::lora(), 2).unwrap();
     let opt = optimizer_for(&m, ocfg()).unwrap();
     (m, opt)
 }
@@ -65,13 +65,13 @@ fn batch(step: u64) -> Batch {
 }
 
 /// Trains optimizer step `step` (0-based); afterwards `step + 1` steps are done.
-fn train_one(m: &mut Llama, opt: &mut AdamW, step: u64) {
+fn train_one(m: &mut Decoder, opt: &mut AdamW, step: u64) {
     train_step(m, opt, &[batch(step)], 1e-2, Some(1.0), step_seed(SEED, step)).unwrap();
 }
 
 /// FNV-1a over the bits of every adapter value: ties a trainer state to the adapter it was saved
 /// with (the adapter is stored as f32 and the model is f32, so a save/load round trip is exact).
-fn fingerprint(m: &Llama) -> String {
+fn fingerprint(m: &Decoder) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in m.trainable_params() {
         for v in p.to_vec_f32() {
@@ -83,7 +83,7 @@ fn fingerprint(m: &Llama) -> String {
     format!("{h:016x}")
 }
 
-fn state(step: u64, m: &Llama) -> TrainerState {
+fn state(step: u64, m: &Decoder) -> TrainerState {
     TrainerState { step, seed: SEED, data: json!({ "fingerprint": fingerprint(m) }) }
 }
 
@@ -102,7 +102,7 @@ fn listing(dir: &Path) -> Vec<String> {
 /// Loads `ck` onto a fresh base model and checks that it is one complete save: the adapter has
 /// every parameter, the optimizer step equals the trainer step, and the adapter is the one the
 /// trainer state was written with. Returns the model, optimizer and state.
-fn load_consistent(ck: &Path, what: &str) -> (Llama, AdamW, TrainerState) {
+fn load_consistent(ck: &Path, what: &str) -> (Decoder, AdamW, TrainerState) {
     let run = ck.parent().unwrap();
     let mut m = base();
     let (opt, lo, st) = match load_checkpoint(ck, &mut m, ocfg()) {

@@ -18,11 +18,11 @@ fn lora_and_speclora_lower_held_out_loss_on_the_synthetic_task() {
         // folder and compare with the checkpoint's own adapter.
         let ck = Checkpoint::open(&dir.path().join("synthetic-model")).unwrap();
         let ids: Vec<u32> = "ada has 1 pears.".bytes().map(|b| b as u32 % 256).collect();
-        let mut a = ck.llama(DType::F32).unwrap();
+        let mut a = spectune::model::load(&ck, DType::F32).unwrap();
         spectune::peft::io::load_adapter(&mut a, &dir.path().join("synthetic-run/adapter")).unwrap();
-        let mut b = ck.llama(DType::F32).unwrap();
+        let mut b = spectune::model::load(&ck, DType::F32).unwrap();
         spectune::peft::io::load_adapter(&mut b, &dir.path().join("synthetic-run/checkpoint")).unwrap();
-        let base = ck.llama(DType::F32).unwrap();
+        let base = spectune::model::load(&ck, DType::F32).unwrap();
         let (la, lb, l0) = (
             a.logits(&ids, 1, ids.len(), None).unwrap().to_vec_f32(),
             b.logits(&ids, 1, ids.len(), None).unwrap().to_vec_f32(),

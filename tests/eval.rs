@@ -35,7 +35,7 @@ fn perplexity_matches_transformers_within_a_thousandth() {
     let refs: Value = serde_json::from_str(&std::fs::read_to_string(here("reference.json")).unwrap()).unwrap();
     let ck = Checkpoint::open(&model_path()).unwrap();
     let tok = ck.tokenizer().unwrap();
-    let base = ck.llama(DType::F32).unwrap();
+    let base = spectune::model::load(&ck, DType::F32).unwrap();
     let mut adapted = base.clone();
     spectune::peft::io::load_adapter(&mut adapted, &here("peft_lora")).unwrap();
     let files = data::read_files(&here("two_lines.txt")).unwrap();
@@ -113,7 +113,7 @@ fn encode_pair_moves_trailing_whitespace_and_splits_the_whole_encoding() {
 fn multiple_choice_scores_choices_and_batching_does_not_change_them() {
     let ck = Checkpoint::open(&model_path()).unwrap();
     let tok = ck.tokenizer().unwrap();
-    let m = ck.llama(DType::F32).unwrap();
+    let m = spectune::model::load(&ck, DType::F32).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("q.jsonl");
     std::fs::write(
@@ -237,7 +237,7 @@ fn arc_easy_matches_the_transformers_reference() {
     assert_eq!(items.len(), 570);
     let ck = Checkpoint::open(&model_path()).unwrap();
     let tok = ck.tokenizer().unwrap();
-    let m = ck.llama(DType::F32).unwrap();
+    let m = spectune::model::load(&ck, DType::F32).unwrap();
     let r = eval::mc_eval(&m, &tok, &items, &path, &McOptions { max_len: 2048, batch: 16, progress: false }).unwrap();
     for (k, got) in [("acc", r.acc), ("acc_norm", r.acc_norm)] {
         let w = want[k].as_f64().unwrap();
@@ -294,7 +294,7 @@ fn arc_easy_first_questions_match_the_reference_logliks() {
     let items = eval::read_mc(&path).unwrap();
     let ck = Checkpoint::open(&model_path()).unwrap();
     let tok = ck.tokenizer().unwrap();
-    let m = ck.llama(DType::F32).unwrap();
+    let m = spectune::model::load(&ck, DType::F32).unwrap();
     let r = eval::mc_eval(&m, &tok, &items[..want.len()], &path, &McOptions { max_len: 2048, batch: 8, progress: false }).unwrap();
     for (s, w) in r.scores.iter().zip(want) {
         for (got, w) in s.loglik.iter().zip(w.as_array().unwrap()) {

@@ -7,8 +7,7 @@ use std::path::Path;
 use spectune::gradcheck::SplitMix;
 use spectune::io::Checkpoint;
 use spectune::model::config::parse_config;
-use spectune::model::llama::expected_weights;
-use spectune::model::{Llama, LlamaConfig, Target};
+use spectune::model::{Decoder, DecoderConfig, RopeConfig};
 use spectune::peft::export::{
     export_adapter_dir, export_peft_lora, merge_checkpoint, merge_report, merge_to_hf, write_tokenizer, ExportFormat, MERGED_CONFIG_FILE, MERGED_WEIGHTS_FILE,
 };
@@ -20,8 +19,10 @@ use spectune::tokenizer::{byte_to_unicode, ChatMessage, GgufVocab, Tokenizer};
 use spectune::{DType, Tensor};
 
 /// kv heads × head_dim = 8 rows on k_proj / v_proj, so k = 12 is clamped there (and only there).
-fn cfg(vocab: usize, tied: bool, bias: bool) -> LlamaConfig {
-    LlamaConfig {
+/// With `bias`, a Qwen2 config (q/k/v biased, o not); else a Llama one.
+fn cfg(vocab: usize, tied: bool, bias: bool) -> DecoderConfig {
+    DecoderConfig {
+        family: if bias { "qwen2" } else { "llama" }.into(),
         vocab_size: vocab,
         hidden_size: 32,
         intermediate_size: 48,
@@ -30,28 +31,29 @@ fn cfg(vocab: usize, tied: bool, bias: bool) -> LlamaConfig {
         num_key_value_heads: 1,
         head_dim: 8,
         rms_norm_eps: 1e-5,
-        rope_theta: 50000.0,
+        rope: RopeConfig { theta: 50000.0, ..Default::default() },
         tie_word_embeddings: tied,
-        attention_bias: bias,
+        qkv_bias: bias,
         max_position_embeddings: 64,
+        ..DecoderConfig::default()
     }
 }
 
 /// A random model whose frozen weights are stored as bf16 (computed in f32).
-fn bf16_model(c: LlamaConfig, seed: u64) -> Llama {
+fn bf16_model(c: DecoderConfig, seed: u64) -> Decoder {
     let mut rng = SplitMix::new(seed);
     let mut w: HashMap<String, Tensor> = HashMap::new();
-    for (name, dims) in expected_weights(&c) {
+    for (name, dims) in c.expected_weights() {
         let n: usize = dims.iter().product();
         let v = if name.ends_with("norm.weight") { rng.vec(n, 0.9, 1.1) } else { rng.vec(n, -0.3, 0.3) };
         let data = HostData::BF16(v.into_iter().map(half::bf16::from_f64).collect());
         w.insert(name, Tensor::from_host(data, dims).unwrap());
     }
-    Llama::from_weights(c, DType::F32, |n| Ok(w[n].clone())).unwrap()
+    Decoder::from_weights(c, DType::F32, |n| Ok(w[n].clone())).unwrap()
 }
 
 /// Trained-looking adapter values: d away from 1, B nonzero.
-fn perturb(m: &Llama, seed: u64) {
+fn perturb(m: &Decoder, seed: u64) {
     let mut rng = SplitMix::new(seed);
     for p in m.trainable_params() {
         let n = p.numel();
@@ -96,7 +98,7 @@ fn read_json(p: &Path) -> serde_json::Value {
 
 /// Exports `m` (adapters attached and perturbed), loads the export onto `fresh` and checks
 /// that the logits agree and that the export is a plain, uniform-rank LoRA.
-fn check_export(m: &Llama, fresh: &mut Llama, lora: &LoraConfig, expect_rank: usize, what: &str) {
+fn check_export(m: &Decoder, fresh: &mut Decoder, lora: &LoraConfig, expect_rank: usize, what: &str) {
     let probe = ids(m.cfg.vocab_size, 12);
     let want = m.logits(&probe, 2, 6, None).unwrap().to_vec_f32();
     let dir = tempfile::tempdir().unwrap();
@@ -111,8 +113,7 @@ fn check_export(m: &Llama, fresh: &mut Llama, lora: &LoraConfig, expect_rank: us
     assert_eq!(c["use_rslora"], false);
     assert!(c["rank_pattern"].as_object().unwrap().is_empty());
     // The common scale α'/R is the adapters' own scale (1 for the Spectral methods, which have none).
-    let want_s =
-        m.layers.iter().flat_map(|l| Target::ALL.map(|t| l.linear(t).adapter.as_ref())).flatten().next().unwrap().scale().map_or(1.0, |_| lora.scale());
+    let want_s = m.linears().into_iter().filter_map(|l| l.adapter.as_ref()).next().unwrap().scale().map_or(1.0, |_| lora.scale());
     let s = c["lora_alpha"].as_f64().unwrap() / expect_rank as f64;
     assert!((s - want_s).abs() < 1e-12 * want_s, "{what}: scale {s} vs {want_s}");
     // Only lora_A / lora_B tensors, all [R, in] / [out, R].
@@ -127,11 +128,9 @@ fn check_export(m: &Llama, fresh: &mut Llama, lora: &LoraConfig, expect_rank: us
     }
     let read = load_adapter(fresh, dir.path()).unwrap();
     assert_eq!(read.rank, expect_rank);
-    for l in &fresh.layers {
-        for t in Target::ALL {
-            if let Some(ad) = &l.linear(t).adapter {
-                assert!(ad.downcast_ref::<Lora>().is_some(), "{what}: the export must load as plain LoRA");
-            }
+    for lin in fresh.linears() {
+        if let Some(ad) = &lin.adapter {
+            assert!(ad.downcast_ref::<Lora>().is_some(), "{what}: the export must load as plain LoRA");
         }
     }
     let got = fresh.logits(&probe, 2, 6, None).unwrap().to_vec_f32();
@@ -141,7 +140,7 @@ fn check_export(m: &Llama, fresh: &mut Llama, lora: &LoraConfig, expect_rank: us
     // The export must actually change the model (the test is not vacuous).
     let plain = {
         let mut p = fresh.clone();
-        p.layers.iter_mut().for_each(|l| Target::ALL.into_iter().for_each(|t| l.linear_mut(t).adapter = None));
+        p.linears_mut().into_iter().for_each(|l| l.adapter = None);
         p.logits(&probe, 2, 6, None).unwrap().to_vec_f32()
     };
     assert!(rel_err(&want, &plain) > 1e-2, "{what}: the adapters barely change the logits");
@@ -161,9 +160,9 @@ fn export_every_method_to_plain_lora_f32() {
     ] {
         for rslora in [false, true] {
             let lora = LoraConfig { rank: r, alpha: 6.0, rslora, dropout: 0.05 };
-            let base = Llama::random(c.clone(), DType::F32, 11).unwrap();
+            let base = Decoder::random(c.clone(), DType::F32, 11).unwrap();
             let mut m = base.clone();
-            m.attach_adapters(&Target::ALL, &lora, &method, 12).unwrap();
+            m.attach_adapters(|_| Ok(true), &lora, &method, 12).unwrap();
             perturb(&m, 13);
             let mut fresh = base.clone();
             check_export(&m, &mut fresh, &lora, r + k_max, &format!("{method:?} rslora={rslora}"));
@@ -177,9 +176,9 @@ fn export_on_a_bf16_base_and_a_subset_of_targets() {
     let lora = LoraConfig { rank: 4, alpha: 16.0, rslora: false, dropout: 0.0 };
     for method in [Method::speclora_by_norm(5), Method::speclora(7), Method::speclora_svd(6), Method::pissa(), Method::spectral_a(0), Method::spectral_r(1)] {
         let base = bf16_model(c.clone(), 21);
-        assert_eq!(base.layers[0].q.weight.dtype(), DType::BF16);
+        assert_eq!(base.layers[0].linear("q_proj").unwrap().weight.dtype(), DType::BF16);
         let mut m = base.clone();
-        m.attach_adapters(&[Target::Q, Target::V, Target::Down], &lora, &method, 22).unwrap();
+        m.attach_adapters(spectune::nn::modules(&["q_proj", "v_proj", "down_proj"]), &lora, &method, 22).unwrap();
         perturb(&m, 23);
         let mut fresh = base.clone();
         // r + k for SpecLoRA; 2r for PiSSA ([A | A0]) and Spectral^A ([ΔU | U]); r for Spectral^R.
@@ -195,24 +194,26 @@ fn export_on_a_bf16_base_and_a_subset_of_targets() {
 
 #[test]
 fn export_without_adapters_is_an_error() {
-    let m = Llama::random(cfg(30, true, false), DType::F32, 1).unwrap();
+    let m = Decoder::random(cfg(30, true, false), DType::F32, 1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let e = export_peft_lora(&m, dir.path(), &LoraConfig::default(), "x").unwrap_err().to_string();
     assert!(e.contains("no adapters"), "{e}");
 }
 
 /// Merges `m`, reloads the folder and checks logits, config and dtypes.
-fn check_merge(m: &Llama, what: &str) {
+fn check_merge(m: &Decoder, what: &str) {
     let dir = tempfile::tempdir().unwrap();
     merge_to_hf(m, dir.path()).unwrap();
     let back = parse_config(&dir.path().join(MERGED_CONFIG_FILE)).unwrap();
-    assert_eq!(back, m.cfg, "{what}: config.json must parse back to the same config");
+    // The parsed config keeps the file it came from; the model's own (random) config has none.
+    assert!(back.source_json.is_some());
+    assert_eq!(DecoderConfig { source_json: None, ..back }, m.cfg, "{what}: config.json must parse back to the same config");
     let c = read_json(&dir.path().join(MERGED_CONFIG_FILE));
-    let arch = if m.cfg.attention_bias { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" };
+    let arch = if m.cfg.qkv_bias { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" };
     assert_eq!(c["architectures"][0], arch);
     let ck = Checkpoint::open(dir.path()).unwrap();
     let listing = ck.listing();
-    assert_eq!(listing.len(), expected_weights(&m.cfg).len());
+    assert_eq!(listing.len(), m.cfg.expected_weights().len());
     assert!(listing.iter().all(|t| t.dtype == "F32"), "{what}: every merged weight is f32");
     let probe = ids(m.cfg.vocab_size, 16);
     let diff = merge_report(m, dir.path(), &probe).unwrap();
@@ -220,7 +221,7 @@ fn check_merge(m: &Llama, what: &str) {
     assert!(diff < 1e-4, "{what}: merged vs adapted logits differ by {diff:e}");
     // The merge is not vacuous: the merged model differs from the base.
     let mut plain = m.clone();
-    plain.layers.iter_mut().for_each(|l| Target::ALL.into_iter().for_each(|t| l.linear_mut(t).adapter = None));
+    plain.linears_mut().into_iter().for_each(|l| l.adapter = None);
     let a = plain.logits(&probe, 1, 16, None).unwrap().to_vec_f32();
     let b = m.logits(&probe, 1, 16, None).unwrap().to_vec_f32();
     assert!(rel_err(&a, &b) > 1e-2, "{what}: adapters barely change the logits");
@@ -235,10 +236,10 @@ fn merge_reproduces_the_adapted_model() {
     let lora = LoraConfig { rank: 3, alpha: 6.0, rslora: false, dropout: 0.0 };
     for (c, bf16) in [(cfg(50, true, false), false), (cfg(50, false, true), false), (cfg(50, false, false), true)] {
         for method in [Method::speclora(6), Method::speclora_by_norm(5), Method::speclora_svd(4), Method::lora()] {
-            let mut m = if bf16 { bf16_model(c.clone(), 31) } else { Llama::random(c.clone(), DType::F32, 31).unwrap() };
-            m.attach_adapters(&Target::ALL, &lora, &method, 32).unwrap();
+            let mut m = if bf16 { bf16_model(c.clone(), 31) } else { Decoder::random(c.clone(), DType::F32, 31).unwrap() };
+            m.attach_adapters(|_| Ok(true), &lora, &method, 32).unwrap();
             perturb(&m, 33);
-            check_merge(&m, &format!("{method:?} tied={} bias={} bf16={bf16}", c.tie_word_embeddings, c.attention_bias));
+            check_merge(&m, &format!("{method:?} tied={} bias={} bf16={bf16}", c.tie_word_embeddings, c.qkv_bias));
         }
     }
 }
@@ -307,8 +308,8 @@ fn merge_and_export_from_folders() {
     write_tokenizer(Path::new("base.gguf"), &tok, base_dir.path()).unwrap();
 
     let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
-    let mut m = Checkpoint::open(base_dir.path()).unwrap().llama(DType::F32).unwrap();
-    m.attach_adapters(&Target::ALL, &lora, &Method::speclora_by_norm(9), 42).unwrap();
+    let mut m = spectune::model::load(&Checkpoint::open(base_dir.path()).unwrap(), DType::F32).unwrap();
+    m.attach_adapters(|_| Ok(true), &lora, &Method::speclora_by_norm(9), 42).unwrap();
     perturb(&m, 43);
     let adapter_dir = tempfile::tempdir().unwrap();
     save_adapter(&m, adapter_dir.path(), &lora, &base_dir.path().display().to_string()).unwrap();
@@ -330,7 +331,7 @@ fn merge_and_export_from_folders() {
     let sum = export_adapter_dir(adapter_dir.path(), None, exp.path(), ExportFormat::PeftLora).unwrap();
     assert_eq!((sum.rank, sum.lora_rank, sum.method), (2 + 9, 2, "speclora"));
     assert_eq!(sum.padded_modules, 2 * 2, "k_proj and v_proj (8 rows) of both layers are padded");
-    let mut fresh = Checkpoint::open(base_dir.path()).unwrap().llama(DType::F32).unwrap();
+    let mut fresh = spectune::model::load(&Checkpoint::open(base_dir.path()).unwrap(), DType::F32).unwrap();
     load_adapter(&mut fresh, exp.path()).unwrap();
     let probe = ids(272, 10);
     let err = rel_err(&m.logits(&probe, 1, 10, None).unwrap().to_vec_f32(), &fresh.logits(&probe, 1, 10, None).unwrap().to_vec_f32());

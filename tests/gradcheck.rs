@@ -156,7 +156,7 @@ proptest! {
         let k = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
         let v = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
         let key_mask = masked.then(|| (0..b * s).map(|_| rng.next_u64() % 4 != 0).collect());
-        let opts = AttnOptions { causal, key_mask, scale: None, softcap };
+        let opts = AttnOptions { causal, key_mask, scale: None, softcap, window: None };
         check("attention", &[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], &opts))?;
     }
 

@@ -11,10 +11,9 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 use spectune::gradcheck::SplitMix;
-use spectune::io::safetensors::{load_llama, SafetensorsCheckpoint};
+use spectune::io::safetensors::SafetensorsCheckpoint;
 use spectune::model::config::{parse_config, parse_config_str};
-use spectune::model::llama::expected_weights;
-use spectune::model::{Llama, LlamaConfig};
+use spectune::model::{load_safetensors, Decoder, DecoderConfig, RopeConfig};
 use spectune::{DType, Tensor};
 
 // ---------------------------------------------------------------------------------------------
@@ -474,10 +473,10 @@ fn corrupted_files_never_panic() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Llama checkpoints: validate before compute, load_llama
+// Llama checkpoints: validate before compute, load_safetensors
 
-fn tiny_cfg(tie: bool, bias: bool) -> LlamaConfig {
-    LlamaConfig {
+fn tiny_cfg(tie: bool, bias: bool) -> DecoderConfig {
+    DecoderConfig {
         vocab_size: 16,
         hidden_size: 8,
         intermediate_size: 12,
@@ -486,14 +485,15 @@ fn tiny_cfg(tie: bool, bias: bool) -> LlamaConfig {
         num_key_value_heads: 1,
         head_dim: 4,
         rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
+        rope: RopeConfig { theta: 10000.0, ..Default::default() },
         tie_word_embeddings: tie,
-        attention_bias: bias,
+        qkv_bias: bias,
         max_position_embeddings: 32,
+        ..DecoderConfig::default()
     }
 }
 
-fn config_json(cfg: &LlamaConfig, arch: &str) -> Value {
+fn config_json(cfg: &DecoderConfig, arch: &str) -> Value {
     json!({
         "architectures": [arch],
         "hidden_size": cfg.hidden_size,
@@ -503,7 +503,7 @@ fn config_json(cfg: &LlamaConfig, arch: &str) -> Value {
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
         "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
+        "rope_theta": cfg.rope.theta,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "max_position_embeddings": cfg.max_position_embeddings,
         "vocab_size": cfg.vocab_size,
@@ -512,9 +512,9 @@ fn config_json(cfg: &LlamaConfig, arch: &str) -> Value {
 }
 
 /// Random weights for `cfg` as f64 values, by name.
-fn random_weights(cfg: &LlamaConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f64>)> {
+fn random_weights(cfg: &DecoderConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f64>)> {
     let mut rng = SplitMix::new(seed);
-    expected_weights(cfg)
+    cfg.expected_weights()
         .into_iter()
         .map(|(n, d)| {
             let numel = d.iter().product();
@@ -537,30 +537,34 @@ fn to_raw(w: &[(String, Vec<usize>, Vec<f64>)], dtype: Dtype) -> Vec<Raw> {
         .collect()
 }
 
-fn write_model(dir: &Path, cfg: &LlamaConfig, arch: &str, raws: &[Raw]) {
+fn write_model(dir: &Path, cfg: &DecoderConfig, arch: &str, raws: &[Raw]) {
     write_good(&dir.join("model.safetensors"), raws);
     std::fs::write(dir.join("config.json"), config_json(cfg, arch).to_string()).unwrap();
 }
 
 #[test]
-fn load_llama_from_mapped_f32_matches_host_weights() {
-    for (tie, bias, arch) in [(true, false, "LlamaForCausalLM"), (false, true, "Qwen2ForCausalLM"), (false, false, "MistralForCausalLM")] {
-        let cfg = tiny_cfg(tie, bias);
+fn load_safetensors_from_mapped_f32_matches_host_weights() {
+    for (tie, bias, arch, family) in
+        [(true, false, "LlamaForCausalLM", "llama"), (false, true, "Qwen2ForCausalLM", "qwen2"), (false, false, "MistralForCausalLM", "mistral")]
+    {
+        let cfg = DecoderConfig { family: family.into(), ..tiny_cfg(tie, bias) };
         let w = random_weights(&cfg, 7);
         let dir = tempfile::tempdir().unwrap();
         write_model(dir.path(), &cfg, arch, &to_raw(&w, Dtype::F32));
-        let (model, ckpt) = load_llama(dir.path(), DType::F32).unwrap();
-        assert_eq!(model.cfg, cfg);
+        let (model, ckpt) = load_safetensors(dir.path(), DType::F32).unwrap();
+        // The loaded config keeps the config.json it came from.
+        assert_eq!(model.cfg.source_json.as_ref(), Some(&config_json(&cfg, arch)), "{arch}");
+        assert_eq!(DecoderConfig { source_json: None, ..model.cfg.clone() }, cfg, "{arch}");
         assert!(is_zero_copy(&ckpt, &model.embed));
-        assert!(is_zero_copy(&ckpt, &model.norm));
-        assert!(is_zero_copy(&ckpt, &model.layers[1].down.weight));
+        assert!(is_zero_copy(&ckpt, &model.norm.weight));
+        assert!(is_zero_copy(&ckpt, &model.layers[1].linear("down_proj").unwrap().weight));
         if bias {
-            assert!(is_zero_copy(&ckpt, model.layers[0].q.bias.as_ref().unwrap()));
+            assert!(is_zero_copy(&ckpt, model.layers[0].linear("q_proj").unwrap().bias.as_ref().unwrap()));
         }
 
         let host: HashMap<String, Tensor> =
             w.iter().map(|(n, d, v)| (n.clone(), Tensor::from_vec(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), d.clone()).unwrap())).collect();
-        let reference = Llama::from_weights(cfg.clone(), DType::F32, |n| Ok(host[n].clone())).unwrap();
+        let reference = Decoder::from_weights(cfg.clone(), DType::F32, |n| Ok(host[n].clone())).unwrap();
         let ids = [1u32, 5, 9, 15, 0, 3];
         let got = model.logits(&ids, 2, 3, None).unwrap().to_vec_f32();
         let want = reference.logits(&ids, 2, 3, None).unwrap().to_vec_f32();
@@ -576,23 +580,23 @@ fn load_llama_from_mapped_f32_matches_host_weights() {
 }
 
 #[test]
-fn load_llama_bf16_checkpoint_and_file_path() {
+fn load_safetensors_bf16_checkpoint_and_file_path() {
     let cfg = tiny_cfg(true, false);
     let w = random_weights(&cfg, 3);
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path(), &cfg, "LlamaForCausalLM", &to_raw(&w, Dtype::BF16));
     // A path to the .safetensors file works too (config.json beside it).
-    let (model, ckpt) = load_llama(&dir.path().join("model.safetensors"), DType::F32).unwrap();
+    let (model, ckpt) = load_safetensors(&dir.path().join("model.safetensors"), DType::F32).unwrap();
     assert_eq!(model.embed.dtype(), DType::BF16);
     assert!(is_zero_copy(&ckpt, &model.embed));
     let logits = model.logits(&[1, 2, 3], 1, 3, None).unwrap().to_vec_f32();
     assert!(logits.iter().all(|x| x.is_finite()));
     // Not a compute dtype.
-    assert_names(&err_of(load_llama(dir.path(), DType::BF16)), &["dtype"]);
+    assert_names(&err_of(load_safetensors(dir.path(), DType::BF16)), &["dtype"]);
 }
 
 #[test]
-fn validate_llama_names_tensor_expected_and_got() {
+fn validate_weights_names_tensor_expected_and_got() {
     let cfg = tiny_cfg(false, false);
     let w = random_weights(&cfg, 1);
     let base = to_raw(&w, Dtype::F32);
@@ -602,13 +606,13 @@ fn validate_llama_names_tensor_expected_and_got() {
         write_good(&path, raws);
         SafetensorsCheckpoint::open(&path).unwrap()
     };
-    assert!(open_with(&base).validate_llama(&cfg).is_ok());
+    assert!(open_with(&base).validate_weights(&cfg.expected_weights(), &[]).is_ok());
 
     // Wrong shape.
     let q = "model.layers.1.self_attn.q_proj.weight";
     let mut raws = base.clone();
     raws.iter_mut().find(|r| r.0 == q).unwrap().2 = vec![4, 16];
-    let msg = err_of(open_with(&raws).validate_llama(&cfg));
+    let msg = err_of(open_with(&raws).validate_weights(&cfg.expected_weights(), &[]));
     println!("{msg}");
     assert_names(&msg, &[q, "expected shape [8, 8]", "got [4, 16]", "model.safetensors"]);
 
@@ -616,37 +620,37 @@ fn validate_llama_names_tensor_expected_and_got() {
     let n = "model.norm.weight";
     let mut raws = base.clone();
     raws.iter_mut().find(|r| r.0 == n).unwrap().1 = Dtype::I32;
-    let msg = err_of(open_with(&raws).validate_llama(&cfg));
+    let msg = err_of(open_with(&raws).validate_weights(&cfg.expected_weights(), &[]));
     println!("{msg}");
     assert_names(&msg, &[n, "I32"]);
 
     // Missing tensor.
     let d = "model.layers.0.mlp.down_proj.weight";
     let raws: Vec<Raw> = base.iter().filter(|r| r.0 != d).cloned().collect();
-    let msg = err_of(open_with(&raws).validate_llama(&cfg));
+    let msg = err_of(open_with(&raws).validate_weights(&cfg.expected_weights(), &[]));
     println!("{msg}");
     assert_names(&msg, &["missing tensor", d, "[8, 12]"]);
-    // ... and load_llama refuses before building anything.
+    // ... and load_safetensors refuses before building anything.
     std::fs::write(dir.path().join("config.json"), config_json(&cfg, "LlamaForCausalLM").to_string()).unwrap();
-    assert_names(&err_of(load_llama(dir.path(), DType::F32)), &[d]);
+    assert_names(&err_of(load_safetensors(dir.path(), DType::F32)), &[d]);
 
     // A bias the config does not use (the config does not describe these weights).
     let mut raws = base.clone();
     raws.push(("model.layers.0.self_attn.q_proj.bias".into(), Dtype::F32, vec![8], f32_bytes(&[0.0; 8])));
-    let msg = err_of(open_with(&raws).validate_llama(&cfg));
+    let msg = err_of(open_with(&raws).validate_weights(&cfg.expected_weights(), &[]));
     assert_names(&msg, &["model.layers.0.self_attn.q_proj.bias", "not used"]);
 
     // Several problems are reported together.
     let mut raws: Vec<Raw> = base.iter().filter(|r| r.0 != "lm_head.weight").cloned().collect();
     raws.iter_mut().find(|r| r.0 == "model.embed_tokens.weight").unwrap().2 = vec![8, 16];
-    let msg = err_of(open_with(&raws).validate_llama(&cfg));
+    let msg = err_of(open_with(&raws).validate_weights(&cfg.expected_weights(), &[]));
     println!("{msg}");
     assert_names(&msg, &["2 problems", "lm_head.weight", "model.embed_tokens.weight"]);
 
     // Harmless extras are accepted: rotary inv_freq buffers and non-model tensors.
     let mut raws = base.clone();
     raws.push(("model.layers.0.self_attn.rotary_emb.inv_freq".into(), Dtype::F32, vec![2], f32_bytes(&[1.0, 0.01])));
-    assert!(open_with(&raws).validate_llama(&cfg).is_ok());
+    assert!(open_with(&raws).validate_weights(&cfg.expected_weights(), &[]).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -675,7 +679,7 @@ fn llama_json() -> Value {
     })
 }
 
-fn parse(v: &Value) -> spectune::Result<LlamaConfig> {
+fn parse(v: &Value) -> spectune::Result<DecoderConfig> {
     parse_config_str(&v.to_string(), "test/config.json")
 }
 
@@ -694,7 +698,7 @@ fn config_llama_fields_and_defaults() {
     let c = parse(&llama_json()).unwrap();
     assert_eq!(
         c,
-        LlamaConfig {
+        DecoderConfig {
             vocab_size: 49152,
             hidden_size: 576,
             intermediate_size: 1536,
@@ -703,16 +707,17 @@ fn config_llama_fields_and_defaults() {
             num_key_value_heads: 3,
             head_dim: 64,
             rms_norm_eps: 1e-5,
-            rope_theta: 100000.0,
+            rope: RopeConfig { theta: 100000.0, ..Default::default() },
             tie_word_embeddings: true,
-            attention_bias: false,
             max_position_embeddings: 8192,
+            source_json: Some(llama_json()),
+            ..DecoderConfig::default()
         }
     );
     // Defaults: kv heads = heads, head_dim = hidden / heads, untied, θ = 10000.
     let v = ["num_key_value_heads", "tie_word_embeddings", "rope_theta", "hidden_act", "attention_bias"].iter().fold(llama_json(), |v, k| without(v, k));
     let c = parse(&v).unwrap();
-    assert_eq!((c.num_key_value_heads, c.head_dim, c.tie_word_embeddings, c.rope_theta, c.attention_bias), (9, 64, false, 10000.0, false));
+    assert_eq!((c.num_key_value_heads, c.head_dim, c.tie_word_embeddings, c.rope.theta, c.qkv_bias, c.o_bias), (9, 64, false, 10000.0, false, false));
     // Explicit head_dim (and null head_dim means the default).
     assert_eq!(parse(&with(llama_json(), "head_dim", json!(32))).unwrap().head_dim, 32);
     assert_eq!(parse(&with(llama_json(), "head_dim", Value::Null)).unwrap().head_dim, 64);
@@ -725,11 +730,11 @@ fn config_llama_fields_and_defaults() {
 #[test]
 fn config_rope_theta_both_spellings() {
     let top = with(without(llama_json(), "rope_theta"), "rope_theta", json!(500000.0));
-    assert_eq!(parse(&top).unwrap().rope_theta, 500000.0);
+    assert_eq!(parse(&top).unwrap().rope.theta, 500000.0);
     let nested = with(without(llama_json(), "rope_theta"), "rope_parameters", json!({"rope_theta": 1000000.0, "rope_type": "default"}));
-    assert_eq!(parse(&nested).unwrap().rope_theta, 1000000.0);
+    assert_eq!(parse(&nested).unwrap().rope.theta, 1000000.0);
     let both_same = with(llama_json(), "rope_parameters", json!({"rope_theta": 100000, "rope_type": "default"}));
-    assert_eq!(parse(&both_same).unwrap().rope_theta, 100000.0);
+    assert_eq!(parse(&both_same).unwrap().rope.theta, 100000.0);
     let conflict = with(llama_json(), "rope_parameters", json!({"rope_theta": 5.0}));
     assert_names(&err_of(parse(&conflict)), &["rope_theta", "rope_parameters.rope_theta", "test/config.json"]);
     let bad = with(llama_json(), "rope_theta", json!("big"));
@@ -760,9 +765,9 @@ fn qwen2_json() -> Value {
 #[test]
 fn config_qwen2_biases_and_sliding_window() {
     let c = parse(&qwen2_json()).unwrap();
-    assert!(c.attention_bias, "Qwen2 always has q/k/v biases");
-    assert_eq!((c.head_dim, c.num_key_value_heads, c.rope_theta), (64, 2, 1e6));
-    let expected = expected_weights(&c);
+    assert!(c.qkv_bias, "Qwen2 always has q/k/v biases");
+    assert_eq!((c.head_dim, c.num_key_value_heads, c.rope.theta), (64, 2, 1e6));
+    let expected = c.expected_weights();
     assert!(expected.iter().any(|(n, d)| n == "model.layers.0.self_attn.k_proj.bias" && d == &[128]));
     assert!(!expected.iter().any(|(n, _)| n.contains("o_proj.bias")));
     // A window that some layer uses is rejected...
@@ -789,7 +794,7 @@ fn config_mistral_sliding_window_and_no_bias() {
         "max_position_embeddings": 32768, "sliding_window": null, "hidden_act": "silu"
     });
     let c = parse(&m).unwrap();
-    assert_eq!((c.head_dim, c.attention_bias, c.tie_word_embeddings), (128, false, false));
+    assert_eq!((c.head_dim, c.qkv_bias, c.o_bias, c.tie_word_embeddings), (128, false, false, false));
     assert_names(&err_of(parse(&with(m.clone(), "sliding_window", json!(4096)))), &["sliding_window", "4096"]);
     assert!(parse(&with(m, "sliding_window", json!(32768))).is_ok());
 }
@@ -829,7 +834,7 @@ fn config_missing_or_mistyped_keys_name_the_key() {
         assert_names(&msg, &[key, "test/config.json"]);
     }
     assert_names(&err_of(parse(&without(without(llama_json(), "architectures"), "model_type"))), &["architectures"]);
-    // Relations between sizes (LlamaConfig::validate).
+    // Relations between sizes (DecoderConfig::validate).
     assert_names(&err_of(parse(&with(llama_json(), "num_key_value_heads", json!(2)))), &["num_key_value_heads", "test/config.json"]);
     assert_names(&err_of(parse(&with(llama_json(), "num_attention_heads", json!(7)))), &["num_attention_heads"]);
     // Not JSON at all, and a file that does not exist.
@@ -838,7 +843,7 @@ fn config_missing_or_mistyped_keys_name_the_key() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A real checkpoint: all-MiniLM-L6-v2 (BERT names; no Llama graph here)
+// A real checkpoint: all-MiniLM-L6-v2 (BERT names; no decoder graph here)
 
 fn rss_kib() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -893,7 +898,7 @@ fn real_minilm_checkpoint_is_mapped_in_place() {
     let sum: f64 = tensors.iter().map(|t| t.read().slice::<f32>().unwrap().iter().map(|&x| x as f64).sum::<f64>()).sum();
     let (rss3, hwm3) = rss_kib();
     assert!(sum.is_finite());
-    // Its config is a BERT config: refused by the Llama-family parser, naming the architecture.
+    // Its config is a BERT config: refused by the decoder-family parser, naming the architecture.
     let cfg_msg = err_of(parse_config(&file.parent().unwrap().join("config.json")));
     assert_names(&cfg_msg, &["BertModel"]);
 

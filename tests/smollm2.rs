@@ -22,7 +22,7 @@ fn smollm2_answers_paris_with_greedy_decoding() {
     let path = gguf_path();
     let before = rss_kib("VmRSS:");
     let ck = Checkpoint::open(&path).unwrap();
-    let model = ck.llama(DType::F32).unwrap();
+    let model = spectune::model::load(&ck, DType::F32).unwrap();
     let tok = ck.tokenizer().unwrap();
     eprintln!(
         "SmolLM2 loaded: VmRSS {} KiB → {} KiB (peak {} KiB) for a {} MB file",
@@ -32,12 +32,12 @@ fn smollm2_answers_paris_with_greedy_decoding() {
         std::fs::metadata(&path).unwrap().len() / 1_000_000
     );
     // Zero copy: the f32 norm weights are used in place from the mapped file.
-    for norm in [&model.norm, &model.layers[0].input_norm, &model.layers[29].post_norm] {
+    for norm in [&model.norm.weight, &model.layers[0].attn_norm.weight, &model.layers[29].mlp_norm.weight] {
         let s = norm.read();
         assert!(matches!(&*s, Storage::Mapped { .. }), "norm weight was copied out of the map");
         assert!(s.slice::<f32>().is_some(), "f32 norm weight not usable in place");
     }
-    assert!(model.embed.read().is_mapped() && model.layers[0].q.weight.read().is_mapped());
+    assert!(model.embed.read().is_mapped() && model.layers[0].linear("q_proj").unwrap().weight.read().is_mapped());
     let text = tok.apply_chat_template(&[ChatMessage::user("What is the capital of France?")], true).unwrap();
     let ids = tok.encode(&text, false).unwrap();
     let opts = GenerateOptions { max_new_tokens: 24, greedy: true, stop_ids: tok.stop_ids().to_vec(), ..Default::default() };

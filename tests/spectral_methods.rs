@@ -6,7 +6,7 @@ mod common;
 
 use spectune::gradcheck::SplitMix;
 use spectune::io::Checkpoint;
-use spectune::model::{Llama, Target};
+use spectune::model::Decoder;
 use spectune::ops;
 use spectune::peft::export::{export_peft_lora, merge_to_hf};
 use spectune::peft::full::Full;
@@ -56,8 +56,8 @@ fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
-fn tiny() -> Llama {
-    Llama::random(common::tiny_config(41, true), DType::F32, 1).unwrap()
+fn tiny() -> Decoder {
+    Decoder::random(common::tiny_config(41, true), DType::F32, 1).unwrap()
 }
 
 fn ids() -> Vec<u32> {
@@ -74,7 +74,7 @@ fn case_1_every_new_method_is_the_identity_at_init() {
     let want = base.logits(&ids(), 2, 6, None).unwrap().to_vec_f32();
     for method in NEW_METHODS {
         let mut m = base.clone();
-        m.attach_adapters(&Target::ALL, &lora_cfg(), &method, 7).unwrap();
+        m.attach_adapters(|_| Ok(true), &lora_cfg(), &method, 7).unwrap();
         let got = m.logits(&ids(), 2, 6, None).unwrap().to_vec_f32();
         // Bit-exact for all of them: the delta terms are exact zeros (see peft/mod.rs).
         assert_eq!(got, want, "{method:?}: the adapted model must equal the base model at init");
@@ -220,8 +220,9 @@ fn frozen_weights_get_no_gradient_and_no_optimizer_state() {
     let targets: Vec<i64> = ids.iter().skip(1).map(|&t| t as i64).chain([-100]).collect();
     for method in NEW_METHODS {
         let mut m = base.clone();
-        let tg = if method == Method::full() { vec![Target::Q, Target::V] } else { Target::ALL.to_vec() };
-        m.attach_adapters(&tg, &lora_cfg(), &method, 3).unwrap();
+        let tg: &[&str] =
+            if method == Method::full() { &["q_proj", "v_proj"] } else { &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] };
+        m.attach_adapters(spectune::nn::modules(tg), &lora_cfg(), &method, 3).unwrap();
         if method != Method::full() {
             perturb(&m.trainable_params(), 4);
         }
@@ -230,10 +231,10 @@ fn frozen_weights_get_no_gradient_and_no_optimizer_state() {
         let g = backward(&loss).unwrap();
         assert_eq!(g.len(), params.len(), "{method:?}: exactly the trainable tensors get gradients");
         assert!(params.iter().all(|p| g.contains(p)));
-        let mut frozen = vec![m.embed.clone(), m.norm.clone()];
+        let mut frozen = vec![m.embed.clone(), m.norm.weight.clone()];
         for l in &m.layers {
-            frozen.extend([l.input_norm.clone(), l.post_norm.clone()]);
-            frozen.extend(Target::ALL.iter().map(|&t| l.linear(t).weight.clone()));
+            frozen.extend([l.attn_norm.weight.clone(), l.mlp_norm.weight.clone()]);
+            frozen.extend(l.linears().iter().map(|lin| lin.weight.clone()));
         }
         assert!(frozen.iter().all(|w| !g.contains(w) && !w.requires_grad()), "{method:?}: a frozen weight got a gradient");
         let opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
@@ -251,8 +252,8 @@ fn save_and_load_round_trip_exactly_for_every_new_method() {
     let base = tiny();
     for method in NEW_METHODS {
         let mut m = base.clone();
-        let tg = [Target::Q, Target::K, Target::Down];
-        m.attach_adapters(&tg, &lora_cfg(), &method, 2).unwrap();
+        let tg = ["q_proj", "k_proj", "down_proj"];
+        m.attach_adapters(spectune::nn::modules(&tg), &lora_cfg(), &method, 2).unwrap();
         perturb(&m.trainable_params(), 5);
         let want = m.logits(&ids(), 1, 12, None).unwrap().to_vec_f32();
         let dir = tempfile::tempdir().unwrap();
@@ -263,7 +264,7 @@ fn save_and_load_round_trip_exactly_for_every_new_method() {
         assert_eq!(fresh.trainable_params().len(), m.trainable_params().len());
         for l in &fresh.layers {
             for t in tg {
-                assert_eq!(l.linear(t).adapter.as_ref().unwrap().method(), method);
+                assert_eq!(l.linear(t).unwrap().adapter.as_ref().unwrap().method(), method);
             }
         }
         let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap()).unwrap();
@@ -292,13 +293,17 @@ fn svd_factors_are_stored_not_recomputed() {
     // Corrupting W after init must not change the stored factors (they are never recomputed).
     let base = tiny();
     let mut m = base.clone();
-    m.attach_adapters(&[Target::Q], &lora_cfg(), &Method::spectral_r(0), 1).unwrap();
+    m.attach_adapters(spectune::nn::modules(&["q_proj"]), &lora_cfg(), &Method::spectral_r(0), 1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_adapter(&m, dir.path(), &lora_cfg(), "x").unwrap();
-    let mut other = Llama::random(common::tiny_config(41, true), DType::F32, 99).unwrap();
+    let mut other = Decoder::random(common::tiny_config(41, true), DType::F32, 99).unwrap();
     load_adapter(&mut other, dir.path()).unwrap();
-    let sr = |l: &spectune::model::llama::Linear| l.adapter.as_deref().and_then(|a| a.downcast_ref::<SpectralR>()).cloned();
-    let (Some(SpectralR { u: u1, .. }), Some(SpectralR { u: u2, .. })) = (sr(&m.layers[0].q), sr(&other.layers[0].q)) else { panic!() };
+    let sr = |l: &spectune::nn::Linear| l.adapter.as_deref().and_then(|a| a.downcast_ref::<SpectralR>()).cloned();
+    let (Some(SpectralR { u: u1, .. }), Some(SpectralR { u: u2, .. })) =
+        (sr(m.layers[0].linear("q_proj").unwrap()), sr(other.layers[0].linear("q_proj").unwrap()))
+    else {
+        panic!()
+    };
     assert_eq!(u1.to_vec_f32(), u2.to_vec_f32());
 }
 
@@ -308,7 +313,7 @@ fn export_to_plain_lora_for_the_low_rank_methods() {
     let probe = ids();
     for (method, rank) in [(Method::pissa(), 6), (Method::milora(), 6), (Method::spectral_a(0), 6), (Method::spectral_a(1), 6), (Method::spectral_r(0), 3)] {
         let mut m = base.clone();
-        m.attach_adapters(&Target::ALL, &lora_cfg(), &method, 4).unwrap();
+        m.attach_adapters(|_| Ok(true), &lora_cfg(), &method, 4).unwrap();
         perturb(&m.trainable_params(), 6);
         let want = m.logits(&probe, 2, 6, None).unwrap().to_vec_f64();
         let dir = tempfile::tempdir().unwrap();
@@ -317,7 +322,7 @@ fn export_to_plain_lora_for_the_low_rank_methods() {
         assert_eq!(s.padded_modules, 0);
         let mut fresh = base.clone();
         load_adapter(&mut fresh, dir.path()).unwrap();
-        assert!(fresh.layers.iter().all(|l| Target::ALL.iter().all(|&t| l.linear(t).adapter.as_ref().is_some_and(|a| a.downcast_ref::<Lora>().is_some()))));
+        assert!(fresh.layers.iter().all(|l| l.linears().iter().all(|lin| lin.adapter.as_ref().is_some_and(|a| a.downcast_ref::<Lora>().is_some()))));
         let got = fresh.logits(&probe, 2, 6, None).unwrap().to_vec_f64();
         let err = rel_err(&got, &want);
         let moved = rel_err(&base.logits(&probe, 2, 6, None).unwrap().to_vec_f64(), &want);
@@ -327,7 +332,7 @@ fn export_to_plain_lora_for_the_low_rank_methods() {
     }
     for method in [Method::dora(), Method::full()] {
         let mut m = base.clone();
-        m.attach_adapters(&[Target::Q], &lora_cfg(), &method, 4).unwrap();
+        m.attach_adapters(spectune::nn::modules(&["q_proj"]), &lora_cfg(), &method, 4).unwrap();
         let e = export_peft_lora(&m, tempfile::tempdir().unwrap().path(), &lora_cfg(), "x").unwrap_err().to_string();
         assert!(e.contains("not low-rank"), "{e}");
     }
@@ -337,7 +342,7 @@ fn export_to_plain_lora_for_the_low_rank_methods() {
 fn full_fine_tuning_trains_only_the_chosen_matrices_and_merges_to_a_checkpoint() {
     let base = tiny();
     let mut m = base.clone();
-    m.attach_adapters(&[Target::Q, Target::V], &lora_cfg(), &Method::full(), 0).unwrap();
+    m.attach_adapters(spectune::nn::modules(&["q_proj", "v_proj"]), &lora_cfg(), &Method::full(), 0).unwrap();
     let ids = ids();
     let targets: Vec<i64> = ids.iter().skip(1).map(|&t| t as i64).chain([-100]).collect();
     let mut opt = AdamW::new(&m.trainable_params(), AdamWConfig { lr: 1e-2, ..AdamWConfig::default() }).unwrap();
@@ -353,21 +358,22 @@ fn full_fine_tuning_trains_only_the_chosen_matrices_and_merges_to_a_checkpoint()
     assert!(last < first);
     // The frozen originals are untouched; only the tuned copies moved.
     for (lb, lm) in base.layers.iter().zip(&m.layers) {
-        for t in Target::ALL {
-            assert_eq!(lb.linear(t).weight.to_vec_f32(), lm.linear(t).weight.to_vec_f32());
+        assert_eq!(lb.linears().len(), lm.linears().len());
+        for (wb, wm) in lb.linears().iter().zip(lm.linears()) {
+            assert_eq!(wb.weight.to_vec_f32(), wm.weight.to_vec_f32());
         }
-        let Some(Full { w }) = lm.q.adapter.as_deref().and_then(|a| a.downcast_ref()) else { panic!() };
-        assert_ne!(w.to_vec_f32(), lb.q.weight.to_vec_f32());
-        assert!(lm.k.adapter.is_none());
+        let Some(Full { w }) = lm.linear("q_proj").unwrap().adapter.as_deref().and_then(|a| a.downcast_ref()) else { panic!() };
+        assert_ne!(w.to_vec_f32(), lb.linear("q_proj").unwrap().weight.to_vec_f32());
+        assert!(lm.linear("k_proj").unwrap().adapter.is_none());
     }
     // merge → an HF folder whose q/v are the tuned matrices: the analysis's `--tuned` input.
     let dir = tempfile::tempdir().unwrap();
     merge_to_hf(&m, dir.path()).unwrap();
-    let merged = Checkpoint::open(dir.path()).unwrap().llama(DType::F32).unwrap();
+    let merged = spectune::model::load(&Checkpoint::open(dir.path()).unwrap(), DType::F32).unwrap();
     let (a, b) = (m.logits(&ids, 1, 12, None).unwrap().to_vec_f64(), merged.logits(&ids, 1, 12, None).unwrap().to_vec_f64());
     assert!(rel_err(&a, &b) < 1e-6);
-    let Some(Full { w }) = m.layers[1].v.adapter.as_deref().and_then(|a| a.downcast_ref()) else { panic!() };
-    assert_eq!(merged.layers[1].v.weight.to_vec_f32(), w.to_vec_f32());
+    let Some(Full { w }) = m.layers[1].linear("v_proj").unwrap().adapter.as_deref().and_then(|a| a.downcast_ref()) else { panic!() };
+    assert_eq!(merged.layers[1].linear("v_proj").unwrap().weight.to_vec_f32(), w.to_vec_f32());
 }
 
 #[test]
@@ -398,7 +404,7 @@ fn train_method_names_parse() {
     assert!(e.contains("spectral-a") && e.contains("full"), "{e}");
     // A block that does not fit the weight is an error naming the sizes, not a panic.
     let mut m = tiny();
-    let e = m.attach_adapters(&[Target::K], &lora_cfg(), &Method::spectral_a(2), 0).unwrap_err().to_string();
+    let e = m.attach_adapters(spectune::nn::modules(&["k_proj"]), &lora_cfg(), &Method::spectral_a(2), 0).unwrap_err().to_string();
     assert!(e.contains("block 2") && e.contains("[8, 16]"), "{e}");
 }
 
@@ -406,15 +412,15 @@ fn train_method_names_parse() {
 fn dora_or_full_cannot_share_a_folder_with_another_method() {
     for (a, b) in [(Method::dora(), Method::lora()), (Method::pissa(), Method::full())] {
         let mut m = tiny();
-        m.attach_adapters(&[Target::Q], &lora_cfg(), &a, 1).unwrap();
-        m.attach_adapters(&[Target::V], &lora_cfg(), &b, 2).unwrap();
+        m.attach_adapters(spectune::nn::modules(&["q_proj"]), &lora_cfg(), &a, 1).unwrap();
+        m.attach_adapters(spectune::nn::modules(&["v_proj"]), &lora_cfg(), &b, 2).unwrap();
         let e = save_adapter(&m, tempfile::tempdir().unwrap().path(), &lora_cfg(), "x").unwrap_err().to_string();
         assert!(e.contains("cannot be saved in one folder"), "{e}");
     }
     // LoRA-layout methods may share one (told apart per module at load).
     let mut m = tiny();
-    m.attach_adapters(&[Target::Q], &lora_cfg(), &Method::lora(), 1).unwrap();
-    m.attach_adapters(&[Target::V], &lora_cfg(), &Method::spectral_a(0), 2).unwrap();
+    m.attach_adapters(spectune::nn::modules(&["q_proj"]), &lora_cfg(), &Method::lora(), 1).unwrap();
+    m.attach_adapters(spectune::nn::modules(&["v_proj"]), &lora_cfg(), &Method::spectral_a(0), 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_adapter(&m, dir.path(), &lora_cfg(), "x").unwrap();
     let mut fresh = tiny();

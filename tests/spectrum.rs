@@ -9,7 +9,7 @@ use std::process::Command;
 
 use spectune::gradcheck::SplitMix;
 use spectune::io::Checkpoint;
-use spectune::model::{Llama, Target};
+use spectune::model::Decoder;
 use spectune::ops::CeOptions;
 use spectune::peft::export::merge_to_hf;
 use spectune::peft::io::save_adapter;
@@ -216,10 +216,10 @@ fn spectune(args: &[&str]) -> (bool, String, String) {
 fn tiny_model_and_adapter(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let cfg = common::tiny_config(64, true);
     let base = dir.join("base");
-    merge_to_hf(&Llama::random(cfg, DType::F32, 11).unwrap(), &base).unwrap();
-    let mut model = Checkpoint::open(&base).unwrap().llama(DType::F32).unwrap();
+    merge_to_hf(&Decoder::random(cfg, DType::F32, 11).unwrap(), &base).unwrap();
+    let mut model = spectune::model::load(&Checkpoint::open(&base).unwrap(), DType::F32).unwrap();
     let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
-    model.attach_adapters(&Target::ALL, &lora, &Method::speclora(3), 5).unwrap();
+    model.attach_adapters(|_| Ok(true), &lora, &Method::speclora(3), 5).unwrap();
     let mut opt = AdamW::new(&model.trainable_params(), AdamWConfig { lr: 3e-2, weight_decay: 0.0, ..AdamWConfig::default() }).unwrap();
     let ids: Vec<u32> = (0..32).map(|i| (i * 5 % 64) as u32).collect();
     let targets: Vec<i64> = (0..32).map(|i| if i % 16 == 15 { -100 } else { ids[i + 1] as i64 }).collect();
@@ -254,12 +254,11 @@ fn cli_on_a_trained_adapter_and_on_the_merged_checkpoint() {
     assert_eq!(ms.len(), 14, "2 layers × 7 linears");
     assert_eq!(r["summary"].as_array().unwrap().len(), 7);
     // Independent check of a few numbers against the merged weights.
-    let mut model = Checkpoint::open(&base).unwrap().llama(DType::F32).unwrap();
+    let mut model = spectune::model::load(&Checkpoint::open(&base).unwrap(), DType::F32).unwrap();
     spectune::peft::io::load_adapter(&mut model, &adapter).unwrap();
     for m in ms {
         let layer = m["layer"].as_u64().unwrap() as usize;
-        let t = Target::ALL.into_iter().find(|t| t.hf_name() == m["module"]).unwrap();
-        let lin = model.layers[layer].linear(t);
+        let lin = model.layers[layer].linear(m["module"].as_str().unwrap()).unwrap();
         let (w0, w1) = (lin.weight.to_vec_f64(), lin.adapter.as_ref().unwrap().merged_weight(&lin.weight).unwrap());
         let (rows, cols) = (lin.out_features(), lin.in_features());
         assert_eq!(m["shape"], serde_json::json!([rows, cols]));
@@ -328,19 +327,19 @@ fn cli_bad_input_is_a_clear_error() {
     let mut wide = common::tiny_config(64, true);
     wide.intermediate_size = 32;
     let other = dir.path().join("other");
-    merge_to_hf(&Llama::random(wide, DType::F32, 1).unwrap(), &other).unwrap();
+    merge_to_hf(&Decoder::random(wide, DType::F32, 1).unwrap(), &other).unwrap();
     let (ok, _, err) = spectune(&["spectrum", "--base", b, "--tuned", other.to_str().unwrap()]);
     assert!(!ok && err.contains("shape mismatch") && err.contains("gate_proj"), "{err}");
     // A deeper model's checkpoint, and its adapter on the 2-layer base.
     let mut deep = common::tiny_config(64, true);
     deep.num_hidden_layers = 3;
     let deep_dir = dir.path().join("deep");
-    let mut dm = Llama::random(deep, DType::F32, 2).unwrap();
+    let mut dm = Decoder::random(deep, DType::F32, 2).unwrap();
     merge_to_hf(&dm, &deep_dir).unwrap();
     let (ok, _, err) = spectune(&["spectrum", "--base", b, "--tuned", deep_dir.to_str().unwrap()]);
     assert!(!ok && err.contains("3 layers") && err.contains("has 2"), "{err}");
     let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
-    dm.attach_adapters(&[Target::Q], &lora, &Method::lora(), 0).unwrap();
+    dm.attach_adapters(spectune::nn::modules(&["q_proj"]), &lora, &Method::lora(), 0).unwrap();
     let deep_adapter = dir.path().join("deep-adapter");
     save_adapter(&dm, &deep_adapter, &lora, "deep").unwrap();
     let (ok, _, err) = spectune(&["spectrum", "--base", b, "--adapter", deep_adapter.to_str().unwrap()]);

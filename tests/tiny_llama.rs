@@ -4,7 +4,7 @@
 mod common;
 
 use spectune::gradcheck::{gradcheck, GradcheckOptions, SplitMix};
-use spectune::model::{Llama, LlamaConfig, Target};
+use spectune::model::{Decoder, DecoderConfig};
 use spectune::ops::CeOptions;
 use spectune::peft::lora::Lora;
 use spectune::peft::speclora::SpecLora;
@@ -12,7 +12,7 @@ use spectune::peft::speclora_svd::SpecLoraSvd;
 use spectune::peft::{LoraConfig, Method};
 use spectune::{backward, AdamW, AdamWConfig, DType};
 
-fn tiny(tie: bool) -> LlamaConfig {
+fn tiny(tie: bool) -> DecoderConfig {
     common::tiny_config(37, tie)
 }
 
@@ -31,12 +31,12 @@ fn bits(v: &[f32]) -> Vec<u32> {
 #[test]
 fn adapters_are_identity_at_init_bit_exact() {
     for tie in [true, false] {
-        let base = Llama::random(tiny(tie), DType::F32, 1).unwrap();
+        let base = Decoder::random(tiny(tie), DType::F32, 1).unwrap();
         let (ids, _) = batch(2, 2, 5, 37);
         let y0 = base.logits(&ids, 2, 5, None).unwrap().to_vec_f32();
         for spec in [Method::lora(), Method::speclora(3), Method::speclora_by_norm(5), Method::speclora_svd(4)] {
             let mut m = base.clone();
-            m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, &spec, 7).unwrap();
+            m.attach_adapters(|_| Ok(true), &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, &spec, 7).unwrap();
             let y = m.logits(&ids, 2, 5, None).unwrap().to_vec_f32();
             assert_eq!(bits(&y0), bits(&y), "tie={tie} spec={spec:?}: adapted model differs from the base at init");
         }
@@ -48,10 +48,10 @@ fn train_losses(spec: Method, checkpointing: bool, steps: usize) -> Vec<f64> {
 }
 
 fn train_losses_keep(spec: Method, checkpointing: bool, keep: usize, steps: usize) -> Vec<f64> {
-    let mut m = Llama::random(tiny(false), DType::F32, 3).unwrap();
+    let mut m = Decoder::random(tiny(false), DType::F32, 3).unwrap();
     m.checkpointing = checkpointing;
     m.checkpoint_keep = keep;
-    m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, &spec, 11).unwrap();
+    m.attach_adapters(|_| Ok(true), &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 }, &spec, 11).unwrap();
     let params = m.trainable_params();
     let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-2, ..AdamWConfig::default() }).unwrap();
     let (ids, targets) = batch(5, 2, 8, 37);
@@ -104,14 +104,14 @@ fn whole_model_adapter_gradients_match_finite_differences() {
         (Method::milora(), false, false),
         (Method::full(), true, false),
     ] {
-        let cfg = LlamaConfig { attention_bias: bias, ..tiny(tie) };
-        let mut m = Llama::random(cfg, DType::F64, 21).unwrap();
-        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, &spec, 23).unwrap();
+        let cfg = DecoderConfig { qkv_bias: bias, ..tiny(tie) };
+        let mut m = Decoder::random(cfg, DType::F64, 21).unwrap();
+        m.attach_adapters(|_| Ok(true), &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, &spec, 23).unwrap();
         // Move B and d away from their init so every adapter gradient is non-trivial.
         let mut rng = SplitMix::new(99);
         for layer in &m.layers {
-            for t in Target::ALL {
-                let ad = layer.linear(t).adapter.as_deref().unwrap();
+            for lin in layer.linears() {
+                let ad = lin.adapter.as_deref().unwrap();
                 let spec_db = ad.downcast_ref::<SpecLora>().map(|s| (&s.d, &s.b)).or_else(|| ad.downcast_ref::<SpecLoraSvd>().map(|s| (&s.d, &s.b)));
                 if let Some(Lora { b, .. }) = ad.downcast_ref() {
                     b.set_values(&rng.vec(b.numel(), -0.3, 0.3)).unwrap();
@@ -138,8 +138,9 @@ fn whole_model_adapter_gradients_match_finite_differences() {
 
 #[test]
 fn only_adapter_parameters_are_trainable() {
-    let mut m = Llama::random(tiny(true), DType::F32, 4).unwrap();
-    m.attach_adapters(&[Target::Q, Target::V], &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, &Method::speclora(3), 5).unwrap();
+    let mut m = Decoder::random(tiny(true), DType::F32, 4).unwrap();
+    m.attach_adapters(spectune::nn::modules(&["q_proj", "v_proj"]), &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, &Method::speclora(3), 5)
+        .unwrap();
     let params = m.trainable_params();
     // 2 layers × 2 targets × (d, A, B)
     assert_eq!(params.len(), 12);
@@ -151,8 +152,8 @@ fn only_adapter_parameters_are_trainable() {
     }
     assert!(!g.contains(&m.embed));
     for l in &m.layers {
-        for t in Target::ALL {
-            assert!(!g.contains(&l.linear(t).weight));
+        for lin in l.linears() {
+            assert!(!g.contains(&lin.weight));
         }
     }
 }
@@ -160,7 +161,7 @@ fn only_adapter_parameters_are_trainable() {
 #[test]
 fn kv_cache_decoding_matches_the_full_forward() {
     use spectune::model::KvCache;
-    let m = Llama::random(tiny(false), DType::F64, 31).unwrap();
+    let m = Decoder::random(tiny(false), DType::F64, 31).unwrap();
     let (ids, _) = batch(3, 1, 9, 37);
     let full = m.hidden_states(&ids, 1, 9, None).unwrap().to_vec_f64();
     let mut cache = KvCache::new();
@@ -177,7 +178,7 @@ fn kv_cache_decoding_matches_the_full_forward() {
 #[test]
 fn greedy_generation_is_deterministic_and_stops() {
     use spectune::model::{generate, GenerateOptions};
-    let m = Llama::random(tiny(true), DType::F32, 32).unwrap();
+    let m = Decoder::random(tiny(true), DType::F32, 32).unwrap();
     let opts = GenerateOptions { max_new_tokens: 6, ..Default::default() };
     let a = generate(&m, &[1, 2, 3], &opts, |_| Ok(())).unwrap();
     let b = generate(&m, &[1, 2, 3], &opts, |_| Ok(())).unwrap();
@@ -196,8 +197,8 @@ fn greedy_generation_is_deterministic_and_stops() {
 #[test]
 fn adapter_dropout_is_reproduced_exactly_by_checkpoint_recompute() {
     let grads = |ckpt: bool, training: bool| {
-        let mut m = Llama::random(tiny(false), DType::F32, 41).unwrap();
-        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.3 }, &Method::speclora(3), 42).unwrap();
+        let mut m = Decoder::random(tiny(false), DType::F32, 41).unwrap();
+        m.attach_adapters(|_| Ok(true), &LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.3 }, &Method::speclora(3), 42).unwrap();
         for p in m.trainable_params() {
             let n = p.numel();
             p.set_values(&SplitMix::new(n as u64).vec(n, -0.2, 0.2).into_iter().map(|v| v as f32 + 1.0).collect::<Vec<_>>()).unwrap();
@@ -223,17 +224,17 @@ fn adapter_dropout_is_reproduced_exactly_by_checkpoint_recompute() {
 #[test]
 fn merged_weights_reproduce_the_adapted_forward() {
     // docs/ops.md §22 case 9: for every method, x·W_mergedᵀ equals the un-merged forward.
-    let base = Llama::random(tiny(false), DType::F64, 51).unwrap();
+    let base = Decoder::random(tiny(false), DType::F64, 51).unwrap();
     let mut rng = SplitMix::new(52);
     for method in [Method::lora(), Method::speclora(5), Method::speclora_by_norm(7), Method::speclora_svd(4)] {
         let mut m = base.clone();
-        m.attach_adapters(&Target::ALL, &LoraConfig { rank: 3, alpha: 6.0, rslora: true, dropout: 0.0 }, &method, 53).unwrap();
+        m.attach_adapters(|_| Ok(true), &LoraConfig { rank: 3, alpha: 6.0, rslora: true, dropout: 0.0 }, &method, 53).unwrap();
         for p in m.trainable_params() {
             let n = p.numel();
             p.set_values(&rng.vec(n, 0.5, 1.5)).unwrap();
         }
-        for t in Target::ALL {
-            let lin = m.layers[1].linear(t);
+        for lin in m.layers[1].linears() {
+            let t = lin.module();
             let (o, i) = (lin.out_features(), lin.in_features());
             let x = spectune::Tensor::from_vec(rng.vec(3 * i, -1.0, 1.0), [3, i]).unwrap();
             let y = lin.forward(&x, None).unwrap().to_vec_f64();
@@ -241,7 +242,7 @@ fn merged_weights_reproduce_the_adapted_forward() {
             let ym = spectune::ops::linear(&x, &wm).unwrap().to_vec_f64();
             let scale = ym.iter().fold(1.0f64, |a, v| a.max(v.abs()));
             for (a, b) in y.iter().zip(&ym) {
-                assert!((a - b).abs() <= 1e-12 * scale, "{method:?} {t:?}: {a} vs {b}");
+                assert!((a - b).abs() <= 1e-12 * scale, "{method:?} {t}: {a} vs {b}");
             }
         }
     }

@@ -4,14 +4,14 @@
 mod common;
 
 use spectune::gradcheck::SplitMix;
-use spectune::model::{Llama, LlamaConfig, Target};
+use spectune::model::{Decoder, DecoderConfig};
 use spectune::optim::{AdamW, AdamWConfig};
 use spectune::peft::{LoraConfig, Method};
 use spectune::train::data::Batch;
 use spectune::train::{accumulate, load_checkpoint, optimizer_for, save_checkpoint, step_seed, train_step, TrainerState};
 use spectune::DType;
 
-fn cfg() -> LlamaConfig {
+fn cfg() -> DecoderConfig {
     common::tiny_config(53, false)
 }
 
@@ -33,9 +33,9 @@ fn batch_of(rows: &[(Vec<u32>, Vec<i64>, Vec<bool>)]) -> Batch {
     Batch { ids, targets, key_mask, b: rows.len(), t, counted }
 }
 
-fn model(method: &Method) -> Llama {
-    let mut m = Llama::random(cfg(), DType::F64, 1).unwrap();
-    m.attach_adapters(&Target::ALL, &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, method, 2).unwrap();
+fn model(method: &Method) -> Decoder {
+    let mut m = Decoder::random(cfg(), DType::F64, 1).unwrap();
+    m.attach_adapters(|_| Ok(true), &LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 }, method, 2).unwrap();
     let mut rng = SplitMix::new(3);
     for p in m.trainable_params() {
         p.set_values(&rng.vec(p.numel(), 0.6, 1.4)).unwrap();
@@ -63,7 +63,7 @@ fn grad_accumulation_of_4x1_equals_one_batch_of_4() {
     }
 }
 
-fn run(m: &mut Llama, opt: &mut AdamW, from: u64, to: u64, seed: u64) -> Vec<f64> {
+fn run(m: &mut Decoder, opt: &mut AdamW, from: u64, to: u64, seed: u64) -> Vec<f64> {
     (from..to)
         .map(|s| {
             let b = batch_of(&[row(100 + s, 8, (s % 3) as usize), row(200 + s, 8, 0)]);
@@ -76,8 +76,8 @@ fn run(m: &mut Llama, opt: &mut AdamW, from: u64, to: u64, seed: u64) -> Vec<f64
 fn resume_continues_bit_identically() {
     let lora = LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.2 };
     let fresh = |m: &Method| {
-        let mut x = Llama::random(cfg(), DType::F32, 1).unwrap();
-        x.attach_adapters(&Target::ALL, &lora, m, 2).unwrap();
+        let mut x = Decoder::random(cfg(), DType::F32, 1).unwrap();
+        x.attach_adapters(|_| Ok(true), &lora, m, 2).unwrap();
         x
     };
     for method in [
@@ -103,12 +103,12 @@ fn resume_continues_bit_identically() {
         let dir = tempfile::tempdir().unwrap();
         let ck = dir.path().join("checkpoint");
         save_checkpoint(&ck, &b, &ob, &lora, &TrainerState { step: 5, seed: 7, data: serde_json::json!({"pos": 5}) }, "tiny").unwrap();
-        let mut c = Llama::random(cfg(), DType::F32, 1).unwrap();
+        let mut c = Decoder::random(cfg(), DType::F32, 1).unwrap();
         let (mut oc, _, st) = load_checkpoint(&ck, &mut c, ocfg).unwrap();
         assert_eq!(st, TrainerState { step: 5, seed: 7, data: serde_json::json!({"pos": 5}) });
         lb.extend(run(&mut c, &mut oc, st.step, 10, st.seed));
         assert_eq!(la, lb, "{method:?}: losses differ after resume");
-        let bits = |m: &Llama| m.trainable_params().iter().flat_map(|p| p.to_vec_f32()).map(f32::to_bits).collect::<Vec<_>>();
+        let bits = |m: &Decoder| m.trainable_params().iter().flat_map(|p| p.to_vec_f32()).map(f32::to_bits).collect::<Vec<_>>();
         assert_eq!(bits(&a), bits(&c), "{method:?}: adapters differ after resume");
         // Saving again over an existing checkpoint leaves one complete folder.
         save_checkpoint(&ck, &c, &oc, &lora, &TrainerState { step: 10, seed: 7, data: serde_json::Value::Null }, "tiny").unwrap();
