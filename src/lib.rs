@@ -2,7 +2,8 @@
 //!
 //! A lean tensor engine with reverse-mode autograd, specialized for parameter-efficient
 //! fine-tuning (PEFT) of transformers: LoRA and SpecLoRA (learnable rescaling of the top rows of
-//! each frozen weight, plus LoRA) on Decoder-family decoders.
+//! each frozen weight, plus LoRA) on the decoder families people fine-tune (Llama 2/3.x, Mistral,
+//! Qwen2/2.5/3, Gemma 2/3, Phi-3), from HF folders or GGUF files.
 //!
 //! - Frozen weights are constant tensors: host or memory-mapped, f32/bf16/f16, converted per use,
 //!   never given a gradient or optimizer state ([`Tensor::from_mmap`]).
@@ -20,25 +21,22 @@
 //! ## Training adapters from a program
 //!
 //! ```
-//! use spectune::model::{Decoder, DecoderConfig, RopeConfig};
 //! use spectune::ops::CeOptions;
-//! use spectune::peft::{LoraConfig, Method};
+//! use spectune::peft::{targets::TargetSpec, LoraConfig, Method};
 //! use spectune::{backward, clip_grad_norm, AdamW, AdamWConfig, DType};
+//! use std::path::Path;
 //!
-//! // A small Decoder-style model with random frozen weights (real checkpoints load through
-//! // `Decoder::from_weights`, which takes each HF-named tensor and validates its shape).
-//! let cfg = DecoderConfig {
-//!     vocab_size: 64, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
-//!     num_attention_heads: 4, num_key_value_heads: 2, head_dim: 8,
-//!     rms_norm_eps: 1e-5, rope: RopeConfig { theta: 10000.0, ..Default::default() }, tie_word_embeddings: true,
-//!     qkv_bias: false, max_position_embeddings: 128,
-//! };
-//! let mut model = Decoder::random(cfg, DType::F32, 0)?;
+//! // Any supported family from an HF folder or a GGUF file; frozen weights stay memory-mapped.
+//! // (Here a tiny Qwen3 with random weights from the test fixtures.)
+//! let base = Path::new("tests/data/families/qwen3");
+//! let mut model = spectune::model::open(base, DType::F32)?;
 //! model.checkpointing = true; // recompute each layer in backward
 //!
-//! // SpecLoRA (k = 8 rows per weight) plus rank-4 LoRA on all seven linears of every layer.
+//! // SpecLoRA (k = 8 rows per weight) plus rank-4 LoRA, on modules chosen as PEFT's
+//! // `target_modules` chooses them (names, `re:<regex>`, or `all-linear`).
 //! let lora = LoraConfig { rank: 4, alpha: 8.0, rslora: false, dropout: 0.0 };
-//! model.attach_adapters(&Target::ALL, &lora, &Method::speclora(8), 1)?;
+//! let targets = TargetSpec::parse("q_proj,v_proj,down_proj")?;
+//! model.attach_adapters(|path| targets.selects(path), &lora, &Method::speclora(8), 1)?;
 //! let params = model.trainable_params();
 //! let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..AdamWConfig::default() })?;
 //! for d in model.no_decay_params() {
@@ -47,7 +45,7 @@
 //! assert_eq!(opt.state_numel(), 2 * params.iter().map(|p| p.numel()).sum::<usize>());
 //!
 //! // One batch of 2 sequences × 8 tokens; targets are the next tokens, -100 = ignored.
-//! let ids: Vec<u32> = (0..16).map(|i| (i * 5 % 64) as u32).collect();
+//! let ids: Vec<u32> = (0..16).map(|i| (3 + i * 5 % 120) as u32).collect();
 //! let targets: Vec<i64> = (0..16).map(|i| if i % 8 == 7 { -100 } else { ids[i + 1] as i64 }).collect();
 //! let mut losses = Vec::new();
 //! for _ in 0..10 {
@@ -63,7 +61,7 @@
 //! // and load them onto a fresh copy of the base.
 //! let dir = std::env::temp_dir().join(format!("spectune-doctest-{}", std::process::id()));
 //! spectune::peft::io::save_adapter(&model, &dir, &lora, "random")?;
-//! let mut fresh = Decoder::random(model.cfg.clone(), DType::F32, 0)?;
+//! let mut fresh = spectune::model::open(base, DType::F32)?;
 //! spectune::peft::io::load_adapter(&mut fresh, &dir)?;
 //! assert_eq!(fresh.trainable_params().len(), params.len());
 //! # std::fs::remove_dir_all(&dir).ok();

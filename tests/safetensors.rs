@@ -770,17 +770,24 @@ fn config_qwen2_biases_and_sliding_window() {
     let expected = c.expected_weights();
     assert!(expected.iter().any(|(n, d)| n == "model.layers.0.self_attn.k_proj.bias" && d == &[128]));
     assert!(!expected.iter().any(|(n, _)| n.contains("o_proj.bias")));
-    // A window that some layer uses is rejected...
+    // No layer slides unless use_sliding_window is true.
+    assert!(c.layer_windows.is_empty());
+    // With it, layers from max_window_layers on (21 here) attend over the window, as in HF.
     let sw = with(with(qwen2_json(), "use_sliding_window", json!(true)), "sliding_window", json!(4096));
-    assert_names(&err_of(parse(&sw)), &["sliding_window", "test/config.json"]);
-    // ... but not when no layer slides (max_window_layers ≥ layers) or the window covers all positions.
+    let w = parse(&sw).unwrap().layer_windows;
+    assert_eq!(w, (0..24).map(|l| (l >= 21).then_some(4096)).collect::<Vec<_>>());
+    // None when no layer slides (max_window_layers ≥ layers, or layer_types all full).
     let none_slide = with(sw.clone(), "max_window_layers", json!(24));
-    assert!(parse(&none_slide).is_ok());
+    assert!(parse(&none_slide).unwrap().layer_windows.is_empty());
     let layer_types = with(without(sw.clone(), "max_window_layers"), "layer_types", json!(vec!["full_attention"; 24]));
-    assert!(parse(&layer_types).is_ok());
-    let wide = with(with(qwen2_json(), "use_sliding_window", json!(true)), "sliding_window", json!(32768));
-    assert!(parse(&wide).is_ok());
-    assert!(parse(&with(qwen2_json(), "sliding_window", Value::Null)).is_ok());
+    assert!(parse(&layer_types).unwrap().layer_windows.is_empty());
+    // layer_types decides over max_window_layers, and must have one entry per layer.
+    let mut types = vec!["full_attention"; 24];
+    types[3] = "sliding_attention";
+    let w = parse(&with(sw.clone(), "layer_types", json!(types))).unwrap().layer_windows;
+    assert_eq!((w[3], w[21]), (Some(4096), None));
+    assert_names(&err_of(parse(&with(sw, "layer_types", json!(["full_attention"])))), &["layer_types", "24 layers"]);
+    assert!(parse(&with(qwen2_json(), "sliding_window", Value::Null)).unwrap().layer_windows.is_empty());
 }
 
 #[test]
@@ -795,27 +802,27 @@ fn config_mistral_sliding_window_and_no_bias() {
     });
     let c = parse(&m).unwrap();
     assert_eq!((c.head_dim, c.qkv_bias, c.o_bias, c.tie_word_embeddings), (128, false, false, false));
-    assert_names(&err_of(parse(&with(m.clone(), "sliding_window", json!(4096)))), &["sliding_window", "4096"]);
-    assert!(parse(&with(m, "sliding_window", json!(32768))).is_ok());
+    assert!(c.layer_windows.is_empty());
+    // Mistral's window applies to every layer.
+    assert_eq!(parse(&with(m.clone(), "sliding_window", json!(4096))).unwrap().layer_windows, vec![Some(4096); 32]);
+    assert_names(&err_of(parse(&with(m, "sliding_window", json!("wide")))), &["sliding_window"]);
 }
 
 #[test]
 fn config_unsupported_keys_error_with_key_name() {
     let cases: Vec<(Value, &str)> = vec![
-        (with(llama_json(), "rope_scaling", json!({"rope_type": "llama3", "factor": 8.0})), "rope_scaling"),
-        (with(llama_json(), "rope_scaling", json!({"type": "linear", "factor": 2.0})), "rope_scaling"),
+        (with(llama_json(), "rope_scaling", json!({"rope_type": "llama3", "factor": 8.0})), "low_freq_factor"),
         (with(llama_json(), "rope_scaling", json!({"type": "dynamic", "factor": 2.0})), "rope_scaling"),
+        (with(llama_json(), "rope_scaling", json!({"type": "dynamic", "factor": 2.0})), "dynamic"),
         (with(llama_json(), "rope_scaling", json!({"rope_type": "yarn", "factor": 4.0})), "rope_scaling"),
         (with(llama_json(), "rope_scaling", json!({"factor": 4.0})), "rope_scaling"),
-        (with(llama_json(), "rope_parameters", json!({"rope_type": "llama3", "rope_theta": 100000})), "rope_parameters.rope_type"),
-        (with(llama_json(), "rope_parameters", json!({"rope_theta": 100000, "partial_rotary_factor": 0.5})), "partial_rotary_factor"),
-        (with(llama_json(), "mlp_bias", json!(true)), "mlp_bias"),
+        (with(llama_json(), "rope_parameters", json!({"rope_type": "llama3", "rope_theta": 100000})), "rope_parameters"),
+        (with(llama_json(), "rope_parameters", json!({"rope_theta": 100000, "partial_rotary_factor": 1.5})), "partial_rotary_factor"),
         (with(llama_json(), "hidden_act", json!("gelu")), "hidden_act"),
         (with(llama_json(), "pretraining_tp", json!(2)), "pretraining_tp"),
-        (with(llama_json(), "attention_bias", json!(true)), "attention_bias"),
         (with(llama_json(), "quantization_config", json!({"quant_method": "gptq"})), "quantization_config"),
         (with(llama_json(), "architectures", json!(["GemmaForCausalLM"])), "GemmaForCausalLM"),
-        (with(without(llama_json(), "architectures"), "model_type", json!("phi3")), "phi3"),
+        (with(without(llama_json(), "architectures"), "model_type", json!("falcon")), "falcon"),
         (with(llama_json(), "model_type", json!("qwen2")), "model_type"),
     ];
     for (v, key) in cases {
@@ -823,6 +830,19 @@ fn config_unsupported_keys_error_with_key_name() {
         println!("{key}: {msg}");
         assert_names(&msg, &[key, "test/config.json"]);
     }
+}
+
+/// Keys spectune once refused and now implements parse into the switches that carry them.
+#[test]
+fn config_implemented_keys_set_their_switches() {
+    let c = parse(&with(llama_json(), "rope_scaling", json!({"type": "linear", "factor": 2.0}))).unwrap();
+    assert_eq!(c.rope.scaling, spectune::nn::RopeScaling::Linear { factor: 2.0 });
+    let c = parse(&with(llama_json(), "rope_parameters", json!({"rope_theta": 100000, "partial_rotary_factor": 0.5}))).unwrap();
+    assert_eq!((c.rope.theta, c.rope.partial_rotary_factor), (100000.0, 0.5));
+    let c = parse(&with(llama_json(), "mlp_bias", json!(true))).unwrap();
+    assert!(c.mlp_bias && c.expected_weights().iter().any(|(n, _)| n == "model.layers.0.mlp.down_proj.bias"));
+    let c = parse(&with(llama_json(), "attention_bias", json!(true))).unwrap();
+    assert!(c.qkv_bias && c.o_bias && c.expected_weights().iter().any(|(n, _)| n == "model.layers.0.self_attn.o_proj.bias"));
 }
 
 #[test]

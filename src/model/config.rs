@@ -148,10 +148,16 @@ impl<'a> Reader<'a> {
             (Some(m), _) => Some(m),
             (None, _) => None,
         };
-        let mut scaling_map = match (params, self.get("rope_scaling")) {
-            (Some(m), _) => m.clone(),
-            (None, Some(Value::Object(m))) => m.clone(),
-            (None, None) => Map::new(),
+        // The key the scaling comes from, named in every error.
+        let (key, mut scaling_map) = match (params, self.get("rope_scaling")) {
+            (Some(m), _) => ("rope_parameters", m.clone()),
+            (None, Some(Value::Object(m))) => {
+                if !m.contains_key("rope_type") && !m.contains_key("type") {
+                    return Err(self.err(format!("rope_scaling = {} has no rope_type (or type): which scaling is meant is unknown", Value::Object(m.clone()))));
+                }
+                ("rope_scaling", m.clone())
+            }
+            (None, None) => ("rope_scaling", Map::new()),
             (None, Some(v)) => return Err(self.type_err("rope_scaling", "null or an object", v)),
         };
         // Phi-3 keeps the original context at the top level.
@@ -160,9 +166,17 @@ impl<'a> Reader<'a> {
                 scaling_map.insert("original_max_position_embeddings".into(), v.clone());
             }
         }
-        let scaling = RopeScaling::from_params(&scaling_map, max_pos).map_err(|e| self.err(format!("rope: {e}")))?;
+        let scaling = RopeScaling::from_params(&scaling_map, max_pos).map_err(|e| self.err(format!("{key}: {e}")))?;
         let theta = match params.and_then(|m| m.get("rope_theta")).filter(|v| !v.is_null()) {
-            Some(v) => v.as_f64().filter(|t| t.is_finite() && *t > 0.0).ok_or_else(|| self.type_err("rope_parameters.rope_theta", "a number > 0", v))?,
+            Some(v) => {
+                let nested = v.as_f64().filter(|t| t.is_finite() && *t > 0.0).ok_or_else(|| self.type_err("rope_parameters.rope_theta", "a number > 0", v))?;
+                match self.opt_f64("rope_theta")? {
+                    Some(top) if top != nested => {
+                        return Err(self.err(format!("rope_theta ({top}) and rope_parameters.rope_theta ({nested}) disagree")));
+                    }
+                    _ => nested,
+                }
+            }
             None => self.rope_theta()?,
         };
         let factor = |v: &Value| v.as_f64().filter(|f| *f > 0.0 && *f <= 1.0).ok_or_else(|| self.type_err("partial_rotary_factor", "a number in (0, 1]", v));

@@ -186,6 +186,22 @@ impl TargetSpec {
         Ok(chosen)
     }
 
+    /// For a list of names: every name must match at least one of `paths` (the model's linear
+    /// modules), so a typo (`q_prj`) or a module another family has (`qkv_proj` on Llama) is an
+    /// error naming it and the module names there are, not a silently smaller adapter.
+    pub fn check_names(&self, paths: &[&str]) -> Result<()> {
+        let lists = [Some(&self.modules), self.exclude.as_ref()];
+        for n in lists.into_iter().flatten().filter_map(|m| if let Modules::Names(n) = m { Some(n) } else { None }).flatten() {
+            if !paths.iter().any(|p| p == n || name_matches(p, n)) {
+                let mut modules: Vec<&str> = paths.iter().map(|p| p.rsplit('.').next().unwrap_or(p)).collect();
+                modules.sort_unstable();
+                modules.dedup();
+                return Err(Error::invalid(OP, format!("unknown module `{n}`: it matches none of the model's linears ({})", modules.join(", "))));
+            }
+        }
+        Ok(())
+    }
+
     /// The `--targets` value: a comma-separated list of module names (`q_proj,v_proj`; the short
     /// forms `q, k, v, o, gate, up, down` stand for `q_proj` … `down_proj`, and `all` for all
     /// seven), `all-linear`, or `re:<regular expression>` (matching the whole module path).

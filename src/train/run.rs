@@ -110,7 +110,9 @@ pub fn run(s: &TrainSettings, p: &mut Prepared, progress: bool, log: &mut dyn Fn
             (opt, st.step)
         }
         None => {
-            p.model.attach_where(&|p| s.targets.selects(p), &s.lora, &s.method, s.seed)?;
+            s.targets.check_names(&p.model.linears().iter().map(|l| l.path.as_str()).collect::<Vec<_>>())?;
+            let m = s.targets.matcher()?;
+            p.model.attach_where(&|p| Ok(m.selects(p)), &s.lora, &s.method, s.seed)?;
             (optimizer_for(&*p.model, ocfg)?, 0)
         }
     };
