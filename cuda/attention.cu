@@ -5,7 +5,9 @@
 // dS/dz = 1 − tanh²(z/c).
 //
 // Layouts: q, o, dO [b, t, nh, hd]; k, v [b, s, nkv, hd]; lse, D [b, t, nh]; mask [b, s] (1 = real
-// key) or null. Query i sees keys j < vis(i) = (causal ? s − t + i + 1 : s) that are not masked.
+// key) or null. Query i sees keys first(i) ≤ j < vis(i) = (causal ? s − t + i + 1 : s) that are
+// not masked; first(i) = max(0, s − t + i + 1 − window) under a sliding window (window > 0, causal
+// only: the query at p = s − t + i sees j when p − j < window), else 0.
 // One warp per query row (forward, dQ) or per key row (dK, dV); each lane holds hd/32 elements
 // (hd ≤ 32·MAXV), dot products are warp reductions. No atomics: results are deterministic.
 #include "common.cuh"
@@ -19,6 +21,7 @@ struct Dims {
 };
 
 __device__ __forceinline__ int visible(const Dims& d, int i) { return d.causal ? d.s - d.t + i + 1 : d.s; }
+__device__ __forceinline__ int first_key(const Dims& d, int i, int window) { return window > 0 ? max(0, d.s - d.t + i + 1 - window) : 0; }
 
 // The score S of z = scale·q·k under soft cap c (0 = none), and dS/dz in *dz.
 __device__ __forceinline__ float capped(float z, float cap, float* dz) {
@@ -50,7 +53,7 @@ __device__ __forceinline__ float dot_row(const float (&r)[MAXV], const float* p,
 
 // grid (ceil(t / WARPS), nh, b), block 32·WARPS.
 extern "C" __global__ void attn_fwd(float* __restrict__ o, float* __restrict__ lse, const float* __restrict__ q,
-                                    const float* __restrict__ k, const float* __restrict__ v, const unsigned char* __restrict__ mask, Dims d, float cap) {
+                                    const float* __restrict__ k, const float* __restrict__ v, const unsigned char* __restrict__ mask, Dims d, float cap, int window) {
     const int lane = threadIdx.x & 31;
     const int i = blockIdx.x * WARPS + (threadIdx.x >> 5), h = blockIdx.y, bi = blockIdx.z;
     if (i >= d.t) return;
@@ -62,7 +65,7 @@ extern "C" __global__ void attn_fwd(float* __restrict__ o, float* __restrict__ l
     for (int u = 0; u < MAXV; ++u) acc[u] = 0.f;
     float m = -INFINITY, l = 0.f;
     const int vis = visible(d, i);
-    for (int j = 0; j < vis; ++j) {
+    for (int j = first_key(d, i, window); j < vis; ++j) {
         if (mask && !mask[(long)bi * d.s + j]) continue;
         const long krow = (((long)bi * d.s + j) * d.nkv + kh) * d.hd;
         float dz;
@@ -100,7 +103,7 @@ extern "C" __global__ void attn_bwd_prep(float* __restrict__ D, const float* __r
 // dQ_i = scale Σ_j dS_ij k_j with dS_ij = P_ij (dO_i·v_j − D_i)·dS/dz. grid as attn_fwd.
 extern "C" __global__ void attn_bwd_dq(float* __restrict__ dq, const float* __restrict__ dout, const float* __restrict__ q,
                                        const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
-                                       const float* __restrict__ D, const unsigned char* __restrict__ mask, Dims d, float cap) {
+                                       const float* __restrict__ D, const unsigned char* __restrict__ mask, Dims d, float cap, int window) {
     const int lane = threadIdx.x & 31;
     const int i = blockIdx.x * WARPS + (threadIdx.x >> 5), h = blockIdx.y, bi = blockIdx.z;
     if (i >= d.t) return;
@@ -114,7 +117,7 @@ extern "C" __global__ void attn_bwd_dq(float* __restrict__ dq, const float* __re
     for (int u = 0; u < MAXV; ++u) acc[u] = 0.f;
     const float L = lse[qi], Di = D[qi];
     const int vis = L == -INFINITY ? 0 : visible(d, i);
-    for (int j = 0; j < vis; ++j) {
+    for (int j = first_key(d, i, window); j < vis; ++j) {
         if (mask && !mask[(long)bi * d.s + j]) continue;
         const long krow = (((long)bi * d.s + j) * d.nkv + kh) * d.hd;
         float dz;
@@ -138,7 +141,7 @@ extern "C" __global__ void attn_bwd_dq(float* __restrict__ dq, const float* __re
 extern "C" __global__ void attn_bwd_dkv(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ dout,
                                         const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                                         const float* __restrict__ lse, const float* __restrict__ D, const unsigned char* __restrict__ mask,
-                                        Dims d, float cap) {
+                                        Dims d, float cap, int window) {
     const int lane = threadIdx.x & 31;
     const int j = blockIdx.x * WARPS + (threadIdx.x >> 5), kh = blockIdx.y, bi = blockIdx.z;
     if (j >= d.s) return;
@@ -150,11 +153,13 @@ extern "C" __global__ void attn_bwd_dkv(float* __restrict__ dk, float* __restric
     for (int u = 0; u < MAXV; ++u) ak[u] = av[u] = 0.f;
     const bool real = !mask || mask[(long)bi * d.s + j];
     const int group = d.nh / d.nkv;
-    // Query i sees key j when j < vis(i), i.e. i ≥ j − (s − t) under the causal mask.
+    // Query i sees key j when j < vis(i), i.e. i ≥ j − (s − t) under the causal mask, and when
+    // j ≥ first(i), i.e. i < j − (s − t) + window under a sliding window.
     const int i0 = d.causal ? max(0, j - (d.s - d.t)) : 0;
+    const int i1 = window > 0 ? min(d.t, j - (d.s - d.t) + window) : d.t;
     for (int hh = 0; real && hh < group; ++hh) {
         const int h = kh * group + hh;
-        for (int i = i0; i < d.t; ++i) {
+        for (int i = i0; i < i1; ++i) {
             const long qi = ((long)bi * d.t + i) * d.nh + h;
             const float L = lse[qi];
             if (L == -INFINITY) continue;

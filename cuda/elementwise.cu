@@ -106,3 +106,23 @@ extern "C" __global__ void reduce_sum(double* out, const float* x, long n, int s
     s = block_sum(s, scratch);
     if (threadIdx.x == 0) atomicAdd(out, (double)s);
 }
+
+// Strided column copy: dst[r·dst_ld + dst_off + c] = src[r·src_ld + src_off + c], r < rows, c < cols
+// (split_last's forward and backward).
+extern "C" __global__ void copy_cols(float* __restrict__ dst, long dst_ld, long dst_off, const float* __restrict__ src, long src_ld, long src_off,
+                                     long rows, long cols) {
+    FOR_EACH(e, rows * cols) {
+        long r = e / cols, c = e % cols;
+        dst[r * dst_ld + dst_off + c] = src[r * src_ld + src_off + c];
+    }
+}
+// Soft cap: y = c·tanh(x/c);  dx = dy·(1 − (y/c)²) from the output (d/dx = 1 − tanh²(x/c)).
+extern "C" __global__ void softcap_fwd(float* y, const float* x, float c, long n) {
+    FOR_EACH(i, n) y[i] = c * tanhf(x[i] / c);
+}
+extern "C" __global__ void softcap_bwd(float* dx, const float* dy, const float* y, float c, long n) {
+    FOR_EACH(i, n) {
+        float t = y[i] / c;
+        dx[i] = dy[i] * (1.f - t * t);
+    }
+}

@@ -92,6 +92,9 @@ proptest! {
         check("scale", std::slice::from_ref(&x), |x| ops::scale(&x[0], s))?;
         check("silu", std::slice::from_ref(&x), |x| ops::silu(&x[0]))?;
         check("gelu_tanh", std::slice::from_ref(&x), |x| ops::gelu_tanh(&x[0]))?;
+        // Caps from below to above the input range: saturated and nearly linear regions.
+        let cap = 0.5 + s.abs();
+        check("softcap", std::slice::from_ref(&x), |x| ops::softcap(&x[0], cap))?;
         check("sum", std::slice::from_ref(&x), |x| ops::sum(&x[0]))?;
         check("mean", std::slice::from_ref(&x), |x| ops::mean(&x[0]))?;
         check("reshape", std::slice::from_ref(&x), |x| ops::reshape(&x[0], [c, r]))?;
@@ -147,8 +150,49 @@ proptest! {
     }
 
     #[test]
+    fn rope_partial_scaled_op(b in 1usize..3, t in dim(), h in 1usize..3, half in 1usize..5, rot_half in 1usize..5, scale in 0.3f64..2.5,
+                              per_row: bool, seed: u64) {
+        // Partial rotary (rot = 2·rot_half ≤ hd, the rest passed through) with cos/sin scaled.
+        let mut rng = SplitMix::new(seed);
+        let hd = 2 * half + (seed % 2) as usize; // odd head_dim too: only the rotary dims pair up
+        let rot_half = rot_half.min(half);
+        let inv_freq = rng.vec(rot_half, 0.01, 1.0);
+        let table = Rope::with_table(hd, inv_freq, scale).unwrap();
+        let x = param(&mut rng, &[b, t, h, hd], -1.0, 1.0);
+        let n = if per_row { b * t } else { t };
+        let pos: Vec<usize> = (0..n).map(|_| (rng.next_u64() % 4096) as usize).collect();
+        check("rope (partial, scaled)", &[x], |x| ops::rope(&x[0], &table, &pos))?;
+    }
+
+    #[test]
+    fn split_last_op(lead in proptest::collection::vec(1usize..4, 0..3), sizes in proptest::collection::vec(1usize..4, 1..4), unused in 0usize..4, seed: u64) {
+        // Rank 1–3; each used part enters the loss with its own weight, and one part (when there
+        // are several) gets no gradient at all: its columns of dx must be zero.
+        let mut rng = SplitMix::new(seed);
+        let mut dims = lead.clone();
+        dims.push(sizes.iter().sum());
+        let x = param(&mut rng, &dims, -1.0, 1.0);
+        let skip = if sizes.len() > 1 { Some(unused % sizes.len()) } else { None };
+        check("split_last", &[x], |x| {
+            let parts = ops::split_last(&x[0], &sizes)?;
+            let mut loss: Option<Tensor> = None;
+            for (i, p) in parts.iter().enumerate() {
+                if Some(i) == skip {
+                    continue;
+                }
+                let term = ops::scale(&ops::sum(&ops::mul(p, p)?)?, (i + 1) as f64)?;
+                loss = Some(match loss {
+                    None => term,
+                    Some(l) => ops::add(&l, &term)?,
+                });
+            }
+            Ok(loss.expect("at least one part is used"))
+        })?;
+    }
+
+    #[test]
     fn attention_op(b in 1usize..3, t in dim(), extra in 0usize..3, nkv in 1usize..3, group in 1usize..4, hd in 1usize..5,
-                    causal: bool, masked: bool, softcap in proptest::option::of(0.3f64..4.0), seed: u64) {
+                    causal: bool, masked: bool, softcap in proptest::option::of(0.3f64..4.0), window in proptest::option::of(1usize..5), seed: u64) {
         let mut rng = SplitMix::new(seed);
         let s = t + extra;
         let nh = nkv * group;
@@ -156,8 +200,26 @@ proptest! {
         let k = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
         let v = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
         let key_mask = masked.then(|| (0..b * s).map(|_| rng.next_u64() % 4 != 0).collect());
-        let opts = AttnOptions { causal, key_mask, scale: None, softcap };
+        // A sliding window needs causal attention; with t up to 17 a window of 1–4 cuts rows.
+        let window = window.filter(|_| causal);
+        let opts = AttnOptions { causal, key_mask, scale: None, softcap, window };
         check("attention", &[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], &opts))?;
+    }
+
+    #[test]
+    fn attention_sliding_window_op(b in 1usize..3, t in 2usize..9, extra in 0usize..4, nkv in 1usize..3, group in 1usize..4, hd in 1usize..4,
+                                   window in 1usize..5, masked: bool, seed: u64) {
+        // Always windowed and narrower than the keys (window < t + extra where t ≥ 2 allows),
+        // with GQA and, half the time, a key mask.
+        let mut rng = SplitMix::new(seed);
+        let s = t + extra;
+        let nh = nkv * group;
+        let q = param(&mut rng, &[b, t, nh, hd], -1.5, 1.5);
+        let k = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
+        let v = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
+        let key_mask = masked.then(|| (0..b * s).map(|_| rng.next_u64() % 4 != 0).collect());
+        let opts = AttnOptions { causal: true, key_mask, window: Some(window.min(t - 1)), ..AttnOptions::default() };
+        check("attention (sliding window)", &[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], &opts))?;
     }
 
     #[test]
@@ -169,35 +231,38 @@ proptest! {
     }
 
     #[test]
-    fn cross_entropy_op(rows in dim(), vocab in 2usize..9, seed: u64) {
+    fn cross_entropy_op(rows in dim(), vocab in 2usize..9, softcap in proptest::option::of(0.5f64..4.0), seed: u64) {
         let mut rng = SplitMix::new(seed);
         let logits = param(&mut rng, &[rows, vocab], -3.0, 3.0);
         let targets: Vec<i64> = (0..rows).map(|i| if i % 3 == 2 { -100 } else { (rng.next_u64() % vocab as u64) as i64 }).collect();
-        let opts = CeOptions::default();
+        let opts = CeOptions { softcap, ..CeOptions::default() };
         check("cross_entropy", &[logits], |x| ops::cross_entropy(&x[0], &targets, &opts))?;
     }
 
     #[test]
-    fn linear_cross_entropy_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, cols in 1usize..5, seed: u64) {
+    fn linear_cross_entropy_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, cols in 1usize..5,
+                               softcap in proptest::option::of(0.3f64..3.0), seed: u64) {
+        // Inputs up to ±2 so that the logits (up to ±4·d) reach the cap's curved region.
         let mut rng = SplitMix::new(seed);
-        let h = param(&mut rng, &[rows, d], -1.0, 1.0);
+        let h = param(&mut rng, &[rows, d], -2.0, 2.0);
         let w = param(&mut rng, &[vocab, d], -1.0, 1.0);
         let targets: Vec<i64> = (0..rows).map(|i| if i % 4 == 3 { -100 } else { (rng.next_u64() % vocab as u64) as i64 }).collect();
         // Trainable head: the forward's vocabulary blocks (online softmax) feed the lse that the
         // row-chunked backward uses.
-        let opts = CeOptions { chunk_rows: Some(chunk), chunk_cols: Some(cols), denominator: Some(3.0), ..CeOptions::default() };
+        let opts = CeOptions { chunk_rows: Some(chunk), chunk_cols: Some(cols), denominator: Some(3.0), softcap, ..CeOptions::default() };
         check("linear_cross_entropy", &[h, w], |x| ops::linear_cross_entropy(&x[0], &x[1], &targets, &opts))?;
     }
 
     #[test]
-    fn linear_cross_entropy_frozen_head_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, cols in 1usize..5, seed: u64) {
+    fn linear_cross_entropy_frozen_head_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, cols in 1usize..5,
+                                           softcap in proptest::option::of(0.3f64..3.0), seed: u64) {
         // A frozen head takes the fused path (dh computed in the forward, scaled in the backward).
         let mut rng = SplitMix::new(seed);
-        let h = param(&mut rng, &[rows, d], -1.0, 1.0);
+        let h = param(&mut rng, &[rows, d], -2.0, 2.0);
         let w = constant(&mut rng, &[vocab, d], -1.0, 1.0);
         let targets: Vec<i64> = (0..rows).map(|i| if i % 4 == 3 { -100 } else { (rng.next_u64() % vocab as u64) as i64 }).collect();
         // Vocabulary blocks of `cols` columns: the online softmax rescales across blocks.
-        let opts = CeOptions { chunk_rows: Some(chunk), chunk_cols: Some(cols), denominator: Some(3.0), ..CeOptions::default() };
+        let opts = CeOptions { chunk_rows: Some(chunk), chunk_cols: Some(cols), denominator: Some(3.0), softcap, ..CeOptions::default() };
         check("linear_cross_entropy (frozen head)", &[h, w], |x| ops::scale(&ops::linear_cross_entropy(&x[0], &x[1], &targets, &opts)?, 1.7))?;
     }
 

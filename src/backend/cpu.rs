@@ -304,6 +304,33 @@ pub fn geglu_bwd<T: Float>(dg: &mut [T], du: &mut [T], dy: &[T], g: &[T], u: &[T
     });
 }
 
+/// Strided column copy: `dst[r·dst_ld + dst_off + c] = src[r·src_ld + src_off + c]` for r < rows,
+/// c < cols (the rest of dst untouched).
+#[allow(clippy::too_many_arguments)]
+pub fn copy_cols<T: Float>(dst: &mut [T], dst_ld: usize, dst_off: usize, src: &[T], src_ld: usize, src_off: usize, rows: usize, cols: usize) {
+    debug_assert!(rows == 0 || (dst.len() >= (rows - 1) * dst_ld + dst_off + cols && src.len() >= (rows - 1) * src_ld + src_off + cols));
+    dst.par_chunks_mut(dst_ld).zip(src.par_chunks(src_ld)).take(rows).with_min_len(ROW_GRAIN).for_each(|(d, s)| {
+        d[dst_off..dst_off + cols].copy_from_slice(&s[src_off..src_off + cols]);
+    });
+}
+
+/// y = c·tanh(x/c).
+pub fn softcap_fwd<T: Float>(y: &mut [T], x: &[T], c: f64) {
+    let c = T::from_f64(c);
+    y.par_chunks_mut(ELEM_GRAIN).zip(x.par_chunks(ELEM_GRAIN)).for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y = c * tanh(*x / c)));
+}
+
+/// dx = dy·(1 − (y/c)²), y = c·tanh(x/c) the forward's output (d/dx c·tanh(x/c) = 1 − tanh²(x/c)).
+pub fn softcap_bwd<T: Float>(dx: &mut [T], dy: &[T], y: &[T], c: f64) {
+    let c = T::from_f64(c);
+    dx.par_chunks_mut(ELEM_GRAIN).zip(dy.par_chunks(ELEM_GRAIN).zip(y.par_chunks(ELEM_GRAIN))).for_each(|(dx, (dy, y))| {
+        dx.iter_mut().zip(dy).zip(y).for_each(|((dx, dy), y)| {
+            let t = *y / c;
+            *dx = *dy * (T::ONE - t * t);
+        })
+    });
+}
+
 /// [`swiglu_bwd`] with dg written over dy: `dy_dg` holds dy on entry and dg on return (each
 /// chunk of dy is copied aside first, so the arithmetic is exactly `swiglu_bwd`'s).
 pub fn swiglu_bwd_in_place<T: Float>(dy_dg: &mut [T], du: &mut [T], g: &[T], u: &[T]) {
@@ -358,12 +385,17 @@ pub fn rms_norm_bwd_from_y<T: Float>(dx: &mut [T], dy: &[T], y: &[T], w: &[T], r
 // RoPE (HF rotate-half layout)
 // ---------------------------------------------------------------------------------------------
 
-/// Rotary embedding on x [b, t, h, hd] (half = hd/2), angle θ = pos·`inv_freq[i]`:
-///   `y[i] = x[i]·cos θ − x[i+half]·sin θ`,   `y[i+half] = x[i+half]·cos θ + x[i]·sin θ`.
-/// `pos` holds one position per (b, t) row. With `inverse`, rotates by −θ: that is the backward
-/// (a rotation's adjoint is its inverse), dx = R(−θ)·dy.
-pub fn rope<T: Float>(y: &mut [T], x: &[T], pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, inverse: bool) {
-    let half = hd / 2;
+/// Rotary embedding on x [b, t, h, hd] over the first rot = 2·half dims of each head (half =
+/// `inv_freq.len()`, rot ≤ hd), angle θ = pos·`inv_freq[i]`, cos and sin scaled by s = `scale`:
+///   `y[i] = s·(x[i]·cos θ − x[i+half]·sin θ)`,   `y[i+half] = s·(x[i+half]·cos θ + x[i]·sin θ)`,
+///   `y[j] = x[j]` for rot ≤ j < hd (partial rotary).
+/// `pos` holds one position per (b, t) row. With `inverse`, applies s·R(−θ): that is the
+/// backward (the adjoint of s·R(θ) is s·R(θ)ᵀ = s·R(−θ)), dx = s·R(−θ)·dy.
+#[allow(clippy::too_many_arguments)]
+pub fn rope<T: Float>(y: &mut [T], x: &[T], pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, scale: f64, inverse: bool) {
+    let half = inv_freq.len();
+    let rot = 2 * half;
+    debug_assert!(rot <= hd);
     let row = h * hd;
     let npos = pos.iter().copied().max().map_or(0, |p| p + 1);
     // Positions up to 64 Ki share one cached table; beyond that each row computes its own.
@@ -378,16 +410,20 @@ pub fn rope<T: Float>(y: &mut [T], x: &[T], pos: &[usize], inv_freq: &[f64], h: 
                 &own
             }
         };
-        let sc: Vec<(T, T)> = sc.iter().map(|&(s, c)| (T::from_f64(if inverse { -s } else { s }), T::from_f64(c))).collect();
+        // s·sin, s·cos rounded once to T (s = 1 leaves them exactly as the unscaled table).
+        let sc: Vec<(T, T)> = sc.iter().map(|&(sn, c)| (T::from_f64(scale * if inverse { -sn } else { sn }), T::from_f64(scale * c))).collect();
         for (y, x) in y.chunks_mut(hd).zip(x.chunks(hd)) {
-            let (x1, x2) = x.split_at(half);
-            let (y1, y2) = y.split_at_mut(half);
+            let (xr, xp) = x.split_at(rot);
+            let (yr, yp) = y.split_at_mut(rot);
+            let (x1, x2) = xr.split_at(half);
+            let (y1, y2) = yr.split_at_mut(half);
             for i in 0..half {
                 let (s, c) = sc[i];
                 let (a, b) = (x1[i], x2[i]);
                 y1[i] = a * c - b * s;
                 y2[i] = b * c + a * s;
             }
+            yp.copy_from_slice(xp);
         }
     });
 }
@@ -419,8 +455,9 @@ fn rope_table(inv_freq: &[f64], npos: usize) -> std::sync::Arc<Vec<(f64, f64)>> 
 // ---------------------------------------------------------------------------------------------
 
 /// Dimensions of one attention call. q: [b, t, nh, hd]; k, v: [b, s, nkv, hd]; nh = nkv·group.
-/// With `causal`, query i (absolute position s − t + i) sees keys j ≤ s − t + i. With a soft
-/// cap c, a score z = scale·q·k becomes c·tanh(z/c) before the masks and the softmax.
+/// With `causal`, query i (absolute position p = s − t + i) sees keys j ≤ p; with a sliding
+/// `window` w (causal only) also only keys with p − j < w, i.e. j ≥ p + 1 − w. With a soft cap
+/// c, a score z = scale·q·k becomes c·tanh(z/c) before the masks and the softmax.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnDims {
     pub b: usize,
@@ -432,9 +469,20 @@ pub struct AttnDims {
     pub causal: bool,
     pub scale: f64,
     pub softcap: Option<f64>,
+    /// Sliding window w ≥ 1 (needs `causal`): query at p sees keys j with p − j < w.
+    pub window: Option<usize>,
 }
 
 impl AttnDims {
+    /// The first key query `i` may see (before the padding mask): p + 1 − w under a sliding
+    /// window w (p = s − t + i), else 0. Keys `first(i)..visible(i)` are the visible band.
+    #[inline]
+    pub(crate) fn first(&self, i: usize) -> usize {
+        match self.window {
+            Some(w) => (self.s - self.t + i + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
     /// Number of keys query `i` may see (before the padding mask).
     #[inline]
     pub(crate) fn visible(&self, i: usize) -> usize {
@@ -452,20 +500,21 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
 }
 
 /// o = softmax(scale·q·kᵀ + mask)·v per head; lse [b, t, nh] = logsumexp of the masked scores
-/// (−∞ and o = 0 for a query that sees no key). `mask` [b, s]: true = key is real.
+/// (−∞ and o = 0 for a query that sees no key). `mask` [b, s]: true = key is real. Query i
+/// reads keys `d.first(i)..d.visible(i)` (causal band, sliding window).
 pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: &[T], mask: Option<&[bool]>, d: AttnDims) {
     let AttnDims { t, s, nh, nkv, hd, .. } = d;
     let group = nh / nkv;
     let scale = T::from_f64(d.scale);
     o.par_chunks_mut(nh * hd).zip(lse.par_chunks_mut(nh)).enumerate().for_each(|(row, (o, lse))| {
         let (bi, i) = (row / t, row % t);
-        let vis = d.visible(i);
+        let (lo, vis) = (d.first(i), d.visible(i));
         let mut p = zeros::<T>(s);
         for h in 0..nh {
             let kh = h / group;
             let qv = &q[(row * nh + h) * hd..][..hd];
             let mut m = T::NEG_INFINITY;
-            for (j, pj) in p.iter_mut().enumerate().take(vis) {
+            for (j, pj) in p.iter_mut().enumerate().take(vis).skip(lo) {
                 if mask.is_some_and(|mk| !mk[bi * s + j]) {
                     *pj = T::NEG_INFINITY;
                     continue;
@@ -485,7 +534,7 @@ pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: 
                 continue;
             }
             let mut l = T::ZERO;
-            for (j, pj) in p.iter_mut().enumerate().take(vis) {
+            for (j, pj) in p.iter_mut().enumerate().take(vis).skip(lo) {
                 if *pj == T::NEG_INFINITY {
                     continue;
                 }
@@ -543,7 +592,7 @@ pub fn attention_bwd<T: Float>(
                     let ov = &o[(row * nh + h) * hd..][..hd];
                     let di = dot(dov, ov);
                     let dqi = &mut ldq[(i * group + gi) * hd..][..hd];
-                    for j in 0..d.visible(i) {
+                    for j in d.first(i)..d.visible(i) {
                         if mask.is_some_and(|mk| !mk[bi * s + j]) {
                             continue;
                         }
@@ -611,15 +660,31 @@ pub fn cross_entropy_fwd<T: Float>(lse: &mut [T], logits: &[T], targets: &[i64],
 }
 
 /// dlogits_rj = g·(softmax_rj − [j = target_r]) for counted rows, 0 for ignored ones.
-/// Writes in place over `x` (the logits), so a chunked caller needs no second buffer.
-pub fn cross_entropy_bwd_inplace<T: Float>(x: &mut [T], lse: &[T], targets: &[i64], ignore_index: i64, vocab: usize, g: T) {
+/// Writes in place over `x` (the logits), so a chunked caller needs no second buffer. With a
+/// soft cap c, x holds raw logits and the softmax is of z = c·tanh(x/c) (`lse` of z); the
+/// gradient then reaches x through dz/dx = 1 − (z/c)²:
+///   x_rj ← g·(exp(z_rj − lse_r) − [j = target_r])·(1 − (z_rj/c)²).
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_bwd_inplace<T: Float>(x: &mut [T], lse: &[T], targets: &[i64], ignore_index: i64, vocab: usize, g: T, softcap: Option<f64>) {
     x.par_chunks_mut(vocab).zip(lse.par_iter()).zip(targets.par_iter()).for_each(|((x, l), &tg)| {
         if tg == ignore_index {
             x.iter_mut().for_each(|v| *v = T::ZERO);
             return;
         }
-        T::scaled_exp_sub(x, *l, g);
-        x[tg as usize] -= g;
+        match softcap {
+            None => {
+                T::scaled_exp_sub(x, *l, g);
+                x[tg as usize] -= g;
+            }
+            Some(c) => {
+                let c = T::from_f64(c);
+                for (j, v) in x.iter_mut().enumerate() {
+                    let th = tanh(*v / c);
+                    let onehot = if j == tg as usize { T::ONE } else { T::ZERO };
+                    *v = g * ((c * th - *l).exp() - onehot) * (T::ONE - th * th);
+                }
+            }
+        }
     });
 }
 
@@ -636,6 +701,10 @@ pub fn cross_entropy_bwd_inplace<T: Float>(x: &mut [T], lse: &[T], targets: &[i6
 /// acc += exp(L − m)·W_c with acc rescaled by exp(m_old − m_new) whenever a row's max rises (the
 /// output rescaling of flash attention), then dh = g·(acc/s − `W[target]`); rows whose target is
 /// `ignore_index` get dh = 0.
+///
+/// With a soft cap c every logit becomes z = c·tanh(l/c) right after its GEMM (the softmax, lse
+/// and target logit are of z), and dh picks up dz/dl = 1 − (z/c)² per logit: acc += (exp(z − m)
+/// ⊙ (1 − (z/c)²))·W_c and dh = g·(acc/s − (1 − (z_target/c)²)·`W[target]`).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_cross_entropy_fwd<T: Float>(
     lse: &mut [T],
@@ -649,6 +718,7 @@ pub fn linear_cross_entropy_fwd<T: Float>(
     rows_blk: usize,
     cols: usize,
     g: T,
+    softcap: Option<f64>,
 ) -> f64 {
     let rows = lse.len();
     if rows == 0 {
@@ -657,6 +727,8 @@ pub fn linear_cross_entropy_fwd<T: Float>(
     let rb = rows_blk.clamp(1, rows);
     let cb = cols.clamp(1, vocab.max(1));
     let mut logits = zeros::<T>(rb * cb);
+    // Under a soft cap with dh: 1 − (z/c)² of the block's logits.
+    let mut dz = if softcap.is_some() && dh.is_some() { zeros::<T>(rb * cb) } else { Vec::new() };
     let direct = w.slice::<T>();
     let mut wbuf = if direct.is_none() { zeros::<T>(cb * d) } else { Vec::new() };
     // Per row of the block: running max, Σ exp(l − max), target logit.
@@ -686,6 +758,21 @@ pub fn linear_cross_entropy_fwd<T: Float>(
             };
             let lg = &mut logits[..n * nc];
             gemm(lg, hb, wc, n, d, nc, false, true, T::ONE, T::ZERO);
+            if let Some(c) = softcap {
+                // z = c·tanh(l/c), and 1 − (z/c)² when dh is wanted.
+                let c = T::from_f64(c);
+                if dz.is_empty() {
+                    lg.par_chunks_mut(nc).for_each(|x| x.iter_mut().for_each(|v| *v = c * tanh(*v / c)));
+                } else {
+                    lg.par_chunks_mut(nc).zip(dz[..n * nc].par_chunks_mut(nc)).for_each(|(x, f)| {
+                        x.iter_mut().zip(f).for_each(|(v, f)| {
+                            let th = tanh(*v / c);
+                            *v = c * th;
+                            *f = T::ONE - th * th;
+                        })
+                    });
+                }
+            }
             // One online-softmax step per row; returns the factor the row's acc must be scaled by.
             let step = |x: &mut [T], (m, s, tl): &mut (T, T, T), tg: i64| -> T {
                 if tg != ignore_index && (c0..c1).contains(&(tg as usize)) {
@@ -716,6 +803,10 @@ pub fn linear_cross_entropy_fwd<T: Float>(
                             a.iter_mut().for_each(|v| *v *= r);
                         }
                     });
+                    if !dz.is_empty() {
+                        // P ⊙ (1 − (z/c)²): the chain through the cap.
+                        lg.par_chunks_mut(nc).zip(dz[..n * nc].par_chunks(nc)).for_each(|(x, f)| x.iter_mut().zip(f).for_each(|(v, f)| *v *= *f));
+                    }
                     // acc[n×d] += P[n×nc]·W_c[nc×d] with P = exp(L − m), unnormalized.
                     gemm(acc, lg, wc, n, nc, d, false, false, T::ONE, T::ONE);
                 }
@@ -744,10 +835,17 @@ pub fn linear_cross_entropy_fwd<T: Float>(
                         if tg == ignore_index {
                             a.iter_mut().for_each(|v| *v = T::ZERO);
                         } else {
-                            // dh = g·(acc/s − W[target])
+                            // dh = g·(acc/s − W[target]), the target term times 1 − (z_t/c)² under a cap.
                             w.read_into(tg as usize * d, wt);
                             let gs = g / st.1;
-                            a.iter_mut().zip(wt.iter()).for_each(|(v, wt)| *v = gs * *v - g * *wt);
+                            let gt = match softcap {
+                                Some(c) => {
+                                    let t = st.2 / T::from_f64(c);
+                                    g * (T::ONE - t * t)
+                                }
+                                None => g,
+                            };
+                            a.iter_mut().zip(wt.iter()).for_each(|(v, wt)| *v = gs * *v - gt * *wt);
                         }
                         loss
                     },

@@ -8,10 +8,11 @@
 //! head of one sequence is a strided matrix (row stride nh·hd or nkv·hd), so the GEMMs read q, k,
 //! v and write o, dq, dk, dv in place, with no transposes or copies.
 //!
-//! Forward, per (batch, head, block of BQ query rows i0..i1), with kend the keys the last row
-//! sees (causal: s − t + i1):
-//!   S = scale·Q_blk·K[..kend]ᵀ [BQ, kend];  P = softmax_row(S + mask);  lse = rowmax + ln rowsum;
-//!   O_blk = P·V[..kend].
+//! Forward, per (batch, head, block of BQ query rows i0..i1), with kbeg..kend the band of keys
+//! some row of the block sees (causal: kend = s − t + i1; a sliding window w: kbeg = s − t + i0 +
+//! 1 − w, else 0):
+//!   S = scale·Q_blk·K[kbeg..kend]ᵀ [BQ, kend − kbeg];  P = softmax_row(S + mask);
+//!   lse = rowmax + ln rowsum;  O_blk = P·V[kbeg..kend].
 //! Backward, per (batch, kv head), over the query heads of its group and their query blocks:
 //!   P = exp(scale·Q_blk·Kᵀ − lse) (masked entries 0);  dV += Pᵀ·dO_blk;  dP = dO_blk·Vᵀ;
 //!   D = rowsum(dO ⊙ O);  dS = scale·P ⊙ (dP − D);  dQ_blk = dS·K;  dK += dSᵀ·Q_blk.
@@ -92,29 +93,34 @@ pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: 
         let kh = h / group;
         let (i0, i1) = (blk * BQ, ((blk + 1) * BQ).min(t));
         let rows = i1 - i0;
-        let kend = d.visible(i1 - 1);
+        // The block's key band: kbeg = the first row's first key (sliding window), kend = the
+        // last row's causal limit; w = kend − kbeg columns.
+        let (kbeg, kend) = (d.first(i0), d.visible(i1 - 1));
+        let w = kend - kbeg;
         p.clear();
-        p.resize(rows * kend, T::ZERO);
+        p.resize(rows * w, T::ZERO);
         let q0 = ((bi * t + i0) * nh + h) * hd;
-        let k0 = (bi * s * nkv + kh) * hd;
-        // SAFETY: Q_blk is rows × hd at q0 with row stride nh·hd, K[..kend] is kend × hd at k0
-        // with row stride nkv·hd: both lie inside q and k; p is rows × kend.
+        let k0 = (bi * s * nkv + kh) * hd + kbeg * nkv * hd;
+        // SAFETY: Q_blk is rows × hd at q0 with row stride nh·hd, K[kbeg..kend] is w × hd at k0
+        // with row stride nkv·hd: both lie inside q and k; p is rows × w.
         unsafe {
-            gemm_seq(rows, kend, hd, p.as_mut_ptr(), kend as isize, 1, q[q0..].as_ptr(), qrs, 1, k[k0..].as_ptr(), 1, krs, scale, T::ZERO);
+            gemm_seq(rows, w, hd, p.as_mut_ptr(), w as isize, 1, q[q0..].as_ptr(), qrs, 1, k[k0..].as_ptr(), 1, krs, scale, T::ZERO);
         }
         if let Some(c) = d.softcap {
-            // Soft cap: S = c·tanh(z/c) (the causally hidden tail is zeroed below).
+            // Soft cap: S = c·tanh(z/c) (the hidden entries are zeroed below).
             let c = T::from_f64(c);
             p.iter_mut().for_each(|x| *x = c * tanh(*x / c));
         }
         let mut row_lse = vec![T::ZERO; rows];
-        for (r, pr) in p.chunks_mut(kend).enumerate() {
-            // Keys 0..vis are causally visible to this query; padded keys among them get −∞.
-            let vis = d.visible(i0 + r);
-            let (pv, hidden) = pr.split_at_mut(vis);
+        for (r, pr) in p.chunks_mut(w).enumerate() {
+            // Keys lo..vis are visible to this query (window, causal); padded keys among them get −∞.
+            let (lo, vis) = (d.first(i0 + r) - kbeg, d.visible(i0 + r) - kbeg);
+            let (before, rest) = pr.split_at_mut(lo);
+            let (pv, hidden) = rest.split_at_mut(vis - lo);
+            before.iter_mut().for_each(|x| *x = T::ZERO);
             hidden.iter_mut().for_each(|x| *x = T::ZERO);
             if let Some(mk) = mask {
-                pv.iter_mut().zip(&mk[bi * s..]).filter(|(_, keep)| !**keep).for_each(|(x, _)| *x = T::NEG_INFINITY);
+                pv.iter_mut().zip(&mk[bi * s + kbeg + lo..]).filter(|(_, keep)| !**keep).for_each(|(x, _)| *x = T::NEG_INFINITY);
             }
             let m = T::max_of(pv);
             if m == T::NEG_INFINITY {
@@ -131,7 +137,7 @@ pub fn attention_fwd<T: Float>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: 
         // SAFETY: task (bi, h, blk) alone writes rows i0..i1 of head h of sequence bi in o
         // (rows × hd at q0, row stride nh·hd) and the matching lse entries.
         unsafe {
-            gemm_seq(rows, hd, kend, op.get().add(q0), qrs, 1, p.as_ptr(), kend as isize, 1, v[k0..].as_ptr(), krs, 1, T::ONE, T::ZERO);
+            gemm_seq(rows, hd, w, op.get().add(q0), qrs, 1, p.as_ptr(), w as isize, 1, v[k0..].as_ptr(), krs, 1, T::ONE, T::ZERO);
             for (r, l) in row_lse.iter().enumerate() {
                 *lp.get().add((bi * t + i0 + r) * nh + h) = *l;
             }
@@ -180,18 +186,21 @@ pub fn attention_bwd<T: Float>(
             for blk in 0..nblk {
                 let (i0, i1) = (blk * BQ, ((blk + 1) * BQ).min(t));
                 let rows = i1 - i0;
-                let kend = d.visible(i1 - 1);
+                // The block's key band kbeg..kend (w columns), as in the forward.
+                let (kbeg, kend) = (d.first(i0), d.visible(i1 - 1));
+                let w = kend - kbeg;
+                let kb = k0 + kbeg * nkv * hd;
                 let q0 = ((bi * t + i0) * nh + h) * hd;
                 p.clear();
-                p.resize(rows * kend, T::ZERO);
+                p.resize(rows * w, T::ZERO);
                 dp.clear();
-                dp.resize(rows * kend, T::ZERO);
-                // SAFETY: as in the forward; dp is rows × kend.
+                dp.resize(rows * w, T::ZERO);
+                // SAFETY: as in the forward; dp is rows × w.
                 unsafe {
-                    // S = scale·Q_blk·Kᵀ, then P = exp(S − lse) in place.
-                    gemm_seq(rows, kend, hd, p.as_mut_ptr(), kend as isize, 1, q[q0..].as_ptr(), qrs, 1, k[k0..].as_ptr(), 1, krs, scale, T::ZERO);
-                    // dP = dO_blk·Vᵀ
-                    gemm_seq(rows, kend, hd, dp.as_mut_ptr(), kend as isize, 1, dout[q0..].as_ptr(), qrs, 1, v[k0..].as_ptr(), 1, krs, T::ONE, T::ZERO);
+                    // S = scale·Q_blk·K[kbeg..kend]ᵀ, then P = exp(S − lse) in place.
+                    gemm_seq(rows, w, hd, p.as_mut_ptr(), w as isize, 1, q[q0..].as_ptr(), qrs, 1, k[kb..].as_ptr(), 1, krs, scale, T::ZERO);
+                    // dP = dO_blk·V[kbeg..kend]ᵀ
+                    gemm_seq(rows, w, hd, dp.as_mut_ptr(), w as isize, 1, dout[q0..].as_ptr(), qrs, 1, v[kb..].as_ptr(), 1, krs, T::ONE, T::ZERO);
                 }
                 if let Some(c) = d.softcap {
                     let c = T::from_f64(c);
@@ -199,36 +208,40 @@ pub fn attention_bwd<T: Float>(
                     th.extend(p.iter().map(|x| tanh(*x / c)));
                     p.iter_mut().zip(&th).for_each(|(x, t)| *x = c * *t);
                 }
-                for (r, (pr, dpr)) in p.chunks_mut(kend).zip(dp.chunks_mut(kend)).enumerate() {
+                for (r, (pr, dpr)) in p.chunks_mut(w).zip(dp.chunks_mut(w)).enumerate() {
                     let i = i0 + r;
                     let l = lse[(bi * t + i) * nh + h];
-                    let vis = if l == T::NEG_INFINITY { 0 } else { d.visible(i) };
+                    // Visible band lo..vis of this row, relative to kbeg (empty for a row that saw no key).
+                    let (lo, vis) = if l == T::NEG_INFINITY { (0, 0) } else { (d.first(i) - kbeg, d.visible(i) - kbeg) };
                     let row = q0 + r * nh * hd;
                     // D_i = dO_i·O_i
                     let di: T = dout[row..row + hd].iter().zip(&o[row..row + hd]).map(|(a, b)| *a * *b).sum();
-                    let (pv, ph) = pr.split_at_mut(vis);
-                    let (gv, gh) = dpr.split_at_mut(vis);
-                    ph.iter_mut().for_each(|x| *x = T::ZERO);
-                    gh.iter_mut().for_each(|x| *x = T::ZERO);
+                    let (pb, prest) = pr.split_at_mut(lo);
+                    let (pv, ph) = prest.split_at_mut(vis - lo);
+                    let (gb, grest) = dpr.split_at_mut(lo);
+                    let (gv, gh) = grest.split_at_mut(vis - lo);
+                    for x in pb.iter_mut().chain(ph.iter_mut()).chain(gb.iter_mut()).chain(gh.iter_mut()) {
+                        *x = T::ZERO;
+                    }
                     if let Some(mk) = mask {
                         // exp(−∞ − l) = 0 makes P and dS vanish at padded keys.
-                        pv.iter_mut().zip(&mk[bi * s..]).filter(|(_, keep)| !**keep).for_each(|(x, _)| *x = T::NEG_INFINITY);
+                        pv.iter_mut().zip(&mk[bi * s + kbeg + lo..]).filter(|(_, keep)| !**keep).for_each(|(x, _)| *x = T::NEG_INFINITY);
                     }
                     // P = exp(S − lse);  dS = scale·P ⊙ (dP − D)
                     T::softmax_grad_row(pv, gv, l, di, scale);
                     if d.softcap.is_some() {
                         // dz = dS ⊙ (1 − tanh²(z/c)).
-                        gv.iter_mut().zip(&th[r * kend..]).for_each(|(g, t)| *g *= T::ONE - *t * *t);
+                        gv.iter_mut().zip(&th[r * w + lo..]).for_each(|(g, t)| *g *= T::ONE - *t * *t);
                     }
                 }
                 // SAFETY: see the task comment; dq rows of head h (owned), dk/dv of kv head kh.
                 unsafe {
-                    // dV[..kend] += Pᵀ·dO_blk
-                    gemm_seq(kend, hd, rows, dvp.get().add(k0), krs, 1, p.as_ptr(), 1, kend as isize, dout[q0..].as_ptr(), qrs, 1, T::ONE, T::ONE);
-                    // dQ_blk = dS·K[..kend]
-                    gemm_seq(rows, hd, kend, dqp.get().add(q0), qrs, 1, dp.as_ptr(), kend as isize, 1, k[k0..].as_ptr(), krs, 1, T::ONE, T::ZERO);
-                    // dK[..kend] += dSᵀ·Q_blk
-                    gemm_seq(kend, hd, rows, dkp.get().add(k0), krs, 1, dp.as_ptr(), 1, kend as isize, q[q0..].as_ptr(), qrs, 1, T::ONE, T::ONE);
+                    // dV[kbeg..kend] += Pᵀ·dO_blk
+                    gemm_seq(w, hd, rows, dvp.get().add(kb), krs, 1, p.as_ptr(), 1, w as isize, dout[q0..].as_ptr(), qrs, 1, T::ONE, T::ONE);
+                    // dQ_blk = dS·K[kbeg..kend]
+                    gemm_seq(rows, hd, w, dqp.get().add(q0), qrs, 1, dp.as_ptr(), w as isize, 1, k[kb..].as_ptr(), krs, 1, T::ONE, T::ZERO);
+                    // dK[kbeg..kend] += dSᵀ·Q_blk
+                    gemm_seq(w, hd, rows, dkp.get().add(kb), krs, 1, dp.as_ptr(), 1, w as isize, q[q0..].as_ptr(), qrs, 1, T::ONE, T::ONE);
                 }
             }
         }
@@ -281,9 +294,14 @@ mod tests {
             for causal in [true, false] {
                 for mask in [false, true] {
                     for softcap in [None, Some(0.7)] {
-                        let d = AttnDims { b, t, s, nh, nkv, hd, causal, scale: 1.0 / (hd as f64).sqrt(), softcap };
-                        check(d, mask, seed);
-                        seed += 1;
+                        // Sliding windows (causal only): 1 (each query sees itself), narrower and
+                        // wider than a 64-row block, and wider than the keys.
+                        let windows: &[Option<usize>] = if causal { &[None, Some(1), Some(3), Some(37), Some(100)] } else { &[None] };
+                        for &window in windows {
+                            let d = AttnDims { b, t, s, nh, nkv, hd, causal, scale: 1.0 / (hd as f64).sqrt(), softcap, window };
+                            check(d, mask, seed);
+                            seed += 1;
+                        }
                     }
                 }
             }

@@ -197,6 +197,40 @@ impl Kernels for Cpu {
         })
     }
 
+    fn copy_cols(
+        &self,
+        dst: &mut Storage,
+        dst_ld: usize,
+        dst_off: usize,
+        src: &Storage,
+        src_ld: usize,
+        src_off: usize,
+        rows: usize,
+        cols: usize,
+        op: &'static str,
+    ) -> Result<()> {
+        with_float!(dst.dtype(), op, |T| {
+            cpu::copy_cols(out_mut::<T>(dst, op, "dst")?, dst_ld, dst_off, &vals::<T>(src), src_ld, src_off, rows, cols);
+            Ok(())
+        })
+    }
+
+    fn softcap_fwd(&self, y: &mut Storage, x: &Storage, cap: f64) -> Result<()> {
+        const OP: &str = "softcap";
+        with_float!(y.dtype(), OP, |T| {
+            cpu::softcap_fwd(out_mut::<T>(y, OP, "y")?, &vals::<T>(x), cap);
+            Ok(())
+        })
+    }
+
+    fn softcap_bwd(&self, dx: &mut Storage, dy: &Storage, y: &Storage, cap: f64) -> Result<()> {
+        const OP: &str = "softcap.backward";
+        with_float!(dx.dtype(), OP, |T| {
+            cpu::softcap_bwd(out_mut::<T>(dx, OP, "dx")?, &vals::<T>(dy), &vals::<T>(y), cap);
+            Ok(())
+        })
+    }
+
     fn geglu_bwd(&self, dg: Option<&mut Storage>, du: Option<&mut Storage>, dy: &Storage, g: &Storage, u: &Storage) -> Result<()> {
         const OP: &str = "geglu.backward";
         with_float!(dy.dtype(), OP, |T| { gated_bwd::<T>(dg, du, dy, g, u, OP, cpu::geglu_bwd::<T>) })
@@ -271,10 +305,10 @@ impl Kernels for Cpu {
 
     // --- rope ---------------------------------------------------------------------------------
 
-    fn rope(&self, y: &mut Storage, x: &Storage, pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, inverse: bool) -> Result<()> {
+    fn rope(&self, y: &mut Storage, x: &Storage, pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, scale: f64, inverse: bool) -> Result<()> {
         const OP: &str = "rope";
         with_float!(y.dtype(), OP, |T| {
-            cpu::rope(out_mut::<T>(y, OP, "y")?, &vals::<T>(x), pos, inv_freq, h, hd, inverse);
+            cpu::rope(out_mut::<T>(y, OP, "y")?, &vals::<T>(x), pos, inv_freq, h, hd, scale, inverse);
             Ok(())
         })
     }
@@ -322,12 +356,12 @@ impl Kernels for Cpu {
         with_float!(lse.dtype(), OP, |T| { Ok(cpu::cross_entropy_fwd(out_mut::<T>(lse, OP, "lse")?, &vals::<T>(x), targets, ignore, vocab)) })
     }
 
-    fn ce_bwd(&self, x: &mut Storage, lse: &Storage, lse_off: usize, targets: &[i64], ignore: i64, vocab: usize, g: f64) -> Result<()> {
+    fn ce_bwd(&self, x: &mut Storage, lse: &Storage, lse_off: usize, targets: &[i64], ignore: i64, vocab: usize, g: f64, softcap: Option<f64>) -> Result<()> {
         const OP: &str = "cross_entropy.backward";
         with_float!(x.dtype(), OP, |T| {
             let rows = targets.len();
             let xs = &mut out_mut::<T>(x, OP, "x")?[..rows * vocab];
-            cpu::cross_entropy_bwd_inplace(xs, &vals::<T>(lse)[lse_off..lse_off + rows], targets, ignore, vocab, T::from_f64(g));
+            cpu::cross_entropy_bwd_inplace(xs, &vals::<T>(lse)[lse_off..lse_off + rows], targets, ignore, vocab, T::from_f64(g), softcap);
             Ok(())
         })
     }
@@ -337,7 +371,7 @@ impl Kernels for Cpu {
         with_float!(lse.dtype(), OP, |T| {
             let dh = dh.map(|s| out_mut::<T>(s, OP, "dh")).transpose()?;
             let l = out_mut::<T>(lse, OP, "lse")?;
-            let loss = cpu::linear_cross_entropy_fwd(l, dh, &vals::<T>(h), w, targets, c.ignore, c.d, c.vocab, c.rows_blk, c.cols, T::from_f64(g));
+            let loss = cpu::linear_cross_entropy_fwd(l, dh, &vals::<T>(h), w, targets, c.ignore, c.d, c.vocab, c.rows_blk, c.cols, T::from_f64(g), c.softcap);
             w.release_read_pages();
             Ok(loss)
         })

@@ -129,6 +129,8 @@ pub struct CeBlocks {
     pub cols: usize,
     /// CUDA: rows per chunk of full-vocabulary logits.
     pub chunk: usize,
+    /// Soft cap c of the logits (Gemma 2's final_logit_softcapping): z = c·tanh(l/c).
+    pub softcap: Option<f64>,
 }
 
 /// AdamW's hyper-parameters for one update (decoupled weight decay; `step` = t ≥ 1 of the
@@ -194,6 +196,27 @@ pub trait Kernels: Sync {
     fn gelu_tanh_bwd(&self, dx: &mut Storage, dy: &Storage, x: &Storage) -> Result<()>;
     /// y = gelu_tanh(g) ⊙ u (GeGLU, Gemma's MLP gate).
     fn geglu_fwd(&self, y: &mut Storage, g: &Storage, u: &Storage) -> Result<()>;
+    /// Strided column copy: `dst[r·dst_ld + dst_off + c] = src[r·src_ld + src_off + c]` for
+    /// r < rows, c < cols; other elements of dst are left as they are. The forward of
+    /// `split_last` (a column range of x into a part) and its backward (a part's gradient into
+    /// its column range of dx).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_cols(
+        &self,
+        dst: &mut Storage,
+        dst_ld: usize,
+        dst_off: usize,
+        src: &Storage,
+        src_ld: usize,
+        src_off: usize,
+        rows: usize,
+        cols: usize,
+        op: &'static str,
+    ) -> Result<()>;
+    /// y = cap·tanh(x/cap) (soft-capping).
+    fn softcap_fwd(&self, y: &mut Storage, x: &Storage, cap: f64) -> Result<()>;
+    /// dx = dy ⊙ (1 − (y/cap)²) from the output y = cap·tanh(x/cap): d/dx = 1 − tanh²(x/cap).
+    fn softcap_bwd(&self, dx: &mut Storage, dy: &Storage, y: &Storage, cap: f64) -> Result<()>;
     /// dg = dy ⊙ u ⊙ gelu_tanh'(g);  du = dy ⊙ gelu_tanh(g). Either output may be absent.
     fn geglu_bwd(&self, dg: Option<&mut Storage>, du: Option<&mut Storage>, dy: &Storage, g: &Storage, u: &Storage) -> Result<()>;
 
@@ -226,12 +249,14 @@ pub trait Kernels: Sync {
 
     // --- rope ---------------------------------------------------------------------------------
 
-    /// Rotate-half RoPE of x [rows, h, hd] (rows = b·t, one position each in `pos`), angle
-    /// θ = `pos·inv_freq[i]` for the pair (i, i + hd/2):
-    ///   `y[i] = x[i]·cos θ − x[i+hd/2]·sin θ`;  `y[i+hd/2] = x[i+hd/2]·cos θ + x[i]·sin θ`.
-    /// `inverse` rotates by −θ: the backward, dx = R(θ)ᵀ·dy = R(−θ)·dy.
+    /// Rotate-half RoPE of x [rows, h, hd] (rows = b·t, one position each in `pos`) over the
+    /// first rot = 2·inv_freq.len() ≤ hd dims of each head, angle θ = `pos·inv_freq[i]` for the
+    /// pair (i, i + rot/2), cos and sin scaled by s = `scale`:
+    ///   `y[i] = s·(x[i]·cos θ − x[i+rot/2]·sin θ)`;  `y[i+rot/2] = s·(x[i+rot/2]·cos θ + x[i]·sin θ)`;
+    ///   `y[j] = x[j]` for rot ≤ j < hd (partial rotary: passed through, unscaled).
+    /// `inverse` applies s·R(−θ) instead: the backward, dx = (s·R(θ))ᵀ·dy = s·R(−θ)·dy.
     #[allow(clippy::too_many_arguments)]
-    fn rope(&self, y: &mut Storage, x: &Storage, pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, inverse: bool) -> Result<()>;
+    fn rope(&self, y: &mut Storage, x: &Storage, pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, scale: f64, inverse: bool) -> Result<()>;
 
     // --- attention ----------------------------------------------------------------------------
 
@@ -266,10 +291,13 @@ pub trait Kernels: Sync {
     fn ce_fwd(&self, lse: &mut Storage, x: &Storage, targets: &[i64], ignore: i64, vocab: usize) -> Result<f64>;
     /// In place over the first targets.len() rows of x [.., vocab]:
     ///   x_rj ← g·(exp(x_rj − lse_(lse_off + r)) − [j = target_r]), 0 on ignored rows
-    /// (the softmax cross-entropy gradient, g = dy / denominator).
+    /// (the softmax cross-entropy gradient, g = dy / denominator). With a soft cap c, x holds the
+    /// raw logits, the softmax is of z = c·tanh(x/c) (lse of z) and the gradient reaches x
+    /// through dz/dx = 1 − (z/c)²: x_rj ← g·(exp(z_rj − lse) − [j = target_r])·(1 − (z_rj/c)²).
     #[allow(clippy::too_many_arguments)]
-    fn ce_bwd(&self, x: &mut Storage, lse: &Storage, lse_off: usize, targets: &[i64], ignore: i64, vocab: usize, g: f64) -> Result<()>;
-    /// The loss of logits h·Wᵀ without storing them (h [N, d], W [vocab, d] in any stored dtype):
+    fn ce_bwd(&self, x: &mut Storage, lse: &Storage, lse_off: usize, targets: &[i64], ignore: i64, vocab: usize, g: f64, softcap: Option<f64>) -> Result<()>;
+    /// The loss of logits h·Wᵀ without storing them (h [N, d], W [vocab, d] in any stored dtype),
+    /// each logit soft-capped first (z = c·tanh(l/c)) when `c.softcap` is set:
     /// writes lse `[N]`, returns Σ over counted rows of lse_r − logit_r,target. With `dh`, also
     /// writes dh = g·(softmax − onehot)·W, the gradient for dy = 1 (0 on ignored rows). The CPU
     /// walks `c.rows_blk` rows × `c.cols` columns of logits at a time with an online softmax; CUDA

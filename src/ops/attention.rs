@@ -1,5 +1,5 @@
-//! Scaled dot-product attention with grouped KV heads (GQA), causal masking and a key padding
-//! mask. Memory is linear in sequence length: the forward saves the output and one logsumexp per
+//! Scaled dot-product attention with grouped KV heads (GQA), causal masking, an optional
+//! sliding window and a key padding mask. Memory is linear in sequence length: the forward saves the output and one logsumexp per
 //! (query, head), and the backward recomputes the probabilities (FlashAttention's trade).
 //!
 //! Layouts follow the projections directly, so no transposes are needed:
@@ -24,10 +24,15 @@ pub struct AttnOptions {
     /// Soft cap c of the scores (Gemma 2): S = c·tanh(scale·q·k / c) before the masks and the
     /// softmax; `None` leaves the scores uncapped.
     pub softcap: Option<f64>,
+    /// Sliding window w ≥ 1 (Mistral, Gemma 2/3, Qwen2's local layers; needs `causal`): the query
+    /// at absolute position p = s − t + i sees key j only if p − j < w (transformers' mask
+    /// kv_idx > q_idx − sliding_window). `None`: no window.
+    pub window: Option<usize>,
 }
 
-/// softmax(scale·QKᵀ + masks)·V per head (the scores soft-capped first when `opts.softcap`); query heads h use kv head h / (nh/nkv).
-/// A query that can see no key (all padding) outputs zeros.
+/// softmax(scale·QKᵀ + masks)·V per head (the scores soft-capped first when `opts.softcap`);
+/// query heads h use kv head h / (nh/nkv). The masks are causal, the sliding window and the key
+/// padding mask. A query that can see no key (all padding) outputs zeros.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<Tensor> {
     let dt = compute_dtype("attention", "q", q)?;
     check_dtype("attention", "k", k, dt, true)?;
@@ -58,7 +63,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Resu
             return Err(Error::invalid("attention", format!("softcap must be finite and > 0, got {c}")));
         }
     }
-    let d = AttnDims { b, t, s, nh, nkv, hd, causal: opts.causal, scale, softcap: opts.softcap };
+    if let Some(w) = opts.window {
+        if w == 0 {
+            return Err(Error::invalid("attention", "window must be ≥ 1 (a query always sees its own position), got 0"));
+        }
+        if !opts.causal {
+            return Err(Error::invalid(
+                "attention",
+                format!("window = {w} needs causal attention (a sliding window bounds how far back a causal query looks)"),
+            ));
+        }
+    }
+    let d = AttnDims { b, t, s, nh, nkv, hd, causal: opts.causal, scale, softcap: opts.softcap, window: opts.window };
     let kr = kernels_for("attention", &[("q", q), ("k", k), ("v", v)])?;
     let (mut o, mut lse) = (kr.zeros(dt, q.numel(), "attention")?, kr.zeros(dt, b * t * nh, "attention")?);
     kr.attn_fwd(&mut o, &mut lse, &q.read(), &k.read(), &v.read(), opts.key_mask.as_deref(), &d)?;

@@ -1,4 +1,4 @@
-//! Elementwise ops: add (residuals, biases), mul, scale, silu, gelu_tanh, and the fused gates
+//! Elementwise ops: add (residuals, biases), mul, scale, silu, gelu_tanh, softcap, and the fused gates
 //! SwiGLU (Llama) and GeGLU (Gemma). `add` and `mul` broadcast `b` over the leading dims of `a`
 //! when `b`'s shape is a suffix of `a`'s (a bias [c] onto activations [rows, c]).
 
@@ -266,5 +266,40 @@ impl Backward for GatedBwd {
         }
         let wrap = |s: Storage| Tensor::from_storage(s, dy.shape().clone());
         Ok(vec![dg.map(wrap), du.map(wrap)])
+    }
+}
+
+/// Soft-capping: y = cap·tanh(x/cap) elementwise (Gemma 2's attention and final-logit
+/// soft-capping): |y| < cap, and y ≈ x for |x| ≪ cap. `cap` must be finite and > 0.
+pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    const OP: &str = "softcap";
+    let dt = compute_dtype(OP, "x", x)?;
+    if !(cap > 0.0 && cap.is_finite()) {
+        return Err(Error::invalid(OP, format!("cap must be finite and > 0, got {cap}")));
+    }
+    let k = kernels_for(OP, &[("x", x)])?;
+    let mut y = k.zeros(dt, x.numel(), OP)?;
+    k.softcap_fwd(&mut y, &x.read(), cap)?;
+    let y = Tensor::from_storage(y, x.shape().clone());
+    let saved = y.detach();
+    Ok(record(y, &[x], |_| Box::new(SoftcapBwd { y: saved, cap })))
+}
+
+struct SoftcapBwd {
+    /// The output: the derivative is a function of it, so x need not be kept.
+    y: Tensor,
+    cap: f64,
+}
+impl Backward for SoftcapBwd {
+    fn name(&self) -> &'static str {
+        "softcap"
+    }
+    /// d/dx cap·tanh(x/cap) = 1 − tanh²(x/cap) = 1 − (y/cap)², so dx = dy ⊙ (1 − (y/cap)²).
+    fn backward(&self, dy: &Tensor, _: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
+        const OP: &str = "softcap.backward";
+        let k = kernels_for(OP, &[("dy", dy), ("y", &self.y)])?;
+        let mut dx = k.zeros(dy.dtype(), dy.numel(), OP)?;
+        k.softcap_bwd(&mut dx, &dy.read(), &self.y.read(), self.cap)?;
+        Ok(vec![Some(Tensor::from_storage(dx, dy.shape().clone()))])
     }
 }

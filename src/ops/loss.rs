@@ -36,11 +36,21 @@ pub struct CeOptions {
     /// walks the vocabulary with an online softmax); default: 2M logits per block over the rows
     /// of a chunk, at least 512 columns.
     pub chunk_cols: Option<usize>,
+    /// Soft cap c of the logits before the softmax (Gemma 2's final_logit_softcapping):
+    /// z = c·tanh(logit/c). Finite and > 0; `None`: uncapped.
+    pub softcap: Option<f64>,
 }
 
 impl Default for CeOptions {
     fn default() -> Self {
-        CeOptions { ignore_index: -100, denominator: None, chunk_rows: None, chunk_cols: None }
+        CeOptions { ignore_index: -100, denominator: None, chunk_rows: None, chunk_cols: None, softcap: None }
+    }
+}
+
+fn check_softcap(op: &'static str, opts: &CeOptions) -> Result<()> {
+    match opts.softcap {
+        Some(c) if !(c > 0.0 && c.is_finite()) => Err(Error::invalid(op, format!("softcap must be finite and > 0, got {c}"))),
+        _ => Ok(()),
     }
 }
 
@@ -71,9 +81,16 @@ fn scalar(dy: &Tensor) -> Result<f64> {
     Ok(dy.try_to_vec::<f64>()?[0])
 }
 
-/// Mean cross-entropy of logits [N, V] against N targets (a scalar).
+/// Mean cross-entropy of logits [N, V] against N targets (a scalar); with `opts.softcap` the
+/// logits are soft-capped first (the [`crate::ops::softcap`] op, whose backward chains in).
 pub fn cross_entropy(logits: &Tensor, targets: &[i64], opts: &CeOptions) -> Result<Tensor> {
     const OP: &str = "cross_entropy";
+    check_softcap(OP, opts)?;
+    if let Some(c) = opts.softcap {
+        compute_dtype(OP, "logits", logits)?;
+        let capped = super::softcap(logits, c)?;
+        return cross_entropy(&capped, targets, &CeOptions { softcap: None, ..opts.clone() });
+    }
     let dt = compute_dtype(OP, "logits", logits)?;
     if logits.dims().len() != 2 {
         return Err(Error::shape(OP, "logits", "[N, vocab]", logits.shape()));
@@ -111,15 +128,17 @@ impl Backward for CrossEntropyBwd {
         let g = scalar(dy)? / self.denom;
         let vocab = self.logits.dims()[1];
         let mut dx = k.upload(&self.logits.read(), dy.dtype(), OP)?;
-        k.ce_bwd(&mut dx, &self.lse.read(), 0, &self.targets, self.ignore_index, vocab, g)?;
+        k.ce_bwd(&mut dx, &self.lse.read(), 0, &self.targets, self.ignore_index, vocab, g, None)?;
         Ok(vec![Some(Tensor::from_storage(dx, self.logits.shape().clone()))])
     }
 }
 
 /// Cross-entropy of the logits h·Wᵀ without materializing them: h [N, d], W [V, d] (the LM head
-/// or the tied embedding, any stored dtype), N targets → scalar.
+/// or the tied embedding, any stored dtype), N targets → scalar. With `opts.softcap` = c each
+/// logit l becomes c·tanh(l/c) before the softmax, in the forward and both backwards.
 pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[i64], opts: &CeOptions) -> Result<Tensor> {
     const OP: &str = "linear_cross_entropy";
+    check_softcap(OP, opts)?;
     let dt = compute_dtype(OP, "h", h)?;
     check_dtype(OP, "w", w, dt, false)?;
     let (hd, wd) = (h.dims(), w.dims());
@@ -140,7 +159,7 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[i64], opts: &CeOp
     // CPU_BLOCK_LOGITS (8 MiB in f32) unless the options say otherwise.
     let cols = opts.chunk_cols.unwrap_or((CPU_BLOCK_LOGITS / rows.max(1)).max(512)).clamp(1, vocab.max(1));
     let rows_blk = opts.chunk_rows.unwrap_or(CPU_BLOCK_LOGITS / cols).clamp(1, rows.max(1));
-    let blocks = CeBlocks { d, vocab, ignore: opts.ignore_index, rows_blk, cols, chunk };
+    let blocks = CeBlocks { d, vocab, ignore: opts.ignore_index, rows_blk, cols, chunk, softcap: opts.softcap };
     // Training through a frozen head (the usual case): the backward's softmax − onehot depends
     // on dy only through a scalar factor, so the forward computes dh for dy = 1 chunk by chunk
     // while the logits are at hand, and the backward only scales it — no second pass over the
@@ -155,7 +174,16 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[i64], opts: &CeOp
     let dh = dh.map(|s| Tensor::from_storage(s, [rows, d].into()));
     Ok(record(y, &[h, w], |_| match dh {
         Some(dh) => Box::new(LinearCeFusedBwd { dh }) as Box<dyn Backward>,
-        None => Box::new(LinearCeBwd { h: h.detach(), w: w.detach(), lse, targets: targets.to_vec(), ignore_index: opts.ignore_index, denom, chunk }),
+        None => Box::new(LinearCeBwd {
+            h: h.detach(),
+            w: w.detach(),
+            lse,
+            targets: targets.to_vec(),
+            ignore_index: opts.ignore_index,
+            denom,
+            chunk,
+            softcap: opts.softcap,
+        }),
     }))
 }
 
@@ -185,12 +213,15 @@ struct LinearCeBwd {
     ignore_index: i64,
     denom: f64,
     chunk: usize,
+    softcap: Option<f64>,
 }
 impl Backward for LinearCeBwd {
     fn name(&self) -> &'static str {
         "linear_cross_entropy"
     }
-    /// Per chunk: G = dy/denom·(softmax(h Wᵀ) − onehot) recomputed;  dh = G·W;  dW += Gᵀ·h.
+    /// Per chunk: G = dy/denom·(softmax(h Wᵀ) − onehot) recomputed (under a soft cap c: the
+    /// softmax of z = c·tanh(h Wᵀ/c), and G ⊙ (1 − (z/c)²) to reach the raw logits);
+    /// dh = G·W;  dW += Gᵀ·h.
     fn backward(&self, dy: &Tensor, needs: &[bool], _: &mut GradStore) -> Result<Vec<Option<Tensor>>> {
         const OP: &str = "linear_cross_entropy.backward";
         let k = kernels_for(OP, &[("h", &self.h)])?;
@@ -204,9 +235,9 @@ impl Backward for LinearCeBwd {
         for r0 in (0..rows).step_by(self.chunk) {
             let r1 = (r0 + self.chunk).min(rows);
             let n = r1 - r0;
-            // L = h[r0..r1]·Wᵀ [n, vocab], then G in place.
+            // L = h[r0..r1]·Wᵀ [n, vocab] (raw logits), then G in place.
             k.gemm(&mut logits, &hg, &wg, &Gemm::new(n, d, vocab).trans(false, true).offsets(r0 * d, 0, 0), OP)?;
-            k.ce_bwd(&mut logits, &lg, r0, &self.targets[r0..r1], self.ignore_index, vocab, g)?;
+            k.ce_bwd(&mut logits, &lg, r0, &self.targets[r0..r1], self.ignore_index, vocab, g, self.softcap)?;
             if let Some(dh) = dh.as_mut() {
                 // dh[r0..r1] = G·W [n, d]
                 k.gemm(dh, &logits, &wg, &Gemm::new(n, vocab, d).offsets(0, 0, r0 * d), OP)?;

@@ -17,6 +17,7 @@ mod norm;
 mod reduce;
 mod rope;
 mod spectral;
+mod split;
 
 pub use adapter::{
     adapter_linear, lora_linear, pissa_linear, speclora_linear, speclora_svd_linear, swiglu_adapter_linear, swiglu_adapter_linear_graph_only, Dropout,
@@ -24,7 +25,7 @@ pub use adapter::{
 };
 pub use attention::{attention, AttnOptions};
 pub use dora::{dora_linear, dora_merged, dora_nu, dora_row_norms, row_norms2};
-pub use elementwise::{add, geglu, gelu_tanh, mul, scale, silu, swiglu};
+pub use elementwise::{add, geglu, gelu_tanh, mul, scale, silu, softcap, swiglu};
 pub use embedding::embedding;
 pub use loss::{cross_entropy, linear_cross_entropy, CeOptions};
 pub use matmul::{linear, matmul};
@@ -32,6 +33,7 @@ pub use norm::rms_norm;
 pub use reduce::{mean, sum};
 pub use rope::{rope, Rope};
 pub use spectral::{cayley, cayley_f64, spectral_a_linear, spectral_r_linear};
+pub use split::split_last;
 
 use crate::autograd::{record, Backward, GradStore};
 use crate::dtype::DType;

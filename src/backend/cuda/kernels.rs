@@ -161,26 +161,37 @@ fn attn_dims(d: &AttnDims) -> Arg {
     Arg::Dims([d.b as u32, d.t as u32, d.s as u32, d.nh as u32, d.nkv as u32, d.hd as u32, d.causal as u32, (d.scale as f32).to_bits()])
 }
 
-/// Rows of CE over x [rows, vocab] at `xp`: lse (at `lse`) and per-row losses (at `loss`).
+/// The sliding window as cuda/attention.cu's `window` argument (0 = none).
+fn window_arg(d: &AttnDims) -> Result<i32> {
+    match d.window {
+        None => Ok(0),
+        Some(w) => i32::try_from(w.min(d.s)).map_err(|_| Error::Cuda { op: "attention".into(), msg: format!("window {w} does not fit the kernel's int") }),
+    }
+}
+
+/// Rows of CE over x [rows, vocab] at `xp`: lse (at `lse`) and per-row losses (at `loss`), of
+/// the soft-capped logits c·tanh(x/c) when `cap` is set.
 #[allow(clippy::too_many_arguments)]
-fn ce_rows(op: &str, xp: u64, lse: u64, loss: u64, targets: u64, ignore: i64, rows: usize, vocab: usize) -> Result<()> {
+fn ce_rows(op: &str, xp: u64, lse: u64, loss: u64, targets: u64, ignore: i64, rows: usize, vocab: usize, cap: Option<f64>) -> Result<()> {
     launch(
         "ce_fwd",
         (rows as u32, 1, 1),
         256,
-        &[Arg::Ptr(lse), Arg::Ptr(loss), Arg::Ptr(xp), Arg::Ptr(targets), Arg::I64(ignore), Arg::I32(vocab as i32)],
+        &[Arg::Ptr(lse), Arg::Ptr(loss), Arg::Ptr(xp), Arg::Ptr(targets), Arg::I64(ignore), Arg::I32(vocab as i32), Arg::F32(cap.unwrap_or(0.0) as f32)],
         || format!("{op}: {rows} rows × {vocab}"),
     )
 }
 
-/// In place over x [rows, vocab] at `xp`: x ← g·(softmax − onehot), 0 on ignored rows.
+/// In place over x [rows, vocab] at `xp`: x ← g·(softmax − onehot), 0 on ignored rows; under a
+/// soft cap x holds raw logits, the softmax is of the capped ones and the result is times
+/// 1 − (z/c)².
 #[allow(clippy::too_many_arguments)]
-fn ce_grad(op: &str, xp: u64, lse: u64, targets: u64, ignore: i64, rows: usize, vocab: usize, g: f64) -> Result<()> {
+fn ce_grad(op: &str, xp: u64, lse: u64, targets: u64, ignore: i64, rows: usize, vocab: usize, g: f64, cap: Option<f64>) -> Result<()> {
     launch(
         "ce_bwd",
         (rows as u32, 1, 1),
         256,
-        &[Arg::Ptr(xp), Arg::Ptr(lse), Arg::Ptr(targets), Arg::I64(ignore), Arg::I32(vocab as i32), Arg::F32(g as f32)],
+        &[Arg::Ptr(xp), Arg::Ptr(lse), Arg::Ptr(targets), Arg::I64(ignore), Arg::I32(vocab as i32), Arg::F32(g as f32), Arg::F32(cap.unwrap_or(0.0) as f32)],
         || format!("{op}: {rows} rows × {vocab}"),
     )
 }
@@ -302,6 +313,45 @@ impl Kernels for Cuda {
         pointwise("geglu_fwd", &[f32p(y, "geglu", "out")?], &[g, u], "geglu")
     }
 
+    fn copy_cols(
+        &self,
+        dst: &mut Storage,
+        dst_ld: usize,
+        dst_off: usize,
+        src: &Storage,
+        src_ld: usize,
+        src_off: usize,
+        rows: usize,
+        cols: usize,
+        op: &'static str,
+    ) -> Result<()> {
+        let args = [
+            Arg::Ptr(f32p(dst, op, "dst")?),
+            Arg::I64(dst_ld as i64),
+            Arg::I64(dst_off as i64),
+            Arg::Ptr(f32p(src, op, "src")?),
+            Arg::I64(src_ld as i64),
+            Arg::I64(src_off as i64),
+            Arg::I64(rows as i64),
+            Arg::I64(cols as i64),
+        ];
+        launch("copy_cols", grid1(rows * cols), 256, &args, || format!("{op}: {rows} rows × {cols} columns"))
+    }
+
+    fn softcap_fwd(&self, y: &mut Storage, x: &Storage, cap: f64) -> Result<()> {
+        const OP: &str = "softcap";
+        let n = x.len();
+        let args = [Arg::Ptr(f32p(y, OP, "out")?), Arg::Ptr(f32p(x, OP, "x")?), Arg::F32(cap as f32), Arg::I64(n as i64)];
+        launch("softcap_fwd", grid1(n), 256, &args, || format!("{OP}: {n} elements"))
+    }
+
+    fn softcap_bwd(&self, dx: &mut Storage, dy: &Storage, y: &Storage, cap: f64) -> Result<()> {
+        const OP: &str = "softcap.backward";
+        let n = dy.len();
+        let args = [Arg::Ptr(f32p(dx, OP, "dx")?), Arg::Ptr(f32p(dy, OP, "dy")?), Arg::Ptr(f32p(y, OP, "y")?), Arg::F32(cap as f32), Arg::I64(n as i64)];
+        launch("softcap_bwd", grid1(n), 256, &args, || format!("{OP}: {n} elements"))
+    }
+
     fn geglu_bwd(&self, dg: Option<&mut Storage>, du: Option<&mut Storage>, dy: &Storage, g: &Storage, u: &Storage) -> Result<()> {
         const OP: &str = "geglu.backward";
         pointwise("geglu_bwd", &[opt_f32p(dg, OP, "dg")?, opt_f32p(du, OP, "du")?], &[dy, g, u], OP)
@@ -393,11 +443,11 @@ impl Kernels for Cuda {
 
     // --- rope ---------------------------------------------------------------------------------
 
-    fn rope(&self, y: &mut Storage, x: &Storage, pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, inverse: bool) -> Result<()> {
+    fn rope(&self, y: &mut Storage, x: &Storage, pos: &[usize], inv_freq: &[f64], h: usize, hd: usize, scale: f64, inverse: bool) -> Result<()> {
         let op = if inverse { "rope.backward" } else { "rope" };
         let posv: Vec<i64> = pos.iter().map(|&p| p as i64).collect();
         let (pb, fb) = (upload_host(&posv, op)?, upload_host(inv_freq, op)?);
-        let rows = pos.len();
+        let (rows, half) = (pos.len(), inv_freq.len());
         let args = [
             Arg::Ptr(f32p(y, op, "out")?),
             Arg::Ptr(f32p(x, op, "x")?),
@@ -406,9 +456,13 @@ impl Kernels for Cuda {
             Arg::I64(rows as i64),
             Arg::I32(h as i32),
             Arg::I32(hd as i32),
+            Arg::I32(half as i32),
+            Arg::F64(scale),
             Arg::I32(inverse as i32),
         ];
-        launch("rope", grid1(rows * h * hd / 2), 256, &args, || format!("{op}: {rows} rows × {h} heads × {hd}"))
+        // One thread per rotated pair or passed-through dim.
+        let per = half + (hd - 2 * half);
+        launch("rope", grid1(rows * h * per), 256, &args, || format!("{op}: {rows} rows × {h} heads × {hd} (rotary {})", 2 * half))
     }
 
     // --- attention ----------------------------------------------------------------------------
@@ -428,6 +482,7 @@ impl Kernels for Cuda {
             Arg::Ptr(mbuf.as_ref().map_or(0, |m| m.ptr())),
             attn_dims(d),
             Arg::F32(d.softcap.unwrap_or(0.0) as f32),
+            Arg::I32(window_arg(d)?),
         ];
         launch("attn_fwd", (d.t.div_ceil(4) as u32, d.nh as u32, d.b as u32), 128, &args, || format!("{OP}: {d:?}"))
     }
@@ -462,6 +517,7 @@ impl Kernels for Cuda {
         let mp = mbuf.as_ref().map_or(0, |m| m.ptr());
         let (qp, kp, vp, lp) = (f32p(q, OP, "q")?, f32p(k, OP, "k")?, f32p(v, OP, "v")?, f32p(lse, OP, "lse")?);
         let cap = Arg::F32(d.softcap.unwrap_or(0.0) as f32);
+        let window = Arg::I32(window_arg(d)?);
         if let Some(dq) = dq {
             let args = [
                 Arg::Ptr(f32p(dq, OP, "dq")?),
@@ -474,6 +530,7 @@ impl Kernels for Cuda {
                 Arg::Ptr(mp),
                 attn_dims(d),
                 cap,
+                window,
             ];
             launch("attn_bwd_dq", (d.t.div_ceil(4) as u32, d.nh as u32, d.b as u32), 128, &args, shapes)?;
         }
@@ -501,6 +558,7 @@ impl Kernels for Cuda {
                 Arg::Ptr(mp),
                 attn_dims(d),
                 cap,
+                window,
             ];
             launch("attn_bwd_dkv", (d.s.div_ceil(4) as u32, d.nkv as u32, d.b as u32), 128, &args, shapes)?;
         }
@@ -514,19 +572,19 @@ impl Kernels for Cuda {
         let rows = targets.len();
         let tb = upload_host(targets, OP)?;
         let lr = DeviceBuf::new(DType::F32, rows, OP)?;
-        ce_rows(OP, f32p(x, OP, "logits")?, f32p(lse, OP, "lse")?, lr.ptr(), tb.ptr(), ignore, rows, vocab)?;
+        ce_rows(OP, f32p(x, OP, "logits")?, f32p(lse, OP, "lse")?, lr.ptr(), tb.ptr(), ignore, rows, vocab, None)?;
         Ok(lr.to_f32()?.iter().map(|&v| v as f64).sum())
     }
 
-    fn ce_bwd(&self, x: &mut Storage, lse: &Storage, lse_off: usize, targets: &[i64], ignore: i64, vocab: usize, g: f64) -> Result<()> {
+    fn ce_bwd(&self, x: &mut Storage, lse: &Storage, lse_off: usize, targets: &[i64], ignore: i64, vocab: usize, g: f64, softcap: Option<f64>) -> Result<()> {
         const OP: &str = "cross_entropy.backward";
         let tb = upload_host(targets, OP)?;
-        ce_grad(OP, f32p(x, OP, "x")?, f32p(lse, OP, "lse")? + 4 * lse_off as u64, tb.ptr(), ignore, targets.len(), vocab, g)
+        ce_grad(OP, f32p(x, OP, "x")?, f32p(lse, OP, "lse")? + 4 * lse_off as u64, tb.ptr(), ignore, targets.len(), vocab, g, softcap)
     }
 
     /// Row chunks of `c.chunk` rows: L = h_chunk·Wᵀ [n, vocab] (tensor cores for a bf16 head),
-    /// lse and the row losses from L; with dh, L becomes G = g·(softmax − onehot) in place and
-    /// dh_chunk = G·W.
+    /// lse and the row losses from L (soft-capped inside the kernels under `c.softcap`); with dh,
+    /// L becomes G = g·(softmax − onehot) (⊙ 1 − (z/c)² under a cap) in place and dh_chunk = G·W.
     fn linear_ce_fwd(&self, lse: &mut Storage, dh: Option<&mut Storage>, h: &Storage, w: &Storage, targets: &[i64], c: &CeBlocks, g: f64) -> Result<f64> {
         const OP: &str = "linear_cross_entropy";
         let (rows, d, vocab) = (targets.len(), c.d, c.vocab);
@@ -541,9 +599,9 @@ impl Kernels for Cuda {
             // L = h[r0..r0+n]·Wᵀ  [n, vocab]
             let hm = Mat::rows(h, OP, "h", d, r0 * d)?;
             gemm_strided(OP, n, vocab, d, 1, hm, Mat::rows(w, OP, "w", d, 0)?.t(), logits.ptr(), (vocab, 1, 0), 1.0, 0.0)?;
-            ce_rows(OP, logits.ptr(), lp + 4 * r0 as u64, lr.ptr() + 4 * r0 as u64, tb.ptr() + 8 * r0 as u64, c.ignore, n, vocab)?;
+            ce_rows(OP, logits.ptr(), lp + 4 * r0 as u64, lr.ptr() + 4 * r0 as u64, tb.ptr() + 8 * r0 as u64, c.ignore, n, vocab, c.softcap)?;
             if let Some(dhp) = dhp {
-                ce_grad(OP, logits.ptr(), lp + 4 * r0 as u64, tb.ptr() + 8 * r0 as u64, c.ignore, n, vocab, g)?;
+                ce_grad(OP, logits.ptr(), lp + 4 * r0 as u64, tb.ptr() + 8 * r0 as u64, c.ignore, n, vocab, g, c.softcap)?;
                 // dh[r0..r0+n] = G·W  [n, d]
                 gemm_strided(OP, n, d, vocab, 1, lm, Mat::rows(w, OP, "w", d, 0)?, dhp + 4 * (r0 * d) as u64, (d, 1, 0), 1.0, 0.0)?;
             }
