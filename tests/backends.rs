@@ -592,6 +592,13 @@ fn adapter_method_checks(
                     let f = if graph_only { ops::swiglu_adapter_linear_graph_only } else { ops::swiglu_adapter_linear };
                     f(&t[0], &t[1], &t[2], mk(&t[5..]), &t[3], &t[4], 1.5, drop)
                 });
+                // The same fusion for GeGLU (Gemma's MLP): gelu_tanh(gate) ⊙ up recomputed in the backward.
+                let mut ins = lora_inputs(&mut rng, wrole, true);
+                ins.extend(extra(&mut rng));
+                check(&format!("{name}, fused GeGLU down projection (graph only {graph_only}, w {wrole:?}, dropout {drop:?})"), dev, &ins, tol, &|t| {
+                    let f = if graph_only { ops::gated_adapter_linear_graph_only } else { ops::gated_adapter_linear };
+                    f(&t[0], &t[1], ops::GatedAct::GeluTanh, &t[2], mk(&t[5..]), &t[3], &t[4], 1.5, drop)
+                });
             }
         }
     }

@@ -30,6 +30,29 @@ fn check_opts(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Ten
     Ok(())
 }
 
+/// The fused down projection with the SwiGLU gate (`swiglu_adapter_linear`, the Llama path) or
+/// the GeGLU one (`gated_adapter_linear`), values-computing or graph-only.
+#[allow(clippy::too_many_arguments)]
+fn fused_gate_op(
+    geglu: bool,
+    graph_only: bool,
+    g: &Tensor,
+    u: &Tensor,
+    w: &Tensor,
+    sp: ops::Spectral<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    dr: Option<ops::Dropout>,
+) -> Result<Tensor> {
+    let act = ops::GatedAct::GeluTanh;
+    match (geglu, graph_only) {
+        (false, false) => ops::swiglu_adapter_linear(g, u, w, sp, a, b, 1.5, dr),
+        (false, true) => ops::swiglu_adapter_linear_graph_only(g, u, w, sp, a, b, 1.5, dr),
+        (true, false) => ops::gated_adapter_linear(g, u, act, w, sp, a, b, 1.5, dr),
+        (true, true) => ops::gated_adapter_linear_graph_only(g, u, act, w, sp, a, b, 1.5, dr),
+    }
+}
+
 fn dim() -> impl Strategy<Value = usize> {
     prop_oneof![3 => Just(1usize), 6 => 2usize..6, 2 => Just(7usize), 1 => Just(17usize)]
 }
@@ -294,8 +317,10 @@ proptest! {
     }
 
     #[test]
-    fn swiglu_adapter_linear_op(rows in dim(), n in dim(), m in dim(), r in 1usize..4, p in proptest::option::of(0.0f64..0.7), spec: bool, seed: u64) {
-        // The fused down projection: gradients for gate, up, d, A and B, with and without dropout,
+    fn swiglu_adapter_linear_op(rows in dim(), n in dim(), m in dim(), r in 1usize..4, p in proptest::option::of(0.0f64..0.7), spec: bool,
+                                geglu: bool, seed: u64) {
+        // The fused down projection (SwiGLU through swiglu_adapter_linear, or GeGLU through
+        // gated_adapter_linear): gradients for gate, up, d, A and B, with and without dropout,
         // and the same values as the unfused composition.
         let mut rng = SplitMix::new(seed);
         let g = param(&mut rng, &[rows, n], -2.0, 2.0);
@@ -309,9 +334,10 @@ proptest! {
         let f = |x: &[Tensor], fused: bool| {
             let sp = if spec { ops::Spectral::Rows { d: &x[3], rows: &rows_sel } } else { ops::Spectral::None };
             if fused {
-                ops::swiglu_adapter_linear(&x[0], &x[1], &x[2], sp, &x[4], &x[5], 1.5, dr)
+                fused_gate_op(geglu, false, &x[0], &x[1], &x[2], sp, &x[4], &x[5], dr)
             } else {
-                ops::adapter_linear(&ops::swiglu(&x[0], &x[1])?, &x[2], sp, &x[4], &x[5], 1.5, dr)
+                let gated = if geglu { ops::geglu(&x[0], &x[1])? } else { ops::swiglu(&x[0], &x[1])? };
+                ops::adapter_linear(&gated, &x[2], sp, &x[4], &x[5], 1.5, dr)
             }
         };
         let inputs = [g, u, w, d, a, b];
@@ -320,7 +346,7 @@ proptest! {
         check("swiglu_adapter_linear", &inputs, |x| f(x, true))?;
         // The graph-only variant records the same backward: same gradients for every input.
         let sp = if spec { ops::Spectral::Rows { d: &inputs[3], rows: &rows_sel } } else { ops::Spectral::None };
-        let go = ops::swiglu_adapter_linear_graph_only(&inputs[0], &inputs[1], &inputs[2], sp, &inputs[4], &inputs[5], 1.5, dr).unwrap();
+        let go = fused_gate_op(geglu, true, &inputs[0], &inputs[1], &inputs[2], sp, &inputs[4], &inputs[5], dr).unwrap();
         let full = f(&inputs, true).unwrap();
         let seed_t = Tensor::from_vec(rng.vec(full.numel(), -1.0, 1.0), full.shape().clone()).unwrap();
         let g1 = spectune::autograd::backward_with_seed(&go, seed_t.clone()).unwrap();
@@ -330,8 +356,8 @@ proptest! {
         }
         // With A frozen (only B trained) the graph-only call must still keep H = x·Aᵀ for dB.
         let a_frozen = inputs[4].detach();
-        let go = ops::swiglu_adapter_linear_graph_only(&inputs[0], &inputs[1], &inputs[2], sp, &a_frozen, &inputs[5], 1.5, dr).unwrap();
-        let full = ops::swiglu_adapter_linear(&inputs[0], &inputs[1], &inputs[2], sp, &a_frozen, &inputs[5], 1.5, dr).unwrap();
+        let go = fused_gate_op(geglu, true, &inputs[0], &inputs[1], &inputs[2], sp, &a_frozen, &inputs[5], dr).unwrap();
+        let full = fused_gate_op(geglu, false, &inputs[0], &inputs[1], &inputs[2], sp, &a_frozen, &inputs[5], dr).unwrap();
         let seed_t = Tensor::from_vec(rng.vec(full.numel(), -1.0, 1.0), full.shape().clone()).unwrap();
         let g1 = spectune::autograd::backward_with_seed(&go, seed_t.clone()).unwrap();
         let g2 = spectune::autograd::backward_with_seed(&full, seed_t).unwrap();

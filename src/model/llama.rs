@@ -106,13 +106,14 @@ impl Linear {
             None => Ok(y),
         }
     }
-    /// `forward(swiglu(gate, up))`; with an adapter, fused so the product is not kept for the
+    /// `forward(act(gate) ⊙ up)` (SwiGLU, or GeGLU for `GatedAct::GeluTanh`); with an adapter, fused so the product is not kept for the
     /// backward. `graph_only`: the caller never reads the output values (a checkpointed layer's
     /// last op while its backward re-runs it), so an adapter skips computing them.
-    pub fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, dropout_seed: Option<u64>, graph_only: bool) -> Result<Tensor> {
+    pub fn forward_gated(&self, gate: &Tensor, up: &Tensor, act: ops::GatedAct, dropout_seed: Option<u64>, graph_only: bool) -> Result<Tensor> {
+        let gated = || if act == ops::GatedAct::Silu { ops::swiglu(gate, up) } else { ops::geglu(gate, up) };
         let y = match &self.adapter {
-            Some(ad) => ad.forward_swiglu(gate, up, &self.weight, &AdapterCtx { dropout_seed }, graph_only)?,
-            None => ops::linear(&crate::profile::fwd("swiglu", || ops::swiglu(gate, up))?, &self.weight)?,
+            Some(ad) => ad.forward_gated(gate, up, act, &self.weight, &AdapterCtx { dropout_seed }, graph_only)?,
+            None => ops::linear(&crate::profile::fwd(act.gate_name(), gated)?, &self.weight)?,
         };
         match &self.bias {
             Some(b) => ops::add(&y, b),
@@ -545,7 +546,7 @@ fn layer_forward(l: &Layer, li: usize, c: &Ctx, x: &Tensor, kv: Option<&mut (Opt
     // While a checkpoint backward re-runs this layer, its output values are never read (only the
     // graph is played), so the down projection records its backward without computing values.
     let graph_only = crate::autograd::is_recomputing();
-    let down = fwd("down_proj", || l.down.forward_swiglu(&gate, &up, seed(6), graph_only))?;
+    let down = fwd("down_proj", || l.down.forward_gated(&gate, &up, ops::GatedAct::Silu, seed(6), graph_only))?;
     drop((gate, up));
     fwd("add", || ops::add(&x, &down))
 }
