@@ -106,9 +106,10 @@ impl Linear {
             None => Ok(y),
         }
     }
-    /// `forward(act(gate) ⊙ up)` (SwiGLU, or GeGLU for `GatedAct::GeluTanh`); with an adapter, fused so the product is not kept for the
-    /// backward. `graph_only`: the caller never reads the output values (a checkpointed layer's
-    /// last op while its backward re-runs it), so an adapter skips computing them.
+    /// `forward(act(gate) ⊙ up)` (SwiGLU, or GeGLU for `GatedAct::GeluTanh`); with an adapter,
+    /// fused so the product is not kept for the backward. `graph_only`: the caller never reads
+    /// the output values (a checkpointed layer's last op while its backward re-runs it), so an
+    /// adapter skips computing them.
     pub fn forward_gated(&self, gate: &Tensor, up: &Tensor, act: ops::GatedAct, dropout_seed: Option<u64>, graph_only: bool) -> Result<Tensor> {
         let gated = || if act == ops::GatedAct::Silu { ops::swiglu(gate, up) } else { ops::geglu(gate, up) };
         let y = match &self.adapter {
