@@ -53,7 +53,8 @@ __device__ __forceinline__ float dot_row(const float (&r)[MAXV], const float* p,
 
 // grid (ceil(t / WARPS), nh, b), block 32·WARPS.
 extern "C" __global__ void attn_fwd(float* __restrict__ o, float* __restrict__ lse, const float* __restrict__ q,
-                                    const float* __restrict__ k, const float* __restrict__ v, const unsigned char* __restrict__ mask, Dims d, float cap, int window) {
+                                    const float* __restrict__ k, const float* __restrict__ v, const unsigned char* __restrict__ mask, Dims d, float cap,
+                                    int window) {
     const int lane = threadIdx.x & 31;
     const int i = blockIdx.x * WARPS + (threadIdx.x >> 5), h = blockIdx.y, bi = blockIdx.z;
     if (i >= d.t) return;

@@ -65,6 +65,15 @@ extern "C" __global__ void geglu_bwd(float* dg, float* du, const float* dy, cons
         if (du) du[i] = dy[i] * gelu_tanhf(g[i]);
     }
 }
+// The fused down projection's GeGLU gradient, dg written over the upstream δ = dx:
+// dg = δ·u·gelu_tanh'(g), du = δ·gelu_tanh(g) (δ read before it is overwritten).
+extern "C" __global__ void geglu_bwd_in_place(float* dx_dg, float* du, const float* g, const float* u, long n) {
+    FOR_EACH(i, n) {
+        float d = dx_dg[i];
+        du[i] = d * gelu_tanhf(g[i]);
+        dx_dg[i] = d * u[i] * gelu_tanh_gradf(g[i]);
+    }
+}
 // y[b, j, i] = x[b, i, j] for x [batch, rows, cols].
 extern "C" __global__ void transpose_f32(float* y, const float* x, long batch, long rows, long cols) {
     FOR_EACH(e, batch * rows * cols) {

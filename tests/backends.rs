@@ -152,6 +152,16 @@ fn elementwise_body(dev: Device) {
     check("gelu_tanh", dev, &[a], F32_TOL, &|t| ops::gelu_tanh(&ops::scale(&t[0], 4.0)?));
     let (g, u) = (input(&mut rng, &[11, 24], Role::Param), input(&mut rng, &[11, 24], Role::Param));
     check("geglu", dev, &[g, u], F32_TOL, &|t| ops::geglu(&ops::scale(&t[0], 4.0)?, &t[1]));
+    let a = input(&mut rng, &[300], Role::Param);
+    check("softcap", dev, &[a], F32_TOL, &|t| ops::softcap(&ops::scale(&t[0], 4.0)?, 1.5));
+    // Split of a fused projection [2, 9, 4 + 6 + 6] into q, k, v; k gets no gradient (its
+    // columns of dx must be zero) and the other two enter with different weights.
+    let a = input(&mut rng, &[2, 9, 16], Role::Param);
+    check("split_last", dev, &[a], F32_TOL, &|t| {
+        let p = ops::split_last(&t[0], &[4, 6, 6])?;
+        assert_eq!(p[1].dims(), &[2, 9, 6]);
+        ops::add(&ops::sum(&ops::mul(&p[0], &p[0])?)?, &ops::scale(&ops::sum(&p[2])?, -2.0)?)
+    });
     let a = input(&mut rng, &[13, 7], Role::Param);
     check("sum", dev, &[a], F32_TOL, &|t| ops::sum(&t[0]));
     let a = input(&mut rng, &[13, 7], Role::Param);
@@ -170,6 +180,40 @@ fn rope_body(dev: Device) {
     let table = Rope::new(64, 10000.0).unwrap();
     let pos: Vec<usize> = (0..10).map(|i| 1000 + 37 * i).collect();
     check("rope", dev, &[x], F32_TOL, &move |t| ops::rope(&t[0], &table, &pos));
+
+    // Partial rotary (24 of 40 dims, Phi-3 style) with cos/sin scaled by 1.19 (LongRoPE's factor),
+    // against the reference and against the direct formula on the device itself.
+    let (b, t, h, hd, half) = (2, 5, 3, 40, 12);
+    let inv_freq: Vec<f64> = (0..half).map(|i| 10000f64.powf(-(2.0 * i as f64) / 24.0)).collect();
+    let scale = 1.19;
+    let table = Rope::with_table(hd, inv_freq.clone(), scale).unwrap();
+    let pos: Vec<usize> = (0..t).map(|i| 3 + 517 * i).collect();
+    let x = input(&mut rng, &[b, t, h, hd], Role::Param);
+    let xv = x.vals.clone();
+    let (tb, pb) = (table.clone(), pos.clone());
+    check("rope (partial, scaled)", dev, &[x], F32_TOL, &move |t| ops::rope(&t[0], &tb, &pb));
+    let xt = Tensor::from_vec(xv.iter().map(|&v| v as f32).collect::<Vec<f32>>(), [b, t, h, hd]).unwrap().to_device(dev).unwrap();
+    let y = ops::rope(&xt, &table, &pos).unwrap().to_vec_f64();
+    for bi in 0..b {
+        for (ti, &p) in pos.iter().enumerate() {
+            for hi in 0..h {
+                let o = ((bi * t + ti) * h + hi) * hd;
+                for j in 0..hd {
+                    // HF: y = s·(x·cos + rotate_half(x)·sin) on the first 24 dims, x beyond.
+                    let want = if j < half {
+                        let th = p as f64 * inv_freq[j];
+                        scale * (xv[o + j] * th.cos() - xv[o + j + half] * th.sin())
+                    } else if j < 2 * half {
+                        let th = p as f64 * inv_freq[j - half];
+                        scale * (xv[o + j] * th.cos() + xv[o + j - half] * th.sin())
+                    } else {
+                        xv[o + j]
+                    };
+                    assert!((y[o + j] - want).abs() <= 1e-5, "rope on {dev}: ({bi}, {ti}, {hi}, {j}) = {} vs formula {want}", y[o + j]);
+                }
+            }
+        }
+    }
 }
 
 fn attention_body(dev: Device) {
@@ -195,6 +239,48 @@ fn attention_body(dev: Device) {
     let v = input(&mut rng, &[1, 11, 1, 40], Role::Param);
     let opts = AttnOptions { causal: false, key_mask: None, scale: Some(0.3), softcap: None, window: None };
     check("attention (full, s > t)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
+}
+
+/// Sliding-window attention: the device against the f64 reference (GQA, padding, a window
+/// narrower than the sequence, s > t), and two identities on the device itself: a window at
+/// least as long as the keys changes nothing, and a window of 1 makes every query read only its
+/// own position's value (o = v of its kv head).
+fn attention_window_body(dev: Device) {
+    let mut rng = SplitMix::new(31);
+    let (b, t, nh, nkv, hd) = (2, 23, 4, 2, 40);
+    let q = input(&mut rng, &[b, t, nh, hd], Role::Param);
+    let k = input(&mut rng, &[b, t, nkv, hd], Role::Param);
+    let v = input(&mut rng, &[b, t, nkv, hd], Role::Param);
+    let mut mask = vec![true; b * t];
+    mask[t..t + 3].iter_mut().for_each(|m| *m = false);
+    let opts = AttnOptions { causal: true, key_mask: Some(mask.clone()), window: Some(5), ..Default::default() };
+    check("attention (window 5, GQA, padded)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
+    // Cached prefix: 7 queries over 30 keys, window 4, soft-capped.
+    let q = input(&mut rng, &[1, 7, 2, 16], Role::Param);
+    let k = input(&mut rng, &[1, 30, 1, 16], Role::Param);
+    let v = input(&mut rng, &[1, 30, 1, 16], Role::Param);
+    let opts = AttnOptions { causal: true, window: Some(4), softcap: Some(1.5), scale: Some(0.8), ..Default::default() };
+    check("attention (window 4, s > t, soft-capped)", dev, &[q, k, v], F32_TOL, &move |x| ops::attention(&x[0], &x[1], &x[2], &opts));
+
+    let on =
+        |vals: &[f64], dims: &[usize]| Tensor::from_vec(vals.iter().map(|&x| x as f32).collect::<Vec<f32>>(), dims.to_vec()).unwrap().to_device(dev).unwrap();
+    let (qv, kv, vv) = (rng.vec(b * t * nh * hd, -1.0, 1.0), rng.vec(b * t * nkv * hd, -1.0, 1.0), rng.vec(b * t * nkv * hd, -1.0, 1.0));
+    let (q, k, v) = (on(&qv, &[b, t, nh, hd]), on(&kv, &[b, t, nkv, hd]), on(&vv, &[b, t, nkv, hd]));
+    let full = ops::attention(&q, &k, &v, &AttnOptions { causal: true, key_mask: Some(mask.clone()), ..Default::default() }).unwrap().to_vec_f64();
+    for w in [t, t + 1, 1000] {
+        let o = ops::attention(&q, &k, &v, &AttnOptions { causal: true, key_mask: Some(mask.clone()), window: Some(w), ..Default::default() }).unwrap();
+        assert_eq!(o.to_vec_f64(), full, "attention on {dev}: window {w} ≥ t = {t} must equal no window");
+    }
+    let o = ops::attention(&q, &k, &v, &AttnOptions { causal: true, window: Some(1), ..Default::default() }).unwrap().to_vec_f64();
+    for row in 0..b * t {
+        for h in 0..nh {
+            let kh = h / (nh / nkv);
+            let (got, want) = (&o[(row * nh + h) * hd..][..hd], &vv[(row * nkv + kh) * hd..][..hd]);
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() <= 1e-6, "attention on {dev}: window 1, row {row} head {h}: o = {g}, own v = {w}");
+            }
+        }
+    }
 }
 
 fn embedding_body(dev: Device) {
@@ -223,7 +309,24 @@ fn loss_body(dev: Device) {
     check("linear_cross_entropy (f32 head, chunked)", dev, &[h, w], F32_TOL, &move |t| ops::linear_cross_entropy(&t[0], &t[1], &tg, &opts));
     let h = input(&mut rng, &[rows, d], Role::Param);
     let w = input(&mut rng, &[vocab, d], Role::Bf16);
-    check("linear_cross_entropy (bf16 head)", dev, &[h, w], BF16_TOL, &move |t| ops::linear_cross_entropy(&t[0], &t[1], &targets, &CeOptions::default()));
+    let tg = targets.clone();
+    check("linear_cross_entropy (bf16 head)", dev, &[h, w], BF16_TOL, &move |t| ops::linear_cross_entropy(&t[0], &t[1], &tg, &CeOptions::default()));
+    // Soft-capped logits (Gemma 2's final_logit_softcapping): h scaled up so that the logits
+    // (|l| up to ~10) reach the cap's curved region. A trainable head (chunked backward) and a
+    // frozen one (dh fused into the forward).
+    let opts = CeOptions { chunk_rows: Some(8), chunk_cols: Some(300), softcap: Some(3.0), ..CeOptions::default() };
+    let h = input(&mut rng, &[rows, d], Role::Param);
+    let w = input(&mut rng, &[vocab, d], Role::Param);
+    let (tg, o) = (targets.clone(), opts.clone());
+    check("linear_cross_entropy (soft-capped, f32 head)", dev, &[h, w], F32_TOL, &move |t| ops::linear_cross_entropy(&ops::scale(&t[0], 3.0)?, &t[1], &tg, &o));
+    let h = input(&mut rng, &[rows, d], Role::Param);
+    let w = input(&mut rng, &[vocab, d], Role::Const);
+    let (tg, o) = (targets.clone(), opts.clone());
+    check("linear_cross_entropy (soft-capped, frozen head)", dev, &[h, w], F32_TOL, &move |t| {
+        ops::linear_cross_entropy(&ops::scale(&t[0], 3.0)?, &t[1], &tg, &o)
+    });
+    let logits = input(&mut rng, &[rows, vocab], Role::Param);
+    check("cross_entropy (soft-capped)", dev, &[logits], F32_TOL, &move |t| ops::cross_entropy(&ops::scale(&t[0], 5.0)?, &targets, &opts));
 }
 
 fn adapter_body(dev: Device) {
@@ -361,6 +464,7 @@ backend_tests! {
     norm => norm_body;
     rope => rope_body;
     attention => attention_body;
+    attention_window => attention_window_body;
     embedding => embedding_body;
     loss => loss_body;
     adapter => adapter_body;
@@ -484,6 +588,13 @@ fn adapter_method_checks(
                 check(&format!("{name}, fused SwiGLU down projection (graph only {graph_only}, w {wrole:?}, dropout {drop:?})"), dev, &ins, tol, &|t| {
                     let f = if graph_only { ops::swiglu_adapter_linear_graph_only } else { ops::swiglu_adapter_linear };
                     f(&t[0], &t[1], &t[2], mk(&t[5..]), &t[3], &t[4], 1.5, drop)
+                });
+                // The same fusion for GeGLU (Gemma's MLP): gelu_tanh(gate) ⊙ up recomputed in the backward.
+                let mut ins = lora_inputs(&mut rng, wrole, true);
+                ins.extend(extra(&mut rng));
+                check(&format!("{name}, fused GeGLU down projection (graph only {graph_only}, w {wrole:?}, dropout {drop:?})"), dev, &ins, tol, &|t| {
+                    let f = if graph_only { ops::gated_adapter_linear_graph_only } else { ops::gated_adapter_linear };
+                    f(&t[0], &t[1], ops::GatedAct::GeluTanh, &t[2], mk(&t[5..]), &t[3], &t[4], 1.5, drop)
                 });
             }
         }

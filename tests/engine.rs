@@ -179,6 +179,26 @@ fn bad_inputs_return_errors_naming_the_op() {
     for cap in [0.0, -1.0, f64::NAN, f64::INFINITY] {
         check(ops::attention(&q, &q, &q, &AttnOptions { softcap: Some(cap), ..Default::default() }), "softcap");
     }
+    // Sliding window: 0, or without the causal mask it bounds.
+    check(ops::attention(&q, &q, &q, &AttnOptions { causal: true, window: Some(0), ..Default::default() }), "attention");
+    check(ops::attention(&q, &q, &q, &AttnOptions { window: Some(2), ..Default::default() }), "attention");
+    for cap in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        check(ops::softcap(&x, cap), "softcap");
+        let opts = CeOptions { softcap: Some(cap), ..Default::default() };
+        check(ops::cross_entropy(&x, &[0, 1], &opts), "cross_entropy");
+        check(ops::linear_cross_entropy(&x, &t32(&[1.0; 9], &[3, 3]), &[0, 1], &opts), "linear_cross_entropy");
+    }
+    for sizes in [&[2, 2][..], &[3, 0], &[]] {
+        check(ops::split_last(&x, sizes).map(|p| p[0].clone()), "split_last");
+    }
+    for (table, what) in [
+        (Rope::with_table(4, vec![], 1.0), "no frequencies"),
+        (Rope::with_table(4, vec![1.0; 3], 1.0), "rotary dim 6 > head_dim 4"),
+        (Rope::with_table(4, vec![f64::NAN], 1.0), "NaN frequency"),
+        (Rope::with_table(4, vec![1.0], 0.0), "scale 0"),
+    ] {
+        assert!(table.as_ref().is_err_and(|e| e.to_string().contains("rope")), "Rope::with_table, {what}: {table:?}");
+    }
     check(ops::embedding(&w, &[0, 2], DType::F32), "embedding");
     check(ops::cross_entropy(&x, &[0, 3], &CeOptions::default()), "cross_entropy");
     check(ops::cross_entropy(&x, &[0], &CeOptions::default()), "cross_entropy");

@@ -30,6 +30,29 @@ fn check_opts(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Ten
     Ok(())
 }
 
+/// The fused down projection with the SwiGLU gate (`swiglu_adapter_linear`, the Llama path) or
+/// the GeGLU one (`gated_adapter_linear`), values-computing or graph-only.
+#[allow(clippy::too_many_arguments)]
+fn fused_gate_op(
+    geglu: bool,
+    graph_only: bool,
+    g: &Tensor,
+    u: &Tensor,
+    w: &Tensor,
+    sp: ops::Spectral<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    dr: Option<ops::Dropout>,
+) -> Result<Tensor> {
+    let act = ops::GatedAct::GeluTanh;
+    match (geglu, graph_only) {
+        (false, false) => ops::swiglu_adapter_linear(g, u, w, sp, a, b, 1.5, dr),
+        (false, true) => ops::swiglu_adapter_linear_graph_only(g, u, w, sp, a, b, 1.5, dr),
+        (true, false) => ops::gated_adapter_linear(g, u, act, w, sp, a, b, 1.5, dr),
+        (true, true) => ops::gated_adapter_linear_graph_only(g, u, act, w, sp, a, b, 1.5, dr),
+    }
+}
+
 fn dim() -> impl Strategy<Value = usize> {
     prop_oneof![3 => Just(1usize), 6 => 2usize..6, 2 => Just(7usize), 1 => Just(17usize)]
 }
@@ -92,6 +115,9 @@ proptest! {
         check("scale", std::slice::from_ref(&x), |x| ops::scale(&x[0], s))?;
         check("silu", std::slice::from_ref(&x), |x| ops::silu(&x[0]))?;
         check("gelu_tanh", std::slice::from_ref(&x), |x| ops::gelu_tanh(&x[0]))?;
+        // Caps from below to above the input range: saturated and nearly linear regions.
+        let cap = 0.5 + s.abs();
+        check("softcap", std::slice::from_ref(&x), |x| ops::softcap(&x[0], cap))?;
         check("sum", std::slice::from_ref(&x), |x| ops::sum(&x[0]))?;
         check("mean", std::slice::from_ref(&x), |x| ops::mean(&x[0]))?;
         check("reshape", std::slice::from_ref(&x), |x| ops::reshape(&x[0], [c, r]))?;
@@ -147,8 +173,49 @@ proptest! {
     }
 
     #[test]
+    fn rope_partial_scaled_op(b in 1usize..3, t in dim(), h in 1usize..3, half in 1usize..5, rot_half in 1usize..5, scale in 0.3f64..2.5,
+                              per_row: bool, seed: u64) {
+        // Partial rotary (rot = 2·rot_half ≤ hd, the rest passed through) with cos/sin scaled.
+        let mut rng = SplitMix::new(seed);
+        let hd = 2 * half + (seed % 2) as usize; // odd head_dim too: only the rotary dims pair up
+        let rot_half = rot_half.min(half);
+        let inv_freq = rng.vec(rot_half, 0.01, 1.0);
+        let table = Rope::with_table(hd, inv_freq, scale).unwrap();
+        let x = param(&mut rng, &[b, t, h, hd], -1.0, 1.0);
+        let n = if per_row { b * t } else { t };
+        let pos: Vec<usize> = (0..n).map(|_| (rng.next_u64() % 4096) as usize).collect();
+        check("rope (partial, scaled)", &[x], |x| ops::rope(&x[0], &table, &pos))?;
+    }
+
+    #[test]
+    fn split_last_op(lead in proptest::collection::vec(1usize..4, 0..3), sizes in proptest::collection::vec(1usize..4, 1..4), unused in 0usize..4, seed: u64) {
+        // Rank 1–3; each used part enters the loss with its own weight, and one part (when there
+        // are several) gets no gradient at all: its columns of dx must be zero.
+        let mut rng = SplitMix::new(seed);
+        let mut dims = lead.clone();
+        dims.push(sizes.iter().sum());
+        let x = param(&mut rng, &dims, -1.0, 1.0);
+        let skip = if sizes.len() > 1 { Some(unused % sizes.len()) } else { None };
+        check("split_last", &[x], |x| {
+            let parts = ops::split_last(&x[0], &sizes)?;
+            let mut loss: Option<Tensor> = None;
+            for (i, p) in parts.iter().enumerate() {
+                if Some(i) == skip {
+                    continue;
+                }
+                let term = ops::scale(&ops::sum(&ops::mul(p, p)?)?, (i + 1) as f64)?;
+                loss = Some(match loss {
+                    None => term,
+                    Some(l) => ops::add(&l, &term)?,
+                });
+            }
+            Ok(loss.expect("at least one part is used"))
+        })?;
+    }
+
+    #[test]
     fn attention_op(b in 1usize..3, t in dim(), extra in 0usize..3, nkv in 1usize..3, group in 1usize..4, hd in 1usize..5,
-                    causal: bool, masked: bool, softcap in proptest::option::of(0.3f64..4.0), seed: u64) {
+                    causal: bool, masked: bool, softcap in proptest::option::of(0.3f64..4.0), window in proptest::option::of(1usize..5), seed: u64) {
         let mut rng = SplitMix::new(seed);
         let s = t + extra;
         let nh = nkv * group;
@@ -156,8 +223,26 @@ proptest! {
         let k = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
         let v = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
         let key_mask = masked.then(|| (0..b * s).map(|_| rng.next_u64() % 4 != 0).collect());
-        let opts = AttnOptions { causal, key_mask, scale: None, softcap, window: None };
+        // A sliding window needs causal attention; with t up to 17 a window of 1–4 cuts rows.
+        let window = window.filter(|_| causal);
+        let opts = AttnOptions { causal, key_mask, scale: None, softcap, window };
         check("attention", &[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], &opts))?;
+    }
+
+    #[test]
+    fn attention_sliding_window_op(b in 1usize..3, t in 2usize..9, extra in 0usize..4, nkv in 1usize..3, group in 1usize..4, hd in 1usize..4,
+                                   window in 1usize..5, masked: bool, seed: u64) {
+        // Always windowed and narrower than the keys (window < t + extra where t ≥ 2 allows),
+        // with GQA and, half the time, a key mask.
+        let mut rng = SplitMix::new(seed);
+        let s = t + extra;
+        let nh = nkv * group;
+        let q = param(&mut rng, &[b, t, nh, hd], -1.5, 1.5);
+        let k = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
+        let v = param(&mut rng, &[b, s, nkv, hd], -1.5, 1.5);
+        let key_mask = masked.then(|| (0..b * s).map(|_| rng.next_u64() % 4 != 0).collect());
+        let opts = AttnOptions { causal: true, key_mask, window: Some(window.min(t - 1)), ..AttnOptions::default() };
+        check("attention (sliding window)", &[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], &opts))?;
     }
 
     #[test]
@@ -169,35 +254,38 @@ proptest! {
     }
 
     #[test]
-    fn cross_entropy_op(rows in dim(), vocab in 2usize..9, seed: u64) {
+    fn cross_entropy_op(rows in dim(), vocab in 2usize..9, softcap in proptest::option::of(0.5f64..4.0), seed: u64) {
         let mut rng = SplitMix::new(seed);
         let logits = param(&mut rng, &[rows, vocab], -3.0, 3.0);
         let targets: Vec<i64> = (0..rows).map(|i| if i % 3 == 2 { -100 } else { (rng.next_u64() % vocab as u64) as i64 }).collect();
-        let opts = CeOptions::default();
+        let opts = CeOptions { softcap, ..CeOptions::default() };
         check("cross_entropy", &[logits], |x| ops::cross_entropy(&x[0], &targets, &opts))?;
     }
 
     #[test]
-    fn linear_cross_entropy_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, cols in 1usize..5, seed: u64) {
+    fn linear_cross_entropy_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, cols in 1usize..5,
+                               softcap in proptest::option::of(0.3f64..3.0), seed: u64) {
+        // Inputs up to ±2 so that the logits (up to ±4·d) reach the cap's curved region.
         let mut rng = SplitMix::new(seed);
-        let h = param(&mut rng, &[rows, d], -1.0, 1.0);
+        let h = param(&mut rng, &[rows, d], -2.0, 2.0);
         let w = param(&mut rng, &[vocab, d], -1.0, 1.0);
         let targets: Vec<i64> = (0..rows).map(|i| if i % 4 == 3 { -100 } else { (rng.next_u64() % vocab as u64) as i64 }).collect();
         // Trainable head: the forward's vocabulary blocks (online softmax) feed the lse that the
         // row-chunked backward uses.
-        let opts = CeOptions { chunk_rows: Some(chunk), chunk_cols: Some(cols), denominator: Some(3.0), ..CeOptions::default() };
+        let opts = CeOptions { chunk_rows: Some(chunk), chunk_cols: Some(cols), denominator: Some(3.0), softcap, ..CeOptions::default() };
         check("linear_cross_entropy", &[h, w], |x| ops::linear_cross_entropy(&x[0], &x[1], &targets, &opts))?;
     }
 
     #[test]
-    fn linear_cross_entropy_frozen_head_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, cols in 1usize..5, seed: u64) {
+    fn linear_cross_entropy_frozen_head_op(rows in dim(), d in dim(), vocab in 2usize..9, chunk in 1usize..4, cols in 1usize..5,
+                                           softcap in proptest::option::of(0.3f64..3.0), seed: u64) {
         // A frozen head takes the fused path (dh computed in the forward, scaled in the backward).
         let mut rng = SplitMix::new(seed);
-        let h = param(&mut rng, &[rows, d], -1.0, 1.0);
+        let h = param(&mut rng, &[rows, d], -2.0, 2.0);
         let w = constant(&mut rng, &[vocab, d], -1.0, 1.0);
         let targets: Vec<i64> = (0..rows).map(|i| if i % 4 == 3 { -100 } else { (rng.next_u64() % vocab as u64) as i64 }).collect();
         // Vocabulary blocks of `cols` columns: the online softmax rescales across blocks.
-        let opts = CeOptions { chunk_rows: Some(chunk), chunk_cols: Some(cols), denominator: Some(3.0), ..CeOptions::default() };
+        let opts = CeOptions { chunk_rows: Some(chunk), chunk_cols: Some(cols), denominator: Some(3.0), softcap, ..CeOptions::default() };
         check("linear_cross_entropy (frozen head)", &[h, w], |x| ops::scale(&ops::linear_cross_entropy(&x[0], &x[1], &targets, &opts)?, 1.7))?;
     }
 
@@ -229,8 +317,10 @@ proptest! {
     }
 
     #[test]
-    fn swiglu_adapter_linear_op(rows in dim(), n in dim(), m in dim(), r in 1usize..4, p in proptest::option::of(0.0f64..0.7), spec: bool, seed: u64) {
-        // The fused down projection: gradients for gate, up, d, A and B, with and without dropout,
+    fn swiglu_adapter_linear_op(rows in dim(), n in dim(), m in dim(), r in 1usize..4, p in proptest::option::of(0.0f64..0.7), spec: bool,
+                                geglu: bool, seed: u64) {
+        // The fused down projection (SwiGLU through swiglu_adapter_linear, or GeGLU through
+        // gated_adapter_linear): gradients for gate, up, d, A and B, with and without dropout,
         // and the same values as the unfused composition.
         let mut rng = SplitMix::new(seed);
         let g = param(&mut rng, &[rows, n], -2.0, 2.0);
@@ -244,9 +334,10 @@ proptest! {
         let f = |x: &[Tensor], fused: bool| {
             let sp = if spec { ops::Spectral::Rows { d: &x[3], rows: &rows_sel } } else { ops::Spectral::None };
             if fused {
-                ops::swiglu_adapter_linear(&x[0], &x[1], &x[2], sp, &x[4], &x[5], 1.5, dr)
+                fused_gate_op(geglu, false, &x[0], &x[1], &x[2], sp, &x[4], &x[5], dr)
             } else {
-                ops::adapter_linear(&ops::swiglu(&x[0], &x[1])?, &x[2], sp, &x[4], &x[5], 1.5, dr)
+                let gated = if geglu { ops::geglu(&x[0], &x[1])? } else { ops::swiglu(&x[0], &x[1])? };
+                ops::adapter_linear(&gated, &x[2], sp, &x[4], &x[5], 1.5, dr)
             }
         };
         let inputs = [g, u, w, d, a, b];
@@ -255,7 +346,7 @@ proptest! {
         check("swiglu_adapter_linear", &inputs, |x| f(x, true))?;
         // The graph-only variant records the same backward: same gradients for every input.
         let sp = if spec { ops::Spectral::Rows { d: &inputs[3], rows: &rows_sel } } else { ops::Spectral::None };
-        let go = ops::swiglu_adapter_linear_graph_only(&inputs[0], &inputs[1], &inputs[2], sp, &inputs[4], &inputs[5], 1.5, dr).unwrap();
+        let go = fused_gate_op(geglu, true, &inputs[0], &inputs[1], &inputs[2], sp, &inputs[4], &inputs[5], dr).unwrap();
         let full = f(&inputs, true).unwrap();
         let seed_t = Tensor::from_vec(rng.vec(full.numel(), -1.0, 1.0), full.shape().clone()).unwrap();
         let g1 = spectune::autograd::backward_with_seed(&go, seed_t.clone()).unwrap();
@@ -265,8 +356,8 @@ proptest! {
         }
         // With A frozen (only B trained) the graph-only call must still keep H = x·Aᵀ for dB.
         let a_frozen = inputs[4].detach();
-        let go = ops::swiglu_adapter_linear_graph_only(&inputs[0], &inputs[1], &inputs[2], sp, &a_frozen, &inputs[5], 1.5, dr).unwrap();
-        let full = ops::swiglu_adapter_linear(&inputs[0], &inputs[1], &inputs[2], sp, &a_frozen, &inputs[5], 1.5, dr).unwrap();
+        let go = fused_gate_op(geglu, true, &inputs[0], &inputs[1], &inputs[2], sp, &a_frozen, &inputs[5], dr).unwrap();
+        let full = fused_gate_op(geglu, false, &inputs[0], &inputs[1], &inputs[2], sp, &a_frozen, &inputs[5], dr).unwrap();
         let seed_t = Tensor::from_vec(rng.vec(full.numel(), -1.0, 1.0), full.shape().clone()).unwrap();
         let g1 = spectune::autograd::backward_with_seed(&go, seed_t.clone()).unwrap();
         let g2 = spectune::autograd::backward_with_seed(&full, seed_t).unwrap();

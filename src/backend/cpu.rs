@@ -342,6 +342,17 @@ pub fn swiglu_bwd_in_place<T: Float>(dy_dg: &mut [T], du: &mut [T], g: &[T], u: 
     });
 }
 
+/// [`geglu_bwd`] with dg written over dy, as [`swiglu_bwd_in_place`] does for SwiGLU (each chunk
+/// of dy copied aside first, so the arithmetic is exactly `geglu_bwd`'s).
+pub fn geglu_bwd_in_place<T: Float>(dy_dg: &mut [T], du: &mut [T], g: &[T], u: &[T]) {
+    let c = ELEM_GRAIN;
+    dy_dg.par_chunks_mut(c).zip(du.par_chunks_mut(c)).zip(g.par_chunks(c).zip(u.par_chunks(c))).for_each_init(Vec::new, |dy, ((dg, du), (g, u))| {
+        dy.clear();
+        dy.extend_from_slice(dg);
+        geglu_bwd(dg, du, dy, g, u)
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
 // ---------------------------------------------------------------------------------------------

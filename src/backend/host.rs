@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::{cpu, cpu_attn, dropout_factor, AdamWStep, AttnDims, CeBlocks, Gemm, Kernels};
+use super::{cpu, cpu_attn, dropout_factor, AdamWStep, AttnDims, CeBlocks, GatedAct, Gemm, Kernels};
 use crate::device::{with_float, Device};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
@@ -536,18 +536,26 @@ impl Kernels for Cpu {
         })
     }
 
-    fn swiglu_recompute(&self, x: &mut Storage, g: &Storage, u: &Storage) -> Result<()> {
-        const OP: &str = "swiglu_adapter_linear";
+    fn gated_recompute(&self, x: &mut Storage, g: &Storage, u: &Storage, act: GatedAct) -> Result<()> {
+        const OP: &str = "gated_adapter_linear";
         with_float!(x.dtype(), OP, |T| {
-            cpu::swiglu_fwd(out_mut::<T>(x, OP, "x")?, &vals::<T>(g), &vals::<T>(u));
+            let (x, g, u) = (out_mut::<T>(x, OP, "x")?, vals::<T>(g), vals::<T>(u));
+            match act {
+                GatedAct::Silu => cpu::swiglu_fwd(x, &g, &u),
+                GatedAct::GeluTanh => cpu::geglu_fwd(x, &g, &u),
+            }
             Ok(())
         })
     }
 
-    fn swiglu_bwd_in_place(&self, dx_dg: &mut Storage, du: &mut Storage, g: &Storage, u: &Storage) -> Result<()> {
-        const OP: &str = "swiglu_adapter_linear.backward";
+    fn gated_bwd_in_place(&self, dx_dg: &mut Storage, du: &mut Storage, g: &Storage, u: &Storage, act: GatedAct) -> Result<()> {
+        const OP: &str = "gated_adapter_linear.backward";
         with_float!(dx_dg.dtype(), OP, |T| {
-            cpu::swiglu_bwd_in_place(out_mut::<T>(dx_dg, OP, "dx")?, out_mut::<T>(du, OP, "du")?, &vals::<T>(g), &vals::<T>(u));
+            let (dx_dg, du, g, u) = (out_mut::<T>(dx_dg, OP, "dx")?, out_mut::<T>(du, OP, "du")?, vals::<T>(g), vals::<T>(u));
+            match act {
+                GatedAct::Silu => cpu::swiglu_bwd_in_place(dx_dg, du, &g, &u),
+                GatedAct::GeluTanh => cpu::geglu_bwd_in_place(dx_dg, du, &g, &u),
+            }
             Ok(())
         })
     }

@@ -133,6 +133,26 @@ pub struct CeBlocks {
     pub softcap: Option<f64>,
 }
 
+/// The activation of a gated MLP, y = act(gate) ⊙ up: SwiGLU (Llama, Mistral, Qwen, Phi-3) or
+/// GeGLU with the tanh GELU (Gemma).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatedAct {
+    /// silu(g) = g·σ(g).
+    Silu,
+    /// gelu_tanh(g) = ½g(1 + tanh(√(2/π)(g + 0.044715g³))).
+    GeluTanh,
+}
+
+impl GatedAct {
+    /// The gate's name as the ops use it: "swiglu" or "geglu".
+    pub fn gate_name(self) -> &'static str {
+        match self {
+            GatedAct::Silu => "swiglu",
+            GatedAct::GeluTanh => "geglu",
+        }
+    }
+}
+
 /// AdamW's hyper-parameters for one update (decoupled weight decay; `step` = t ≥ 1 of the
 /// parameter's bias corrections).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -352,11 +372,13 @@ pub trait Kernels: Sync {
     fn add_scaled(&self, y: &mut Storage, x: &Storage, s: f64) -> Result<()>;
     /// M[i, i] −= v_i for a square M [r, r], v `[r]`.
     fn sub_diag(&self, mm: &mut Storage, v: &Storage) -> Result<()>;
-    /// The fused down projection's input, recomputed: x = silu(g) ⊙ u (same length).
-    fn swiglu_recompute(&self, x: &mut Storage, g: &Storage, u: &Storage) -> Result<()>;
-    /// The SwiGLU gradient written over its upstream gradient: with δ = `dx_dg` on entry,
-    /// dg = δ ⊙ u ⊙ silu'(g) (into `dx_dg`), du = δ ⊙ silu(g); silu'(g) = σ(g)(1 + g(1 − σ(g))).
-    fn swiglu_bwd_in_place(&self, dx_dg: &mut Storage, du: &mut Storage, g: &Storage, u: &Storage) -> Result<()>;
+    /// The fused down projection's input, recomputed: x = act(g) ⊙ u (same length); the same
+    /// arithmetic as the swiglu / geglu forward kernels.
+    fn gated_recompute(&self, x: &mut Storage, g: &Storage, u: &Storage, act: GatedAct) -> Result<()>;
+    /// The gate's gradient written over its upstream gradient: with δ = `dx_dg` on entry,
+    /// dg = δ ⊙ u ⊙ act'(g) (into `dx_dg`), du = δ ⊙ act(g); silu'(g) = σ(g)(1 + g(1 − σ(g))),
+    /// gelu_tanh'(g) = ½(1 + τ) + ½g(1 − τ²)·√(2/π)(1 + 3·0.044715g²), τ = tanh(√(2/π)(g + 0.044715g³)).
+    fn gated_bwd_in_place(&self, dx_dg: &mut Storage, du: &mut Storage, g: &Storage, u: &Storage, act: GatedAct) -> Result<()>;
     /// DoRA's row norms ν_i = ‖W_i + s·B_i·A‖ from the small products, never from W + s·B·A:
     /// ν_i = √max(0, ‖W_i‖² + 2s·Σ_q B[i, q]·(A·Wᵀ)[q, i] + s²·Σ_p B[i, p]·Σ_q (A·Aᵀ)[p, q]·B[i, q]).
     /// nu, wnorm2 `[m]`, b [m, r], awt [r, m], aat [r, r].

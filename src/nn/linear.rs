@@ -5,14 +5,7 @@ use crate::ops;
 use crate::peft::{Adapter, AdapterCtx};
 use crate::tensor::Tensor;
 
-/// The activation of a gated MLP: down(act(gate) ⊙ up).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GatedAct {
-    /// SiLU (Llama, Qwen, Mistral, Phi-3): SwiGLU.
-    Silu,
-    /// tanh-approximated GELU (Gemma's `gelu_pytorch_tanh`): GeGLU.
-    GeluTanh,
-}
+pub use crate::ops::GatedAct;
 
 /// A frozen linear layer, with an optional bias and an optional adapter.
 #[derive(Clone, Debug)]
@@ -41,17 +34,19 @@ impl Linear {
         self.add_bias(y)
     }
 
-    /// `forward(act(gate) ⊙ up)`. For SiLU with an adapter this is fused so the product is not
-    /// kept for the backward. `graph_only`: the caller never reads the output values (a
-    /// checkpointed layer's last op while its backward re-runs it), so an adapter may skip
-    /// computing them.
+    /// `forward(act(gate) ⊙ up)` (SwiGLU or GeGLU). With an adapter this is fused so the
+    /// product is not kept for the backward. `graph_only`: the caller never reads the output
+    /// values (a checkpointed layer's last op while its backward re-runs it), so an adapter may
+    /// skip computing them.
     pub fn forward_gated(&self, act: GatedAct, gate: &Tensor, up: &Tensor, dropout_seed: Option<u64>, graph_only: bool) -> Result<Tensor> {
-        let y = match (act, &self.adapter) {
-            (GatedAct::Silu, Some(ad)) => ad.forward_swiglu(gate, up, &self.weight, &AdapterCtx { dropout_seed }, graph_only)?,
-            (GatedAct::Silu, None) => ops::linear(&crate::profile::fwd("swiglu", || ops::swiglu(gate, up))?, &self.weight)?,
-            (GatedAct::GeluTanh, _) => {
-                let p = crate::profile::fwd("geglu", || ops::geglu(gate, up))?;
-                return self.forward(&p, dropout_seed);
+        let y = match &self.adapter {
+            Some(ad) => ad.forward_gated(gate, up, act, &self.weight, &AdapterCtx { dropout_seed }, graph_only)?,
+            None => {
+                let p = match act {
+                    GatedAct::Silu => crate::profile::fwd("swiglu", || ops::swiglu(gate, up))?,
+                    GatedAct::GeluTanh => crate::profile::fwd("geglu", || ops::geglu(gate, up))?,
+                };
+                ops::linear(&p, &self.weight)?
             }
         };
         self.add_bias(y)

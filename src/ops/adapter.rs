@@ -17,7 +17,7 @@
 
 use super::{check_dtype, compute_dtype};
 use crate::autograd::{record, Backward, GradStore};
-use crate::backend::{Gemm, Kernels};
+use crate::backend::{GatedAct, Gemm, Kernels};
 use crate::error::{Error, Result};
 use crate::shape::Shape;
 use crate::storage::Storage;
@@ -132,6 +132,7 @@ pub fn adapter_linear(x: &Tensor, w: &Tensor, spec: Spectral<'_>, a: &Tensor, b:
 /// product silu(gate) ⊙ up is never kept for the backward: it is recomputed there from gate and
 /// up (which the SwiGLU gradient needs anyway) for dA. Same result and gradients as
 /// `adapter_linear(&swiglu(gate, up)?, ..)`, one [.., in] activation less held per layer.
+/// [`gated_adapter_linear`] with [`GatedAct::Silu`].
 #[allow(clippy::too_many_arguments)]
 pub fn swiglu_adapter_linear(
     gate: &Tensor,
@@ -143,7 +144,7 @@ pub fn swiglu_adapter_linear(
     s: f64,
     dropout: Option<Dropout>,
 ) -> Result<Tensor> {
-    swiglu_adapter(gate, up, w, spec, a, b, s, dropout, true)
+    gated_adapter(gate, up, GatedAct::Silu, w, spec, a, b, s, dropout, true)
 }
 
 /// [`swiglu_adapter_linear`] when only its backward is wanted: records the same backward step
@@ -163,16 +164,53 @@ pub fn swiglu_adapter_linear_graph_only(
     s: f64,
     dropout: Option<Dropout>,
 ) -> Result<Tensor> {
-    let values = matches!(spec, Spectral::Rows { .. });
-    swiglu_adapter(gate, up, w, spec, a, b, s, dropout, values)
+    gated_adapter_linear_graph_only(gate, up, GatedAct::Silu, w, spec, a, b, s, dropout)
 }
 
-/// The shared body of the two swiglu adapter ops: x = swiglu(gate, up) computed outside the graph
-/// and (gate, up) recorded in its place (the same on every device).
+/// The adapter linear of a gated MLP's down projection, x = act(gate) ⊙ up (SwiGLU, or GeGLU for
+/// Gemma), fused as [`swiglu_adapter_linear`] is: x is recomputed in the backward rather than
+/// kept. Same result and gradients as `adapter_linear(&swiglu(gate, up)?, ..)` or
+/// `adapter_linear(&geglu(gate, up)?, ..)`.
 #[allow(clippy::too_many_arguments)]
-fn swiglu_adapter(
+pub fn gated_adapter_linear(
     gate: &Tensor,
     up: &Tensor,
+    act: GatedAct,
+    w: &Tensor,
+    spec: Spectral<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    gated_adapter(gate, up, act, w, spec, a, b, s, dropout, true)
+}
+
+/// [`gated_adapter_linear`] when only its backward is wanted (see
+/// [`swiglu_adapter_linear_graph_only`]).
+#[allow(clippy::too_many_arguments)]
+pub fn gated_adapter_linear_graph_only(
+    gate: &Tensor,
+    up: &Tensor,
+    act: GatedAct,
+    w: &Tensor,
+    spec: Spectral<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    let values = matches!(spec, Spectral::Rows { .. });
+    gated_adapter(gate, up, act, w, spec, a, b, s, dropout, values)
+}
+
+/// The shared body of the gated adapter ops: x = act(gate) ⊙ up computed outside the graph and
+/// (gate, up) recorded in its place (the same on every device).
+#[allow(clippy::too_many_arguments)]
+fn gated_adapter(
+    gate: &Tensor,
+    up: &Tensor,
+    act: GatedAct,
     w: &Tensor,
     spec: Spectral<'_>,
     a: &Tensor,
@@ -183,20 +221,28 @@ fn swiglu_adapter(
 ) -> Result<Tensor> {
     // Graph-only plain LoRA without dropout, A trained: nothing in the forward reads x (no
     // output, and H = x·Aᵀ is recomputed by the backward, which forms x from gate and up
-    // anyway), so x is not formed: gate and up get swiglu's checks, and gate (then of x's shape
-    // and dtype) stands in for x in the linear's checks.
+    // anyway), so x is not formed: gate and up get the gate op's checks, and gate (then of x's
+    // shape and dtype) stands in for x in the linear's checks.
     let x_unread = !values && dropout.is_none() && matches!(spec, Spectral::None) && a.requires_grad();
-    super::elementwise::check_swiglu_inputs(gate, up)?;
+    super::elementwise::check_gated_inputs(act.gate_name(), gate, up)?;
     let x = if x_unread {
         gate.clone()
     } else {
-        const OP: &str = "swiglu_adapter_linear";
-        let k = kernels_for(OP, &[("gate", gate), ("up", up)])?;
-        let mut x = k.zeros(gate.dtype(), gate.numel(), OP)?;
-        k.swiglu_recompute(&mut x, &gate.read(), &up.read())?;
+        let op = fused_op_name(act);
+        let k = kernels_for(op, &[("gate", gate), ("up", up)])?;
+        let mut x = k.zeros(gate.dtype(), gate.numel(), op)?;
+        k.gated_recompute(&mut x, &gate.read(), &up.read(), act)?;
         Tensor::from_storage(x, gate.shape().clone())
     };
-    adapter_linear_impl(&x, Some((gate, up)), w, spec, a, b, s, dropout, values)
+    adapter_linear_impl(&x, Some((gate, up, act)), w, spec, a, b, s, dropout, values)
+}
+
+/// The name of the fused op in errors and profiles.
+fn fused_op_name(act: GatedAct) -> &'static str {
+    match act {
+        GatedAct::Silu => "swiglu_adapter_linear",
+        GatedAct::GeluTanh => "geglu_adapter_linear",
+    }
 }
 
 /// A kernel output as a constant tensor (the op layer attaches the graph link).
@@ -204,12 +250,12 @@ pub(super) fn tensor(s: Storage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(s, shape.into())
 }
 
-/// `x_src`: x = swiglu(gate, up), the inputs recorded instead of x (see [`swiglu_adapter_linear`]).
+/// `x_src`: x = act(gate) ⊙ up, the inputs recorded instead of x (see [`gated_adapter_linear`]).
 /// `values = false`: the output is left zero (see [`swiglu_adapter_linear_graph_only`]).
 #[allow(clippy::too_many_arguments)]
 fn adapter_linear_impl(
     x: &Tensor,
-    x_src: Option<(&Tensor, &Tensor)>,
+    x_src: Option<(&Tensor, &Tensor, GatedAct)>,
     w: &Tensor,
     spec: Spectral<'_>,
     a: &Tensor,
@@ -218,7 +264,10 @@ fn adapter_linear_impl(
     dropout: Option<Dropout>,
     values: bool,
 ) -> Result<Tensor> {
-    let op = if x_src.is_some() { "swiglu_adapter_linear" } else { spec.op() };
+    let op = match x_src {
+        Some((.., act)) => fused_op_name(act),
+        None => spec.op(),
+    };
     if let Some(dr) = dropout {
         if !(0.0..1.0).contains(&dr.p) {
             return Err(Error::invalid(op, format!("dropout p must be in [0, 1), got {}", dr.p)));
@@ -284,7 +333,7 @@ fn adapter_linear_impl(
         }
         Spectral::None => None,
     };
-    if let Some((g, u)) = x_src {
+    if let Some((g, u, _)) = x_src {
         ins.extend([("gate", g), ("up", u)]);
     }
     let k = kernels_for(op, &ins)?;
@@ -365,19 +414,20 @@ fn adapter_linear_impl(
     let y = tensor(y, Shape::new(out_dims));
     let h = h.map(|h| tensor(h, [nrows, r]));
     let mut inputs: Vec<&Tensor> = match x_src {
-        Some((g, u)) => vec![g, u],
+        Some((g, u, _)) => vec![g, u],
         None => vec![x],
     };
     inputs.extend(spec.d());
     inputs.extend([a, b]);
     let has_d = spec.d().is_some();
     let fused = x_src.is_some();
+    let act = x_src.map_or(GatedAct::Silu, |(.., act)| act);
     Ok(record(y, &inputs, |needs| {
         // With x_src, needs[0..2] are gate and up; either needs dX.
         let (nx, needs) = if fused { (needs[0] || needs[1], &needs[1..]) } else { (needs[0], needs) };
         let (nd, na, nb) = if has_d { (needs[1], needs[2], needs[3]) } else { (false, needs[1], needs[2]) };
         // Fused without dropout: keep gate and up (not x) and recompute x for dA.
-        let src = x_src.filter(|_| xd.is_none() || nx).map(|(g, u)| (g.detach(), u.detach()));
+        let src = x_src.filter(|_| xd.is_none() || nx).map(|(g, u, _)| (g.detach(), u.detach()));
         let svd = match spec {
             Spectral::Svd { d, u, sigma, v } if nx || nd => Some(SvdSaved { d: d.detach(), u: u.detach(), sigma: sigma.detach(), v: v.detach() }),
             _ => None,
@@ -394,6 +444,7 @@ fn adapter_linear_impl(
             },
             src,
             fused,
+            act,
             dropout,
             w: nx.then(|| w.detach()),
             a: (nx || (nb && na)).then(|| a.detach()),
@@ -438,9 +489,11 @@ struct LinDims {
 
 struct AdapterBwd {
     name: &'static str,
-    /// Fused SwiGLU input: (gate, up), for recomputing x (dA) and for dgate/dup.
+    /// Fused gate input: (gate, up), for recomputing x = act(gate) ⊙ up (dA) and for dgate/dup.
     src: Option<(Tensor, Tensor)>,
     fused: bool,
+    /// The fused gate's activation (meaningful when `fused`).
+    act: GatedAct,
     x_shape: Shape,
     x: Option<Tensor>,
     w: Option<Tensor>,
@@ -532,14 +585,14 @@ impl Backward for AdapterBwd {
             }
             _ => None,
         };
-        // X̃ (the LoRA branch input): saved, or recomputed as silu(gate) ⊙ up for the fused
+        // X̃ (the LoRA branch input): saved, or recomputed as act(gate) ⊙ up for the fused
         // down projection. Needed for dA, and for dB when H was not kept.
         let xt: Option<Tensor> = if na || (nb && self.h.is_none()) {
             match (&self.x, &self.src) {
                 (Some(x), _) => Some(x.clone()),
                 (None, Some((gt, up))) => {
                     let mut x = k.zeros(dt, nrows * n, OP)?;
-                    k.swiglu_recompute(&mut x, &gt.read(), &up.read())?;
+                    k.gated_recompute(&mut x, &gt.read(), &up.read(), self.act)?;
                     Some(tensor(x, [nrows, n]))
                 }
                 _ => None,
@@ -601,12 +654,12 @@ impl Backward for AdapterBwd {
         // (this op's backward is where a checkpointed step peaks).
         drop(xt);
         drop(g);
-        // Fused: dx is ∂L/∂x for x = swiglu(gate, up); pass it through the SwiGLU gradient,
+        // Fused: dx is ∂L/∂x for x = act(gate) ⊙ up; pass it through the gate's gradient,
         // dgate written over dx (one [N, n] buffer less at the peak).
         let mut grads = match (&self.src, dx) {
             (Some((gt, up)), Some(mut dxv)) if self.fused => {
                 let mut du = k.zeros(dt, nrows * n, OP)?;
-                k.swiglu_bwd_in_place(&mut dxv, &mut du, &gt.read(), &up.read())?;
+                k.gated_bwd_in_place(&mut dxv, &mut du, &gt.read(), &up.read(), self.act)?;
                 vec![Some(tensor(dxv, gt.shape().clone())), Some(tensor(du, up.shape().clone()))]
             }
             (_, dx) if self.fused => {

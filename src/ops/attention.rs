@@ -1,6 +1,7 @@
 //! Scaled dot-product attention with grouped KV heads (GQA), causal masking, an optional
-//! sliding window and a key padding mask. Memory is linear in sequence length: the forward saves the output and one logsumexp per
-//! (query, head), and the backward recomputes the probabilities (FlashAttention's trade).
+//! sliding window and a key padding mask. Memory is linear in sequence length: the forward saves
+//! the output and one logsumexp per (query, head), and the backward recomputes the probabilities
+//! (FlashAttention's trade).
 //!
 //! Layouts follow the projections directly, so no transposes are needed:
 //! q [b, t, nh, hd], k and v [b, s, nkv, hd], output [b, t, nh, hd]; nh must be a multiple of nkv.

@@ -229,11 +229,7 @@ fn gated(gate: &Tensor, up: &Tensor, act: Act) -> Result<Tensor> {
 
 /// The checks [`swiglu`] makes on its inputs (same dtype, same shape); returns the dtype. Also
 /// for callers that record swiglu(gate, up) without forming it.
-pub(crate) fn check_swiglu_inputs(gate: &Tensor, up: &Tensor) -> Result<crate::dtype::DType> {
-    check_gated_inputs("swiglu", gate, up)
-}
-
-fn check_gated_inputs(op: &'static str, gate: &Tensor, up: &Tensor) -> Result<crate::dtype::DType> {
+pub(crate) fn check_gated_inputs(op: &'static str, gate: &Tensor, up: &Tensor) -> Result<crate::dtype::DType> {
     let dt = compute_dtype(op, "gate", gate)?;
     check_dtype(op, "up", up, dt, true)?;
     if gate.shape() != up.shape() {

@@ -19,9 +19,10 @@ mod rope;
 mod spectral;
 mod split;
 
+pub use crate::backend::GatedAct;
 pub use adapter::{
-    adapter_linear, lora_linear, pissa_linear, speclora_linear, speclora_svd_linear, swiglu_adapter_linear, swiglu_adapter_linear_graph_only, Dropout,
-    SpecRows, Spectral,
+    adapter_linear, gated_adapter_linear, gated_adapter_linear_graph_only, lora_linear, pissa_linear, speclora_linear, speclora_svd_linear,
+    swiglu_adapter_linear, swiglu_adapter_linear_graph_only, Dropout, SpecRows, Spectral,
 };
 pub use attention::{attention, AttnOptions};
 pub use dora::{dora_linear, dora_merged, dora_nu, dora_row_norms, row_norms2};

@@ -8,9 +8,9 @@ use crate::shape::Shape;
 use crate::tensor::kernels_for;
 use crate::tensor::Tensor;
 
-/// Splits x [.., D] into parts [.., sizes[i]] along the last axis (Σ sizes = D, each > 0); the
+/// Splits x [.., D] into parts `[.., sizes[i]]` along the last axis (Σ sizes = D, each > 0); the
 /// parts keep x's leading dims and are contiguous copies. Part i holds columns
-/// `c_i..c_i + sizes[i]` of every row, c_i = Σ_{j<i} sizes[j].
+/// `c_i..c_i + sizes[i]` of every row, `c_i = Σ_{j<i} sizes[j]`.
 pub fn split_last(x: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
     const OP: &str = "split_last";
     let dt = compute_dtype(OP, "x", x)?;

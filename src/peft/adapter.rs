@@ -68,12 +68,13 @@ pub trait LinearAdapter: Debug + Send + Sync {
     /// y [.., out] for x [.., in] through the frozen `w` [out, in] with this adapter.
     fn forward(&self, x: &Tensor, w: &Tensor, ctx: &AdapterCtx) -> Result<Tensor>;
 
-    /// As [`forward`](Self::forward) on x = swiglu(gate, up). Methods with a fused op avoid
-    /// keeping the product for the backward; with `graph_only` the output values may be left
-    /// uncomputed (the backward is the same). The default records swiglu and keeps x.
-    fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, w: &Tensor, ctx: &AdapterCtx, graph_only: bool) -> Result<Tensor> {
+    /// As [`forward`](Self::forward) on x = act(gate) ⊙ up (SwiGLU or GeGLU). Methods with a
+    /// fused op avoid keeping the product for the backward; with `graph_only` the output values
+    /// may be left uncomputed (the backward is the same). The default records the gate op and
+    /// keeps x.
+    fn forward_gated(&self, gate: &Tensor, up: &Tensor, act: ops::GatedAct, w: &Tensor, ctx: &AdapterCtx, graph_only: bool) -> Result<Tensor> {
         let _ = graph_only;
-        self.forward(&ops::swiglu(gate, up)?, w, ctx)
+        self.forward(&if act == ops::GatedAct::Silu { ops::swiglu(gate, up)? } else { ops::geglu(gate, up)? }, w, ctx)
     }
 
     /// The trainable tensors, in a fixed order (the optimizer's and the checkpoint's order).

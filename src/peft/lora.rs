@@ -143,8 +143,8 @@ impl LinearAdapter for Lora {
     fn forward(&self, x: &Tensor, w: &Tensor, ctx: &AdapterCtx) -> Result<Tensor> {
         ops::adapter_linear(x, w, ops::Spectral::None, &self.a, &self.b, self.scale, ctx.dropout(self.dropout))
     }
-    fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, w: &Tensor, ctx: &AdapterCtx, graph_only: bool) -> Result<Tensor> {
-        swiglu_op(graph_only)(gate, up, w, ops::Spectral::None, &self.a, &self.b, self.scale, ctx.dropout(self.dropout))
+    fn forward_gated(&self, gate: &Tensor, up: &Tensor, act: ops::GatedAct, w: &Tensor, ctx: &AdapterCtx, graph_only: bool) -> Result<Tensor> {
+        gated_op(graph_only)(gate, up, act, w, ops::Spectral::None, &self.a, &self.b, self.scale, ctx.dropout(self.dropout))
     }
     fn params(&self) -> Vec<Tensor> {
         vec![self.a.clone(), self.b.clone()]
@@ -184,13 +184,13 @@ pub(crate) fn save_ab(a: &Tensor, b: &Tensor, names: &ModuleNames, out: &mut Ten
     Ok(())
 }
 
-/// The fused SwiGLU + adapter op: the values-computing one, or the graph-only one.
-pub(crate) type SwigluOp = fn(&Tensor, &Tensor, &Tensor, ops::Spectral<'_>, &Tensor, &Tensor, f64, Option<ops::Dropout>) -> Result<Tensor>;
+/// The fused gate + adapter op: the values-computing one, or the graph-only one.
+pub(crate) type GatedOp = fn(&Tensor, &Tensor, ops::GatedAct, &Tensor, ops::Spectral<'_>, &Tensor, &Tensor, f64, Option<ops::Dropout>) -> Result<Tensor>;
 
-pub(crate) fn swiglu_op(graph_only: bool) -> SwigluOp {
+pub(crate) fn gated_op(graph_only: bool) -> GatedOp {
     if graph_only {
-        ops::swiglu_adapter_linear_graph_only
+        ops::gated_adapter_linear_graph_only
     } else {
-        ops::swiglu_adapter_linear
+        ops::gated_adapter_linear
     }
 }

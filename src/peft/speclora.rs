@@ -5,7 +5,7 @@
 use std::any::Any;
 
 use super::adapter::{f32_entry, i64_entry, Adapter, AdapterCtx, LinearAdapter, LoraFactors, ModuleFile, ModuleNames, TensorMap};
-use super::lora::{self, add_delta, lora_part, save_ab, swiglu_op};
+use super::lora::{self, add_delta, gated_op, lora_part, save_ab};
 use super::registry::{Method, MethodKind};
 use super::LoraConfig;
 use crate::device::{with_float, Device};
@@ -134,8 +134,8 @@ impl LinearAdapter for SpecLora {
     fn forward(&self, x: &Tensor, w: &Tensor, ctx: &AdapterCtx) -> Result<Tensor> {
         ops::adapter_linear(x, w, ops::Spectral::Rows { d: &self.d, rows: &self.rows }, &self.a, &self.b, self.scale, ctx.dropout(self.dropout))
     }
-    fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, w: &Tensor, ctx: &AdapterCtx, graph_only: bool) -> Result<Tensor> {
-        swiglu_op(graph_only)(gate, up, w, ops::Spectral::Rows { d: &self.d, rows: &self.rows }, &self.a, &self.b, self.scale, ctx.dropout(self.dropout))
+    fn forward_gated(&self, gate: &Tensor, up: &Tensor, act: ops::GatedAct, w: &Tensor, ctx: &AdapterCtx, graph_only: bool) -> Result<Tensor> {
+        gated_op(graph_only)(gate, up, act, w, ops::Spectral::Rows { d: &self.d, rows: &self.rows }, &self.a, &self.b, self.scale, ctx.dropout(self.dropout))
     }
     fn params(&self) -> Vec<Tensor> {
         vec![self.d.clone(), self.a.clone(), self.b.clone()]

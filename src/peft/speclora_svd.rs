@@ -5,7 +5,7 @@
 use std::any::Any;
 
 use super::adapter::{f32_entry, tensor_of, Adapter, AdapterCtx, LinearAdapter, LoraFactors, ModuleFile, ModuleNames, TensorMap};
-use super::lora::{self, add_delta, lora_part, save_ab, swiglu_op};
+use super::lora::{self, add_delta, gated_op, lora_part, save_ab};
 use super::registry::{Method, MethodKind};
 use super::speclora::init_d;
 use crate::device::Device;
@@ -98,8 +98,8 @@ impl LinearAdapter for SpecLoraSvd {
     fn forward(&self, x: &Tensor, w: &Tensor, ctx: &AdapterCtx) -> Result<Tensor> {
         ops::adapter_linear(x, w, self.spec(), &self.a, &self.b, self.scale, ctx.dropout(self.dropout))
     }
-    fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, w: &Tensor, ctx: &AdapterCtx, graph_only: bool) -> Result<Tensor> {
-        swiglu_op(graph_only)(gate, up, w, self.spec(), &self.a, &self.b, self.scale, ctx.dropout(self.dropout))
+    fn forward_gated(&self, gate: &Tensor, up: &Tensor, act: ops::GatedAct, w: &Tensor, ctx: &AdapterCtx, graph_only: bool) -> Result<Tensor> {
+        gated_op(graph_only)(gate, up, act, w, self.spec(), &self.a, &self.b, self.scale, ctx.dropout(self.dropout))
     }
     fn params(&self) -> Vec<Tensor> {
         vec![self.d.clone(), self.a.clone(), self.b.clone()]

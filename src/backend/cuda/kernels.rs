@@ -3,7 +3,7 @@
 //! and launches the kernels of `cuda/<family>.cu`. Nothing here records autograd steps.
 
 use super::{as_bytes, blocks_for, launch, Arg, DeviceBuf};
-use crate::backend::{AdamWStep, AttnDims, CeBlocks, Gemm, Kernels};
+use crate::backend::{AdamWStep, AttnDims, CeBlocks, GatedAct, Gemm, Kernels};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -759,20 +759,28 @@ impl Kernels for Cuda {
         launch("sub_diag", grid1(r), 256, &[Arg::Ptr(f32p(mm, OP, "m")?), Arg::Ptr(f32p(v, OP, "v")?), Arg::I64(r as i64)], || format!("{OP}: r={r}"))
     }
 
-    fn swiglu_recompute(&self, x: &mut Storage, g: &Storage, u: &Storage) -> Result<()> {
-        const OP: &str = "swiglu_adapter_linear";
+    fn gated_recompute(&self, x: &mut Storage, g: &Storage, u: &Storage, act: GatedAct) -> Result<()> {
+        const OP: &str = "gated_adapter_linear";
         let n = x.len();
-        // The forward kernel of the swiglu op (cuda/elementwise.cu).
+        // The forward kernel of the swiglu / geglu op (cuda/elementwise.cu).
+        let name = match act {
+            GatedAct::Silu => "swiglu_fwd",
+            GatedAct::GeluTanh => "geglu_fwd",
+        };
         let args = [Arg::Ptr(f32p(x, OP, "x")?), Arg::Ptr(f32p(g, OP, "gate")?), Arg::Ptr(f32p(u, OP, "up")?), Arg::I64(n as i64)];
-        launch("swiglu_fwd", grid1(n), 256, &args, || format!("{OP}: {n}"))
+        launch(name, grid1(n), 256, &args, || format!("{OP}: {n}"))
     }
 
-    fn swiglu_bwd_in_place(&self, dx_dg: &mut Storage, du: &mut Storage, g: &Storage, u: &Storage) -> Result<()> {
-        const OP: &str = "swiglu_adapter_linear.backward";
+    fn gated_bwd_in_place(&self, dx_dg: &mut Storage, du: &mut Storage, g: &Storage, u: &Storage, act: GatedAct) -> Result<()> {
+        const OP: &str = "gated_adapter_linear.backward";
         let n = du.len();
+        let name = match act {
+            GatedAct::Silu => "swiglu_bwd_in_place",
+            GatedAct::GeluTanh => "geglu_bwd_in_place",
+        };
         let args =
             [Arg::Ptr(f32p(dx_dg, OP, "dx")?), Arg::Ptr(f32p(du, OP, "du")?), Arg::Ptr(f32p(g, OP, "gate")?), Arg::Ptr(f32p(u, OP, "up")?), Arg::I64(n as i64)];
-        launch("swiglu_bwd_in_place", grid1(n), 256, &args, || format!("{OP}: {n}"))
+        launch(name, grid1(n), 256, &args, || format!("{OP}: {n}"))
     }
 
     fn dora_norms(&self, nu: &mut Storage, wnorm2: &Storage, b: &Storage, awt: &Storage, aat: &Storage, r: usize, s: f64) -> Result<()> {
