@@ -14,11 +14,12 @@
 use std::path::Path;
 
 use spectune::gradcheck::SplitMix;
-use spectune::io::gguf::{hf_to_gguf_name, unpermute_qk_rows, GgufFile, GgufValue as V};
+use spectune::io::gguf::{unpermute_qk_rows, GgufFile, GgufValue as V};
 use spectune::io::gguf_write::{write_gguf, GgmlType, TensorSpec};
 use spectune::io::Checkpoint;
-use spectune::model::llama::expected_weights;
-use spectune::model::{Llama, LlamaConfig, Target};
+use spectune::model::families::llama::FAMILY as LLAMA;
+use spectune::model::gguf::hf_to_gguf_name;
+use spectune::model::{Decoder, DecoderConfig};
 use spectune::peft::export::{export_gguf_lora, merge_checkpoint_gguf, merge_to_gguf};
 use spectune::peft::io::save_adapter;
 use spectune::peft::{LoraConfig, Method};
@@ -26,8 +27,8 @@ use spectune::tokenizer::byte_to_unicode;
 use spectune::DType;
 
 /// 4 heads of 8 on q, 1 kv head of 8 on k: both q/k permutations are non-trivial.
-fn cfg() -> LlamaConfig {
-    LlamaConfig {
+fn cfg() -> DecoderConfig {
+    DecoderConfig {
         vocab_size: 259,
         hidden_size: 32,
         intermediate_size: 64,
@@ -36,10 +37,9 @@ fn cfg() -> LlamaConfig {
         num_key_value_heads: 1,
         head_dim: 8,
         rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
         tie_word_embeddings: false,
-        attention_bias: false,
         max_position_embeddings: 64,
+        ..DecoderConfig::default()
     }
 }
 
@@ -62,7 +62,7 @@ fn write_tiny_gguf(path: &Path, seed: u64) {
         ("llama.attention.head_count".into(), u(c.num_attention_heads)),
         ("llama.attention.head_count_kv".into(), u(c.num_key_value_heads)),
         ("llama.attention.layer_norm_rms_epsilon".into(), V::F32(c.rms_norm_eps as f32)),
-        ("llama.rope.freq_base".into(), V::F32(c.rope_theta as f32)),
+        ("llama.rope.freq_base".into(), V::F32(c.rope.theta as f32)),
         ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), V::String("smollm".into())),
         ("tokenizer.ggml.tokens".into(), V::Array(tokens.into_iter().map(V::String).collect())),
@@ -75,16 +75,16 @@ fn write_tiny_gguf(path: &Path, seed: u64) {
     let mut rng = SplitMix::new(seed);
     let mut specs = Vec::new();
     let mut data = Vec::new();
-    for (name, dims) in expected_weights(&c) {
+    for (name, dims) in c.expected_weights() {
         let n: usize = dims.iter().product();
         let v: Vec<f32> = if name.ends_with("norm.weight") { rng.vec(n, 0.9, 1.1) } else { rng.vec(n, -0.3, 0.3) }.into_iter().map(|x| x as f32).collect();
-        specs.push(TensorSpec { name: hf_to_gguf_name(&name).unwrap(), dims, ty: GgmlType::F32 });
+        specs.push(TensorSpec { name: hf_to_gguf_name(&LLAMA, &name).unwrap(), dims, ty: GgmlType::F32 });
         data.push(v);
     }
     write_gguf(path, &metadata, &specs, |i| GgmlType::F32.encode(&data[i], *specs[i].dims.last().unwrap())).unwrap();
 }
 
-fn perturb(m: &Llama, seed: u64) {
+fn perturb(m: &Decoder, seed: u64) {
     let mut rng = SplitMix::new(seed);
     for p in m.trainable_params() {
         let n = p.numel();
@@ -93,19 +93,12 @@ fn perturb(m: &Llama, seed: u64) {
     }
 }
 
-fn adapted(base: &Path, method: Method, seed: u64) -> (Llama, LoraConfig) {
-    let mut m = Checkpoint::open(base).unwrap().llama(DType::F32).unwrap();
+fn adapted(base: &Path, method: Method, seed: u64) -> (Decoder, LoraConfig) {
+    let mut m = spectune::model::open(base, DType::F32).unwrap();
     let lora = LoraConfig { rank: 3, alpha: 6.0, rslora: false, dropout: 0.0 };
-    m.attach_adapters(&Target::ALL, &lora, &method, seed).unwrap();
+    m.attach_adapters(|_| Ok(true), &lora, &method, seed).unwrap();
     perturb(&m, seed + 1);
     (m, lora)
-}
-
-fn group(t: Target) -> &'static str {
-    match t {
-        Target::Q | Target::K | Target::V | Target::O => "self_attn",
-        _ => "mlp",
-    }
 }
 
 fn str_of<'a>(g: &'a GgufFile, k: &str) -> &'a str {
@@ -139,10 +132,9 @@ fn gguf_lora_layout_and_math() {
         let want_scale = if matches!(method.name(), "lora" | "speclora" | "pissa") { lora.scale() } else { 1.0 };
         assert!((scale - want_scale).abs() < 1e-6, "{method:?}: α/R = {scale}, expected {want_scale}");
         assert_eq!(g.tensor_infos().len(), 2 * 2 * 7);
-        for (li, l) in m.layers.iter().enumerate() {
-            for t in Target::ALL {
-                let w = hf_to_gguf_name(&format!("model.layers.{li}.{}.{}.weight", group(t), t.hf_name())).unwrap();
-                let lin = l.linear(t);
+        {
+            for lin in m.linears() {
+                let w = hf_to_gguf_name(&LLAMA, &format!("{}.weight", lin.path)).unwrap();
                 let (out_f, in_f) = (lin.out_features(), lin.in_features());
                 let a_info = g.tensor_info(&format!("{w}.lora_a")).unwrap_or_else(|| panic!("no {w}.lora_a"));
                 let b_info = g.tensor_info(&format!("{w}.lora_b")).unwrap_or_else(|| panic!("no {w}.lora_b"));
@@ -154,9 +146,9 @@ fn gguf_lora_layout_and_math() {
                 let b = g.tensor(&format!("{w}.lora_b")).unwrap().to_vec_f64();
                 let w0 = base.tensor(&w).unwrap().to_vec_f64();
                 let merged = lin.adapter.as_ref().unwrap().merged_weight(&lin.weight).unwrap();
-                let heads = match t {
-                    Target::Q => Some(c.num_attention_heads),
-                    Target::K => Some(c.num_key_value_heads),
+                let heads = match lin.path.rsplit('.').next() {
+                    Some("q_proj") => Some(c.num_attention_heads),
+                    Some("k_proj") => Some(c.num_key_value_heads),
                     _ => None,
                 };
                 let gguf_row: Vec<usize> = match heads {
@@ -209,7 +201,7 @@ fn merged_gguf_reloads_with_the_source_metadata() {
         assert_eq!(g.get("general.file_type"), Some(&V::U32(file_type)));
         let ck = Checkpoint::open(&out).unwrap();
         assert_eq!(ck.tokenizer().unwrap().encode("<|im_start|>hi", true).unwrap(), vec![1, 1, 107, 108]);
-        let got = ck.llama(DType::F32).unwrap().logits(&probe, 1, 16, None).unwrap().to_vec_f32();
+        let got = spectune::model::load(&ck, DType::F32).unwrap().logits(&probe, 1, 16, None).unwrap().to_vec_f32();
         let err = want.iter().zip(&got).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max) / scale;
         eprintln!("{}: relative logit error {err:.2e}", ty.name());
         assert!(err < tol, "{}: relative logit error {err}", ty.name());
@@ -256,7 +248,7 @@ fn bad_inputs_are_errors() {
     // No adapters to export.
     let base_path = dir.path().join("base.gguf");
     write_tiny_gguf(&base_path, 4);
-    let plain = Checkpoint::open(&base_path).unwrap().llama(DType::F32).unwrap();
+    let plain = spectune::model::open(&base_path, DType::F32).unwrap();
     let e = export_gguf_lora(&plain, &dir.path().join("none.gguf"), "llama", "tiny").unwrap_err().to_string();
     assert!(e.contains("no adapters"), "{e}");
     // DoRA has no plain-LoRA form.
@@ -311,7 +303,7 @@ fn cli_tokenize_prints_ids_on_one_line() {
 /// into `n_chunks` windows of `n_ctx` (BOS written over each window's first id when the
 /// vocabulary adds one); in each window only the second half is scored: the logits at positions
 /// n_ctx/2 … n_ctx − 2 predict the ids at n_ctx/2 + 1 … n_ctx − 1.
-fn llamacpp_style_ppl(m: &Llama, ids: &[u32], n_ctx: usize, n_chunks: usize, bos: Option<u32>) -> f64 {
+fn llamacpp_style_ppl(m: &Decoder, ids: &[u32], n_ctx: usize, n_chunks: usize, bos: Option<u32>) -> f64 {
     let first = n_ctx / 2;
     let (mut nll, mut count) = (0.0f64, 0usize);
     for c in 0..n_chunks {
@@ -388,7 +380,7 @@ fn llamacpp_perplexity_matches() {
     assert!(n_chunks >= 1, "the text has {} tokens, fewer than n_ctx = {n_ctx}", ids.len());
     let add_bos = ck.tokenizer().unwrap().encode("", true).unwrap().first().copied();
 
-    let mut m = ck.llama(DType::F32).unwrap();
+    let mut m = spectune::model::load(&ck, DType::F32).unwrap();
     let base_ours = llamacpp_style_ppl(&m, &ids, n_ctx, n_chunks, add_bos);
     spectune::peft::io::load_adapter(&mut m, &adapter).unwrap();
     let ours = llamacpp_style_ppl(&m, &ids, n_ctx, n_chunks, add_bos);

@@ -15,8 +15,7 @@
 use spectune::io::gguf::GgufFile;
 use spectune::io::Checkpoint;
 use spectune::model::generate::{generate, GenerateOptions};
-use spectune::model::llama::expected_weights;
-use spectune::model::Target;
+use spectune::model::gguf::{gguf_config, hf_tensor};
 use spectune::ops::CeOptions;
 use spectune::peft::{LoraConfig, Method};
 use spectune::tokenizer::ChatMessage;
@@ -40,19 +39,19 @@ fn qwen2_5_coder_q4_k_m_loads_answers_and_trains() {
 
     let g = GgufFile::open(&path).unwrap();
     assert_eq!(g.architecture().unwrap(), "qwen2");
-    let cfg = g.llama_config().unwrap();
+    let cfg = gguf_config(&g).unwrap();
     assert_eq!(
         (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size),
         (896, 24, 14, 2, 4864, 151936)
     );
-    assert!(cfg.attention_bias && !cfg.tie_word_embeddings, "qwen2: q/k/v biases and an untied output.weight");
+    assert!(cfg.qkv_bias && !cfg.o_bias && !cfg.tie_word_embeddings, "qwen2: q/k/v biases and an untied output.weight");
     let mut types: std::collections::BTreeSet<&str> = Default::default();
     for t in g.tensor_infos() {
         types.insert(t.type_name);
     }
     assert_eq!(types.into_iter().collect::<Vec<_>>(), ["f32", "q4_k", "q5_0", "q6_k", "q8_0"]);
-    for (name, dims) in expected_weights(&cfg) {
-        let t = g.hf_tensor(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    for (name, dims) in cfg.expected_weights() {
+        let t = hf_tensor(&g, &cfg, &name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(t.dims(), &dims[..], "{name}");
         assert!(t.read().is_mapped(), "{name} stays mapped");
     }
@@ -61,7 +60,7 @@ fn qwen2_5_coder_q4_k_m_loads_answers_and_trains() {
     // the RSS).
     let ck = Checkpoint::Gguf(g);
     let tok = ck.tokenizer().unwrap();
-    let model = ck.llama(DType::F32).unwrap();
+    let model = spectune::model::load(&ck, DType::F32).unwrap();
     eprintln!("peak RSS after loading: {} MiB", vm_hwm() >> 20);
     // Greedy chat answer.
     let prompt = tok.apply_chat_template(&[ChatMessage::user("What is the capital of France?")], true).unwrap();
@@ -81,8 +80,8 @@ fn qwen2_5_coder_q4_k_m_loads_answers_and_trains() {
     let (x, y): (Vec<u32>, Vec<i64>) = (text_ids[..t].to_vec(), text_ids[1..].iter().map(|&i| i as i64).collect());
     let lora = LoraConfig { rank: 8, alpha: 16.0, rslora: false, dropout: 0.0 };
     for method in [Method::lora(), Method::speclora(16)] {
-        let mut model = ck.llama(DType::F32).unwrap(); // a fresh model over the same map
-        model.attach_adapters(&Target::ALL, &lora, &method, 1).unwrap();
+        let mut model = spectune::model::load(&ck, DType::F32).unwrap(); // a fresh model over the same map
+        model.attach_adapters(|_| Ok(true), &lora, &method, 1).unwrap();
         let params = model.trainable_params();
         let mut opt = AdamW::new(&params, AdamWConfig { lr: 2e-3, weight_decay: 0.0, ..AdamWConfig::default() }).unwrap();
         let mut losses = Vec::new();
@@ -104,7 +103,7 @@ fn qwen2_5_coder_q4_k_m_loads_answers_and_trains() {
         peak as f64 / 1048576.0,
         peak as f64 / file_bytes as f64,
         file_bytes as f64 / 1048576.0,
-        expected_weights(&cfg).iter().map(|(_, d)| d.iter().product::<usize>()).sum::<usize>() as f64 * 4.0 / 1048576.0
+        cfg.expected_weights().iter().map(|(_, d)| d.iter().product::<usize>()).sum::<usize>() as f64 * 4.0 / 1048576.0
     );
     assert!(peak < 2 * file_bytes, "weights are kept packed: peak RSS {peak} vs file {file_bytes}");
 }

@@ -119,7 +119,7 @@ fn qwen2_q4km_logits_match_llamacpp() {
     assert_eq!(ids, theirs, "spectune and llama.cpp tokenize the probe differently");
     let n = ids.len();
 
-    let m = ck.llama(DType::F32).unwrap();
+    let m = spectune::model::load(&ck, DType::F32).unwrap();
     let t0 = std::time::Instant::now();
     let ours = spectune::no_grad(|| m.logits(&ids, 1, n, None)).unwrap().to_vec_f64();
     eprintln!("spectune: {n} positions in {:.1} s", t0.elapsed().as_secs_f64());
