@@ -225,6 +225,33 @@ fn gguf_lora_export_uses_the_converters_names() {
     }
 }
 
+#[test]
+fn merged_gguf_of_each_family_reloads_to_the_adapted_model() {
+    // merge --format gguf on the converter's files: adapted linears written under the family's
+    // names (and in llama.cpp's q/k row order for `llama`), the rest copied (Gemma's stored
+    // 1 + w norms included); the reloaded file gives the adapted model's logits.
+    let tmp = tempfile::tempdir().unwrap();
+    let (ids, b, t, _) = golden("llama");
+    for name in ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"] {
+        let src = GgufFile::open(gguf_path(name)).unwrap();
+        let mut m = open_gguf(name);
+        let lora = spectune::peft::LoraConfig { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0 };
+        m.attach_adapters(|_| Ok(true), &lora, &spectune::peft::Method::lora(), 1).unwrap();
+        let mut rng = spectune::gradcheck::SplitMix::new(5);
+        for p in m.trainable_params() {
+            let v: Vec<f32> = rng.vec(p.numel(), -0.2, 0.2).into_iter().map(|x| x as f32).collect();
+            p.set_values(&v).unwrap();
+        }
+        let want = logits(&m, &ids, b, t);
+        let base = logits(&open_gguf(name), &ids, b, t);
+        assert!(want.iter().zip(&base).any(|(w, b)| !close(*w, *b)), "{name}: the adapter changes nothing; the test would be vacuous");
+        let out = tmp.path().join(format!("{name}-merged.gguf"));
+        spectune::peft::export::merge_to_gguf(&m, &src, &out, GgmlType::F32).unwrap();
+        let got = logits(&spectune::model::open(&out, DType::F32).unwrap(), &ids, b, t);
+        assert_close(name, "the adapted model", &got, &want, b, t, t);
+    }
+}
+
 // ---- bad input ----------------------------------------------------------------------------
 
 /// Copies fixture `name` to `out` with metadata changed by `meta` and tensors filtered by

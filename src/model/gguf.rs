@@ -137,6 +137,18 @@ pub fn qk_permutation(cfg: &DecoderConfig, path: &str, rows: usize) -> Result<Op
         .ok_or_else(|| Error::invalid("gguf q/k permutation", format!("{rows} rows of {path} do not split into {heads} heads of an even size")))
 }
 
+/// The partial rotary factor f with ⌊head_dim · f⌋ = `rot` (the decoder rotates
+/// int(head_dim · f) dimensions, as transformers does): rot / head_dim, nudged up when rounding
+/// would make the product fall just short (e.g. 32 / 96).
+fn rotary_factor(rot: usize, head_dim: usize) -> f64 {
+    let f = rot as f64 / head_dim as f64;
+    if (head_dim as f64 * f) as usize == rot {
+        f
+    } else {
+        (rot as f64 + 0.25) / head_dim as f64
+    }
+}
+
 /// Whether HF tensor `hf` is a norm weight (stored as 1 + w by the Gemma converters).
 fn is_norm_weight(hf: &str) -> bool {
     hf == "model.norm.weight"
@@ -206,6 +218,9 @@ impl GgufMeta<'_> {
         let kv_heads = self.opt_usize("attention.head_count_kv")?.unwrap_or(heads);
         if heads == 0 {
             return Err(self.err(format!("metadata `{}` is 0", self.key("attention.head_count"))));
+        }
+        if let Some(n) = self.opt_usize("expert_count")?.filter(|&n| n > 0) {
+            return Err(self.err(format!("metadata `{}` = {n}: mixture-of-experts models are not supported", self.key("expert_count"))));
         }
         let eps_key = self.key("attention.layer_norm_rms_epsilon");
         let eps = self.file.meta_config_f64(&eps_key)?;
@@ -291,7 +306,7 @@ impl GgufMeta<'_> {
             num_key_value_heads: kv_heads,
             head_dim,
             rms_norm_eps: eps,
-            rope: RopeConfig { theta, scaling, partial_rotary_factor: rot as f64 / head_dim as f64 },
+            rope: RopeConfig { theta, scaling, partial_rotary_factor: rotary_factor(rot, head_dim) },
             tie_word_embeddings: !self.has_tensor("output.weight"),
             max_position_embeddings: ctx,
             ..DecoderConfig::default()
@@ -442,6 +457,16 @@ mod tests {
         assert!(arch_permutes_qk("llama") && arch_permutes_qk("mistral"));
         for a in ["qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2"] {
             assert!(!arch_permutes_qk(a), "{a}");
+        }
+    }
+
+    #[test]
+    fn rotary_factor_gives_back_the_rotary_dimension() {
+        for hd in [8usize, 64, 80, 96, 128, 256] {
+            for rot in (2..=hd).step_by(2) {
+                let f = rotary_factor(rot, hd);
+                assert_eq!((hd as f64 * f) as usize, rot, "{rot} of {hd}");
+            }
         }
     }
 

@@ -49,12 +49,14 @@ def train_tokenizer(out_dir):
 
 
 def llama_cpp_version(root):
+    """The commit of the llama.cpp tree when it is a git checkout of its own, else its path."""
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, check=True).stdout.strip()
     try:
-        return subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) == os.path.realpath(root):
+            return "commit " + git("rev-parse", "HEAD")
     except (OSError, subprocess.CalledProcessError):
-        # An sdist copy has no .git: name the folder the tree came from.
-        return os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(root)))) or root
+        pass
+    return "tree " + os.path.abspath(root)
 
 
 def main():
