@@ -318,6 +318,16 @@ fn metadata_contradicting_tensors_names_the_tensor() {
     rewrite("llama3", &p, |m| set(m, "llama.rope.dimension_count", GgufValue::U32(4)), |_| true);
     let e = open_err(&p);
     assert!(e.contains("`rope_freqs.weight`") && e.contains("[2]"), "{e}");
+    // LongRoPE with one of its two factor tables.
+    let p = tmp.path().join("longrope.gguf");
+    rewrite("phi3", &p, |_| {}, |n| n != "rope_factors_long.weight");
+    let e = open_err(&p);
+    assert!(e.contains("`rope_factors_long.weight`") && e.contains("LongRoPE"), "{e}");
+    // A mixture-of-experts Llama (Mixtral is written as `llama`).
+    let p = tmp.path().join("moe.gguf");
+    rewrite("llama", &p, |m| set(m, "llama.expert_count", GgufValue::U32(8)), |_| true);
+    let e = open_err(&p);
+    assert!(e.contains("llama.expert_count") && e.contains("mixture-of-experts"), "{e}");
 }
 
 #[test]

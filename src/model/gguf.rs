@@ -13,7 +13,8 @@
 //!   the tensor, so nothing to undo).
 //! - Llama 3.x: the `llama3` RoPE parameters become a per-frequency divisor table
 //!   (`rope_freqs.weight`, [rotary_dim / 2]): inv_freq(i) = θ^(−2i/d) / f_i.
-//! - Phi-3: LongRoPE's factor lists become the tensors `rope_factors_short/long.weight`.
+//! - Phi-3 (and LongRoPE Llamas): the factor lists become the tensors
+//!   `rope_factors_short/long.weight`.
 //!
 //! What the converter does not write is taken as llama.cpp takes it (so a file means here what
 //! it means to llama.cpp): Gemma's attention scale is head_dim^−½ (the 27B sizes: (hidden /
@@ -206,9 +207,10 @@ impl GgufMeta<'_> {
     /// `{arch}.embedding_length`, `block_count`, `feed_forward_length`, `attention.head_count`
     /// (`_kv`), `attention.key_length` / `value_length` (default hidden / heads),
     /// `attention.layer_norm_rms_epsilon`, `context_length`, `rope.freq_base` (default 10000),
-    /// `rope.dimension_count` (partial rotary when < head_dim), `rope.scaling.type` (none or
-    /// linear with `rope.scaling.factor`; others are refused by name) and `rope_freqs.weight`
-    /// (per-frequency divisors). Vocabulary from `token_embd.weight`, tied head when
+    /// `rope.dimension_count` (partial rotary when < head_dim), `rope.scaling.type` (none,
+    /// linear with `rope.scaling.factor`, longrope; others are refused by name),
+    /// `rope_freqs.weight` (per-frequency divisors) and LongRoPE's `rope_factors_short/long.weight`
+    /// with `rope.scaling.original_context_length` / `attn_factor`. Vocabulary from `token_embd.weight`, tied head when
     /// `output.weight` is absent.
     pub fn base(&self) -> Result<DecoderConfig> {
         let hidden = self.need_usize("embedding_length")?;
@@ -263,11 +265,41 @@ impl GgufMeta<'_> {
                     RopeScaling::Linear { factor }
                 }
             }
-            Some(s) => return Err(self.err(format!("metadata `{scaling_key}` is {s:?}: spectune reads rope scaling none or linear from GGUF"))),
+            // The factor tables come as tensors (below).
+            Some("longrope") => RopeScaling::None,
+            Some(s) => return Err(self.err(format!("metadata `{scaling_key}` is {s:?}: spectune reads rope scaling none, linear or longrope from GGUF"))),
         };
+        let (short, long) = (self.has_tensor("rope_factors_short.weight"), self.has_tensor("rope_factors_long.weight"));
+        if short != long {
+            return Err(self.err("only one of the tensors `rope_factors_short.weight` / `rope_factors_long.weight` is present; LongRoPE needs both"));
+        }
+        if short {
+            if scaling != RopeScaling::None {
+                return Err(self.err(format!("LongRoPE factor tensors together with `{scaling_key}`: spectune reads one rope scaling at a time")));
+            }
+            // inv_freq(i) = θ^(−2i/d) / f_i, short factors up to the original context, long
+            // ones beyond; cos and sin × `rope.scaling.attn_factor` (computed from the context
+            // lengths when absent).
+            let key = self.key("rope.scaling.original_context_length");
+            let orig = self.file.meta_usize(&key)?;
+            let orig = self.file.required(&key, orig, "needed for LongRoPE")?;
+            scaling = RopeScaling::LongRope {
+                short_factor: self.factors("rope_factors_short.weight", rot / 2)?,
+                long_factor: self.factors("rope_factors_long.weight", rot / 2)?,
+                original_max_position_embeddings: orig as f64,
+                factor: None,
+                attention_factor: self.opt_f64("rope.scaling.attn_factor")?,
+            };
+        } else if self.file.meta_str(&scaling_key)? == Some("longrope") {
+            return Err(self.err(format!(
+                "metadata `{scaling_key}` is \"longrope\" but the tensors `rope_factors_short.weight` / `rope_factors_long.weight` are missing"
+            )));
+        }
         if self.has_tensor("rope_freqs.weight") {
             if scaling != RopeScaling::None {
-                return Err(self.err(format!("tensor `rope_freqs.weight` together with `{scaling_key}`: spectune reads one rope scaling at a time")));
+                return Err(self.err(format!(
+                    "tensor `rope_freqs.weight` together with another rope scaling (`{scaling_key}` or LongRoPE factors): spectune reads one at a time"
+                )));
             }
             // θ^(−2i/d) / f_i for every position: LongRoPE's table with one factor list and no
             // switch (the original context is never exceeded) and no attention factor.

@@ -44,33 +44,12 @@ fn to_hf(c: &DecoderConfig) -> Value {
 }
 
 /// llama.cpp's `phi3`: fused `attn_qkv` (rows q, k, v) and `ffn_up` (rows gate, up, as in
-/// HF); LongRoPE from the tensors `rope_factors_short.weight` / `rope_factors_long.weight`
-/// with `rope.scaling.original_context_length` and `rope.scaling.attn_factor` (computed from
-/// the context lengths when absent); `attention.sliding_window` > 0 makes every layer slide, as
+/// HF); LongRoPE from the factor tensors (read by [`GgufMeta::base`]);
+/// `attention.sliding_window` > 0 makes every layer slide, as
 /// in transformers (llama.cpp currently ignores Phi-3's window).
 fn from_gguf(m: &GgufMeta) -> Result<DecoderConfig> {
     let mut c = m.base()?;
     (c.fused_qkv, c.fused_gate_up) = (true, true);
-    let (short, long) = (m.has_tensor("rope_factors_short.weight"), m.has_tensor("rope_factors_long.weight"));
-    if short != long {
-        return Err(m.err("only one of the tensors `rope_factors_short.weight` / `rope_factors_long.weight` is present; LongRoPE needs both"));
-    }
-    if short {
-        if c.rope.scaling != RopeScaling::None {
-            return Err(m.err("LongRoPE factor tensors together with another rope scaling"));
-        }
-        let half = m.opt_usize("rope.dimension_count")?.unwrap_or(c.head_dim) / 2;
-        let key = m.key("rope.scaling.original_context_length");
-        let orig = m.opt_usize("rope.scaling.original_context_length")?;
-        let orig = m.file.required(&key, orig, "needed for LongRoPE")?;
-        c.rope.scaling = RopeScaling::LongRope {
-            short_factor: m.factors("rope_factors_short.weight", half)?,
-            long_factor: m.factors("rope_factors_long.weight", half)?,
-            original_max_position_embeddings: orig as f64,
-            factor: None,
-            attention_factor: m.opt_f64("rope.scaling.attn_factor")?,
-        };
-    }
     if let Some(w) = m.sliding_window()? {
         c.layer_windows = vec![Some(w); c.num_hidden_layers];
     }
