@@ -14,7 +14,9 @@
 //!
 //! For those three the GGUF is compared at every position with the HF checkpoint loaded with
 //! that one setting replaced by llama.cpp's reading, and the test checks that the setting does
-//! change the logits (so the comparison is not vacuous). Every other converter transform (q/k
+//! change the logits (so the comparison is not vacuous). Gemma 3 is also checked against
+//! transformers directly, with the per-layer `sliding_window_pattern` array llama.cpp reads set
+//! to the checkpoint's layer types. Every other converter transform (q/k
 //! permutation, Gemma's 1 + w norms, names, fused Phi-3 tensors, rope factor tables) is covered
 //! by all nine.
 //!
@@ -160,6 +162,28 @@ fn gemma3_gguf_slides_five_layers_of_six() {
     assert_eq!(model.cfg.layer_windows, vec![Some(5), Some(5)]);
     assert_eq!(model.cfg.rope_local.as_ref().map(|r| r.theta), Some(10000.0));
     matches_llama_cpp_reading("gemma3", 0, |c| c.layer_windows = vec![Some(5), Some(5)]);
+}
+
+#[test]
+fn gemma3_gguf_with_a_layer_pattern_matches_transformers() {
+    // The per-layer array llama.cpp reads from `gemma3.attention.sliding_window_pattern`, set
+    // to the checkpoint's layer_types [sliding, full]: then the file is the HF model, and the
+    // global layer's RoPE (θ = 10⁶, linear ×8, from `rope.freq_base` / `rope.scaling.*`) and the
+    // local one (`rope.freq_base_swa`) are both exercised against transformers.
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("gemma3-pattern.gguf");
+    let pattern = GgufValue::Array(vec![GgufValue::Bool(true), GgufValue::Bool(false)]);
+    rewrite("gemma3", &p, |m| set(m, "gemma3.attention.sliding_window_pattern", pattern.clone()), |_| true);
+    let model = spectune::model::open(&p, DType::F32).unwrap();
+    assert_eq!(model.cfg.layer_windows, vec![Some(5), None]);
+    assert_eq!(model.cfg.rope.scaling, RopeScaling::Linear { factor: 8.0 });
+    let (ids, b, t, want) = golden("gemma3");
+    assert_close("gemma3 (pattern)", "transformers", &logits(&model, &ids, b, t), &want, b, t, t);
+    // A pattern of the wrong length is an error naming the key.
+    let p = tmp.path().join("gemma3-bad-pattern.gguf");
+    rewrite("gemma3", &p, |m| set(m, "gemma3.attention.sliding_window_pattern", GgufValue::Array(vec![GgufValue::Bool(true)])), |_| true);
+    let e = open_err(&p);
+    assert!(e.contains("gemma3.attention.sliding_window_pattern") && e.contains("1 entries for 2 layers"), "{e}");
 }
 
 #[test]
