@@ -1,15 +1,16 @@
 //! GGUF reader: synthetic files written by a small writer below cover every supported tensor
 //! type (dequantized values checked against the block formulas), every metadata value type,
 //! alignment, the llama.cpp q/k permutation, and each malformed-input case; a real-file test
-//! loads SmolLM2-135M-Instruct (Q4_1) through `hf_tensor` and runs a forward pass.
+//! loads SmolLM2-135M-Instruct (Q4_1) through `model::gguf::hf_tensor` and runs a forward pass.
 
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use spectune::gradcheck::SplitMix;
 use spectune::io::gguf::{unpermute_qk_rows, GgufFile, GgufValue};
-use spectune::model::gguf::gguf_config;
-use spectune::model::{Decoder, DecoderConfig, RopeConfig};
+use spectune::model::families::llama::FAMILY as LLAMA;
+use spectune::model::gguf::{gguf_config, hf_tensor, hf_to_gguf_name};
+use spectune::model::{Decoder, DecoderConfig};
 use spectune::{DType, Tensor};
 
 // ---------------------------------------------------------------------------------------------
@@ -544,7 +545,7 @@ fn every_prefix_and_random_corruption_is_handled_without_panic() {
                     let _ = x.to_vec_f32();
                 }
             }
-            let _ = (gguf_config(&g), g.vocab(), g.hf_tensor("model.norm.weight"));
+            let _ = (gguf_config(&g).map(|c| hf_tensor(&g, &c, "model.norm.weight")), g.vocab());
         }
     }
 }
@@ -676,8 +677,13 @@ fn unsupported_types_list_but_fail_on_read() {
     assert_eq!(g.tensor("second.weight").unwrap().to_vec_f32(), vec![3.0; 32]);
     // Missing tensors, by llama.cpp and by HF name (naming both).
     check_err(&g.tensor("nope.weight").unwrap_err(), &path, &["`nope.weight`"]);
-    check_err(&g.hf_tensor("model.layers.7.mlp.up_proj.weight").unwrap_err(), &path, &["`blk.7.ffn_up.weight`", "`model.layers.7.mlp.up_proj.weight`"]);
-    check_err(&g.hf_tensor("model.something").unwrap_err(), &path, &["`model.something`"]);
+    let llama = DecoderConfig::default();
+    check_err(
+        &hf_tensor(&g, &llama, "model.layers.7.mlp.up_proj.weight").unwrap_err(),
+        &path,
+        &["`blk.7.ffn_up.weight`", "`model.layers.7.mlp.up_proj.weight`"],
+    );
+    check_err(&hf_tensor(&g, &llama, "model.something").unwrap_err(), &path, &["`model.something`"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -698,10 +704,10 @@ fn converter_permute(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<
     out
 }
 
-/// With `arch_bias`, q/k/v biases: the Qwen2 layout (a Llama config cannot express them).
-fn tiny_cfg(arch_bias: bool, tie: bool) -> DecoderConfig {
+/// A tiny config of `family` (llama: `bias` on q, k, v and o; qwen2: q, k, v always).
+fn tiny_cfg(family: &str, bias: bool, tie: bool) -> DecoderConfig {
     DecoderConfig {
-        family: if arch_bias { "qwen2" } else { "llama" }.into(),
+        family: family.into(),
         vocab_size: 40,
         hidden_size: 32,
         intermediate_size: 64,
@@ -710,9 +716,9 @@ fn tiny_cfg(arch_bias: bool, tie: bool) -> DecoderConfig {
         num_key_value_heads: 2,
         head_dim: 8,
         rms_norm_eps: 1e-5,
-        rope: RopeConfig { theta: 10000.0, ..Default::default() },
         tie_word_embeddings: tie,
-        qkv_bias: arch_bias,
+        qkv_bias: bias || family == "qwen2",
+        o_bias: bias && family == "llama",
         max_position_embeddings: 128,
         ..DecoderConfig::default()
     }
@@ -751,7 +757,7 @@ fn model_file(arch: &str, cfg: &DecoderConfig, permute: bool) -> (Writer, HfWeig
             _ => vals.clone(),
         };
         let ne: Vec<u64> = dims.iter().rev().map(|&d| d as u64).collect();
-        let gname = spectune::io::gguf::hf_to_gguf_name(&name).unwrap();
+        let gname = hf_to_gguf_name(&LLAMA, &name).unwrap();
         w = w.f32_tensor(&gname, &ne, &stored);
         hf.push((name, dims, vals));
     }
@@ -763,13 +769,14 @@ fn hf_tensor_undoes_the_qk_permutation_and_the_model_matches() {
     for (arch, bias, tie, permute) in
         [("llama", false, true, true), ("llama", true, false, true), ("mistral", false, false, true), ("qwen2", true, true, false)]
     {
-        let cfg = tiny_cfg(bias, tie);
+        let family = if arch == "qwen2" { "qwen2" } else { "llama" };
+        let cfg = tiny_cfg(family, bias, tie);
         let (w, hf) = model_file(arch, &cfg, permute);
         let (_d, _p, g) = open_bytes(&w.build());
         let g = g.unwrap();
         assert_eq!(gguf_config(&g).unwrap(), cfg, "{arch}");
         for (name, dims, vals) in &hf {
-            let t = g.hf_tensor(name).unwrap();
+            let t = hf_tensor(&g, &cfg, name).unwrap();
             assert_eq!(t.dims(), &dims[..], "{arch} {name}");
             assert_eq!(&t.to_vec_f32(), vals, "{arch} {name}: not equal to the HF weight");
             if dims.len() == 2 {
@@ -783,7 +790,7 @@ fn hf_tensor_undoes_the_qk_permutation_and_the_model_matches() {
             assert_ne!(&raw, q);
         }
         // The model built from the GGUF equals the model built from the HF weights.
-        let from_gguf = Decoder::from_weights(cfg.clone(), DType::F32, |n| g.hf_tensor(n)).unwrap();
+        let from_gguf = Decoder::from_weights(cfg.clone(), DType::F32, |n| hf_tensor(&g, &cfg, n)).unwrap();
         let from_hf = Decoder::from_weights(cfg.clone(), DType::F32, |n| {
             let (_, dims, vals) = hf.iter().find(|(h, ..)| h == n).unwrap();
             Tensor::from_vec(vals.clone(), dims.clone())
@@ -826,18 +833,25 @@ fn qk_permutation_on_quantized_weights() {
         .tensor("blk.0.attn_q.weight", &[cols as u64, rows as u64], G_Q8_0, stored.concat());
     let (_d, _p, g) = open_bytes(&w.build());
     let g = g.unwrap();
-    let t = g.hf_tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
+    let cfg = DecoderConfig { num_attention_heads: heads, num_key_value_heads: 2, ..DecoderConfig::default() };
+    let t = hf_tensor(&g, &cfg, "model.layers.0.self_attn.q_proj.weight").unwrap();
     assert_eq!(t.dtype(), DType::Q8_0);
     assert!(t.read().is_mapped());
     assert_eq!(t.to_vec_f32(), hf_rows.concat());
 }
 
 #[test]
-fn gguf_config_errors_name_the_key() {
-    let cfg = tiny_cfg(false, true);
+fn llama_config_errors_name_the_key() {
+    let cfg = tiny_cfg("llama", false, true);
+    let (w, _) = model_file("llama", &cfg, true);
+    let (_d, path, g) = open_bytes(&w.kv("llama.rope.scaling.type", s("yarn")).build());
+    check_err(&gguf_config(&g.unwrap()).unwrap_err(), &path, &["llama.rope.scaling.type", "yarn"]);
     let (w, _) = model_file("llama", &cfg, true);
     let (_d, path, g) = open_bytes(&w.kv("llama.rope.scaling.type", s("linear")).build());
-    check_err(&gguf_config(&g.unwrap()).unwrap_err(), &path, &["llama.rope.scaling.type", "linear"]);
+    check_err(&gguf_config(&g.unwrap()).unwrap_err(), &path, &["llama.rope.scaling.factor", "missing"]);
+    let (w, _) = model_file("llama", &cfg, true);
+    let (_d, _p, g) = open_bytes(&w.kv("llama.rope.scaling.type", s("linear")).kv("llama.rope.scaling.factor", V::F32(4.0)).build());
+    assert_eq!(gguf_config(&g.unwrap()).unwrap().rope.scaling, spectune::nn::RopeScaling::Linear { factor: 4.0 });
     let (w, _) = model_file("llama", &cfg, true);
     let (_d, _p, g) = open_bytes(&w.kv("llama.rope.scaling.type", s("none")).kv("llama.attention.key_length", V::U32(8)).build());
     assert_eq!(gguf_config(&g.unwrap()).unwrap(), cfg);
@@ -853,7 +867,7 @@ fn gguf_config_errors_name_the_key() {
     let (_d, path, g) = open_bytes(&w.build());
     check_err(&gguf_config(&g.unwrap()).unwrap_err(), &path, &["llama.attention.head_count", "string"]);
     // Defaults: rope base 10000, head_count_kv = head_count.
-    let (mut w, _) = model_file("llama", &tiny_cfg(false, true), true);
+    let (mut w, _) = model_file("llama", &tiny_cfg("llama", false, true), true);
     w.kv.retain(|(k, _)| k != b"llama.rope.freq_base");
     let (_d, _p, g) = open_bytes(&w.build());
     assert_eq!(gguf_config(&g.unwrap()).unwrap().rope.theta, 10000.0);
@@ -919,7 +933,7 @@ fn smollm2_135m_q4_1_loads_and_runs() {
         (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim),
         (576, 30, 9, 3, 1536, 49152, 64)
     );
-    assert!(cfg.tie_word_embeddings && !cfg.qkv_bias && !cfg.o_bias && !cfg.mlp_bias);
+    assert!(cfg.tie_word_embeddings && !cfg.qkv_bias);
 
     let mut types: std::collections::BTreeMap<&str, usize> = Default::default();
     for t in g.tensor_infos() {
@@ -930,7 +944,7 @@ fn smollm2_135m_q4_1_loads_and_runs() {
         g.tensor_infos().iter().filter(|t| !matches!(t.type_name, "f32" | "q4_1")).map(|t| format!("{} {}", t.name, t.type_name)).collect();
     eprintln!("SmolLM2: tensors neither f32 nor q4_1: {quantized_other:?}");
     for (name, dims) in cfg.expected_weights() {
-        let t = g.hf_tensor(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let t = hf_tensor(&g, &cfg, &name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(t.dims(), &dims[..], "{name}");
         assert!(t.read().is_mapped(), "{name}");
     }
@@ -939,7 +953,7 @@ fn smollm2_135m_q4_1_loads_and_runs() {
     let vocab = g.vocab().unwrap();
     assert_eq!(vocab.tokens.len(), 49152);
 
-    let model = Decoder::from_weights(cfg, DType::F32, |n| g.hf_tensor(n)).unwrap();
+    let model = Decoder::from_weights(cfg.clone(), DType::F32, |n| hf_tensor(&g, &cfg, n)).unwrap();
     // "The capital of France is" in byte-level BPE pieces.
     let pieces = ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"];
     let id = |p: &str| vocab.tokens.iter().position(|t| t == p).unwrap_or_else(|| panic!("no token {p:?}")) as u32;
@@ -961,9 +975,9 @@ fn smollm2_135m_q4_1_loads_and_runs() {
     };
     let raw = Decoder::from_weights(model.cfg.clone(), DType::F32, |n| {
         if n.contains("q_proj") || n.contains("k_proj") {
-            g.tensor(&spectune::io::gguf::hf_to_gguf_name(n).unwrap())
+            g.tensor(&hf_to_gguf_name(&LLAMA, n).unwrap())
         } else {
-            g.hf_tensor(n)
+            hf_tensor(&g, &cfg, n)
         }
     })
     .unwrap();

@@ -14,10 +14,12 @@
 use std::path::Path;
 
 use spectune::gradcheck::SplitMix;
-use spectune::io::gguf::{hf_to_gguf_name, unpermute_qk_rows, GgufFile, GgufValue as V};
+use spectune::io::gguf::{unpermute_qk_rows, GgufFile, GgufValue as V};
 use spectune::io::gguf_write::{write_gguf, GgmlType, TensorSpec};
 use spectune::io::Checkpoint;
-use spectune::model::{Decoder, DecoderConfig, RopeConfig};
+use spectune::model::families::llama::FAMILY as LLAMA;
+use spectune::model::gguf::hf_to_gguf_name;
+use spectune::model::{Decoder, DecoderConfig};
 use spectune::peft::export::{export_gguf_lora, merge_checkpoint_gguf, merge_to_gguf};
 use spectune::peft::io::save_adapter;
 use spectune::peft::{LoraConfig, Method};
@@ -35,7 +37,6 @@ fn cfg() -> DecoderConfig {
         num_key_value_heads: 1,
         head_dim: 8,
         rms_norm_eps: 1e-5,
-        rope: RopeConfig { theta: 10000.0, ..Default::default() },
         tie_word_embeddings: false,
         max_position_embeddings: 64,
         ..DecoderConfig::default()
@@ -77,7 +78,7 @@ fn write_tiny_gguf(path: &Path, seed: u64) {
     for (name, dims) in c.expected_weights() {
         let n: usize = dims.iter().product();
         let v: Vec<f32> = if name.ends_with("norm.weight") { rng.vec(n, 0.9, 1.1) } else { rng.vec(n, -0.3, 0.3) }.into_iter().map(|x| x as f32).collect();
-        specs.push(TensorSpec { name: hf_to_gguf_name(&name).unwrap(), dims, ty: GgmlType::F32 });
+        specs.push(TensorSpec { name: hf_to_gguf_name(&LLAMA, &name).unwrap(), dims, ty: GgmlType::F32 });
         data.push(v);
     }
     write_gguf(path, &metadata, &specs, |i| GgmlType::F32.encode(&data[i], *specs[i].dims.last().unwrap())).unwrap();
@@ -93,18 +94,11 @@ fn perturb(m: &Decoder, seed: u64) {
 }
 
 fn adapted(base: &Path, method: Method, seed: u64) -> (Decoder, LoraConfig) {
-    let mut m = spectune::model::load(&Checkpoint::open(base).unwrap(), DType::F32).unwrap();
+    let mut m = spectune::model::open(base, DType::F32).unwrap();
     let lora = LoraConfig { rank: 3, alpha: 6.0, rslora: false, dropout: 0.0 };
     m.attach_adapters(|_| Ok(true), &lora, &method, seed).unwrap();
     perturb(&m, seed + 1);
     (m, lora)
-}
-
-fn group(module: &str) -> &'static str {
-    match module {
-        "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
-        _ => "mlp",
-    }
 }
 
 fn str_of<'a>(g: &'a GgufFile, k: &str) -> &'a str {
@@ -138,10 +132,9 @@ fn gguf_lora_layout_and_math() {
         let want_scale = if matches!(method.name(), "lora" | "speclora" | "pissa") { lora.scale() } else { 1.0 };
         assert!((scale - want_scale).abs() < 1e-6, "{method:?}: α/R = {scale}, expected {want_scale}");
         assert_eq!(g.tensor_infos().len(), 2 * 2 * 7);
-        for (li, l) in m.layers.iter().enumerate() {
-            for lin in l.linears() {
-                let t = lin.module();
-                let w = hf_to_gguf_name(&format!("model.layers.{li}.{}.{t}.weight", group(t))).unwrap();
+        {
+            for lin in m.linears() {
+                let w = hf_to_gguf_name(&LLAMA, &format!("{}.weight", lin.path)).unwrap();
                 let (out_f, in_f) = (lin.out_features(), lin.in_features());
                 let a_info = g.tensor_info(&format!("{w}.lora_a")).unwrap_or_else(|| panic!("no {w}.lora_a"));
                 let b_info = g.tensor_info(&format!("{w}.lora_b")).unwrap_or_else(|| panic!("no {w}.lora_b"));
@@ -153,9 +146,9 @@ fn gguf_lora_layout_and_math() {
                 let b = g.tensor(&format!("{w}.lora_b")).unwrap().to_vec_f64();
                 let w0 = base.tensor(&w).unwrap().to_vec_f64();
                 let merged = lin.adapter.as_ref().unwrap().merged_weight(&lin.weight).unwrap();
-                let heads = match t {
-                    "q_proj" => Some(c.num_attention_heads),
-                    "k_proj" => Some(c.num_key_value_heads),
+                let heads = match lin.path.rsplit('.').next() {
+                    Some("q_proj") => Some(c.num_attention_heads),
+                    Some("k_proj") => Some(c.num_key_value_heads),
                     _ => None,
                 };
                 let gguf_row: Vec<usize> = match heads {
@@ -255,7 +248,7 @@ fn bad_inputs_are_errors() {
     // No adapters to export.
     let base_path = dir.path().join("base.gguf");
     write_tiny_gguf(&base_path, 4);
-    let plain = spectune::model::load(&Checkpoint::open(&base_path).unwrap(), DType::F32).unwrap();
+    let plain = spectune::model::open(&base_path, DType::F32).unwrap();
     let e = export_gguf_lora(&plain, &dir.path().join("none.gguf"), "llama", "tiny").unwrap_err().to_string();
     assert!(e.contains("no adapters"), "{e}");
     // DoRA has no plain-LoRA form.

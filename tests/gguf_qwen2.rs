@@ -15,6 +15,7 @@
 use spectune::io::gguf::GgufFile;
 use spectune::io::Checkpoint;
 use spectune::model::generate::{generate, GenerateOptions};
+use spectune::model::gguf::{gguf_config, hf_tensor};
 use spectune::ops::CeOptions;
 use spectune::peft::{LoraConfig, Method};
 use spectune::tokenizer::ChatMessage;
@@ -38,7 +39,7 @@ fn qwen2_5_coder_q4_k_m_loads_answers_and_trains() {
 
     let g = GgufFile::open(&path).unwrap();
     assert_eq!(g.architecture().unwrap(), "qwen2");
-    let cfg = spectune::model::gguf::gguf_config(&g).unwrap();
+    let cfg = gguf_config(&g).unwrap();
     assert_eq!(
         (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size),
         (896, 24, 14, 2, 4864, 151936)
@@ -50,7 +51,7 @@ fn qwen2_5_coder_q4_k_m_loads_answers_and_trains() {
     }
     assert_eq!(types.into_iter().collect::<Vec<_>>(), ["f32", "q4_k", "q5_0", "q6_k", "q8_0"]);
     for (name, dims) in cfg.expected_weights() {
-        let t = g.hf_tensor(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let t = hf_tensor(&g, &cfg, &name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(t.dims(), &dims[..], "{name}");
         assert!(t.read().is_mapped(), "{name} stays mapped");
     }

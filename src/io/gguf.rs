@@ -1,5 +1,6 @@
-//! GGUF (versions 2 and 3) reader: metadata, tensor table, memory-mapped tensors, and the mapping
-//! from llama.cpp tensor names back to HF names (undoing the converter's q/k row permutation).
+//! GGUF (versions 2 and 3) reader: metadata, tensor table and memory-mapped tensors, by
+//! llama.cpp name. Model knowledge (which family an architecture is, HF ↔ llama.cpp names, the
+//! converter's transforms) lives in [`crate::model::gguf`]; the row permutation is here.
 //!
 //! # The format, as read here
 //!
@@ -49,23 +50,20 @@
 //! ```
 //!
 //! i.e. within each head the first half and second half of the HF rows are interleaved. For
-//! `k_proj` the converter uses `n_head = head_count_kv`. [`GgufFile::hf_tensor`] undoes this
-//! with [`Tensor::permute_rows`] (logical HF row `h·d + s·d/2 + i` reads physical row
-//! `h·d + 2i + s`; see [`unpermute_qk_rows`]), which keeps mapped weights mapped. Only the
-//! `llama` and `mistral` architectures are permuted; `qwen2` (NeoX-style rope in llama.cpp) is
-//! stored in HF order.
+//! `k_proj` the converter uses `n_head = head_count_kv`. [`unpermute_qk_rows`] gives the row
+//! order that undoes this with [`Tensor::permute_rows`] (logical HF row `h·d + s·d/2 + i` reads
+//! physical row `h·d + 2i + s`), which keeps mapped weights mapped. Which architectures are
+//! permuted is model knowledge ([`crate::model::gguf`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use half::{bf16, f16};
 use memmap2::Mmap;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::storage::HostData;
 use crate::tensor::Tensor;
 use crate::tokenizer::GgufVocab;
 
@@ -370,56 +368,6 @@ impl GgufTensorInfo {
     }
 }
 
-/// HF module names of a decoder layer and their llama.cpp counterparts.
-const LAYER_NAMES: [(&str, &str); 9] = [
-    ("input_layernorm", "attn_norm"),
-    ("self_attn.q_proj", "attn_q"),
-    ("self_attn.k_proj", "attn_k"),
-    ("self_attn.v_proj", "attn_v"),
-    ("self_attn.o_proj", "attn_output"),
-    ("post_attention_layernorm", "ffn_norm"),
-    ("mlp.gate_proj", "ffn_gate"),
-    ("mlp.up_proj", "ffn_up"),
-    ("mlp.down_proj", "ffn_down"),
-];
-/// Whole-model tensors (HF, llama.cpp).
-const TOP_NAMES: [(&str, &str); 3] =
-    [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
-
-/// Splits `<prefix><N>.<module>.<weight|bias>` into (N, module, suffix).
-fn split_layer_name<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str, &'a str)> {
-    let rest = name.strip_prefix(prefix)?;
-    let (n, rest) = rest.split_once('.')?;
-    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0')) {
-        return None;
-    }
-    let layer = n.parse().ok()?;
-    let (module, suffix) = rest.rsplit_once('.')?;
-    matches!(suffix, "weight" | "bias").then_some((layer, module, suffix))
-}
-
-/// The llama.cpp name of an HF Llama-family tensor name (`model.layers.3.mlp.up_proj.weight` →
-/// `blk.3.ffn_up.weight`), or `None` if it has none.
-pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
-    if let Some((_, g)) = TOP_NAMES.iter().find(|(h, _)| *h == hf) {
-        return Some(g.to_string());
-    }
-    let (layer, module, suffix) = split_layer_name(hf, "model.layers.")?;
-    let (_, g) = LAYER_NAMES.iter().find(|(h, _)| *h == module)?;
-    Some(format!("blk.{layer}.{g}.{suffix}"))
-}
-
-/// The HF name of a llama.cpp tensor name (`blk.3.ffn_up.weight` →
-/// `model.layers.3.mlp.up_proj.weight`), or `None` if it has none.
-pub fn gguf_to_hf_name(gguf: &str) -> Option<String> {
-    if let Some((h, _)) = TOP_NAMES.iter().find(|(_, g)| *g == gguf) {
-        return Some(h.to_string());
-    }
-    let (layer, module, suffix) = split_layer_name(gguf, "blk.")?;
-    let (h, _) = LAYER_NAMES.iter().find(|(_, g)| *g == module)?;
-    Some(format!("model.layers.{layer}.{h}.{suffix}"))
-}
-
 /// The row order that undoes llama.cpp's q/k permutation of a `[rows, in]` projection with
 /// `n_head` heads: `perm[hf_row]` = the GGUF row that holds it, ready for
 /// [`Tensor::permute_rows`]. With `d = rows / n_head`:
@@ -440,11 +388,6 @@ pub fn unpermute_qk_rows(rows: usize, n_head: usize) -> Option<Vec<u32>> {
         }
     }
     Some(perm)
-}
-
-/// Architectures whose llama.cpp converter permutes the q/k rows (rope on adjacent pairs).
-pub fn arch_permutes_qk(arch: &str) -> bool {
-    matches!(arch, "llama" | "mistral")
 }
 
 /// Bounds-checked little-endian cursor over the file bytes.
@@ -895,56 +838,6 @@ impl GgufFile {
         self.required(key, arch, "every model file names its architecture")
     }
 
-    /// Tensor by its HF name (`model.layers.0.self_attn.q_proj.weight`), read from its llama.cpp
-    /// counterpart (`blk.0.attn_q.weight`). For llama/mistral files the q/k rows (and biases)
-    /// are put back in HF order (see the module docs), so the result equals the HF weight.
-    /// Weights stay mapped; a permuted 1-D bias is a small host copy.
-    pub fn hf_tensor(&self, hf_name: &str) -> Result<Tensor> {
-        let gguf = hf_to_gguf_name(hf_name).ok_or_else(|| self.err(format!("HF tensor `{hf_name}` has no llama.cpp counterpart")))?;
-        if self.tensor_info(&gguf).is_none() {
-            return Err(self.err(format!("tensor `{gguf}` (HF `{hf_name}`) is not in this file")));
-        }
-        let t = self.tensor(&gguf)?;
-        let Some((_, module, _)) = split_layer_name(hf_name, "model.layers.") else { return Ok(t) };
-        let heads_key = match module {
-            "self_attn.q_proj" => "attention.head_count",
-            "self_attn.k_proj" => "attention.head_count_kv",
-            _ => return Ok(t),
-        };
-        let arch = self.architecture()?;
-        if !arch_permutes_qk(arch) {
-            return Ok(t);
-        }
-        let key = format!("{arch}.{heads_key}");
-        let heads = match self.meta_usize(&key)? {
-            Some(h) => h,
-            // head_count_kv defaults to head_count.
-            None if module == "self_attn.k_proj" => {
-                let qk = format!("{arch}.attention.head_count");
-                let h = self.meta_usize(&qk)?;
-                self.required(&qk, h, "needed to undo the q/k row permutation")?
-            }
-            None => self.required(&key, None, "needed to undo the q/k row permutation")?,
-        };
-        let rows = t.dims()[0];
-        let perm = unpermute_qk_rows(rows, heads)
-            .ok_or_else(|| self.err(format!("tensor `{gguf}` (HF `{hf_name}`): {rows} rows do not split into {heads} heads of an even size (`{key}`)")))?;
-        match t.dims().len() {
-            2 => t.permute_rows(&perm).map_err(|e| self.err(format!("tensor `{gguf}`: {e}"))),
-            1 => {
-                let v = t.to_vec_f32();
-                let p: Vec<f32> = perm.iter().map(|&i| v[i as usize]).collect();
-                let data = match t.dtype() {
-                    DType::F16 => HostData::F16(p.iter().map(|&x| f16::from_f32(x)).collect()),
-                    DType::BF16 => HostData::BF16(p.iter().map(|&x| bf16::from_f32(x)).collect()),
-                    _ => HostData::F32(p),
-                };
-                Tensor::from_host(data, [rows])
-            }
-            n => Err(self.err(format!("tensor `{gguf}` (HF `{hf_name}`) has {n} dimensions, expected 1 or 2"))),
-        }
-    }
-
     /// The tokenizer fields: `tokenizer.ggml.*` and `tokenizer.chat_template`. `model` and
     /// `tokens` are required; other missing keys give `None` (or an empty list).
     pub fn vocab(&self) -> Result<GgufVocab> {
@@ -1003,32 +896,5 @@ impl GgufFile {
             chat_template: self.meta_str("tokenizer.chat_template")?.map(str::to_string),
             tokens,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn name_mapping_round_trips() {
-        for (hf, g) in [
-            ("model.embed_tokens.weight", "token_embd.weight"),
-            ("model.norm.weight", "output_norm.weight"),
-            ("lm_head.weight", "output.weight"),
-            ("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
-            ("model.layers.12.self_attn.q_proj.bias", "blk.12.attn_q.bias"),
-            ("model.layers.3.self_attn.o_proj.weight", "blk.3.attn_output.weight"),
-            ("model.layers.29.post_attention_layernorm.weight", "blk.29.ffn_norm.weight"),
-            ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
-        ] {
-            assert_eq!(hf_to_gguf_name(hf).as_deref(), Some(g));
-            assert_eq!(gguf_to_hf_name(g).as_deref(), Some(hf));
-        }
-        for bad in
-            ["model.layers.x.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.scale", "model.layers.01.mlp.up_proj.weight", "model.layers.1.foo.weight", "x"]
-        {
-            assert_eq!(hf_to_gguf_name(bad), None, "{bad}");
-        }
     }
 }

@@ -65,15 +65,6 @@ impl Checkpoint {
             }
         }
     }
-
-    /// The tensor `hf_name` (HF naming; for GGUF through llama.cpp's names, q/k rows restored
-    /// to HF order where the architecture's converter permuted them).
-    pub fn hf_tensor(&self, hf_name: &str) -> Result<crate::tensor::Tensor> {
-        match self {
-            Checkpoint::Gguf(g) => g.hf_tensor(hf_name),
-            Checkpoint::Safetensors(s) => s.tensor(hf_name),
-        }
-    }
 }
 
 fn folder_of(p: &Path) -> PathBuf {

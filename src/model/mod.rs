@@ -199,11 +199,18 @@ pub fn load(ck: &Checkpoint, dtype: DType) -> Result<Decoder> {
         return Err(Error::dtype("model::load", "dtype", "f32 or f64 (compute dtype)", dtype));
     }
     let cfg = config_of(ck)?;
-    if let Checkpoint::Safetensors(s) = ck {
-        cfg.validate()?;
-        s.validate_weights(&cfg.expected_weights(), if cfg.tie_word_embeddings { &["lm_head.weight"] } else { &[] })?;
+    match ck {
+        Checkpoint::Safetensors(s) => {
+            cfg.validate()?;
+            s.validate_weights(&cfg.expected_weights(), if cfg.tie_word_embeddings { &["lm_head.weight"] } else { &[] })?;
+            Decoder::from_weights(cfg, dtype, |n| s.tensor(n))
+        }
+        // gguf_config has checked every weight's presence and shape.
+        Checkpoint::Gguf(g) => {
+            let c = cfg.clone();
+            Decoder::from_weights(cfg, dtype, |n| gguf::hf_tensor(g, &c, n))
+        }
     }
-    Decoder::from_weights(cfg, dtype, |n| ck.hf_tensor(n))
 }
 
 /// Opens `path` (an HF folder, a `.safetensors` file in one, or a `.gguf`) and builds its model.

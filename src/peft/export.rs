@@ -271,16 +271,20 @@ fn plain_lora(model: &dyn Model, op: &'static str) -> Result<PlainLora> {
     Ok(PlainLora { mods: out_mods, rank, lora_rank, s_common, first_scale, method, padded_modules, targets, ks })
 }
 
-/// The llama.cpp tensor name of the linear at module `path` (`blk.3.attn_q.weight`).
-fn gguf_weight_name(path: &str, op: &'static str) -> Result<String> {
-    crate::io::gguf::hf_to_gguf_name(&format!("{path}.weight")).ok_or_else(|| Error::invalid(op, format!("module {path} has no llama.cpp tensor name")))
+/// The llama.cpp tensor name of the linear at module `path` in `cfg`'s family layout
+/// (`blk.3.attn_q.weight`; Phi-3's `qkv_proj` → `blk.3.attn_qkv.weight`).
+fn gguf_weight_name(cfg: &DecoderConfig, path: &str, op: &'static str) -> Result<String> {
+    let family = crate::model::gguf::family_of(cfg);
+    crate::model::gguf::hf_to_gguf_name(family, &format!("{path}.weight"))
+        .ok_or_else(|| Error::invalid(op, format!("module {path} has no llama.cpp tensor name in the {} layout", family.name)))
 }
 
 /// The llama.cpp row order of a q/k projection's output rows for `heads` heads: `perm[hf_row]`
-/// = the GGUF row (see [`crate::io::gguf::unpermute_qk_rows`]); `None` when the architecture
-/// does not permute or `t` is not q/k.
+/// = the GGUF row (see [`crate::io::gguf::unpermute_qk_rows`]); `None` when the converter of
+/// architecture `arch` does not permute (see [`crate::model::gguf::arch_permutes_qk`]) or the
+/// module is not q/k.
 fn qk_permutation(arch: &str, cfg: &DecoderConfig, path: &str, rows: usize, op: &'static str) -> Result<Option<Vec<u32>>> {
-    if !crate::io::gguf::arch_permutes_qk(arch) {
+    if !crate::model::gguf::arch_permutes_qk(arch) {
         return Ok(None);
     }
     let heads = match path.rsplit('.').next() {
@@ -314,7 +318,7 @@ pub fn export_gguf_lora(model_with_adapters: &dyn Model, out: &Path, arch: &str,
     let mut specs = Vec::with_capacity(2 * p.mods.len());
     let mut perms = Vec::with_capacity(p.mods.len());
     for m in &p.mods {
-        let name = gguf_weight_name(&m.path, OP)?;
+        let name = gguf_weight_name(cfg, &m.path, OP)?;
         specs.push(TensorSpec { name: format!("{name}.lora_a"), dims: vec![p.rank, m.in_f], ty: GgmlType::F32 });
         specs.push(TensorSpec { name: format!("{name}.lora_b"), dims: vec![m.out_f, p.rank], ty: GgmlType::F32 });
         perms.push(qk_permutation(arch, cfg, &m.path, m.out_f, OP)?);
@@ -355,25 +359,14 @@ pub fn export_gguf_lora(model_with_adapters: &dyn Model, out: &Path, arch: &str,
     Ok(p.summary())
 }
 
-/// The llama.cpp architecture of a checkpoint: a GGUF's `general.architecture`, else the HF
-/// config's `model_type` ("llama", "mistral", "qwen2"), else "qwen2" when q/k/v carry a bias and
-/// "llama" otherwise.
+/// The llama.cpp architecture of a checkpoint: a GGUF's `general.architecture`, else the one
+/// llama.cpp's converter writes for the config's family (`llama` for Llama and Mistral, `qwen2`,
+/// `qwen3`, `gemma2`, `gemma3`, `phi3`).
 pub fn llama_cpp_arch(ck: &Checkpoint, cfg: &DecoderConfig) -> Result<String> {
     if let Checkpoint::Gguf(g) = ck {
         return Ok(g.architecture()?.to_string());
     }
-    if let Checkpoint::Safetensors(s) = ck {
-        let src = s.source();
-        let dir = if src.is_dir() { src.to_path_buf() } else { src.parent().map(Path::to_path_buf).unwrap_or_default() };
-        let p = dir.join("config.json");
-        if let Ok(text) = std::fs::read_to_string(&p) {
-            let v: Value = serde_json::from_str(&text).map_err(|e| Error::Format { path: p.clone(), msg: format!("not valid JSON: {e}") })?;
-            if let Some(t) = v.get("model_type").and_then(Value::as_str) {
-                return Ok(t.to_string());
-            }
-        }
-    }
-    Ok(crate::model::families::by_name(&cfg.family).and_then(|f| f.gguf_arch).unwrap_or("llama").to_string())
+    Ok(crate::model::gguf::family_of(cfg).gguf_arch.unwrap_or("llama").to_string())
 }
 
 /// Reads `base_model_name_or_path` from an adapter folder's config (None when absent or empty).
@@ -666,7 +659,7 @@ pub fn merge_to_gguf(model: &dyn Model, src: &crate::io::gguf::GgufFile, out: &P
     let mut adapted: BTreeMap<String, &Linear> = BTreeMap::new();
     for lin in model.linears() {
         if lin.adapter.is_some() {
-            adapted.insert(gguf_weight_name(&lin.path, OP)?, lin);
+            adapted.insert(gguf_weight_name(model.config(), &lin.path, OP)?, lin);
         }
     }
     let mut specs = Vec::with_capacity(src.tensor_infos().len());

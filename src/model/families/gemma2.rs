@@ -10,10 +10,21 @@ use super::Family;
 use crate::error::Result;
 use crate::model::config::{any_window, base_json, layer_types_json, Reader};
 use crate::model::decoder::DecoderConfig;
+use crate::model::gguf::GgufMeta;
+use crate::model::gguf::GEMMA_LAYER_NAMES;
 use crate::nn::GatedAct;
 
-pub static FAMILY: Family =
-    Family { name: "gemma2", architecture: "Gemma2ForCausalLM", model_types: &["gemma2"], gguf_arch: Some("gemma2"), gguf_permutes_qk: false, from_hf, to_hf };
+pub static FAMILY: Family = Family {
+    name: "gemma2",
+    architecture: "Gemma2ForCausalLM",
+    model_types: &["gemma2"],
+    gguf_arch: Some("gemma2"),
+    gguf_permutes_qk: false,
+    gguf_names: GEMMA_LAYER_NAMES,
+    from_gguf: Some(from_gguf),
+    from_hf,
+    to_hf,
+};
 
 /// The switches Gemma 2 and 3 share.
 pub(crate) fn gemma_base(r: &Reader) -> Result<DecoderConfig> {
@@ -56,4 +67,46 @@ fn to_hf(c: &DecoderConfig) -> Value {
     let mut m = base_json(c, "Gemma2ForCausalLM", "gemma2");
     gemma_json(c, &mut m);
     Value::Object(m)
+}
+
+/// The GGUF switches Gemma 2 and 3 share: 1 + w norms (the reader subtracts the converter's
+/// 1), sandwich norms, tanh-GELU, embeddings × √hidden, tied head, and llama.cpp's attention
+/// scale: head_dim^−½, or (hidden / heads)^−½ for the 27B sizes (`big_layers` layers) — the
+/// converter does not write `query_pre_attn_scalar`.
+pub(crate) fn gemma_gguf_base(m: &GgufMeta, big_layers: usize) -> Result<DecoderConfig> {
+    let mut c = m.base()?;
+    c.act = GatedAct::GeluTanh;
+    c.norm_plus_one = true;
+    c.sandwich_norms = true;
+    c.embed_scale = Some((c.hidden_size as f64).sqrt());
+    let scalar = if c.num_hidden_layers == big_layers { c.hidden_size / c.num_attention_heads } else { c.head_dim };
+    c.attn_scale = Some((scalar as f64).powf(-0.5));
+    if !c.tie_word_embeddings {
+        return Err(m.err("tensor `output.weight` present: Gemma ties the output head to `token_embd.weight`"));
+    }
+    Ok(c)
+}
+
+/// A soft-cap from `{arch}.<suffix>` (llama.cpp's default when absent; 0 = none).
+pub(crate) fn softcap(m: &GgufMeta, suffix: &str, default: f64) -> Result<Option<f64>> {
+    let v = m.opt_f64(suffix)?.unwrap_or(default);
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(m.err(format!("metadata `{}` = {v}, expected a finite number >= 0", m.key(suffix))));
+    }
+    Ok((v > 0.0).then_some(v))
+}
+
+/// llama.cpp's `gemma2`: soft-caps (`attn_logit_softcapping`, `final_logit_softcapping`;
+/// llama.cpp's defaults 50 and 30 when absent), every other layer sliding (even ones, unless
+/// `attention.sliding_window_pattern`) over `attention.sliding_window` keys (default 4096).
+fn from_gguf(m: &GgufMeta) -> Result<DecoderConfig> {
+    let mut c = gemma_gguf_base(m, 46)?;
+    c.attn_softcap = softcap(m, "attn_logit_softcapping", 50.0)?;
+    c.final_softcap = softcap(m, "final_logit_softcapping", 30.0)?;
+    let window = m.opt_usize("attention.sliding_window")?.unwrap_or(4096);
+    if window == 0 {
+        return Err(m.err(format!("metadata `{}` is 0", m.key("attention.sliding_window"))));
+    }
+    c.layer_windows = m.swa_layers(c.num_hidden_layers, 2)?.into_iter().map(|s| s.then_some(window)).collect();
+    Ok(c)
 }

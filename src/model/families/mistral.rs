@@ -7,6 +7,7 @@ use super::Family;
 use crate::error::Result;
 use crate::model::config::{any_window, base_json, Reader};
 use crate::model::decoder::DecoderConfig;
+use crate::model::gguf::LLAMA_LAYER_NAMES;
 
 pub static FAMILY: Family = Family {
     name: "mistral",
@@ -15,6 +16,8 @@ pub static FAMILY: Family = Family {
     // llama.cpp writes Mistral 7B as `llama`.
     gguf_arch: None,
     gguf_permutes_qk: true,
+    gguf_names: LLAMA_LAYER_NAMES,
+    from_gguf: None,
     from_hf,
     to_hf,
 };

@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use super::config::Reader;
 use super::decoder::DecoderConfig;
+use super::gguf::GgufMeta;
 use crate::error::Result;
 
 pub mod gemma2;
@@ -29,6 +30,12 @@ pub struct Family {
     /// Whether llama.cpp's converter permutes the q/k rows for this architecture (so readers
     /// undo it and adapter writers apply it).
     pub gguf_permutes_qk: bool,
+    /// HF layer module names → llama.cpp's (`self_attn.q_proj` → `attn_q`), see
+    /// [`super::gguf`].
+    pub gguf_names: &'static [(&'static str, &'static str)],
+    /// GGUF metadata (`{arch}.*`) and tensor table → switches; `None` when files of this family
+    /// carry another family's architecture (Mistral is written as `llama`).
+    pub from_gguf: Option<fn(&GgufMeta) -> Result<DecoderConfig>>,
     /// config.json → switches.
     pub from_hf: fn(&Reader) -> Result<DecoderConfig>,
     /// switches → config.json (for models that did not come with one, e.g. from GGUF).

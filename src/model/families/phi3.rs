@@ -9,10 +9,21 @@ use super::Family;
 use crate::error::Result;
 use crate::model::config::{any_window, base_json, Reader};
 use crate::model::decoder::DecoderConfig;
+use crate::model::gguf::GgufMeta;
+use crate::model::gguf::PHI3_LAYER_NAMES;
 use crate::nn::RopeScaling;
 
-pub static FAMILY: Family =
-    Family { name: "phi3", architecture: "Phi3ForCausalLM", model_types: &["phi3"], gguf_arch: Some("phi3"), gguf_permutes_qk: false, from_hf, to_hf };
+pub static FAMILY: Family = Family {
+    name: "phi3",
+    architecture: "Phi3ForCausalLM",
+    model_types: &["phi3"],
+    gguf_arch: Some("phi3"),
+    gguf_permutes_qk: false,
+    gguf_names: PHI3_LAYER_NAMES,
+    from_gguf: Some(from_gguf),
+    from_hf,
+    to_hf,
+};
 
 fn from_hf(r: &Reader) -> Result<DecoderConfig> {
     r.activation("hidden_act", "silu", &["silu", "swish"])?;
@@ -30,4 +41,17 @@ fn to_hf(c: &DecoderConfig) -> Value {
         m.insert("original_max_position_embeddings".into(), (*original_max_position_embeddings as usize).into());
     }
     Value::Object(m)
+}
+
+/// llama.cpp's `phi3`: fused `attn_qkv` (rows q, k, v) and `ffn_up` (rows gate, up, as in
+/// HF); LongRoPE from the factor tensors (read by [`GgufMeta::base`]);
+/// `attention.sliding_window` > 0 makes every layer slide, as
+/// in transformers (llama.cpp currently ignores Phi-3's window).
+fn from_gguf(m: &GgufMeta) -> Result<DecoderConfig> {
+    let mut c = m.base()?;
+    (c.fused_qkv, c.fused_gate_up) = (true, true);
+    if let Some(w) = m.sliding_window()? {
+        c.layer_windows = vec![Some(w); c.num_hidden_layers];
+    }
+    Ok(c)
 }

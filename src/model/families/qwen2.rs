@@ -8,9 +8,20 @@ use super::Family;
 use crate::error::Result;
 use crate::model::config::{any_window, base_json, layer_types_json, Reader};
 use crate::model::decoder::DecoderConfig;
+use crate::model::gguf::GgufMeta;
+use crate::model::gguf::LLAMA_LAYER_NAMES;
 
-pub static FAMILY: Family =
-    Family { name: "qwen2", architecture: "Qwen2ForCausalLM", model_types: &["qwen2"], gguf_arch: Some("qwen2"), gguf_permutes_qk: false, from_hf, to_hf };
+pub static FAMILY: Family = Family {
+    name: "qwen2",
+    architecture: "Qwen2ForCausalLM",
+    model_types: &["qwen2"],
+    gguf_arch: Some("qwen2"),
+    gguf_permutes_qk: false,
+    gguf_names: LLAMA_LAYER_NAMES,
+    from_gguf: Some(from_gguf),
+    from_hf,
+    to_hf,
+};
 
 /// Qwen2/Qwen3 sliding layers: `use_sliding_window` turns `sliding_window` on for layers
 /// i ≥ `max_window_layers` (default 28) unless `layer_types` says otherwise.
@@ -41,4 +52,12 @@ fn to_hf(c: &DecoderConfig) -> Value {
     let mut m = base_json(c, "Qwen2ForCausalLM", "qwen2");
     qwen_json(c, &mut m);
     Value::Object(m)
+}
+
+/// llama.cpp's `qwen2`: q/k/v biases always (a missing one is reported by name), no sliding
+/// window (the converter does not write Qwen2's).
+fn from_gguf(m: &GgufMeta) -> Result<DecoderConfig> {
+    let mut c = m.base()?;
+    c.qkv_bias = true;
+    Ok(c)
 }

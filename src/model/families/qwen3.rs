@@ -8,9 +8,20 @@ use super::Family;
 use crate::error::Result;
 use crate::model::config::{base_json, Reader};
 use crate::model::decoder::DecoderConfig;
+use crate::model::gguf::GgufMeta;
+use crate::model::gguf::LLAMA_LAYER_NAMES;
 
-pub static FAMILY: Family =
-    Family { name: "qwen3", architecture: "Qwen3ForCausalLM", model_types: &["qwen3"], gguf_arch: Some("qwen3"), gguf_permutes_qk: false, from_hf, to_hf };
+pub static FAMILY: Family = Family {
+    name: "qwen3",
+    architecture: "Qwen3ForCausalLM",
+    model_types: &["qwen3"],
+    gguf_arch: Some("qwen3"),
+    gguf_permutes_qk: false,
+    gguf_names: LLAMA_LAYER_NAMES,
+    from_gguf: Some(from_gguf),
+    from_hf,
+    to_hf,
+};
 
 fn from_hf(r: &Reader) -> Result<DecoderConfig> {
     r.activation("hidden_act", "silu", &["silu", "swish"])?;
@@ -27,4 +38,13 @@ fn to_hf(c: &DecoderConfig) -> Value {
     qwen_json(c, &mut m);
     m.insert("attention_bias".into(), c.o_bias.into());
     Value::Object(m)
+}
+
+/// llama.cpp's `qwen3`: q/k norms always; biases by tensor presence.
+fn from_gguf(m: &GgufMeta) -> Result<DecoderConfig> {
+    let mut c = m.base()?;
+    c.qk_norm = true;
+    c.qkv_bias = m.has_tensor("blk.0.attn_q.bias");
+    c.o_bias = m.has_tensor("blk.0.attn_output.bias");
+    Ok(c)
 }
