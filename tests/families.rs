@@ -158,10 +158,16 @@ fn refused(r: spectune::Result<spectune::model::DecoderConfig>, words: &[&str]) 
 #[test]
 fn unimplemented_architectures_and_math_changing_keys_are_refused_by_name() {
     use serde_json::json;
-    refused(parse_edited("llama", |m| drop(m.insert("architectures".into(), json!(["FalconForCausalLM"])))), &["FalconForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM"]);
+    refused(
+        parse_edited("llama", |m| drop(m.insert("architectures".into(), json!(["FalconForCausalLM"])))),
+        &["FalconForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM"],
+    );
     refused(parse_edited("llama", |m| drop(m.insert("hidden_act".into(), json!("gelu")))), &["hidden_act", "gelu"]);
     refused(parse_edited("gemma2", |m| drop(m.insert("hidden_activation".into(), json!("relu")))), &["hidden_activation", "relu"]);
-    refused(parse_edited("llama3", |m| drop(m.insert("rope_parameters".into(), json!({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})))), &["dynamic", "longrope"]);
+    refused(
+        parse_edited("llama3", |m| drop(m.insert("rope_parameters".into(), json!({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})))),
+        &["dynamic", "longrope"],
+    );
     refused(parse_edited("gemma3", |m| drop(m.insert("use_bidirectional_attention".into(), json!(true)))), &["use_bidirectional_attention"]);
     refused(parse_edited("gemma3", |m| drop(m.insert("layer_types".into(), json!(["sliding_attention"])))), &["layer_types", "2 layers"]);
     refused(parse_edited("mistral", |m| drop(m.insert("layer_types".into(), json!(["chunked_attention", "full_attention"])))), &["chunked_attention"]);
@@ -178,7 +184,8 @@ fn a_checkpoint_that_contradicts_its_config_names_the_tensor() {
         std::fs::copy(dir("qwen3").join(f), tmp.path().join(f)).unwrap();
     }
     // Qwen3 without q/k norms in the config is Qwen2-shaped: the norm tensors are then unused.
-    let text = std::fs::read_to_string(tmp.path().join("config.json")).unwrap().replace("Qwen3ForCausalLM", "Qwen2ForCausalLM").replace("\"qwen3\"", "\"qwen2\"");
+    let text =
+        std::fs::read_to_string(tmp.path().join("config.json")).unwrap().replace("Qwen3ForCausalLM", "Qwen2ForCausalLM").replace("\"qwen3\"", "\"qwen2\"");
     std::fs::write(tmp.path().join("config.json"), text).unwrap();
     let msg = spectune::model::open(tmp.path(), DType::F32).map(|_| ()).expect_err("should be refused").to_string();
     assert!(msg.contains("q_norm.weight") && msg.contains("q_proj.bias"), "{msg}");

@@ -70,7 +70,18 @@ fn every_family_trains_generates_and_merges_through_the_cli() {
         assert_eq!(l.len(), 6, "{name}: {l:?}");
         assert!(l[5] < l[0], "{name}: training should lower the loss: {l:?}");
         let adapter = out.join("adapter");
-        let (ok, log) = spectune(&["generate", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--prompt", "the cat", "--max-tokens", "8", "--greedy"]);
+        let (ok, log) = spectune(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--prompt",
+            "the cat",
+            "--max-tokens",
+            "8",
+            "--greedy",
+        ]);
         assert!(ok, "{name}: generate failed:\n{log}");
         let merged = tmp.path().join(format!("{name}-merged"));
         let (ok, log) = spectune(&["merge", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
