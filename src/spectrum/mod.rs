@@ -449,12 +449,13 @@ pub fn analyze(base: &Path, tuned: &TunedSource, opts: &SpectrumOptions) -> Resu
     // Module types in the order of a layer's linears (q, k, v, o, gate, up, down, or the fused ones).
     let module_types: Vec<String> = base_model.linears().iter().filter(|l| l.layer() == Some(0)).map(|l| l.module().to_string()).collect();
     opts.targets.check_names(&base_model.linears().iter().map(|l| l.path.as_str()).collect::<Vec<_>>())?;
+    let matcher = opts.targets.matcher()?;
     let mut jobs: Vec<(usize, usize, usize)> = Vec::new();
     let mut unchanged = Vec::new();
     for (ti, t) in module_types.iter().enumerate() {
         for li in 0..n_layers {
             let Some(lin) = base_model.linears().into_iter().find(|l| l.layer() == Some(li) && l.module() == t) else { continue };
-            if !opts.targets.selects(&lin.path)? {
+            if !matcher.selects(&lin.path) {
                 continue;
             }
             let name = format!("{}.weight", lin.path);
