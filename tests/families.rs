@@ -118,6 +118,11 @@ fn check_lora_grads(name: &str) {
         }
     }
     assert_eq!(checked, want.len() - 1, "{name}: every PEFT gradient is compared");
+    // Frozen weights get no gradient: the store holds exactly the adapter parameters.
+    assert_eq!(grads.len(), checked, "{name}: gradients besides the adapters'");
+    for w in model.norm_weights().into_iter().chain(model.linears().iter().map(|l| &l.weight)).chain([&model.embed]) {
+        assert!(grads.get(w).is_none(), "{name}: a frozen weight got a gradient");
+    }
 }
 
 fn run_all(check: fn(&str)) {

@@ -315,9 +315,6 @@ impl Block {
     pub fn linear(&self, module: &str) -> Option<&Linear> {
         self.linears().into_iter().find(|l| l.module() == module)
     }
-    pub fn linear_mut(&mut self, module: &str) -> Option<&mut Linear> {
-        self.linears_mut().into_iter().find(|l| l.module() == module)
-    }
     fn norms(&self) -> Vec<&RmsNorm> {
         [Some(&self.attn_norm), self.q_norm.as_ref(), self.k_norm.as_ref(), self.post_attn_norm.as_ref(), Some(&self.mlp_norm), self.post_mlp_norm.as_ref()]
             .into_iter()
@@ -489,10 +486,7 @@ impl Decoder {
 
     /// The linear at module `path`, if any.
     pub fn linear(&self, path: &str) -> Option<&Linear> {
-        self.linears().into_iter().find(|l| l.path == path)
-    }
-    pub fn linear_mut(&mut self, path: &str) -> Option<&mut Linear> {
-        self.linears_mut().into_iter().find(|l| l.path == path)
+        super::Model::linear(self, path)
     }
 
     /// Every linear of every layer, in layer then HF module order.
@@ -537,12 +531,12 @@ impl Decoder {
 
     /// Every trainable tensor (adapter parameters), layer by layer.
     pub fn trainable_params(&self) -> Vec<Tensor> {
-        self.linears().into_iter().filter_map(|l| l.adapter.as_ref().map(|a| a.params())).flatten().collect()
+        super::Model::trainable_params(self)
     }
 
     /// The trainable tensors that should be excluded from weight decay (SpecLoRA's d).
     pub fn no_decay_params(&self) -> Vec<Tensor> {
-        self.linears().into_iter().filter_map(|l| l.adapter.as_ref().map(|a| a.no_decay_params())).flatten().collect()
+        super::Model::no_decay_params(self)
     }
 
     /// The LM head weight [vocab, hidden] (the embedding when tied).
@@ -601,8 +595,7 @@ impl Decoder {
 
     /// Logits [b·t, vocab].
     pub fn logits(&self, ids: &[u32], b: usize, t: usize, key_mask: Option<&[bool]>) -> Result<Tensor> {
-        let h = self.hidden_states(ids, b, t, key_mask)?;
-        self.head_logits(&h)
+        super::Model::logits(self, ids, b, t, key_mask)
     }
 
     /// Mean next-token cross-entropy over counted targets (targets [b·t], −100 = ignored),

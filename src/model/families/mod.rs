@@ -67,12 +67,10 @@ pub fn supported_architectures() -> Vec<&'static str> {
 pub fn config_json(cfg: &DecoderConfig) -> Value {
     if let Some(Value::Object(m)) = &cfg.source_json {
         let mut m = m.clone();
-        for k in ["torch_dtype", "dtype"] {
-            if m.contains_key(k) || k == "torch_dtype" {
-                m.insert(k.into(), "float32".into());
-            }
+        m.insert("torch_dtype".into(), "float32".into());
+        if m.contains_key("dtype") {
+            m.insert("dtype".into(), "float32".into());
         }
-        m.remove("quantization_config");
         return Value::Object(m);
     }
     match by_name(&cfg.family) {
