@@ -279,16 +279,20 @@ fn decode_range<T: Float>(bytes: &[u8], dtype: DType, start: usize, out: &mut [T
             while i < end {
                 let b = i / bs;
                 let off = i % bs;
-                let n = (bs - off).min(end - i);
-                let o = &mut out[i - start..i - start + n];
-                let src = &bytes[b * bb..(b + 1) * bb];
-                match as_f32_mut(o) {
-                    Some(o) if off == 0 && n == bs => dtype.dequantize_block(src, o),
-                    _ => {
-                        dtype.dequantize_block(src, &mut blk[..bs]);
-                        o.iter_mut().zip(&blk[off..off + n]).for_each(|(o, &x)| *o = T::from_f32(x));
+                // A run of whole blocks decodes in one call straight into `out` when T is f32.
+                let whole = if off == 0 { (end - i) / bs } else { 0 };
+                if whole > 0 {
+                    if let Some(o) = as_f32_mut(&mut out[i - start..i - start + whole * bs]) {
+                        dtype.dequantize_blocks(&bytes[b * bb..(b + whole) * bb], o);
+                        i += whole * bs;
+                        continue;
                     }
                 }
+                // A block cut by the range (a row or tile seam inside it), or T = f64: through
+                // `blk`, copying the part asked for.
+                let n = (bs - off).min(end - i);
+                dtype.dequantize_block(&bytes[b * bb..(b + 1) * bb], &mut blk[..bs]);
+                out[i - start..i - start + n].iter_mut().zip(&blk[off..off + n]).for_each(|(o, &x)| *o = T::from_f32(x));
                 i += n;
             }
         }

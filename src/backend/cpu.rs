@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use super::amx;
 use crate::dtype::Float;
 use crate::storage::Storage;
 
@@ -131,6 +132,58 @@ pub fn gemm_stored<T: Float>(c: &mut [T], a: &[T], b: &Storage, b_start: usize, 
         return gemm(c, a, &bs[b_start..b_start + k * n], m, k, n, ta, tb, T::ONE, beta);
     }
     gemm_tiled(c, a, b, b_start, m, k, n, ta, tb, beta, TILE_ELEMS)
+}
+
+/// As [`gemm_stored`] for a product whose right operand is a frozen weight: at the process's
+/// matmul precision (`amx`) when that is below `highest`, AMX is usable, T is f32 and A is not
+/// transposed; exactly [`gemm_stored`] otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_frozen<T: Float>(c: &mut [T], a: &[T], b: &Storage, b_start: usize, m: usize, k: usize, n: usize, ta: bool, tb: bool, beta: T) {
+    if !ta && amx_product(c, a, amx::Src::Stored(b), b_start, m, k, n, tb, beta) {
+        return;
+    }
+    gemm_stored(c, a, b, b_start, m, k, n, ta, tb, beta)
+}
+
+/// [`gemm_frozen`] with the frozen matrix as values in place (an LM-head tile).
+#[allow(clippy::too_many_arguments)]
+fn gemm_frozen_slice<T: Float>(c: &mut [T], a: &[T], b: &[T], m: usize, k: usize, n: usize, tb: bool, beta: T) {
+    if let Some(b32) = as_f32(b) {
+        if amx_product(c, a, amx::Src::F32(b32), 0, m, k, n, tb, beta) {
+            return;
+        }
+    }
+    gemm(c, a, b, m, k, n, false, tb, T::ONE, beta)
+}
+
+/// C = A·op(W) + beta·C on AMX tiles when [`amx::wanted`] and T is f32; false (nothing done)
+/// otherwise.
+#[allow(clippy::too_many_arguments)]
+fn amx_product<T: Float>(c: &mut [T], a: &[T], w: amx::Src<'_>, w0: usize, m: usize, k: usize, n: usize, tb: bool, beta: T) -> bool {
+    let Some(p) = amx::wanted(m) else { return false };
+    let (Some(c32), Some(a32)) = (as_f32_mut(c), as_f32(a)) else { return false };
+    let beta = beta.to_f64() as f32;
+    // SAFETY: `wanted` returns a precision only where `amx::available()`.
+    unsafe {
+        if tb {
+            amx::gemm_abt(c32, a32, w, w0, m, k, n, beta, p)
+        } else {
+            amx::gemm_ab(c32, a32, w, w0, m, k, n, beta, p)
+        }
+    }
+    true
+}
+
+/// `x` as `&[f32]` when T is f32.
+fn as_f32<T: Float>(x: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32 exactly when its DTYPE is F32 (Float is implemented for f32 and f64 only).
+    (T::DTYPE == crate::dtype::DType::F32).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
+}
+
+/// `x` as `&mut [f32]` when T is f32.
+fn as_f32_mut<T: Float>(x: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: as in `as_f32`.
+    (T::DTYPE == crate::dtype::DType::F32).then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
 }
 
 /// The converting path of [`gemm_stored`], with the tile size as a parameter (tests use tiny
@@ -768,7 +821,7 @@ pub fn linear_cross_entropy_fwd<T: Float>(
                 }
             };
             let lg = &mut logits[..n * nc];
-            gemm(lg, hb, wc, n, d, nc, false, true, T::ONE, T::ZERO);
+            gemm_frozen_slice(lg, hb, wc, n, d, nc, true, T::ZERO);
             if let Some(c) = softcap {
                 // z = c·tanh(l/c), and 1 − (z/c)² when dh is wanted.
                 let c = T::from_f64(c);
@@ -819,7 +872,7 @@ pub fn linear_cross_entropy_fwd<T: Float>(
                         lg.par_chunks_mut(nc).zip(dz[..n * nc].par_chunks(nc)).for_each(|(x, f)| x.iter_mut().zip(f).for_each(|(v, f)| *v *= *f));
                     }
                     // acc[n×d] += P[n×nc]·W_c[nc×d] with P = exp(L − m), unnormalized.
-                    gemm(acc, lg, wc, n, nc, d, false, false, T::ONE, T::ONE);
+                    gemm_frozen_slice(acc, lg, wc, n, nc, d, false, T::ONE);
                 }
             }
         }

@@ -268,7 +268,7 @@ impl Kernels for Cpu {
                 let cb = &mut cs[g.c_off + i * rows * n..][..rows * n];
                 let ab = &av[g.a_off + i * rows * k..][..rows * k];
                 let b0 = g.b_off + if g.b_batched { i * k * n } else { 0 };
-                gemm_one::<T>(cb, ab, b, b0, rows, k, n, g.ta, g.tb, T::from_f64(g.alpha), T::from_f64(g.beta));
+                gemm_one::<T>(cb, ab, b, b0, rows, k, n, g.ta, g.tb, T::from_f64(g.alpha), T::from_f64(g.beta), g.frozen);
             }
             b.release_read_pages();
             Ok(())
@@ -593,16 +593,19 @@ impl Kernels for Cpu {
 
 /// C [m, n] = alpha·op(A)·op(B) + beta·C with B read from `b` at element `b0`: in place when B
 /// is host `[T]`, else through the tiled converting GEMM (alpha applied to a scratch product).
+/// A `frozen` B goes through [`cpu::gemm_frozen`] (the process's matmul precision).
 #[allow(clippy::too_many_arguments)]
-fn gemm_one<T: Float>(c: &mut [T], a: &[T], b: &Storage, b0: usize, m: usize, k: usize, n: usize, ta: bool, tb: bool, alpha: T, beta: T) {
-    if let Some(bs) = b.slice::<T>() {
+fn gemm_one<T: Float>(c: &mut [T], a: &[T], b: &Storage, b0: usize, m: usize, k: usize, n: usize, ta: bool, tb: bool, alpha: T, beta: T, frozen: bool) {
+    let stored =
+        |c: &mut [T], beta: T| if frozen { cpu::gemm_frozen(c, a, b, b0, m, k, n, ta, tb, beta) } else { cpu::gemm_stored(c, a, b, b0, m, k, n, ta, tb, beta) };
+    if let (Some(bs), false) = (b.slice::<T>(), frozen) {
         return cpu::gemm(c, a, &bs[b0..b0 + k * n], m, k, n, ta, tb, alpha, beta);
     }
     if alpha == T::ONE {
-        return cpu::gemm_stored(c, a, b, b0, m, k, n, ta, tb, beta);
+        return stored(c, beta);
     }
     let mut t = cpu::zeros::<T>(m * n);
-    cpu::gemm_stored(&mut t, a, b, b0, m, k, n, ta, tb, T::ZERO);
+    stored(&mut t, T::ZERO);
     c.iter_mut().zip(&t).for_each(|(c, t)| *c = alpha * *t + beta * *c);
 }
 

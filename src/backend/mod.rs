@@ -21,6 +21,7 @@
 //! missing on one device does not build), while the op layer stays one non-generic function per
 //! op. A kernel call is a few microseconds of work at the least, so the virtual call is noise.
 
+pub mod amx;
 pub mod cpu;
 pub mod cpu_attn;
 #[cfg(feature = "cuda")]
@@ -90,12 +91,15 @@ pub struct Gemm {
     pub a_off: usize,
     pub b_off: usize,
     pub c_off: usize,
+    /// B is a frozen weight: the product may run at the process's matmul precision
+    /// ([`amx::set_matmul_precision`]); every other product is f32.
+    pub frozen: bool,
 }
 
 impl Gemm {
     /// C [m, n] = A [m, k] · B [k, n] (alpha 1, beta 0, one batch, no offsets).
     pub fn new(m: usize, k: usize, n: usize) -> Gemm {
-        Gemm { m, k, n, ta: false, tb: false, alpha: 1.0, beta: 0.0, batch: 1, b_batched: false, a_off: 0, b_off: 0, c_off: 0 }
+        Gemm { m, k, n, ta: false, tb: false, alpha: 1.0, beta: 0.0, batch: 1, b_batched: false, a_off: 0, b_off: 0, c_off: 0, frozen: false }
     }
     /// Sets the transpose flags.
     pub fn trans(self, ta: bool, tb: bool) -> Gemm {
@@ -108,6 +112,10 @@ impl Gemm {
     /// `batch` batches; B batched or shared.
     pub fn batched(self, batch: usize, b_batched: bool) -> Gemm {
         Gemm { batch, b_batched, ..self }
+    }
+    /// Marks B as a frozen weight (the `frozen` field).
+    pub fn frozen(self) -> Gemm {
+        Gemm { frozen: true, ..self }
     }
     /// Element offsets of the first A, B and C.
     pub fn offsets(self, a_off: usize, b_off: usize, c_off: usize) -> Gemm {

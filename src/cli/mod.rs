@@ -25,6 +25,12 @@ struct Cli {
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Precision of the f32 products with frozen weights, as PyTorch's
+    /// torch.set_float32_matmul_precision: highest (f32), high (bf16x3: each operand as two bf16
+    /// numbers, about 16 significant bits) or medium (bf16). Below highest only on CPUs with
+    /// AMX-BF16 (else f32); adapters, attention and the loss stay f32.
+    #[arg(long, global = true, default_value = "highest")]
+    matmul_precision: spectune::backend::amx::MatmulPrecision,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -388,6 +394,7 @@ pub fn main() -> ExitCode {
     if std::env::var("SPECTUNE_KEEP_FREED").as_deref() != Ok("0") {
         spectune::memory::retain_freed_memory();
     }
+    spectune::backend::amx::set_matmul_precision(cli.matmul_precision);
     // A run file may set the thread count too; the command line wins.
     let mut train_settings = None;
     let mut threads = cli.threads;

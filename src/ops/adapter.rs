@@ -345,7 +345,7 @@ fn adapter_linear_impl(
     // Z = X·Wᵀ  [N, m]
     let mut y = k.zeros(dt, nrows * m, op)?;
     if values {
-        k.gemm(&mut y, &x.read(), &w.read(), &Gemm::new(nrows, n, m).trans(false, true), op)?;
+        k.gemm(&mut y, &x.read(), &w.read(), &Gemm::new(nrows, n, m).trans(false, true).frozen(), op)?;
     }
     // Γ: save Z[:, idx] for dd, then scale those columns by d.
     let zk = match (&idx, spec) {
@@ -550,7 +550,7 @@ impl Backward for AdapterBwd {
             (true, Some(w), Some(a), Some(g)) => {
                 let mut dx = k.zeros(dt, nrows * n, OP)?;
                 let wg = w.read();
-                k.gemm(&mut dx, &gy, &wg, &Gemm::new(nrows, m, n), OP)?;
+                k.gemm(&mut dx, &gy, &wg, &Gemm::new(nrows, m, n).frozen(), OP)?;
                 if let (Some(d), Some(idx)) = (&self.d, &self.idx) {
                     // dYΓ·W = dY·W + (dY[:, idx] ⊙ (d − 1))·W[idx, :]: the full GEMM reads dY in
                     // place and the k selected columns add a rank-k correction (no N×m copy of dY).

@@ -150,7 +150,7 @@ pub fn dora_linear(x: &Tensor, w: &Tensor, nu: &Tensor, a: &Tensor, b: &Tensor, 
     let xg = x.read();
     // O = X·Wᵀ + s·(X̃·Aᵀ)·Bᵀ  [N, m]
     let mut o = k.zeros(dt, nrows * m, OP)?;
-    k.gemm(&mut o, &xg, &w.read(), &Gemm::new(nrows, n, m).trans(false, true), OP)?;
+    k.gemm(&mut o, &xg, &w.read(), &Gemm::new(nrows, n, m).trans(false, true).frozen(), OP)?;
     let xd = match dropout {
         Some(dr) => {
             let mut xd = k.zeros(dt, nrows * n, OP)?;
@@ -243,7 +243,7 @@ impl Backward for DoraBwd {
         let dx = match (nx, &self.w, &self.a, &gb) {
             (true, Some(w), Some(a), Some(gb)) => {
                 let mut dx = k.zeros(dt, nrows * n, OP)?;
-                k.gemm(&mut dx, &go, &w.read(), &Gemm::new(nrows, m, n), OP)?;
+                k.gemm(&mut dx, &go, &w.read(), &Gemm::new(nrows, m, n).frozen(), OP)?;
                 match self.dropout {
                     Some(dr) => {
                         let mut ga = k.zeros(dt, nrows * n, OP)?;

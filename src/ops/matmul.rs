@@ -57,17 +57,31 @@ fn dims(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<(Dims, Shape)> {
 
 /// C = op(A)·op(B) (see the module docs for the shapes).
 pub fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+    matmul_with(a, b, ta, tb, false)
+}
+
+/// [`matmul`]; with `frozen`, B is a frozen weight and its products (forward and dA) may run at
+/// the process's matmul precision (`backend::amx`).
+fn matmul_with(a: &Tensor, b: &Tensor, ta: bool, tb: bool, frozen: bool) -> Result<Tensor> {
     let dt = compute_dtype("matmul", "a", a)?;
     check_dtype("matmul", "b", b, dt, false)?;
     let (d, shape) = dims(a, b, ta, tb)?;
     let k = kernels_for("matmul", &[("a", a), ("b", b)])?;
     let mut c = k.zeros(dt, shape.numel(), "matmul")?;
-    let g = Gemm::new(d.m, d.k, d.n).trans(d.ta, d.tb).batched(d.batch, d.b_batched);
+    let mut g = Gemm::new(d.m, d.k, d.n).trans(d.ta, d.tb).batched(d.batch, d.b_batched);
+    g.frozen = frozen;
     k.gemm(&mut c, &a.read(), &b.read(), &g, "matmul")?;
     let y = Tensor::from_storage(c, shape);
     Ok(record(y, &[a, b], |needs| {
         // dA needs B; dB needs A. Save each only if the other side wants a gradient.
-        Box::new(MatmulBwd { a: needs[1].then(|| a.detach()), b: needs[0].then(|| b.detach()), a_shape: a.shape().clone(), b_shape: b.shape().clone(), d })
+        Box::new(MatmulBwd {
+            a: needs[1].then(|| a.detach()),
+            b: needs[0].then(|| b.detach()),
+            a_shape: a.shape().clone(),
+            b_shape: b.shape().clone(),
+            d,
+            frozen,
+        })
     }))
 }
 
@@ -77,7 +91,8 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return Err(Error::shape("linear", "w", format!("[out, {}]", x.shape().last()), w.shape()));
     }
     let x2 = super::reshape(x, [x.shape().rows(), x.shape().last()])?;
-    let y = matmul(&x2, w, false, true)?;
+    // A weight that takes no gradient is frozen (a full fine-tuning's trainable one is not).
+    let y = matmul_with(&x2, w, false, true, !w.requires_grad())?;
     let mut od = x.dims().to_vec();
     *od.last_mut().unwrap_or(&mut 0) = w.dims()[0];
     super::reshape(&y, od)
@@ -89,6 +104,7 @@ struct MatmulBwd {
     a_shape: Shape,
     b_shape: Shape,
     d: Dims,
+    frozen: bool,
 }
 
 impl Backward for MatmulBwd {
@@ -107,7 +123,8 @@ impl Backward for MatmulBwd {
                 let bg = b.read();
                 let mut da = kr.zeros(dt, batch * m * k, OP)?;
                 // dC·op(B)ᵀ [batch, m, k]: op(B)ᵀ is B read with the opposite transpose flag.
-                let gm = Gemm::new(m, n, k).trans(false, !tb).batched(batch, b_batched);
+                let mut gm = Gemm::new(m, n, k).trans(false, !tb).batched(batch, b_batched);
+                gm.frozen = self.frozen;
                 if ta {
                     // dA is stored [k×m] per batch = (dC·op(B)ᵀ)ᵀ.
                     let mut tmp = kr.zeros(dt, batch * m * k, OP)?;

@@ -194,7 +194,7 @@ pub fn spectral_a_linear(x: &Tensor, w: &Tensor, u: &Tensor, sigma: &Tensor, v: 
     let (xg, sg) = (x.read(), sigma.read());
     // Y = X·Wᵀ  [N, m]
     let mut y = k.zeros(dt, nrows * m, OP)?;
-    k.gemm(&mut y, &xg, &w.read(), &Gemm::new(nrows, n, m).trans(false, true), OP)?;
+    k.gemm(&mut y, &xg, &w.read(), &Gemm::new(nrows, n, m).trans(false, true).frozen(), OP)?;
     // P = X·V, E = X·ΔV  [N, r]
     let mut p = k.zeros(dt, nrows * r, OP)?;
     k.gemm(&mut p, &xg, &v.read(), &Gemm::new(nrows, n, r), OP)?;
@@ -282,7 +282,7 @@ impl Backward for SpectralABwd {
             }
             if let (true, Some(w), Some(v), Some(dvt)) = (nx, &self.w, &self.v, &self.dv) {
                 let mut g = k.zeros(dt, nrows * n, OP)?;
-                k.gemm(&mut g, &gy, &w.read(), &Gemm::new(nrows, m, n), OP)?;
+                k.gemm(&mut g, &gy, &w.read(), &Gemm::new(nrows, m, n).frozen(), OP)?;
                 let qds = scale_cols(k, &qd, &sg, OP)?;
                 k.gemm(&mut g, &qds, &v.read(), &Gemm::new(nrows, r, n).trans(false, true).scaled(1.0, 1.0), OP)?;
                 k.gemm(&mut g, &qps, &dvt.read(), &Gemm::new(nrows, r, n).trans(false, true).scaled(1.0, 1.0), OP)?;
@@ -325,7 +325,7 @@ pub fn spectral_r_linear(x: &Tensor, w: &Tensor, u: &Tensor, sigma: &Tensor, v: 
     let mm = rot_core(k, &ru.read(), &rv.read(), &c.read(), &sigma.read(), r, OP)?;
     let xg = x.read();
     let mut y = k.zeros(dt, nrows * m, OP)?;
-    k.gemm(&mut y, &xg, &w.read(), &Gemm::new(nrows, n, m).trans(false, true), OP)?;
+    k.gemm(&mut y, &xg, &w.read(), &Gemm::new(nrows, n, m).trans(false, true).frozen(), OP)?;
     // P = X·V [N, r];  Z = P·Mᵀ [N, r];  Y += Z·Uᵀ
     let mut p = k.zeros(dt, nrows * r, OP)?;
     k.gemm(&mut p, &xg, &v.read(), &Gemm::new(nrows, n, r), OP)?;
@@ -382,7 +382,7 @@ impl Backward for SpectralRBwd {
         let dx = match (needs[0], &self.w, &self.v, &self.mm) {
             (true, Some(w), Some(v), Some(mm)) => {
                 let mut g = k.zeros(dt, nrows * n, OP)?;
-                k.gemm(&mut g, &gy, &w.read(), &Gemm::new(nrows, m, n), OP)?;
+                k.gemm(&mut g, &gy, &w.read(), &Gemm::new(nrows, m, n).frozen(), OP)?;
                 let mut qm = k.zeros(dt, nrows * r, OP)?;
                 k.gemm(&mut qm, &q, &mm.read(), &Gemm::new(nrows, r, r), OP)?;
                 k.gemm(&mut g, &qm, &v.read(), &Gemm::new(nrows, r, n).trans(false, true).scaled(1.0, 1.0), OP)?;
