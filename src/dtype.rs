@@ -27,9 +27,16 @@ fn f16_to_f32(h: u16) -> f32 {
     match exp {
         // Zero and subnormals: man·2⁻²⁴, exact in f32.
         0 => f32::from_bits((man as f32 * (1.0 / 16_777_216.0)).to_bits() | sign),
-        31 => f16::from_bits(h).to_f32(),
+        31 => f16_special(h),
         _ => f32::from_bits(sign | (exp as u32 + 112) << 23 | man << 13),
     }
+}
+
+/// Infinity or NaN (a corrupted block's scale), out of the decoders' hot path.
+#[cold]
+#[inline(never)]
+fn f16_special(h: u16) -> f32 {
+    f16::from_bits(h).to_f32()
 }
 
 /// Whether the AVX-512 build of the block decoders can run here (asked once).
@@ -228,23 +235,27 @@ impl DType {
     #[inline(always)]
     fn dequantize_one(self, blk: &[u8], out: &mut [f32]) {
         debug_assert_eq!((blk.len(), out.len()), (self.size(), self.block_size()));
-        let h = |i: usize| f16_to_f32(u16::from_le_bytes([blk[i], blk[i + 1]]));
+        macro_rules! h {
+            ($i:expr) => {
+                f16_to_f32(u16::from_le_bytes([blk[$i], blk[$i + 1]]))
+            };
+        }
         match self {
             DType::Q8_0 => {
-                let d = h(0);
+                let d = h!(0);
                 for (o, &q) in out.iter_mut().zip(&blk[2..34]) {
                     *o = (q as i8) as f32 * d;
                 }
             }
             DType::Q4_0 => {
-                let d = h(0);
+                let d = h!(0);
                 for (j, &byte) in blk[2..18].iter().enumerate() {
                     out[j] = d * ((byte & 0x0f) as i32 - 8) as f32;
                     out[j + 16] = d * ((byte >> 4) as i32 - 8) as f32;
                 }
             }
             DType::Q4_1 => {
-                let (d, m) = (h(0), h(2));
+                let (d, m) = (h!(0), h!(2));
                 for (j, &byte) in blk[4..20].iter().enumerate() {
                     out[j] = d * (byte & 0x0f) as f32 + m;
                     out[j + 16] = d * (byte >> 4) as f32 + m;
@@ -252,7 +263,7 @@ impl DType {
             }
             DType::Q5_0 => {
                 // [d][qh: u32, bit j = 5th bit of element j][16 bytes of nibbles].
-                let d = h(0);
+                let d = h!(0);
                 let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
                 let (lo_out, hi_out) = out.split_at_mut(16);
                 for (j, (&byte, (lo, hi))) in blk[6..22].iter().zip(lo_out.iter_mut().zip(hi_out.iter_mut())).enumerate() {
@@ -264,7 +275,7 @@ impl DType {
             }
             DType::Q5_1 => {
                 // [d][m][qh: u32][16 bytes of nibbles], as Q5_0 with x = d·q + m.
-                let (d, m) = (h(0), h(2));
+                let (d, m) = (h!(0), h!(2));
                 let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
                 let (lo_out, hi_out) = out.split_at_mut(16);
                 for (j, (&byte, (lo, hi))) in blk[8..24].iter().zip(lo_out.iter_mut().zip(hi_out.iter_mut())).enumerate() {
@@ -275,7 +286,7 @@ impl DType {
                 }
             }
             DType::IQ4NL => {
-                let d = h(0);
+                let d = h!(0);
                 for (j, &byte) in blk[2..18].iter().enumerate() {
                     out[j] = d * IQ4_VALUES[(byte & 0x0f) as usize] as f32;
                     out[j + 16] = d * IQ4_VALUES[(byte >> 4) as usize] as f32;
@@ -285,7 +296,7 @@ impl DType {
                 // [scales 16: low nibble sc, high nibble m][qs 64][d][dmin]. Element
                 // e = 128c + 32j + l (c < 2, j < 4, l < 32) is bits 2j..2j+2 of qs[32c + l];
                 // group e / 16 = 8c + 2j + l / 16 uses scales[e / 16].
-                let (d, dmin) = (h(80), h(82));
+                let (d, dmin) = (h!(80), h!(82));
                 let (mut dl, mut ml) = ([0f32; 16], [0f32; 16]);
                 for (g, &sc) in blk[..16].iter().enumerate() {
                     dl[g] = d * (sc & 0x0f) as f32;
@@ -311,7 +322,7 @@ impl DType {
                 // scales[8 + s % 4]; value − 32. Element e = 128c + 32j + l has low bits
                 // 2j..2j+2 of qs[32c + l] and high bit e / 32 of hmask[l]; a clear high bit
                 // subtracts 4.
-                let d = h(108);
+                let d = h!(108);
                 let sc = &blk[96..108];
                 let mut dl = [0f32; 16];
                 for (s, v) in dl.iter_mut().enumerate() {
@@ -341,7 +352,7 @@ impl DType {
             DType::Q4K | DType::Q5K => {
                 // [d][dmin][scales 12][qh 32 (Q5K)][qs 128]. Group g < 8 of 32: element
                 // 32g + l is nibble g % 2 of qs[32(g / 2) + l] (+ 16 × bit g of qh[l] for Q5K).
-                let (d, dmin) = (h(0), h(2));
+                let (d, dmin) = (h!(0), h!(2));
                 let (sc, mn) = k_scale_min(&blk[4..16]);
                 let (qh, qs) = if self == DType::Q5K { (Some(&blk[16..48]), &blk[48..176]) } else { (None, &blk[16..144]) };
                 for g in 0..8 {
@@ -361,7 +372,7 @@ impl DType {
                 // low nibble r / 64 of ql[64c + r % 64], high 2 bits at 2(r / 32) of
                 // qh[32c + r % 32]; group e / 16 uses scales[e / 16]; q − 32. Below, for
                 // l < 32, the four elements r = l, l + 32, l + 64, l + 96 share qh[32c + l].
-                let d = h(208);
+                let d = h!(208);
                 let mut dl = [0f32; 16];
                 for (g, &sc) in blk[192..208].iter().enumerate() {
                     dl[g] = d * (sc as i8) as f32;
@@ -388,7 +399,7 @@ impl DType {
                 // [d][scales_h: u16, bits 2g..2g+2 for group g][scales_l 4: nibble g % 2 of
                 // byte g / 2][qs 128]. Group g < 8 of 32: element 32g + 16k + l is nibble k of
                 // qs[16g + l]; scale − 32.
-                let d = h(0);
+                let d = h!(0);
                 let sh = u16::from_le_bytes([blk[2], blk[3]]);
                 for g in 0..8 {
                     let lo = (blk[4 + g / 2] >> (4 * (g % 2))) & 0x0f;

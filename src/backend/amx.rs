@@ -201,12 +201,13 @@ unsafe fn pack_rows(hi: &mut [u16], mut lo: Option<&mut [u16]>, src: &[f32], row
 /// One VNNI row of the right operand from the rows r0 (even k) and r1 (odd k, or zeros) over
 /// columns 0..n: the pair (r0[j], r1[j]) goes to panel j / 16, row `p`, slot j % 16, where a
 /// panel is `prows` rows of 16 u32. Slots n..16·panels are zero.
+#[allow(clippy::too_many_arguments)]
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512vl"))]
-unsafe fn pack_pair_row(hi: &mut [u32], mut lo: Option<&mut [u32]>, r0: &[f32], r1: Option<&[f32]>, n: usize, p: usize, prows: usize) {
+unsafe fn pack_pair_row(hi: &mut [u32], mut lo: Option<&mut [u32]>, r0: &[f32], r1: Option<&[f32]>, n: usize, panels: usize, p: usize, prows: usize) {
     let mut a = [0f32; 16];
     let mut b = [0f32; 16];
-    for q in 0..n.div_ceil(16) {
-        let (j0, j1) = (16 * q, (16 * q + 16).min(n));
+    for q in 0..panels {
+        let (j0, j1) = ((16 * q).min(n), (16 * q + 16).min(n));
         if j1 - j0 == 16 {
             a.copy_from_slice(&r0[j0..j1]);
             match r1 {
@@ -353,6 +354,79 @@ unsafe fn block_32x16(c: *mut f32, ldc: usize, load: bool, ah: *const u16, al: *
     asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) c1, s = in(reg) ldc, options(nostack));
 }
 
+/// T[32×32] = (T if `load` else 0) + A[32×32·ks]·B[32·ks×32] in one bf16 part: four
+/// accumulator tiles, so consecutive TDPBF16PS are independent (the instruction's latency is
+/// several times its issue interval). B is two VNNI panels `pst` u32 apart; the rest as
+/// [`block_32x16`].
+///
+/// # Safety
+/// As [`block_32x16`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_32x32(c: *mut f32, ldc: usize, load: bool, a: *const u16, lda: usize, b: *const u32, pst: usize, ks: usize) {
+    use std::arch::asm;
+    let c = c as *mut u8;
+    let (c01, c10) = (c.add(64), c.add(16 * ldc));
+    let c11 = c10.add(64);
+    if load {
+        asm!(
+            "tileloadd tmm0, [{p0} + {s}*1]",
+            "tileloadd tmm1, [{p1} + {s}*1]",
+            "tileloadd tmm2, [{p2} + {s}*1]",
+            "tileloadd tmm3, [{p3} + {s}*1]",
+            p0 = in(reg) c, p1 = in(reg) c01, p2 = in(reg) c10, p3 = in(reg) c11, s = in(reg) ldc,
+            options(nostack, readonly)
+        );
+    } else {
+        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+    }
+    let a1 = (a as *const u8).add(16 * lda);
+    let b1 = (b as *const u8).add(4 * pst);
+    for s in 0..ks {
+        let (ka, kb) = (64 * s, 1024 * s);
+        asm!(
+            "tileloadd tmm4, [{a0} + {s}*1]",
+            "tileloadd tmm5, [{a1} + {s}*1]",
+            "tileloadd tmm6, [{b0} + {bs}*1]",
+            "tileloadd tmm7, [{b1} + {bs}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) (a as *const u8).add(ka),
+            a1 = in(reg) a1.add(ka),
+            s = in(reg) lda,
+            b0 = in(reg) (b as *const u8).add(kb),
+            b1 = in(reg) b1.add(kb),
+            bs = in(reg) 64usize,
+            options(nostack, readonly)
+        );
+    }
+    asm!(
+        "tilestored [{p0} + {s}*1], tmm0",
+        "tilestored [{p1} + {s}*1], tmm1",
+        "tilestored [{p2} + {s}*1], tmm2",
+        "tilestored [{p3} + {s}*1], tmm3",
+        p0 = in(reg) c, p1 = in(reg) c01, p2 = in(reg) c10, p3 = in(reg) c11, s = in(reg) ldc,
+        options(nostack)
+    );
+}
+
+/// T[32×32] (+)= A·B over two B panels `pst` u32 apart: [`block_32x32`] for one part,
+/// [`block_32x16`] per panel for two (`al`/`bl` non-null).
+///
+/// # Safety
+/// As [`block_32x16`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(c: *mut f32, ldc: usize, load: bool, ah: *const u16, al: *const u16, lda: usize, bh: *const u32, bl: *const u32, pst: usize, ks: usize) {
+    if al.is_null() {
+        block_32x32(c, ldc, load, ah, lda, bh, pst, ks)
+    } else {
+        block_32x16(c, ldc, load, ah, al, lda, bh, bl, ks);
+        block_32x16(c.add(16), ldc, load, ah, al, lda, bh.add(pst), bl.add(pst), ks);
+    }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn tiles_on() {
     unreachable!("AMX is x86_64 only")
@@ -362,6 +436,11 @@ unsafe fn tiles_off() {}
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_32x16(_: *mut f32, _: usize, _: bool, _: *const u16, _: *const u16, _: usize, _: *const u32, _: *const u32, _: usize) {
+    unreachable!("AMX is x86_64 only")
+}
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_32x32(_: *mut f32, _: usize, _: bool, _: *const u16, _: usize, _: *const u32, _: usize, _: usize) {
     unreachable!("AMX is x86_64 only")
 }
 
@@ -414,7 +493,7 @@ unsafe impl Sync for RawPtr {}
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_abt(c: &mut [f32], a: &[f32], w: Src<'_>, w0: usize, m: usize, k: usize, n: usize, beta: f32, p: MatmulPrecision) {
     let two = p == MatmulPrecision::High;
-    let (kp, mp) = (k.div_ceil(32) * 32, m.div_ceil(16) * 16);
+    let (kp, mp) = (k.div_ceil(32) * 32, m.div_ceil(32) * 32);
     // xᵀ as the right operand: panel q holds rows 16q..16q+16 of A as VNNI pairs along k, its
     // hi part then (for `high`) its lo part, each prows × 16 u32.
     let prows = kp / 2;
@@ -422,7 +501,7 @@ pub(crate) unsafe fn gemm_abt(c: &mut [f32], a: &[f32], w: Src<'_>, w0: usize, m
     let mut xt = vec![0u32; mp * prows * parts];
     xt.par_chunks_mut(16 * prows * parts).enumerate().for_each(|(q, panel)| {
         let (h, l) = panel.split_at_mut(16 * prows);
-        for i in 0..16.min(m - 16 * q) {
+        for i in 0..16.min(m.saturating_sub(16 * q)) {
             let row = &a[(16 * q + i) * k..(16 * q + i + 1) * k];
             for pr in 0..k.div_ceil(2) {
                 let x0 = row[2 * pr];
@@ -454,19 +533,20 @@ pub(crate) unsafe fn gemm_abt(c: &mut [f32], a: &[f32], w: Src<'_>, w0: usize, m
                 sc.l16[nr * kp..nrp * kp].fill(0);
             }
             let (wh, wl) = (&sc.h16[..nrp * kp], &sc.l16[..if two { nrp * kp } else { 0 }]);
-            let mut t = [0f32; 32 * 16];
+            let mut t = [0f32; 32 * 32];
             tiles_on();
             for r in (0..nrp).step_by(32) {
-                for q in 0..mp / 16 {
-                    let bh = xt.as_ptr().add(q * 16 * prows * parts);
+                for q in (0..mp / 16).step_by(2) {
+                    let pst = 16 * prows * parts;
+                    let bh = xt.as_ptr().add(q * pst);
                     let bl = if two { bh.add(16 * prows) } else { std::ptr::null() };
                     let al = if two { wl.as_ptr().add(r * kp) } else { std::ptr::null() };
-                    block_32x16(t.as_mut_ptr(), 64, false, wh.as_ptr().add(r * kp), al, 2 * kp, bh, bl, kp / 32);
+                    block(t.as_mut_ptr(), 128, false, wh.as_ptr().add(r * kp), al, 2 * kp, bh, bl, pst, kp / 32);
                     // t[i][j] = C[16q + j][n0 + r + i].
                     for i in 0..32.min(nr.saturating_sub(r)) {
-                        for j in 0..16.min(m - 16 * q) {
+                        for j in 0..32.min(m - 16 * q) {
                             let dst = cp.0.add((16 * q + j) * n + n0 + r + i);
-                            *dst = if beta == 0.0 { t[i * 16 + j] } else { t[i * 16 + j] + beta * *dst };
+                            *dst = if beta == 0.0 { t[i * 32 + j] } else { t[i * 32 + j] + beta * *dst };
                         }
                     }
                 }
@@ -497,7 +577,8 @@ pub(crate) unsafe fn gemm_ab(c: &mut [f32], a: &[f32], w: Src<'_>, w0: usize, m:
         let cp = cp;
         let (c0, c1) = (sl * width, ((sl + 1) * width).min(n));
         let nc = c1 - c0;
-        let panels = nc.div_ceil(16);
+        // Whole pairs of panels (a zero panel pads an odd count).
+        let panels = nc.div_ceil(32) * 2;
         let prows = DX_CHUNK / 2;
         SCRATCH.with_borrow_mut(|sc| {
             let Scratch { f, acc, h32, l32, .. } = sc;
@@ -523,7 +604,7 @@ pub(crate) unsafe fn gemm_ab(c: &mut [f32], a: &[f32], w: Src<'_>, w0: usize, m:
                     let (i0, i1) = (2 * pr, 2 * pr + 1);
                     if i0 < kr {
                         let r1 = (i1 < kr).then(|| &wf[i1 * nc..(i1 + 1) * nc]);
-                        pack_pair_row(bh, bl.as_deref_mut(), &wf[i0 * nc..(i0 + 1) * nc], r1, nc, pr, prows);
+                        pack_pair_row(bh, bl.as_deref_mut(), &wf[i0 * nc..(i0 + 1) * nc], r1, nc, panels, pr, prows);
                     } else {
                         // Past the end of k: zero pairs.
                         for q in 0..panels {
