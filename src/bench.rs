@@ -152,6 +152,8 @@ pub struct BenchReport {
     pub checkpoint_keep: usize,
     pub device: String,
     pub threads: usize,
+    /// The precision frozen-weight products ran at (`highest` unless set and AMX is usable).
+    pub matmul_precision: String,
     pub frozen_params: usize,
     pub trainable_params: usize,
     pub step_time_median_s: f64,
@@ -457,6 +459,7 @@ fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
         checkpoint_keep: if args.checkpointing { args.checkpoint_keep.min(model.num_layers()) } else { 0 },
         device: args.device.clone(),
         threads: rayon::current_num_threads(),
+        matmul_precision: crate::backend::amx::effective_precision().name().to_string(),
         frozen_params: frozen,
         trainable_params: trainable,
         step_time_median_s: median,
@@ -479,7 +482,7 @@ fn run_steps(args: &BenchArgs) -> Result<BenchReport> {
 pub fn print_report(r: &BenchReport, json: bool) {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
-        "{} {} r{} | {}×{} tokens | weights {} | checkpointing {}{} | {} threads",
+        "{} {} r{} | {}×{} tokens | weights {} | checkpointing {}{} | {} threads | matmul precision {}",
         r.model,
         r.method,
         r.rank,
@@ -488,7 +491,8 @@ pub fn print_report(r: &BenchReport, json: bool) {
         r.weights_dtype,
         r.checkpointing,
         if r.checkpointing { format!(" (last {} layers kept)", r.checkpoint_keep) } else { String::new() },
-        r.threads
+        r.threads,
+        r.matmul_precision
     );
     println!(
         "median step {:.3} s over {} steps ({} warmup) | {:.0} tokens/s | {:.2} GFLOP/s useful ({:.1} GFLOP/step)",

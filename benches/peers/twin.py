@@ -53,6 +53,8 @@ def main():
     ap.add_argument("--dtype", choices=["f32", "bf16"], default=None,
                     help="model dtype (default: the stored weights'); bf16 = the whole model in bf16, as PEFT users run it")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (non-reentrant) per decoder layer")
+    ap.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default=None,
+                    help="torch.set_float32_matmul_precision (on CPU, medium multiplies in bf16 through oneDNN; high is highest)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -60,6 +62,8 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
+    if a.matmul_precision:
+        torch.set_float32_matmul_precision(a.matmul_precision)
     if a.gemm_ceiling:
         n = a.gemm_ceiling
         for dt in (torch.float32, torch.bfloat16):
@@ -134,6 +138,7 @@ def main():
         "model": s["model"], "method": "lora", "rank": s["rank"], "batch": b, "seq_len": t,
         "tokens_per_step": b * t, "steps": steps, "warmup": warmup, "weights_dtype": dtype_name,
         "checkpointing": a.checkpointing, "device": "cpu", "threads": torch.get_num_threads(),
+        "matmul_precision": torch.get_float32_matmul_precision(),
         "frozen_params": frozen, "trainable_params": trainable,
         "step_time_median_s": med, "step_times_s": times, "tokens_per_s": b * t / med,
         "peak_rss_bytes": vm("VmHWM"), "peak_rss_reset": was_reset, "setup_peak_rss_bytes": setup_peak,

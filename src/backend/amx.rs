@@ -154,8 +154,9 @@ const MIN_ROWS: usize = 16;
 
 /// Stored rows of W per forward task (two 16-row AMX tiles, twice).
 const FWD_ROWS: usize = 64;
-/// Rows of W decoded per dX chunk (a multiple of 32).
-const DX_CHUNK: usize = 256;
+/// f32 values of W decoded per dX chunk (256 KiB: the chunk, its packed copy and the task's
+/// accumulator stay in L2).
+const DX_CHUNK_ELEMS: usize = 1 << 16;
 
 /// Rounds `x` to bf16, nearest even (NaN stays NaN: its mantissa keeps a set bit).
 #[inline(always)]
@@ -542,10 +543,11 @@ pub(crate) unsafe fn gemm_abt(c: &mut [f32], a: &[f32], w: Src<'_>, w0: usize, m
                     let bl = if two { bh.add(16 * prows) } else { std::ptr::null() };
                     let al = if two { wl.as_ptr().add(r * kp) } else { std::ptr::null() };
                     block(t.as_mut_ptr(), 128, false, wh.as_ptr().add(r * kp), al, 2 * kp, bh, bl, pst, kp / 32);
-                    // t[i][j] = C[16q + j][n0 + r + i].
-                    for i in 0..32.min(nr.saturating_sub(r)) {
-                        for j in 0..32.min(m - 16 * q) {
-                            let dst = cp.0.add((16 * q + j) * n + n0 + r + i);
+                    // t[i][j] = C[16q + j][n0 + r + i]: row by row of C, contiguous writes.
+                    let ni = 32.min(nr.saturating_sub(r));
+                    for j in 0..32.min(m - 16 * q) {
+                        let row = std::slice::from_raw_parts_mut(cp.0.add((16 * q + j) * n + n0 + r), ni);
+                        for (i, dst) in row.iter_mut().enumerate() {
                             *dst = if beta == 0.0 { t[i * 32 + j] } else { t[i * 32 + j] + beta * *dst };
                         }
                     }
@@ -570,7 +572,12 @@ pub(crate) unsafe fn gemm_ab(c: &mut [f32], a: &[f32], w: Src<'_>, w0: usize, m:
     pack_rows(&mut ah, two.then_some(&mut al[..]), a, m, k, k, kp);
     // Column slices whole in W's blocks (a K-quant block is 256 values of a row).
     let bs = w.block_size().max(1);
-    let width = if bs > 64 { bs } else { 64 };
+    // About eight slices per thread (fewer, wider slices decode longer runs of each row per call;
+    // more balance the threads better),
+    // a multiple of 32 columns (two panels) and of the block.
+    let align = if bs > 32 { bs.div_ceil(32) * 32 } else { 32 };
+    let width = n.div_ceil(8 * rayon::current_num_threads()).div_ceil(align).max(1) * align;
+    let chunk = (DX_CHUNK_ELEMS / width).clamp(32, 256) / 32 * 32;
     let cp = RawPtr(c.as_mut_ptr());
     let (ah, al) = (&ah, &al);
     (0..n.div_ceil(width)).into_par_iter().for_each(move |sl| {
@@ -579,15 +586,15 @@ pub(crate) unsafe fn gemm_ab(c: &mut [f32], a: &[f32], w: Src<'_>, w0: usize, m:
         let nc = c1 - c0;
         // Whole pairs of panels (a zero panel pads an odd count).
         let panels = nc.div_ceil(32) * 2;
-        let prows = DX_CHUNK / 2;
+        let prows = chunk / 2;
         SCRATCH.with_borrow_mut(|sc| {
             let Scratch { f, acc, h32, l32, .. } = sc;
             let acc = grow(acc, mp * panels * 16);
             let bh = grow(h32, panels * prows * 16);
             let mut bl = if two { Some(grow(l32, panels * prows * 16)) } else { None };
             let mut first = true;
-            for k0 in (0..k).step_by(DX_CHUNK) {
-                let k1 = (k0 + DX_CHUNK).min(k);
+            for k0 in (0..k).step_by(chunk) {
+                let k1 = (k0 + chunk).min(k);
                 let kr = k1 - k0;
                 // Rows k0..k1, columns c0..c1 of W: in place when the slice spans whole rows.
                 let wf: &[f32] = if nc == n {
