@@ -96,6 +96,98 @@ pub struct GgufVocab {
     pub add_space_prefix: Option<bool>,
     /// `tokenizer.chat_template` (Jinja).
     pub chat_template: Option<String>,
+    /// `general.name`: llama.cpp sets per-model token attributes by it (Phi-3's special tokens
+    /// strip the whitespace after them).
+    pub model_name: Option<String>,
+}
+
+/// Token texts llama.cpp treats as control tokens whatever their stored type (end-of-generation,
+/// end-of-turn and fill-in-the-middle markers that converters sometimes store as normal tokens;
+/// llama.cpp warns "control-looking token … its type will be overridden").
+const CONTROL_LOOKING: [&str; 47] = [
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "<｜end▁of▁sentence｜>",
+    "<end_of_utterance>",
+    "<|eom_id|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "</s>",
+    "[EOS]",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "[e~[",
+    "<|fim_prefix|>",
+    "<fim-prefix>",
+    "<fim_prefix>",
+    "<｜fim▁begin｜>",
+    "<PRE>",
+    "▁<PRE>",
+    "<|fim_suffix|>",
+    "<fim-suffix>",
+    "<fim_suffix>",
+    "<｜fim▁hole｜>",
+    "<SUF>",
+    "▁<SUF>",
+    "<|fim_middle|>",
+    "<fim-middle>",
+    "<fim_middle>",
+    "<｜fim▁end｜>",
+    "<MID>",
+    "▁<MID>",
+    "<|fim_pad|>",
+    "<fim-pad>",
+    "<fim_pad>",
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<reponame>",
+];
+
+impl GgufVocab {
+    /// The type of token `id` as llama.cpp uses it: the stored `token_type` (normal where
+    /// missing), except that a control-looking text ([`CONTROL_LOOKING`]) is a control token.
+    pub fn token_type(&self, id: usize) -> i32 {
+        let ty = self.token_types.get(id).copied().unwrap_or(1);
+        if ty != TOKEN_TYPE_CONTROL && CONTROL_LOOKING.contains(&self.tokens[id].as_str()) {
+            return TOKEN_TYPE_CONTROL;
+        }
+        ty
+    }
+
+    /// (lstrip, rstrip) of token `id` as llama.cpp sets them by model: a special token with
+    /// rstrip swallows the whitespace after it in the text, lstrip the whitespace before it.
+    /// Phi-3 (`general.name` containing "phi-3" or "phi3"): every unknown, control and
+    /// user-defined token and `</s>` strip right, except `<unk>`, `<s>` and `<|endoftext|>`;
+    /// Jina v2 (`pre` jina-v2-de/-es/-code): `<mask>` strips left.
+    pub fn strip_attrs(&self, id: usize) -> (bool, bool) {
+        let tok = self.tokens[id].as_str();
+        let name = self.model_name.as_deref().unwrap_or("").to_lowercase();
+        if matches!(self.pre.as_deref(), Some("jina-v2-de" | "jina-v2-es" | "jina-v2-code")) {
+            return (tok == "<mask>", false);
+        }
+        if name.contains("phi-3") || name.contains("phi3") {
+            let ty = self.token_type(id);
+            let special = matches!(ty, TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED) || tok == "</s>";
+            return (false, special && !matches!(tok, "<unk>" | "<s>" | "<|endoftext|>"));
+        }
+        (false, false)
+    }
+}
+
+/// C's `isspace` (what llama.cpp strips next to a token with lstrip/rstrip).
+fn c_isspace(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
 }
 
 /// GGUF `token_type` of the unknown token (`<unk>`).
@@ -310,7 +402,7 @@ impl Tokenizer {
             "llama" => return Self::from_gguf_spm(vocab),
             other => crate::bail!(OP, "tokenizer.ggml.model = {other:?} is not supported (only \"gpt2\", byte-level BPE, and \"llama\", SentencePiece)"),
         }
-        let ttype = |i: usize| vocab.token_types.get(i).copied().unwrap_or(1);
+        let ttype = |i: usize| vocab.token_type(i);
         let is_added = |i: usize| matches!(ttype(i), TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED);
 
         // The BPE vocabulary is spelled in the byte alphabet. llama.cpp stores normal tokens that
@@ -721,12 +813,15 @@ fn template_from_json(v: &serde_json::Value) -> Option<String> {
 /// (never split, skipped when decoding) and its user-defined tokens as plain added tokens; a
 /// missing type reads as normal (1), as llama.cpp does.
 fn add_vocab_tokens(inner: &mut tokenizers::Tokenizer, vocab: &GgufVocab, is_special: impl Fn(i32) -> bool) {
-    let ttype = |i: usize| vocab.token_types.get(i).copied().unwrap_or(1);
+    let ttype = |i: usize| vocab.token_type(i);
     let n = vocab.tokens.len();
     let added = |keep: &dyn Fn(i32) -> bool, special: bool| -> Vec<AddedToken> {
         (0..n)
             .filter(|&i| keep(ttype(i)) && !vocab.tokens[i].is_empty())
-            .map(|i| AddedToken::from(vocab.tokens[i].clone(), special).normalized(false))
+            .map(|i| {
+                let (l, r) = vocab.strip_attrs(i);
+                AddedToken::from(vocab.tokens[i].clone(), special).normalized(false).lstrip(l).rstrip(r)
+            })
             .collect()
     };
     inner.add_special_tokens(&added(&is_special, true));
@@ -1018,8 +1113,8 @@ struct Spm {
     /// The BOS id `encode(…, true)` prepends (`add_bos_token`).
     bos_id: Option<u32>,
     add_space_prefix: bool,
-    /// Special token texts, longest first.
-    specials: Vec<(String, u32)>,
+    /// Special token texts, longest first, with their (lstrip, rstrip) attributes.
+    specials: Vec<(String, u32, bool, bool)>,
 }
 
 /// A merge candidate: adjacent symbols `left`, `right` whose concatenation (`size` bytes) is a
@@ -1064,15 +1159,18 @@ type SpmRev<'a> = std::collections::HashMap<&'a str, (usize, usize)>;
 
 impl Spm {
     fn new(vocab: &GgufVocab, add_bos: bool) -> Spm {
-        let ttype = |i: usize| vocab.token_types.get(i).copied().unwrap_or(1);
+        let ttype = |i: usize| vocab.token_type(i);
         let mut pieces = std::collections::HashMap::with_capacity(vocab.tokens.len());
         for (i, t) in vocab.tokens.iter().enumerate() {
             pieces.insert(t.clone(), (i as u32, vocab.scores[i]));
         }
         let byte_ids = (0..=255u8).map(|b| pieces.get(&format!("<0x{b:02X}>")).map(|p| p.0)).collect();
-        let mut specials: Vec<(String, u32)> = (0..vocab.tokens.len())
+        let mut specials: Vec<(String, u32, bool, bool)> = (0..vocab.tokens.len())
             .filter(|&i| matches!(ttype(i), TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED) && !vocab.tokens[i].is_empty())
-            .map(|i| (vocab.tokens[i].clone(), i as u32))
+            .map(|i| {
+                let (l, r) = vocab.strip_attrs(i);
+                (vocab.tokens[i].clone(), i as u32, l, r)
+            })
             .collect();
         specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
         Spm {
@@ -1091,7 +1189,7 @@ impl Spm {
             Token(u32),
         }
         let mut frags: Vec<Frag> = if text.is_empty() { Vec::new() } else { vec![Frag::Text(text)] };
-        for (sp, id) in &self.specials {
+        for (sp, id, lstrip, rstrip) in &self.specials {
             if !frags.iter().any(|f| matches!(f, Frag::Text(t) if t.contains(sp.as_str()))) {
                 continue;
             }
@@ -1101,11 +1199,18 @@ impl Spm {
                     Frag::Text(t) => {
                         let mut rest = t;
                         while let Some(k) = rest.find(sp.as_str()) {
-                            if k > 0 {
-                                next.push(Frag::Text(&rest[..k]));
+                            let mut left = &rest[..k];
+                            if *lstrip {
+                                left = left.trim_end_matches(|c: char| c.is_ascii() && c_isspace(c as u8));
+                            }
+                            if !left.is_empty() {
+                                next.push(Frag::Text(left));
                             }
                             next.push(Frag::Token(*id));
                             rest = &rest[k + sp.len()..];
+                            if *rstrip {
+                                rest = rest.trim_start_matches(|c: char| c.is_ascii() && c_isspace(c as u8));
+                            }
                         }
                         if !rest.is_empty() {
                             next.push(Frag::Text(rest));

@@ -626,6 +626,49 @@ fn spm_merges_by_piece_score() {
     assert_eq!(t2.encode("he lo", false).unwrap(), vec![265, 259, 262, 263]);
 }
 
+/// llama.cpp's per-model token attributes: a Phi-3 file's (`general.name` "Phi3") special
+/// tokens swallow the whitespace after them, except `<s>`, `<unk>` and `<|endoftext|>`; other
+/// models keep it.
+#[test]
+fn phi3_special_tokens_strip_the_whitespace_after_them() {
+    let mut v = tiny_spm();
+    v.tokens.push("<|user|>".into());
+    v.token_types.push(3);
+    v.scores.push(0.0);
+    let user = (v.tokens.len() - 1) as u32;
+    let plain = Tokenizer::from_gguf(&v).unwrap();
+    // Without the attribute the newline and spaces after <|user|> are text: ▁ ▁ … then bytes.
+    let kept = plain.encode("<|user|>\n he", false).unwrap();
+    assert_eq!(kept[0], user);
+    assert!(kept.len() > 2, "{kept:?}");
+    v.model_name = Some("Phi3".into());
+    let phi = Tokenizer::from_gguf(&v).unwrap();
+    // With it, "<|user|>\n he" reads as "<|user|>he": the fragment gets its space prefix (▁he).
+    assert_eq!(phi.encode("<|user|>\n he", false).unwrap(), vec![user, 266]);
+    assert_eq!(phi.encode("<|user|>\n he", false).unwrap(), phi.encode("<|user|>he", false).unwrap());
+    // </s> strips too; <s> does not (llama.cpp's exceptions).
+    assert_eq!(phi.encode("</s> \the", false).unwrap(), vec![2, 266]);
+    assert_eq!(phi.encode("<s> he", false).unwrap(), plain.encode("<s> he", false).unwrap());
+    assert_ne!(phi.encode("<s> he", false).unwrap(), vec![1, 266]);
+    assert_eq!(phi.encode("he <|user|>", false).unwrap(), plain.encode("he <|user|>", false).unwrap(), "whitespace before a token stays");
+}
+
+/// A token whose text llama.cpp recognizes as an end-of-generation or fill-in-the-middle marker
+/// is a control token even where the file stores it as normal (as `</s>` in llama.cpp's own
+/// qwen2 vocabulary fixture): it is split out of the text as one id.
+#[test]
+fn control_looking_tokens_are_control_tokens() {
+    let mut v = tiny_vocab("qwen2", &MERGES);
+    v.tokens.push("</s>".into());
+    v.token_types.push(1);
+    let id = (v.tokens.len() - 1) as u32;
+    assert_eq!(v.token_type(id as usize), 3);
+    let tok = Tokenizer::from_gguf(&v).unwrap();
+    let ids = tok.encode("hi</s>hi", false).unwrap();
+    assert_eq!(ids.iter().filter(|&&i| i == id).count(), 1, "{ids:?}");
+    assert_eq!(ids.len(), 3, "{ids:?}");
+}
+
 #[test]
 fn spm_byte_fallback_specials_bos_eos() {
     let tok = Tokenizer::from_gguf(&tiny_spm()).unwrap();
@@ -712,6 +755,30 @@ fn llamacpp_vocab_fixtures() {
             if got != want {
                 failures.push(format!("{name} #{i} {text:?}: got {got:?}, expected {want:?}"));
             }
+        }
+        // Text with special tokens (chat markers, whitespace around them) against llama.cpp's own
+        // tokenizer, where the tools are built: token attributes such as Phi-3's rstrip apply.
+        let tool = root.join("build/bin/llama-tokenize");
+        let specials =
+            ["<|user|>\nHello there<|end|>\n<|assistant|>\n  Hi! <s> x </s> y", "<|im_start|>user\n hi <|im_end|>\n <s> x </s>\n", " <|endoftext|>\t\nok"];
+        if tool.exists() {
+            for (i, text) in specials.iter().enumerate() {
+                let file = tmp.path().join(format!("{name}-special-{i}.txt"));
+                std::fs::write(&file, text).unwrap();
+                let want = std::process::Command::new(&tool).arg("-m").arg(&model).arg("-f").arg(&file).args(["--ids", "--log-disable"]).output().unwrap();
+                assert!(want.status.success(), "llama-tokenize: {}", String::from_utf8_lossy(&want.stderr));
+                let want: String =
+                    String::from_utf8_lossy(&want.stdout).lines().last().unwrap_or("").chars().filter(|c| c.is_ascii_digit() || *c == ' ').collect();
+                let got =
+                    std::process::Command::new(exe).args(["tokenize", "--special", "--model"]).arg(&model).arg("--text-file").arg(&file).output().unwrap();
+                let got = String::from_utf8(got.stdout).unwrap();
+                let (w, g): (Vec<&str>, Vec<&str>) = (want.split_whitespace().collect(), got.split_whitespace().collect());
+                if w != g {
+                    failures.push(format!("{name} special #{i} {text:?}: got {g:?}, llama.cpp {w:?}"));
+                }
+            }
+        } else {
+            eprintln!("{name}: {} not built, special-token strings skipped", tool.display());
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
         eprintln!("{name}: {} strings identical", texts.len());

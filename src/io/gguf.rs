@@ -894,6 +894,7 @@ impl GgufFile {
             add_space_prefix: self.meta_bool("tokenizer.ggml.add_space_prefix")?,
             scores,
             chat_template: self.meta_str("tokenizer.chat_template")?.map(str::to_string),
+            model_name: self.meta_str("general.name")?.map(str::to_string),
             tokens,
         })
     }
