@@ -625,7 +625,8 @@ fn write_weights(path: &Path, tensors: &[(String, &Tensor)]) -> Result<()> {
 }
 
 /// GFLOP/s of an n³ GEMM C = A·Bᵀ (the linear layers' form): f32 B, then B stored as bf16 and
-/// converted per tile. Median of `reps` runs each.
+/// converted per tile; both as a frozen weight, so at the process's matmul precision. Median of
+/// `reps` runs each.
 pub fn gemm_ceiling(n: usize, reps: usize) -> Result<(f64, f64)> {
     if n == 0 {
         return Err(Error::invalid("bench", "--gemm-ceiling needs a size > 0"));
@@ -640,7 +641,7 @@ pub fn gemm_ceiling(n: usize, reps: usize) -> Result<(f64, f64)> {
         let mut v: Vec<f64> = (0..reps.max(1))
             .map(|_| {
                 let t0 = Instant::now();
-                crate::backend::cpu::gemm_stored(&mut c, &a, st, 0, n, n, n, false, true, 0.0);
+                crate::backend::cpu::gemm_frozen(&mut c, &a, st, 0, n, n, n, false, true, 0.0);
                 t0.elapsed().as_secs_f64()
             })
             .collect();

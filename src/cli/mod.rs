@@ -592,11 +592,15 @@ fn run_generate(path: &Path, adapter: Option<&Path>, prompt: &str, chat: bool, s
 fn run_bench(args: &spectune::bench::BenchArgs) -> spectune::Result<()> {
     if let Some(n) = args.gemm_ceiling {
         let (f32_rate, bf16_rate) = spectune::bench::gemm_ceiling(n, 5)?;
-        println!("GEMM {n}x{n}x{n} (C = A·Bᵀ), {} threads: f32 {f32_rate:.1} GFLOP/s, bf16-stored B {bf16_rate:.1} GFLOP/s", rayon::current_num_threads());
+        println!(
+            "GEMM {n}x{n}x{n} (C = A·Bᵀ), {} threads, matmul precision {}: f32 B {f32_rate:.1} GFLOP/s, bf16-stored B {bf16_rate:.1} GFLOP/s",
+            rayon::current_num_threads(),
+            spectune::backend::amx::effective_precision()
+        );
         if args.json {
             println!(
                 "{}",
-                serde_json::json!({ "gemm_size": n, "threads": rayon::current_num_threads(), "f32_gflops": f32_rate, "bf16_weights_gflops": bf16_rate })
+                serde_json::json!({ "gemm_size": n, "threads": rayon::current_num_threads(), "matmul_precision": spectune::backend::amx::effective_precision().name(), "f32_gflops": f32_rate, "bf16_weights_gflops": bf16_rate })
             );
         }
         return Ok(());
