@@ -157,6 +157,9 @@ const FWD_ROWS: usize = 64;
 /// f32 values of W decoded per dX chunk (256 KiB: the chunk, its packed copy and the task's
 /// accumulator stay in L2).
 const DX_CHUNK_ELEMS: usize = 1 << 16;
+/// Largest dX accumulator (f32 values, 512 KiB) for which the reduction is split instead of the
+/// columns.
+const KSPLIT_MAX_ACC: usize = 1 << 17;
 
 /// Rounds `x` to bf16, nearest even (NaN stays NaN: its mantissa keeps a set bit).
 #[inline(always)]
@@ -248,7 +251,6 @@ unsafe fn pack_pair_row(hi: &mut [u32], mut lo: Option<&mut [u32]>, r0: &[f32], 
 #[derive(Default)]
 struct Scratch {
     f: Vec<f32>,
-    acc: Vec<f32>,
     h16: Vec<u16>,
     l16: Vec<u16>,
     h32: Vec<u32>,
@@ -570,79 +572,132 @@ pub(crate) unsafe fn gemm_ab(c: &mut [f32], a: &[f32], w: Src<'_>, w0: usize, m:
     let mut ah = vec![0u16; mp * kp];
     let mut al = if two { vec![0u16; mp * kp] } else { Vec::new() };
     pack_rows(&mut ah, two.then_some(&mut al[..]), a, m, k, k, kp);
-    // Column slices whole in W's blocks (a K-quant block is 256 values of a row).
-    let bs = w.block_size().max(1);
-    // About eight slices per thread (fewer, wider slices decode longer runs of each row per call;
-    // more balance the threads better),
-    // a multiple of 32 columns (two panels) and of the block.
-    let align = if bs > 32 { bs.div_ceil(32) * 32 } else { 32 };
-    let width = n.div_ceil(8 * rayon::current_num_threads()).div_ceil(align).max(1) * align;
-    let chunk = (DX_CHUNK_ELEMS / width).clamp(32, 256) / 32 * 32;
+    let a = Packed { h: &ah, l: &al, kp, mp };
+    let threads = rayon::current_num_threads();
     let cp = RawPtr(c.as_mut_ptr());
-    let (ah, al) = (&ah, &al);
-    (0..n.div_ceil(width)).into_par_iter().for_each(move |sl| {
+    let store = |acc: &[f32], ld: usize, c0: usize, nc: usize| {
         let cp = cp;
+        for i in 0..m {
+            for j in 0..nc {
+                let dst = cp.0.add(i * n + c0 + j);
+                let v = acc[i * ld + j];
+                *dst = if beta == 0.0 { v } else { v + beta * *dst };
+            }
+        }
+    };
+    let np = n.div_ceil(32) * 32;
+    if mp * np <= KSPLIT_MAX_ACC && k >= 2 * n && k >= 64 * threads {
+        // A narrow C over a long reduction: split the reduction. Each task owns a range of W's rows, decodes them whole
+        // (one contiguous read per chunk) and streams only its part of A; the partial products
+        // are summed at the end.
+        let kt = k.div_ceil(4 * threads).div_ceil(32) * 32;
+        let parts: Vec<Vec<f32>> = (0..k.div_ceil(kt))
+            .into_par_iter()
+            .map(|t| {
+                let mut acc = vec![0f32; mp * np];
+                dx_part(&mut acc, &a, w, w0, n, 0, n, t * kt, ((t + 1) * kt).min(k), two);
+                acc
+            })
+            .collect();
+        let mut sum = parts[0].clone();
+        for q in &parts[1..] {
+            sum.par_chunks_mut(1 << 14).zip(q.par_chunks(1 << 14)).for_each(|(s, q)| s.iter_mut().zip(q).for_each(|(s, q)| *s += q));
+        }
+        store(&sum, np, 0, n);
+        return;
+    }
+    // Column slices whole in W's blocks (a K-quant block is 256 values of a row): about eight
+    // per thread (fewer, wider slices decode longer runs of each row per call; more balance the
+    // threads better), a multiple of 32 columns (two panels) and of the block.
+    let bs = w.block_size().max(1);
+    let align = if bs > 32 { bs.div_ceil(32) * 32 } else { 32 };
+    let width = n.div_ceil(8 * threads).div_ceil(align).max(1) * align;
+    (0..n.div_ceil(width)).into_par_iter().for_each(|sl| {
         let (c0, c1) = (sl * width, ((sl + 1) * width).min(n));
-        let nc = c1 - c0;
-        // Whole pairs of panels (a zero panel pads an odd count).
-        let panels = nc.div_ceil(32) * 2;
-        let prows = chunk / 2;
-        SCRATCH.with_borrow_mut(|sc| {
-            let Scratch { f, acc, h32, l32, .. } = sc;
-            let acc = grow(acc, mp * panels * 16);
-            let bh = grow(h32, panels * prows * 16);
-            let mut bl = if two { Some(grow(l32, panels * prows * 16)) } else { None };
-            let mut first = true;
-            for k0 in (0..k).step_by(chunk) {
-                let k1 = (k0 + chunk).min(k);
-                let kr = k1 - k0;
-                // Rows k0..k1, columns c0..c1 of W: in place when the slice spans whole rows.
-                let wf: &[f32] = if nc == n {
-                    w.rows(w0 + k0 * n, kr * n, grow(f, kr * n))
+        let ld = (c1 - c0).div_ceil(32) * 32;
+        let mut acc = vec![0f32; mp * ld];
+        dx_part(&mut acc, &a, w, w0, n, c0, c1, 0, k, two);
+        store(&acc, ld, c0, c1 - c0);
+    });
+}
+
+/// The left operand of a dX product, bf16 row-major [mp × kp] (hi, and lo for `high`).
+struct Packed<'a> {
+    h: &'a [u16],
+    l: &'a [u16],
+    kp: usize,
+    mp: usize,
+}
+
+/// acc[mp × ld] (ld = columns c0..c1 rounded up to 32) += A[:, ka..kb]·W[ka..kb, c0..c1], W
+/// stored [k × n] at `w0`, decoded DX_CHUNK_ELEMS values at a time.
+///
+/// # Safety
+/// AMX available; `acc` holds mp × ld values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn dx_part(acc: &mut [f32], a: &Packed<'_>, w: Src<'_>, w0: usize, n: usize, c0: usize, c1: usize, ka: usize, kb: usize, two: bool) {
+    let nc = c1 - c0;
+    // Whole pairs of panels (a zero panel pads an odd count).
+    let panels = nc.div_ceil(32) * 2;
+    let chunk = (DX_CHUNK_ELEMS / (panels * 16)).clamp(32, 256) / 32 * 32;
+    let prows = chunk / 2;
+    SCRATCH.with_borrow_mut(|sc| {
+        let Scratch { f, h32, l32, .. } = sc;
+        let bh = grow(h32, panels * prows * 16);
+        let mut bl = if two { Some(grow(l32, panels * prows * 16)) } else { None };
+        for k0 in (ka..kb).step_by(chunk) {
+            let k1 = (k0 + chunk).min(kb);
+            let kr = k1 - k0;
+            // Rows k0..k1, columns c0..c1 of W: one read when the slice spans whole rows.
+            let wf: &[f32] = if nc == n {
+                w.rows(w0 + k0 * n, kr * n, grow(f, kr * n))
+            } else {
+                let buf = grow(f, kr * nc);
+                for (i, row) in buf.chunks_mut(nc).enumerate() {
+                    w.read(w0 + (k0 + i) * n + c0, row);
+                }
+                buf
+            };
+            let krp = kr.div_ceil(32) * 32;
+            for pr in 0..krp / 2 {
+                let (i0, i1) = (2 * pr, 2 * pr + 1);
+                if i0 < kr {
+                    let r1 = (i1 < kr).then(|| &wf[i1 * nc..(i1 + 1) * nc]);
+                    pack_pair_row(bh, bl.as_deref_mut(), &wf[i0 * nc..(i0 + 1) * nc], r1, nc, panels, pr, prows);
                 } else {
-                    let buf = grow(f, kr * nc);
-                    for (i, row) in buf.chunks_mut(nc).enumerate() {
-                        w.read(w0 + (k0 + i) * n + c0, row);
-                    }
-                    buf
-                };
-                let krp = kr.div_ceil(32) * 32;
-                for pr in 0..krp / 2 {
-                    let (i0, i1) = (2 * pr, 2 * pr + 1);
-                    if i0 < kr {
-                        let r1 = (i1 < kr).then(|| &wf[i1 * nc..(i1 + 1) * nc]);
-                        pack_pair_row(bh, bl.as_deref_mut(), &wf[i0 * nc..(i0 + 1) * nc], r1, nc, panels, pr, prows);
-                    } else {
-                        // Past the end of k: zero pairs.
-                        for q in 0..panels {
-                            let o = q * prows * 16 + pr * 16;
-                            bh[o..o + 16].fill(0);
-                            if let Some(bl) = bl.as_deref_mut() {
-                                bl[o..o + 16].fill(0);
-                            }
+                    // Past the end of the rows: zero pairs (A is zero there too, but the
+                    // scratch holds old values that may be NaN).
+                    for q in 0..panels {
+                        let o = q * prows * 16 + pr * 16;
+                        bh[o..o + 16].fill(0);
+                        if let Some(bl) = bl.as_deref_mut() {
+                            bl[o..o + 16].fill(0);
                         }
                     }
                 }
-                tiles_on();
-                for mb in (0..mp).step_by(32) {
-                    let a_h = ah.as_ptr().add(mb * kp + k0);
-                    let a_l = if two { al.as_ptr().add(mb * kp + k0) } else { std::ptr::null() };
-                    for q in 0..panels {
-                        let o = q * prows * 16;
-                        let b_l = bl.as_deref().map_or(std::ptr::null(), |b| b.as_ptr().add(o));
-                        block_32x16(acc.as_mut_ptr().add(mb * panels * 16 + q * 16), panels * 64, !first, a_h, a_l, 2 * kp, bh.as_ptr().add(o), b_l, krp / 32);
-                    }
-                }
-                tiles_off();
-                first = false;
             }
-            for i in 0..m {
-                for j in 0..nc {
-                    let dst = cp.0.add(i * n + c0 + j);
-                    let v = acc[i * panels * 16 + j];
-                    *dst = if beta == 0.0 { v } else { v + beta * *dst };
+            tiles_on();
+            for mb in (0..a.mp).step_by(32) {
+                let a_h = a.h.as_ptr().add(mb * a.kp + k0);
+                let a_l = if two { a.l.as_ptr().add(mb * a.kp + k0) } else { std::ptr::null() };
+                for q in (0..panels).step_by(2) {
+                    let o = q * prows * 16;
+                    let b_l = bl.as_deref().map_or(std::ptr::null(), |b| b.as_ptr().add(o));
+                    block(
+                        acc.as_mut_ptr().add(mb * panels * 16 + q * 16),
+                        panels * 64,
+                        true,
+                        a_h,
+                        a_l,
+                        2 * a.kp,
+                        bh.as_ptr().add(o),
+                        b_l,
+                        prows * 16,
+                        krp / 32,
+                    );
                 }
             }
-        });
+            tiles_off();
+        }
     });
 }

@@ -794,7 +794,9 @@ pub fn linear_cross_entropy_fwd<T: Float>(
     // Under a soft cap with dh: 1 − (z/c)² of the block's logits.
     let mut dz = if softcap.is_some() && dh.is_some() { zeros::<T>(rb * cb) } else { Vec::new() };
     let direct = w.slice::<T>();
-    let mut wbuf = if direct.is_none() { zeros::<T>(cb * d) } else { Vec::new() };
+    // Whether a block of n rows takes the AMX path (then the stored head is never copied).
+    let amx_rows = |n: usize| T::DTYPE == crate::dtype::DType::F32 && amx::wanted(n).is_some();
+    let mut wbuf = if direct.is_none() && !amx_rows(rb) { zeros::<T>(cb * d) } else { Vec::new() };
     // Per row of the block: running max, Σ exp(l − max), target logit.
     let mut stats = vec![(T::NEG_INFINITY, T::ZERO, T::ZERO); rb];
     let mut total = 0.0;
@@ -812,16 +814,30 @@ pub fn linear_cross_entropy_fwd<T: Float>(
         for c0 in (0..vocab).step_by(cb) {
             let c1 = (c0 + cb).min(vocab);
             let nc = c1 - c0;
-            let wc: &[T] = match direct {
-                Some(ws) => &ws[c0 * d..c1 * d],
+            // On AMX tiles, a stored head is read by each GEMM task a row block at a time (in
+            // cache) instead of through an f32 copy of the whole tile, which would be tens of
+            // MiB written and read twice from memory.
+            let wc: Option<&[T]> = match direct {
+                Some(ws) => Some(&ws[c0 * d..c1 * d]),
+                None if amx_rows(n) => None,
                 None => {
+                    if wbuf.is_empty() {
+                        // A last row block too short for AMX tiles.
+                        wbuf = zeros::<T>(cb * d);
+                    }
                     let t = &mut wbuf[..nc * d];
                     t.par_chunks_mut(d).enumerate().with_min_len(8).for_each(|(i, row)| w.read_into((c0 + i) * d, row));
-                    t
+                    Some(t)
                 }
             };
             let lg = &mut logits[..n * nc];
-            gemm_frozen_slice(lg, hb, wc, n, d, nc, true, T::ZERO);
+            match wc {
+                Some(wc) => gemm_frozen_slice(lg, hb, wc, n, d, nc, true, T::ZERO),
+                None => {
+                    let done = amx_product(lg, hb, amx::Src::Stored(w), c0 * d, n, d, nc, true, T::ZERO);
+                    debug_assert!(done, "amx_rows promised the AMX path");
+                }
+            }
             if let Some(c) = softcap {
                 // z = c·tanh(l/c), and 1 − (z/c)² when dh is wanted.
                 let c = T::from_f64(c);
@@ -872,7 +888,13 @@ pub fn linear_cross_entropy_fwd<T: Float>(
                         lg.par_chunks_mut(nc).zip(dz[..n * nc].par_chunks(nc)).for_each(|(x, f)| x.iter_mut().zip(f).for_each(|(v, f)| *v *= *f));
                     }
                     // acc[n×d] += P[n×nc]·W_c[nc×d] with P = exp(L − m), unnormalized.
-                    gemm_frozen_slice(acc, lg, wc, n, nc, d, false, T::ONE);
+                    match wc {
+                        Some(wc) => gemm_frozen_slice(acc, lg, wc, n, nc, d, false, T::ONE),
+                        None => {
+                            let done = amx_product(acc, lg, amx::Src::Stored(w), c0 * d, n, nc, d, false, T::ONE);
+                            debug_assert!(done, "amx_rows promised the AMX path");
+                        }
+                    }
                 }
             }
         }
