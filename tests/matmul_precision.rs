@@ -116,6 +116,19 @@ fn lower_precisions_track_f32_on_every_stored_type_and_shape() {
         }
     }
 
+    // A NaN in the input stays NaN in its own output row only (bf16 rounding keeps NaNs NaN).
+    let wn = Tensor::from_vec(rand(&mut rng, 40 * 64), [40, 64]).unwrap();
+    let mut xn = rand(&mut rng, 32 * 64);
+    xn[3 * 64 + 5] = f32::from_bits(0x7f80_0001); // a NaN whose payload is below bf16's bits
+    for p in [MatmulPrecision::High, MatmulPrecision::Medium] {
+        amx::set_matmul_precision(p);
+        let y = ops::linear(&Tensor::from_vec(xn.clone(), [32, 64]).unwrap(), &wn).unwrap().to_vec_f32();
+        for (r, row) in y.chunks(40).enumerate() {
+            assert_eq!(row.iter().all(|v| v.is_nan()), r == 3, "{p}: row {r} {:?}", &row[..4]);
+            assert!(r == 3 || row.iter().all(|v| v.is_finite()), "{p}: row {r}");
+        }
+    }
+
     // A trainable weight (full fine-tuning) is not frozen: its products stay f32 at any level.
     let wt = Tensor::from_vec(rand(&mut rng, 70 * 100), [70, 100]).unwrap().param().unwrap();
     let x = Tensor::from_vec(rand(&mut rng, 20 * 100), [20, 100]).unwrap();

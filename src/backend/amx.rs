@@ -103,10 +103,10 @@ pub fn effective_precision() -> MatmulPrecision {
 }
 
 /// Whether this CPU has AMX-BF16 (with AVX-512BW for the packing) and the kernel granted this
-/// process the tile state. Asked once.
+/// process the tile state, unless the environment says `SPECTUNE_AMX=0`. Asked once.
 pub fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(detect)
+    *OK.get_or_init(|| std::env::var("SPECTUNE_AMX").as_deref() != Ok("0") && detect())
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -161,10 +161,13 @@ const DX_CHUNK_ELEMS: usize = 1 << 16;
 /// columns.
 const KSPLIT_MAX_ACC: usize = 1 << 17;
 
-/// Rounds `x` to bf16, nearest even (NaN stays NaN: its mantissa keeps a set bit).
+/// Rounds `x` to bf16, nearest even; a NaN stays a (quiet) NaN.
 #[inline(always)]
 fn bf16_bits(x: f32) -> u32 {
     let b = x.to_bits();
+    if x.is_nan() {
+        return (b >> 16) | 0x40;
+    }
     b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16
 }
 
