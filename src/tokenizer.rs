@@ -156,7 +156,8 @@ const CONTROL_LOOKING: [&str; 47] = [
 
 impl GgufVocab {
     /// The type of token `id` as llama.cpp uses it: the stored `token_type` (normal where
-    /// missing), except that a control-looking text ([`CONTROL_LOOKING`]) is a control token.
+    /// missing), except that a control-looking text (an end-of-turn or fill-in-the-middle marker
+    /// llama.cpp knows by name) is a control token.
     pub fn token_type(&self, id: usize) -> i32 {
         let ty = self.token_types.get(id).copied().unwrap_or(1);
         if ty != TOKEN_TYPE_CONTROL && CONTROL_LOOKING.contains(&self.tokens[id].as_str()) {

@@ -13,7 +13,7 @@
 //! - `medium`: one bf16 per operand (8 significant bits), f32 accumulation.
 //!
 //! The bf16 products run on AMX (TDPBF16PS: C[16×16] f32 += A[16×32] bf16 · B[32×16] bf16, B in
-//! the "VNNI" layout where row p of a B tile holds the 16 pairs (B[2p][j], B[2p+1][j])). Where
+//! the "VNNI" layout where row p of a B tile holds the 16 pairs (B(2p, j), B(2p+1, j))). Where
 //! the CPU lacks AMX-BF16 or the kernel does not grant the tile state, every level computes in
 //! f32 (the setting is a permission, as in PyTorch, not a demand).
 //!
