@@ -491,6 +491,16 @@ struct RawPtr(*mut f32);
 unsafe impl Send for RawPtr {}
 unsafe impl Sync for RawPtr {}
 
+impl RawPtr {
+    /// Element `i` (a method, so closures capture the whole Sync wrapper, not its raw field).
+    ///
+    /// # Safety
+    /// `i` lies inside the buffer.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
 /// C[m×n] = A[m×k]·Wᵀ + beta·C with W stored [n×k] at element `w0` of `w` (the forward of a
 /// frozen linear), at precision `p` (`High` or `Medium`).
 ///
@@ -579,10 +589,9 @@ pub(crate) unsafe fn gemm_ab(c: &mut [f32], a: &[f32], w: Src<'_>, w0: usize, m:
     let threads = rayon::current_num_threads();
     let cp = RawPtr(c.as_mut_ptr());
     let store = |acc: &[f32], ld: usize, c0: usize, nc: usize| {
-        let cp = cp;
         for i in 0..m {
             for j in 0..nc {
-                let dst = cp.0.add(i * n + c0 + j);
+                let dst = cp.at(i * n + c0 + j);
                 let v = acc[i * ld + j];
                 *dst = if beta == 0.0 { v } else { v + beta * *dst };
             }
