@@ -4,6 +4,7 @@
 #   benches/study/commonsense.sh run [STAGE…]   # run the stages in order (default: all)
 #   benches/study/commonsense.sh sync           # copy finished results into docs/spectral-study/commonsense
 #   benches/study/commonsense.sh list           # the stages and their compare commands
+#   benches/study/commonsense.sh link NEW OLD RATE   # reuse OLD stage's runs at RATE in NEW
 #
 # Every stage is one `spectune compare --resume` call per seed count: first one seed (seed 0) at
 # every learning rate of the grid, which chooses each method's rate (lowest loss on the
@@ -36,7 +37,23 @@ ARC=(--model "$SMOL" --data arc-easy:train --eval-data arc-easy --steps 60 --bat
 STAGES=(
   "s1-arc-easy-lora-speclora|lora,speclora|--lrs 1e-3,3e-3"
   "s2-arc-easy-more-methods|speclora-svd,dora,pissa,spectral-a|--lrs 1e-3,3e-3"
+  # Stage 1's methods both chose the top of its grid: extend it upward. The 3e-3 runs are stage
+  # 1's (link them first: `link_runs s3-arc-easy-lr-up s1-arc-easy-lora-speclora 3e-3`).
+  "s3-arc-easy-lr-up|lora,speclora|--lrs 3e-3,1e-2"
 )
+
+# link_runs NEW OLD RATE: NEW's <method>/lr<RATE> folders become links to OLD's (same settings,
+# so `--resume` reuses their runs), and OLD's base.json is copied.
+link_runs() {
+  local new="$OUT/$1" old="$OUT/$2" rate=$3 d
+  mkdir -p "$new"
+  cp -n "$old/base.json" "$new/" 2>/dev/null || true
+  for d in "$old"/*/lr"$rate"; do
+    [[ -d $d ]] || continue
+    mkdir -p "$new/$(basename "$(dirname "$d")")"
+    ln -sfn "$d" "$new/$(basename "$(dirname "$d")")/lr$rate"
+  done
+}
 
 stage_line() { for s in "${STAGES[@]}"; do [[ ${s%%|*} == "$1" ]] && { echo "$s"; return; }; done; echo "unknown stage $1" >&2; exit 2; }
 
@@ -89,6 +106,7 @@ case ${1:-run} in
     if (($#)); then todo=("$@"); else todo=(); for s in "${STAGES[@]}"; do todo+=("${s%%|*}"); done; fi
     for s in "${todo[@]}"; do run_stage "$s"; done ;;
   sync) sync_results ;;
+  link) shift; link_runs "$@" ;;
   list) for s in "${STAGES[@]}"; do echo "$s"; done ;;
-  *) echo "usage: $0 run [STAGE…] | sync | list" >&2; exit 2 ;;
+  *) echo "usage: $0 run [STAGE…] | sync | list | link NEW OLD RATE" >&2; exit 2 ;;
 esac
