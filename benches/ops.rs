@@ -392,9 +392,39 @@ fn bench_adapter(c: &mut Criterion) {
     g.finish();
 }
 
+/// The frozen-weight GEMM at each `--matmul-precision` (AMX bf16 tiles below `highest`, where
+/// the CPU has them; elsewhere every level is the f32 path): the same W [896, 4864] and N as
+/// `stored_weight`, for f32 and the types of a Q4_K_M file. `fwd` is `ops::linear` (a weight
+/// without gradient is frozen); `fwd_dx` adds the backward's dX = dY·W.
+fn bench_matmul_precision(c: &mut Criterion) {
+    use spectune::backend::amx::{self, MatmulPrecision};
+    let mut g = c.benchmark_group("matmul_precision");
+    let mut rng = Rng::new(9);
+    let (m, out_f, in_f) = (TOKENS, 896, 4864);
+    let x = rand_tensor(&mut rng, &[m, in_f], 1.0);
+    let dy = rand_tensor(&mut rng, &[m, out_f], 1.0);
+    g.throughput(flops(m, in_f, out_f));
+    for dtype in [DType::F32, DType::Q8_0, DType::Q5_0, DType::Q4K, DType::Q6K] {
+        let w = stored_matrix(&mut rng, dtype, out_f, in_f);
+        for p in [MatmulPrecision::Highest, MatmulPrecision::High, MatmulPrecision::Medium] {
+            amx::set_matmul_precision(p);
+            g.bench_function(format!("{dtype}/{p}/fwd_{m}x{in_f}x{out_f}"), |b| b.iter(|| black_box(ops::linear(&x, &w).unwrap())));
+            g.bench_function(format!("{dtype}/{p}/fwd_dx_{m}x{in_f}x{out_f}"), |b| {
+                b.iter(|| {
+                    let xp = x.detach().param().unwrap();
+                    let y = ops::linear(&xp, &w).unwrap();
+                    black_box(backward_with_seed(&y, dy.clone()).unwrap())
+                })
+            });
+        }
+    }
+    amx::set_matmul_precision(MatmulPrecision::Highest);
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_matmul, bench_stored_weight, bench_elementwise, bench_norm, bench_rope, bench_attention, bench_loss, bench_embedding, bench_adapter
+    targets = bench_matmul, bench_stored_weight, bench_matmul_precision, bench_elementwise, bench_norm, bench_rope, bench_attention, bench_loss, bench_embedding, bench_adapter
 }
 criterion_main!(benches);
