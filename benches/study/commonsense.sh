@@ -40,6 +40,9 @@ STAGES=(
   # Stage 1's methods both chose the top of its grid: extend it upward. The 3e-3 runs are stage
   # 1's (link them first: `link_runs s3-arc-easy-lr-up s1-arc-easy-lora-speclora 3e-3`).
   "s3-arc-easy-lr-up|lora,speclora|--lrs 3e-3,1e-2"
+  # PiSSA and Spectral^A chose the bottom of stage 2's grid (3e-3 diverged): extend it downward,
+  # reusing stage 2's 1e-3 runs (`link_runs s4-arc-easy-lr-down s2-arc-easy-more-methods 1e-3`).
+  "s4-arc-easy-lr-down|pissa,spectral-a|--lrs 3e-4,1e-3"
 )
 
 # link_runs NEW OLD RATE: NEW's <method>/lr<RATE> folders become links to OLD's (same settings,
