@@ -304,8 +304,14 @@ fn decode_range<T: Float>(bytes: &[u8], dtype: DType, start: usize, out: &mut [T
     }
 }
 
+/// `x` as `&[f32]` when T is f32.
+pub(crate) fn as_f32<T: Float>(x: &[T]) -> Option<&[f32]> {
+    // SAFETY: as in `as_f32_mut`.
+    (T::DTYPE == DType::F32).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
+}
+
 /// `out` as `&mut [f32]` when T is f32.
-fn as_f32_mut<T: Float>(out: &mut [T]) -> Option<&mut [f32]> {
+pub(crate) fn as_f32_mut<T: Float>(out: &mut [T]) -> Option<&mut [f32]> {
     // SAFETY: T is f32 exactly when its DTYPE is F32 (Float is implemented for f32 and f64
     // only), so the cast reinterprets a slice as its own type.
     (T::DTYPE == DType::F32).then(|| unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) })

@@ -8,6 +8,8 @@
 //! that split a block, a tensor table that lies about types or sizes — must be an error naming
 //! the file, the tensor and the type.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use spectune::gradcheck::SplitMix;
@@ -302,17 +304,7 @@ fn gemm_rate_of_each_block_type_vs_f32() {
     println!("{:8} {:>10} {:>10} {:>7} {:>10} {:>10} {:>7}", "type", "f32 fwd", "fwd ms", "rate", "f32 dX", "dX ms", "rate");
     let (mut worst, mut worst_name) = (f64::INFINITY, "");
     for (name, dtype, _) in TYPES {
-        // Random blocks with typical scales, in an anonymous read-only map.
-        let size = dtype.storage_bytes(out_f * in_f).unwrap();
-        let mut bytes: Vec<u8> = (0..size).map(|_| rng.next_u64() as u8).collect();
-        for blk in bytes.chunks_exact_mut(dtype.size()) {
-            for &o in dtype.scale_offsets() {
-                blk[o..o + 2].copy_from_slice(&half::f16::from_f32(0.004).to_le_bytes());
-            }
-        }
-        let mut map = memmap2::MmapOptions::new().len(size).map_anon().unwrap();
-        map.copy_from_slice(&bytes);
-        let w = Tensor::from_mmap(std::sync::Arc::new(map.make_read_only().unwrap()), 0, dtype, [out_f, in_f], name).unwrap();
+        let w = common::random_blocks(&mut rng, dtype, out_f, in_f, name);
         let dense = Tensor::from_vec(w.to_vec_f32(), [out_f, in_f]).unwrap();
         let time = |w: &Tensor, fwd: bool| {
             let t0 = Instant::now();

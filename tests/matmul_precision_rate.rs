@@ -2,6 +2,8 @@
 //! matmul precision, for the stored types and shapes of Qwen2.5-0.5B's Q4_K_M layers, 128 rows.
 //! `cargo test --release --test matmul_precision_rate -- --ignored --nocapture`
 
+mod common;
+
 use std::time::Instant;
 
 use spectune::backend::amx::{self, MatmulPrecision};
@@ -15,16 +17,7 @@ fn frozen_gemm_rate_per_precision() {
     let mut rng = SplitMix::new(3);
     // (type, out, in): q/o projection, gate/up, down.
     for (dtype, out_f, in_f) in [(DType::Q5_0, 896usize, 896usize), (DType::Q5_0, 4864, 896), (DType::Q4K, 896, 4864), (DType::Q8_0, 896, 4864)] {
-        let size = dtype.storage_bytes(out_f * in_f).unwrap();
-        let mut bytes: Vec<u8> = (0..size).map(|_| rng.next_u64() as u8).collect();
-        for blk in bytes.chunks_exact_mut(dtype.size()) {
-            for &o in dtype.scale_offsets() {
-                blk[o..o + 2].copy_from_slice(&half::f16::from_f32(0.004).to_le_bytes());
-            }
-        }
-        let mut map = memmap2::MmapOptions::new().len(size).map_anon().unwrap();
-        map.copy_from_slice(&bytes);
-        let w = Tensor::from_mmap(std::sync::Arc::new(map.make_read_only().unwrap()), 0, dtype, [out_f, in_f], "w").unwrap();
+        let w = common::random_blocks(&mut rng, dtype, out_f, in_f, "w");
         let x = Tensor::from_vec(rng.vec(m * in_f, -1.0, 1.0).iter().map(|&v| v as f32).collect::<Vec<f32>>(), [m, in_f]).unwrap();
         let dy = Tensor::from_vec(rng.vec(m * out_f, -1.0, 1.0).iter().map(|&v| v as f32).collect::<Vec<f32>>(), [m, out_f]).unwrap();
         let flops = 2.0 * (m * out_f * in_f) as f64;

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::amx;
 use crate::dtype::Float;
-use crate::storage::Storage;
+use crate::storage::{as_f32, as_f32_mut, Storage};
 
 /// Rows handed to one rayon task in row-wise kernels.
 const ROW_GRAIN: usize = 16;
@@ -172,18 +172,6 @@ fn amx_product<T: Float>(c: &mut [T], a: &[T], w: amx::Src<'_>, w0: usize, m: us
         }
     }
     true
-}
-
-/// `x` as `&[f32]` when T is f32.
-fn as_f32<T: Float>(x: &[T]) -> Option<&[f32]> {
-    // SAFETY: T is f32 exactly when its DTYPE is F32 (Float is implemented for f32 and f64 only).
-    (T::DTYPE == crate::dtype::DType::F32).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
-}
-
-/// `x` as `&mut [f32]` when T is f32.
-fn as_f32_mut<T: Float>(x: &mut [T]) -> Option<&mut [f32]> {
-    // SAFETY: as in `as_f32`.
-    (T::DTYPE == crate::dtype::DType::F32).then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
 }
 
 /// The converting path of [`gemm_stored`], with the tile size as a parameter (tests use tiny
