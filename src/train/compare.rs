@@ -57,6 +57,10 @@ pub struct CompareOptions {
     /// Held-out tokens evaluated (the first ones of the held-out data), split in two halves: the
     /// first chooses the learning rate, the second is reported.
     pub eval_tokens: usize,
+    /// Score multiple-choice accuracy on a fixed sample of this many held-out questions (the
+    /// same for every run; [`sample_questions`]) instead of all of them: for large validation
+    /// sets. `None`: every question.
+    pub eval_questions: Option<usize>,
     pub seed: u64,
     pub out: PathBuf,
     /// The offline task of `demo --synthetic` instead of SmolLM2 + Shakespeare.
@@ -91,6 +95,24 @@ pub fn default_lr_grid(method: &str, synthetic: bool) -> Vec<f64> {
         ("full", false) => vec![1e-5, 3e-5, 1e-4],
         (_, false) => vec![3e-4, 1e-3, 3e-3],
     }
+}
+
+/// The held-out questions that `--eval-questions n` scores: `n` of `total` indices drawn without
+/// replacement by a partial Fisher–Yates shuffle with a fixed seed (so every run and every
+/// process scores the same ones), returned in file order. `n ≥ total` keeps them all. A sample
+/// rather than the first `n`, since validation files are often grouped by source.
+pub fn sample_questions(total: usize, n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..total).collect();
+    if n < total {
+        let mut rng = crate::gradcheck::SplitMix::new(0x5eed);
+        for i in 0..n {
+            let j = i + (rng.next_u64() % (total - i) as u64) as usize;
+            idx.swap(i, j);
+        }
+        idx.truncate(n);
+        idx.sort_unstable();
+    }
+    idx
 }
 
 /// Mean and sample standard deviation (n − 1; 0 for one value).
@@ -371,6 +393,17 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
         Some(p) if p.is_file() => super::eval::read_mc(p).ok().map(|items| (p.clone(), items)),
         _ => None,
     };
+    let mc = match (mc, o.eval_questions) {
+        (Some((p, items)), Some(n)) => {
+            let keep = sample_questions(items.len(), n);
+            log(format!("accuracy on {} of the {} held-out questions (a fixed sample)", keep.len(), items.len()));
+            Some((p, keep.into_iter().map(|i| items[i].clone()).collect::<Vec<_>>()))
+        }
+        (None, Some(_)) => {
+            return Err(Error::invalid(OP, "--eval-questions needs multiple-choice held-out data (every --eval-data line {\"query\", \"choices\", \"gold\"})"))
+        }
+        (mc, None) => mc,
+    };
     let settings_for = |method: &str, r: usize, lr: f64, seed: u64| -> Result<TrainSettings> {
         let args = TrainArgs {
             model: Some(task.model.clone()),
@@ -425,8 +458,11 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
         }
     };
     // Everything a run's numbers depend on besides method, rank, rate and seed.
-    let task_key =
+    let mut task_key =
         format!("model={} task={} steps={} batch={batch} seq_len={seq_len} k={k} eval_tokens={}", task.model.display(), task.name, o.steps, o.eval_tokens);
+    if let Some(n) = o.eval_questions {
+        task_key.push_str(&format!(" eval_questions={n}"));
+    }
     let base_path = o.out.join("base.json");
     let (base_loss, base_accuracy) = match o.resume.then(|| read_record(&base_path, &task_key, |r: &BaseRecord| &r.key)).flatten() {
         Some(b) => {
