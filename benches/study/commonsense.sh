@@ -51,6 +51,7 @@ STAGES=(
   "s7-piqa|smol|piqa:train|piqa|lora,speclora|--lrs 3e-3 --eval-questions 300|--matmul-precision high"
   "s8-siqa|smol|siqa:train|siqa|lora,speclora|--lrs 3e-3 --eval-questions 300|--matmul-precision high"
   "s9-hellaswag|smol|hellaswag:train|hellaswag|lora,speclora|--lrs 3e-3 --eval-questions 300|--matmul-precision high"
+  "s10-winogrande|smol|winogrande:train|winogrande|lora,speclora|--lrs 3e-3 --eval-questions 300|--matmul-precision high"
   # The second model: Qwen2.5-Coder-0.5B-Instruct Q4_K_M on ARC-Easy (300 of the 570 questions:
   # an evaluation costs it about 1.2 s a question on one thread), one rate for both methods.
   "q1-arc-easy|qwen|arc-easy:train|arc-easy|lora,speclora|--lrs 1e-3 --eval-questions 300|--matmul-precision high"

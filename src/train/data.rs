@@ -107,61 +107,107 @@ impl DataFile {
 
 const SHAPES: &str = r#"{"text": string}, {"prompt": string, "completion": string}, {"messages": [{"role": "system"|"user"|"assistant", "content": string}, ...]} or {"query": string, "choices": [string, ...], "gold": int}"#;
 
-/// The multiple-choice line shape, for error messages.
-pub const MC_SHAPE: &str = r#"{"query": string, "choices": [string, ...], "gold": int (0-based index into choices)}"#;
+/// The multiple-choice line shapes, for error messages.
+pub const MC_SHAPE: &str = r#"{"query": string, "choices": [string, ...], "gold": int (0-based index into choices)} or, scored partially, {"contexts": [string, ...], "continuation": string, "gold": int}"#;
 
-/// One multiple-choice question: the answer `choices[gold]` continues `query`.
+/// One multiple-choice question. Two forms, as lm-evaluation-harness has them:
+/// - `continuation: None`: the answer `choices[gold]` continues `query`; choice `i` is scored as
+///   the continuation `" " + choices[i]` after `query`.
+/// - `continuation: Some(c)` (*partial* scoring, WinoGrande's): `choices` are alternative
+///   contexts (`query` is empty) and each is scored on the one shared continuation `" " + c`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct McItem {
     pub query: String,
     pub choices: Vec<String>,
     pub gold: usize,
+    pub continuation: Option<String>,
     /// The 1-based line it came from (0 when not from a file).
     pub line: usize,
 }
 
 impl McItem {
-    /// The training example: prompt = the query without its trailing whitespace, completion =
-    /// that whitespace + `" " + choices[gold]` (the context/continuation split of evaluation).
+    /// Choice `i` as `(context, continuation)` before the whitespace move of
+    /// [`crate::train::eval::encode_pair`].
+    pub fn pair(&self, i: usize) -> (&str, String) {
+        match &self.continuation {
+            None => (&self.query, format!(" {}", self.choices[i])),
+            Some(c) => (&self.choices[i], format!(" {c}")),
+        }
+    }
+
+    /// The training example: prompt = the gold choice's context without its trailing
+    /// whitespace, completion = that whitespace + its continuation (the context/continuation
+    /// split of evaluation, so the loss counts exactly the tokens evaluation scores).
     pub fn to_example(&self) -> Example {
-        let trimmed = self.query.trim_end();
-        let completion = format!("{} {}", &self.query[trimmed.len()..], self.choices[self.gold]);
+        let (context, continuation) = self.pair(self.gold);
+        let trimmed = context.trim_end();
+        let completion = format!("{}{continuation}", &context[trimmed.len()..]);
         Example::PromptCompletion { prompt: trimmed.to_string(), completion }
     }
 }
 
-/// A multiple-choice object to an [`McItem`] (`line` 0), or what is wrong with it: a missing or
-/// non-string `query`, `choices` missing, empty or not all strings, `gold` missing, not a
+/// A multiple-choice object (either form of [`McItem`]) to an [`McItem`] (`line` 0), or what is
+/// wrong with it: a missing or non-string `query`, `choices`/`contexts` missing, empty or not all
+/// strings, a missing or blank `continuation`, the two forms mixed, `gold` missing, not a
 /// non-negative integer, or out of range.
 pub fn parse_mc(obj: &serde_json::Map<String, Value>) -> std::result::Result<McItem, String> {
+    if obj.contains_key("contexts") || obj.contains_key("continuation") {
+        return parse_partial_mc(obj);
+    }
     let query = match obj.get("query") {
         Some(Value::String(s)) => s.clone(),
         Some(v) => return Err(format!("\"query\" must be a string, got {} (expected {MC_SHAPE})", json_kind(v))),
         None => return Err(format!("missing \"query\" (expected {MC_SHAPE})")),
     };
-    let choices = match obj.get("choices") {
-        Some(Value::Array(a)) if a.is_empty() => return Err(format!("\"choices\" is empty; expected at least one answer (expected {MC_SHAPE})")),
+    let choices = string_list(obj, "choices")?;
+    let gold = parse_gold(obj, choices.len())?;
+    Ok(McItem { query, choices, gold, continuation: None, line: 0 })
+}
+
+/// `{"contexts": [string, ...], "continuation": string, "gold": int}` (no `query`, no `choices`).
+fn parse_partial_mc(obj: &serde_json::Map<String, Value>) -> std::result::Result<McItem, String> {
+    if let Some(k) = ["query", "choices"].into_iter().find(|k| obj.contains_key(*k)) {
+        return Err(format!("\"{k}\" and \"contexts\"/\"continuation\" do not go together (expected {MC_SHAPE})"));
+    }
+    let contexts = string_list(obj, "contexts")?;
+    let continuation = match obj.get("continuation") {
+        Some(Value::String(s)) if s.trim().is_empty() => return Err("\"continuation\" is empty: it is what every context is scored on".into()),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => return Err(format!("\"continuation\" must be a string, got {} (expected {MC_SHAPE})", json_kind(v))),
+        None => return Err(format!("missing \"continuation\" (expected {MC_SHAPE})")),
+    };
+    let gold = parse_gold(obj, contexts.len())?;
+    Ok(McItem { query: String::new(), choices: contexts, gold, continuation: Some(continuation), line: 0 })
+}
+
+/// A non-empty array of strings under `key`.
+fn string_list(obj: &serde_json::Map<String, Value>, key: &str) -> std::result::Result<Vec<String>, String> {
+    match obj.get(key) {
+        Some(Value::Array(a)) if a.is_empty() => Err(format!("\"{key}\" is empty; expected at least one answer (expected {MC_SHAPE})")),
         Some(Value::Array(a)) => a
             .iter()
             .enumerate()
             .map(|(i, c)| match c {
                 Value::String(s) => Ok(s.clone()),
-                v => Err(format!("choices[{i}] must be a string, got {}", json_kind(v))),
+                v => Err(format!("{key}[{i}] must be a string, got {}", json_kind(v))),
             })
-            .collect::<std::result::Result<Vec<_>, _>>()?,
-        Some(v) => return Err(format!("\"choices\" must be an array of strings, got {} (expected {MC_SHAPE})", json_kind(v))),
-        None => return Err(format!("missing \"choices\" (expected {MC_SHAPE})")),
-    };
-    let gold = match obj.get("gold") {
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(g) if (g as usize) < choices.len() => g as usize,
-            Some(g) => return Err(format!("\"gold\" is {g}, out of range for {} choices (0-based: 0..={})", choices.len(), choices.len() - 1)),
-            None => return Err(format!("\"gold\" must be a non-negative integer index into choices, got {n}")),
+            .collect(),
+        Some(v) => Err(format!("\"{key}\" must be an array of strings, got {} (expected {MC_SHAPE})", json_kind(v))),
+        None => Err(format!("missing \"{key}\" (expected {MC_SHAPE})")),
+    }
+}
+
+/// `gold`: a 0-based index below `n`.
+fn parse_gold(obj: &serde_json::Map<String, Value>, n: usize) -> std::result::Result<usize, String> {
+    match obj.get("gold") {
+        Some(Value::Number(v)) => match v.as_u64() {
+            Some(g) if (g as usize) < n => Ok(g as usize),
+            Some(g) => Err(format!("\"gold\" is {g}, out of range for {n} choices (0-based: 0..={})", n - 1)),
+            None => Err(format!("\"gold\" must be a non-negative integer index into choices, got {v}")),
         },
-        Some(v) => return Err(format!("\"gold\" must be an integer index into choices, got {}", json_kind(v))),
-        None => return Err(format!("missing \"gold\" (the index of the right answer; expected {MC_SHAPE})")),
-    };
-    Ok(McItem { query, choices, gold, line: 0 })
+        Some(v) => Err(format!("\"gold\" must be an integer index into choices, got {}", json_kind(v))),
+        None => Err(format!("missing \"gold\" (the index of the right answer; expected {MC_SHAPE})")),
+    }
 }
 
 fn is_jsonl(p: &Path) -> bool {
@@ -275,7 +321,12 @@ fn parse_line(line: &str) -> std::result::Result<Example, String> {
         return Err(format!("expected a JSON object ({SHAPES}), got {}", json_kind(&v)));
     };
     let has = |k: &str| obj.contains_key(k);
-    let shapes = [has("text"), has("prompt") || has("completion"), has("messages"), has("query") || has("choices") || has("gold")];
+    let shapes = [
+        has("text"),
+        has("prompt") || has("completion"),
+        has("messages"),
+        has("query") || has("choices") || has("gold") || has("contexts") || has("continuation"),
+    ];
     match shapes.iter().filter(|&&s| s).count() {
         0 => {
             let keys: Vec<&String> = obj.keys().collect();

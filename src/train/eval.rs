@@ -22,6 +22,11 @@
 //! `[argmax_i LL_i = g]`, `acc_norm` = `[argmax_i LL_i / bytes(cont_i) = g]` (lm-eval divides by
 //! the continuation's length in characters; the two agree on ASCII text). Ties go to the first
 //! choice, as numpy's argmax. The standard error is `sqrt(p(1 − p)/(n − 1))`, as lm-eval's.
+//!
+//! *Partial* scoring (lm-eval's WinoGrande): a line `{"contexts": [x_1..x_m], "continuation": c,
+//! "gold": g}` scores the one continuation `" " + c` after each context `x_i` (the sentence up to
+//! its blank, filled with option `i`), split the same way; `acc` is the argmax of those
+//! log-likelihoods (`acc_norm` equals it, the continuation being the same bytes).
 
 use std::path::{Path, PathBuf};
 
@@ -368,11 +373,11 @@ pub fn mc_eval(model: &dyn Model, tok: &Tokenizer, items: &[McItem], path: &Path
     let mut reqs: Vec<(usize, usize, Vec<u32>, usize, usize)> = Vec::new();
     for (qi, it) in items.iter().enumerate() {
         let fail = |msg: String| Error::Format { path: path.to_path_buf(), msg: format!("line {}: {msg}", it.line) };
-        for (ci, c) in it.choices.iter().enumerate() {
-            let cont = format!(" {c}");
-            let (ctx, cont_ids) = encode_pair(tok, &it.query, &cont).map_err(|e| fail(e.to_string()))?;
+        for ci in 0..it.choices.len() {
+            let (context, cont) = it.pair(ci);
+            let (ctx, cont_ids) = encode_pair(tok, context, &cont).map_err(|e| fail(e.to_string()))?;
             if cont_ids.is_empty() {
-                return Err(fail(format!("choice {ci} ({c:?}) encodes to no token after the query")));
+                return Err(fail(format!("choice {ci}: the continuation {cont:?} encodes to no token after its context")));
             }
             if cont_ids.len() > o.max_len {
                 return Err(fail(format!("choice {ci} has {} tokens, more than --seq-len {}", cont_ids.len(), o.max_len)));
@@ -386,8 +391,7 @@ pub fn mc_eval(model: &dyn Model, tok: &Tokenizer, items: &[McItem], path: &Path
             let all = all[all.len() - keep..].to_vec();
             let first = all.len() - 1 - cont_ids.len();
             // Bytes of the continuation as lm-eval forms it (after the whitespace move).
-            let trimmed = it.query.trim_end();
-            let bytes = it.query.len() - trimmed.len() + cont.len();
+            let bytes = context.len() - context.trim_end().len() + cont.len();
             reqs.push((qi, ci, all, first, bytes));
         }
     }

@@ -10,13 +10,15 @@ of spectune's code.
       token before the previous end, so that no token goes unscored (see docs/evaluation.md).
       With --adapter, the PEFT adapter is applied with `PeftModel.from_pretrained`.
 
-  mc FILE [--limit N] [--max-len L]
+  mc FILE [--limit N] [--max-len L] [--all-logliks]
       Multiple-choice accuracy as lm-evaluation-harness computes it for loglikelihood tasks: per
       choice, context = query, continuation = " " + choice, split by `_encode_pair` (trailing
       whitespace of the context moves to the continuation; the pair is encoded whole with
       add_special_tokens=False and split at len(encode(context))); the model input is
       (ctx + cont)[-(L+1):][:-1], and the continuation's token log-probabilities are summed.
       acc = argmax of the sums, acc_norm = argmax of sum / len(continuation in UTF-8 bytes).
+      A partially scored line {"contexts", "continuation", "gold"} (WinoGrande, as lm-eval's
+      winogrande task) scores the one continuation " " + continuation after each context.
 
   make-adapter OUT [--rank R] [--seed S]
       Writes a small random (non-identity) stock PEFT LoRA adapter for the model into OUT.
@@ -143,8 +145,12 @@ def cmd_mc(a):
     with torch.no_grad():
         for d in docs:
             lls, lens = [], []
-            for c in d["choices"]:
-                ctx, cont, cont_str = encode_pair(tok, d["query"], " " + c)
+            if "contexts" in d:
+                pairs = [(x, " " + d["continuation"]) for x in d["contexts"]]
+            else:
+                pairs = [(d["query"], " " + c) for c in d["choices"]]
+            for context, continuation in pairs:
+                ctx, cont, cont_str = encode_pair(tok, context, continuation)
                 full = (ctx + cont)[-(a.max_len + 1):]
                 inp = torch.tensor([full[:-1]])
                 lp = torch.log_softmax(model(inp).logits[0].double(), dim=-1)
@@ -167,7 +173,7 @@ def cmd_mc(a):
                 "acc": hit / n,
                 "acc_norm": hit_norm / n,
                 "seconds": time.time() - t0,
-                "first_logliks": per[:5],
+                "first_logliks" if not a.all_logliks else "logliks": per if a.all_logliks else per[:5],
             },
             indent=1,
         )
@@ -206,6 +212,7 @@ def main():
     m.add_argument("file")
     m.add_argument("--limit", type=int)
     m.add_argument("--max-len", type=int, default=2048)
+    m.add_argument("--all-logliks", action="store_true", help="print every question's log-likelihoods, not only the first 5")
     k = sub.add_parser("make-adapter")
     k.add_argument("out")
     k.add_argument("--rank", type=int, default=1)
