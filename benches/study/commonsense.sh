@@ -52,6 +52,9 @@ STAGES=(
   "s8-siqa|smol|siqa:train|siqa|lora,speclora|--lrs 3e-3 --eval-questions 300|--matmul-precision high"
   "s9-hellaswag|smol|hellaswag:train|hellaswag|lora,speclora|--lrs 3e-3 --eval-questions 300|--matmul-precision high"
   "s10-winogrande|smol|winogrande:train|winogrande|lora,speclora|--lrs 3e-3 --eval-questions 300|--matmul-precision high"
+  # BoolQ's passages run past 128 tokens (a truncated example loses its answer): the same 512
+  # tokens a step as one sequence.
+  "s11-boolq|smol|boolq:train|boolq|lora,speclora|--lrs 3e-3 --eval-questions 300 --batch 1 --seq-len 512|--matmul-precision high"
   # The second model: Qwen2.5-Coder-0.5B-Instruct Q4_K_M on ARC-Easy (300 of the 570 questions:
   # an evaluation costs it about 1.2 s a question on one thread), one rate for both methods.
   "q1-arc-easy|qwen|arc-easy:train|arc-easy|lora,speclora|--lrs 1e-3 --eval-questions 300|--matmul-precision high"
@@ -76,6 +79,11 @@ run_stage() {
   IFS='|' read -r name model train eval methods extra global <<<"$(stage_line "$1")"
   case $model in smol) model=$SMOL ;; qwen) model=$QWEN ;; esac
   mkdir -p "$OUT/$name" "$RES/$name"
+  # COMMON's flags that the stage's own flags do not set.
+  local common=() i
+  for ((i = 0; i < ${#COMMON[@]}; i += 2)); do
+    [[ " $extra " == *" ${COMMON[i]} "* ]] || common+=("${COMMON[i]}" "${COMMON[i + 1]}")
+  done
   local grid=""
   for seeds in 1 2 3; do
     local log="$OUT/$name/seeds$seeds.log" t0
@@ -83,7 +91,7 @@ run_stage() {
     echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) $grid → $log"
     # shellcheck disable=SC2086
     nice -n 19 "$BIN" --threads "$THREADS" $global compare --model "$model" --data "$train" --eval-data "$eval" \
-      "${COMMON[@]}" --methods "$methods" $extra $grid \
+      "${common[@]}" --methods "$methods" $extra $grid \
       --seeds "$seeds" --no-plot --resume --out "$OUT/$name" >"$OUT/$name/seeds$seeds.txt" 2>"$log"
     echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) done in $(( $(date +%s) - t0 )) s"
     cp "$OUT/$name/compare.json" "$OUT/$name/compare-seeds$seeds.json"
