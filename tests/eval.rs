@@ -264,18 +264,24 @@ fn winogrande_partial_scoring_matches_the_reference_logliks() {
     let path = spectune::fetch::resolve_data(Path::new("winogrande")).unwrap();
     let items = eval::read_mc(&path).unwrap();
     assert_eq!(items.len(), 1267);
-    let logliks = want["logliks"].as_array().unwrap();
+    let r = first_questions_match(&path, &items, want["logliks"].as_array().unwrap());
+    assert_eq!(r.acc, want["acc"].as_f64().unwrap());
+}
+
+/// Scores the first `want.len()` of `items` with SmolLM2 and checks every summed log-likelihood
+/// against the reference's (one array per question) within 10⁻³ nats.
+fn first_questions_match(path: &Path, items: &[data::McItem], want: &[Value]) -> eval::McReport {
     let ck = Checkpoint::open(&model_path()).unwrap();
     let tok = ck.tokenizer().unwrap();
     let m = spectune::model::load(&ck, DType::F32).unwrap();
-    let r = eval::mc_eval(&m, &tok, &items[..logliks.len()], &path, &McOptions { max_len: 2048, batch: 16, progress: false }).unwrap();
-    for (s, w) in r.scores.iter().zip(logliks) {
+    let r = eval::mc_eval(&m, &tok, &items[..want.len()], path, &McOptions { max_len: 2048, batch: 16, progress: false }).unwrap();
+    for (s, w) in r.scores.iter().zip(want) {
         for (got, w) in s.loglik.iter().zip(w.as_array().unwrap()) {
             let w = w.as_f64().unwrap();
             assert!((got - w).abs() < 1e-3, "line {}: {got} vs reference {w}", s.line);
         }
     }
-    assert_eq!(r.acc, want["acc"].as_f64().unwrap());
+    r
 }
 
 /// ARC-Easy validation (570 questions) against the committed lm-eval-style reference of
@@ -348,15 +354,5 @@ fn arc_easy_first_questions_match_the_reference_logliks() {
     let refs: Value = serde_json::from_str(&std::fs::read_to_string(here("reference.json")).unwrap()).unwrap();
     let want = refs["arc_easy_first5"]["logliks"].as_array().unwrap();
     let path = eval::arc_easy_validation().unwrap();
-    let items = eval::read_mc(&path).unwrap();
-    let ck = Checkpoint::open(&model_path()).unwrap();
-    let tok = ck.tokenizer().unwrap();
-    let m = spectune::model::load(&ck, DType::F32).unwrap();
-    let r = eval::mc_eval(&m, &tok, &items[..want.len()], &path, &McOptions { max_len: 2048, batch: 8, progress: false }).unwrap();
-    for (s, w) in r.scores.iter().zip(want) {
-        for (got, w) in s.loglik.iter().zip(w.as_array().unwrap()) {
-            let w = w.as_f64().unwrap();
-            assert!((got - w).abs() < 1e-3, "line {}: {got} vs reference {w}", s.line);
-        }
-    }
+    first_questions_match(&path, &eval::read_mc(&path).unwrap(), want);
 }
