@@ -3,7 +3,8 @@
 //! The precision is process-wide, so this file is one test (its own process): every level is
 //! compared with the f32 products (`highest`) on the same weights, for every stored type, the
 //! linear's forward and dX, the fused LM-head loss and its gradient, shapes that leave partial
-//! tiles on every side, and a trainable weight (which must stay f32). Where the CPU has no
+//! tiles on every side, a trainable weight (which must stay f32), and `compare --resume` keying
+//! runs by the level. Where the CPU has no
 //! AMX-BF16, every level must compute exactly the f32 products.
 
 use spectune::backend::amx::{self, MatmulPrecision};
@@ -11,6 +12,7 @@ use spectune::gradcheck::SplitMix;
 use spectune::io::gguf::GgufFile;
 use spectune::ops::{self, CeOptions};
 use spectune::storage::HostData;
+use spectune::train::compare::{compare, CompareOptions};
 use spectune::Tensor;
 
 const TYPES: [&str; 12] = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"];
@@ -138,4 +140,27 @@ fn lower_precisions_track_f32_on_every_stored_type_and_shape() {
     let y1 = ops::linear(&x, &wt).unwrap().to_vec_f32();
     amx::set_matmul_precision(MatmulPrecision::Highest);
     assert_eq!(y0, y1, "a trainable weight's product stays f32 under medium");
+
+    // `compare --resume` does not reuse a run made at another precision where the level takes
+    // effect (AMX), and reuses it where it does not (every level is f32 there).
+    let dir = tempfile::tempdir().unwrap();
+    let o = CompareOptions {
+        methods: vec!["lora".into()],
+        steps: 2,
+        seeds: Some(1),
+        lr: Some(1e-2),
+        eval_tokens: 256,
+        out: dir.path().into(),
+        synthetic: true,
+        no_plot: true,
+        resume: true,
+        ..Default::default()
+    };
+    compare(&o, &mut |_| {}).unwrap();
+    amx::set_matmul_precision(MatmulPrecision::High);
+    let mut lines = Vec::new();
+    compare(&o, &mut |l| lines.push(l)).unwrap();
+    amx::set_matmul_precision(MatmulPrecision::Highest);
+    let trained = lines.iter().any(|l| l.starts_with("\n== "));
+    assert_eq!(trained, amx_ok, "trained again at high: {trained} (AMX usable: {amx_ok})");
 }

@@ -463,6 +463,11 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
     if let Some(n) = o.eval_questions {
         task_key.push_str(&format!(" eval_questions={n}"));
     }
+    // Products with frozen weights below f32 change the numbers (they apply only where AMX runs them).
+    let precision = crate::backend::amx::effective_precision();
+    if precision != crate::backend::amx::MatmulPrecision::Highest {
+        task_key.push_str(&format!(" matmul_precision={precision}"));
+    }
     let base_path = o.out.join("base.json");
     let (base_loss, base_accuracy) = match o.resume.then(|| read_record(&base_path, &task_key, |r: &BaseRecord| &r.key)).flatten() {
         Some(b) => {
