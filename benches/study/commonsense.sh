@@ -86,13 +86,14 @@ run_stage() {
   done
   local grid=""
   for seeds in 1 2 3; do
-    local log="$OUT/$name/seeds$seeds.log" t0
+    local log="$OUT/$name/seeds$seeds.log" t0 plot=--no-plot
+    [[ $seeds == 3 ]] && plot=""   # the final table draws compare.png
     t0=$(date +%s)
     echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) $grid → $log"
     # shellcheck disable=SC2086
     nice -n 19 "$BIN" --threads "$THREADS" $global compare --model "$model" --data "$train" --eval-data "$eval" \
       "${common[@]}" --methods "$methods" $extra $grid \
-      --seeds "$seeds" --no-plot --resume --out "$OUT/$name" >"$OUT/$name/seeds$seeds.txt" 2>"$log"
+      --seeds "$seeds" $plot --resume --out "$OUT/$name" >"$OUT/$name/seeds$seeds.txt" 2>"$log"
     echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) done in $(( $(date +%s) - t0 )) s"
     cp "$OUT/$name/compare.json" "$OUT/$name/compare-seeds$seeds.json"
     sync_results
@@ -109,14 +110,14 @@ print(" ".join("--lr-grid %s=%g" % (m["method"], m["lr"]) for m in json.load(ope
 PY
 }
 
-# Small files only: compare tables/json, base.json and every run's result.json.
+# Small files only: compare tables/json/plot, base.json and every run's result.json.
 sync_results() {
   for s in "${STAGES[@]}"; do
     local name=${s%%|*} d
     d="$OUT/$name"
     [[ -d $d ]] || continue
     mkdir -p "$RES/$name"
-    cp "$d"/compare-seeds*.json "$d"/seeds*.txt "$d"/base.json "$RES/$name/" 2>/dev/null || true
+    cp "$d"/compare-seeds*.json "$d"/seeds*.txt "$d"/base.json "$d"/compare.png "$RES/$name/" 2>/dev/null || true
     (cd "$d" && find . -name result.json -path '*/seed*/*') | while read -r f; do
       mkdir -p "$RES/$name/runs/$(dirname "$f")"
       cp "$d/$f" "$RES/$name/runs/$f"
