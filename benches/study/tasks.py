@@ -7,7 +7,8 @@ For every stage folder under RESULTS (rate-grid extensions `*-lr-*` aside) with 
 `benches/study/commonsense.sh sync` copies them), at the rate each method has the most seeds of
 (the rate `compare` kept): the base model's accuracy, each method's accuracy and reported-half
 loss as mean ± sample std over its seeds, the accuracy difference SpecLoRA − LoRA with Welch's t,
-and the per-seed paired differences (the same seed gives both methods the same batch order).
+the per-seed paired differences (the same seed gives both methods the same batch order), and
+the mean training time of a run.
 Then the pooled view over tasks: how many tasks favour each method, and the mean difference.
 Standard library only.
 """
@@ -67,11 +68,12 @@ def main(root):
         rows.append(
             f"| {os.path.basename(stage)} | {base['accuracy']:.4f} | {llr} / {slr} | {len(la)} / {len(sa)} "
             f"| {fmt(lm, ls, len(la))} | {fmt(sm, ss, len(sa))} | {d:+.4f} | {t} "
-            f"| {', '.join(f'{p:+.3f}' for p in paired)} | {fmt(*ms(ll), len(ll))} | {fmt(*ms(sl), len(sl))} |"
+            f"| {', '.join(f'{p:+.3f}' for p in paired)} | {fmt(*ms(ll), len(ll))} | {fmt(*ms(sl), len(sl))} "
+            f"| {statistics.fmean(r['seconds'] for r in lora.values()):.0f} / {statistics.fmean(r['seconds'] for r in spec.values()):.0f} |"
         )
         diffs.append(d)
-    print("| stage | base acc | rate L / S | seeds L / S | LoRA acc | SpecLoRA acc | S − L | Welch t | paired by seed | LoRA loss | SpecLoRA loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| stage | base acc | rate L / S | seeds L / S | LoRA acc | SpecLoRA acc | S − L | Welch t | paired by seed | LoRA loss | SpecLoRA loss | train s/run L / S |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if diffs:
         print(
