@@ -16,6 +16,7 @@ import glob
 import json
 import math
 import os
+import re
 import statistics
 import sys
 
@@ -50,7 +51,11 @@ def fmt(m, s, n):
 
 def main(root):
     rows, diffs = [], []
-    for stage in sorted(glob.glob(os.path.join(root, "*"))):
+    def order(p):  # s1, s2, …, s10, then q1, …: by letter (s before q) and number
+        m = re.match(r"([a-z])(\d+)", os.path.basename(p))
+        return (m.group(1) != "s", int(m.group(2))) if m else (True, 0)
+
+    for stage in sorted(glob.glob(os.path.join(root, "*")), key=order):
         # Stages named `…-lr-up`/`…-lr-down` extend another stage's rate grid: not another task.
         if not os.path.exists(os.path.join(stage, "base.json")) or "-lr-" in os.path.basename(stage):
             continue
