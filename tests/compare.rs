@@ -53,6 +53,15 @@ fn the_question_sample_is_fixed_unique_in_order_and_spread() {
     let dir = tempfile::tempdir().unwrap();
     let e = compare(&CompareOptions { eval_questions: Some(10), ..opts(dir.path(), &["lora"], 1) }, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("--eval-questions") && e.contains("multiple-choice"), "{e}");
+    // A held-out file with a bad multiple-choice line: the error names the file and the line.
+    let bad = dir.path().join("held.jsonl");
+    std::fs::write(&bad, "{\"query\": \"q\", \"choices\": [\"a\"], \"gold\": 0}\n{\"query\": \"q\", \"choices\": [\"a\"], \"gold\": 3}\n").unwrap();
+    let (model, _) = spectune::train::demo::write_synthetic(dir.path(), 0).unwrap();
+    let good = dir.path().join("train.jsonl");
+    std::fs::write(&good, "{\"query\": \"q\", \"choices\": [\"a\"], \"gold\": 0}\n").unwrap();
+    let o = CompareOptions { model: Some(model), data: Some(good), eval_data: Some(bad), eval_questions: Some(1), ..opts(dir.path(), &["lora"], 1) };
+    let e = compare(&CompareOptions { synthetic: false, ..o }, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("held.jsonl") && e.contains("line 2") && e.contains("out of range"), "{e}");
 }
 
 #[test]

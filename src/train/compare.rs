@@ -389,7 +389,9 @@ pub fn compare(o: &CompareOptions, log: &mut dyn FnMut(String)) -> Result<Compar
         _ => return Err(Error::invalid(OP, "--model, --data and --eval-data go together (give all three, or none for the built-in tasks)")),
     };
     // Multiple-choice held-out data: accuracy is eval --task mc's acc.
+    // With --eval-questions, a file that is not valid multiple choice is an error naming its line.
     let mc = match &task.eval {
+        Some(p) if p.is_file() && o.eval_questions.is_some() => Some((p.clone(), super::eval::read_mc(p)?)),
         Some(p) if p.is_file() => super::eval::read_mc(p).ok().map(|items| (p.clone(), items)),
         _ => None,
     };

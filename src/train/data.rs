@@ -105,7 +105,7 @@ impl DataFile {
     }
 }
 
-const SHAPES: &str = r#"{"text": string}, {"prompt": string, "completion": string}, {"messages": [{"role": "system"|"user"|"assistant", "content": string}, ...]} or {"query": string, "choices": [string, ...], "gold": int}"#;
+const SHAPES: &str = r#"{"text": string}, {"prompt": string, "completion": string}, {"messages": [{"role": "system"|"user"|"assistant", "content": string}, ...]} {"query": string, "choices": [string, ...], "gold": int} or {"contexts": [string, ...], "continuation": string, "gold": int}"#;
 
 /// The multiple-choice line shapes, for error messages.
 pub const MC_SHAPE: &str = r#"{"query": string, "choices": [string, ...], "gold": int (0-based index into choices)} or, scored partially, {"contexts": [string, ...], "continuation": string, "gold": int}"#;
