@@ -59,6 +59,13 @@ STAGES=(
   # The second model: Qwen2.5-Coder-0.5B-Instruct Q4_K_M on ARC-Easy (300 of the 570 questions:
   # an evaluation costs it about 1.2 s a question on one thread), one rate for both methods.
   "q1-arc-easy|qwen|arc-easy:train|arc-easy|lora,speclora|--lrs 1e-3 --eval-questions 300|--matmul-precision high"
+  # Every method on two more tasks, at the rates the methods chose on ARC-Easy (stages 1–4):
+  # 3e-3 for the four that add a low-rank update, 3e-4 for Spectral^A, and for PiSSA both 3e-4
+  # and 1e-3 (ARC-Easy's selection half could not separate them), chosen here on seed 0. LoRA's
+  # and SpecLoRA's runs are stage 8's and 10's, linked first
+  # (`link s12-siqa-all-methods s8-siqa 3e-3`, `link s13-winogrande-all-methods s10-winogrande 3e-3`).
+  "s12-siqa-all-methods|smol|siqa:train|siqa|lora,speclora,speclora-svd,dora,pissa,spectral-a|--lrs 3e-3 --lr-grid pissa=3e-4,1e-3 --lr-grid spectral-a=3e-4 --eval-questions 300|--matmul-precision high"
+  "s13-winogrande-all-methods|smol|winogrande:train|winogrande|lora,speclora,speclora-svd,dora,pissa,spectral-a|--lrs 3e-3 --lr-grid pissa=3e-4,1e-3 --lr-grid spectral-a=3e-4 --eval-questions 300|--matmul-precision high"
 )
 
 # link_runs NEW OLD RATE: NEW's <method>/lr<RATE> folders become links to OLD's (same settings,
@@ -93,12 +100,13 @@ run_stage() {
     echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) $grid → $log"
     # shellcheck disable=SC2086
     nice -n 19 "$BIN" --threads "$THREADS" $global compare --model "$model" --data "$train" --eval-data "$eval" \
-      "${common[@]}" --methods "$methods" $extra $grid \
+      "${common[@]}" --methods "$methods" $grid $extra \
       --seeds "$seeds" $plot --resume --out "$OUT/$name" >"$OUT/$name/seeds$seeds.txt" 2>"$log"
     echo "[$(date -u +%H:%M:%S)] $name: $seeds seed(s) done in $(( $(date +%s) - t0 )) s"
     cp "$OUT/$name/compare.json" "$OUT/$name/compare-seeds$seeds.json"
     sync_results
-    # After the one-seed sweep: every method at its chosen rate only.
+    # After the one-seed sweep: every method at its chosen rate only (placed before the stage's
+    # own flags, since the first `--lr-grid` naming a method wins).
     if [[ $seeds == 1 ]]; then grid=$(chosen_rates "$OUT/$name/compare-seeds1.json"); fi
   done
 }
