@@ -8,7 +8,10 @@ For every stage folder under RESULTS (rate-grid extensions `*-lr-*` aside) with 
 (the rate `compare` kept): the base model's accuracy, each method's accuracy and reported-half
 loss as mean ± sample std over its seeds, the accuracy difference SpecLoRA − LoRA with Welch's t,
 the per-seed paired differences (the same seed gives both methods the same batch order), and
-the mean training time of a run.
+the mean training time of a run, and the accuracy of always giving the most frequent answer
+position of the scored questions ("constant": a strategy a model can learn where the choices keep
+one order, as BoolQ's "yes"/"no" do; read from the held-out file that base.json's key names, when
+it is on this machine, sampled as `compare --eval-questions` samples).
 Then the pooled view over tasks: how many tasks favour each method, and the mean difference.
 Standard library only.
 """
@@ -45,6 +48,31 @@ def kept(by_lr):
     return lr, full[lr]
 
 
+def sample_questions(total, n):
+    """`compare --eval-questions`'s sample: a seeded partial Fisher–Yates shuffle, in file order."""
+    mask, x, idx = (1 << 64) - 1, 0x5EED, list(range(total))
+    if n >= total:
+        return idx
+    for i in range(n):
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        z = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        j = i + (z ^ (z >> 31)) % (total - i)
+        idx[i], idx[j] = idx[j], idx[i]
+    return sorted(idx[:n])
+
+
+def constant_answer(key):
+    """Accuracy of always answering the most frequent gold position, or None without the file."""
+    m = re.search(r"held out: (\S+)\)", key)
+    if not m or not os.path.exists(m.group(1)):
+        return None
+    golds = [json.loads(line)["gold"] for line in open(m.group(1), encoding="utf-8") if line.strip()]
+    n = re.search(r"eval_questions=(\d+)", key)
+    picked = [golds[i] for i in sample_questions(len(golds), int(n.group(1)) if n else len(golds))]
+    return max(picked.count(g) for g in set(picked)) / len(picked)
+
+
 def fmt(m, s, n):
     return f"{m:.4f}" if n < 2 else f"{m:.4f} ± {s:.4f}"
 
@@ -70,15 +98,16 @@ def main(root):
         se = math.sqrt((ls**2 / len(la) if len(la) > 1 else 0) + (ss**2 / len(sa) if len(sa) > 1 else 0))
         t = f"{d / se:+.2f}" if len(la) > 1 and len(sa) > 1 and se > 0 else "–"
         paired = [spec[s]["accuracy"] - lora[s]["accuracy"] for s in sorted(set(lora) & set(spec))]
+        const = constant_answer(base["key"])
         rows.append(
-            f"| {os.path.basename(stage)} | {base['accuracy']:.4f} | {llr} / {slr} | {len(la)} / {len(sa)} "
+            f"| {os.path.basename(stage)} | {base['accuracy']:.4f} | {'–' if const is None else f'{const:.4f}'} | {llr} / {slr} | {len(la)} / {len(sa)} "
             f"| {fmt(lm, ls, len(la))} | {fmt(sm, ss, len(sa))} | {d:+.4f} | {t} "
             f"| {', '.join(f'{p:+.3f}' for p in paired)} | {fmt(*ms(ll), len(ll))} | {fmt(*ms(sl), len(sl))} "
             f"| {statistics.fmean(r['seconds'] for r in lora.values()):.0f} / {statistics.fmean(r['seconds'] for r in spec.values()):.0f} |"
         )
         diffs.append(d)
-    print("| stage | base acc | rate L / S | seeds L / S | LoRA acc | SpecLoRA acc | S − L | Welch t | paired by seed | LoRA loss | SpecLoRA loss | train s/run L / S |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| stage | base acc | constant | rate L / S | seeds L / S | LoRA acc | SpecLoRA acc | S − L | Welch t | paired by seed | LoRA loss | SpecLoRA loss | train s/run L / S |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if diffs:
         print(
