@@ -66,6 +66,10 @@ STAGES=(
   # (`link s12-siqa-all-methods s8-siqa 3e-3`, `link s13-winogrande-all-methods s10-winogrande 3e-3`).
   "s12-siqa-all-methods|smol|siqa:train|siqa|lora,speclora,speclora-svd,dora,pissa,spectral-a|--lrs 3e-3 --lr-grid pissa=3e-4,1e-3 --lr-grid spectral-a=3e-4 --eval-questions 300|--matmul-precision high"
   "s13-winogrande-all-methods|smol|winogrande:train|winogrande|lora,speclora,speclora-svd,dora,pissa,spectral-a|--lrs 3e-3 --lr-grid pissa=3e-4,1e-3 --lr-grid spectral-a=3e-4 --eval-questions 300|--matmul-precision high"
+  # On WinoGrande PiSSA and Spectral^A at 3e-4 led LoRA and SpecLoRA at 3e-3 by 3-4 points: is
+  # that the rate? LoRA's and SpecLoRA's grid extended down (their 3e-3 runs linked first:
+  # `link s14-winogrande-lr-down s10-winogrande 3e-3`).
+  "s14-winogrande-lr-down|smol|winogrande:train|winogrande|lora,speclora|--lrs 1e-3,3e-3 --eval-questions 300|--matmul-precision high"
 )
 
 # link_runs NEW OLD RATE: NEW's <method>/lr<RATE> folders become links to OLD's (same settings,

@@ -5,7 +5,7 @@
 
 A task is a group of stage folders whose runs share every setting but the method and rate (for
 ARC-Easy, stages 1–4; for SIQA, stage 8's LoRA and SpecLoRA runs and stage 12's others; for
-WinoGrande, stages 10 and 13), as `benches/study/commonsense.sh sync` copies them. Per method and
+WinoGrande, stages 10, 13 and 14), as `benches/study/commonsense.sh sync` copies them. Per method and
 task: the rate kept (the one with the most seeds; ties broken by the lower mean selection-half
 loss, the rule `compare` chooses by), held-out accuracy as mean ± sample std over its seeds, and
 Welch's t of its accuracy against LoRA's. Standard library only.
@@ -20,7 +20,7 @@ import sys
 TASKS = [
     ("ARC-Easy (570)", ["s1-arc-easy-lora-speclora", "s2-arc-easy-more-methods", "s3-arc-easy-lr-up", "s4-arc-easy-lr-down"]),
     ("SIQA (300)", ["s8-siqa", "s12-siqa-all-methods"]),
-    ("WinoGrande (300)", ["s10-winogrande", "s13-winogrande-all-methods"]),
+    ("WinoGrande (300)", ["s10-winogrande", "s13-winogrande-all-methods", "s14-winogrande-lr-down"]),
 ]
 METHODS = ["lora", "speclora", "speclora-svd", "dora", "pissa", "spectral-a"]
 
