@@ -10,12 +10,14 @@ task: the rate kept (the one with the most seeds; ties broken by the lower mean 
 loss, the rule `compare` chooses by), held-out accuracy as mean ± sample std over its seeds, and
 Welch's t of its accuracy against LoRA's. Standard library only.
 """
-import glob
 import json
 import math
 import os
 import statistics
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tasks import kept, runs_of  # noqa: E402  (the same reader and rate rule as the cross-task table)
 
 TASKS = [
     ("ARC-Easy (570)", ["s1-arc-easy-lora-speclora", "s2-arc-easy-more-methods", "s3-arc-easy-lr-up", "s4-arc-easy-lr-down"]),
@@ -25,24 +27,13 @@ TASKS = [
 METHODS = ["lora", "speclora", "speclora-svd", "dora", "pissa", "spectral-a"]
 
 
-def runs_of(stages, method):
-    """{lr: {seed: run}} of one method over a task's stages."""
+def runs_over(stages, method):
+    """{lr: {seed: run}} of one method over a task's stages (tasks.py's per-stage reader, merged)."""
     out = {}
     for stage in stages:
-        for f in glob.glob(os.path.join(stage, "runs", method, "lr*", "seed*", "result.json")):
-            parts = f.split(os.sep)
-            lr, seed = parts[-3][2:], int(parts[-2][4:])
-            out.setdefault(lr, {})[seed] = json.load(open(f))["run"]
+        for lr, seeds in runs_of(stage, method).items():
+            out.setdefault(lr, {}).update(seeds)
     return out
-
-
-def kept(by_lr):
-    if not by_lr:
-        return None, {}
-    most = max(len(v) for v in by_lr.values())
-    full = {lr: v for lr, v in by_lr.items() if len(v) == most}
-    lr = min(full, key=lambda k: statistics.fmean(r["val_loss"] for r in full[k].values()))
-    return lr, full[lr]
 
 
 def main(root):
@@ -52,7 +43,7 @@ def main(root):
         b = [os.path.join(d, "base.json") for d in dirs if os.path.exists(os.path.join(d, "base.json"))]
         base[task] = json.load(open(b[0]))["accuracy"] if b else None
         for m in METHODS:
-            lr, runs = kept(runs_of(dirs, m))
+            lr, runs = kept(runs_over(dirs, m))
             if runs:
                 cells[task, m] = (lr, [r["accuracy"] for r in runs.values()])
     tasks = [t for t, _ in TASKS]
